@@ -1,0 +1,54 @@
+"""Command line: parses arguments, then calls the API. User mistakes end with one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+
+from medivae import __version__
+from medivae.errors import UserError
+
+# one module per command group under medivae.commands, each with add(subparsers)
+COMMAND_MODULES = ("train", "generate")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse would print the usage block too)
+        raise UserError(f"{message} (see '{self.prog} --help')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="medivae", description="Variational autoencoders for medical images.")
+    p.add_argument("--version", action="version", version=f"medivae {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"medivae.commands.{name}").add(sub)
+    return p
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"medivae: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        result = args.func(args)
+        return int(result or 0)
+    except UserError as e:
+        print(f"medivae: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medivae: interrupted; the last completed checkpoint is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

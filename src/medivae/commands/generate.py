@@ -1,0 +1,65 @@
+"""medivae sample / interpolate / reconstruct."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def cmd_sample(args) -> int:
+    from medivae import api
+
+    print(api.sample(args.run, args.n, args.out, seed=args.seed, label=args.label, device=args.device))
+    return 0
+
+
+def cmd_interpolate(args) -> int:
+    from medivae import api
+
+    if args.mode not in ("linear", "slerp"):
+        from medivae.errors import UserError
+
+        raise UserError(f"--mode must be linear or slerp, not {args.mode!r}")
+    out = api.interpolate_run(
+        args.run, args.out, steps=args.steps, mode=args.mode, src=args.src, dst=args.dst,
+        seed=args.seed, device=args.device,
+    )
+    print(out)
+    return 0
+
+
+def cmd_reconstruct(args) -> int:
+    from medivae import api
+
+    print(api.reconstruct_run(args.run, args.data, args.out, split=args.split, n=args.n, device=args.device))
+    return 0
+
+
+def add(sub) -> None:
+    s = sub.add_parser("sample", help="decode draws from the prior into a PNG grid")
+    s.add_argument("run", type=Path)
+    s.add_argument("-n", type=int, default=64)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--label", default=None, help="class name (conditional models)")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_sample)
+
+    i = sub.add_parser("interpolate", help="decode a latent path between two prior draws or two images")
+    i.add_argument("run", type=Path)
+    i.add_argument("--from", dest="src", default=None, help="first image file")
+    i.add_argument("--to", dest="dst", default=None, help="second image file")
+    i.add_argument("--steps", type=int, default=8)
+    i.add_argument("--mode", default="linear", help="linear or slerp")
+    i.add_argument("--out", type=Path, required=True)
+    i.add_argument("--seed", type=int, default=None)
+    i.add_argument("--device", default="auto")
+    i.set_defaults(func=cmd_interpolate)
+
+    r = sub.add_parser("reconstruct", help="images and their reconstructions (posterior mean) in a grid")
+    r.add_argument("run", type=Path)
+    r.add_argument("--data", default=None, help="data source (default: the run's own)")
+    r.add_argument("--split", default="test")
+    r.add_argument("-n", type=int, default=16)
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--device", default="auto")
+    r.set_defaults(func=cmd_reconstruct)

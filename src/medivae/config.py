@@ -1,0 +1,166 @@
+"""Run configuration: frozen dataclasses, validated on creation, saved as JSON with every run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medivae.errors import UserError
+from medivae.seeding import DEFAULT_SEED
+
+IMAGE_SIZES = (32, 64, 128, 256)
+LIKELIHOODS = ("bernoulli", "gaussian", "discretized_logistic")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+KL_SCHEDULES = ("constant", "linear", "cyclical")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "phantoms"
+    image_size: int = 64
+    channels: int = 1
+    labels: tuple[str, ...] = ()  # keep only these class names (empty: all)
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    resize_mode: str = "pad"  # non-square images: "pad" (keep all) or "crop" (centre)
+    window: str | None = None  # DICOM: "CENTER,WIDTH" or a preset name
+    cache: bool = True
+
+    def __post_init__(self):
+        if self.image_size not in IMAGE_SIZES:
+            raise UserError(f"image size {self.image_size} is not supported; use one of {list(IMAGE_SIZES)}")
+        if self.channels not in (1, 3):
+            raise UserError(f"channels must be 1 (gray) or 3 (RGB), not {self.channels}")
+        if self.resize_mode not in ("pad", "crop"):
+            raise UserError(f"resize mode must be 'pad' or 'crop', not {self.resize_mode!r}")
+        for name in ("val_fraction", "test_fraction"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 0.5:
+                raise UserError(f"{name.replace('_', ' ')} must be in [0, 0.5), not {v}")
+        object.__setattr__(self, "labels", tuple(self.labels))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "conv_vae"
+    image_size: int = 64
+    channels: int = 1
+    latent_dim: int = 32
+    base_width: int = 32
+    max_width: int = 512
+    likelihood: str = "bernoulli"
+    gaussian_sigma: float = 0.1  # fixed decoder std for the "gaussian" likelihood (intensity in [0, 1])
+    num_classes: int = 0  # > 0 for conditional models
+    beta: float = 1.0
+
+    def __post_init__(self):
+        if self.image_size not in IMAGE_SIZES:
+            raise UserError(f"image size {self.image_size} is not supported; use one of {list(IMAGE_SIZES)}")
+        if self.channels not in (1, 3):
+            raise UserError(f"channels must be 1 or 3, not {self.channels}")
+        if self.latent_dim < 1:
+            raise UserError(f"latent dim must be >= 1, not {self.latent_dim}")
+        if self.base_width < 1:
+            raise UserError(f"base width must be >= 1, not {self.base_width}")
+        if self.likelihood not in LIKELIHOODS:
+            raise UserError(f"unknown likelihood {self.likelihood!r}; choose one of {list(LIKELIHOODS)}")
+        if self.gaussian_sigma <= 0:
+            raise UserError(f"gaussian sigma must be > 0, not {self.gaussian_sigma}")
+        if self.beta < 0:
+            raise UserError(f"beta must be >= 0, not {self.beta}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = DEFAULT_SEED
+    precision: str = "auto"  # auto: bf16 where the hardware does it natively, else fp32
+    channels_last: bool = True
+    compile: bool = False
+    kl_schedule: str = "constant"
+    warmup_epochs: float = 0.0  # linear: ramp length; cyclical: cycle length (in epochs)
+    free_bits: float = 0.0  # nats per latent dimension (Kingma et al. 2016)
+    grad_clip: float = 0.0  # 0: off
+    num_threads: int = 0  # 0: torch default
+    device: str = "auto"
+    max_nan_retries: int = 3
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise UserError(f"epochs must be >= 1, not {self.epochs}")
+        if self.batch_size < 1:
+            raise UserError(f"batch size must be >= 1, not {self.batch_size}")
+        if not self.lr > 0:
+            raise UserError(f"learning rate must be > 0, not {self.lr}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)}")
+        if self.kl_schedule not in KL_SCHEDULES:
+            raise UserError(f"unknown KL schedule {self.kl_schedule!r}; choose one of {list(KL_SCHEDULES)}")
+        if self.kl_schedule != "constant" and self.warmup_epochs <= 0:
+            raise UserError(f"KL schedule {self.kl_schedule!r} needs --warmup-epochs > 0")
+        if self.free_bits < 0:
+            raise UserError(f"free bits must be >= 0, not {self.free_bits}")
+        if self.seed < 0:
+            raise UserError(f"seed must be >= 0, not {self.seed}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    label_names: tuple[str, ...] = ()  # filled from the data source when the run starts
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        try:
+            return cls(
+                data=_build(DataConfig, d.get("data", {})),
+                model=_build(ModelConfig, d.get("model", {})),
+                train=_build(TrainConfig, d.get("train", {})),
+                label_names=tuple(d.get("label_names", ())),
+            )
+        except TypeError as e:
+            raise UserError(f"invalid run configuration: {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        from medivae.io import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such file; is this a medivae run folder?") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise UserError(f"{path}: expected a JSON object")
+        return cls.from_dict(d)
+
+
+def _build(klass, values: dict[str, Any]):
+    if not isinstance(values, dict):
+        raise UserError(f"invalid {klass.__name__}: expected an object, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(klass)}
+    unknown = set(values) - names
+    if unknown:
+        raise UserError(f"unknown {klass.__name__} field(s): {sorted(unknown)}; valid: {sorted(names)}")
+    return klass(**values)
+
+
+def replace(cfg, **changes):
+    """``dataclasses.replace`` that keeps validation errors as UserError."""
+    return dataclasses.replace(cfg, **changes)

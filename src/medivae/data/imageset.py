@@ -1,0 +1,60 @@
+"""The one type every data source returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ImageSet:
+    """Images of one split.
+
+    images: uint8 (N, C, H, W) — an in-memory array or a read-only memmap.
+    labels: int64 (N,), -1 where unknown.
+    label_names: class names indexed by label.
+    groups: optional (N,) patient/series keys, used only in memory for splitting; never saved.
+    meta: JSON-able description (source, window, counts, skipped files).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    label_names: tuple[str, ...] = ()
+    groups: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.images.ndim != 4 or self.images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {self.images.shape}")
+        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        if len(self.labels) != len(self.images):
+            raise ValueError("images and labels differ in length")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, idx: np.ndarray) -> ImageSet:
+        idx = np.asarray(idx, dtype=np.int64)
+        return ImageSet(
+            images=np.ascontiguousarray(self.images[idx]),
+            labels=self.labels[idx],
+            label_names=self.label_names,
+            groups=None if self.groups is None else self.groups[idx],
+            meta=dict(self.meta),
+        )
+
+    def label_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for lab, n in zip(*np.unique(self.labels, return_counts=True), strict=True):
+            name = self.label_names[lab] if 0 <= lab < len(self.label_names) else "unlabelled"
+            out[name] = int(n)
+        return out
+
+
+def to_float(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 in [0, 1] on ``device``. The only place bytes become floats."""
+    t = torch.as_tensor(np.asarray(images)) if isinstance(images, np.ndarray) else images
+    return t.to(device=device, non_blocking=True).float().div_(255.0)

@@ -1,0 +1,59 @@
+"""MedMNIST-layout ``.npz`` files: ``{train,val,test}_images`` and ``{train,val,test}_labels``."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from medivae.data.imageset import ImageSet
+from medivae.errors import UserError
+
+SPLITS = ("train", "val", "test")
+
+
+def _as_nchw(arr: np.ndarray, path: Path, key: str) -> np.ndarray:
+    if arr.ndim == 3:  # (N, H, W) gray
+        arr = arr[:, None]
+    elif arr.ndim == 4 and arr.shape[-1] in (1, 3, 4):  # (N, H, W, C)
+        arr = arr.transpose(0, 3, 1, 2)
+    else:
+        raise UserError(f"{path}: {key} has shape {arr.shape}; expected (N, H, W) or (N, H, W, C) 2D images")
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating) and arr.size and arr.max() <= 1.0:
+            arr = arr * 255.0
+        arr = np.clip(np.round(arr), 0, 255).astype(np.uint8)
+    return arr
+
+
+def load_npz(path: str | Path, label_names: tuple[str, ...] = ()) -> dict[str, ImageSet]:
+    """All splits present in the file, as stored (not resized)."""
+    path = Path(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: not a readable .npz file ({e})") from None
+    with data:
+        keys = set(data.files)
+        present = [s for s in SPLITS if f"{s}_images" in keys]
+        if "train_images" not in keys:
+            raise UserError(
+                f"{path}: no 'train_images' array (found {sorted(keys)}); expected the MedMNIST layout "
+                "train_images/val_images/test_images with matching *_labels"
+            )
+        out = {}
+        for split in present:
+            images = _as_nchw(data[f"{split}_images"], path, f"{split}_images")
+            if f"{split}_labels" in keys:
+                labels = np.asarray(data[f"{split}_labels"]).reshape(len(images), -1)[:, 0].astype(np.int64)
+            else:
+                labels = np.full(len(images), -1, dtype=np.int64)
+            out[split] = ImageSet(images, labels, meta={"source": str(path), "split": split})
+    n_classes = max((int(s.labels.max()) + 1 for s in out.values() if len(s)), default=0)
+    names = tuple(label_names) or tuple(str(i) for i in range(n_classes))
+    for s in out.values():
+        s.label_names = names
+    return out

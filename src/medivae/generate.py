@@ -1,0 +1,108 @@
+"""Generation: prior samples, latent interpolation, reconstructions, and PNG grids (batched, no grad)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from medivae.io import atomic_write_bytes
+
+
+def _decode_images(model, z: torch.Tensor, y: torch.Tensor | None = None, batch: int = 512) -> torch.Tensor:
+    outs = []
+    for i in range(0, len(z), batch):
+        yi = None if y is None else y[i : i + batch]
+        outs.append(model.images(model.decode(z[i : i + batch], yi)).float().cpu())
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def sample_prior(model, n: int, generator: torch.Generator, device="cpu", label: int | None = None) -> torch.Tensor:
+    """n images from z ~ N(0, I): float (n, C, H, W) in [0, 1]."""
+    model.eval()
+    z = torch.randn(n, model.latent_dim, generator=generator).to(device)
+    y = None if label is None else torch.full((n,), int(label), dtype=torch.long, device=device)
+    return _decode_images(model, z, y)
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation (Shoemake 1985; White 2016 for latent spaces). z: (D,), t: (S,) -> (S, D)."""
+    a, b = z0 / z0.norm(), z1 / z1.norm()
+    omega = torch.arccos((a * b).sum().clamp(-1.0, 1.0))
+    t = t[:, None]
+    if omega.abs() < 1e-6:
+        return (1 - t) * z0 + t * z1
+    so = torch.sin(omega)
+    return torch.sin((1 - t) * omega) / so * z0 + torch.sin(t * omega) / so * z1
+
+
+def interpolate_latents(z0: torch.Tensor, z1: torch.Tensor, steps: int, mode: str = "linear") -> torch.Tensor:
+    t = torch.linspace(0, 1, steps, dtype=z0.dtype)
+    if mode == "slerp":
+        return slerp(z0, z1, t)
+    return (1 - t[:, None]) * z0 + t[:, None] * z1
+
+
+@torch.no_grad()
+def interpolate(model, z0: torch.Tensor, z1: torch.Tensor, steps: int, mode: str = "linear", device="cpu"):
+    """Decode ``steps`` points between latents z0 and z1 (D,): float (steps, C, H, W)."""
+    model.eval()
+    z = interpolate_latents(z0.float().cpu(), z1.float().cpu(), steps, mode).to(device)
+    return _decode_images(model, z)
+
+
+@torch.no_grad()
+def encode_mean(model, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Posterior means (B, D) of float images x (B, C, H, W)."""
+    model.eval()
+    return model.encode(x, y).mode().float()
+
+
+@torch.no_grad()
+def reconstruct(model, x: torch.Tensor, y: torch.Tensor | None = None, batch: int = 512) -> torch.Tensor:
+    """Decoded posterior means of x: float (B, C, H, W) in [0, 1], on CPU."""
+    model.eval()
+    outs = []
+    for i in range(0, len(x), batch):
+        yi = None if y is None else y[i : i + batch]
+        out = model(x[i : i + batch], yi, sample=False)
+        outs.append(model.images(out.recon_params).float().cpu())
+    return torch.cat(outs)
+
+
+def grid(images: torch.Tensor | np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """(N, C, H, W) float in [0, 1] -> uint8 (rows*H, cols*W[, 3]) mosaic with a white gutter."""
+    a = images.detach().cpu().float().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if a.dtype != np.uint8:
+        a = np.clip(np.round(a * 255), 0, 255).astype(np.uint8)
+    n, c, h, w = a.shape
+    cols = nrow or int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    out = np.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        out[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = a[i]
+    return out[0] if c == 1 else out.transpose(1, 2, 0)
+
+
+def save_png(array: np.ndarray, path: str | Path, min_side: int = 0) -> Path:
+    """Write a uint8 image atomically; upscale (nearest) small mosaics so they are viewable."""
+    import io
+
+    img = Image.fromarray(array)
+    if min_side and min(img.size) < min_side:
+        k = int(math.ceil(min_side / min(img.size)))
+        img = img.resize((img.width * k, img.height * k), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    path = Path(path)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def save_grid(images, path: str | Path, nrow: int | None = None) -> Path:
+    return save_png(grid(images, nrow), path)

@@ -1,0 +1,65 @@
+"""Losses as pure functions, one value per sample (summed over pixels and latent dimensions).
+
+The caller averages over the batch. The same terms serve training, evaluation and anomaly scores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from medivae.models.outputs import VAEOutput
+
+
+@dataclass
+class ELBOTerms:
+    """Per-sample terms, each (B,) in nats. ``loss`` is what is minimised (β-weighted, free bits applied);
+    ``neg_elbo`` = rec + kl is the honest negative ELBO whatever β or free bits were."""
+
+    rec: torch.Tensor  # -log p(x|z)
+    kl: torch.Tensor  # KL(q(z|x) || N(0, I))
+    loss: torch.Tensor
+
+    @property
+    def neg_elbo(self) -> torch.Tensor:
+        return self.rec + self.kl
+
+
+def free_bits_kl(kl_per_dim: torch.Tensor, free_bits: float) -> torch.Tensor:
+    """Per-sample KL with free bits (Kingma et al. 2016): a latent dimension whose batch-mean KL is
+    below ``free_bits`` nats counts as exactly ``free_bits`` (no gradient pushes it further down).
+    The batch mean of the result equals sum_j max(free_bits, mean_batch KL_j).  kl_per_dim: (B, D)."""
+    if free_bits <= 0:
+        return kl_per_dim.sum(1)
+    mean_j = kl_per_dim.mean(0, keepdim=True)  # (1, D)
+    floor = torch.full_like(kl_per_dim, free_bits)
+    return torch.where(mean_j >= free_bits, kl_per_dim, floor).sum(1)
+
+
+def neg_elbo(
+    likelihood, out: VAEOutput, x: torch.Tensor, beta: float = 1.0, free_bits: float = 0.0
+) -> ELBOTerms:
+    """x: float (B, C, H, W) in [0, 1]. Returns per-sample terms."""
+    rec = -likelihood.log_prob(out.recon_params, x)
+    kl_per_dim = out.posterior.kl_per_dim()
+    kl = kl_per_dim.sum(1)
+    loss = rec + beta * free_bits_kl(kl_per_dim, free_bits)
+    return ELBOTerms(rec=rec, kl=kl, loss=loss)
+
+
+def kl_weight(schedule: str, beta: float, progress_epochs: float, warmup_epochs: float) -> float:
+    """β at a point of training (``progress_epochs`` = fractional epochs done).
+
+    constant: β; linear: β·min(1, t/warmup); cyclical (Fu et al. 2019): within each cycle of length
+    ``warmup_epochs`` β ramps linearly over the first half, then stays at β.
+    """
+    if schedule == "constant" or warmup_epochs <= 0:
+        return beta
+    if schedule == "linear":
+        return beta * min(1.0, progress_epochs / warmup_epochs)
+    if schedule == "cyclical":
+        phase = math.fmod(progress_epochs, warmup_epochs) / warmup_epochs
+        return beta * min(1.0, phase / 0.5)
+    raise ValueError(f"unknown KL schedule {schedule!r}")

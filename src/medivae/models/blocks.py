@@ -1,0 +1,37 @@
+"""Convolutional trunks shared by the model families (the seed article's layout, generalised)."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+
+def widths_for(image_size: int, base_width: int, max_width: int) -> list[int]:
+    """Channel widths of the stride-2 stages, enough to reach a 4x4 feature map.
+
+    64 px, base 32 -> [32, 64, 128, 256] (the article); 32 px -> 3 stages; 128 -> 5; 256 -> 6.
+    """
+    depth = int(math.log2(image_size // 4))
+    return [min(base_width * 2**i, max_width) for i in range(depth)]
+
+
+def encoder_trunk(in_channels: int, widths: list[int]) -> nn.Sequential:
+    """(B, in_channels, S, S) -> (B, widths[-1] * 16): 4x4 stride-2 convs with BatchNorm + ReLU."""
+    layers: list[nn.Module] = []
+    c = in_channels
+    for w in widths:
+        layers += [nn.Conv2d(c, w, 4, 2, 1), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+        c = w
+    layers.append(nn.Flatten())
+    return nn.Sequential(*layers)
+
+
+def decoder_trunk(out_channels: int, widths: list[int]) -> nn.Sequential:
+    """(B, widths[-1] * 16) -> (B, out_channels, S, S): the mirror of ``encoder_trunk``, no output activation."""
+    rev = widths[::-1]
+    layers: list[nn.Module] = [nn.Unflatten(1, (rev[0], 4, 4))]
+    for a, b in zip(rev[:-1], rev[1:], strict=True):
+        layers += [nn.ConvTranspose2d(a, b, 4, 2, 1), nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
+    layers.append(nn.ConvTranspose2d(rev[-1], out_channels, 4, 2, 1))
+    return nn.Sequential(*layers)

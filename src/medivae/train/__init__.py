@@ -1,0 +1,1 @@
+"""Training: the loop (trainer), checkpoint folders, devices and precision, distributed helpers."""

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny configs, real-data paths (skipped when absent), --runslow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: pass --runslow to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is absent")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def pneumonia_npz(shared_data) -> Path:
+    p = shared_data / "pneumoniamnist.npz"
+    if not p.exists():
+        pytest.skip("pneumoniamnist.npz is absent")
+    return p
+
+
+@pytest.fixture
+def mednist_sample(shared_data) -> Path:
+    p = shared_data / "mednist" / "sample"
+    if not p.is_dir():
+        pytest.skip("mednist/sample is absent")
+    return p
