@@ -1,0 +1,1 @@
+"""Evaluation: pure metric functions -> results.json -> report. No metric here downloads weights."""
