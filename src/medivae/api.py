@@ -22,6 +22,7 @@ from medivae.generate import (
 from medivae.models import build_model
 from medivae.seeding import seed_everything, torch_generator
 from medivae.train import checkpoint as ckpt
+from medivae.train import distributed
 from medivae.train.device import pick_device
 from medivae.train.trainer import Trainer, check_resumable
 
@@ -33,9 +34,10 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
         check_resumable(run_dir)
         saved = RunConfig.load(run_dir / "config.json")
         cfg = dataclasses.replace(saved, train=dataclasses.replace(saved.train, epochs=cfg.train.epochs))
-    elif (run_dir / "last").exists():
+    elif ckpt.exists(run_dir / "last"):
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     t = cfg.train
+    progress = progress and distributed.is_main()  # under torchrun only rank 0 talks and writes
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     seed_everything(t.seed)
@@ -46,17 +48,50 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
             raise UserError(f"model {cfg.model.name!r} is conditional but {cfg.data.source} has no labels")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=len(names)))
     cfg = dataclasses.replace(cfg, label_names=tuple(names))
-    device = pick_device(t.device)
+    device = distributed.local_device(pick_device(t.device))  # cuda:LOCAL_RANK under torchrun
+    own_group = distributed.setup(device)  # joins torchrun's process group; False without torchrun
     model = build_model(cfg.model)
     trainer = Trainer(cfg, model, device, run_dir, progress)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.json")
-    _save_data_summary(run_dir, splits)
-    if resume and (run_dir / "last").exists():
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.json")
+        _save_data_summary(run_dir, splits)
+        _record_environment(run_dir, trainer)
+    if resume and ckpt.exists(run_dir / "last"):  # also last.prev, left by a kill mid-swap
         trainer.resume()
     trainer.fit(splits["train"], splits["val"])
-    write_figures(run_dir, model, cfg, splits["test"] if len(splits["test"]) else splits["val"], device)
+    if distributed.is_main():
+        write_figures(run_dir, model, cfg, splits["test"] if len(splits["test"]) else splits["val"], device)
+        write_run_report(run_dir)
+    if own_group:
+        distributed.barrier()  # the other ranks exit once rank 0's figures and report are written
+        distributed.cleanup()
     return run_dir
+
+
+def _record_environment(run_dir: Path, trainer: Trainer) -> None:
+    from medivae.report.environment import write_environment
+
+    dev = trainer.device
+    write_environment(
+        run_dir, device=str(dev), seed=trainer.cfg.train.seed, threads=torch.get_num_threads(),
+        precision=str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp_dtype else "fp32",
+        gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+    )
+
+
+def write_run_report(run_dir: Path) -> Path | None:
+    """RUN/report.html; a broken report only warns, since the run itself is complete and saved."""
+    import warnings
+
+    from medivae.report import write_report
+
+    try:
+        return write_report(run_dir)
+    except Exception as e:  # the report must never cost the user a finished run
+        why = f"{type(e).__name__}: {e}"
+        warnings.warn(f"report not written ({why}); retry with: medivae report {run_dir}", stacklevel=2)
+        return None
 
 
 def _save_data_summary(run_dir: Path, splits: dict[str, ImageSet]) -> None:
@@ -73,16 +108,29 @@ def _public_meta(meta: dict) -> dict:
 
 def write_figures(run_dir: Path, model, cfg: RunConfig, split: ImageSet, device, n: int = 64) -> None:
     seed = cfg.train.seed
-    save_grid(sample_prior(model, n, torch_generator(seed, "samples"), device), run_dir / "samples.png", nrow=8)
+    samples = prior_samples(model, cfg, n, torch_generator(seed, "samples"), device)
+    save_grid(samples, run_dir / "samples.png", nrow=8)
     g = torch_generator(seed, "interpolation")
     z = torch.randn(2, model.latent_dim, generator=g)
-    save_grid(interpolate(model, z[0], z[1], 10, "slerp", device), run_dir / "interpolation.png", nrow=10)
+    first = 0 if cfg.model.num_classes > 0 else None  # a conditional model interpolates within class 0
+    path = interpolate(model, z[0], z[1], 10, "slerp", device, first)
+    save_grid(path, run_dir / "interpolation.png", nrow=10)
     if len(split):
         k = min(16, len(split))
         x = to_float(split.images[:k], device)
         y = _labels_for(model, cfg, split.labels[:k], device)
         both = torch.cat([x.cpu(), reconstruct(model, x, y)])
         save_grid(both, run_dir / "reconstructions.png", nrow=k)
+
+
+def prior_samples(model, cfg: RunConfig, n: int, generator, device, label: int | None = None) -> torch.Tensor:
+    """n prior samples (n, C, H, W); a conditional model without ``label`` gets an equal block of
+    rows per class, in label order."""
+    if cfg.model.num_classes <= 0 or label is not None:
+        return sample_prior(model, n, generator, device, label)
+    k = cfg.model.num_classes
+    per = -(-n // k)  # ceil
+    return torch.cat([sample_prior(model, per, generator, device, c) for c in range(k)])[:n]
 
 
 def _labels_for(model, cfg: RunConfig, labels: np.ndarray, device):
@@ -121,7 +169,7 @@ def sample(run_dir, n: int, out, seed: int | None = None, label: str | None = No
     if n < 1:
         raise UserError(f"-n must be >= 1, not {n}")
     g = torch_generator(cfg.train.seed if seed is None else seed, "sample")
-    imgs = sample_prior(model, n, g, dev, label_index(cfg, label))
+    imgs = prior_samples(model, cfg, n, g, dev, label_index(cfg, label))
     return save_grid(imgs, out)
 
 
@@ -139,19 +187,26 @@ def load_image(path: str | Path, cfg: RunConfig) -> torch.Tensor:
     return to_float(arr[None])
 
 
-def interpolate_run(run_dir, out, steps: int = 8, mode: str = "linear", src=None, dst=None, seed=None, device="auto"):
+def interpolate_run(
+    run_dir, out, steps: int = 8, mode: str = "linear", src=None, dst=None, seed=None, device="auto",
+    label: str | None = None,
+):
     model, cfg, dev = load_run(run_dir, device=device)
     if steps < 2:
         raise UserError(f"--steps must be >= 2, not {steps}")
     if (src is None) != (dst is None):
         raise UserError("give both --from and --to, or neither (then two prior draws are used)")
+    k = label_index(cfg, label)
+    if cfg.model.num_classes > 0 and k is None:
+        raise UserError(f"this run is conditional: pass --label, one of {list(cfg.label_names)}")
+    y = None if k is None else torch.tensor([k], device=dev)
     if src is not None:
-        z0 = encode_mean(model, load_image(src, cfg).to(dev))[0]
-        z1 = encode_mean(model, load_image(dst, cfg).to(dev))[0]
+        z0 = encode_mean(model, load_image(src, cfg).to(dev), y)[0]
+        z1 = encode_mean(model, load_image(dst, cfg).to(dev), y)[0]
     else:
         g = torch_generator(cfg.train.seed if seed is None else seed, "interpolate")
         z0, z1 = torch.randn(2, model.latent_dim, generator=g)
-    return save_grid(interpolate(model, z0, z1, steps, mode, dev), out, nrow=steps)
+    return save_grid(interpolate(model, z0, z1, steps, mode, dev, k), out, nrow=steps)
 
 
 def reconstruct_run(run_dir, data: str | None, out, split: str = "test", n: int = 16, device="auto") -> Path:
@@ -169,9 +224,62 @@ def reconstruct_run(run_dir, data: str | None, out, split: str = "test", n: int 
     return save_grid(torch.cat([x.cpu(), reconstruct(model, x, y)]), out, nrow=k)
 
 
-def demo_config(epochs: int = 8, n_images: int = 3000) -> RunConfig:
+def demo_config(epochs: int = 15, n_images: int = 6000) -> RunConfig:
     """The demo: the article's model on built-in phantoms, sized for 1–3 minutes on 2 CPU cores."""
     return RunConfig(
         data=DataConfig(source=f"phantoms:{n_images}", image_size=64),
         train=TrainConfig(epochs=epochs, batch_size=128, lr=1e-3),
     )
+
+
+def evaluate(run_dir, data: str | None = None, split: str = "test", k: int = 100, batch_size: int = 64,
+             max_images: int = 0, n_samples: int = 0, reference_epochs: int = 5,
+             inception_weights: str | None = None, checkpoint: str = "best", device: str = "auto",
+             progress: bool = True) -> dict:
+    """Likelihood bounds, reconstruction, posterior collapse and sample quality of a run on one split;
+    merged into RUN/results.json under "evaluation" (keys: medivae.evaluation.suite) and returned."""
+    from medivae.evaluation.suite import EvalOptions, evaluate_run
+
+    opts = EvalOptions(split=split, k=k, batch_size=batch_size, max_images=max_images, n_samples=n_samples,
+                       reference_epochs=reference_epochs, inception_weights=inception_weights,
+                       checkpoint=checkpoint)
+    return evaluate_run(run_dir, data, opts, device=device, progress=progress)
+
+
+def anomaly_fit(cfg: RunConfig, run_dir: str | Path, progress: bool = True) -> Path:
+    """Train on the normal images only: ``cfg.data.labels`` must name exactly one label (the normal one);
+    train, validation and test splits then hold normals only. Score with :func:`anomaly_score`."""
+    if len(cfg.data.labels) != 1:
+        raise UserError(f"an anomaly model is fitted on exactly one normal label, not {list(cfg.data.labels)}")
+    return train(cfg, run_dir, progress=progress)
+
+
+def anomaly_score(run_dir, data: str | None = None, split: str = "test", out=None, normal_label: str | None = None,
+                  fpr: float = 0.05, k: int = 16, gradient: bool = False, n_maps: int = 16, batch_size: int = 128,
+                  device: str = "auto") -> dict:
+    """Per-image anomaly scores, maps, AUROC/AUPRC and a threshold at ``fpr`` on validation normals;
+    files in ``out`` (default RUN/anomaly), summary merged into RUN/results.json["anomaly"]."""
+    from medivae.evaluation.anomaly import score_run
+
+    return score_run(run_dir, data, split, out, normal_label, fpr, k, gradient, n_maps, batch_size, device)
+
+
+def synthesize(run_dir, n: int, out, label: str | None = None, percentile: float = 1.0, fmt: str = "png",
+               seed: int | None = None, n_pairs: int = 8, reference_epochs: int = 5, device: str = "auto",
+               progress: bool = True) -> dict:
+    """n synthetic images minus those nearer a training image than ``percentile`` % of real test images
+    are; writes images + labels, memorisation.json and nearest-pair PNGs to ``out``."""
+    from medivae.evaluation.privacy import synthesize_run
+
+    return synthesize_run(run_dir, n, out, label, percentile, fmt, seed, n_pairs, reference_epochs, device,
+                          progress)
+
+
+def utility(real: str, synthetic, out=None, epochs: int = 10, seed: int | None = None, width: int = 32,
+            val_fraction: float = 0.1, test_fraction: float = 0.1, device: str = "auto",
+            progress: bool = True) -> dict:
+    """Train-on-synthetic/test-on-real, real + synthetic and real-only classifiers on ``real``'s test split."""
+    from medivae.evaluation.utility import utility_run
+
+    synthetic = [synthetic] if isinstance(synthetic, (str, Path)) else list(synthetic)
+    return utility_run(real, synthetic, out, epochs, seed, width, val_fraction, test_fraction, device, progress)

@@ -26,8 +26,10 @@ class DataConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     resize_mode: str = "pad"  # non-square images: "pad" (keep all) or "crop" (centre)
-    window: str | None = None  # DICOM: "CENTER,WIDTH" or a preset name
-    cache: bool = True
+    window: str | None = None  # DICOM/NIfTI: "CENTER,WIDTH" or a preset name (lung, mediastinum, bone, brain)
+    cache: bool = True  # keep decoded images in $MEDIVAE_CACHE (default ~/.cache/medivae)
+    nifti_axis: str = "axial"  # NIfTI slices: axial, coronal or sagittal
+    normalize: str = "percentile"  # DICOM/NIfTI without a window: percentile[:LO,HI] or range:LO,HI
 
     def __post_init__(self):
         if self.image_size not in IMAGE_SIZES:
@@ -41,6 +43,13 @@ class DataConfig:
             if not 0.0 <= v < 0.5:
                 raise UserError(f"{name.replace('_', ' ')} must be in [0, 0.5), not {v}")
         object.__setattr__(self, "labels", tuple(self.labels))
+        from medivae.data.nifti import SLICE_AXES
+        from medivae.data.windowing import parse_normalize, parse_window
+
+        parse_window(self.window)
+        parse_normalize(self.normalize)
+        if self.nifti_axis not in SLICE_AXES:
+            raise UserError(f"NIfTI axis must be one of {list(SLICE_AXES)}, not {self.nifti_axis!r}")
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,7 @@ class TrainConfig:
     num_threads: int = 0  # 0: torch default
     device: str = "auto"
     max_nan_retries: int = 3
+    tensorboard: bool = False  # scalars per epoch to RUN/tensorboard (pip install medivae[tensorboard])
 
     def __post_init__(self):
         if self.epochs < 1:

@@ -48,11 +48,16 @@ def interpolate_latents(z0: torch.Tensor, z1: torch.Tensor, steps: int, mode: st
 
 
 @torch.no_grad()
-def interpolate(model, z0: torch.Tensor, z1: torch.Tensor, steps: int, mode: str = "linear", device="cpu"):
-    """Decode ``steps`` points between latents z0 and z1 (D,): float (steps, C, H, W)."""
+def interpolate(
+    model, z0: torch.Tensor, z1: torch.Tensor, steps: int, mode: str = "linear", device="cpu",
+    label: int | None = None,
+):
+    """Decode ``steps`` points between latents z0 and z1 (D,): float (steps, C, H, W).
+    ``label``: the class every point is decoded as (conditional models)."""
     model.eval()
     z = interpolate_latents(z0.float().cpu(), z1.float().cpu(), steps, mode).to(device)
-    return _decode_images(model, z)
+    y = None if label is None else torch.full((steps,), int(label), dtype=torch.long, device=device)
+    return _decode_images(model, z, y)
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ def cmd_interpolate(args) -> int:
         raise UserError(f"--mode must be linear or slerp, not {args.mode!r}")
     out = api.interpolate_run(
         args.run, args.out, steps=args.steps, mode=args.mode, src=args.src, dst=args.dst,
-        seed=args.seed, device=args.device,
+        seed=args.seed, device=args.device, label=args.label,
     )
     print(out)
     return 0
@@ -50,6 +50,7 @@ def add(sub) -> None:
     i.add_argument("--to", dest="dst", default=None, help="second image file")
     i.add_argument("--steps", type=int, default=8)
     i.add_argument("--mode", default="linear", help="linear or slerp")
+    i.add_argument("--label", default=None, help="class name (conditional models)")
     i.add_argument("--out", type=Path, required=True)
     i.add_argument("--seed", type=int, default=None)
     i.add_argument("--device", default="auto")

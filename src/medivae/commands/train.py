@@ -35,17 +35,25 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="log scalars per epoch to RUN/tensorboard (pip install 'medivae[tensorboard]')")
 
 
 def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=required, metavar="SOURCE",
-                   help="phantoms | phantoms:N | FILE.npz | FOLDER | FILE.csv")
+                   help="phantoms[:N] | FILE.npz | medmnist:NAME[@SIZE] | FOLDER | FILE.csv | "
+                        "ARCHIVE.tar.gz/.zip | FILE.dcm | FILE.nii.gz")
     g.add_argument("--labels", default="", help="comma-separated class names to keep (default: all)")
     g.add_argument("--val-fraction", type=float, default=0.1)
     g.add_argument("--test-fraction", type=float, default=0.1)
     g.add_argument("--resize-mode", default="pad", help="non-square images: pad (default) or crop")
-    g.add_argument("--window", default=None, help="DICOM window: CENTER,WIDTH or a preset")
+    g.add_argument("--window", default=None,
+                   help="DICOM/NIfTI window: CENTER,WIDTH (e.g. 40,80) or lung, mediastinum, bone, brain")
+    g.add_argument("--normalize", default="percentile",
+                   help="DICOM/NIfTI without a window: percentile (0.5-99.5), percentile:LO,HI or range:LO,HI")
+    g.add_argument("--nifti-axis", default="axial", help="NIfTI slices: axial (default), coronal, sagittal")
+    g.add_argument("--no-cache", action="store_true", help="decode in memory; do not use $MEDIVAE_CACHE")
 
 
 def data_config(args) -> DataConfig:
@@ -54,6 +62,8 @@ def data_config(args) -> DataConfig:
         source=args.data, image_size=args.image_size, channels=args.channels, labels=labels,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         resize_mode=args.resize_mode, window=args.window,
+        normalize=getattr(args, "normalize", "percentile"), nifti_axis=getattr(args, "nifti_axis", "axial"),
+        cache=not getattr(args, "no_cache", False),
     )
 
 
@@ -62,7 +72,7 @@ def train_config(args) -> TrainConfig:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         precision=args.precision, device=args.device, kl_schedule=args.kl_schedule,
         warmup_epochs=args.warmup_epochs, free_bits=args.free_bits, grad_clip=args.grad_clip,
-        compile=args.compile, num_threads=args.threads,
+        compile=args.compile, num_threads=args.threads, tensorboard=args.tensorboard,
     )
 
 
@@ -78,9 +88,11 @@ def run_config(args) -> RunConfig:
 
 def cmd_train(args) -> int:
     from medivae import api
+    from medivae.train.distributed import is_main
 
     run = api.train(run_config(args), args.out, resume=args.resume, progress=not args.no_progress)
-    print(f"run written to {run}")
+    if is_main():  # under torchrun, say it once
+        print(f"run written to {run}")
     return 0
 
 
@@ -104,6 +116,6 @@ def add(sub) -> None:
 
     d = sub.add_parser("demo", help="train the article's VAE on built-in phantoms (1–3 min on 2 CPU cores)")
     d.add_argument("--out", type=Path, default=Path("runs/demo"))
-    d.add_argument("--epochs", type=int, default=8)
+    d.add_argument("--epochs", type=int, default=15)
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)

@@ -2,86 +2,114 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import warnings
 
 import numpy as np
 
 from medivae.data.imageset import ImageSet, to_float
 from medivae.data.preprocess import prepare
+from medivae.data.sources import SOURCE_HELP
 from medivae.data.split import split_indices
 from medivae.errors import UserError
 
 __all__ = ["ImageSet", "to_float", "load_dataset", "load_source", "SOURCE_HELP"]
 
-SOURCE_HELP = (
-    "'phantoms' (built in), 'phantoms:N', a MedMNIST-layout .npz file, "
-    "a folder of PNG/JPEG/TIFF/BMP images (class subfolders optional), or a CSV of path,label"
-)
-
 
 def load_source(cfg, seed: int, progress: bool = True) -> dict[str, ImageSet]:
-    """Read ``cfg.source`` as stored: splits it provides itself, at the model size. No split-making here."""
+    """Read ``cfg.source`` at the model size, with the splits it provides itself ("all" if none).
+    File sources go through the decoded cache (``cfg.cache``), so their images are memmaps."""
     spec = cfg.source
     if spec == "phantoms" or spec.startswith("phantoms:"):
-        from medivae.data.phantoms import make_phantoms
+        return {"all": _phantoms(spec, cfg, seed)}
+    from medivae.data.collect import MemorySink
+    from medivae.data.sources import build, resolve
 
-        n = 3000
-        if ":" in spec:
-            try:
-                n = int(spec.split(":", 1)[1])
-            except ValueError:
-                raise UserError(f"bad source {spec!r}: write phantoms:N with N a whole number") from None
-            if n < 10:
-                raise UserError(f"bad source {spec!r}: need at least 10 phantom images")
-        full = make_phantoms(n, cfg.image_size, seed)
-        full.images = prepare(full.images, cfg.image_size, cfg.channels)
-        return {"all": full}
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise UserError(f"{spec}: no such file or folder; SOURCE is {SOURCE_HELP}")
-    if path.suffix.lower() == ".npz":
-        from medivae.data.npz import load_npz
+    src = resolve(spec, progress)
+    if cfg.cache:
+        from medivae.data.cache import load_cached
 
-        splits = load_npz(path)
-        for s in splits.values():
-            s.images = prepare(s.images, cfg.image_size, cfg.channels, cfg.resize_mode)
-        return splits
-    if path.is_dir() or path.suffix.lower() == ".csv":
-        from medivae.data.folder import load_folder
-
-        return {"all": load_folder(path, cfg.image_size, cfg.channels, cfg.resize_mode, progress)}
-    raise UserError(f"{spec}: not a supported data source; SOURCE is {SOURCE_HELP}")
+        built = load_cached(src, cfg, progress)
+    else:
+        built = build(src, cfg, MemorySink((cfg.channels, cfg.image_size, cfg.image_size)), progress)
+        built.meta["cache"] = "off"
+    _report(built.meta)
+    return built.imagesets()
 
 
-def _filter_labels(s: ImageSet, wanted: tuple[str, ...]) -> ImageSet:
+def _phantoms(spec: str, cfg, seed: int) -> ImageSet:
+    from medivae.data.phantoms import make_phantoms
+
+    n = 3000
+    if ":" in spec:
+        try:
+            n = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise UserError(f"bad source {spec!r}: write phantoms:N with N a whole number") from None
+        if n < 10:
+            raise UserError(f"bad source {spec!r}: need at least 10 phantom images")
+    full = make_phantoms(n, cfg.image_size, seed)
+    full.images = prepare(full.images, cfg.image_size, cfg.channels)
+    return full
+
+
+def _report(meta: dict) -> None:
+    """Warnings for what the user should know about their data, on every run (cached or not)."""
+    src = meta.get("source", "data")
+    if meta.get("n_skipped"):
+        warnings.warn(f"{src}: skipped {meta['n_skipped']} of {meta['n_files']} files that could not be used "
+                      f"(e.g. {meta['skipped'][0]}); see 'medivae data inspect'", stacklevel=3)
+    if meta.get("n_native_sizes", 0) > 1:
+        sizes = ", ".join(f"{k} ×{v}" for k, v in list(meta["native_sizes"].items())[:3])
+        how = "zero-padded" if meta.get("resize_mode") == "pad" else "centre-cropped"
+        warnings.warn(f"{src}: images come in {meta['n_native_sizes']} sizes ({sizes}, ...); each was {how} "
+                      f"to a square and resized to {meta['size']}×{meta['size']} (--resize-mode)", stacklevel=3)
+
+
+def _label_indices(s: ImageSet, wanted: tuple[str, ...]) -> np.ndarray:
     if not wanted:
-        return s
+        return np.arange(len(s))
     unknown = [w for w in wanted if w not in s.label_names]
     if unknown:
         raise UserError(f"unknown label(s) {unknown}; this source has {list(s.label_names) or 'no labels'}")
     codes = [s.label_names.index(w) for w in wanted]
-    return s.subset(np.flatnonzero(np.isin(s.labels, codes)))
+    return np.flatnonzero(np.isin(s.labels, codes))
+
+
+def _split(s: ImageSet, idx: np.ndarray, val: float, test: float, seed: int) -> dict[str, np.ndarray]:
+    groups = None if s.groups is None else s.groups[idx]
+    return {k: idx[v] for k, v in split_indices(s.labels[idx], val, test, seed, groups).items()}
+
+
+def _take(s: ImageSet, idx: np.ndarray, tag: str) -> ImageSet:
+    """A split of ``s``: a view when it is all of ``s``; on disk when ``s`` is a cached memmap."""
+    if len(idx) == len(s) and np.array_equal(idx, np.arange(len(s))):
+        return ImageSet(s.images, s.labels, s.label_names, s.groups, dict(s.meta))
+    if isinstance(s.images, np.memmap):
+        from medivae.data.cache import take
+
+        groups = None if s.groups is None else s.groups[idx]
+        return ImageSet(take(s.images, idx, tag), s.labels[idx], s.label_names, groups, dict(s.meta))
+    return s.subset(idx)
 
 
 def load_dataset(cfg, seed: int, progress: bool = True) -> dict[str, ImageSet]:
     """train/val/test splits at the model size; a source without its own splits gets a seeded,
-    stratified (and patient-grouped, when the source knows patients) split."""
+    stratified split in which a group (patient, volume) never straddles two splits."""
     raw = load_source(cfg, seed, progress)
-    raw = {k: _filter_labels(v, cfg.labels) for k, v in raw.items()}
+    keep = {k: _label_indices(v, cfg.labels) for k, v in raw.items()}
     if "all" in raw:
-        full = raw["all"]
-        idx = split_indices(full.labels, cfg.val_fraction, cfg.test_fraction, seed, full.groups)
-        out = {k: full.subset(v) for k, v in idx.items()}
+        parts = _split(raw["all"], keep["all"], cfg.val_fraction, cfg.test_fraction, seed)
+        plan = {name: ("all", idx) for name, idx in parts.items()}
     else:
-        out = dict(raw)
-        if "val" not in out or "test" not in out:
-            frac_v = cfg.val_fraction if "val" not in out else 0.0
-            frac_t = cfg.test_fraction if "test" not in out else 0.0
-            tr = out["train"]
-            idx = split_indices(tr.labels, frac_v, frac_t, seed, tr.groups)
-            out["train"] = tr.subset(idx["train"])
-            out.setdefault("val", tr.subset(idx["val"]))
-            out.setdefault("test", tr.subset(idx["test"]))
+        plan = {name: (name, idx) for name, idx in keep.items()}
+        if "val" not in raw or "test" not in raw:
+            frac_v = cfg.val_fraction if "val" not in raw else 0.0
+            frac_t = cfg.test_fraction if "test" not in raw else 0.0
+            parts = _split(raw["train"], keep["train"], frac_v, frac_t, seed)
+            plan["train"] = ("train", parts["train"])
+            plan.setdefault("val", ("train", parts["val"]))
+            plan.setdefault("test", ("train", parts["test"]))
+    out = {name: _take(raw[src], idx, src) for name, (src, idx) in plan.items()}
     for name, s in out.items():
         s.meta = {**s.meta, "split": name, "n": len(s)}
     if len(out["train"]) == 0:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,13 @@ def _as_nchw(arr: np.ndarray, path: Path, key: str) -> np.ndarray:
     return arr
 
 
+def _read(data, key: str, path: Path) -> np.ndarray:
+    try:
+        return data[key]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise UserError(f"{path}: array {key!r} is damaged ({type(e).__name__}: {e})") from None
+
+
 def load_npz(path: str | Path, label_names: tuple[str, ...] = ()) -> dict[str, ImageSet]:
     """All splits present in the file, as stored (not resized)."""
     path = Path(path)
@@ -46,11 +55,15 @@ def load_npz(path: str | Path, label_names: tuple[str, ...] = ()) -> dict[str, I
             )
         out = {}
         for split in present:
-            images = _as_nchw(data[f"{split}_images"], path, f"{split}_images")
+            images = _as_nchw(_read(data, f"{split}_images", path), path, f"{split}_images")
+            labels = np.full(len(images), -1, dtype=np.int64)
             if f"{split}_labels" in keys:
-                labels = np.asarray(data[f"{split}_labels"]).reshape(len(images), -1)[:, 0].astype(np.int64)
-            else:
-                labels = np.full(len(images), -1, dtype=np.int64)
+                raw = np.asarray(_read(data, f"{split}_labels", path)).reshape(len(images), -1)
+                if raw.shape[1] == 1:
+                    labels = raw[:, 0].astype(np.int64)
+                elif split == "train":  # one label column per finding (ChestMNIST): no single class
+                    warnings.warn(f"{path}: labels are multi-label ({raw.shape[1]} columns); images are "
+                                  "used unlabelled", stacklevel=2)
             out[split] = ImageSet(images, labels, meta={"source": str(path), "split": split})
     n_classes = max((int(s.labels.max()) + 1 for s in out.values() if len(s)), default=0)
     names = tuple(label_names) or tuple(str(i) for i in range(n_classes))

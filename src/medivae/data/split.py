@@ -23,13 +23,14 @@ def split_indices(
     n = len(labels)
     if groups is None:
         groups = np.arange(n)
-    groups = np.asarray(groups)
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    # a group's stratum is its most frequent label
-    group_label = np.zeros(len(uniq), dtype=np.int64)
-    for gi in range(len(uniq)):
-        vals, counts = np.unique(labels[inverse == gi], return_counts=True)
-        group_label[gi] = vals[np.argmax(counts)]
+    uniq, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    inverse = inverse.reshape(-1)
+    # a group's stratum is its most frequent label (ties: the smallest), counted in one pass
+    label_values, label_codes = np.unique(labels, return_inverse=True)
+    n_labels = max(len(label_values), 1)
+    flat = inverse * n_labels + label_codes.reshape(-1)
+    counts = np.bincount(flat, minlength=len(uniq) * n_labels).reshape(len(uniq), n_labels)
+    group_label = label_values[counts.argmax(1)] if n else np.zeros(0, dtype=np.int64)
     rng = numpy_rng(seed, "split")
     assign = np.zeros(len(uniq), dtype=np.int8)  # 0 train, 1 val, 2 test
     for lab in np.unique(group_label):

@@ -9,10 +9,13 @@ from torch import nn
 from medivae.config import ModelConfig
 from medivae.errors import UserError
 from medivae.models.conv_vae import ConvVAE
+from medivae.models.cvae import CVAE
 
 # name -> (class, preset fields applied when the user did not set them)
 REGISTRY: dict[str, tuple[type[nn.Module], dict]] = {
     "conv_vae": (ConvVAE, {}),
+    "beta_vae": (ConvVAE, {"beta": 4.0}),  # Higgins et al. 2017: same network, KL weighted by β
+    "cvae": (CVAE, {"num_classes": 2}),  # placeholder: api.train sets it to the data's class count
 }
 
 

@@ -1,9 +1,18 @@
 """Checkpoint folders: ``config.json`` + ``model.safetensors`` (+ ``optimizer.safetensors``,
-``state.json``) + ``manifest.json`` with a SHA-256 of every file.
+``optimizer.json``, ``rng.safetensors``, ``state.json``) + ``manifest.json`` with the size and
+SHA-256 of every file.
 
-Written to ``NAME.tmp`` and swapped in with renames, so a crash at any moment leaves either the
-old or the new folder complete (``NAME.prev`` is picked up if the crash fell between the renames).
-Loading verifies the manifest first and reads only JSON and safetensors: nothing is unpickled.
+Crash safety. A checkpoint is written whole into ``NAME.tmp`` (every file fsynced), then swapped in
+with two renames: ``NAME -> NAME.prev``, ``NAME.tmp -> NAME``. A kill at any moment therefore leaves
+``NAME`` or ``NAME.prev`` complete; readers fall back to ``NAME.prev`` and the next save first puts it
+back (:func:`recover`), so the only good copy is never the one deleted. A failed write (disk full)
+removes ``NAME.tmp`` and leaves ``NAME`` untouched.
+
+Tamper safety. Loading reads each listed file once into memory, checks its size and hash against the
+manifest, and parses exactly those bytes -- JSON or safetensors only, so nothing is ever unpickled.
+Files the manifest does not list are never read. The manifest catches truncation and corruption
+(copies between sites, full disks); it is not a signature -- someone who can rewrite the manifest can
+swap the weights, but still cannot make medivae run code.
 """
 
 from __future__ import annotations
@@ -12,38 +21,46 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensor_bytes
+from safetensors.torch import save as tensor_bytes
 
 from medivae.errors import UserError
 from medivae.io import fsync_dir
 
 MANIFEST = "manifest.json"
+REQUIRED = ("config.json", "model.safetensors")
+FORMAT = 2  # manifest entries {"size", "sha256"}; format 1 (walking skeleton) held the digest alone
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+# --- writing ------------------------------------------------------------------------------------------
+def _twins(folder: Path) -> tuple[Path, Path]:
+    return folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".prev")
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    with path.open("w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
+def _write_file(path: Path, data: bytes) -> None:
+    """Write and fsync through os.write, so a full disk surfaces here as OSError(ENOSPC)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
-    with path.open("rb+") as f:
-        os.fsync(f.fileno())
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+
+
+def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return tensor_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
 
 
 def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -67,6 +84,20 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _contents(model, config, optimizer, state, extra_tensors) -> dict[str, bytes]:
+    """Every file of the checkpoint, serialised in memory before anything touches the disk."""
+    files = {"config.json": _json_bytes(config), "model.safetensors": _tensor_bytes(model.state_dict())}
+    if optimizer is not None:
+        ot, ometa = optimizer_to_flat(optimizer)
+        files["optimizer.safetensors"] = _tensor_bytes(ot)
+        files["optimizer.json"] = _json_bytes(ometa)
+    if extra_tensors:
+        files["rng.safetensors"] = _tensor_bytes(extra_tensors)
+    if state is not None:
+        files["state.json"] = _json_bytes(state)
+    return files
+
+
 def save_checkpoint(
     folder: Path,
     model: torch.nn.Module,
@@ -77,76 +108,154 @@ def save_checkpoint(
 ) -> None:
     """Write a complete checkpoint folder atomically (see module docstring)."""
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    prev = folder.with_name(folder.name + ".prev")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp, prev = _twins(folder)
+    files = _contents(model, config, optimizer, state, extra_tensors)
+    entries = {n: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()} for n, b in sorted(files.items())}
+    files[MANIFEST] = _json_bytes({"format": FORMAT, "files": entries})
     try:
-        _write_json(tmp / "config.json", config)
-        _save_tensors(tmp / "model.safetensors", model.state_dict())
-        if optimizer is not None:
-            ot, ometa = optimizer_to_flat(optimizer)
-            _save_tensors(tmp / "optimizer.safetensors", ot)
-            _write_json(tmp / "optimizer.json", ometa)
-        if extra_tensors:
-            _save_tensors(tmp / "rng.safetensors", extra_tensors)
-        if state is not None:
-            _write_json(tmp / "state.json", state)
-        files = sorted(p.name for p in tmp.iterdir())
-        _write_json(tmp / MANIFEST, {"files": {n: _sha256(tmp / n) for n in files}})
+        recover(folder)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a crash mid-write
+        tmp.mkdir(parents=True)
+        for name, data in files.items():  # the manifest last: a folder with a manifest is complete
+            _write_file(tmp / name, data)
         fsync_dir(tmp)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        kept = f"; the previous {folder.name}/ is intact" if folder.exists() else ""
-        raise UserError(f"could not write checkpoint {folder} ({e.strerror or e}){kept}") from None
-    if prev.exists():
-        shutil.rmtree(prev)
-    if folder.exists():
-        os.replace(folder, prev)
-    os.replace(tmp, folder)
-    fsync_dir(folder.parent)
+        raise UserError(_write_failure(folder, e)) from None
+    _swap(tmp, folder, prev)
+
+
+def _write_failure(folder: Path, e: OSError) -> str:
+    kept = (
+        f"the previous {folder.name}/ checkpoint is intact"
+        if exists(folder)
+        else f"no earlier {folder.name}/ checkpoint existed"
+    )
+    why = e.strerror or e
+    return f"could not write checkpoint {folder} ({why}); {kept}. Free some space, then resume with --resume"
+
+
+def _swap(tmp: Path, folder: Path, prev: Path) -> None:
+    """NAME -> NAME.prev, NAME.tmp -> NAME, then drop NAME.prev. Every intermediate state is readable."""
+    try:
+        if folder.exists():
+            os.replace(folder, prev)
+        os.replace(tmp, folder)
+        fsync_dir(folder.parent)
+    except OSError as e:
+        raise UserError(_write_failure(folder, e)) from None
     shutil.rmtree(prev, ignore_errors=True)
 
 
+def recover(folder: Path) -> None:
+    """Finish a swap that a crash interrupted: move a complete NAME.prev back to a missing NAME, or
+    delete a stale NAME.prev next to a complete NAME. Idempotent; a kill inside it is harmless."""
+    folder = Path(folder)
+    _, prev = _twins(folder)
+    if not prev.exists():
+        return
+    if not folder.exists() and (prev / MANIFEST).exists():
+        os.replace(prev, folder)
+        fsync_dir(folder.parent)
+    elif (folder / MANIFEST).exists():
+        shutil.rmtree(prev)
+
+
+def exists(folder: Path) -> bool:
+    """True when ``folder`` holds a checkpoint, or would after :func:`recover`."""
+    folder = Path(folder)
+    return folder.exists() or _twins(folder)[1].exists()
+
+
+# --- reading ------------------------------------------------------------------------------------------
 def resolve(folder: Path) -> Path:
     """The folder itself, or its ``.prev`` twin when a crash fell between the two renames."""
     folder = Path(folder)
     if (folder / MANIFEST).exists():
         return folder
-    prev = folder.with_name(folder.name + ".prev")
+    prev = _twins(folder)[1]
     if (prev / MANIFEST).exists():
         return prev
     raise UserError(f"{folder}: no checkpoint there (no {MANIFEST}); train first or check the path")
 
 
-def verify(folder: Path) -> Path:
-    """Check every file against the manifest; refuse missing, extra-pickle, truncated or altered files."""
+def _manifest(folder: Path) -> dict[str, dict]:
+    """``{file name: {"size", "sha256"}}`` from the manifest, checked for shape and required files."""
+    path = folder / MANIFEST
+    try:
+        files = json.loads(path.read_bytes())["files"]
+        entries = {
+            n: (e if isinstance(e, dict) else {"sha256": e, "size": None}) for n, e in files.items()
+        }
+        ok = all(isinstance(e.get("sha256"), str) for e in entries.values())
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OSError):
+        ok = False
+    if not ok:
+        raise UserError(f"{path}: unreadable manifest; the checkpoint is corrupt")
+    for name in entries:
+        if name != Path(name).name or name in ("", ".", "..", MANIFEST):
+            raise UserError(f"{path}: lists {name!r}, which is not a file of this folder; refusing to load")
+    missing = [n for n in REQUIRED if n not in entries]
+    if missing:
+        raise UserError(f"{path}: does not list {', '.join(missing)}; incomplete or altered checkpoint")
+    return entries
+
+
+def _verified_bytes(folder: Path, name: str, entry: dict) -> bytes:
+    path = folder / name
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing from the checkpoint (listed in {MANIFEST})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
+    size = entry.get("size")
+    if isinstance(size, int) and len(data) != size:
+        how = "truncated" if len(data) < size else "longer than recorded"
+        raise UserError(f"{path}: {how} ({len(data)} bytes, {MANIFEST} says {size}); refusing to load")
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise UserError(f"{path}: contents do not match {MANIFEST} (altered or corrupt); refusing to load")
+    return data
+
+
+def read_verified(folder: Path) -> tuple[Path, dict[str, bytes]]:
+    """(folder used, {name: bytes}) for every file the manifest lists, each checked before it is returned.
+    Unlisted files are left unread (and named in a warning): nothing outside the manifest is trusted."""
     folder = resolve(folder)
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        expected = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        raise UserError(f"{folder / MANIFEST}: unreadable manifest; the checkpoint is corrupt") from None
-    for name, digest in expected.items():
-        p = folder / name
-        if not p.is_file():
-            raise UserError(f"{p}: missing from checkpoint")
-        if _sha256(p) != digest:
-            raise UserError(f"{p}: hash does not match the manifest (truncated or altered); refusing to load")
-    return folder
+    entries = _manifest(folder)
+    blobs = {name: _verified_bytes(folder, name, e) for name, e in entries.items()}
+    extra = sorted(p.name for p in folder.iterdir() if p.name not in entries and p.name != MANIFEST)
+    if extra:
+        warnings.warn(f"{folder}: ignoring {', '.join(extra)} (not in {MANIFEST}, never read)", stacklevel=2)
+    return folder, blobs
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def verify(folder: Path) -> Path:
+    """Check every listed file against the manifest; raise UserError naming the first bad one."""
+    return read_verified(folder)[0]
+
+
+def _json(folder: Path, blobs: dict[str, bytes], name: str) -> Any:
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a valid safetensors file ({e})") from None
+        return json.loads(blobs[name])
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{folder / name}: not valid JSON; the checkpoint is corrupt") from None
+
+
+def _tensors(folder: Path, blobs: dict[str, bytes], name: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_tensor_bytes(blobs[name])
+    except (SafetensorError, ValueError, TypeError) as e:
+        raise UserError(f"{folder / name}: not a valid safetensors file ({e})") from None
 
 
 def read_config(folder: Path) -> dict:
-    folder = verify(folder)
-    return json.loads((folder / "config.json").read_text())
+    folder, blobs = read_verified(folder)
+    cfg = _json(folder, blobs, "config.json")
+    if not isinstance(cfg, dict):
+        raise UserError(f"{folder / 'config.json'}: expected a JSON object")
+    return cfg
 
 
 def load_checkpoint(
@@ -156,18 +265,29 @@ def load_checkpoint(
     map_location: str | torch.device = "cpu",
 ) -> dict:
     """Load weights (and optimizer) in place after verifying hashes; returns state.json (+ rng tensors)."""
-    folder = verify(folder)
-    weights = _load_tensors(folder / "model.safetensors")
+    folder, blobs = read_verified(folder)
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(_tensors(folder, blobs, "model.safetensors"))
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"{folder}: weights do not fit this model ({first})") from None
-    if optimizer is not None and (folder / "optimizer.safetensors").exists():
-        ot = _load_tensors(folder / "optimizer.safetensors")
-        ometa = json.loads((folder / "optimizer.json").read_text())
-        optimizer.load_state_dict(optimizer_from_flat(ot, ometa))
-    state = json.loads((folder / "state.json").read_text()) if (folder / "state.json").exists() else {}
-    if (folder / "rng.safetensors").exists():
-        state["rng"] = _load_tensors(folder / "rng.safetensors")
+    if optimizer is not None and "optimizer.safetensors" in blobs and "optimizer.json" in blobs:
+        flat = _optimizer_state(folder, blobs)
+        try:
+            optimizer.load_state_dict(flat)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise UserError(f"{folder}: optimizer state does not fit this model ({e})") from None
+    state = _json(folder, blobs, "state.json") if "state.json" in blobs else {}
+    if not isinstance(state, dict):
+        raise UserError(f"{folder / 'state.json'}: expected a JSON object")
+    if "rng.safetensors" in blobs:
+        state["rng"] = _tensors(folder, blobs, "rng.safetensors")
     return state
+
+
+def _optimizer_state(folder: Path, blobs: dict[str, bytes]) -> dict:
+    tensors = _tensors(folder, blobs, "optimizer.safetensors")
+    try:
+        return optimizer_from_flat(tensors, _json(folder, blobs, "optimizer.json"))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{folder / 'optimizer.json'}: malformed optimizer state ({e})") from None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from medivae.io import atomic_write_text
 from medivae.losses import ELBOTerms, kl_weight, neg_elbo
 from medivae.seeding import derive_seed, torch_generator
 from medivae.train import checkpoint as ckpt
+from medivae.train import distributed
 from medivae.train.device import autocast, autocast_dtype
 
 
@@ -41,6 +44,14 @@ def batch_indices(order: torch.Tensor, batch_size: int):
         yield order[i : i + batch_size]
 
 
+def batch_source(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """What ``gather`` reads from: a zero-copy tensor over an in-memory array or a memmap (then only the
+    pages of each batch are read). A read-only memmap stays NumPy, since torch cannot wrap it."""
+    if isinstance(images, np.ndarray) and images.flags.writeable:
+        return torch.from_numpy(images)
+    return images
+
+
 def gather(images: np.ndarray | torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """uint8 batch from an in-memory tensor or a memmap (sorted reads are sequential on disk)."""
     if isinstance(images, torch.Tensor):
@@ -51,7 +62,11 @@ def gather(images: np.ndarray | torch.Tensor, idx: torch.Tensor) -> torch.Tensor
 def elbo_step(model, x, y, beta: float, free_bits: float, generator=None, sample=True) -> ELBOTerms:
     """The VAE family's step: forward with a reparameterised sample, per-sample negative ELBO terms."""
     out = model(x, y, sample=sample, generator=generator)
-    return neg_elbo(model.likelihood, out, x, beta=beta, free_bits=free_bits)
+    return neg_elbo(distributed.unwrap(model).likelihood, out, x, beta=beta, free_bits=free_bits)
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN/Inf loss or gradient; the trainer rolls back and retries (see ``_train_epoch_guarded``)."""
 
 
 class Trainer:
@@ -59,7 +74,8 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, model, device: torch.device, run_dir: Path, progress: bool = True):
         self.cfg, self.model, self.device, self.run_dir = cfg, model, device, Path(run_dir)
-        self.progress = progress
+        self.progress = progress  # progress bars
+        self.verbose = True  # one summary line per epoch, even without bars
         t = cfg.train
         self.amp_dtype = autocast_dtype(device, t.precision)
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
@@ -71,6 +87,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.state = TrainState(lr=t.lr)
         self.step_model = torch.compile(model) if t.compile else model
+        self.step_model = distributed.wrap(self.step_model, device)  # DDP under torchrun, else unchanged
+        self.main = distributed.is_main()  # only rank 0 writes files, logs and shows progress
+        self.tensorboard = _tensorboard_writer(self.run_dir) if t.tensorboard and self.main else None
 
     # --- data -------------------------------------------------------------------------------------
     def _to_device(self, xb: torch.Tensor) -> torch.Tensor:
@@ -84,46 +103,50 @@ class Trainer:
     # --- loop ---------------------------------------------------------------------------------
     def fit(self, train: ImageSet, val: ImageSet) -> TrainState:
         t = self.cfg.train
-        images = torch.from_numpy(train.images) if isinstance(train.images, np.ndarray) else train.images
+        images = batch_source(train.images)
+        distributed.assert_same(self.state.epoch, "the epoch to resume from")
         for epoch in range(self.state.epoch + 1, t.epochs + 1):
             start = time.perf_counter()
-            tr = self.train_epoch(train, images, epoch)
+            tr = self._train_epoch_guarded(train, images, epoch)
             seconds = time.perf_counter() - start
             va = self.evaluate(val)
             self.state.epoch = epoch
             improved = va["loss"] < self.state.best_val
             if improved:
                 self.state.best_val, self.state.best_epoch = va["loss"], epoch
-            self._log(epoch, tr, va, seconds, len(train))
-            self.save("last")
-            if improved:
-                self.save("best")
+            if self.main:
+                self._log(epoch, tr, va, seconds, len(train))
+                if improved:  # best before last: a kill between them redoes the epoch and rewrites best
+                    self.save("best")
+                self.save("last")
+        distributed.barrier()  # nobody returns before rank 0 has written the last checkpoint
         return self.state
 
     def train_epoch(self, train: ImageSet, images, epoch: int) -> dict[str, float]:
         t, model = self.cfg.train, self.model
         model.train()
-        n = len(train)
-        order = epoch_order(n, t.seed, epoch)
+        order = distributed.shard(epoch_order(len(train), t.seed, epoch))  # DistributedSampler + set_epoch
+        n = len(order)
         steps_per_epoch = math.ceil(n / t.batch_size)
+        noise = distributed.noise_generator(t.seed, epoch, self.device)  # per-rank; None: global RNG
         sums = {"loss": 0.0, "rec": 0.0, "kl": 0.0}
         bar = tqdm(
-            total=n, desc=f"epoch {epoch}/{t.epochs}", unit="img", disable=not self.progress, leave=False
+            total=n, desc=f"epoch {epoch}/{t.epochs}", unit="img", disable=not (self.progress and self.main),
+            leave=False,
         )
         for step, idx in enumerate(batch_indices(order, t.batch_size)):
             beta = kl_weight(t.kl_schedule, self.cfg.model.beta, epoch - 1 + step / steps_per_epoch, t.warmup_epochs)
             x = self._to_device(gather(images, idx))
             y = self._labels(train, idx)
             with autocast(self.device, self.amp_dtype):
-                terms = elbo_step(self.step_model, x, y, beta, t.free_bits)
+                terms = elbo_step(self.step_model, x, y, beta, t.free_bits, generator=noise)
             loss = terms.loss.mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {step}")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if t.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            self._check_finite(loss, epoch, step)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             b = len(idx)
@@ -134,7 +157,8 @@ class Trainer:
             bar.update(b)
             bar.set_postfix(loss=f"{(rec + kl) / b:.1f}", rec=f"{rec / b:.1f}", kl=f"{kl / b:.1f}", beta=f"{beta:.2f}")
         bar.close()
-        return {k: v / n for k, v in sums.items()}
+        sums = distributed.all_reduce_sum({**sums, "n": n})
+        return {k: v / sums["n"] for k, v in sums.items() if k != "n"}
 
     @torch.no_grad()
     def evaluate(self, split: ImageSet, batch_size: int = 256) -> dict[str, float]:
@@ -144,16 +168,88 @@ class Trainer:
         if n == 0:
             return {"loss": float("nan"), "rec": float("nan"), "kl": float("nan")}
         gen = torch_generator(self.cfg.train.seed, "validation", device=self.device)
-        images = torch.from_numpy(split.images) if isinstance(split.images, np.ndarray) else split.images
+        images = batch_source(split.images)
         sums = {"loss": 0.0, "rec": 0.0, "kl": 0.0}
-        for idx in batch_indices(torch.arange(n), batch_size):
+        for idx in batch_indices(distributed.shard(torch.arange(n), pad=False), batch_size):
             x = self._to_device(gather(images, idx))
             with autocast(self.device, self.amp_dtype):
                 terms = elbo_step(self.model, x, self._labels(split, idx), 1.0, 0.0, generator=gen)
             sums["rec"] += terms.rec.sum().item()
             sums["kl"] += terms.kl.sum().item()
+        sums = distributed.all_reduce_sum(sums)  # each rank saw its shard; all agree on the totals
         sums["loss"] = sums["rec"] + sums["kl"]
         return {k: v / n for k, v in sums.items()}
+
+    # --- non-finite recovery ------------------------------------------------------------------------
+    def _train_epoch_guarded(self, train: ImageSet, images, epoch: int) -> dict[str, float]:
+        """``train_epoch``; when the loss or a gradient stops being finite, roll model, optimizer and
+        RNG back to the start of the epoch, halve the learning rate and run the epoch again."""
+        start = self._snapshot()
+        while True:
+            try:
+                return self.train_epoch(train, images, epoch)
+            except NonFiniteError as e:
+                self._restore(start)
+                self._lower_lr(str(e))
+
+    def _check_finite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+        """Raise NonFiniteError before a step would write NaN/Inf into the weights. Under fp16 loss
+        scaling, overflowing gradients are the scaler's job (it skips the step), so only the loss counts."""
+        what = None
+        if not torch.isfinite(loss.detach()):
+            what = "loss"
+        elif not self.scaler.is_enabled():
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all():
+                what = "gradients"
+        if distributed.any_rank(what is not None):  # every rank rolls back together
+            raise NonFiniteError(f"non-finite {what or 'loss on another rank'} at epoch {epoch}, step {step}")
+
+    def _snapshot(self) -> dict:
+        """In-memory copy of everything a step changes (clones keep each tensor's memory layout)."""
+        snap = {
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "scaler": self.scaler.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            snap["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return snap
+
+    def _restore(self, snap: dict) -> None:
+        """Back to ``snap``, except the learning rates: each retry lowers them further."""
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.model.load_state_dict(snap["model"])  # copies in place: parameters stay the same objects
+        # a fresh deep copy, since the optimizer adopts the tensors it is given and updates them in place
+        self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        if snap["scaler"]:
+            self.scaler.load_state_dict(snap["scaler"])
+        torch.set_rng_state(snap["rng"])
+        if "cuda_rng" in snap:
+            torch.cuda.set_rng_state_all(snap["cuda_rng"])
+
+    def _lower_lr(self, why: str) -> None:
+        """Halve the learning rate (kept in state.json and metrics.jsonl), or stop after too many tries."""
+        t = self.cfg.train
+        self.state.nan_events += 1
+        if self.state.nan_events > t.max_nan_retries:
+            raise UserError(
+                f"training diverged: {why}, after {t.max_nan_retries} rollback(s) halving the learning "
+                f"rate (now {self.state.lr:.3g}); {self.run_dir / 'last'} holds the last good epoch, if any. "
+                "Try a lower --lr, --grad-clip 1, or --precision fp32"
+            )
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["lr"] / 2
+        self.state.lr = self.optimizer.param_groups[0]["lr"]
+        if self.main:
+            warnings.warn(
+                f"{why}: rolled back to the start of the epoch, learning rate lowered to {self.state.lr:.3g} "
+                f"(retry {self.state.nan_events} of {t.max_nan_retries})",
+                stacklevel=2,
+            )
 
     # --- bookkeeping ----------------------------------------------------------------------------
     def _log(self, epoch, tr, va, seconds, n_train):
@@ -162,6 +258,7 @@ class Trainer:
             **{f"train_{k}": v for k, v in tr.items()},
             **{f"val_{k}": v for k, v in va.items()},
             "lr": self.optimizer.param_groups[0]["lr"],
+            "nan_events": self.state.nan_events,
             "seconds": seconds,
             "images_per_s": n_train / max(seconds, 1e-9),
         }
@@ -169,7 +266,13 @@ class Trainer:
         lines = _read_metrics_lines(path, upto_epoch=epoch - 1)
         lines.append(json.dumps(rec))
         atomic_write_text(path, "\n".join(lines) + "\n")
-        if self.progress:
+        if self.tensorboard is not None:
+            for key, value in rec.items():  # train_loss -> train/loss: TensorBoard groups by prefix
+                tag = key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else key
+                if key != "epoch":
+                    self.tensorboard.add_scalar(tag, value, epoch)
+            self.tensorboard.flush()
+        if self.verbose:
             tqdm.write(
                 f"epoch {epoch}: train -ELBO {tr['loss']:.2f} (rec {tr['rec']:.2f}, KL {tr['kl']:.2f}) | "
                 f"val -ELBO {va['loss']:.2f} (rec {va['rec']:.2f}, KL {va['kl']:.2f}) | "
@@ -199,9 +302,30 @@ class Trainer:
             states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
             if states:
                 torch.cuda.set_rng_state_all(states)
+        match_optimizer_layout(self.optimizer)
         known = set(vars(TrainState()))
         self.state = TrainState(**{k: v for k, v in state.items() if k in known})
         self.model.to(device=self.device, memory_format=self.memory_format)
+
+
+def match_optimizer_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give loaded optimizer state the memory layout of its parameter: safetensors stores contiguous
+    tensors, and fused Adam on channels_last weights would otherwise pair the wrong elements."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for k, v in optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    optimizer.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
+def _tensorboard_writer(run_dir: Path):
+    """A SummaryWriter on RUN/tensorboard, made before training so a missing package fails fast."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install 'medivae[tensorboard]'") \
+            from None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
 def _read_metrics_lines(path: Path, upto_epoch: int) -> list[str]:

@@ -1,0 +1,367 @@
+"""Training speed of medivae against the seed article's code, side by side on MedNIST 64x64 (issue 7).
+
+Both programs train the article's network (4 conv + 4 transposed-conv layers, latent 32) on the same
+images with batch size 128 for the same number of epochs. The runs ALTERNATE (baseline, medivae,
+baseline, medivae, ...) so that load from other processes hits both alike. For each run we record
+the training-loop images/s each program reports, the wall time and CPU seconds of the whole process,
+its peak RSS (``os.wait4`` rusage of that child) and the single-sample test negative ELBO after the
+last epoch (the baseline prints it; for medivae the same quantity is computed on the same test
+images, in fp32, from the ``last/`` checkpoint). Then, with the trained medivae model: prior sampling,
+reconstruction and per-image negative-ELBO scoring images/s; and a scaling table: one training epoch
+at image size 64/128/256 and at two dataset sizes, with the images in RAM or memory-mapped from disk.
+
+Data: MedNIST.tar.gz (all six classes, 58,954 JPEGs) read with tarfile + PIL into a temporary
+MedMNIST-layout .npz with a seeded, stratified 80/10/10 train/val/test split; ``--n-images`` keeps a
+seeded, stratified subset of the training split. The baseline ignores the val split.
+
+    python benchmarks/bench_train.py                    # full run (~30-60 min on 2 cores)
+    python benchmarks/bench_train.py --quick --out /tmp/train.json   # smoke test, under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medivae.io import atomic_write_text
+from medivae.seeding import DEFAULT_SEED, numpy_rng
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+BASELINE = SHARED / "baselines" / "seed_article_vae.py"
+MEDNIST = SHARED / "data" / "mednist" / "MedNIST.tar.gz"
+
+
+# --- data -----------------------------------------------------------------------------------------
+def read_mednist(tar_path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """All JPEGs of MedNIST.tar.gz -> uint8 (N, 64, 64), int labels (N,), class names (sorted)."""
+    from PIL import Image
+
+    images, classes = [], []
+    with tarfile.open(tar_path) as tf:
+        for m in tf:
+            if m.isfile() and m.name.lower().endswith((".jpeg", ".jpg")):
+                images.append(np.asarray(Image.open(io.BytesIO(tf.extractfile(m).read())).convert("L")))
+                classes.append(m.name.split("/")[-2])
+    names = sorted(set(classes))
+    return np.stack(images), np.array([names.index(c) for c in classes], dtype=np.int64), names
+
+
+def stratified_take(labels: np.ndarray, idx: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """A seeded subset of ``idx`` of about ``n`` items with the class proportions of ``idx``."""
+    if n <= 0 or n >= len(idx):
+        return idx
+    rng = numpy_rng(seed, "bench-subset")
+    keep = []
+    for lab in np.unique(labels[idx]):
+        members = idx[labels[idx] == lab]
+        keep.append(rng.permutation(members)[: max(1, round(n * len(members) / len(idx)))])
+    return np.sort(np.concatenate(keep))
+
+
+def build_npz(tar_path: Path, out: Path, n_train: int, n_test: int, seed: int) -> dict:
+    """Write a MedMNIST-layout npz (images (N, 64, 64), labels (N, 1)); returns the split sizes."""
+    from medivae.data.split import split_indices
+
+    x, y, names = read_mednist(tar_path)
+    splits = split_indices(y, 0.1, 0.1, seed)
+    splits["train"] = stratified_take(y, splits["train"], n_train, seed)
+    splits["test"] = stratified_take(y, splits["test"], n_test, seed)
+    splits["val"] = stratified_take(y, splits["val"], n_test, seed)
+    arrays = {}
+    for k, idx in splits.items():
+        arrays[f"{k}_images"], arrays[f"{k}_labels"] = x[idx], y[idx, None].astype(np.uint8)
+    np.savez(out, **arrays)
+    return {"classes": names, **{k: int(len(v)) for k, v in splits.items()}}
+
+
+# --- child processes --------------------------------------------------------------------------------
+def run_measured(cmd: list[str], env: dict) -> dict:
+    """Run ``cmd``: its stdout, wall and CPU seconds, and peak RSS (MB). Reaped with ``os.wait4`` so the
+    rusage is this child's alone (RUSAGE_CHILDREN would give the maximum over all children)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:  # files: no pipe can fill up
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd[:5]))} ... failed ({proc.returncode}):\n{stderr[-3000:]}")
+    return {
+        "stdout": stdout,
+        "wall_s": round(wall, 2),
+        "cpu_s": round(ru.ru_utime + ru.ru_stime, 2),
+        "peak_rss_mb": round(ru.ru_maxrss / 1024, 1),  # Linux reports KiB
+    }
+
+
+def child_env(threads: int) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def run_baseline(npz: Path, epochs: int, threads: int) -> dict:
+    r = run_measured([sys.executable, str(BASELINE), str(npz), str(epochs)], child_env(threads))
+    speed = re.search(r"images/s ([\d.]+)\s+time ([\d.]+)s", r["stdout"])
+    elbo = re.search(r"test negELBO/img ([\d.]+)", r["stdout"])
+    if not (speed and elbo):
+        raise SystemExit(f"unexpected baseline output:\n{r['stdout'][-1000:]}")
+    return {
+        "images_per_s": float(speed.group(1)),
+        "train_s": float(speed.group(2)),
+        "test_neg_elbo": float(elbo.group(1)),
+        **{k: r[k] for k in ("wall_s", "cpu_s", "peak_rss_mb")},
+    }
+
+
+def run_medivae(npz: Path, epochs: int, threads: int, run_dir: Path, extra: list[str]) -> dict:
+    from medivae.train.trainer import read_metrics
+
+    cmd = [
+        sys.executable, "-m", "medivae", "train", "--data", str(npz), "--out", str(run_dir), "--no-cache",
+        "--epochs", str(epochs), "--batch-size", "128", "--no-progress", "--seed", str(DEFAULT_SEED), *extra,
+    ]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    r = run_measured(cmd, child_env(threads))
+    rows = read_metrics(run_dir)
+    n_train = int(np.load(npz)["train_images"].shape[0])
+    train_s = sum(row["seconds"] for row in rows)
+    return {
+        "images_per_s": round(n_train * len(rows) / train_s, 1),
+        "train_s": round(train_s, 2),
+        "test_neg_elbo": round(test_neg_elbo(run_dir, npz), 2),
+        **{k: r[k] for k in ("wall_s", "cpu_s", "peak_rss_mb")},
+    }
+
+
+@torch.no_grad()
+def test_neg_elbo(run_dir: Path, npz: Path, batch: int = 256) -> float:
+    """The baseline's number for a medivae run: eval mode, one posterior sample per image, fp32."""
+    from medivae.api import load_run
+    from medivae.data import to_float
+    from medivae.losses import neg_elbo
+    from medivae.seeding import torch_generator
+
+    model, _, dev = load_run(run_dir, which="last", device="cpu")
+    images = np.load(npz)["test_images"][:, None]
+    gen = torch_generator(DEFAULT_SEED, "bench-test")
+    total = 0.0
+    for i in range(0, len(images), batch):
+        x = to_float(images[i : i + batch], dev)
+        out = model(x, sample=True, generator=gen)
+        total += neg_elbo(model.likelihood, out, x).neg_elbo.double().sum().item()
+    return total / len(images)
+
+
+# --- inference speed ----------------------------------------------------------------------------------
+def timed(fn, n_images: int, repeats: int = 3) -> float:
+    """Best-of-``repeats`` images/s of ``fn()`` after one warm-up call (best: least disturbed by load)."""
+    fn()
+    best = min(_seconds(fn) for _ in range(repeats))
+    return round(n_images / best, 1)
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def inference_speed(run_dir: Path, npz: Path, n_samples: int) -> dict:
+    """Prior sampling, reconstruction and per-image negative-ELBO scoring, images/s (batched, no grad)."""
+    from medivae.api import load_run
+    from medivae.data import to_float
+    from medivae.generate import reconstruct, sample_prior
+    from medivae.losses import neg_elbo
+    from medivae.seeding import torch_generator
+
+    model, _, dev = load_run(run_dir, which="last", device="cpu")
+    x = to_float(np.load(npz)["test_images"][:n_samples, None], dev)
+
+    @torch.no_grad()
+    def score():
+        for i in range(0, len(x), 512):
+            xb = x[i : i + 512]
+            neg_elbo(model.likelihood, model(xb, sample=True, generator=gen), xb).neg_elbo.cpu()
+
+    gen = torch_generator(DEFAULT_SEED, "bench-score")
+    return {
+        "n_images": int(n_samples),
+        "sample_images_per_s": timed(lambda: sample_prior(model, n_samples, torch_generator(0, "s"), dev), n_samples),
+        "reconstruct_images_per_s": timed(lambda: reconstruct(model, x), len(x)),
+        "score_neg_elbo_images_per_s": timed(score, len(x)),
+    }
+
+
+# --- scaling ---------------------------------------------------------------------------------------
+def scaling_worker(npy: str, size: int, storage: str, epochs: int) -> None:
+    """One training epoch (after a 2-batch warm-up) of the article's model at ``size``, through the
+    trainer's own data path; prints one JSON line. Runs in its own process for a clean peak RSS."""
+    from medivae.config import ModelConfig, RunConfig, TrainConfig
+    from medivae.data import ImageSet
+    from medivae.models import build_model
+    from medivae.train.device import pick_device
+    from medivae.train.trainer import Trainer, batch_source
+
+    # mode "c" is what medivae's decoded-image cache maps (data/cache.py); "r" behaves the same here
+    images = np.load(npy, mmap_mode="c" if storage == "memmap" else None)
+    train = ImageSet(images, np.zeros(len(images), dtype=np.int64))
+    cfg = RunConfig(model=ModelConfig(image_size=size), train=TrainConfig(epochs=epochs, batch_size=128))
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, build_model(cfg.model), pick_device("auto"), Path(tmp), progress=False)
+        warm = ImageSet(images[:256], train.labels[:256])
+        trainer.train_epoch(warm, batch_source(warm.images), 1)
+        source = batch_source(train.images)
+        start = time.perf_counter()
+        for epoch in range(1, epochs + 1):
+            trainer.train_epoch(train, source, epoch)
+        seconds = time.perf_counter() - start
+    print(json.dumps({"seconds_per_epoch": seconds / epochs, "images_per_s": len(train) * epochs / seconds}))
+
+
+def scaling_table(x64: np.ndarray, work: Path, sizes, counts, threads: int, epochs: int) -> list[dict]:
+    """Rows (image size, n images, ram|memmap) -> training images/s, seconds per epoch, peak RSS."""
+    from medivae.data.preprocess import resize
+
+    rows = []
+    plan = [(s, counts[0]) for s in sizes] + [(sizes[0], n) for n in counts[1:]]
+    for size, n in plan:
+        npy = work / f"scale_{size}_{n}.npy"
+        reps = int(np.ceil(n / len(x64)))
+        np.save(npy, resize(np.concatenate([x64] * reps)[:n], size))
+        for storage in ("ram", "memmap"):
+            cmd = [sys.executable, __file__, "--scaling-worker", str(npy), str(size), storage, str(epochs)]
+            r = run_measured(cmd, child_env(threads))
+            res = json.loads(r["stdout"].strip().splitlines()[-1])
+            rows.append({
+                "image_size": size, "n_images": n, "storage": storage,
+                "images_per_s": round(res["images_per_s"], 1),
+                "seconds_per_epoch": round(res["seconds_per_epoch"], 2),
+                "peak_rss_mb": r["peak_rss_mb"],
+            })
+            print(f"  scaling {size}px n={n} {storage}: {rows[-1]['images_per_s']} img/s", flush=True)
+        npy.unlink()
+    return rows
+
+
+# --- main ------------------------------------------------------------------------------------------
+def summarise(runs: list[dict]) -> dict:
+    ips = [r["images_per_s"] for r in runs]
+    return {
+        "images_per_s_median": float(np.median(ips)),
+        "test_neg_elbo_median": float(np.median([r["test_neg_elbo"] for r in runs])),
+        "peak_rss_mb_max": max(r["peak_rss_mb"] for r in runs),
+        "cpu_s_per_1000_images_median": float(np.median([1000 * r["cpu_s"] / r["n_images_trained"] for r in runs])),
+    }
+
+
+def machine() -> dict:
+    from medivae.train.device import cpu_has_native_bf16
+
+    cpu = ""
+    if Path("/proc/cpuinfo").exists():
+        m = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
+        cpu = m.group(1).strip() if m else ""
+    return {
+        "cpu": cpu or platform.processor(), "cores": os.cpu_count(), "torch": torch.__version__,
+        "native_bf16": cpu_has_native_bf16(), "python": platform.python_version(),
+    }
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--epochs", type=int, default=3, help="training epochs of each run (default 3)")
+    p.add_argument("--repeats", type=int, default=2, help="alternating pairs of runs (default 2)")
+    p.add_argument("--n-images", type=int, default=0, help="training images (default 0: the whole train split)")
+    p.add_argument("--n-test", type=int, default=0, help="test (and val) images (default 0: the whole split)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for every run (default: torch's choice)")
+    p.add_argument("--fp32", action="store_true", help="also alternate a medivae --precision fp32 arm")
+    p.add_argument("--scaling-n", type=int, default=2048, help="images per scaling run (default 2048)")
+    p.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run: 512 images, 1 epoch, 1 repeat")
+    p.add_argument("--tar", type=Path, default=MEDNIST, help="MedNIST.tar.gz")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train.json")
+    p.add_argument("--scaling-worker", nargs=4, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.epochs, args.repeats, args.n_images, args.n_test, args.scaling_n = 1, 1, 512, 256, 256
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.scaling_worker:
+        npy, size, storage, epochs = args.scaling_worker
+        scaling_worker(npy, int(size), storage, int(epochs))
+        return 0
+    for path in (BASELINE, args.tar):
+        if not path.exists():
+            raise SystemExit(f"{path}: not found (the benchmark needs ../shared next to the repository)")
+    load_start = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="medivae-bench-") as tmp:
+        work = Path(tmp)
+        npz = work / "mednist64.npz"
+        split = build_npz(args.tar, npz, args.n_images, args.n_test, DEFAULT_SEED)
+        print(f"data: {split}", flush=True)
+        arms = {"baseline": [], "medivae": []} | ({"medivae_fp32": []} if args.fp32 else {})
+        for rep in range(args.repeats):
+            for arm in arms:  # A B (C) A B (C): alternating, so machine load hits every arm alike
+                if arm == "baseline":
+                    r = run_baseline(npz, args.epochs, args.threads)
+                else:
+                    extra = ["--precision", "fp32"] if arm == "medivae_fp32" else []
+                    r = run_medivae(npz, args.epochs, args.threads, work / f"{arm}_{rep}", extra)
+                r["n_images_trained"] = split["train"] * args.epochs
+                arms[arm].append(r)
+                print(f"{arm} #{rep + 1}: {r['images_per_s']} img/s, test -ELBO {r['test_neg_elbo']:.2f}, "
+                      f"peak RSS {r['peak_rss_mb']} MB", flush=True)
+        summary = {arm: summarise(runs) for arm, runs in arms.items()}
+        base, ours = summary["baseline"], summary["medivae"]
+        n_inf = min(split["test"], 512 if args.quick else 4096)
+        x64 = np.load(npz)["train_images"][:, None]
+        result = {
+            "command": " ".join(["python", "benchmarks/bench_train.py", *(argv if argv is not None else sys.argv[1:])]),
+            "machine": machine(),
+            "loadavg_start": [round(v, 2) for v in load_start],
+            "data": {"source": "MedNIST.tar.gz (64x64)", **split},
+            "epochs": args.epochs, "batch_size": 128, "repeats": args.repeats, "threads": args.threads or "default",
+            "runs": arms,
+            "summary": summary,
+            "throughput_ratio": round(ours["images_per_s_median"] / base["images_per_s_median"], 2),
+            "paired_ratios": [round(m["images_per_s"] / b["images_per_s"], 2)
+                              for b, m in zip(arms["baseline"], arms["medivae"], strict=True)],
+            "test_neg_elbo_rel_diff": round(ours["test_neg_elbo_median"] / base["test_neg_elbo_median"] - 1, 4),
+            "inference": inference_speed(work / "medivae_0", npz, n_inf),
+        }
+        if not args.no_scaling:
+            sizes, counts = (64, 128, 256), (args.scaling_n, 4 * args.scaling_n)
+            result["scaling"] = scaling_table(x64, work, sizes, counts, args.threads, 1)
+        result["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    print(f"ratio {result['throughput_ratio']} (pairs {result['paired_ratios']}), test -ELBO rel. diff "
+          f"{result['test_neg_elbo_rel_diff']:+.2%}; written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""medivae evaluate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def cmd_evaluate(args) -> int:
+    from medivae import api
+    from medivae.evaluation.table import format_table
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    ev = api.evaluate(
+        args.run, data=args.data, split=args.split, k=args.iwae_k, batch_size=args.batch_size,
+        max_images=args.max_images, n_samples=args.n_samples, reference_epochs=args.reference_epochs,
+        inception_weights=args.inception_weights, checkpoint=args.checkpoint, device=args.device,
+        progress=not args.no_progress,
+    )
+    print(format_table(ev))
+    print(f"\nwritten to {Path(args.run) / 'results.json'} (key \"evaluation\")")
+    report = api.write_run_report(args.run)
+    if report is not None:
+        print(f"report: {report}")
+    return 0
+
+
+def add(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="likelihood bounds, reconstruction, posterior collapse, sample quality -> RUN/results.json",
+    )
+    p.add_argument("run", type=Path, help="run folder (from medivae train)")
+    p.add_argument("--data", default=None, metavar="SOURCE", help="data source (default: the run's own)")
+    p.add_argument("--split", default="test", help="train, val or test (default test)")
+    p.add_argument("-k", "--iwae-k", type=int, default=100, help="importance samples per image (default 100)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-images", type=int, default=0, help="a seeded random subset of the split (0: all)")
+    p.add_argument("--n-samples", type=int, default=0,
+                   help="generated images for sample quality (0: as many as evaluated images)")
+    p.add_argument("--reference-epochs", type=int, default=5,
+                   help="epochs of the reference feature extractor (default 5; cached in RUN/reference)")
+    p.add_argument("--inception-weights", default=None, metavar="FILE",
+                   help="local FID Inception state dict (pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+                        "or .safetensors) for a true FID; nothing is downloaded")
+    p.add_argument("--checkpoint", default="best", help="best (default) or last")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)

@@ -1,0 +1,81 @@
+"""Sample-quality metrics on feature vectors (N, F): pure NumPy/SciPy, no network here.
+
+- Fréchet distance between Gaussians fitted to two feature sets (Heusel et al. 2017). In the
+  feature space of medivae's own reference extractor it is reported as ``FD-<extractor>``; only the
+  Inception network of Heusel et al. makes it an FID.
+- Precision / recall (Kynkäänniemi et al. 2019): the fraction of generated points inside the
+  real manifold (union of k-NN balls around real points, k = 3) and vice versa.
+- Density / coverage (Naeem et al. 2020, k = 5): how many real k-NN balls hold each generated point
+  (1 on average when the sets match), and the fraction of real balls that hold any generated point.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from scipy import linalg
+from sklearn.metrics import pairwise_distances
+
+PR_K = 3
+DC_K = 5
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) for features a (N, F), b (M, F)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("the Fréchet distance needs at least two points per set")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    with warnings.catch_warnings():  # fewer points than features: singular, handled just below
+        warnings.simplefilter("ignore")
+        covmean = linalg.sqrtm(s_a @ s_b)
+    if not np.isfinite(covmean).all():  # singular product: regularise, as pytorch-fid does
+        offset = np.eye(len(s_a)) * eps
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            covmean = linalg.sqrtm((s_a + offset) @ (s_b + offset))
+    covmean = np.real(covmean)  # rounding leaves tiny imaginary parts
+    diff = mu_a - mu_b
+    return float(max(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2.0 * np.trace(covmean), 0.0))
+
+
+def knn_radii(x: np.ndarray, k: int) -> np.ndarray:
+    """Distance from each point of x (N, F) to its k-th nearest other point, (N,)."""
+    d = pairwise_distances(x, x)
+    return np.partition(d, k, axis=1)[:, k]  # column 0 is the point itself (distance 0)
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_K) -> dict[str, float]:
+    d = pairwise_distances(real, fake)  # (N_real, N_fake)
+    precision = (d < knn_radii(real, k)[:, None]).any(0).mean()
+    recall = (d < knn_radii(fake, k)[None, :]).any(1).mean()
+    return {"precision": float(precision), "recall": float(recall)}
+
+
+def density_coverage(real: np.ndarray, fake: np.ndarray, k: int = DC_K) -> dict[str, float]:
+    r = knn_radii(real, k)[:, None]
+    d = pairwise_distances(real, fake)
+    density = (d < r).sum(0).mean() / k
+    coverage = (d.min(1) < r[:, 0]).mean()
+    return {"density": float(density), "coverage": float(coverage)}
+
+
+def compare(real: np.ndarray, other: np.ndarray) -> dict[str, float]:
+    """Every metric of ``other`` against the reference set ``real``:
+    fd, precision, recall, density, coverage."""
+    real, other = np.asarray(real, np.float64), np.asarray(other, np.float64)
+    if min(len(real), len(other)) <= max(PR_K, DC_K):
+        raise ValueError(f"need more than {max(PR_K, DC_K)} points per set for k-NN metrics")
+    return {
+        "fd": frechet_distance(real, other),
+        **precision_recall(real, other),
+        **density_coverage(real, other),
+    }
+
+
+def with_floor(reference: np.ndarray, generated: np.ndarray, held_out: np.ndarray) -> dict:
+    """{"model": generated vs reference, "floor": real held-out vs reference} (the best one can expect
+    at these set sizes: two samples of the real distribution are not at distance 0)."""
+    return {"model": compare(reference, generated), "floor": compare(reference, held_out)}

@@ -1,0 +1,231 @@
+"""``medivae evaluate``: every metric on one split of a run's data -> ``RUN/results.json`` -> a table.
+
+results.json is shared: other tools write other top-level keys; this module replaces only
+``"evaluation"`` (read, merge, atomic write). Its keys (all numbers are plain floats/ints; nats
+are per image; ``null`` where a number would be dishonest):
+
+    evaluation:
+      run, checkpoint ("best"/"last"), data (source), split, n_images, seed, seconds
+      model: {name, likelihood, latent_dim, image_size, channels}
+      likelihood: {likelihood, discrete_image_likelihood, iwae_k, neg_elbo_nats, neg_iwae_nats,
+                   neg_iwae_nats_by_k {"1": .., "10": .., "100": ..}, neg_elbo_bpd, neg_iwae_bpd
+                   (null unless discrete_image_likelihood), note, n_images}
+      reconstruction: {mse, psnr_db, ssim, n_images}          (posterior mean, per image then averaged)
+      collapse: {latent_dim, kl_per_dim [..], kl_total_nats, active_units, active_threshold,
+                 mean_variance_per_dim [..], mutual_information_nats, mi_upper_bound_nats}
+      sample_quality: {extractor ("cnn"/"ae"), fd_name ("FD-cnn"/"FD-ae"), reference_folder,
+                       n_generated, n_reference, n_held_out, held_out_split,
+                       model: {fd, precision, recall, density, coverage},   generated vs real train
+                       floor: {fd, precision, recall, density, coverage}}   real held-out vs real train
+      fid: null | {weights, model, floor}                      (only with --inception-weights)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from medivae.data import ImageSet, load_dataset, to_float
+from medivae.errors import UserError
+from medivae.evaluation import sample_quality as sq
+from medivae.evaluation.collapse import collapse_metrics
+from medivae.evaluation.features import load_or_fit_reference
+from medivae.evaluation.likelihood import likelihood_bounds
+from medivae.evaluation.reconstruction import per_image_metrics
+from medivae.generate import reconstruct
+from medivae.io import atomic_write_text
+from medivae.seeding import numpy_rng, torch_generator
+
+MAX_REFERENCE = 3000  # real training images in the reference set (k-NN distances are O(N^2) in memory)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    split: str = "test"
+    k: int = 100
+    batch_size: int = 64
+    max_images: int = 0  # 0: the whole split
+    n_samples: int = 0  # generated images; 0: as many as evaluated images
+    reference_epochs: int = 5
+    inception_weights: str | None = None
+    checkpoint: str = "best"
+
+    def __post_init__(self):
+        for name in ("k", "batch_size", "reference_epochs"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.replace('_', ' ')} must be >= 1, not {getattr(self, name)}")
+        for name in ("max_images", "n_samples"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name.replace('_', ' ')} must be >= 0, not {getattr(self, name)}")
+        if self.split not in ("train", "val", "test"):
+            raise UserError(f"unknown split {self.split!r}; choose train, val or test")
+        if self.checkpoint not in ("best", "last"):
+            raise UserError(f"checkpoint must be best or last, not {self.checkpoint!r}")
+
+
+def _labels(model_cfg, labels: np.ndarray, device) -> torch.Tensor | None:
+    return None if model_cfg.num_classes <= 0 else torch.as_tensor(labels).clamp(min=0).to(device)
+
+
+def _batches(s: ImageSet, model_cfg, batch_size: int, device, desc: str, progress: bool):
+    for i in tqdm(range(0, len(s), batch_size), desc=desc, disable=not progress, leave=False):
+        sl = slice(i, i + batch_size)
+        yield to_float(s.images[sl], device), _labels(model_cfg, s.labels[sl], device)
+
+
+def _subset(s: ImageSet, n: int, seed: int, key: str) -> ImageSet:
+    if n <= 0 or n >= len(s):
+        return s
+    return s.subset(np.sort(numpy_rng(seed, key).permutation(len(s))[:n]))
+
+
+@torch.no_grad()
+def posterior_and_reconstruction(model, s: ImageSet, model_cfg, batch_size, device, progress=False):
+    """(posterior means (N, D), log-variances (N, D), reconstruction metrics per image) of split ``s``."""
+    means, logvars, per = [], [], []
+    for x, y in _batches(s, model_cfg, batch_size, device, "posterior", progress):
+        q = model.encode(x, y)
+        means.append(q.mean.double().cpu().numpy())
+        logvars.append(q.logvar.double().cpu().numpy())
+        per.append(per_image_metrics(x.cpu().numpy(), reconstruct(model, x, y).numpy()))
+    rec = {k: np.concatenate([p[k] for p in per]) for k in per[0]}
+    return np.concatenate(means), np.concatenate(logvars), rec
+
+
+@torch.no_grad()
+def generate_images(model, n: int, labels: np.ndarray, model_cfg, seed: int, device, batch: int = 256):
+    """n prior samples as float (n, C, H, W), quantised to 8 bits like the real images they meet."""
+    g = torch_generator(seed, "evaluate-samples")
+    z = torch.randn(n, model.latent_dim, generator=g)
+    if len(labels):  # conditional models draw labels with the held-out split's frequencies
+        labels = labels[numpy_rng(seed, "evaluate-sample-labels").integers(0, len(labels), n)]
+    out = []
+    for i in range(0, n, batch):
+        y = _labels(model_cfg, labels[i : i + batch], device)
+        out.append(model.images(model.decode(z[i : i + batch].to(device), y)).float().cpu())
+    return (torch.cat(out) * 255).round() / 255
+
+
+def _reference_description(data_cfg) -> dict:
+    keep = ("source", "image_size", "channels", "labels", "val_fraction", "test_fraction", "resize_mode",
+            "window")
+    return {k: getattr(data_cfg, k) for k in keep}
+
+
+def sample_quality_block(model, cfg, data_cfg, splits, held_out: ImageSet, opts, run_dir, device, progress):
+    seed = cfg.train.seed
+    ref = load_or_fit_reference(Path(run_dir) / "reference", splits["train"],
+                                _reference_description(data_cfg), seed, opts.reference_epochs,
+                                progress=progress, device=device)
+    real = _subset(splits["train"], MAX_REFERENCE, seed, "evaluate-reference")
+    n_gen = opts.n_samples or len(held_out)
+    fake = generate_images(model, n_gen, held_out.labels, cfg.model, seed, device)
+    block = {
+        "extractor": ref.name, "fd_name": f"FD-{ref.name}", "reference_folder": str(ref.folder),
+        "n_generated": n_gen, "n_reference": len(real), "n_held_out": len(held_out),
+        "held_out_split": opts.split,
+        **sq.with_floor(ref.features(real.images), ref.features(fake), ref.features(held_out.images)),
+    }
+    return block, (real, fake)
+
+
+def fid_block(net, weights: str, real: ImageSet, fake: torch.Tensor, held_out: ImageSet, device) -> dict:
+    from medivae.evaluation.inception import inception_features
+
+    f_real = inception_features(net, real.images, device=device)
+    return {
+        "weights": str(weights),
+        "model": sq.frechet_distance(f_real, inception_features(net, fake, device=device)),
+        "floor": sq.frechet_distance(f_real, inception_features(net, held_out.images, device=device)),
+    }
+
+
+def load_split(cfg, data: str | None, split: str, progress: bool):
+    """(data config, all splits, the evaluated split) for the run's source or another one."""
+    data_cfg = cfg.data if data is None else dataclasses.replace(cfg.data, source=str(data), labels=())
+    splits = load_dataset(data_cfg, cfg.train.seed, progress)
+    s = splits[split]
+    if len(s) == 0:
+        raise UserError(f"split {split!r} of {data_cfg.source} is empty; choose another with --split")
+    return data_cfg, splits, s
+
+
+def evaluate_run(run_dir, data: str | None = None, opts: EvalOptions | None = None, device: str = "auto",
+                 progress: bool = True) -> dict:
+    """Compute every metric, merge them into RUN/results.json under "evaluation", return that block."""
+    from medivae.api import load_run  # the API imports this module
+
+    opts = opts or EvalOptions()
+    start = time.perf_counter()
+    results_path = Path(run_dir) / "results.json"
+    read_results(results_path)  # fail now, not after minutes of work, if it cannot be merged into
+    inception = _load_inception(opts.inception_weights)
+    model, cfg, dev = load_run(run_dir, which=opts.checkpoint, device=device)
+    seed = cfg.train.seed
+    data_cfg, splits, s = load_split(cfg, data, opts.split, progress)
+    s = _subset(s, opts.max_images, seed, "evaluate-subset")
+    batches = _batches(s, cfg.model, opts.batch_size, dev, f"IWAE K={opts.k}", progress)
+    lik = likelihood_bounds(model, batches, opts.k, torch_generator(seed, "evaluate-iwae"))
+    mean, logvar, rec = posterior_and_reconstruction(model, s, cfg.model, opts.batch_size, dev)
+    quality, (real, fake) = sample_quality_block(model, cfg, data_cfg, splits, s, opts, run_dir, dev,
+                                                 progress)
+    fid = fid_block(inception, opts.inception_weights, real, fake, s, dev) if inception else None
+    m = cfg.model
+    result = {
+        "run": str(run_dir), "checkpoint": opts.checkpoint, "data": data_cfg.source, "split": opts.split,
+        "n_images": len(s), "seed": seed,
+        "model": {"name": m.name, "likelihood": m.likelihood, "latent_dim": m.latent_dim,
+                  "image_size": m.image_size, "channels": m.channels},
+        "likelihood": lik,
+        "reconstruction": {**{k: float(v.mean()) for k, v in rec.items()}, "n_images": len(s)},
+        "collapse": collapse_metrics(mean, logvar, torch_generator(seed, "evaluate-mi")),
+        "sample_quality": quality,
+        "fid": fid,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    return write_results(results_path, "evaluation", result)
+
+
+def _load_inception(weights: str | None):
+    if not weights:
+        return None
+    from medivae.evaluation.inception import load_fid_inception
+
+    return load_fid_inception(weights)
+
+
+def read_results(path: Path) -> dict:
+    """The JSON object at ``path`` ({} if absent); a UserError if it is not one."""
+    try:
+        existing = json.loads(path.read_text()) if path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: exists but is not valid JSON; move it away and run again") from None
+    if not isinstance(existing, dict):
+        raise UserError(f"{path}: expected a JSON object; move it away and run again")
+    return existing
+
+
+def write_results(path: Path, key: str, block: dict) -> dict:
+    """Replace ``key`` in the JSON object at ``path`` (created if absent), keeping every other key.
+    Returns the block as written (non-finite numbers as None)."""
+    existing = read_results(path)
+    existing[key] = _finite(block)
+    atomic_write_text(path, json.dumps(existing, indent=2, allow_nan=False) + "\n")
+    return existing[key]
+
+
+def _finite(obj):
+    """NaN/inf -> None: strict JSON (the report and other tools parse it) has no such numbers."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj

@@ -1,0 +1,67 @@
+"""The plain-text table ``medivae evaluate`` prints, rendered from the "evaluation" block of results.json."""
+
+from __future__ import annotations
+
+import textwrap
+
+
+def _num(v, fmt: str = ".2f") -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def likelihood_lines(lik: dict) -> list[str]:
+    bpd = lik["discrete_image_likelihood"]
+    head = f"Likelihood ({lik['likelihood']})"
+    lines = [f"{head:<44}{'nats/image':>12}" + (f"{'bits/dim':>10}" if bpd else "")]
+    rows = [("negative ELBO", lik["neg_elbo_nats"], lik["neg_elbo_bpd"]),
+            (f"negative IWAE bound, K={lik['iwae_k']}", lik["neg_iwae_nats"], lik["neg_iwae_bpd"])]
+    for name, nats, b in rows:
+        lines.append(f"  {name:<42}{_num(nats):>12}" + (f"{_num(b, '.4f'):>10}" if bpd else ""))
+    curve = ", ".join(f"K={k}: {_num(v)}" for k, v in lik["neg_iwae_nats_by_k"].items())
+    lines.append(f"  IWAE curve  {curve}")
+    if lik["note"]:
+        lines += textwrap.wrap("note: " + lik["note"], 96, initial_indent="  ", subsequent_indent="    ")
+    return lines
+
+
+def reconstruction_lines(rec: dict) -> list[str]:
+    return ["Reconstruction (posterior mean, per image then averaged)",
+            f"  MSE {rec['mse']:.5f}    PSNR {rec['psnr_db']:.2f} dB    SSIM {rec['ssim']:.4f}"]
+
+
+def collapse_lines(c: dict) -> list[str]:
+    kl = ", ".join(f"{v:.2f}" for v in c["kl_per_dim"])
+    return [
+        "Posterior collapse",
+        f"  active units {c['active_units']} / {c['latent_dim']}  (Var_x E[z|x] > {c['active_threshold']})",
+        f"  KL total {c['kl_total_nats']:.2f} nats;  I(x; z) estimate {c['mutual_information_nats']:.2f} nats"
+        f" (cannot exceed log N = {c['mi_upper_bound_nats']:.2f})",
+        *textwrap.wrap(f"KL per dimension (nats): {kl}", 96, initial_indent="  ", subsequent_indent="    "),
+    ]
+
+
+def quality_lines(q: dict, fid: dict | None) -> list[str]:
+    name = "classifier" if q["extractor"] == "cnn" else "autoencoder encoder"
+    floor = f"real {q['held_out_split']} vs train"
+    lines = [
+        f"Sample quality in the feature space of a reference {name} trained on the real training split",
+        f"  ({q['n_generated']} prior samples and {q['n_held_out']} real {q['held_out_split']} images, "
+        f"each against {q['n_reference']} real training images)",
+        f"  {'':<22}{'model':>12}{floor:>24}",
+    ]
+    rows = [(q["fd_name"], "fd"), ("precision (k=3)", "precision"), ("recall (k=3)", "recall"),
+            ("density (k=5)", "density"), ("coverage (k=5)", "coverage")]
+    for label, key in rows:
+        lines.append(f"  {label:<22}{_num(q['model'][key], '.4g'):>12}{_num(q['floor'][key], '.4g'):>24}")
+    if fid:
+        model, floor_ = _num(fid["model"], ".4g"), _num(fid["floor"], ".4g")
+        lines.append(f"  {'FID (Inception)':<22}{model:>12}{floor_:>24}")
+    return lines
+
+
+def format_table(ev: dict) -> str:
+    head = (f"{ev['run']}  ({ev['checkpoint']} checkpoint; {ev['split']} split of {ev['data']}: "
+            f"{ev['n_images']} images; {ev['seconds']:.0f} s)")
+    parts = [[head], likelihood_lines(ev["likelihood"]), reconstruction_lines(ev["reconstruction"]),
+             collapse_lines(ev["collapse"]), quality_lines(ev["sample_quality"], ev.get("fid"))]
+    return "\n\n".join("\n".join(p) for p in parts)

@@ -1,0 +1,119 @@
+"""Anomaly detection: metrics on constructed scores, maps on phantoms with a known lesion, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from medivae.cli import main
+from medivae.evaluation import anomaly as an
+
+TINY = ["--image-size", "32", "--latent-dim", "4", "--base-width", "4", "--batch-size", "16", "--lr", "3e-3",
+        "--precision", "fp32", "--no-progress"]
+
+
+def test_auroc_is_one_on_separable_and_half_on_constant_scores():
+    is_anomaly = np.array([0, 0, 0, 1, 1, 0, 1], dtype=bool)
+    separable = np.where(is_anomaly, 5.0, 1.0) + np.arange(7) * 0.01
+    assert an.detection_metrics(separable, is_anomaly) == {"auroc": 1.0, "auprc": 1.0}
+    assert an.detection_metrics(np.full(7, 3.0), is_anomaly)["auroc"] == 0.5
+    assert an.detection_metrics(-separable, is_anomaly)["auroc"] == 0.0
+    assert an.detection_metrics(separable, np.zeros(7, dtype=bool)) is None  # one class: no AUROC
+
+
+def test_threshold_keeps_false_positives_at_the_target_rate():
+    normals = np.random.default_rng(0).normal(size=1000)
+    thr = an.threshold_at_fpr(normals, 0.05)
+    assert (normals > thr).mean() <= 0.05
+    assert (normals > thr - 0.05).mean() > 0.04  # and it is not needlessly high
+    r = an.rates_at(np.r_[normals, normals + 10], np.r_[np.zeros(1000), np.ones(1000)], thr)
+    assert r["fpr"] <= 0.05 and r["tpr"] == 1.0
+
+
+def test_combined_score_is_centred_on_calibration_normals_and_rises_for_outliers():
+    rng = np.random.default_rng(1)
+    val = {"iwae": rng.normal(500, 20, 200), "rec_error": rng.normal(0.01, 0.002, 200)}
+    calib = an.calibrate(val, names=("iwae", "rec_error"))
+    assert abs(an.combined_score(val, calib).mean()) < 1e-9
+    outlier = {"iwae": np.array([600.0]), "rec_error": np.array([0.02])}
+    assert an.combined_score(outlier, calib)[0] > 3
+
+
+def test_latent_mahalanobis_grows_with_distance_from_normal_codes():
+    codes = np.random.default_rng(2).normal(size=(500, 3)) * [1.0, 2.0, 0.5]
+    gauss = an.fit_latent_gaussian(codes)
+    near, far = np.array([[0.1, 0.1, 0.1]]), np.array([[0.0, 0.0, 2.0]])  # 4 sd along the thin axis
+    assert an.mahalanobis(far, gauss)[0] > 10 * an.mahalanobis(near, gauss)[0]
+
+
+@pytest.fixture(scope="module")
+def normal_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("anomaly") / "run"
+    rc = main(["anomaly", "fit", "--data", "phantoms:400", "--normal-label", "normal", "--out", str(run),
+               "--epochs", "4", "--seed", "7", *TINY])
+    assert rc == 0
+    return run
+
+
+def test_maps_highlight_an_inserted_lesion(normal_run):
+    from medivae import api
+    from medivae.data.phantoms import phantom_with_mask
+
+    model, _, _ = api.load_run(normal_run, device="cpu")
+    pairs = [phantom_with_mask(32, seed=11, index=i) for i in range(6)]
+    images = np.stack([p[0] for p in pairs])[:, None]  # (6, 1, 32, 32)
+    masks = np.stack([p[1] for p in pairs])
+    maps = an.score_images(model, images, k=2).maps
+    contrast = [an.map_contrast(m, mask) for m, mask in zip(maps, masks, strict=True)]
+    assert np.median(contrast) > 1.2, contrast
+    grad = an.score_images(model, images, k=2, gradient=True).maps
+    assert grad.shape == maps.shape and np.isfinite(grad).all() and (grad > 0).any()
+
+
+def test_score_cli_end_to_end(normal_run, tmp_path, capsys):
+    out = tmp_path / "scored"
+    rc = main(["anomaly", "score", str(normal_run), "--out", str(out), "--iwae-samples", "2", "--n-maps", "4",
+               "--device", "cpu"])
+    assert rc == 0
+    assert "AUROC" in capsys.readouterr().out
+    r = json.loads((normal_run / "results.json").read_text())["anomaly"]
+    assert r["normal_label"] == "normal" and r["split"] == "test"
+    assert set(r["metrics"]) == {*an.SCORE_NAMES, "combined"}
+    assert all(0.0 <= m["auroc"] <= 1.0 for m in r["metrics"].values())
+    assert r["threshold"]["val_fpr"] <= 0.05
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert len(rows) == r["n_scored"] == r["n_normal"] + r["n_anomalous"]
+    assert {row["is_anomaly"] for row in rows} == {"0", "1"}
+    assert all((out / f).stat().st_size > 0 for f in ("roc.png", "overlays.png", "maps.npz"))
+    assert np.load(out / "maps.npz")["maps"].shape == (len(rows), 32, 32)
+
+
+def test_scored_normals_were_never_trained_on(normal_run):
+    from medivae.config import RunConfig
+
+    cfg = RunConfig.load(normal_run / "config.json")
+    sets = an.scoring_sets(cfg, "normal", None, "test")
+    seen = {img.tobytes() for img in sets["train"].images}
+    scored = sets["scored"]
+    normals = scored.images[scored.labels == sets["normal_code"]]
+    assert len(normals) > 0 and not any(img.tobytes() in seen for img in normals)
+    assert (scored.labels != sets["normal_code"]).any()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["anomaly", "fit", "--data", "phantoms:40", "--normal-label", "healthy", "--out", "{tmp}/r"], "unknown label"),
+    (["anomaly", "score", "{tmp}/missing"], "no such run folder"),
+])
+def test_bad_input_exits_2(argv, message, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv + (TINY if argv[1] == "fit" else [])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medivae: error:") and message in err and err.count("\n") == 1
+
+
+def test_bad_fpr_exits_2(normal_run, capsys):
+    assert main(["anomaly", "score", str(normal_run), "--fpr", "1.5"]) == 2
+    assert "--fpr" in capsys.readouterr().err

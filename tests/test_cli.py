@@ -1,0 +1,122 @@
+"""The command line: generation commands write PNGs of the right size; bad input is one line + exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from tiny import tiny_run
+
+from medivae import api
+from medivae.cli import main
+
+PAD = 2
+
+
+def grid_size(n: int, size: int, cols: int) -> tuple[int, int]:
+    rows = -(-n // cols)
+    return cols * (size + PAD) + PAD, rows * (size + PAD) + PAD  # (width, height)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return api.train(tiny_run("phantoms:80", epochs=1), tmp_path_factory.mktemp("r") / "run", progress=False)
+
+
+def test_sample_writes_grid(run, tmp_path):
+    out = tmp_path / "s.png"
+    assert main(["sample", str(run), "-n", "6", "--out", str(out)]) == 0
+    assert Image.open(out).size == grid_size(6, 32, 3)
+
+
+def test_sample_is_reproducible_for_a_seed(run, tmp_path):
+    for name in ("a", "b"):
+        assert main(["sample", str(run), "-n", "4", "--seed", "5", "--out", str(tmp_path / f"{name}.png")]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in "ab")
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["linear", "slerp"])
+def test_interpolate_between_prior_draws(run, tmp_path, mode):
+    out = tmp_path / "i.png"
+    assert main(["interpolate", str(run), "--steps", "5", "--mode", mode, "--out", str(out)]) == 0
+    assert Image.open(out).size == grid_size(5, 32, 5)
+
+
+def test_interpolate_between_two_images(run, tmp_path):
+    for name, value in (("a.png", 30), ("b.png", 220)):
+        Image.fromarray(np.full((40, 50), value, dtype=np.uint8)).save(tmp_path / name)
+    out = tmp_path / "i.png"
+    args = ["interpolate", str(run), "--from", str(tmp_path / "a.png"), "--to", str(tmp_path / "b.png"),
+            "--steps", "4", "--out", str(out)]
+    assert main(args) == 0
+    img = np.asarray(Image.open(out))
+    assert img.shape == grid_size(4, 32, 4)[::-1]
+    # the ends follow the images they came from: dark start, bright end
+    first, last = img[PAD:PAD + 32, PAD:PAD + 32], img[PAD:PAD + 32, -(PAD + 32):-PAD]
+    assert first.mean() < last.mean()
+
+
+def test_reconstruct_writes_pairs(run, tmp_path):
+    out = tmp_path / "r.png"
+    assert main(["reconstruct", str(run), "--data", "phantoms:80", "--split", "test", "-n", "5",
+                 "--out", str(out)]) == 0
+    assert Image.open(out).size == grid_size(10, 32, 5)
+
+
+def _one_line_error(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("medivae: error:") and "Traceback" not in err
+    return err
+
+
+def test_missing_file(capsys, tmp_path):
+    err = _one_line_error(capsys, ["train", "--data", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "r")])
+    assert "no such file" in err
+
+
+def test_npz_without_expected_keys(capsys, tmp_path):
+    np.savez(tmp_path / "bad.npz", images=np.zeros((4, 8, 8), np.uint8))
+    err = _one_line_error(capsys, ["train", "--data", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "r")])
+    assert "train_images" in err
+
+
+def test_empty_folder(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    err = _one_line_error(capsys, ["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r")])
+    assert "no images" in err
+
+
+def test_non_image_file(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    err = _one_line_error(capsys, ["train", "--data", str(tmp_path / "notes.txt"), "--out", str(tmp_path / "r")])
+    assert "not a supported data source" in err
+
+
+def test_unknown_option(capsys, tmp_path):
+    _one_line_error(capsys, ["train", "--data", "phantoms", "--out", str(tmp_path / "r"), "--bogus", "1"])
+
+
+def test_unsupported_image_size(capsys, tmp_path):
+    err = _one_line_error(capsys, ["train", "--data", "phantoms", "--out", str(tmp_path / "r"), "--image-size", "48"])
+    assert "48" in err and "64" in err
+
+
+def test_failed_start_leaves_no_half_written_run(capsys, tmp_path):
+    _one_line_error(capsys, ["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r" / "last").exists()
+
+
+def test_sample_from_a_folder_that_is_not_a_run(capsys, tmp_path):
+    _one_line_error(capsys, ["sample", str(tmp_path), "--out", str(tmp_path / "s.png")])
+
+
+def test_python_dash_m_entry_point():
+    r = subprocess.run([sys.executable, "-m", "medivae", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("medivae ")

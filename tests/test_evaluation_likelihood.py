@@ -1,0 +1,147 @@
+"""Likelihood bounds: IWAE vs ELBO, convergence to the exact log-likelihood of probabilistic PCA,
+and the discretised logistic as a real probability over the 256 values of a pixel."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medivae.data.phantoms import make_phantoms
+from medivae.evaluation.likelihood import iwae_from_log_weights, ks_for, likelihood_bounds
+from medivae.models import build_model
+from medivae.models.distributions import DiagonalGaussian, DiscretizedLogistic
+from medivae.seeding import torch_generator
+from tiny import tiny_model
+
+
+class GaussianLik:
+    """log N(x; params, sigma^2 I) summed over all but the batch dimension."""
+
+    is_discrete_image_likelihood = False
+
+    def __init__(self, sigma: float):
+        self.sigma = sigma
+
+    def log_prob(self, params, x):
+        r = ((x - params) / self.sigma).pow(2) + 2 * math.log(self.sigma) + math.log(2 * math.pi)
+        return -0.5 * r.flatten(1).sum(1)
+
+
+class PPCA(nn.Module):
+    """Probabilistic PCA as a VAE: z ~ N(0, I_k), x = W z + sigma * eps, x laid out as (B, 1, 1, d).
+
+    W has orthogonal columns, so the exact posterior is diagonal; the encoder returns its mean but
+    ``std_scale`` times its standard deviation, which leaves a known ELBO gap for IWAE to close:
+    k * (r^2 - 1 - 2 ln r) / 2 nats for r = std_scale.
+    """
+
+    def __init__(self, d=6, k=2, sigma=0.5, std_scale=1.5, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        self.W = q[:, :k] * torch.tensor([2.0, 1.0], dtype=torch.float64)[:k]  # (d, k)
+        self.sigma, self.std_scale, self.latent_dim = sigma, std_scale, k
+        self.likelihood = GaussianLik(sigma)
+        self.m_diag = (self.W**2).sum(0) + sigma**2  # diag of W^T W + sigma^2 I
+
+    def encode(self, x, y=None):
+        mean = (x.flatten(1) @ self.W) / self.m_diag
+        var = self.sigma**2 / self.m_diag * self.std_scale**2
+        return DiagonalGaussian(mean, var.log().expand_as(mean))
+
+    def decode(self, z, y=None):
+        return (z.double() @ self.W.T).view(len(z), 1, 1, -1)
+
+    def sample(self, n, g):
+        z = torch.randn(n, self.latent_dim, generator=g, dtype=torch.float64)
+        noise = torch.randn(n, 1, 1, self.W.shape[0], generator=g, dtype=torch.float64)
+        return self.decode(z) + self.sigma * noise
+
+    def exact_log_px(self, x):
+        cov = self.W @ self.W.T + self.sigma**2 * torch.eye(self.W.shape[0], dtype=torch.float64)
+        mvn = torch.distributions.MultivariateNormal(torch.zeros(self.W.shape[0], dtype=torch.float64), cov)
+        return mvn.log_prob(x.flatten(1))
+
+
+def test_ks_for_lists_divisors_on_the_decade_ladder():
+    assert ks_for(100) == [1, 10, 100]
+    assert ks_for(50) == [1, 10, 50]
+    assert ks_for(1) == [1]
+
+
+def test_grouped_iwae_equals_logmeanexp_for_the_full_set_and_mean_for_k1():
+    log_w = torch.randn(12, 5, dtype=torch.float64)
+    assert torch.allclose(iwae_from_log_weights(log_w, 12), torch.logsumexp(log_w, 0) - math.log(12))
+    assert torch.allclose(iwae_from_log_weights(log_w, 1), log_w.mean(0))
+    with pytest.raises(ValueError):
+        iwae_from_log_weights(log_w, 5)
+
+
+def test_iwae_approaches_the_exact_log_likelihood_of_ppca():
+    model = PPCA()
+    x = model.sample(64, torch.Generator().manual_seed(1))
+    exact = model.exact_log_px(x).mean().item()
+    res = likelihood_bounds(model, [(x, None)], k=1000, generator=torch_generator(7, "ppca"))
+    gaps = {int(k): v + exact for k, v in res["neg_iwae_nats_by_k"].items()}  # log p(x) - L_k >= 0
+    r = model.std_scale
+    expected_elbo_gap = model.latent_dim * 0.5 * (r**2 - 1 - 2 * math.log(r))
+    assert -res["neg_elbo_nats"] - exact == pytest.approx(-expected_elbo_gap, abs=0.05)
+    assert gaps[1] == pytest.approx(expected_elbo_gap, abs=0.05)
+    assert gaps[1] > gaps[10] > gaps[100] > gaps[1000] > -0.01
+    assert gaps[1000] < 0.02
+
+
+def test_iwae_is_above_the_elbo_and_grows_with_k_on_a_conv_vae():
+    torch.manual_seed(0)
+    model = build_model(tiny_model()).eval()
+    x = torch.from_numpy(make_phantoms(24, 32, seed=3).images).float() / 255
+    res = likelihood_bounds(model, [(x[:12], None), (x[12:], None)], k=50, generator=torch_generator(1, "t"))
+    by_k = [res["neg_iwae_nats_by_k"][k] for k in ("1", "10", "50")]
+    assert res["n_images"] == 24
+    assert res["neg_iwae_nats"] < res["neg_elbo_nats"]
+    assert by_k[0] > by_k[1] > by_k[2]  # negative bounds: the bound itself grows with K
+    assert res["neg_elbo_bpd"] is None and "not a probability" in res["note"]
+
+
+def test_chunking_over_k_does_not_change_the_bound_of_an_exact_posterior():
+    model = PPCA(std_scale=1.0)  # exact posterior: every log weight equals log p(x)
+    x = model.sample(8, torch.Generator().manual_seed(2))
+    exact = model.exact_log_px(x).mean().item()
+    for max_decode in (8, 64, 4096):
+        res = likelihood_bounds(model, [(x, None)], 20, torch_generator(0, "c"), max_decode=max_decode)
+        assert -res["neg_iwae_nats"] == pytest.approx(exact, abs=1e-6)
+
+
+def test_bits_per_dim_only_for_a_discrete_image_likelihood():
+    torch.manual_seed(0)
+    model = build_model(tiny_model(likelihood="discretized_logistic")).eval()
+    x = torch.from_numpy(make_phantoms(8, 32, seed=4).images).float() / 255
+    res = likelihood_bounds(model, [(x, None)], k=4, generator=torch_generator(1, "d"))
+    assert res["discrete_image_likelihood"] and res["note"] == ""
+    assert res["neg_iwae_bpd"] == pytest.approx(res["neg_iwae_nats"] / (32 * 32 * math.log(2)))
+
+
+@pytest.mark.parametrize("log_scale", [-4.0, -2.0, 0.0, 1.0])
+def test_discretized_logistic_bin_probabilities_sum_to_one(log_scale):
+    lik = DiscretizedLogistic()
+    g = torch.Generator().manual_seed(0)
+    loc = torch.randn(5, generator=g) * 2  # pre-tanh locations, some near the edges
+    values = torch.arange(256, dtype=torch.float32) / 255  # every 8-bit value
+    for raw in loc:
+        params = torch.stack([raw.expand(256), torch.full((256,), log_scale)], 1).view(256, 2, 1, 1)
+        p = lik.log_prob(params, values.view(256, 1, 1, 1)).exp()
+        assert p.sum().item() == pytest.approx(1.0, abs=2e-3)
+        assert (p >= 0).all()
+
+
+def test_bounds_are_reproducible_with_the_same_generator():
+    model = PPCA()
+    x = model.sample(16, torch.Generator().manual_seed(3))
+    a = likelihood_bounds(model, [(x, None)], k=10, generator=torch_generator(5, "r"))
+    b = likelihood_bounds(model, [(x, None)], k=10, generator=torch_generator(5, "r"))
+    assert a == b
+    assert np.isfinite(a["neg_iwae_nats"])

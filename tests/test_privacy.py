@@ -1,0 +1,104 @@
+"""Memorisation filter: exact copies are always caught, fresh real images pass at the chosen rate, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medivae.cli import main
+from medivae.evaluation import privacy as pv
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import tiny_run  # noqa: E402
+
+
+def _images(n, seed):
+    """uint8 (n, 1, 16, 16) smooth random blobs: every image differs from every other."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n, 1, 4, 4))
+    return np.clip(np.kron(base, np.ones((1, 1, 4, 4))) * 40 + 128 + rng.normal(0, 8, (n, 1, 16, 16)),
+                   0, 255).astype(np.uint8)
+
+
+def test_nearest_matches_brute_force():
+    rng = np.random.default_rng(0)
+    q, r = rng.normal(size=(37, 5)), rng.normal(size=(51, 5))
+    d, i = pv.nearest(q, r, batch=8)
+    full = np.linalg.norm(q[:, None] - r[None], axis=-1)
+    np.testing.assert_allclose(d, full.min(1), rtol=1e-6)
+    np.testing.assert_array_equal(i, full.argmin(1))
+
+
+@pytest.mark.parametrize("percentile", [0.0, 1.0, 5.0])
+def test_a_copied_training_image_is_always_rejected(percentile):
+    train, held, fresh = _images(200, 1), _images(100, 2), _images(30, 3)
+    copies = train[[0, 17, 199]]
+    syn = np.concatenate([fresh, copies])
+    proj = np.random.default_rng(4).normal(size=(256, 8))  # a stand-in feature space
+
+    def feat(x):
+        return x.reshape(len(x), -1).astype(np.float64) @ proj
+
+    checks = [pv.check_space("pixel", pv.pixel_vectors(syn), pv.pixel_vectors(train), pv.pixel_vectors(held),
+                             percentile),
+              pv.check_space("feature", feat(syn), feat(train), feat(held), percentile)]
+    rejected, report = pv.memorisation_report(checks, percentile)
+    assert rejected[-3:].all()
+    assert report["n_rejected"] == rejected.sum() >= 3
+    np.testing.assert_array_equal(checks[0].neighbour[-3:], [0, 17, 199])
+
+
+def test_fresh_real_images_are_rejected_at_about_the_percentile():
+    train, held, fresh = _images(300, 5), _images(300, 6), _images(300, 7)
+    c = pv.check_space("pixel", pv.pixel_vectors(fresh), pv.pixel_vectors(train), pv.pixel_vectors(held), 50.0)
+    assert 0.35 < c.rejected.mean() < 0.65
+
+
+@pytest.fixture(scope="module")
+def one_class_run(tmp_path_factory):
+    from medivae import api
+
+    cfg = tiny_run("phantoms:160", epochs=1, batch_size=32)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=("normal",)))
+    return api.train(cfg, tmp_path_factory.mktemp("privacy") / "run", progress=False)
+
+
+def test_synthesize_cli_writes_images_labels_and_report(one_class_run, tmp_path):
+    out = tmp_path / "syn"
+    assert main(["synthesize", str(one_class_run), "-n", "24", "--out", str(out), "--percentile", "5",
+                 "--reference-epochs", "1", "--pairs", "3", "--no-progress", "--device", "cpu"]) == 0
+    rep = json.loads((out / "memorisation.json").read_text())
+    rows = list(csv.DictReader((out / "labels.csv").open()))
+    assert rep["n_synthetic"] == 24 and len(rows) == rep["n_written"] == 24 - rep["n_rejected"]
+    assert {r["label"] for r in rows} <= {"normal"} and all((out / r["path"]).is_file() for r in rows)
+    assert set(rep["spaces"]) == {"pixel", "feature-cnn"}
+    assert (out / "nearest_pixel.png").is_file()
+    assert json.loads((one_class_run / "results.json").read_text())["privacy"]["n_synthetic"] == 24
+    assert (one_class_run / "reference").is_dir()  # the reference extractor is cached with the run
+
+
+def test_synthesize_npz_is_a_medivae_source(one_class_run, tmp_path):
+    from medivae.data.npz import load_npz
+
+    out = tmp_path / "npz"
+    assert main(["synthesize", str(one_class_run), "-n", "10", "--out", str(out), "--format", "npz",
+                 "--label", "normal", "--reference-epochs", "1", "--pairs", "0", "--no-progress"]) == 0
+    s = load_npz(out / "synthetic.npz")["train"]
+    assert s.images.shape[1:] == (1, 32, 32) and (s.labels == 0).all()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["-n", "0"], "-n >= 1"),
+    (["-n", "4", "--label", "lesion"], "unconditional run"),
+    (["-n", "4", "--format", "tiff"], "--format"),
+])
+def test_bad_input_exits_2(one_class_run, tmp_path, capsys, extra, message):
+    assert main(["synthesize", str(one_class_run), "--out", str(tmp_path / "x"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medivae: error:") and message in err

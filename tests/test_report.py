@@ -1,0 +1,270 @@
+"""The HTML run report: self-contained, complete for a finished run, honest about missing pieces,
+and checked in a real headless Chromium (skipped when /usr/bin/chromium is absent)."""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import io
+import json
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from medivae import api
+from medivae.cli import main
+from medivae.errors import UserError
+from medivae.report import build_report, write_report
+from tiny import tiny_run
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DATA_URI = re.compile(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'")
+
+
+@pytest.fixture(scope="module")
+def tiny_run_dir(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("report") / "run"
+    api.train(tiny_run("phantoms:64", epochs=2), run, progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def full_run_dir(tiny_run_dir, tmp_path_factory) -> Path:
+    """The tiny run plus everything the other commands add: evaluation, anomaly, privacy, utility, figures."""
+    run = tmp_path_factory.mktemp("full") / "run"
+    shutil.copytree(tiny_run_dir, run)
+    results = {
+        "evaluation": {
+            "likelihood": {"neg_elbo_nats": 700.5, "iwae_nats": 690.25, "k": 100},
+            "collapse": {"kl_per_dim": [3.2, 0.004, 1.7, 0.0], "active_units": 2},
+            "sample_quality": {"FD-classifier": {"model": 12.5, "real_test": 1.25}},
+        },
+        "anomaly": {"auroc": 0.875, "roc": {"fpr": [0.0, 0.25, 1.0], "tpr": [0.0, 0.75, 1.0]}},
+        "privacy": {"rejected": 3, "memorisation_rate": 0.003},
+        "utility": {"real_only": {"auc": 0.91, "accuracy": 0.85}, "tstr": {"auc": 0.88, "accuracy": 0.8}},
+        "calibration": {"expected_calibration_error": 0.0421},
+    }
+    (run / "results.json").write_text(json.dumps(results))
+    (run / "anomaly").mkdir()
+    shutil.copy(run / "reconstructions.png", run / "anomaly" / "overlay_0.png")
+    shutil.copy(run / "interpolation.png", run / "traversal_dim0.png")
+    write_report(run)
+    return run
+
+
+def _embedded_images(html: str) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(base64.b64decode(b))) for b in DATA_URI.findall(html)]
+
+
+def test_train_writes_a_self_contained_report(tiny_run_dir):
+    html = (tiny_run_dir / "report.html").read_text()
+    images = _embedded_images(html)
+    # training curves + samples, interpolation, reconstructions; each one decodes to the run's picture
+    assert len(images) == 4
+    sizes = {im.size for im in images}
+    for name in ("samples.png", "interpolation.png", "reconstructions.png"):
+        assert Image.open(tiny_run_dir / name).size in sizes
+    assert not re.search(r"https?://", html)
+    assert not re.search(r"<script|<link|@import|url\(", html, re.I)
+    cfg = json.loads((tiny_run_dir / "config.json").read_text())
+    model = cfg["model"]
+    for value in (cfg["train"]["seed"], cfg["data"]["source"], model["name"], model["latent_dim"]):
+        assert f">{value}<" in html
+    env = json.loads((tiny_run_dir / "env.json").read_text())
+    assert env["seed"] == cfg["train"]["seed"] and env["device"] == "cpu"
+    assert f">{env['packages']['torch']}<" in html
+    assert "No evaluation yet" in html and "medivae evaluate" in html
+
+
+def test_results_sections_render_known_and_unknown_keys(full_run_dir):
+    html = (full_run_dir / "report.html").read_text()
+    assert "No evaluation yet" not in html
+    assert "Active units: 2 of 4" in html
+    for text in ("690.2", "Anomaly detection", "overlay_0", "Privacy", "Utility", "tstr", "traversals"):
+        assert text in html
+    # a results key the report has never heard of still shows up, with its value
+    assert "Calibration" in html and "0.0421" in html
+    # curves, KL per dimension, ROC, 3 generation figures, traversal, anomaly overlay
+    assert len(_embedded_images(html)) == 8
+
+
+def test_missing_pieces_say_which_command_makes_them(tiny_run_dir, tmp_path):
+    run = tmp_path / "bare run"
+    run.mkdir()
+    shutil.copy(tiny_run_dir / "config.json", run)
+    (run / "data.json").write_text(json.dumps(
+        {"train": {"n": 2, "labels": {"normal": 2}, "meta": {"source": "dicom", "patient_ids": ["PAT-0042"]}}}
+    ))
+    html = build_report(run)
+    assert "No training metrics" in html and "No samples" in html and "No reconstructions" in html
+    assert "No evaluation yet: run <code>medivae evaluate &#x27;" in html  # the path with a space is quoted
+    assert "Environment not recorded" in html
+    assert "PAT-0042" not in html and "patient ids" not in html
+    assert not _embedded_images(html)
+
+
+def test_report_package_never_imports_torch(tiny_run_dir):
+    code = (
+        "import sys; from medivae.report import build_report; "
+        f"build_report({str(tiny_run_dir)!r}); assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_cli_report(tiny_run_dir, tmp_path, capsys):
+    out = tmp_path / "r.html"
+    assert main(["report", str(tiny_run_dir), "--out", str(out)]) == 0
+    assert out.read_text().startswith("<!DOCTYPE html>")
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "no such run folder" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", str(empty)]) == 2
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
+    with pytest.raises(UserError, match=r"pip install 'medivae\[tensorboard\]'"):
+        api.train(tiny_run(epochs=1, tensorboard=True), tmp_path / "run", progress=False)
+
+
+def test_tensorboard_logs_scalars_per_epoch(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = api.train(tiny_run("phantoms:64", epochs=2, tensorboard=True), tmp_path / "run", progress=False)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [(s.step, s.value) for s in events.Scalars("val/loss")]
+    assert logged == [(m["epoch"], pytest.approx(m["val_loss"], rel=1e-6)) for m in metrics]
+
+
+# --- the report in a real browser ------------------------------------------------------------------
+class DevTools:
+    """Chrome DevTools protocol over --remote-debugging-pipe (fd 3 in, fd 4 out; NUL-separated JSON)."""
+
+    def __init__(self, profile: Path):
+        to_chrome_r, self._to_chrome = os.pipe()
+        self._from_chrome, from_chrome_w = os.pipe()
+
+        def child_fds():  # move both ends above 4 first, so neither dup2 can clobber the other
+            high_r, high_w = (fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_chrome_r, from_chrome_w))
+            os.dup2(high_r, 3)
+            os.dup2(high_w, 4)
+
+        args = [
+            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--no-first-run", f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank",
+        ]
+        self.proc = subprocess.Popen(
+            args, preexec_fn=child_fds, pass_fds=(3, 4, to_chrome_r, from_chrome_w),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self._buf, self._next_id, self.events = b"", 0, []
+
+    def send(self, method: str, session: str | None = None, timeout: float = 60, **params) -> dict:
+        self._next_id += 1
+        msg = {"id": self._next_id, "method": method, "params": params}
+        if session:
+            msg["sessionId"] = session
+        os.write(self._to_chrome, json.dumps(msg).encode() + b"\0")
+        reply = self.wait(lambda m: m.get("id") == self._next_id, timeout)
+        assert "error" not in reply, reply
+        return reply["result"]
+
+    def wait(self, match, timeout: float = 60) -> dict:
+        """The first message (reply or event, including events already received) that ``match``es."""
+        for event in self.events:
+            if match(event):
+                return event
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" in self._buf:
+                raw, self._buf = self._buf.split(b"\0", 1)
+                msg = json.loads(raw)
+                if "method" in msg:
+                    self.events.append(msg)
+                if match(msg):
+                    return msg
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._from_chrome], [], [], left)[0]:
+                raise TimeoutError("chromium did not answer in time")
+            chunk = os.read(self._from_chrome, 1 << 16)
+            if not chunk:
+                raise RuntimeError("chromium closed the DevTools pipe")
+            self._buf += chunk
+
+    def close(self) -> None:
+        try:
+            os.write(self._to_chrome, json.dumps({"id": 0, "method": "Browser.close"}).encode() + b"\0")
+            self.proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._to_chrome)
+        os.close(self._from_chrome)
+
+
+IMAGE_CHECK = "JSON.stringify([...document.images].map(i => [i.alt, i.complete && i.naturalWidth > 0]))"
+
+
+def _open_in_chromium(page: Path, profile: Path) -> tuple[list, list[dict]]:
+    """(alt text and decoded flag of every image, DevTools events) after the page's load event."""
+    tools = DevTools(profile)
+    try:
+        target = tools.send("Target.createTarget", url="about:blank")["targetId"]
+        session = tools.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            tools.send(f"{domain}.enable", session)
+        tools.send("Page.navigate", session, url=page.resolve().as_uri())
+        tools.wait(lambda m: m.get("method") == "Page.loadEventFired")
+        result = tools.send("Runtime.evaluate", session, expression=IMAGE_CHECK, returnByValue=True)
+        return json.loads(result["result"]["value"]), tools.events
+    finally:
+        tools.close()
+
+
+def _errors(events: list[dict]) -> list[dict]:
+    bad = []
+    for e in events:
+        m, p = e["method"], e.get("params", {})
+        if m == "Runtime.exceptionThrown" or m == "Network.loadingFailed":
+            bad.append(e)
+        elif m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
+            bad.append(e)
+        elif m == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
+            bad.append(e)
+        elif m == "Network.requestWillBeSent" and not p["request"]["url"].startswith(("file:", "data:")):
+            bad.append(e)  # the report must load nothing from the network
+    return bad
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_report_opens_in_headless_chromium(full_run_dir, tmp_path):
+    images, events = _open_in_chromium(full_run_dir / "report.html", tmp_path / "profile")
+    assert len(images) == 8
+    assert all(ok for _, ok in images), images
+    assert any(e["method"] == "Page.loadEventFired" for e in events)
+    assert _errors(events) == []
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_browser_check_catches_a_broken_image(full_run_dir, tmp_path):
+    """The browser check can fail: a corrupt embedded PNG is reported as not decoded."""
+    html = (full_run_dir / "report.html").read_text()
+    broken = tmp_path / "broken.html"
+    broken.write_text(DATA_URI.sub("src='data:image/png;base64,AAAAAAAA'", html, count=1))
+    images, _ = _open_in_chromium(broken, tmp_path / "profile")
+    assert [ok for _, ok in images].count(False) == 1
