@@ -47,7 +47,7 @@ def make_folder(root: Path, per_class=6, size=(16, 16)) -> Path:
 
 
 def cfg(source, **kw) -> DataConfig:
-    return DataConfig(source=str(source), image_size=32, **kw)
+    return DataConfig(source=str(source), **{"image_size": 32, **kw})
 
 
 def test_folder_of_mixed_formats_with_class_subfolders(tmp_path):
@@ -55,7 +55,8 @@ def test_folder_of_mixed_formats_with_class_subfolders(tmp_path):
     assert s.images.shape == (12, 1, 32, 32) and s.images.dtype == np.uint8
     assert s.label_names == ("dark", "light") and s.label_counts() == {"dark": 6, "light": 6}
     centre = s.images[:, 0, 16, 16].astype(int)
-    assert np.all(np.abs(centre[s.labels == 0] - 40) <= 2) and np.all(np.abs(centre[s.labels == 1] - 200) <= 2)
+    assert np.all(np.abs(centre[s.labels == 0] - 40) <= 2)
+    assert np.all(np.abs(centre[s.labels == 1] - 200) <= 2)
 
 
 def test_non_square_images_pad_or_crop_and_mixed_sizes_are_reported(tmp_path):
@@ -75,7 +76,8 @@ def test_non_square_images_pad_or_crop_and_mixed_sizes_are_reported(tmp_path):
 def test_csv_of_path_label_group_keeps_groups_together(tmp_path):
     root = make_folder(tmp_path / "f", per_class=16)  # 8 patients of 4 images, 4 per class
     files = sorted(root.rglob("*.*"))
-    rows = ["path,label,patient"] + [f"{p.relative_to(root)},{p.parent.name},pt{i // 4}" for i, p in enumerate(files)]
+    rows = ["path,label,patient"]
+    rows += [f"{p.relative_to(root)},{p.parent.name},pt{i // 4}" for i, p in enumerate(files)]
     (root / "list.csv").write_text("\n".join(rows) + "\n")
     splits = load_dataset(cfg(root / "list.csv", val_fraction=0.25, test_fraction=0.25), 3, progress=False)
     assert sum(len(s) for s in splits.values()) == 32
@@ -135,7 +137,7 @@ def test_corrupt_files_are_skipped_counted_and_reported(tmp_path):
 
 def test_training_goes_on_past_a_corrupt_file(tmp_path):
     from medivae import api
-    from tests.tiny import tiny_run
+    from tiny import tiny_run
 
     root = make_folder(tmp_path / "f", per_class=20)
     (root / "dark" / "broken.png").write_bytes(b"garbage")
@@ -174,7 +176,8 @@ def fake_npz() -> bytes:
 def test_medmnist_downloads_verifies_and_reuses(tmp_path, monkeypatch):
     blob = fake_npz()
     names, multi, md5s = medmnist.DATASETS["breastmnist"]
-    monkeypatch.setitem(medmnist.DATASETS, "breastmnist", (names, multi, (md5s[0], hashlib.md5(blob).hexdigest(), *md5s[2:])))
+    md5s = (md5s[0], hashlib.md5(blob).hexdigest(), *md5s[2:])  # the fake file is "published" at 64 px
+    monkeypatch.setitem(medmnist.DATASETS, "breastmnist", (names, multi, md5s))
     calls = []
 
     def fetch(url, dest, progress):
@@ -204,7 +207,7 @@ def test_medmnist_offline_says_which_file_to_put_where(tmp_path, monkeypatch, ca
     monkeypatch.setattr(medmnist, "_fetch", offline)
     assert main(["data", "inspect", "medmnist:pneumoniamnist@128", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "pneumoniamnist_128.npz" in err and str(tmp_path / "cache" / "medmnist" / "pneumoniamnist_128.npz") in err
+    assert str(tmp_path / "cache" / "medmnist" / "pneumoniamnist_128.npz") in err
 
 
 def test_medmnist_local_copy_of_the_shared_resave(pneumonia_npz, tmp_path):

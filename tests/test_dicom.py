@@ -126,11 +126,13 @@ def test_monochrome1_is_inverted_after_rescale_and_file_window(tmp_path):
     path = write_dicom(tmp_path / "m1.dcm", stored, photometric="MONOCHROME1", slope=2, intercept=-100,
                        window=(0, 201))
     # by hand: HU = 2 * stored - 100 = [[-100, 0], [100, 200]]; LINEAR C=0 W=201: y = (x + 0.5) / 200 + 0.5
-    # -> [[0.0025, 0.5025], [1.0025, 1.5025]] -> clipped * 255 = [[0.64, 128.1], [255, 255]]; MONOCHROME1: 255 - y
+    # -> [[0.0025, 0.5025], [1.0025, 1.5025]] -> clipped * 255 = [[0.64, 128.1], [255, 255]];
+    # MONOCHROME1: 255 - y
     got = read_dicom(path, None, NORM)
     assert got.frames[0, 0].tolist() == [[254, 127], [0, 0]]
     assert got.window == "file C=0 W=201"
-    mono2 = read_dicom(write_dicom(tmp_path / "m2.dcm", stored, slope=2, intercept=-100, window=(0, 201)), None, NORM)
+    m2 = write_dicom(tmp_path / "m2.dcm", stored, slope=2, intercept=-100, window=(0, 201))
+    mono2 = read_dicom(m2, None, NORM)
     assert np.array_equal(mono2.frames, 255 - got.frames)
 
 
@@ -142,7 +144,8 @@ def test_user_window_overrides_the_files(tmp_path):
 
 
 def test_multiframe_gives_frames_and_drops_constant_ones(tmp_path):
-    frames = np.stack([np.arange(16).reshape(4, 4) * k for k in (1, 0, 3)]).astype(np.uint16)  # frame 1 is all 0
+    ramp = np.arange(16).reshape(4, 4)
+    frames = np.stack([ramp * k for k in (1, 0, 3)]).astype(np.uint16)  # frame 1 is all 0
     got = read_dicom(write_dicom(tmp_path / "mf.dcm", frames), None, parse_normalize("range:0,45"))
     assert got.frames.shape == (2, 1, 4, 4) and got.n_constant == 1
     assert got.frames[1, 0, 3, 3] == 255 and got.frames[0, 0, 3, 3] == round(15 / 45 * 255)

@@ -115,7 +115,8 @@ def test_slices_of_one_volume_stay_in_one_split(tmp_path):
         v = np.full((8, 8, 5), float(i), dtype=np.float32)
         v[0, 0, :] = 20.0
         save(root / f"sub-{i:02d}.nii.gz", v)
-    cfg = DataConfig(source=str(root), image_size=32, normalize="range:0,20", val_fraction=0.25, test_fraction=0.25)
+    cfg = DataConfig(source=str(root), image_size=32, normalize="range:0,20", val_fraction=0.25,
+                     test_fraction=0.25)
     splits = load_dataset(cfg, seed=1767661200070, progress=False)
     seen: dict[int, str] = {}
     for name, s in splits.items():

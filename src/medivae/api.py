@@ -277,9 +277,10 @@ def synthesize(run_dir, n: int, out, label: str | None = None, percentile: float
 
 def utility(real: str, synthetic, out=None, epochs: int = 10, seed: int | None = None, width: int = 32,
             val_fraction: float = 0.1, test_fraction: float = 0.1, device: str = "auto",
-            progress: bool = True) -> dict:
+            progress: bool = True, batch_size: int = 128) -> dict:
     """Train-on-synthetic/test-on-real, real + synthetic and real-only classifiers on ``real``'s test split."""
     from medivae.evaluation.utility import utility_run
 
     synthetic = [synthetic] if isinstance(synthetic, (str, Path)) else list(synthetic)
-    return utility_run(real, synthetic, out, epochs, seed, width, val_fraction, test_fraction, device, progress)
+    return utility_run(real, synthetic, out, epochs, seed, width, val_fraction, test_fraction, device, progress,
+                       batch_size)

@@ -11,7 +11,9 @@ from medivae import __version__
 from medivae.errors import UserError
 
 # one module per command group under medivae.commands, each with add(subparsers)
-COMMAND_MODULES = ("train", "generate", "traverse", "report", "evaluate", "anomaly", "synthesize", "utility", "data")
+COMMAND_MODULES = (
+    "train", "generate", "traverse", "report", "evaluate", "anomaly", "synthesize", "utility", "data",
+)
 
 
 class Parser(argparse.ArgumentParser):

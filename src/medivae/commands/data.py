@@ -33,7 +33,7 @@ def format_summary(s: dict) -> str:
     for name, v in s["splits"].items():
         labels = ", ".join(f"{k} {n}" for k, n in v["labels"].items()) or "-"
         grouped = v["groups"] is not None and v["groups"] < v["n"]
-        groups = f"; {v['groups']} groups (patients/volumes), none shared with another split" if grouped else ""
+        groups = f"; {v['groups']} groups (patients/volumes), none in another split" if grouped else ""
         lines.append(f"{name:<10} labels: {labels}{groups}")
     for name, v in s["splits"].items():
         st = v["intensity"]
@@ -43,7 +43,8 @@ def format_summary(s: dict) -> str:
                          f"zero {st['fraction_zero']:.1%}")
     if meta.get("native_sizes"):
         sizes = ", ".join(f"{k} ×{n}" for k, n in meta["native_sizes"].items())
-        lines.append(f"native     {sizes}" + (" (more sizes not shown)" if meta.get("n_native_sizes", 0) > 5 else ""))
+        more = " (more sizes not shown)" if meta.get("n_native_sizes", 0) > 5 else ""
+        lines.append(f"native     {sizes}{more}")
     if meta.get("windows"):
         lines.append("intensity  " + ", ".join(f"{k} ×{n}" for k, n in meta["windows"].items()))
     if "n_skipped" in meta:
@@ -71,7 +72,7 @@ def add(sub) -> None:
     i.add_argument("--image-size", type=int, default=64, help="32, 64, 128 or 256 (default 64)")
     i.add_argument("--channels", type=int, default=1, help="1 gray or 3 RGB (default 1)")
     i.add_argument("--seed", type=int, default=DEFAULT_SEED, help="split seed (as for training)")
-    i.add_argument("--out", type=Path, default=Path("preview.png"), help="preview grid PNG (default preview.png)")
+    i.add_argument("--out", type=Path, default=Path("preview.png"), help="preview grid (default preview.png)")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.add_argument("--no-progress", action="store_true")
     i.set_defaults(func=cmd_inspect)

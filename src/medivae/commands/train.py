@@ -51,7 +51,7 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--window", default=None,
                    help="DICOM/NIfTI window: CENTER,WIDTH (e.g. 40,80) or lung, mediastinum, bone, brain")
     g.add_argument("--normalize", default="percentile",
-                   help="DICOM/NIfTI without a window: percentile (0.5-99.5), percentile:LO,HI or range:LO,HI")
+                   help="DICOM/NIfTI without a window: percentile (0.5-99.5), percentile:LO,HI, range:LO,HI")
     g.add_argument("--nifti-axis", default="axial", help="NIfTI slices: axial (default), coronal, sagittal")
     g.add_argument("--no-cache", action="store_true", help="decode in memory; do not use $MEDIVAE_CACHE")
 
@@ -101,7 +101,7 @@ def cmd_demo(args) -> int:
 
     cfg = api.demo_config(epochs=args.epochs)
     run = api.train(cfg, args.out, resume=False, progress=not args.no_progress)
-    print(f"demo run written to {run}: samples.png, interpolation.png, reconstructions.png")
+    print(f"demo run written to {run}: samples.png, interpolation.png, reconstructions.png; open report.html")
     return 0
 
 

@@ -13,7 +13,7 @@ def cmd_utility(args) -> int:
     r = api.utility(
         args.real, args.synthetic, out=args.out, epochs=args.epochs, seed=args.seed, width=args.width,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, device=args.device,
-        progress=not args.no_progress,
+        progress=not args.no_progress, batch_size=args.batch_size,
     )
     print(f"real test set of {args.real}: {r['real_only']['n_test']} images; results in {r['file']}")
     for name in ("synthetic_only", "real_plus_synthetic", "real_only"):
@@ -32,6 +32,7 @@ def add(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="JSON file (default: first DIR/utility.json)")
     p.add_argument("--epochs", type=int, default=10, help="classifier epochs (default 10)")
     p.add_argument("--width", type=int, default=32, help="classifier width (default 32)")
+    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--test-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)

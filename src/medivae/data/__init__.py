@@ -61,8 +61,9 @@ def _report(meta: dict) -> None:
     if meta.get("n_native_sizes", 0) > 1:
         sizes = ", ".join(f"{k} ×{v}" for k, v in list(meta["native_sizes"].items())[:3])
         how = "zero-padded" if meta.get("resize_mode") == "pad" else "centre-cropped"
+        size = meta["size"]
         warnings.warn(f"{src}: images come in {meta['n_native_sizes']} sizes ({sizes}, ...); each was {how} "
-                      f"to a square and resized to {meta['size']}×{meta['size']} (--resize-mode)", stacklevel=3)
+                      f"to a square and resized to {size}×{size} (--resize-mode)", stacklevel=3)
 
 
 def _label_indices(s: ImageSet, wanted: tuple[str, ...]) -> np.ndarray:

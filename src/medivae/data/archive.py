@@ -44,7 +44,8 @@ def _tar_members(path: Path) -> Iterator[tuple[str, bytes]]:
                     if f is not None:
                         yield member.name, f.read()
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise UserError(f"{path}: not a readable tar archive, or truncated ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: not a readable tar archive, or truncated ({type(e).__name__}: {e})") \
+            from None
 
 
 def _zip_members(path: Path) -> Iterator[tuple[str, bytes]]:

@@ -47,7 +47,8 @@ def preprocessing(cfg) -> dict:
 
 
 def entry_key(src, cfg) -> str:
-    blob = json.dumps({"v": CACHE_VERSION, "source": src.fingerprint(), "prep": preprocessing(cfg)}, sort_keys=True)
+    key = {"v": CACHE_VERSION, "source": src.fingerprint(), "prep": preprocessing(cfg)}
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -68,7 +69,8 @@ def load_cached(src, cfg, progress: bool = True) -> Built:
         _remove_stale(root)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=root))
     except OSError as e:
-        warnings.warn(f"cannot write the cache in {root} ({e}); decoding in memory (set MEDIVAE_CACHE)", stacklevel=2)
+        warnings.warn(f"cannot write the cache in {root} ({e}); decoding in memory (set MEDIVAE_CACHE)",
+                      stacklevel=2)
         tail = (cfg.channels, cfg.image_size, cfg.image_size)
         return build(src, cfg, MemorySink(tail), progress)
     try:

@@ -39,7 +39,7 @@ DICOM_SUFFIXES = {".dcm", ".dicom", ".ima"}
 
 
 def is_dicom_file(path: Path) -> bool:
-    """True for files with the DICOM Part 10 preamble ("DICM" at byte 128); PACS exports often lack a suffix."""
+    """A DICOM suffix, or the Part 10 preamble ("DICM" at byte 128): PACS exports often have no suffix."""
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
     try:
@@ -72,7 +72,7 @@ def read_dicom(src: str | Path | BinaryIO, window: Window | None, norm: Normaliz
     elif pi in COLOUR or pi == "PALETTE COLOR":
         out, desc, n_constant = _colour(frames, ds, pi)
     else:
-        raise UnreadableFile(f"photometric interpretation {pi} is not supported (use MONOCHROME, RGB or PALETTE)")
+        raise UnreadableFile(f"photometric interpretation {pi} is not supported (MONOCHROME/RGB/PALETTE are)")
     return DicomImage(out, _patient_key(ds), desc, n_constant)
 
 

@@ -71,7 +71,8 @@ def read_image(src: Path | BinaryIO, channels: int) -> np.ndarray:
                 a = np.zeros_like(a) if hi <= lo else (a - lo) / (hi - lo) * 255.0
                 return a.round().astype(np.uint8)[None]
             arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError,
+            Image.DecompressionBombError) as e:
         raise UnreadableFile(f"not a readable image ({type(e).__name__}: {str(e)[:100]})") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 

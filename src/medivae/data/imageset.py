@@ -28,7 +28,7 @@ class ImageSet:
 
     def __post_init__(self):
         if self.images.ndim != 4 or self.images.dtype != np.uint8:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {self.images.shape}")
+            raise ValueError(f"images must be uint8 (N, C, H, W), not {self.images.dtype}{self.images.shape}")
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
         if len(self.labels) != len(self.images):
             raise ValueError("images and labels differ in length")

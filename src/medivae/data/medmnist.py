@@ -52,7 +52,8 @@ DATASETS: dict[str, tuple[tuple[str, ...], bool, tuple[str, str, str, str]]] = {
         "9ab87b696fb54e2a387ebe992d6ed5f1", "53a6d115339d874c25e309a994ff46d3",
         "ded0c5fa01a95dc4978b956f613e9b8e", "b354719e553fbbb2513d5533f52a4cb1")),
     "pathmnist": (("adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
-                   "normal colon mucosa", "cancer-associated stroma", "colorectal adenocarcinoma epithelium"), False, (
+                   "normal colon mucosa", "cancer-associated stroma",
+                   "colorectal adenocarcinoma epithelium"), False, (
         "a8b06965200029087d5bd730944a56c1", "55aa9c1e0525abe5a6b9d8343a507616",
         "ac42d08fb904d92c244187169d1fd1d9", "2c51a510bcdc9cf8ddb2af93af1eadec")),
     "dermamnist": (("actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
@@ -73,7 +74,8 @@ DATASETS: dict[str, tuple[tuple[str, ...], bool, tuple[str, str, str, str]]] = {
         "ebe78ee8b05294063de985d821c1c34b", "123ece2eba09d0aa5d698fda57103344",
         "61b955355d7425a89687b06cca3ce0c2", "b077128c4a949f0a4eb01517f9037b9c")),
 }
-VOLUMES = ("organmnist3d", "nodulemnist3d", "adrenalmnist3d", "fracturemnist3d", "vesselmnist3d", "synapsemnist3d")
+VOLUMES = ("organmnist3d", "nodulemnist3d", "adrenalmnist3d", "fracturemnist3d", "vesselmnist3d",
+           "synapsemnist3d")
 
 # SHA-256 of known re-saves (not the Zenodo bytes): file -> {sha256: what it is}
 KNOWN_RESAVES = {
@@ -89,7 +91,8 @@ def parse_spec(spec: str) -> tuple[str, int]:
     body = spec.split(":", 1)[1].strip().lower()
     name, _, size_text = body.partition("@")
     if name in VOLUMES:
-        raise UserError(f"{spec}: {name} holds 3D volumes; medivae trains on 2D images (choose one of {sorted(DATASETS)})")
+        raise UserError(f"{spec}: {name} holds 3D volumes; medivae trains on 2D images "
+                        f"(choose one of {sorted(DATASETS)})")
     if name not in DATASETS:
         raise UserError(f"{spec}: unknown MedMNIST dataset {name!r}; choose one of {sorted(DATASETS)}")
     try:
@@ -142,12 +145,14 @@ def _check_local(path: Path, expected_md5: str) -> None:
         seen = json.loads(stamp.read_text())
         if seen.get("size") == st.st_size and seen.get("mtime_ns") == st.st_mtime_ns:
             if seen.get("verdict") == "unknown":
-                warnings.warn(f"{path}: not the published MedMNIST file (MD5 differs); using it as given", stacklevel=3)
+                warnings.warn(f"{path}: not the published MedMNIST file (MD5 differs); using it as given",
+                              stacklevel=3)
             return
     except (OSError, ValueError):
         pass
     md5, sha = _digests(path)
-    verdict = "official" if md5 == expected_md5 else "resave" if sha in KNOWN_RESAVES.get(path.name, {}) else "unknown"
+    known = KNOWN_RESAVES.get(path.name, {})
+    verdict = "official" if md5 == expected_md5 else "resave" if sha in known else "unknown"
     if verdict == "unknown":
         warnings.warn(f"{path}: not the published MedMNIST file (MD5 {md5}, expected {expected_md5}); "
                       "using it as given", stacklevel=3)
@@ -163,7 +168,8 @@ def _fetch(url: str, dest: Path, progress: bool) -> None:
 
     with urllib.request.urlopen(url, timeout=60) as r, dest.open("wb") as f:
         total = int(r.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}", disable=not progress) as bar:
+        desc = f"downloading {dest.name}"
+        with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
             for block in iter(lambda: r.read(1 << 20), b""):
                 f.write(block)
                 bar.update(len(block))
@@ -182,7 +188,8 @@ def _download(fname: str, expected_md5: str, progress: bool) -> Path:
         reason = getattr(e, "reason", None) or e
         raise UserError(
             f"{fname} is not available locally and could not be downloaded from {url} ({reason}); "
-            f"download it elsewhere and put it at {dest} (or point MEDIVAE_CACHE at a folder holding medmnist/{fname})"
+            f"download it elsewhere and put it at {dest} "
+            f"(or point MEDIVAE_CACHE at a folder holding medmnist/{fname})"
         ) from None
     md5, _ = _digests(tmp)
     if md5 != expected_md5:

@@ -32,7 +32,8 @@ def is_nifti_file(path: Path) -> bool:
     return name.endswith(".nii") or name.endswith(".nii.gz")
 
 
-def read_nifti(src: Path | bytes, name: str, axis: str, window: Window | None, norm: Normalization) -> NiftiSlices:
+def read_nifti(src: Path | bytes, name: str, axis: str, window: Window | None,
+               norm: Normalization) -> NiftiSlices:
     """``src``: a path, or the file's bytes (from an archive) with ``name`` telling .nii from .nii.gz."""
     data = _load(src, name)  # float32 (X, Y, Z, T)
     ax = SLICE_AXES[axis]
@@ -51,7 +52,8 @@ def read_nifti(src: Path | bytes, name: str, axis: str, window: Window | None, n
         frames.append(np.flip(slices[~uniform].transpose(0, 2, 1), axis=1))
     frames = np.concatenate(frames)
     if len(frames) == 0:
-        raise UnreadableFile(f"all {n_constant} {axis} slices are uniform after intensity mapping (an empty volume?)")
+        raise UnreadableFile(f"all {n_constant} {axis} slices are uniform after intensity mapping "
+                             "(an empty volume?)")
     return NiftiSlices(np.ascontiguousarray(frames[:, None]), desc, n_constant)
 
 

@@ -22,6 +22,8 @@ def _as_nchw(arr: np.ndarray, path: Path, key: str) -> np.ndarray:
         arr = arr.transpose(0, 3, 1, 2)
     else:
         raise UserError(f"{path}: {key} has shape {arr.shape}; expected (N, H, W) or (N, H, W, C) 2D images")
+    if arr.dtype.kind not in "biuf" or 0 in arr.shape[2:]:
+        raise UserError(f"{path}: {key} is {arr.dtype} {arr.shape}; expected numeric images, >= 1x1")
     if arr.dtype != np.uint8:
         if np.issubdtype(arr.dtype, np.floating) and arr.size and arr.max() <= 1.0:
             arr = arr * 255.0
@@ -31,9 +33,12 @@ def _as_nchw(arr: np.ndarray, path: Path, key: str) -> np.ndarray:
 
 def _read(data, key: str, path: Path) -> np.ndarray:
     try:
-        return data[key]
+        arr = data[key]
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise UserError(f"{path}: array {key!r} is damaged ({type(e).__name__}: {e})") from None
+    if not isinstance(arr, np.ndarray):  # a zip member that is not .npy comes back as bytes
+        raise UserError(f"{path}: {key!r} is not a NumPy array")
+    return arr
 
 
 def load_npz(path: str | Path, label_names: tuple[str, ...] = ()) -> dict[str, ImageSet]:
@@ -43,8 +48,10 @@ def load_npz(path: str | Path, label_names: tuple[str, ...] = ()) -> dict[str, I
         data = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a readable .npz file ({e})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy renamed to .npz
+        raise UserError(f"{path}: a single .npy array, not an .npz archive of train_images/... arrays")
     with data:
         keys = set(data.files)
         present = [s for s in SPLITS if f"{s}_images" in keys]

@@ -89,7 +89,7 @@ def phantom(size: int, rng: np.random.Generator, lesion: bool) -> tuple[np.ndarr
 
 
 def make_phantoms(n: int, size: int, seed: int, lesion_fraction: float = 0.3) -> ImageSet:
-    """n images (N, 1, size, size) uint8, label 1 for the lesion variant; image i depends on (seed, i) only."""
+    """n images (N, 1, size, size) uint8, label 1 for the lesion variant; image i depends on (seed, i)."""
     images = np.empty((n, 1, size, size), dtype=np.uint8)
     labels = np.empty(n, dtype=np.int64)
     for i in range(n):

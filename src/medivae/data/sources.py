@@ -123,7 +123,8 @@ def _decode_npz(src: Source, col: Collector) -> None:
 
 def _decode_files(src: Source, col: Collector, opts: ReadOptions, progress: bool) -> None:
     rows = list(zip(src.files, src.kinds, src.labels, src.groups, strict=True))
-    for path, kind, label, group in tqdm(rows, desc=f"decoding {src.path.name}", unit="file", disable=not progress):
+    bar = tqdm(rows, desc=f"decoding {src.path.name}", unit="file", disable=not progress)
+    for path, kind, label, group in bar:
         col.n_files += 1
         if kind is None:
             col.skip(path.name, "no such file" if not path.exists() else "not an image, DICOM or NIfTI file")

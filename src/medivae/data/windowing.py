@@ -93,7 +93,8 @@ def parse_normalize(spec: str) -> Normalization:
     kind, _, rest = text.partition(":")
     if kind not in ("percentile", "range") or (kind == "range" and not rest):
         raise UserError(
-            f"bad normalisation {spec!r}: write percentile, percentile:LO,HI (e.g. 1,99) or range:LO,HI (e.g. -1000,1000)"
+            f"bad normalisation {spec!r}: write percentile, percentile:LO,HI (e.g. 1,99) "
+            "or range:LO,HI (e.g. -1000,1000)"
         )
     if not rest:
         return Normalization("percentile", 0.5, 99.5)

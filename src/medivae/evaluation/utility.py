@@ -40,11 +40,11 @@ def classification_metrics(proba: np.ndarray, labels: np.ndarray, names: tuple[s
 
 
 def train_and_score(train: ImageSet, test: ImageSet, names: tuple[str, ...], epochs: int, seed: int,
-                    width: int, progress: bool, device) -> dict:
+                    width: int, progress: bool, device, batch_size: int = 128) -> dict:
     from medivae.evaluation.classifier import fit_classifier, predict_proba
 
-    model = fit_classifier(train.images, train.labels, len(names), epochs=epochs, seed=seed, width=width,
-                           progress=progress, device=device)
+    model = fit_classifier(train.images, train.labels, len(names), epochs=epochs, batch_size=batch_size,
+                           seed=seed, width=width, progress=progress, device=device)
     out = classification_metrics(predict_proba(model, test.images, device=device), test.labels, names)
     out["n_train"] = int(len(train))
     out["train_labels"] = {names[c]: int(m) for c, m in zip(*np.unique(train.labels, return_counts=True),
@@ -53,14 +53,15 @@ def train_and_score(train: ImageSet, test: ImageSet, names: tuple[str, ...], epo
 
 
 def tstr(real_train: ImageSet, synthetic: ImageSet, real_test: ImageSet, epochs: int = 10, seed: int = 0,
-         width: int = 32, progress: bool = True, device="cpu") -> dict:
+         width: int = 32, progress: bool = True, device="cpu", batch_size: int = 128) -> dict:
     """{"synthetic_only", "real_plus_synthetic", "real_only"} -> metrics on ``real_test``.
     All three share label codes (``real_train.label_names``)."""
     names = real_train.label_names
     both = ImageSet(np.concatenate([real_train.images, synthetic.images]),
                     np.concatenate([real_train.labels, synthetic.labels]), names)
     sets = {"synthetic_only": synthetic, "real_plus_synthetic": both, "real_only": real_train}
-    return {k: train_and_score(s, real_test, names, epochs, seed, width, progress, device) for k, s in sets.items()}
+    return {k: train_and_score(s, real_test, names, epochs, seed, width, progress, device, batch_size)
+            for k, s in sets.items()}
 
 
 # --- reading what ``medivae synthesize`` wrote --------------------------------------------------------------
@@ -112,7 +113,7 @@ def as_imageset(images: np.ndarray, label_names: list[str], names: tuple[str, ..
 # --- run-level: what ``api.utility`` calls ------------------------------------------------------------------
 def utility_run(real: str, synthetic: list, out=None, epochs: int = 10, seed: int | None = None, width: int = 32,
                 val_fraction: float = 0.1, test_fraction: float = 0.1, device: str = "auto",
-                progress: bool = True) -> dict:
+                progress: bool = True, batch_size: int = 128) -> dict:
     """TSTR / real+synthetic / real-only on the real test split of ``real``; written to ``out`` (JSON)."""
     import json
 
@@ -122,8 +123,8 @@ def utility_run(real: str, synthetic: list, out=None, epochs: int = 10, seed: in
     from medivae.seeding import DEFAULT_SEED
     from medivae.train.device import pick_device
 
-    if epochs < 1 or width < 1:
-        raise UserError(f"--epochs and --width must be >= 1 (got {epochs}, {width})")
+    if min(epochs, width, batch_size) < 1:
+        raise UserError(f"--epochs, --width and --batch-size must be >= 1 (got {epochs}, {width}, {batch_size})")
     parts = [load_synthetic(d) for d in synthetic]
     shapes = {p[0].shape[1:] for p in parts}
     if len(shapes) != 1:
@@ -142,8 +143,8 @@ def utility_run(real: str, synthetic: list, out=None, epochs: int = 10, seed: in
     syn = as_imageset(np.concatenate([p[0] for p in parts]), [s for p in parts for s in p[1]], names,
                       ", ".join(map(str, synthetic)))
     result = {"real": str(real), "synthetic": [str(s) for s in synthetic], "n_synthetic": len(syn),
-              "image_size": size, "epochs": epochs, "seed": seed, "classifier_width": width,
-              **tstr(train, syn, test, epochs, seed, width, progress, pick_device(device))}
+              "image_size": size, "epochs": epochs, "batch_size": batch_size, "seed": seed, "classifier_width": width,
+              **tstr(train, syn, test, epochs, seed, width, progress, pick_device(device), batch_size)}
     out = Path(out) if out is not None else Path(synthetic[0]) / "utility.json"
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     result["file"] = str(out)

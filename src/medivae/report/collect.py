@@ -69,7 +69,7 @@ def _read_metrics(path: Path, problems: list[str]) -> list[dict]:
         except json.JSONDecodeError:
             bad += 1
             continue
-        if isinstance(row, dict) and "epoch" in row:
+        if isinstance(row, dict) and type(row.get("epoch")) is int:
             rows.append(row)
         else:
             bad += 1

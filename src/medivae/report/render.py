@@ -54,7 +54,7 @@ class Report:
 
     def cmd(self, template: str) -> str:
         """A copy-pasteable medivae command for this run."""
-        src = ((self.run.config or {}).get("data") or {}).get("source", "SOURCE")
+        src = _dict(_dict(self.run.config).get("data")).get("source", "SOURCE")
         text = "medivae " + template.replace("SOURCE", shlex.quote(str(src)))
         return text.replace("RUN", shlex.quote(str(self.run.run_dir)))
 
@@ -100,7 +100,7 @@ def build(run_dir: str | Path) -> str:
         *application_sections(rep, groups),
         *other_results_sections(rep),
     ]
-    leftover = [p for p in rep.run.images if p not in rep.used and p.name != "report.png"]
+    leftover = [p for p in rep.run.images if p not in rep.used]
     if leftover:
         body.append(rep.section("figures", "Other figures", rep.figures(leftover)))
     body += [data_section(rep), config_section(rep), environment_section(rep)]
@@ -112,6 +112,11 @@ def build(run_dir: str | Path) -> str:
         rep.nav + nav, [head, *body],
         "Self-contained: every figure is embedded in this file and nothing is loaded from the network.",
     )
+
+
+def _dict(value) -> dict:
+    """``value`` if it is a dict, else {}: a hand-edited JSON file must not stop the report."""
+    return value if isinstance(value, dict) else {}
 
 
 def _now() -> str:
@@ -131,8 +136,8 @@ def summary_section(rep: Report) -> str:
 
 
 def _facts(rep: Report):
-    cfg, m = rep.run.config or {}, rep.run.metrics
-    model, data, train = cfg.get("model", {}), cfg.get("data", {}), cfg.get("train", {})
+    cfg, m = _dict(rep.run.config), rep.run.metrics
+    model, data, train = (_dict(cfg.get(k)) for k in ("model", "data", "train"))
     if model:
         yield "model", esc(
             f"{model.get('name')} · latent {model.get('latent_dim')} · {model.get('likelihood')} likelihood"

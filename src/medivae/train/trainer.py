@@ -44,7 +44,7 @@ def batch_indices(order: torch.Tensor, batch_size: int):
         yield order[i : i + batch_size]
 
 
-def batch_source(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+def batch_source(images: np.ndarray | torch.Tensor) -> torch.Tensor | np.ndarray:
     """What ``gather`` reads from: a zero-copy tensor over an in-memory array or a memmap (then only the
     pages of each batch are read). A read-only memmap stays NumPy, since torch cannot wrap it."""
     if isinstance(images, np.ndarray) and images.flags.writeable:
@@ -53,10 +53,13 @@ def batch_source(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def gather(images: np.ndarray | torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """uint8 batch from an in-memory tensor or a memmap (sorted reads are sequential on disk)."""
+    """uint8 batch ``images[idx]``, in the order of ``idx``, from a tensor or a (read-only) memmap."""
     if isinstance(images, torch.Tensor):
         return images.index_select(0, idx)
-    return torch.from_numpy(np.ascontiguousarray(images[np.sort(idx.numpy())]))
+    order = np.argsort(idx.numpy(), kind="stable")  # sorted reads are sequential on disk
+    out = np.empty((len(idx), *images.shape[1:]), dtype=images.dtype)
+    out[order] = images[idx.numpy()[order]]
+    return torch.from_numpy(out)
 
 
 def elbo_step(model, x, y, beta: float, free_bits: float, generator=None, sample=True) -> ELBOTerms:
