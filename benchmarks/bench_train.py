@@ -89,12 +89,34 @@ def build_npz(tar_path: Path, out: Path, n_train: int, n_test: int, seed: int) -
 
 
 # --- child processes --------------------------------------------------------------------------------
+# Every child runs under this launcher, which reports the child's own peak RSS (VmHWM) at exit. The
+# rusage of a child cannot be used: Linux carries the parent's peak RSS into it across fork + exec.
+LAUNCHER = """
+import atexit, runpy, sys
+def peak():
+    try:
+        print('PEAK_RSS_KB', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0],
+              file=sys.stderr, flush=True)
+    except (OSError, IndexError):
+        pass
+atexit.register(peak)
+kind, target = sys.argv[1], sys.argv[2]
+sys.argv = sys.argv[2:]
+if kind == 'path':
+    runpy.run_path(target, run_name='__main__')
+else:
+    runpy.run_module(target, run_name='__main__', alter_sys=True)
+"""
+
+
 def run_measured(cmd: list[str], env: dict) -> dict:
-    """Run ``cmd``: its stdout, wall and CPU seconds, and peak RSS (MB). Reaped with ``os.wait4`` so the
-    rusage is this child's alone (RUSAGE_CHILDREN would give the maximum over all children)."""
+    """Run ``python [-m] ...`` given as ``cmd`` (without the interpreter) under LAUNCHER: its stdout, wall
+    and CPU seconds (rusage via ``os.wait4``: this child's alone) and peak RSS in MB."""
+    kind, target = ("module", cmd[1]) if cmd[0] == "-m" else ("path", cmd[0])
+    args = [sys.executable, "-c", LAUNCHER, kind, target, *cmd[2 if kind == "module" else 1 :]]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:  # files: no pipe can fill up
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        proc = subprocess.Popen(args, stdout=out, stderr=err, env=env)
         _, status, ru = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -103,11 +125,12 @@ def run_measured(cmd: list[str], env: dict) -> dict:
         stdout, stderr = out.read().decode(), err.read().decode()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(map(str, cmd[:5]))} ... failed ({proc.returncode}):\n{stderr[-3000:]}")
+    peak = re.search(r"PEAK_RSS_KB (\d+)", stderr)
     return {
         "stdout": stdout,
         "wall_s": round(wall, 2),
         "cpu_s": round(ru.ru_utime + ru.ru_stime, 2),
-        "peak_rss_mb": round(ru.ru_maxrss / 1024, 1),  # Linux reports KiB
+        "peak_rss_mb": round(int(peak.group(1)) / 1024, 1) if peak else None,  # None: no /proc (not Linux)
     }
 
 
@@ -119,7 +142,7 @@ def child_env(threads: int) -> dict:
 
 
 def run_baseline(npz: Path, epochs: int, threads: int) -> dict:
-    r = run_measured([sys.executable, str(BASELINE), str(npz), str(epochs)], child_env(threads))
+    r = run_measured([str(BASELINE), str(npz), str(epochs)], child_env(threads))
     speed = re.search(r"images/s ([\d.]+)\s+time ([\d.]+)s", r["stdout"])
     elbo = re.search(r"test negELBO/img ([\d.]+)", r["stdout"])
     if not (speed and elbo):
@@ -136,7 +159,7 @@ def run_medivae(npz: Path, epochs: int, threads: int, run_dir: Path, extra: list
     from medivae.train.trainer import read_metrics
 
     cmd = [
-        sys.executable, "-m", "medivae", "train", "--data", str(npz), "--out", str(run_dir), "--no-cache",
+        "-m", "medivae", "train", "--data", str(npz), "--out", str(run_dir), "--no-cache",
         "--epochs", str(epochs), "--batch-size", "128", "--no-progress", "--seed", str(DEFAULT_SEED), *extra,
     ]
     if threads:
@@ -214,7 +237,7 @@ def inference_speed(run_dir: Path, npz: Path, n_samples: int) -> dict:
 
 # --- scaling ---------------------------------------------------------------------------------------
 def scaling_worker(npy: str, size: int, storage: str, epochs: int) -> None:
-    """One training epoch (after a 2-batch warm-up) of the article's model at ``size``, through the
+    """One training epoch (after a one-batch warm-up) of the article's model at ``size``, through the
     trainer's own data path; prints one JSON line. Runs in its own process for a clean peak RSS."""
     from medivae.config import ModelConfig, RunConfig, TrainConfig
     from medivae.data import ImageSet
@@ -228,7 +251,7 @@ def scaling_worker(npy: str, size: int, storage: str, epochs: int) -> None:
     cfg = RunConfig(model=ModelConfig(image_size=size), train=TrainConfig(epochs=epochs, batch_size=128))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, build_model(cfg.model), pick_device("auto"), Path(tmp), progress=False)
-        warm = ImageSet(images[:256], train.labels[:256])
+        warm = ImageSet(images[:128], train.labels[:128])  # one batch: oneDNN builds its kernels
         trainer.train_epoch(warm, batch_source(warm.images), 1)
         source = batch_source(train.images)
         start = time.perf_counter()
@@ -249,7 +272,7 @@ def scaling_table(x64: np.ndarray, work: Path, sizes, counts, threads: int, epoc
         reps = int(np.ceil(n / len(x64)))
         np.save(npy, resize(np.concatenate([x64] * reps)[:n], size))
         for storage in ("ram", "memmap"):
-            cmd = [sys.executable, __file__, "--scaling-worker", str(npy), str(size), storage, str(epochs)]
+            cmd = [__file__, "--scaling-worker", str(npy), str(size), storage, str(epochs)]
             r = run_measured(cmd, child_env(threads))
             res = json.loads(r["stdout"].strip().splitlines()[-1])
             rows.append({
@@ -269,7 +292,7 @@ def summarise(runs: list[dict]) -> dict:
     return {
         "images_per_s_median": float(np.median(ips)),
         "test_neg_elbo_median": float(np.median([r["test_neg_elbo"] for r in runs])),
-        "peak_rss_mb_max": max(r["peak_rss_mb"] for r in runs),
+        "peak_rss_mb_max": max((r["peak_rss_mb"] or 0) for r in runs) or None,
         "cpu_s_per_1000_images_median": float(np.median([1000 * r["cpu_s"] / r["n_images_trained"] for r in runs])),
     }
 
@@ -303,7 +326,7 @@ def parse_args(argv):
     p.add_argument("--scaling-worker", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.epochs, args.repeats, args.n_images, args.n_test, args.scaling_n = 1, 1, 512, 256, 256
+        args.epochs, args.repeats, args.n_images, args.n_test, args.scaling_n = 1, 1, 512, 256, 128
     return args
 
 
@@ -353,7 +376,8 @@ def main(argv=None) -> int:
             "inference": inference_speed(work / "medivae_0", npz, n_inf),
         }
         if not args.no_scaling:
-            sizes, counts = (64, 128, 256), (args.scaling_n, 4 * args.scaling_n)
+            sizes = (32, 64) if args.quick else (64, 128, 256)  # quick: only that the table is made
+            counts = (args.scaling_n, 4 * args.scaling_n)
             result["scaling"] = scaling_table(x64, work, sizes, counts, args.threads, 1)
         result["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     args.out.parent.mkdir(parents=True, exist_ok=True)

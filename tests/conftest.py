@@ -43,3 +43,17 @@ def mednist_sample(shared_data) -> Path:
     if not p.is_dir():
         pytest.skip("mednist/sample is absent")
     return p
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Keep the decoded-data cache of the test session out of the user's ~/.cache."""
+    import os
+
+    old = os.environ.get("MEDIVAE_CACHE")
+    os.environ["MEDIVAE_CACHE"] = str(tmp_path_factory.mktemp("medivae-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MEDIVAE_CACHE", None)
+    else:
+        os.environ["MEDIVAE_CACHE"] = old

@@ -11,8 +11,21 @@ import pytest
 from medivae.cli import main
 from medivae.evaluation import anomaly as an
 
-TINY = ["--image-size", "32", "--latent-dim", "4", "--base-width", "4", "--batch-size", "16", "--lr", "3e-3",
-        "--precision", "fp32", "--no-progress"]
+TINY = [
+    "--image-size",
+    "32",
+    "--latent-dim",
+    "4",
+    "--base-width",
+    "4",
+    "--batch-size",
+    "16",
+    "--lr",
+    "3e-3",
+    "--precision",
+    "fp32",
+    "--no-progress",
+]
 
 
 def test_auroc_is_one_on_separable_and_half_on_constant_scores():
@@ -52,8 +65,23 @@ def test_latent_mahalanobis_grows_with_distance_from_normal_codes():
 @pytest.fixture(scope="module")
 def normal_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("anomaly") / "run"
-    rc = main(["anomaly", "fit", "--data", "phantoms:400", "--normal-label", "normal", "--out", str(run),
-               "--epochs", "4", "--seed", "7", *TINY])
+    rc = main(
+        [
+            "anomaly",
+            "fit",
+            "--data",
+            "phantoms:400",
+            "--normal-label",
+            "normal",
+            "--out",
+            str(run),
+            "--epochs",
+            "4",
+            "--seed",
+            "7",
+            *TINY,
+        ]
+    )
     assert rc == 0
     return run
 
@@ -75,8 +103,21 @@ def test_maps_highlight_an_inserted_lesion(normal_run):
 
 def test_score_cli_end_to_end(normal_run, tmp_path, capsys):
     out = tmp_path / "scored"
-    rc = main(["anomaly", "score", str(normal_run), "--out", str(out), "--iwae-samples", "2", "--n-maps", "4",
-               "--device", "cpu"])
+    rc = main(
+        [
+            "anomaly",
+            "score",
+            str(normal_run),
+            "--out",
+            str(out),
+            "--iwae-samples",
+            "2",
+            "--n-maps",
+            "4",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     assert "AUROC" in capsys.readouterr().out
     r = json.loads((normal_run / "results.json").read_text())["anomaly"]
@@ -103,10 +144,16 @@ def test_scored_normals_were_never_trained_on(normal_run):
     assert (scored.labels != sets["normal_code"]).any()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["anomaly", "fit", "--data", "phantoms:40", "--normal-label", "healthy", "--out", "{tmp}/r"], "unknown label"),
-    (["anomaly", "score", "{tmp}/missing"], "no such run folder"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["anomaly", "fit", "--data", "phantoms:40", "--normal-label", "healthy", "--out", "{tmp}/r"],
+            "unknown label",
+        ),
+        (["anomaly", "score", "{tmp}/missing"], "no such run folder"),
+    ],
+)
 def test_bad_input_exits_2(argv, message, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(argv + (TINY if argv[1] == "fit" else [])) == 2

@@ -22,8 +22,9 @@ def _images(n, seed):
     """uint8 (n, 1, 16, 16) smooth random blobs: every image differs from every other."""
     rng = np.random.default_rng(seed)
     base = rng.normal(size=(n, 1, 4, 4))
-    return np.clip(np.kron(base, np.ones((1, 1, 4, 4))) * 40 + 128 + rng.normal(0, 8, (n, 1, 16, 16)),
-                   0, 255).astype(np.uint8)
+    return np.clip(
+        np.kron(base, np.ones((1, 1, 4, 4))) * 40 + 128 + rng.normal(0, 8, (n, 1, 16, 16)), 0, 255
+    ).astype(np.uint8)
 
 
 def test_nearest_matches_brute_force():
@@ -45,9 +46,12 @@ def test_a_copied_training_image_is_always_rejected(percentile):
     def feat(x):
         return x.reshape(len(x), -1).astype(np.float64) @ proj
 
-    checks = [pv.check_space("pixel", pv.pixel_vectors(syn), pv.pixel_vectors(train), pv.pixel_vectors(held),
-                             percentile),
-              pv.check_space("feature", feat(syn), feat(train), feat(held), percentile)]
+    checks = [
+        pv.check_space(
+            "pixel", pv.pixel_vectors(syn), pv.pixel_vectors(train), pv.pixel_vectors(held), percentile
+        ),
+        pv.check_space("feature", feat(syn), feat(train), feat(held), percentile),
+    ]
     rejected, report = pv.memorisation_report(checks, percentile)
     assert rejected[-3:].all()
     assert report["n_rejected"] == rejected.sum() >= 3
@@ -56,7 +60,9 @@ def test_a_copied_training_image_is_always_rejected(percentile):
 
 def test_fresh_real_images_are_rejected_at_about_the_percentile():
     train, held, fresh = _images(300, 5), _images(300, 6), _images(300, 7)
-    c = pv.check_space("pixel", pv.pixel_vectors(fresh), pv.pixel_vectors(train), pv.pixel_vectors(held), 50.0)
+    c = pv.check_space(
+        "pixel", pv.pixel_vectors(fresh), pv.pixel_vectors(train), pv.pixel_vectors(held), 50.0
+    )
     assert 0.35 < c.rejected.mean() < 0.65
 
 
@@ -71,8 +77,28 @@ def one_class_run(tmp_path_factory):
 
 def test_synthesize_cli_writes_images_labels_and_report(one_class_run, tmp_path):
     out = tmp_path / "syn"
-    assert main(["synthesize", str(one_class_run), "-n", "24", "--out", str(out), "--percentile", "5",
-                 "--reference-epochs", "1", "--pairs", "3", "--no-progress", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "synthesize",
+                str(one_class_run),
+                "-n",
+                "24",
+                "--out",
+                str(out),
+                "--percentile",
+                "5",
+                "--reference-epochs",
+                "1",
+                "--pairs",
+                "3",
+                "--no-progress",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     rep = json.loads((out / "memorisation.json").read_text())
     rows = list(csv.DictReader((out / "labels.csv").open()))
     assert rep["n_synthetic"] == 24 and len(rows) == rep["n_written"] == 24 - rep["n_rejected"]
@@ -87,17 +113,40 @@ def test_synthesize_npz_is_a_medivae_source(one_class_run, tmp_path):
     from medivae.data.npz import load_npz
 
     out = tmp_path / "npz"
-    assert main(["synthesize", str(one_class_run), "-n", "10", "--out", str(out), "--format", "npz",
-                 "--label", "normal", "--reference-epochs", "1", "--pairs", "0", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "synthesize",
+                str(one_class_run),
+                "-n",
+                "10",
+                "--out",
+                str(out),
+                "--format",
+                "npz",
+                "--label",
+                "normal",
+                "--reference-epochs",
+                "1",
+                "--pairs",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     s = load_npz(out / "synthetic.npz")["train"]
     assert s.images.shape[1:] == (1, 32, 32) and (s.labels == 0).all()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["-n", "0"], "-n >= 1"),
-    (["-n", "4", "--label", "lesion"], "unconditional run"),
-    (["-n", "4", "--format", "tiff"], "--format"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["-n", "0"], "-n >= 1"),
+        (["-n", "4", "--label", "lesion"], "unconditional run"),
+        (["-n", "4", "--format", "tiff"], "--format"),
+    ],
+)
 def test_bad_input_exits_2(one_class_run, tmp_path, capsys, extra, message):
     assert main(["synthesize", str(one_class_run), "--out", str(tmp_path / "x"), *extra]) == 2
     err = capsys.readouterr().err

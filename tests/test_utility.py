@@ -34,8 +34,16 @@ def test_metrics_of_perfect_and_of_inverted_predictions():
 
 
 def test_tstr_on_a_separable_problem_reaches_high_accuracy():
-    r = ut.tstr(_separable(64, 1), _separable(96, 2), _separable(60, 3), epochs=8, seed=0, width=4,
-                progress=False, batch_size=16)
+    r = ut.tstr(
+        _separable(64, 1),
+        _separable(96, 2),
+        _separable(60, 3),
+        epochs=8,
+        seed=0,
+        width=4,
+        progress=False,
+        batch_size=16,
+    )
     assert set(r) == {"synthetic_only", "real_plus_synthetic", "real_only"}
     assert r["synthetic_only"]["accuracy"] >= 0.9 and r["synthetic_only"]["auc"] >= 0.95
     assert r["real_plus_synthetic"]["n_train"] == 64 + 96
@@ -44,8 +52,16 @@ def test_tstr_on_a_separable_problem_reaches_high_accuracy():
 def test_tstr_on_mislabelled_synthetic_data_is_worse_than_chance():
     flipped = _separable(96, 2)
     flipped.labels = 1 - flipped.labels
-    r = ut.tstr(_separable(64, 1), flipped, _separable(60, 3), epochs=8, seed=0, width=4, progress=False,
-               batch_size=16)
+    r = ut.tstr(
+        _separable(64, 1),
+        flipped,
+        _separable(60, 3),
+        epochs=8,
+        seed=0,
+        width=4,
+        progress=False,
+        batch_size=16,
+    )
     assert r["synthetic_only"]["auc"] < 0.5 < r["real_only"]["auc"]
 
 
@@ -53,8 +69,11 @@ def test_tstr_on_mislabelled_synthetic_data_is_worse_than_chance():
 def real_npz(tmp_path):
     path = tmp_path / "real.npz"
     splits = {s: _separable(n, i) for i, (s, n) in enumerate([("train", 64), ("val", 16), ("test", 40)])}
-    np.savez(path, **{f"{s}_images": v.images[:, 0] for s, v in splits.items()},
-             **{f"{s}_labels": v.labels[:, None] for s, v in splits.items()})
+    np.savez(
+        path,
+        **{f"{s}_images": v.images[:, 0] for s, v in splits.items()},
+        **{f"{s}_labels": v.labels[:, None] for s, v in splits.items()},
+    )
     return path
 
 
@@ -64,8 +83,29 @@ def test_utility_cli_end_to_end(real_npz, tmp_path, fmt, capsys):
     names = ["0" if c == 0 else "1" for c in syn.labels]  # the npz's own label names
     write_synthetic(tmp_path / "syn", syn.images, names, ("0", "1"), fmt)
     out = tmp_path / "u.json"
-    assert main(["utility", "--real", str(real_npz), "--synthetic", str(tmp_path / "syn"), "--out", str(out),
-                 "--epochs", "2", "--width", "4", "--batch-size", "16", "--no-progress", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "utility",
+                "--real",
+                str(real_npz),
+                "--synthetic",
+                str(tmp_path / "syn"),
+                "--out",
+                str(out),
+                "--epochs",
+                "2",
+                "--width",
+                "4",
+                "--batch-size",
+                "16",
+                "--no-progress",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     r = json.loads(out.read_text())
     assert r["n_synthetic"] == 48 and r["real_only"]["n_test"] == 40
     assert set(r["synthetic_only"]["recall"]) == {"0", "1"}

@@ -13,8 +13,10 @@ def cmd_fit(args) -> int:
 
     args.labels = args.normal_label  # train, validate and test on normals only
     run = api.anomaly_fit(run_config(args), args.out, progress=not args.no_progress)
-    print(f"anomaly model (normal = {args.normal_label!r}) written to {run}; score it with "
-          f"'medivae anomaly score {run}'")
+    print(
+        f"anomaly model (normal = {args.normal_label!r}) written to {run}; score it with "
+        f"'medivae anomaly score {run}'"
+    )
     return 0
 
 
@@ -22,11 +24,22 @@ def cmd_score(args) -> int:
     from medivae import api
 
     r = api.anomaly_score(
-        args.run, data=args.data, split=args.split, out=args.out, normal_label=args.normal_label,
-        fpr=args.fpr, k=args.iwae_samples, gradient=args.gradient_maps, n_maps=args.n_maps,
-        batch_size=args.batch_size, device=args.device,
+        args.run,
+        data=args.data,
+        split=args.split,
+        out=args.out,
+        normal_label=args.normal_label,
+        fpr=args.fpr,
+        k=args.iwae_samples,
+        gradient=args.gradient_maps,
+        n_maps=args.n_maps,
+        batch_size=args.batch_size,
+        device=args.device,
     )
-    print(f"scored {r['n_scored']} images of {r['data']} ({r['split']}); files in {Path(r['files']['scores']).parent}")
+    print(
+        f"scored {r['n_scored']} images of {r['data']} ({r['split']}); "
+        f"files in {Path(r['files']['scores']).parent}"
+    )
     for name, m in r.get("metrics", {}).items():
         print(f"  {name:10s} AUROC {m['auroc']:.3f}  AUPRC {m['auprc']:.3f}")
     t = r["threshold"]
@@ -63,7 +76,9 @@ def add(sub) -> None:
     c.add_argument("--normal-label", default=None, help="default: the label the run was fitted on")
     c.add_argument("--fpr", type=float, default=0.05, help="target false-positive rate on validation normals")
     c.add_argument("--iwae-samples", type=int, default=16, help="posterior draws per image (default 16)")
-    c.add_argument("--gradient-maps", action="store_true", help="maps from |d(-ELBO)/dx| instead of residuals")
+    c.add_argument(
+        "--gradient-maps", action="store_true", help="maps from |d(-ELBO)/dx| instead of residuals"
+    )
     c.add_argument("--n-maps", type=int, default=16, help="images drawn in overlays.png (default 16)")
     c.add_argument("--batch-size", type=int, default=128)
     c.add_argument("--device", default="auto")

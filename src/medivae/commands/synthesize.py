@@ -9,27 +9,47 @@ def cmd_synthesize(args) -> int:
     from medivae import api
 
     r = api.synthesize(
-        args.run, args.n, args.out, label=args.label, percentile=args.percentile, fmt=args.format,
-        seed=args.seed, n_pairs=args.pairs, reference_epochs=args.reference_epochs, device=args.device,
+        args.run,
+        args.n,
+        args.out,
+        label=args.label,
+        percentile=args.percentile,
+        fmt=args.format,
+        seed=args.seed,
+        n_pairs=args.pairs,
+        reference_epochs=args.reference_epochs,
+        device=args.device,
         progress=not args.no_progress,
     )
-    print(f"{r['n_written']} of {r['n_synthetic']} images written to {args.out}; {r['n_rejected']} rejected as "
-          f"too close to a training image (memorisation rate {r['memorisation_rate']:.3%}, "
-          f"percentile {r['percentile']:g} of real test->train distances)")
+    print(
+        f"{r['n_written']} of {r['n_synthetic']} images written to {args.out}; {r['n_rejected']} rejected as "
+        f"too close to a training image (memorisation rate {r['memorisation_rate']:.3%}, "
+        f"percentile {r['percentile']:g} of real test->train distances)"
+    )
     return 0
 
 
 def add(sub) -> None:
-    p = sub.add_parser("synthesize", help="write synthetic images + labels, with a memorisation (privacy) filter")
+    p = sub.add_parser(
+        "synthesize", help="write synthetic images + labels, with a memorisation (privacy) filter"
+    )
     p.add_argument("run", type=Path)
     p.add_argument("-n", type=int, required=True, help="images to draw (rejected ones are not written)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--label", default=None, help="class to draw (conditional run) or to write (one-class run)")
-    p.add_argument("--percentile", type=float, default=1.0,
-                   help="reject images nearer to a training image than this percentile of real test images")
+    p.add_argument(
+        "--label", default=None, help="class to draw (conditional run) or to write (one-class run)"
+    )
+    p.add_argument(
+        "--percentile",
+        type=float,
+        default=1.0,
+        help="reject images nearer to a training image than this percentile of real test images",
+    )
     p.add_argument("--format", default="png", help="png (images/ + labels.csv, default) or npz")
     p.add_argument("--pairs", type=int, default=8, help="nearest (synthetic, training) pairs drawn per space")
-    p.add_argument("--reference-epochs", type=int, default=5, help="epochs of the reference feature extractor")
+    p.add_argument(
+        "--reference-epochs", type=int, default=5, help="epochs of the reference feature extractor"
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")

@@ -56,5 +56,10 @@ class ImageSet:
 
 def to_float(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 (B, C, H, W) -> float32 in [0, 1] on ``device``. The only place bytes become floats."""
-    t = torch.as_tensor(np.asarray(images)) if isinstance(images, np.ndarray) else images
+    if isinstance(images, np.ndarray):
+        a = np.asarray(images)
+        # a read-only memmap (the decoded cache): copy the batch, since torch cannot wrap read-only memory
+        t = torch.as_tensor(a if a.flags.writeable else np.array(a))
+    else:
+        t = images
     return t.to(device=device, non_blocking=True).float().div_(255.0)

@@ -34,7 +34,7 @@ COMBINED_FROM = ("ssim", "iwae_minus_png")
 
 @dataclass
 class AnomalyScores:
-    """scores: name -> float64 (N,); maps: float32 (N, H, W) pixel anomaly maps; codes: (N, D) posterior means."""
+    """scores: name -> float64 (N,); maps: float32 (N, H, W) pixel maps; codes: (N, D) posterior means."""
 
     scores: dict[str, np.ndarray]
     maps: np.ndarray
@@ -42,7 +42,9 @@ class AnomalyScores:
 
 
 @torch.no_grad()
-def _score_batch(model, x: torch.Tensor, y, k: int, generator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _score_batch(
+    model, x: torch.Tensor, y, k: int, generator
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """x: float (B, C, H, W) -> per-sample score tensors (B,), codes (B, D) and residual maps (B, H, W)."""
     log_px, log_ratio, q = sample_log_terms(model, x, y, k, generator)  # (K, B) each, float64
     recon = model.images(model.decode(q.mode(), y)).float()
@@ -99,7 +101,9 @@ def png_nats(images: np.ndarray) -> np.ndarray:
     out = np.empty(len(images))
     for i, img in enumerate(images):
         buf = io.BytesIO()
-        Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)).save(buf, "PNG", compress_level=9)
+        Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)).save(
+            buf, "PNG", compress_level=9
+        )
         out[i] = len(buf.getvalue()) * 8 * math.log(2)
     return out
 
@@ -214,7 +218,9 @@ def plot_roc(scores: dict[str, np.ndarray], is_anomaly: np.ndarray, path: Path, 
         fpr, tpr, _ = roc_curve(is_anomaly, s)
         ax.plot(fpr, tpr, label=f"{name} (AUROC {roc_auc_score(is_anomaly, s):.3f})", lw=1.4)
     ax.plot([0, 1], [0, 1], color="0.7", ls="--", lw=1)
-    ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(
+        xlabel="false-positive rate", ylabel="true-positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01)
+    )
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -222,8 +228,10 @@ def plot_roc(scores: dict[str, np.ndarray], is_anomaly: np.ndarray, path: Path, 
     return Path(path)
 
 
-def plot_overlays(images: np.ndarray, maps: np.ndarray, titles: list[str], path: Path, per_row: int = 4) -> Path:
-    """(image, anomaly map over the image) pairs, ``per_row`` pairs a row: images uint8 (N, C, H, W), maps (N, H, W)."""
+def plot_overlays(
+    images: np.ndarray, maps: np.ndarray, titles: list[str], path: Path, per_row: int = 4
+) -> Path:
+    """(image, map over the image) pairs, ``per_row`` a row: images uint8 (N, C, H, W), maps (N, H, W)."""
     from matplotlib.figure import Figure
 
     n = len(images)
@@ -253,8 +261,12 @@ def plot_overlays(images: np.ndarray, maps: np.ndarray, titles: list[str], path:
 def _concat(a, b):
     from medivae.data.imageset import ImageSet
 
-    return ImageSet(np.concatenate([a.images, b.images]), np.concatenate([a.labels, b.labels]), a.label_names,
-                    meta={**a.meta, "n": len(a) + len(b)})
+    return ImageSet(
+        np.concatenate([a.images, b.images]),
+        np.concatenate([a.labels, b.labels]),
+        a.label_names,
+        meta={**a.meta, "n": len(a) + len(b)},
+    )
 
 
 def scoring_sets(cfg, normal_label: str, data: str | None, split: str) -> dict:
@@ -277,7 +289,9 @@ def scoring_sets(cfg, normal_label: str, data: str | None, split: str) -> dict:
     code = names.index(normal_label)
     normals = {k: v.subset(np.flatnonzero(v.labels == code)) for k, v in own.items()}
     if len(normals["val"]) < 2:
-        raise UserError("the run has fewer than 2 validation normals to calibrate on; refit with --val-fraction > 0")
+        raise UserError(
+            "the run has fewer than 2 validation normals to calibrate on; refit with --val-fraction > 0"
+        )
     same = data is None or data == cfg.data.source
     full = load_dataset(dataclasses.replace(cfg.data, source=data or cfg.data.source, labels=()), seed, False)
     if split not in full:
@@ -306,13 +320,31 @@ def write_scores_csv(path: Path, scored, scores: dict[str, np.ndarray], is_anoma
     w.writerow(["index", "label", "is_anomaly", *scores, "flagged"])
     for i in range(len(scored)):
         lab = int(scored.labels[i])
-        w.writerow([i, names[lab] if 0 <= lab < len(names) else "", "" if is_anomaly is None else
-                    int(is_anomaly[i]), *(f"{v[i]:.6g}" for v in scores.values()), int(flagged[i])])
+        w.writerow(
+            [
+                i,
+                names[lab] if 0 <= lab < len(names) else "",
+                "" if is_anomaly is None else int(is_anomaly[i]),
+                *(f"{v[i]:.6g}" for v in scores.values()),
+                int(flagged[i]),
+            ]
+        )
     atomic_write_text(path, buf.getvalue())
 
 
-def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr=0.05, k=16,
-              gradient=False, n_maps=16, batch_size=128, device="auto") -> dict:
+def score_run(
+    run_dir,
+    data=None,
+    split="test",
+    out=None,
+    normal_label=None,
+    fpr=0.05,
+    k=16,
+    gradient=False,
+    n_maps=16,
+    batch_size=128,
+    device="auto",
+) -> dict:
     """Score a split with a run fitted on normals; write scores.csv, maps, ROC and results.json["anomaly"]."""
     from medivae import api
     from medivae.errors import UserError
@@ -322,9 +354,13 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
     out = Path(out) if out is not None else run_dir / "anomaly"
     normal_label = normal_label or (cfg.data.labels[0] if len(cfg.data.labels) == 1 else None)
     if normal_label is None:
-        raise UserError("this run was not fitted on one label; pass --normal-label or use 'medivae anomaly fit'")
+        raise UserError(
+            "this run was not fitted on one label; pass --normal-label or use 'medivae anomaly fit'"
+        )
     if not 0 < fpr < 1 or k < 1 or n_maps < 0:
-        raise UserError(f"need 0 < --fpr < 1, --iwae-samples >= 1 and --n-maps >= 0 (got {fpr}, {k}, {n_maps})")
+        raise UserError(
+            f"need 0 < --fpr < 1, --iwae-samples >= 1 and --n-maps >= 0 (got {fpr}, {k}, {n_maps})"
+        )
     sets = scoring_sets(cfg, normal_label, data, split)
     seed = cfg.train.seed
 
@@ -341,9 +377,25 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
     for r in (val, scored):
         r.scores["combined"] = combined_score(r.scores, calib)
     thr = threshold_at_fpr(val.scores["combined"], fpr)
-    return _write_score_outputs(run_dir, out, cfg, sets, scored, val, calib, thr, fpr, dict(
-        normal_label=normal_label, data=data or cfg.data.source, split=split, iwae_samples=k,
-        map="gradient" if gradient else "residual"), n_maps)
+    return _write_score_outputs(
+        run_dir,
+        out,
+        cfg,
+        sets,
+        scored,
+        val,
+        calib,
+        thr,
+        fpr,
+        dict(
+            normal_label=normal_label,
+            data=data or cfg.data.source,
+            split=split,
+            iwae_samples=k,
+            map="gradient" if gradient else "residual",
+        ),
+        n_maps,
+    )
 
 
 def _write_score_outputs(run_dir, out, cfg, sets, scored, val, calib, thr, fpr, info, n_maps) -> dict:
@@ -359,14 +411,24 @@ def _write_score_outputs(run_dir, out, cfg, sets, scored, val, calib, thr, fpr, 
     pick = np.concatenate([order[: (n_maps + 1) // 2], order[::-1][: n_maps // 2]]) if n_maps else order[:0]
     if len(pick):
         names = s.label_names
-        titles = [f"#{i} {names[s.labels[i]] if s.labels[i] >= 0 else '?'} score {scored.scores['combined'][i]:.2f}"
-                  for i in pick]
+        titles = [
+            f"#{i} {names[s.labels[i]] if s.labels[i] >= 0 else '?'} score {scored.scores['combined'][i]:.2f}"
+            for i in pick
+        ]
         plot_overlays(s.images[pick], scored.maps[pick], titles, out / "overlays.png")
-    result = {**info, "n_scored": len(s), "calibration": {"normals": len(val.maps), "z_score": calib},
-              "threshold": {"score": "combined", "target_fpr": fpr, "value": thr,
-                            "val_fpr": float((val.scores["combined"] > thr).mean()),
-                            "n_flagged": int(flagged.sum())},
-              "files": {"scores": str(out / "scores.csv"), "maps": str(out / "maps.npz")}}
+    result = {
+        **info,
+        "n_scored": len(s),
+        "calibration": {"normals": len(val.maps), "z_score": calib},
+        "threshold": {
+            "score": "combined",
+            "target_fpr": fpr,
+            "value": thr,
+            "val_fpr": float((val.scores["combined"] > thr).mean()),
+            "n_flagged": int(flagged.sum()),
+        },
+        "files": {"scores": str(out / "scores.csv"), "maps": str(out / "maps.npz")},
+    }
     if len(pick):
         result["files"]["overlays"] = str(out / "overlays.png")
     if is_anomaly is not None:
@@ -376,8 +438,12 @@ def _write_score_outputs(run_dir, out, cfg, sets, scored, val, calib, thr, fpr, 
         if all(m is not None for m in metrics.values()):
             result["metrics"] = metrics
             result["threshold"].update(rates_at(scored.scores["combined"][labelled], y, thr))
-            plot_roc({n: v[labelled] for n, v in scored.scores.items()}, y, out / "roc.png",
-                     f"normal = {info['normal_label']!r}, {info['split']} split")
+            plot_roc(
+                {n: v[labelled] for n, v in scored.scores.items()},
+                y,
+                out / "roc.png",
+                f"normal = {info['normal_label']!r}, {info['split']} split",
+            )
             result["files"]["roc"] = str(out / "roc.png")
     merge_results(run_dir / "results.json", "anomaly", result)
     return result

@@ -5,7 +5,9 @@
   Var_x(E[z_j | x]) > 0.01.
 - Mutual information I(x; z) under the encoder's joint q(x, z) = p_data(x) q(z|x), estimated as
   E_x[KL(q(z|x) || q(z))] with the aggregate posterior q(z) = mean_n q(z|x_n) over the same images
-  (Hoffman & Johnson 2016; the estimator of He et al. 2019). It cannot exceed log N for N images.
+  (Hoffman & Johnson 2016; the estimator of He et al. 2019). In expectation it is a lower bound on
+  I(x; z) (it has the InfoNCE form of van den Oord et al. 2018 with critic log q(z|x)) and it cannot
+  exceed log N for N images: near log N it only says "at least this much".
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def sample_log_terms(
     y: torch.Tensor | None = None,
     k: int = 100,
     generator: torch.Generator | None = None,
-    max_decode: int = 1024,
+    max_decode: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor, DiagonalGaussian]:
     """For z_1..z_K ~ q(z|x): log p(x|z_k) and log p(z_k) - log q(z_k|x).
 
@@ -81,7 +81,7 @@ def ks_for(k: int) -> list[int]:
 
 
 @torch.no_grad()
-def batch_bounds(model, x, y=None, k: int = 100, generator=None, max_decode: int = 1024) -> dict:
+def batch_bounds(model, x, y=None, k: int = 100, generator=None, max_decode: int = 256) -> dict:
     """Per-image bounds of one batch in nats, numpy float64 (B,).
 
     ``neg_elbo``: -(log p(x|z) averaged over the K samples) + the closed-form KL (lower variance
@@ -102,7 +102,7 @@ def bits_per_dim(nats: float, dims: int) -> float:
 
 @torch.no_grad()
 def likelihood_bounds(
-    model, batches, k: int = 100, generator: torch.Generator | None = None, max_decode: int = 1024
+    model, batches, k: int = 100, generator: torch.Generator | None = None, max_decode: int = 256
 ) -> dict:
     """Dataset summary over ``batches`` (an iterable of (x, y)); see the module docstring for units.
 

@@ -68,8 +68,9 @@ class SpaceCheck:
         }
 
 
-def check_space(name: str, synthetic: np.ndarray, train: np.ndarray, held_out: np.ndarray,
-                percentile: float) -> SpaceCheck:
+def check_space(
+    name: str, synthetic: np.ndarray, train: np.ndarray, held_out: np.ndarray, percentile: float
+) -> SpaceCheck:
     """Vectors (N, F), (M, F), (K, F) of one space -> the distances and the percentile threshold."""
     if not 0.0 <= percentile <= 100.0:
         raise ValueError(f"percentile must be in [0, 100], not {percentile}")
@@ -126,11 +127,15 @@ def _label_plan(cfg, label: str | None, n: int) -> tuple[np.ndarray | None, list
         return None, [trained[0] if len(trained) == 1 else ""] * n
     if trained == (label,):
         return None, [label] * n
-    raise UserError(f"--label {label!r}: this unconditional run was trained on "
-                    f"{list(trained) or 'every label'}; fit one run per class (--labels {label}) or a cvae")
+    raise UserError(
+        f"--label {label!r}: this unconditional run was trained on "
+        f"{list(trained) or 'every label'}; fit one run per class (--labels {label}) or a cvae"
+    )
 
 
-def generate_uint8(model, codes: np.ndarray | None, n: int, seed: int, device, batch: int = 256) -> np.ndarray:
+def generate_uint8(
+    model, codes: np.ndarray | None, n: int, seed: int, device, batch: int = 256
+) -> np.ndarray:
     """n prior samples, uint8 (n, C, H, W), each conditioned on codes[i] when given."""
     from medivae.seeding import torch_generator
 
@@ -144,8 +149,10 @@ def generate_uint8(model, codes: np.ndarray | None, n: int, seed: int, device, b
     return torch.cat(out).numpy()
 
 
-def write_synthetic(folder, images: np.ndarray, label_names: list[str], known: tuple[str, ...], fmt: str) -> dict:
-    """PNG files + labels.csv (path,label: itself a medivae CSV source), or synthetic.npz in MedMNIST layout."""
+def write_synthetic(
+    folder, images: np.ndarray, label_names: list[str], known: tuple[str, ...], fmt: str
+) -> dict:
+    """PNG files + labels.csv (path,label: a medivae CSV source), or synthetic.npz (MedMNIST layout)."""
     from pathlib import Path
 
     from medivae.generate import save_png
@@ -159,8 +166,12 @@ def write_synthetic(folder, images: np.ndarray, label_names: list[str], known: t
         codes = np.array([known.index(s) if s in known else -1 for s in label_names], dtype=np.int64)
         arr = images[:, 0] if images.shape[1] == 1 else images.transpose(0, 2, 3, 1)
         buf = io.BytesIO()
-        np.savez_compressed(buf, train_images=arr, train_labels=codes[:, None],
-                            label_names=np.array(known or ("",), dtype=str))
+        np.savez_compressed(
+            buf,
+            train_images=arr,
+            train_labels=codes[:, None],
+            label_names=np.array(known or ("",), dtype=str),
+        )
         atomic_write_bytes(folder / "synthetic.npz", buf.getvalue())
         return {"images": str(folder / "synthetic.npz")}
     rows = ["path,label"]
@@ -183,15 +194,35 @@ def _reference(run_dir, cfg, epochs: int, progress: bool, device):
 
     data = dataclasses.replace(cfg.data, labels=())
     train = load_dataset(data, cfg.train.seed, progress=False)["train"]
-    keep = ("source", "image_size", "channels", "labels", "val_fraction", "test_fraction", "resize_mode", "window")
+    keep = (
+        "source",
+        "image_size",
+        "channels",
+        "labels",
+        "val_fraction",
+        "test_fraction",
+        "resize_mode",
+        "window",
+    )
     desc = {k: getattr(data, k) for k in keep}  # the evaluation suite's key: one cache for both tools
-    return load_or_fit_reference(Path(run_dir) / "reference", train, desc, cfg.train.seed, epochs,
-                                 progress=progress, device=device)
+    return load_or_fit_reference(
+        Path(run_dir) / "reference", train, desc, cfg.train.seed, epochs, progress=progress, device=device
+    )
 
 
-def synthesize_run(run_dir, n: int, out, label: str | None = None, percentile: float = 1.0, fmt: str = "png",
-                   seed: int | None = None, n_pairs: int = 8, reference_epochs: int = 5, device: str = "auto",
-                   progress: bool = True) -> dict:
+def synthesize_run(
+    run_dir,
+    n: int,
+    out,
+    label: str | None = None,
+    percentile: float = 1.0,
+    fmt: str = "png",
+    seed: int | None = None,
+    n_pairs: int = 8,
+    reference_epochs: int = 5,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
     """Sample n images, reject those closer to the training set than real test images are, write the rest."""
     import json
     from pathlib import Path
@@ -203,17 +234,29 @@ def synthesize_run(run_dir, n: int, out, label: str | None = None, percentile: f
     from medivae.io import atomic_write_text
 
     if n < 1 or not 0 <= percentile <= 100 or fmt not in ("png", "npz") or n_pairs < 0:
-        raise UserError(f"need -n >= 1, 0 <= --percentile <= 100, --format png|npz (got {n}, {percentile}, {fmt})")
+        raise UserError(
+            f"need -n >= 1, 0 <= --percentile <= 100, --format png|npz (got {n}, {percentile}, {fmt})"
+        )
     model, cfg, dev = api.load_run(run_dir, device=device)
     codes, names = _label_plan(cfg, label, n)
     fake = generate_uint8(model, codes, n, cfg.train.seed if seed is None else seed, dev)
     splits = load_dataset(cfg.data, cfg.train.seed, progress=False)
     train, held = splits["train"], splits["test"] if len(splits["test"]) else splits["val"]
-    checks = [check_space("pixel", pixel_vectors(fake), pixel_vectors(train.images), pixel_vectors(held.images),
-                          percentile)]
+    checks = [
+        check_space(
+            "pixel", pixel_vectors(fake), pixel_vectors(train.images), pixel_vectors(held.images), percentile
+        )
+    ]
     ref = _reference(run_dir, cfg, reference_epochs, progress, dev)
-    checks.append(check_space(f"feature-{ref.name}", ref.features(fake), ref.features(train.images),
-                              ref.features(held.images), percentile))
+    checks.append(
+        check_space(
+            f"feature-{ref.name}",
+            ref.features(fake),
+            ref.features(train.images),
+            ref.features(held.images),
+            percentile,
+        )
+    )
     rejected, report = memorisation_report(checks, percentile)
     out = Path(out)
     keep = np.flatnonzero(~rejected)
@@ -222,8 +265,15 @@ def synthesize_run(run_dir, n: int, out, label: str | None = None, percentile: f
         if n_pairs:
             pair_figure(fake, train.images, c, out / f"nearest_{c.name}.png", n_pairs)
             files[f"nearest_{c.name}"] = str(out / f"nearest_{c.name}.png")
-    report.update(run=str(run_dir), label=label, n_written=len(keep), reference_folder=str(ref.folder),
-                  n_train=len(train), n_held_out=len(held), files=files)
+    report.update(
+        run=str(run_dir),
+        label=label,
+        n_written=len(keep),
+        reference_folder=str(ref.folder),
+        n_train=len(train),
+        n_held_out=len(held),
+        files=files,
+    )
     atomic_write_text(out / "memorisation.json", json.dumps(report, indent=2) + "\n")
     merge_results(Path(run_dir) / "results.json", "privacy", report)
     return report

@@ -5,7 +5,8 @@ results.json is shared: other tools write other top-level keys; this module repl
 are per image; ``null`` where a number would be dishonest):
 
     evaluation:
-      run, checkpoint ("best"/"last"), data (source), split, n_images, seed, seconds
+      run, checkpoint ("best"/"last"), data (source), split, n_images, seed, seconds,
+      seconds_by_part {load, likelihood, posterior, collapse, sample_quality[, fid]}
       model: {name, likelihood, latent_dim, image_size, channels}
       likelihood: {likelihood, discrete_image_likelihood, iwae_k, neg_elbo_nats, neg_iwae_nats,
                    neg_iwae_nats_by_k {"1": .., "10": .., "100": ..}, neg_elbo_bpd, neg_iwae_bpd
@@ -100,7 +101,8 @@ def posterior_and_reconstruction(model, s: ImageSet, model_cfg, batch_size, devi
 
 @torch.no_grad()
 def generate_images(model, n: int, labels: np.ndarray, model_cfg, seed: int, device, batch: int = 256):
-    """n prior samples as float (n, C, H, W), quantised to 8 bits like the real images they meet."""
+    """n prior samples as float (n, C, H, W): decoded means, as ``medivae sample`` shows them,
+    quantised to 8 bits like the real images they are compared with."""
     g = torch_generator(seed, "evaluate-samples")
     z = torch.randn(n, model.latent_dim, generator=g)
     if len(labels):  # conditional models draw labels with the held-out split's frequencies
@@ -162,21 +164,24 @@ def evaluate_run(run_dir, data: str | None = None, opts: EvalOptions | None = No
     from medivae.api import load_run  # the API imports this module
 
     opts = opts or EvalOptions()
-    start = time.perf_counter()
+    timed = _Timer()
     results_path = Path(run_dir) / "results.json"
     read_results(results_path)  # fail now, not after minutes of work, if it cannot be merged into
     inception = _load_inception(opts.inception_weights)
     model, cfg, dev = load_run(run_dir, which=opts.checkpoint, device=device)
-    seed = cfg.train.seed
-    data_cfg, splits, s = load_split(cfg, data, opts.split, progress)
+    seed, m = cfg.train.seed, cfg.model
+    data_cfg, splits, s = timed("load", load_split, cfg, data, opts.split, progress)
     s = _subset(s, opts.max_images, seed, "evaluate-subset")
-    batches = _batches(s, cfg.model, opts.batch_size, dev, f"IWAE K={opts.k}", progress)
-    lik = likelihood_bounds(model, batches, opts.k, torch_generator(seed, "evaluate-iwae"))
-    mean, logvar, rec = posterior_and_reconstruction(model, s, cfg.model, opts.batch_size, dev)
-    quality, (real, fake) = sample_quality_block(model, cfg, data_cfg, splits, s, opts, run_dir, dev,
-                                                 progress)
-    fid = fid_block(inception, opts.inception_weights, real, fake, s, dev) if inception else None
-    m = cfg.model
+    batches = _batches(s, m, opts.batch_size, dev, f"IWAE K={opts.k}", progress)
+    g_iwae, g_mi = torch_generator(seed, "evaluate-iwae"), torch_generator(seed, "evaluate-mi")
+    lik = timed("likelihood", likelihood_bounds, model, batches, opts.k, g_iwae)
+    mean, logvar, rec = timed("posterior", posterior_and_reconstruction, model, s, m, opts.batch_size, dev)
+    collapse = timed("collapse", collapse_metrics, mean, logvar, g_mi)
+    quality, (real, fake) = timed("sample_quality", sample_quality_block, model, cfg, data_cfg, splits, s,
+                                  opts, run_dir, dev, progress)
+    fid = None
+    if inception is not None:
+        fid = timed("fid", fid_block, inception, opts.inception_weights, real, fake, s, dev)
     result = {
         "run": str(run_dir), "checkpoint": opts.checkpoint, "data": data_cfg.source, "split": opts.split,
         "n_images": len(s), "seed": seed,
@@ -184,12 +189,29 @@ def evaluate_run(run_dir, data: str | None = None, opts: EvalOptions | None = No
                   "image_size": m.image_size, "channels": m.channels},
         "likelihood": lik,
         "reconstruction": {**{k: float(v.mean()) for k, v in rec.items()}, "n_images": len(s)},
-        "collapse": collapse_metrics(mean, logvar, torch_generator(seed, "evaluate-mi")),
+        "collapse": collapse,
         "sample_quality": quality,
         "fid": fid,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": timed.total(),
+        "seconds_by_part": timed.parts,
     }
     return write_results(results_path, "evaluation", result)
+
+
+class _Timer:
+    """Wall seconds of each part: tells the user what to shrink (-k, --max-images) when it is slow."""
+
+    def __init__(self):
+        self.start, self.parts = time.perf_counter(), {}
+
+    def __call__(self, name: str, fn, *args):
+        t = time.perf_counter()
+        out = fn(*args)
+        self.parts[name] = round(time.perf_counter() - t, 1)
+        return out
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.start, 1)
 
 
 def _load_inception(weights: str | None):

@@ -34,17 +34,17 @@ def collapse_lines(c: dict) -> list[str]:
     return [
         "Posterior collapse",
         f"  active units {c['active_units']} / {c['latent_dim']}  (Var_x E[z|x] > {c['active_threshold']})",
-        f"  KL total {c['kl_total_nats']:.2f} nats;  I(x; z) estimate {c['mutual_information_nats']:.2f} nats"
-        f" (cannot exceed log N = {c['mi_upper_bound_nats']:.2f})",
+        f"  KL total {c['kl_total_nats']:.2f} nats;  I(x; z) >= {c['mutual_information_nats']:.2f} nats"
+        f" (estimate saturates at log N = {c['mi_upper_bound_nats']:.2f})",
         *textwrap.wrap(f"KL per dimension (nats): {kl}", 96, initial_indent="  ", subsequent_indent="    "),
     ]
 
 
 def quality_lines(q: dict, fid: dict | None) -> list[str]:
-    name = "classifier" if q["extractor"] == "cnn" else "autoencoder encoder"
+    name = "a reference classifier" if q["extractor"] == "cnn" else "the encoder of a reference autoencoder"
     floor = f"real {q['held_out_split']} vs train"
     lines = [
-        f"Sample quality in the feature space of a reference {name} trained on the real training split",
+        f"Sample quality in the feature space of {name} trained on the real training split",
         f"  ({q['n_generated']} prior samples and {q['n_held_out']} real {q['held_out_split']} images, "
         f"each against {q['n_reference']} real training images)",
         f"  {'':<22}{'model':>12}{floor:>24}",
@@ -52,7 +52,8 @@ def quality_lines(q: dict, fid: dict | None) -> list[str]:
     rows = [(q["fd_name"], "fd"), ("precision (k=3)", "precision"), ("recall (k=3)", "recall"),
             ("density (k=5)", "density"), ("coverage (k=5)", "coverage")]
     for label, key in rows:
-        lines.append(f"  {label:<22}{_num(q['model'][key], '.4g'):>12}{_num(q['floor'][key], '.4g'):>24}")
+        fmt = ".4g" if key == "fd" else ".3f"
+        lines.append(f"  {label:<22}{_num(q['model'][key], fmt):>12}{_num(q['floor'][key], fmt):>24}")
     if fid:
         model, floor_ = _num(fid["model"], ".4g"), _num(fid["floor"], ".4g")
         lines.append(f"  {'FID (Inception)':<22}{model:>12}{floor_:>24}")

@@ -39,40 +39,75 @@ def classification_metrics(proba: np.ndarray, labels: np.ndarray, names: tuple[s
     }
 
 
-def train_and_score(train: ImageSet, test: ImageSet, names: tuple[str, ...], epochs: int, seed: int,
-                    width: int, progress: bool, device, batch_size: int = 128) -> dict:
+def train_and_score(
+    train: ImageSet,
+    test: ImageSet,
+    names: tuple[str, ...],
+    epochs: int,
+    seed: int,
+    width: int,
+    progress: bool,
+    device,
+    batch_size: int = 128,
+) -> dict:
     from medivae.evaluation.classifier import fit_classifier, predict_proba
 
-    model = fit_classifier(train.images, train.labels, len(names), epochs=epochs, batch_size=batch_size,
-                           seed=seed, width=width, progress=progress, device=device)
+    model = fit_classifier(
+        train.images,
+        train.labels,
+        len(names),
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        width=width,
+        progress=progress,
+        device=device,
+    )
     out = classification_metrics(predict_proba(model, test.images, device=device), test.labels, names)
     out["n_train"] = int(len(train))
-    out["train_labels"] = {names[c]: int(m) for c, m in zip(*np.unique(train.labels, return_counts=True),
-                                                           strict=True)}
+    out["train_labels"] = {
+        names[c]: int(m) for c, m in zip(*np.unique(train.labels, return_counts=True), strict=True)
+    }
     return out
 
 
-def tstr(real_train: ImageSet, synthetic: ImageSet, real_test: ImageSet, epochs: int = 10, seed: int = 0,
-         width: int = 32, progress: bool = True, device="cpu", batch_size: int = 128) -> dict:
+def tstr(
+    real_train: ImageSet,
+    synthetic: ImageSet,
+    real_test: ImageSet,
+    epochs: int = 10,
+    seed: int = 0,
+    width: int = 32,
+    progress: bool = True,
+    device="cpu",
+    batch_size: int = 128,
+) -> dict:
     """{"synthetic_only", "real_plus_synthetic", "real_only"} -> metrics on ``real_test``.
     All three share label codes (``real_train.label_names``)."""
     names = real_train.label_names
-    both = ImageSet(np.concatenate([real_train.images, synthetic.images]),
-                    np.concatenate([real_train.labels, synthetic.labels]), names)
+    both = ImageSet(
+        np.concatenate([real_train.images, synthetic.images]),
+        np.concatenate([real_train.labels, synthetic.labels]),
+        names,
+    )
     sets = {"synthetic_only": synthetic, "real_plus_synthetic": both, "real_only": real_train}
-    return {k: train_and_score(s, real_test, names, epochs, seed, width, progress, device, batch_size)
-            for k, s in sets.items()}
+    return {
+        k: train_and_score(s, real_test, names, epochs, seed, width, progress, device, batch_size)
+        for k, s in sets.items()
+    }
 
 
 # --- reading what ``medivae synthesize`` wrote --------------------------------------------------------------
 def load_synthetic(folder: str | Path, channels: int | None = None) -> tuple[np.ndarray, list[str]]:
-    """uint8 images (N, C, S, S) and one label name per image from a synthesize folder (labels.csv or .npz)."""
+    """uint8 images (N, C, S, S) and a label name per image from a synthesize folder (labels.csv or .npz)."""
     folder = Path(folder)
     if (folder / "synthetic.npz").is_file() or folder.suffix == ".npz":
         return _load_npz(folder / "synthetic.npz" if folder.is_dir() else folder)
     if (folder / "labels.csv").is_file():
         return _load_csv(folder / "labels.csv", channels)
-    raise UserError(f"{folder}: no labels.csv or synthetic.npz; point --synthetic at a 'medivae synthesize' folder")
+    raise UserError(
+        f"{folder}: no labels.csv or synthetic.npz; point --synthetic at a 'medivae synthesize' folder"
+    )
 
 
 def _load_csv(path: Path, channels: int | None) -> tuple[np.ndarray, list[str]]:
@@ -106,14 +141,26 @@ def as_imageset(images: np.ndarray, label_names: list[str], names: tuple[str, ..
     """Synthetic images with label *names* -> an ImageSet coded like the real data (``names``)."""
     unknown = sorted({s for s in label_names if s not in names})
     if unknown:
-        raise UserError(f"{where}: synthetic label(s) {unknown} are not labels of the real data {list(names)}")
+        raise UserError(
+            f"{where}: synthetic label(s) {unknown} are not labels of the real data {list(names)}"
+        )
     return ImageSet(images, np.array([names.index(s) for s in label_names], dtype=np.int64), names)
 
 
 # --- run-level: what ``api.utility`` calls ------------------------------------------------------------------
-def utility_run(real: str, synthetic: list, out=None, epochs: int = 10, seed: int | None = None, width: int = 32,
-                val_fraction: float = 0.1, test_fraction: float = 0.1, device: str = "auto",
-                progress: bool = True, batch_size: int = 128) -> dict:
+def utility_run(
+    real: str,
+    synthetic: list,
+    out=None,
+    epochs: int = 10,
+    seed: int | None = None,
+    width: int = 32,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    device: str = "auto",
+    progress: bool = True,
+    batch_size: int = 128,
+) -> dict:
     """TSTR / real+synthetic / real-only on the real test split of ``real``; written to ``out`` (JSON)."""
     import json
 
@@ -124,7 +171,9 @@ def utility_run(real: str, synthetic: list, out=None, epochs: int = 10, seed: in
     from medivae.train.device import pick_device
 
     if min(epochs, width, batch_size) < 1:
-        raise UserError(f"--epochs, --width and --batch-size must be >= 1 (got {epochs}, {width}, {batch_size})")
+        raise UserError(
+            f"--epochs, --width and --batch-size must be >= 1 (got {epochs}, {width}, {batch_size})"
+        )
     parts = [load_synthetic(d) for d in synthetic]
     shapes = {p[0].shape[1:] for p in parts}
     if len(shapes) != 1:
@@ -133,18 +182,35 @@ def utility_run(real: str, synthetic: list, out=None, epochs: int = 10, seed: in
     if size not in IMAGE_SIZES:
         raise UserError(f"synthetic images are {size}x{size}; medivae sizes are {list(IMAGE_SIZES)}")
     seed = DEFAULT_SEED if seed is None else seed
-    data = DataConfig(source=str(real), image_size=size, channels=channels, val_fraction=val_fraction,
-                      test_fraction=test_fraction)
+    data = DataConfig(
+        source=str(real),
+        image_size=size,
+        channels=channels,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+    )
     splits = load_dataset(data, seed, progress=False)
     train, test = splits["train"], splits["test"]
     names = train.label_names
     if len(names) < 2 or (test.labels < 0).any() or len(test) == 0:
         raise UserError(f"{real}: utility needs a labelled real test split with at least 2 classes")
-    syn = as_imageset(np.concatenate([p[0] for p in parts]), [s for p in parts for s in p[1]], names,
-                      ", ".join(map(str, synthetic)))
-    result = {"real": str(real), "synthetic": [str(s) for s in synthetic], "n_synthetic": len(syn),
-              "image_size": size, "epochs": epochs, "batch_size": batch_size, "seed": seed, "classifier_width": width,
-              **tstr(train, syn, test, epochs, seed, width, progress, pick_device(device), batch_size)}
+    syn = as_imageset(
+        np.concatenate([p[0] for p in parts]),
+        [s for p in parts for s in p[1]],
+        names,
+        ", ".join(map(str, synthetic)),
+    )
+    result = {
+        "real": str(real),
+        "synthetic": [str(s) for s in synthetic],
+        "n_synthetic": len(syn),
+        "image_size": size,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "seed": seed,
+        "classifier_width": width,
+        **tstr(train, syn, test, epochs, seed, width, progress, pick_device(device), batch_size),
+    }
     out = Path(out) if out is not None else Path(synthetic[0]) / "utility.json"
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     result["file"] = str(out)
