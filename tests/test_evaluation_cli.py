@@ -50,6 +50,20 @@ def test_second_call_reuses_the_reference_extractor_and_is_reproducible(run_dir)
         assert ev[key] == first[key]
 
 
+def test_table_shows_bits_per_dim_only_for_a_discrete_likelihood(run_dir):
+    from medivae.evaluation.table import format_table
+
+    ev = json.loads((run_dir / "results.json").read_text())["evaluation"]
+    lik = ev["likelihood"]
+    assert "bits/dim" not in format_table(ev)
+    ev["likelihood"] = {**lik, "discrete_image_likelihood": True, "note": "", "neg_elbo_bpd": 4.25,
+                        "neg_iwae_bpd": 4.125}
+    ev["sample_quality"]["model"]["recall"] = None  # written as null when not finite
+    table = format_table(ev)
+    assert "bits/dim" in table and "4.1250" in table and "not a probability" not in table
+    assert "n/a" in table
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -121,6 +121,7 @@ def _reference_description(data_cfg) -> dict:
 
 
 def sample_quality_block(model, cfg, data_cfg, splits, held_out: ImageSet, opts, run_dir, device, progress):
+    """(the sample_quality block, (real reference subset, generated images)) for the optional FID."""
     seed = cfg.train.seed
     ref = load_or_fit_reference(Path(run_dir) / "reference", splits["train"],
                                 _reference_description(data_cfg), seed, opts.reference_epochs,
