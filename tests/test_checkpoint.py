@@ -190,6 +190,18 @@ def test_disk_full_in_training_stops_cleanly_and_resume_finishes(tmp_path, monke
     assert [r["epoch"] for r in read_metrics(tmp_path / "cut")] == [1, 2]
 
 
+def test_resume_after_a_kill_between_the_two_renames_continues_from_last_prev(run_copy):
+    # the moment between the renames NAME -> NAME.prev and NAME.tmp -> NAME
+    (run_copy / "last").rename(run_copy / "last.prev")
+    (run_copy / "best").rename(run_copy / "best.prev")
+    before = read_metrics(run_copy)
+    api.train(tiny_run("phantoms:60", epochs=2), run_copy, resume=True, progress=False)
+    after = read_metrics(run_copy)
+    assert after[0] == before[0]  # epoch 1 was not trained again (its timing would differ)
+    assert [m["epoch"] for m in after] == [1, 2]
+    assert sorted(p.name for p in run_copy.iterdir() if p.is_dir()) == ["best", "last"]
+
+
 # --- tampering and truncation --------------------------------------------------------------------------
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "unlist", "traverse"])
 def test_damaged_checkpoint_is_refused_naming_the_file(run_copy, tmp_path, capsys, damage):

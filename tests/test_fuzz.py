@@ -24,7 +24,7 @@ from medivae.data import load_dataset
 from medivae.errors import UserError
 
 FUZZ = settings(
-    max_examples=40, deadline=None, derandomize=True, database=None,
+    max_examples=60, deadline=None, derandomize=True, database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 pytestmark = pytest.mark.filterwarnings("ignore")  # skipped-file warnings and numpy cast warnings are fine
@@ -99,10 +99,9 @@ def medmnist_like(draw):
         images = draw(IMAGES | IMAGES | ODD)
         out[f"{split}_images"] = images
         n = len(images) if images.ndim else 1
-        labels = hnp.arrays(
-            st.sampled_from(["i8", "u1", "f4", "?", "U2"]),
-            st.sampled_from([(n,), (n, 1), (n, 3), (max(n - 1, 0),)]),
-            elements=None,
+        shapes = st.sampled_from([(n,), (n, 1), (n, 3), (max(n - 1, 0),)])
+        labels = hnp.arrays(st.sampled_from(["i8", "u1", "i2"]), shapes, elements=st.integers(0, 11)) | (
+            hnp.arrays(st.sampled_from(["i8", "f4", "?", "U2"]), shapes)
         )
         choice = draw(st.sampled_from(["labels", "labels", "odd", "none"]))
         if choice != "none":
@@ -163,11 +162,21 @@ def test_folder_of_odd_images(files):
         _load(root)
 
 
+CSV_CELL = st.text(max_size=10) | st.sampled_from(
+    ["a.png", "b.png", "sub/c.png", "missing.png", "/etc/passwd", "..", "", "path"]
+)
+
+
 @FUZZ
-@given(text=st.text(max_size=200))
-def test_random_csv_list(text):
+@given(rows=st.lists(st.lists(CSV_CELL, max_size=4), max_size=6), sep=st.sampled_from([",", ";", "\t"]))
+def test_random_csv_list(rows, sep):
     with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "list.csv"
+        root = Path(d)
+        (root / "sub").mkdir()
+        for name in ("a.png", "b.png", "sub/c.png"):
+            Image.new("L", (5, 9), 128).save(root / name)
+        path = root / "list.csv"
+        text = "\n".join(sep.join(row) for row in rows)
         path.write_text(text, encoding="utf-8", errors="surrogatepass")
         _load(path)
 

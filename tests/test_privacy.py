@@ -5,17 +5,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from medivae.cli import main
 from medivae.evaluation import privacy as pv
-
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny import tiny_run  # noqa: E402
+from tiny import tiny_run
 
 
 def _images(n, seed):

@@ -41,6 +41,13 @@ def list_folder(root: Path) -> tuple[list[Path], list[str], list[str]]:
     return files, kinds, ["" for _ in files]
 
 
+def _expanduser(p: Path) -> Path:
+    try:
+        return p.expanduser()
+    except RuntimeError:  # "~nobody/x": no such user; left as written, it is then reported missing
+        return p
+
+
 def read_csv_list(csv_path: Path) -> tuple[list[Path], list[str], list[str | None]]:
     """Rows of ``path,label[,group]`` (a header row starting with "path" is skipped); relative paths
     are taken from the CSV's folder. ``group`` (e.g. a patient key) keeps rows together when splitting."""
@@ -50,7 +57,7 @@ def read_csv_list(csv_path: Path) -> tuple[list[Path], list[str], list[str | Non
             for i, row in enumerate(csv.reader(f)):
                 if not row or not row[0].strip() or (i == 0 and row[0].strip().lower() == "path"):
                     continue
-                p = Path(row[0].strip()).expanduser()
+                p = _expanduser(Path(row[0].strip()))
                 files.append(p if p.is_absolute() else csv_path.parent / p)
                 labels.append(row[1].strip() if len(row) > 1 else "")
                 groups.append(row[2].strip() or None if len(row) > 2 else None)

@@ -13,6 +13,7 @@ from medivae.data.imageset import ImageSet
 from medivae.errors import UserError
 
 SPLITS = ("train", "val", "test")
+MAX_CLASSES = 10_000  # a guard: a corrupt label column must not make us name 2**63 classes
 
 
 def _as_nchw(arr: np.ndarray, path: Path, key: str) -> np.ndarray:
@@ -41,6 +42,17 @@ def _read(data, key: str, path: Path) -> np.ndarray:
     return arr
 
 
+def _label_table(raw: np.ndarray, n: int, path: Path, key: str) -> np.ndarray:
+    """(n, columns) class indices; refuses text, a wrong count, and values no class count could reach."""
+    if raw.dtype.kind not in "biuf" or ((raw.size % n or not raw.size) if n else raw.size):
+        raise UserError(f"{path}: {key} is {raw.dtype} {raw.shape}; expected {n} whole-number class labels")
+    if n == 0:
+        return np.zeros((0, 1), dtype=np.int64)
+    if not np.isfinite(raw).all() or raw.min() < -1 or raw.max() >= MAX_CLASSES:
+        raise UserError(f"{path}: {key} holds values outside -1 (unlabelled) .. {MAX_CLASSES - 1}")
+    return raw.reshape(n, -1)
+
+
 def load_npz(path: str | Path, label_names: tuple[str, ...] = ()) -> dict[str, ImageSet]:
     """All splits present in the file, as stored (not resized)."""
     path = Path(path)
@@ -65,7 +77,7 @@ def load_npz(path: str | Path, label_names: tuple[str, ...] = ()) -> dict[str, I
             images = _as_nchw(_read(data, f"{split}_images", path), path, f"{split}_images")
             labels = np.full(len(images), -1, dtype=np.int64)
             if f"{split}_labels" in keys:
-                raw = np.asarray(_read(data, f"{split}_labels", path)).reshape(len(images), -1)
+                raw = _label_table(_read(data, f"{split}_labels", path), len(images), path, f"{split}_labels")
                 if raw.shape[1] == 1:
                     labels = raw[:, 0].astype(np.int64)
                 elif split == "train":  # one label column per finding (ChestMNIST): no single class

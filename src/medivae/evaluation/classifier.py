@@ -76,7 +76,8 @@ def fit_classifier(
     torch.manual_seed(seed)
     model = SmallCNN(ClassifierConfig(images.shape[1], num_classes, width)).to(device)
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    weight = torch.tensor(len(labels) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+    balanced = len(labels) / (num_classes * np.maximum(counts, 1))
+    weight = torch.tensor(balanced, dtype=torch.float32, device=device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
     x_all, y_all = torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels)
@@ -106,7 +107,9 @@ def predict_proba(model: SmallCNN, images: np.ndarray, batch_size: int = 512, de
 
 
 @torch.no_grad()
-def embed(model: SmallCNN, images: np.ndarray | torch.Tensor, batch_size: int = 512, device="cpu") -> np.ndarray:
+def embed(
+    model: SmallCNN, images: np.ndarray | torch.Tensor, batch_size: int = 512, device="cpu"
+) -> np.ndarray:
     """uint8 array or float tensor in [0, 1] (N, C, H, W) -> features (N, feature_dim) float64."""
     model.eval()
     out = []
