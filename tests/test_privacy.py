@@ -147,3 +147,18 @@ def test_bad_input_exits_2(one_class_run, tmp_path, capsys, extra, message):
     assert main(["synthesize", str(one_class_run), "--out", str(tmp_path / "x"), *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("medivae: error:") and message in err
+
+
+def test_label_plan_balances_conditional_runs_and_names_one_class_runs():
+    from medivae.config import DataConfig, ModelConfig, RunConfig
+    from medivae.errors import UserError
+
+    names = ("normal", "lesion")
+    cvae = RunConfig(model=ModelConfig(name="cvae", num_classes=2), label_names=names)
+    codes, labels = pv._label_plan(cvae, None, 5)
+    assert codes.tolist() == [0, 1, 0, 1, 0] and labels[:2] == ["normal", "lesion"]
+    assert pv._label_plan(cvae, "lesion", 3)[0].tolist() == [1, 1, 1]
+    one_class = RunConfig(data=DataConfig(labels=("normal",)), label_names=names)
+    assert pv._label_plan(one_class, None, 2) == (None, ["normal", "normal"])
+    with pytest.raises(UserError, match="unknown label"):
+        pv._label_plan(cvae, "tumour", 1)

@@ -41,7 +41,9 @@ def cmd_score(args) -> int:
         f"files in {Path(r['files']['scores']).parent}"
     )
     for name, m in r.get("metrics", {}).items():
-        print(f"  {name:10s} AUROC {m['auroc']:.3f}  AUPRC {m['auprc']:.3f}")
+        print(f"  {name:15s} AUROC {m['auroc']:.3f}  AUPRC {m['auprc']:.3f}")
+    for name, m in r.get("baselines", {}).items():
+        print(f"  baseline {name} (no model): AUROC {m['auroc']:.3f}")
     t = r["threshold"]
     line = f"  threshold {t['value']:.3f} on {t['score']} (validation FPR {t['val_fpr']:.3f})"
     if "tpr" in t:

@@ -232,6 +232,7 @@ def plot_overlays(
     images: np.ndarray, maps: np.ndarray, titles: list[str], path: Path, per_row: int = 4
 ) -> Path:
     """(image, map over the image) pairs, ``per_row`` a row: images uint8 (N, C, H, W), maps (N, H, W)."""
+    import matplotlib
     from matplotlib.figure import Figure
 
     n = len(images)
@@ -239,6 +240,7 @@ def plot_overlays(
     rows = -(-n // cols)
     fig = Figure(figsize=(2 * 1.7 * cols, 1.9 * rows), dpi=100)
     vmax = max(float(np.quantile(maps, 0.995)), 1e-12)  # one colour scale for every pair
+    cmap = matplotlib.colormaps["inferno"]
     for i in range(n):
         gray = images[i].mean(0) / 255.0
         r, c = divmod(i, cols)
@@ -247,7 +249,10 @@ def plot_overlays(
         a.set_title(titles[i], fontsize=6)
         b = fig.add_subplot(rows, 2 * cols, r * 2 * cols + 2 * c + 2)
         b.imshow(gray, cmap="gray", vmin=0, vmax=1)
-        b.imshow(maps[i], cmap="inferno", alpha=0.55, vmin=0, vmax=vmax)
+        level = np.clip(maps[i] / vmax, 0, 1)
+        heat = cmap(level)
+        heat[..., 3] = 0.85 * level  # opacity grows with the score: quiet pixels show the anatomy
+        b.imshow(heat)
         b.set_title("anomaly map", fontsize=6)
         for ax in (a, b):
             ax.axis("off")
@@ -292,7 +297,7 @@ def scoring_sets(cfg, normal_label: str, data: str | None, split: str) -> dict:
         raise UserError(
             "the run has fewer than 2 validation normals to calibrate on; refit with --val-fraction > 0"
         )
-    same = data is None or data == cfg.data.source
+    same = data is None or Path(data).expanduser().resolve() == Path(cfg.data.source).expanduser().resolve()
     full = load_dataset(dataclasses.replace(cfg.data, source=data or cfg.data.source, labels=()), seed, False)
     if split not in full:
         raise UserError(f"unknown split {split!r}; choose train, val or test")
@@ -332,19 +337,8 @@ def write_scores_csv(path: Path, scored, scores: dict[str, np.ndarray], is_anoma
     atomic_write_text(path, buf.getvalue())
 
 
-def score_run(
-    run_dir,
-    data=None,
-    split="test",
-    out=None,
-    normal_label=None,
-    fpr=0.05,
-    k=16,
-    gradient=False,
-    n_maps=16,
-    batch_size=128,
-    device="auto",
-) -> dict:
+def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr=0.05, k=16,
+              gradient=False, n_maps=16, batch_size=128, device="auto") -> dict:  # fmt: skip
     """Score a split with a run fitted on normals; write scores.csv, maps, ROC and results.json["anomaly"]."""
     from medivae import api
     from medivae.errors import UserError
@@ -358,95 +352,69 @@ def score_run(
             "this run was not fitted on one label; pass --normal-label or use 'medivae anomaly fit'"
         )
     if not 0 < fpr < 1 or k < 1 or n_maps < 0:
-        raise UserError(
-            f"need 0 < --fpr < 1, --iwae-samples >= 1 and --n-maps >= 0 (got {fpr}, {k}, {n_maps})"
-        )
+        raise UserError(f"need 0 < --fpr < 1, --iwae-samples >= 1, --n-maps >= 0 (got {fpr}, {k}, {n_maps})")
     sets = scoring_sets(cfg, normal_label, data, split)
-    seed = cfg.train.seed
 
     def run(s, grad=False, draws=k):
-        return score_images(model, s.images, s.labels, draws, batch_size, seed, dev, grad)
+        return score_images(model, s.images, s.labels, draws, batch_size, cfg.train.seed, dev, grad)
 
     # the normal codes' Gaussian needs only the posterior means, so one draw is enough there
-    train_codes = run(sets["train"], draws=1).codes if len(sets["train"]) > 1 else None
+    codes = run(sets["train"], draws=1).codes if len(sets["train"]) > 1 else None
     val, scored = run(sets["val"]), run(sets["scored"], gradient)
-    gauss = fit_latent_gaussian(train_codes if train_codes is not None else val.codes)
+    gauss = fit_latent_gaussian(codes if codes is not None else val.codes)
     for r in (val, scored):
         r.scores["latent"] = mahalanobis(r.codes, gauss)
     calib = calibrate(val.scores)
     for r in (val, scored):
         r.scores["combined"] = combined_score(r.scores, calib)
     thr = threshold_at_fpr(val.scores["combined"], fpr)
-    return _write_score_outputs(
-        run_dir,
-        out,
-        cfg,
-        sets,
-        scored,
-        val,
-        calib,
-        thr,
-        fpr,
-        dict(
-            normal_label=normal_label,
-            data=data or cfg.data.source,
-            split=split,
-            iwae_samples=k,
-            map="gradient" if gradient else "residual",
-        ),
-        n_maps,
-    )
-
-
-def _write_score_outputs(run_dir, out, cfg, sets, scored, val, calib, thr, fpr, info, n_maps) -> dict:
-    s = sets["scored"]
-    code = sets["normal_code"]
-    labelled = s.labels >= 0
-    is_anomaly = None if code is None else (s.labels != code)
-    flagged = scored.scores["combined"] > thr
-    out.mkdir(parents=True, exist_ok=True)
-    write_scores_csv(out / "scores.csv", s, scored.scores, is_anomaly, flagged)
-    np.savez_compressed(out / "maps.npz", maps=scored.maps.astype(np.float16))
-    order = np.argsort(-scored.scores["combined"])
-    pick = np.concatenate([order[: (n_maps + 1) // 2], order[::-1][: n_maps // 2]]) if n_maps else order[:0]
-    if len(pick):
-        names = s.label_names
-        titles = [
-            f"#{i} {names[s.labels[i]] if s.labels[i] >= 0 else '?'} score {scored.scores['combined'][i]:.2f}"
-            for i in pick
-        ]
-        plot_overlays(s.images[pick], scored.maps[pick], titles, out / "overlays.png")
     result = {
-        **info,
-        "n_scored": len(s),
+        "normal_label": normal_label, "data": data or cfg.data.source, "split": split, "iwae_samples": k,
+        "map": "gradient" if gradient else "residual", "n_scored": len(sets["scored"]),
         "calibration": {"normals": len(val.maps), "z_score": calib},
-        "threshold": {
-            "score": "combined",
-            "target_fpr": fpr,
-            "value": thr,
-            "val_fpr": float((val.scores["combined"] > thr).mean()),
-            "n_flagged": int(flagged.sum()),
-        },
-        "files": {"scores": str(out / "scores.csv"), "maps": str(out / "maps.npz")},
-    }
-    if len(pick):
-        result["files"]["overlays"] = str(out / "overlays.png")
-    if is_anomaly is not None:
-        y = is_anomaly[labelled]
-        metrics = {n: detection_metrics(v[labelled], y) for n, v in scored.scores.items()}
-        result["n_normal"], result["n_anomalous"] = int((~y).sum()), int(y.sum())
-        if all(m is not None for m in metrics.values()):
-            result["metrics"] = metrics
-            result["threshold"].update(rates_at(scored.scores["combined"][labelled], y, thr))
-            plot_roc(
-                {n: v[labelled] for n, v in scored.scores.items()},
-                y,
-                out / "roc.png",
-                f"normal = {info['normal_label']!r}, {info['split']} split",
-            )
-            result["files"]["roc"] = str(out / "roc.png")
+        "threshold": {"score": "combined", "target_fpr": fpr, "value": thr,
+                      "val_fpr": float((val.scores["combined"] > thr).mean())},
+    }  # fmt: skip
+    result.update(_write_outputs(out, sets, scored, thr, n_maps, f"normal = {normal_label!r}, {split} split"))
+    result["threshold"].update(n_flagged=result.pop("n_flagged"), **result.pop("threshold_rates", {}))
     merge_results(run_dir / "results.json", "anomaly", result)
     return result
+
+
+def _write_outputs(out: Path, sets: dict, scored: AnomalyScores, thr: float, n_maps: int, title: str) -> dict:
+    """scores.csv, maps.npz, overlays.png and (with labels) roc.png; returns the metric/file entries."""
+    s, code = sets["scored"], sets["normal_code"]
+    is_anomaly = None if code is None else (s.labels != code)
+    combined = scored.scores["combined"]
+    out.mkdir(parents=True, exist_ok=True)
+    write_scores_csv(out / "scores.csv", s, scored.scores, is_anomaly, combined > thr)
+    np.savez_compressed(out / "maps.npz", maps=scored.maps.astype(np.float16))
+    files = {"scores": str(out / "scores.csv"), "maps": str(out / "maps.npz")}
+    order = np.argsort(-combined)  # the most anomalous half of the panel first, then the most normal
+    pick = np.concatenate([order[: (n_maps + 1) // 2], order[::-1][: n_maps // 2]]) if n_maps else order[:0]
+    if len(pick):
+        names = [s.label_names[c] if c >= 0 else "?" for c in s.labels[pick]]
+        titles = [f"#{i} {n} score {combined[i]:.2f}" for i, n in zip(pick, names, strict=True)]
+        files["overlays"] = str(
+            plot_overlays(s.images[pick], scored.maps[pick], titles, out / "overlays.png")
+        )
+    entry: dict = {"n_flagged": int((combined > thr).sum()), "files": files}
+    if is_anomaly is None:
+        return entry
+    labelled = s.labels >= 0
+    y = is_anomaly[labelled]
+    entry.update(n_normal=int((~y).sum()), n_anomalous=int(y.sum()))
+    metrics = {n: detection_metrics(v[labelled], y) for n, v in scored.scores.items()}
+    if any(m is None for m in metrics.values()):
+        return entry
+    # no model at all: "simpler image = anomaly"; a score that does not beat it learned little
+    simplicity = scored.scores["iwae_minus_png"] - scored.scores["iwae"]  # = -PNG size
+    entry.update(metrics=metrics, baselines={"png_simplicity": detection_metrics(simplicity[labelled], y)},
+                 threshold_rates=rates_at(combined[labelled], y, thr))  # fmt: skip
+    files["roc"] = str(
+        plot_roc({n: v[labelled] for n, v in scored.scores.items()}, y, out / "roc.png", title)
+    )
+    return entry
 
 
 def merge_results(path: Path, key: str, value) -> None:

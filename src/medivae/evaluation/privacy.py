@@ -99,12 +99,12 @@ def memorisation_report(checks: list[SpaceCheck], percentile: float) -> tuple[np
 
 
 def pair_figure(synthetic: np.ndarray, train: np.ndarray, check: SpaceCheck, path, n: int = 8) -> None:
-    """The ``n`` closest (synthetic, nearest training image) pairs in one space, side by side, as a PNG."""
+    """The ``n`` closest (synthetic, nearest training image) pairs of one space as a PNG, pair by pair."""
     from medivae.generate import grid, save_png
 
     order = np.argsort(check.synthetic)[:n]
     pairs = np.stack([synthetic[order], train[check.neighbour[order]]], 1)  # (n, 2, C, H, W)
-    mosaic = grid(pairs.reshape(-1, *synthetic.shape[1:]), nrow=2)
+    mosaic = grid(pairs.reshape(-1, *synthetic.shape[1:]), nrow=2 * min(4, len(order)))  # 4 pairs a row
     save_png(mosaic, path, min_side=256)
 
 

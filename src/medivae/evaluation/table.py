@@ -41,10 +41,10 @@ def collapse_lines(c: dict) -> list[str]:
 
 
 def quality_lines(q: dict, fid: dict | None) -> list[str]:
-    name = "a reference classifier" if q["extractor"] == "cnn" else "the encoder of a reference autoencoder"
+    name = "a classifier" if q["extractor"] == "cnn" else "an autoencoder's encoder"
     floor = f"real {q['held_out_split']} vs train"
     lines = [
-        f"Sample quality in the feature space of {name} trained on the real training split",
+        f"Sample quality: features from {name} trained on real training images",
         f"  ({q['n_generated']} prior samples and {q['n_held_out']} real {q['held_out_split']} images, "
         f"each against {q['n_reference']} real training images)",
         f"  {'':<22}{'model':>12}{floor:>24}",

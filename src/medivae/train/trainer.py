@@ -297,6 +297,10 @@ class Trainer:
         )
 
     def resume(self) -> None:
+        if self.main:  # finish a checkpoint swap that a kill interrupted (also when no epoch is left to run)
+            for name in ("last", "best"):
+                ckpt.recover(self.run_dir / name)
+        distributed.barrier()
         state = ckpt.load_checkpoint(self.run_dir / "last", self.model, self.optimizer)
         rng = state.pop("rng", {})
         if "torch_cpu" in rng:

@@ -1,0 +1,81 @@
+"""Mixed precision is a default only where it keeps quality: bf16 and fp32 agree on a fixed batch.
+
+Tolerances. bf16 keeps 8 significant bits (relative rounding 2**-9 ~ 0.2 % per value). oneDNN
+accumulates bf16 convolutions in fp32 and the loss is reduced in fp32 (BCE on float logits), so the
+per-pixel errors are small and of random sign and mostly cancel in the sum over pixels: measured
+differences are ~0.05 % for a forward pass and ~0.2 % after a few steps. We allow 0.5 %
+(forward) and 1 % (after training steps): the issue's quality bar is a test negative ELBO within
+1 % of the fp32 baseline, so a larger gap on one batch would already break it, while these bounds
+still fail if bf16 were applied to the loss reduction or the KL (errors of several percent).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from tiny import tiny_run
+
+from medivae.data import to_float
+from medivae.data.phantoms import make_phantoms
+from medivae.losses import neg_elbo
+from medivae.models import build_model
+from medivae.seeding import torch_generator
+from medivae.train import device as device_mod
+from medivae.train.device import autocast, autocast_dtype
+from medivae.train.trainer import Trainer, batch_source
+
+needs_bf16 = pytest.mark.skipif(
+    not device_mod.cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX-512 BF16 / AMX)"
+)
+CPU = torch.device("cpu")
+
+
+def _batch(n: int = 32):
+    return make_phantoms(n, 32, seed=7)
+
+
+def _loss(model, x, dtype) -> float:
+    """Mean negative ELBO of x under ``dtype`` autocast (None: fp32), with the same posterior noise."""
+    with torch.no_grad(), autocast(CPU, dtype):
+        out = model(x, sample=True, generator=torch_generator(1, "precision-test"))
+        return neg_elbo(model.likelihood, out, x).loss.mean().item()
+
+
+@needs_bf16
+def test_bf16_forward_loss_matches_fp32():
+    cfg = tiny_run().model
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(cfg, base_width=8, latent_dim=8)).train()
+    model.to(memory_format=torch.channels_last)
+    x = to_float(_batch().images).contiguous(memory_format=torch.channels_last)
+    fp32, bf16 = _loss(model, x, None), _loss(model, x, torch.bfloat16)
+    assert bf16 == pytest.approx(fp32, rel=5e-3)
+    assert bf16 != fp32  # autocast really ran in bf16 (otherwise this test compares fp32 with itself)
+
+
+def _train_losses(tmp_path, precision: str, epochs: int = 4) -> list[float]:
+    """Per-epoch training loss of the tiny model on one fixed 64-image set, through the Trainer."""
+    cfg = tiny_run(epochs=epochs, lr=3e-3, precision=precision)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_width=8, latent_dim=8))
+    torch.manual_seed(0)  # same initial weights in both precisions
+    trainer = Trainer(cfg, build_model(cfg.model), CPU, tmp_path / precision, progress=False)
+    data = _batch(64)
+    torch.manual_seed(1)  # same posterior noise
+    return [trainer.train_epoch(data, batch_source(data.images), e)["loss"] for e in range(1, epochs + 1)]
+
+
+@needs_bf16
+def test_bf16_training_steps_track_fp32(tmp_path):
+    fp32, bf16 = _train_losses(tmp_path, "fp32"), _train_losses(tmp_path, "bf16")
+    assert fp32[-1] < fp32[0] and bf16[-1] < bf16[0]  # both learn
+    assert bf16 == pytest.approx(fp32, rel=1e-2)
+
+
+def test_auto_precision_is_fp32_without_native_bf16(monkeypatch):
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: False)
+    assert autocast_dtype(CPU, "auto") is None
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: True)
+    assert autocast_dtype(CPU, "auto") == torch.bfloat16
+    assert autocast_dtype(CPU, "fp32") is None
