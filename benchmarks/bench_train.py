@@ -143,13 +143,14 @@ def child_env(threads: int) -> dict:
 
 def run_baseline(npz: Path, epochs: int, threads: int) -> dict:
     r = run_measured([str(BASELINE), str(npz), str(epochs)], child_env(threads))
-    speed = re.search(r"images/s ([\d.]+)\s+time ([\d.]+)s", r["stdout"])
+    speed = re.search(r"images/s ([\d.]+)\s+time ([\d.]+)s\s+threads (\d+)", r["stdout"])
     elbo = re.search(r"test negELBO/img ([\d.]+)", r["stdout"])
     if not (speed and elbo):
         raise SystemExit(f"unexpected baseline output:\n{r['stdout'][-1000:]}")
     return {
         "images_per_s": float(speed.group(1)),
         "train_s": float(speed.group(2)),
+        "threads": int(speed.group(3)),
         "test_neg_elbo": float(elbo.group(1)),
         **{k: r[k] for k in ("wall_s", "cpu_s", "peak_rss_mb")},
     }
@@ -171,9 +172,18 @@ def run_medivae(npz: Path, epochs: int, threads: int, run_dir: Path, extra: list
     return {
         "images_per_s": round(n_train * len(rows) / train_s, 1),
         "train_s": round(train_s, 2),
+        "threads": _run_threads(run_dir),
         "test_neg_elbo": round(test_neg_elbo(run_dir, npz), 2),
         **{k: r[k] for k in ("wall_s", "cpu_s", "peak_rss_mb")},
     }
+
+
+def _run_threads(run_dir: Path) -> int | None:
+    """The CPU threads the run used, as medivae recorded them (env.json)."""
+    try:
+        return json.loads((run_dir / "env.json").read_text()).get("threads")
+    except (OSError, ValueError):
+        return None
 
 
 @torch.no_grad()
@@ -209,30 +219,36 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def inference_speed(run_dir: Path, npz: Path, n_samples: int) -> dict:
-    """Prior sampling, reconstruction and per-image negative-ELBO scoring, images/s (batched, no grad)."""
+def inference_speed(run_dir: Path, npz: Path, n_images: int) -> dict:
+    """images/s of prior sampling, reconstruction and per-image negative-ELBO scoring (batched, no grad),
+    through medivae.generate's fast path ("auto": bf16 where native + channels_last) and in fp32."""
     from medivae.api import load_run
     from medivae.data import to_float
-    from medivae.generate import reconstruct, sample_prior
+    from medivae.generate import fast_inference, reconstruct, sample_prior
     from medivae.losses import neg_elbo
     from medivae.seeding import torch_generator
 
     model, _, dev = load_run(run_dir, which="last", device="cpu")
-    x = to_float(np.load(npz)["test_images"][:n_samples, None], dev)
+    x = to_float(np.load(npz)["test_images"][:n_images, None], dev)
+    n = len(x)
 
     @torch.no_grad()
-    def score():
-        for i in range(0, len(x), 512):
-            xb = x[i : i + 512]
-            neg_elbo(model.likelihood, model(xb, sample=True, generator=gen), xb).neg_elbo.cpu()
+    def score(precision):
+        gen = torch_generator(DEFAULT_SEED, "bench-score")
+        with fast_inference(model, precision):
+            for i in range(0, n, 256):
+                xb = x[i : i + 256].contiguous(memory_format=torch.channels_last)
+                neg_elbo(model.likelihood, model(xb, sample=True, generator=gen), xb).neg_elbo.cpu()
 
-    gen = torch_generator(DEFAULT_SEED, "bench-score")
-    return {
-        "n_images": int(n_samples),
-        "sample_images_per_s": timed(lambda: sample_prior(model, n_samples, torch_generator(0, "s"), dev), n_samples),
-        "reconstruct_images_per_s": timed(lambda: reconstruct(model, x), len(x)),
-        "score_neg_elbo_images_per_s": timed(score, len(x)),
-    }
+    out = {"n_images": n, "threads": torch.get_num_threads()}
+    for p in ("auto", "fp32"):
+        sfx = "" if p == "auto" else "_fp32"
+        gen = torch_generator(0, "bench-sample")
+        sample = lambda p=p, g=gen: sample_prior(model, n, g, dev, precision=p)  # noqa: E731
+        out[f"sample_images_per_s{sfx}"] = timed(sample, n)
+        out[f"reconstruct_images_per_s{sfx}"] = timed(lambda p=p: reconstruct(model, x, precision=p), n)
+        out[f"score_neg_elbo_images_per_s{sfx}"] = timed(lambda p=p: score(p), n)
+    return out
 
 
 # --- scaling ---------------------------------------------------------------------------------------
@@ -288,13 +304,42 @@ def scaling_table(x64: np.ndarray, work: Path, sizes, counts, threads: int, epoc
 
 # --- main ------------------------------------------------------------------------------------------
 def summarise(runs: list[dict]) -> dict:
-    ips = [r["images_per_s"] for r in runs]
+    med = lambda key: float(np.median([r[key] for r in runs]))  # noqa: E731
     return {
-        "images_per_s_median": float(np.median(ips)),
-        "test_neg_elbo_median": float(np.median([r["test_neg_elbo"] for r in runs])),
+        "images_per_s_median": med("images_per_s"),
+        "test_neg_elbo_median": med("test_neg_elbo"),
         "peak_rss_mb_max": max((r["peak_rss_mb"] or 0) for r in runs) or None,
-        "cpu_s_per_1000_images_median": float(np.median([1000 * r["cpu_s"] / r["n_images_trained"] for r in runs])),
+        "cpu_s_per_1000_images_median": round(1000 * med("cpu_s") / runs[0]["n_images_trained"], 2),
     }
+
+
+def compare(arms: dict[str, list[dict]]) -> dict:
+    summary = {arm: summarise(runs) for arm, runs in arms.items()}
+    base, ours = summary["baseline"], summary["medivae"]
+    pairs = zip(arms["baseline"], arms["medivae"], strict=True)
+    return {
+        "summary": summary,
+        "throughput_ratio": round(ours["images_per_s_median"] / base["images_per_s_median"], 2),
+        "paired_ratios": [round(m["images_per_s"] / b["images_per_s"], 2) for b, m in pairs],
+        "test_neg_elbo_rel_diff": round(ours["test_neg_elbo_median"] / base["test_neg_elbo_median"] - 1, 5),
+    }
+
+
+def run_arms(args, npz: Path, n_train: int, work: Path) -> dict[str, list[dict]]:
+    """A B (C) A B (C) ...: alternating, so that load from other processes hits every arm alike."""
+    arms = {"baseline": [], "medivae": []} | ({"medivae_fp32": []} if args.fp32 else {})
+    for rep in range(args.repeats):
+        for arm in arms:
+            load = round(os.getloadavg()[0], 2)
+            if arm == "baseline":
+                r = run_baseline(npz, args.epochs, args.threads)
+            else:
+                extra = ["--precision", "fp32"] if arm == "medivae_fp32" else []
+                r = run_medivae(npz, args.epochs, args.threads, work / f"{arm}_{rep}", extra)
+            arms[arm].append({**r, "n_images_trained": n_train * args.epochs, "loadavg_before": load})
+            print(f"{arm} #{rep + 1}: {r['images_per_s']} img/s ({r['threads']} threads), "
+                  f"test -ELBO {r['test_neg_elbo']:.2f}, peak RSS {r['peak_rss_mb']} MB", flush=True)
+    return arms
 
 
 def machine() -> dict:
@@ -314,9 +359,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=3, help="training epochs of each run (default 3)")
     p.add_argument("--repeats", type=int, default=2, help="alternating pairs of runs (default 2)")
-    p.add_argument("--n-images", type=int, default=0, help="training images (default 0: the whole train split)")
-    p.add_argument("--n-test", type=int, default=0, help="test (and val) images (default 0: the whole split)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for every run (default: torch's choice)")
+    p.add_argument("--n-images", type=int, default=0, help="training images (0: all of the train split)")
+    p.add_argument("--n-test", type=int, default=0, help="test (and val) images (0: all of the split)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads of every run (0: each one's default)")
     p.add_argument("--fp32", action="store_true", help="also alternate a medivae --precision fp32 arm")
     p.add_argument("--scaling-n", type=int, default=2048, help="images per scaling run (default 2048)")
     p.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
@@ -339,47 +384,27 @@ def main(argv=None) -> int:
     for path in (BASELINE, args.tar):
         if not path.exists():
             raise SystemExit(f"{path}: not found (the benchmark needs ../shared next to the repository)")
-    load_start = os.getloadavg()
+    result = {
+        "command": " ".join(["python benchmarks/bench_train.py", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": machine(), "loadavg_start": [round(v, 2) for v in os.getloadavg()],
+        "epochs": args.epochs, "batch_size": 128, "repeats": args.repeats,
+    }
     with tempfile.TemporaryDirectory(prefix="medivae-bench-") as tmp:
         work = Path(tmp)
         npz = work / "mednist64.npz"
         split = build_npz(args.tar, npz, args.n_images, args.n_test, DEFAULT_SEED)
         print(f"data: {split}", flush=True)
-        arms = {"baseline": [], "medivae": []} | ({"medivae_fp32": []} if args.fp32 else {})
-        for rep in range(args.repeats):
-            for arm in arms:  # A B (C) A B (C): alternating, so machine load hits every arm alike
-                if arm == "baseline":
-                    r = run_baseline(npz, args.epochs, args.threads)
-                else:
-                    extra = ["--precision", "fp32"] if arm == "medivae_fp32" else []
-                    r = run_medivae(npz, args.epochs, args.threads, work / f"{arm}_{rep}", extra)
-                r["n_images_trained"] = split["train"] * args.epochs
-                arms[arm].append(r)
-                print(f"{arm} #{rep + 1}: {r['images_per_s']} img/s, test -ELBO {r['test_neg_elbo']:.2f}, "
-                      f"peak RSS {r['peak_rss_mb']} MB", flush=True)
-        summary = {arm: summarise(runs) for arm, runs in arms.items()}
-        base, ours = summary["baseline"], summary["medivae"]
+        result["data"] = {"source": "MedNIST.tar.gz (64x64), seeded stratified 80/10/10 split", **split}
+        result["runs"] = run_arms(args, npz, split["train"], work)
+        result |= compare(result["runs"])
         n_inf = min(split["test"], 512 if args.quick else 4096)
-        x64 = np.load(npz)["train_images"][:, None]
-        result = {
-            "command": " ".join(["python", "benchmarks/bench_train.py", *(argv if argv is not None else sys.argv[1:])]),
-            "machine": machine(),
-            "loadavg_start": [round(v, 2) for v in load_start],
-            "data": {"source": "MedNIST.tar.gz (64x64)", **split},
-            "epochs": args.epochs, "batch_size": 128, "repeats": args.repeats, "threads": args.threads or "default",
-            "runs": arms,
-            "summary": summary,
-            "throughput_ratio": round(ours["images_per_s_median"] / base["images_per_s_median"], 2),
-            "paired_ratios": [round(m["images_per_s"] / b["images_per_s"], 2)
-                              for b, m in zip(arms["baseline"], arms["medivae"], strict=True)],
-            "test_neg_elbo_rel_diff": round(ours["test_neg_elbo_median"] / base["test_neg_elbo_median"] - 1, 4),
-            "inference": inference_speed(work / "medivae_0", npz, n_inf),
-        }
+        result["inference"] = inference_speed(work / "medivae_0", npz, n_inf)
         if not args.no_scaling:
             sizes = (32, 64) if args.quick else (64, 128, 256)  # quick: only that the table is made
+            x64 = np.load(npz)["train_images"][:, None]
             counts = (args.scaling_n, 4 * args.scaling_n)
             result["scaling"] = scaling_table(x64, work, sizes, counts, args.threads, 1)
-        result["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    result["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(f"ratio {result['throughput_ratio']} (pairs {result['paired_ratios']}), test -ELBO rel. diff "

@@ -1,13 +1,11 @@
 """Mixed precision is a default only where it keeps quality: bf16 and fp32 agree on a fixed batch.
 
-Tolerances. bf16 keeps 8 significant bits (relative rounding 2**-9 ~ 0.2 % per value). oneDNN
+Tolerances. bf16 keeps 8 significant bits (relative rounding 2**-9 ~ 0.2 % per value), but oneDNN
 accumulates bf16 convolutions in fp32 and the loss is reduced in fp32 (BCE on float logits), so the
-per-pixel errors are small and of random sign and mostly cancel in the sum over pixels: measured
-differences are ~0.05 % for a forward pass and ~0.2 % after a few steps. We allow 0.5 %
-(forward) and 1 % (after training steps): the issue's quality bar is a test negative ELBO within
-1 % of the fp32 baseline, so a larger gap on one batch would already break it, while these bounds
-still fail if bf16 were applied to the loss reduction or the KL (errors of several percent).
-"""
+per-pixel errors have random signs and mostly cancel: on this batch the forward loss and the losses of
+four training epochs differ by ~1e-4 relative. The quality bar (issue 7) is a test negative ELBO
+within 1 % of fp32's. We allow 0.2 % (forward) and 0.5 % (training): ~10x what we measure, so other
+CPUs and oneDNN versions pass, and inside the 1 % bar, so a bf16 path that costs quality fails."""
 
 from __future__ import annotations
 
@@ -15,7 +13,6 @@ import dataclasses
 
 import pytest
 import torch
-from tiny import tiny_run
 
 from medivae.data import to_float
 from medivae.data.phantoms import make_phantoms
@@ -25,6 +22,7 @@ from medivae.seeding import torch_generator
 from medivae.train import device as device_mod
 from medivae.train.device import autocast, autocast_dtype
 from medivae.train.trainer import Trainer, batch_source
+from tiny import tiny_run
 
 needs_bf16 = pytest.mark.skipif(
     not device_mod.cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX-512 BF16 / AMX)"
@@ -51,7 +49,7 @@ def test_bf16_forward_loss_matches_fp32():
     model.to(memory_format=torch.channels_last)
     x = to_float(_batch().images).contiguous(memory_format=torch.channels_last)
     fp32, bf16 = _loss(model, x, None), _loss(model, x, torch.bfloat16)
-    assert bf16 == pytest.approx(fp32, rel=5e-3)
+    assert bf16 == pytest.approx(fp32, rel=2e-3)
     assert bf16 != fp32  # autocast really ran in bf16 (otherwise this test compares fp32 with itself)
 
 
@@ -70,7 +68,7 @@ def _train_losses(tmp_path, precision: str, epochs: int = 4) -> list[float]:
 def test_bf16_training_steps_track_fp32(tmp_path):
     fp32, bf16 = _train_losses(tmp_path, "fp32"), _train_losses(tmp_path, "bf16")
     assert fp32[-1] < fp32[0] and bf16[-1] < bf16[0]  # both learn
-    assert bf16 == pytest.approx(fp32, rel=1e-2)
+    assert bf16 == pytest.approx(fp32, rel=5e-3)
 
 
 def test_auto_precision_is_fp32_without_native_bf16(monkeypatch):

@@ -15,12 +15,12 @@ from medivae.evaluation.privacy import write_synthetic
 NAMES = ("dark", "bright")
 
 
-def _separable(n: int, seed: int) -> ImageSet:
-    """Class 0 dark, class 1 bright, both noisy 32x32: any working classifier separates them."""
+def _separable(n: int, seed: int, size: int = 16) -> ImageSet:
+    """Class 0 dark, class 1 bright, both noisy: any working classifier separates them."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % 2
     base = np.where(labels == 1, 170.0, 70.0)[:, None, None, None]
-    images = np.clip(base + rng.normal(0, 25, (n, 1, 32, 32)), 0, 255).astype(np.uint8)
+    images = np.clip(base + rng.normal(0, 25, (n, 1, size, size)), 0, 255).astype(np.uint8)
     return ImageSet(images, labels, NAMES)
 
 
@@ -68,7 +68,8 @@ def test_tstr_on_mislabelled_synthetic_data_is_worse_than_chance():
 @pytest.fixture
 def real_npz(tmp_path):
     path = tmp_path / "real.npz"
-    splits = {s: _separable(n, i) for i, (s, n) in enumerate([("train", 64), ("val", 16), ("test", 40)])}
+    sizes = [("train", 64), ("val", 16), ("test", 40)]
+    splits = {s: _separable(n, i, size=32) for i, (s, n) in enumerate(sizes)}
     np.savez(
         path,
         **{f"{s}_images": v.images[:, 0] for s, v in splits.items()},
@@ -77,39 +78,28 @@ def real_npz(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("fmt", ["png", "npz"])
-def test_utility_cli_end_to_end(real_npz, tmp_path, fmt, capsys):
-    syn = _separable(48, 9)
+def test_utility_cli_end_to_end(real_npz, tmp_path, capsys):
+    syn = _separable(48, 9, size=32)
     names = ["0" if c == 0 else "1" for c in syn.labels]  # the npz's own label names
-    write_synthetic(tmp_path / "syn", syn.images, names, ("0", "1"), fmt)
+    write_synthetic(tmp_path / "syn", syn.images, names, ("0", "1"), "npz")
     out = tmp_path / "u.json"
-    assert (
-        main(
-            [
-                "utility",
-                "--real",
-                str(real_npz),
-                "--synthetic",
-                str(tmp_path / "syn"),
-                "--out",
-                str(out),
-                "--epochs",
-                "2",
-                "--width",
-                "4",
-                "--batch-size",
-                "16",
-                "--no-progress",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    argv = ["utility", "--real", str(real_npz), "--synthetic", str(tmp_path / "syn"), "--out", str(out)]
+    assert main([*argv, *"--epochs 2 --width 4 --batch-size 16 --no-progress --device cpu".split()]) == 0
     r = json.loads(out.read_text())
     assert r["n_synthetic"] == 48 and r["real_only"]["n_test"] == 40
     assert set(r["synthetic_only"]["recall"]) == {"0", "1"}
     assert "synthetic_only" in capsys.readouterr().out
+
+
+def test_png_and_npz_folders_load_the_same(tmp_path):
+    syn = _separable(6, 9, size=32)
+    names = ["0", "1", "0", "1", "0", "1"]
+    for fmt in ("png", "npz"):
+        write_synthetic(tmp_path / fmt, syn.images, names, ("0", "1"), fmt)
+    (a, la), (b, lb) = ut.load_synthetic(tmp_path / "png"), ut.load_synthetic(tmp_path / "npz")
+    np.testing.assert_array_equal(a, syn.images)
+    np.testing.assert_array_equal(b, syn.images)
+    assert la == lb == names
 
 
 def test_utility_bad_input_exits_2(real_npz, tmp_path, capsys):
@@ -117,7 +107,7 @@ def test_utility_bad_input_exits_2(real_npz, tmp_path, capsys):
     empty.mkdir()
     assert main(["utility", "--real", str(real_npz), "--synthetic", str(empty)]) == 2
     assert "labels.csv" in capsys.readouterr().err
-    syn = _separable(8, 9)
+    syn = _separable(8, 9, size=32)
     write_synthetic(tmp_path / "odd", syn.images, ["tumour"] * 8, (), "png")
     assert main(["utility", "--real", str(real_npz), "--synthetic", str(tmp_path / "odd")]) == 2
     err = capsys.readouterr().err

@@ -11,6 +11,7 @@ import torch
 
 from medivae.config import DataConfig, RunConfig, TrainConfig
 from medivae.data import ImageSet, load_dataset, to_float
+from medivae.data.imageset import label_code
 from medivae.errors import UserError
 from medivae.generate import (
     encode_mean,
@@ -159,9 +160,10 @@ def label_index(cfg: RunConfig, label: str | None) -> int | None:
         return None
     if cfg.model.num_classes <= 0:
         raise UserError(f"--label needs a conditional model (this run is {cfg.model.name!r}); train with --model cvae")
-    if label not in cfg.label_names:
+    code = label_code(cfg.label_names, label)
+    if code is None:
         raise UserError(f"unknown label {label!r}; this run knows {list(cfg.label_names)}")
-    return cfg.label_names.index(label)
+    return code
 
 
 def sample(run_dir, n: int, out, seed: int | None = None, label: str | None = None, device="auto") -> Path:
@@ -250,13 +252,13 @@ def anomaly_fit(cfg: RunConfig, run_dir: str | Path, progress: bool = True) -> P
     """Train on the normal images only: ``cfg.data.labels`` must name exactly one label (the normal one);
     train, validation and test splits then hold normals only. Score with :func:`anomaly_score`."""
     if len(cfg.data.labels) != 1:
-        raise UserError(f"an anomaly model is fitted on exactly one normal label, not {list(cfg.data.labels)}")
+        raise UserError(f"an anomaly model is fitted on one normal label, not {list(cfg.data.labels)}")
     return train(cfg, run_dir, progress=progress)
 
 
-def anomaly_score(run_dir, data: str | None = None, split: str = "test", out=None, normal_label: str | None = None,
-                  fpr: float = 0.05, k: int = 16, gradient: bool = False, n_maps: int = 16, batch_size: int = 128,
-                  device: str = "auto") -> dict:
+def anomaly_score(run_dir, data: str | None = None, split: str = "test", out=None,
+                  normal_label: str | None = None, fpr: float = 0.05, k: int = 16, gradient: bool = False,
+                  n_maps: int = 16, batch_size: int = 128, device: str = "auto") -> dict:
     """Per-image anomaly scores, maps, AUROC/AUPRC and a threshold at ``fpr`` on validation normals;
     files in ``out`` (default RUN/anomaly), summary merged into RUN/results.json["anomaly"]."""
     from medivae.evaluation.anomaly import score_run
@@ -278,9 +280,9 @@ def synthesize(run_dir, n: int, out, label: str | None = None, percentile: float
 def utility(real: str, synthetic, out=None, epochs: int = 10, seed: int | None = None, width: int = 32,
             val_fraction: float = 0.1, test_fraction: float = 0.1, device: str = "auto",
             progress: bool = True, batch_size: int = 128) -> dict:
-    """Train-on-synthetic/test-on-real, real + synthetic and real-only classifiers on ``real``'s test split."""
+    """TSTR (train on synthetic, test on real), real + synthetic and real-only, on ``real``'s test split."""
     from medivae.evaluation.utility import utility_run
 
     synthetic = [synthetic] if isinstance(synthetic, (str, Path)) else list(synthetic)
-    return utility_run(real, synthetic, out, epochs, seed, width, val_fraction, test_fraction, device, progress,
-                       batch_size)
+    return utility_run(real, synthetic, out, epochs, seed, width, val_fraction, test_fraction, device,
+                       progress, batch_size)

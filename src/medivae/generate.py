@@ -12,21 +12,36 @@ from PIL import Image
 from medivae.io import atomic_write_bytes
 
 
-def _decode_images(model, z: torch.Tensor, y: torch.Tensor | None = None, batch: int = 512) -> torch.Tensor:
+def fast_inference(model, precision: str = "auto"):
+    """Context for batched inference at training speed: channels_last weights (changes ``model`` in place;
+    values are untouched) and, for ``precision="auto"``, bf16 autocast where the hardware does it natively,
+    as in training. About 3x the fp32 images/s of sampling and reconstruction on an AVX-512 BF16 CPU
+    (benchmarks/bench_train.py); ``precision="fp32"`` gives the exact fp32 numbers."""
+    from medivae.train.device import autocast, autocast_dtype
+
+    device = next(model.parameters()).device
+    model.to(memory_format=torch.channels_last)
+    return autocast(device, autocast_dtype(device, precision))
+
+
+def _decode_images(model, z: torch.Tensor, y=None, batch: int = 256, precision: str = "auto") -> torch.Tensor:
     outs = []
-    for i in range(0, len(z), batch):
-        yi = None if y is None else y[i : i + batch]
-        outs.append(model.images(model.decode(z[i : i + batch], yi)).float().cpu())
+    with fast_inference(model, precision):  # 256 measured faster than 1024 on CPU (cache)
+        for i in range(0, len(z), batch):
+            yi = None if y is None else y[i : i + batch]
+            outs.append(model.images(model.decode(z[i : i + batch], yi)).float().cpu())
     return torch.cat(outs)
 
 
 @torch.no_grad()
-def sample_prior(model, n: int, generator: torch.Generator, device="cpu", label: int | None = None) -> torch.Tensor:
+def sample_prior(
+    model, n: int, generator: torch.Generator, device="cpu", label: int | None = None, precision: str = "auto"
+) -> torch.Tensor:
     """n images from z ~ N(0, I): float (n, C, H, W) in [0, 1]."""
     model.eval()
     z = torch.randn(n, model.latent_dim, generator=generator).to(device)
     y = None if label is None else torch.full((n,), int(label), dtype=torch.long, device=device)
-    return _decode_images(model, z, y)
+    return _decode_images(model, z, y, precision=precision)
 
 
 def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -68,14 +83,17 @@ def encode_mean(model, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.
 
 
 @torch.no_grad()
-def reconstruct(model, x: torch.Tensor, y: torch.Tensor | None = None, batch: int = 512) -> torch.Tensor:
-    """Decoded posterior means of x: float (B, C, H, W) in [0, 1], on CPU."""
+def reconstruct(
+    model, x: torch.Tensor, y: torch.Tensor | None = None, batch: int = 256, precision: str = "auto"
+) -> torch.Tensor:
+    """Decoded posterior means of x: float (B, C, H, W) in [0, 1], on CPU. ``precision``: fast_inference."""
     model.eval()
     outs = []
-    for i in range(0, len(x), batch):
-        yi = None if y is None else y[i : i + batch]
-        out = model(x[i : i + batch], yi, sample=False)
-        outs.append(model.images(out.recon_params).float().cpu())
+    with fast_inference(model, precision):
+        for i in range(0, len(x), batch):
+            yi = None if y is None else y[i : i + batch]
+            xi = x[i : i + batch].contiguous(memory_format=torch.channels_last)
+            outs.append(model.images(model(xi, yi, sample=False).recon_params).float().cpu())
     return torch.cat(outs)
 
 

@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 
-from medivae.data.imageset import ImageSet, to_float
+from medivae.data.imageset import ImageSet, label_code, to_float
 from medivae.data.preprocess import prepare
 from medivae.data.sources import SOURCE_HELP
 from medivae.data.split import split_indices
@@ -69,10 +69,10 @@ def _report(meta: dict) -> None:
 def _label_indices(s: ImageSet, wanted: tuple[str, ...]) -> np.ndarray:
     if not wanted:
         return np.arange(len(s))
-    unknown = [w for w in wanted if w not in s.label_names]
+    unknown = [w for w in wanted if label_code(s.label_names, w) is None]
     if unknown:
         raise UserError(f"unknown label(s) {unknown}; this source has {list(s.label_names) or 'no labels'}")
-    codes = [s.label_names.index(w) for w in wanted]
+    codes = [label_code(s.label_names, w) for w in wanted]
     return np.flatnonzero(np.isin(s.labels, codes))
 
 

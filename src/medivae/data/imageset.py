@@ -54,6 +54,18 @@ class ImageSet:
         return out
 
 
+def label_code(names: tuple[str, ...] | list[str], label: str) -> int | None:
+    """The class index of ``label``: a class name, or the class's index written as a number
+    (so ``--labels 0`` keeps working when a source names its classes, e.g. normal/pneumonia)."""
+    names = list(names)
+    if label in names:
+        return names.index(label)
+    text = str(label).strip()
+    if text.isdigit() and int(text) < len(names):
+        return int(text)
+    return None
+
+
 def to_float(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 (B, C, H, W) -> float32 in [0, 1] on ``device``. The only place bytes become floats."""
     if isinstance(images, np.ndarray):

@@ -86,6 +86,15 @@ KNOWN_RESAVES = {
 }
 
 
+def known_label_names(path: Path) -> tuple[str, ...]:
+    """Class names of a local MedMNIST file recognised by its name (``pneumoniamnist.npz``,
+    ``pneumoniamnist_64.npz``); empty for other files, whose classes are then named "0", "1", ..."""
+    stem = Path(path).name.lower().removesuffix(".npz")
+    base = stem.rsplit("_", 1)[0] if stem.rsplit("_", 1)[-1].isdigit() else stem
+    entry = DATASETS.get(base)
+    return tuple(entry[0]) if entry and not entry[1] else ()
+
+
 def parse_spec(spec: str) -> tuple[str, int]:
     """"medmnist:NAME[@SIZE]" -> (name, size)."""
     body = spec.split(":", 1)[1].strip().lower()

@@ -70,7 +70,9 @@ def resolve(spec: str, progress: bool = True) -> Source:
         return Source(spec, "folder", path, files, kinds, labels, [None] * len(files))
     name = path.name.lower()
     if name.endswith(".npz"):
-        return Source(spec, "npz", path)
+        from medivae.data.medmnist import known_label_names
+
+        return Source(spec, "npz", path, label_names=known_label_names(path))
     if name.endswith(".csv"):
         files, labels, groups = read_csv_list(path)
         if not files:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medivae.data.imageset import to_float
+from medivae.data.imageset import label_code, to_float
 from medivae.evaluation.likelihood import sample_log_terms
 
 SCORE_NAMES = ("neg_elbo", "iwae", "rec_error", "ssim", "kl", "iwae_minus_png", "latent")
@@ -289,9 +289,9 @@ def scoring_sets(cfg, normal_label: str, data: str | None, split: str) -> dict:
     seed = cfg.train.seed
     own = load_dataset(cfg.data, seed, progress=False)
     names = own["train"].label_names
-    if normal_label not in names:
+    code = label_code(names, normal_label)
+    if code is None:
         raise UserError(f"normal label {normal_label!r} is not one of the run's labels {list(names)}")
-    code = names.index(normal_label)
     normals = {k: v.subset(np.flatnonzero(v.labels == code)) for k, v in own.items()}
     if len(normals["val"]) < 2:
         raise UserError(
@@ -307,7 +307,7 @@ def scoring_sets(cfg, normal_label: str, data: str | None, split: str) -> dict:
         scored = _concat(normals[split], others)
     else:
         scored = s
-    scored_code = scored.label_names.index(normal_label) if normal_label in scored.label_names else None
+    scored_code = label_code(scored.label_names, normal_label)
     if len(scored) == 0:
         raise UserError(f"split {split!r} of {data or cfg.data.source} is empty")
     return {"train": normals["train"], "val": normals["val"], "scored": scored, "normal_code": scored_code}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from medivae.data.imageset import to_float
+from medivae.data.imageset import label_code, to_float
 
 
 def pixel_vectors(images: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -117,8 +117,8 @@ def _label_plan(cfg, label: str | None, n: int) -> tuple[np.ndarray | None, list
     if cfg.model.num_classes > 0:
         if label is None:  # balanced classes
             codes = np.arange(n) % cfg.model.num_classes
-        elif label in names:
-            codes = np.full(n, names.index(label))
+        elif label_code(names, label) is not None:
+            codes = np.full(n, label_code(names, label))
         else:
             raise UserError(f"unknown label {label!r}; this run knows {names}")
         return codes, [names[c] for c in codes]

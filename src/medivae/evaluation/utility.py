@@ -191,6 +191,7 @@ def utility_run(
     )
     splits = load_dataset(data, seed, progress=False)
     train, test = splits["train"], splits["test"]
+    train.images = np.array(train.images)  # in memory: the cache's read-only memmap makes torch warn
     names = train.label_names
     if len(names) < 2 or (test.labels < 0).any() or len(test) == 0:
         raise UserError(f"{real}: utility needs a labelled real test split with at least 2 classes")

@@ -22,7 +22,7 @@ from medivae.losses import ELBOTerms, kl_weight, neg_elbo
 from medivae.seeding import derive_seed, torch_generator
 from medivae.train import checkpoint as ckpt
 from medivae.train import distributed
-from medivae.train.device import autocast, autocast_dtype
+from medivae.train.device import autocast, autocast_dtype, configure_threads
 
 
 @dataclass
@@ -80,6 +80,7 @@ class Trainer:
         self.progress = progress  # progress bars
         self.verbose = True  # one summary line per epoch, even without bars
         t = cfg.train
+        self.threads = configure_threads(t.num_threads, device)  # 0: the idle cores (see device.py)
         self.amp_dtype = autocast_dtype(device, t.precision)
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         self.model.to(device=device, memory_format=self.memory_format)
