@@ -10,6 +10,7 @@ import pytest
 
 from medivae.cli import main
 from medivae.evaluation import anomaly as an
+
 from tiny import tiny_model
 
 TINY = "--image-size 32 --latent-dim 4 --base-width 4 --batch-size 32 --precision fp32 --no-progress".split()

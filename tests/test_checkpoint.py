@@ -21,6 +21,7 @@ from medivae.errors import UserError
 from medivae.models import build_model
 from medivae.train import checkpoint as ckpt
 from medivae.train.trainer import read_metrics
+
 from tiny import tiny_model, tiny_run
 
 SRC = Path(__file__).resolve().parents[1] / "src"

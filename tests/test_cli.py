@@ -8,11 +8,12 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from tiny import tiny_run
 
 from medivae import api
 from medivae.cli import main
 from medivae.generate import reconstruct
+
+from tiny import tiny_run
 
 PAD = 2
 

@@ -15,6 +15,7 @@ from medivae.config import replace
 from medivae.losses import neg_elbo
 from medivae.models import REGISTRY, build_model, model_config
 from medivae.models.cvae import CVAE
+
 from tiny import tiny_model, tiny_run
 
 

@@ -137,6 +137,7 @@ def test_corrupt_files_are_skipped_counted_and_reported(tmp_path):
 
 def test_training_goes_on_past_a_corrupt_file(tmp_path):
     from medivae import api
+
     from tiny import tiny_run
 
     root = make_folder(tmp_path / "f", per_class=20)

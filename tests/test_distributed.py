@@ -36,6 +36,7 @@ from medivae.models.outputs import VAEOutput
 from medivae.seeding import numpy_rng
 from medivae.train import distributed
 from medivae.train.trainer import Trainer, epoch_order, gather
+
 from tiny import tiny_run
 
 B = 8  # per-rank batch

@@ -9,6 +9,7 @@ import pytest
 
 from medivae import api
 from medivae.cli import main
+
 from tiny import tiny_run
 
 ARGS = ["-k", "4", "--reference-epochs", "1", "--no-progress"]

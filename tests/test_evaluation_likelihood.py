@@ -15,6 +15,7 @@ from medivae.evaluation.likelihood import iwae_from_log_weights, ks_for, likelih
 from medivae.models import build_model
 from medivae.models.distributions import DiagonalGaussian, DiscretizedLogistic
 from medivae.seeding import torch_generator
+
 from tiny import tiny_model
 
 

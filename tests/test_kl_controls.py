@@ -13,6 +13,7 @@ from medivae.errors import UserError
 from medivae.losses import free_bits_kl, kl_weight, neg_elbo
 from medivae.models import build_model
 from medivae.train.trainer import Trainer
+
 from tiny import tiny_model, tiny_run
 
 

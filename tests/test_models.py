@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_model
 
 from medivae.losses import neg_elbo
 from medivae.models import REGISTRY, build_model, model_config
 from medivae.models.distributions import DiagonalGaussian
+
+from tiny import tiny_model
 
 
 @pytest.mark.parametrize("size", [32, 64, 128])

@@ -15,6 +15,7 @@ from medivae.models import build_model
 from medivae.seeding import seed_everything
 from medivae.train import trainer as trainer_mod
 from medivae.train.trainer import Trainer, read_metrics
+
 from tiny import tiny_run
 
 LR = 1e-3

@@ -22,6 +22,7 @@ from medivae.seeding import torch_generator
 from medivae.train import device as device_mod
 from medivae.train.device import autocast, autocast_dtype
 from medivae.train.trainer import Trainer, batch_source
+
 from tiny import tiny_run
 
 needs_bf16 = pytest.mark.skipif(

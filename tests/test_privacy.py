@@ -11,6 +11,7 @@ import pytest
 
 from medivae.cli import main
 from medivae.evaluation import privacy as pv
+
 from tiny import tiny_run
 
 

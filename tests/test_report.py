@@ -23,6 +23,7 @@ from medivae import api
 from medivae.cli import main
 from medivae.errors import UserError
 from medivae.report import build_report, write_report
+
 from tiny import tiny_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -8,12 +8,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import tiny_run
 
 from medivae import api
 from medivae.errors import UserError
 from medivae.seeding import DEFAULT_SEED, seed_everything
 from medivae.train.trainer import read_metrics
+
+from tiny import tiny_run
 
 
 def test_seed_everything_accepts_the_article_seed():

@@ -11,6 +11,7 @@ from medivae import api
 from medivae.cli import main
 from medivae.models import build_model
 from medivae.traverse import LatentStats, latent_stats, traverse
+
 from tiny import tiny_model, tiny_run
 
 PAD = 2
