@@ -14,7 +14,7 @@ from torch import nn
 from medivae.config import ModelConfig
 from medivae.models.blocks import decoder_trunk, encoder_trunk, widths_for
 from medivae.models.distributions import DiagonalGaussian, make_likelihood
-from medivae.models.outputs import VAEOutput
+from medivae.models.outputs import VAEOutput, encode_decode
 
 
 class ConvVAE(nn.Module):
@@ -48,9 +48,7 @@ class ConvVAE(nn.Module):
         generator: torch.Generator | None = None,
     ) -> VAEOutput:
         """Encode, take z (a reparameterised sample, or the posterior mean if ``sample=False``), decode."""
-        posterior = self.encode(x, y)
-        z = posterior.sample(generator) if sample else posterior.mode()
-        return VAEOutput(self.decode(z, y), posterior, z)
+        return encode_decode(self, x, y, sample, generator)
 
     def images(self, params: torch.Tensor) -> torch.Tensor:
         """Decoder parameters -> displayable mean images (B, C, H, W) in [0, 1]."""

@@ -21,3 +21,11 @@ class VAEOutput:
     recon_params: torch.Tensor
     posterior: DiagonalGaussian
     z: torch.Tensor
+
+
+def encode_decode(model, x: torch.Tensor, y: torch.Tensor | None, sample: bool, generator) -> VAEOutput:
+    """The forward pass every VAE family shares: q(z|x), then z (a reparameterised sample, or the
+    posterior mean when ``sample=False`` — chosen by the argument, never by ``model.training``), then decode."""
+    posterior = model.encode(x, y)
+    z = posterior.sample(generator) if sample else posterior.mode()
+    return VAEOutput(model.decode(z, y), posterior, z)
