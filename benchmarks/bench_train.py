@@ -261,8 +261,9 @@ def scaling_worker(npy: str, size: int, storage: str, epochs: int) -> None:
     from medivae.train.device import pick_device
     from medivae.train.trainer import Trainer, batch_source
 
-    # mode "c" is what medivae's decoded-image cache maps (data/cache.py); "r" behaves the same here
-    images = np.load(npy, mmap_mode="c" if storage == "memmap" else None)
+    # read-only: batches go through trainer.gather's sorted NumPy reads (a copy-on-write map, as
+    # medivae's decoded-image cache makes, would be wrapped as a tensor instead)
+    images = np.load(npy, mmap_mode="r" if storage == "memmap" else None)
     train = ImageSet(images, np.zeros(len(images), dtype=np.int64))
     cfg = RunConfig(model=ModelConfig(image_size=size), train=TrainConfig(epochs=epochs, batch_size=128))
     with tempfile.TemporaryDirectory() as tmp:
@@ -274,7 +275,8 @@ def scaling_worker(npy: str, size: int, storage: str, epochs: int) -> None:
         for epoch in range(1, epochs + 1):
             trainer.train_epoch(train, source, epoch)
         seconds = time.perf_counter() - start
-    print(json.dumps({"seconds_per_epoch": seconds / epochs, "images_per_s": len(train) * epochs / seconds}))
+    print(json.dumps({"seconds_per_epoch": seconds / epochs, "images_per_s": len(train) * epochs / seconds,
+                      "threads": trainer.threads}))
 
 
 def scaling_table(x64: np.ndarray, work: Path, sizes, counts, threads: int, epochs: int) -> list[dict]:
@@ -295,7 +297,7 @@ def scaling_table(x64: np.ndarray, work: Path, sizes, counts, threads: int, epoc
                 "image_size": size, "n_images": n, "storage": storage,
                 "images_per_s": round(res["images_per_s"], 1),
                 "seconds_per_epoch": round(res["seconds_per_epoch"], 2),
-                "peak_rss_mb": r["peak_rss_mb"],
+                "peak_rss_mb": r["peak_rss_mb"], "threads": res["threads"],
             })
             print(f"  scaling {size}px n={n} {storage}: {rows[-1]['images_per_s']} img/s", flush=True)
         npy.unlink()

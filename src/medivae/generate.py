@@ -19,7 +19,7 @@ def fast_inference(model, precision: str = "auto"):
     (benchmarks/bench_train.py); ``precision="fp32"`` gives the exact fp32 numbers."""
     from medivae.train.device import autocast, autocast_dtype
 
-    device = next(model.parameters()).device
+    device = next(model.parameters(), torch.empty(0)).device  # a parameterless model runs on the CPU
     model.to(memory_format=torch.channels_last)
     return autocast(device, autocast_dtype(device, precision))
 

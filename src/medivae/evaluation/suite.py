@@ -94,7 +94,8 @@ def posterior_and_reconstruction(model, s: ImageSet, model_cfg, batch_size, devi
         q = model.encode(x, y)
         means.append(q.mean.double().cpu().numpy())
         logvars.append(q.logvar.double().cpu().numpy())
-        per.append(per_image_metrics(x.cpu().numpy(), reconstruct(model, x, y).numpy()))
+        recon = reconstruct(model, x, y, precision="fp32")  # metrics in exact fp32, not the fast bf16 path
+        per.append(per_image_metrics(x.cpu().numpy(), recon.numpy()))
     rec = {k: np.concatenate([p[k] for p in per]) for k in per[0]}
     return np.concatenate(means), np.concatenate(logvars), rec
 

@@ -1,0 +1,47 @@
+"""Smoke test of benchmarks/bench_train.py --quick: it runs end to end and writes complete JSON.
+
+Slow (about 40 s on an idle 2-core machine: two trainings, inference timings, a small scaling table).
+No number is compared with a speed: timings depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bench_train_quick_writes_complete_json(shared_data, tmp_path):
+    tar = shared_data / "mednist" / "MedNIST.tar.gz"
+    baseline = shared_data.parent / "baselines" / "seed_article_vae.py"
+    if not (tar.exists() and baseline.exists()):
+        pytest.skip("MedNIST.tar.gz or the article's baseline script is absent")
+    out = tmp_path / "train.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--quick", "--out", str(out)],
+        check=True, capture_output=True, text=True, timeout=900,
+    )
+    r = json.loads(out.read_text())
+    for arm in ("baseline", "medivae"):
+        (run,) = r["runs"][arm]  # --quick: one run of each
+        for key in ("images_per_s", "train_s", "wall_s", "cpu_s", "peak_rss_mb", "test_neg_elbo", "threads"):
+            assert run[key] > 0, (arm, key)
+    assert r["throughput_ratio"] == pytest.approx(
+        r["runs"]["medivae"][0]["images_per_s"] / r["runs"]["baseline"][0]["images_per_s"], abs=0.01
+    )
+    # the same test images, the same quantity: an untrained-ish VAE after one short epoch lands near the
+    # baseline, nowhere near a different unit (per pixel, bits) or a sum over the test set
+    assert abs(r["test_neg_elbo_rel_diff"]) < 0.25
+    inf = r["inference"]
+    for key in ("sample", "reconstruct", "score_neg_elbo"):
+        assert inf[f"{key}_images_per_s"] > 0 and inf[f"{key}_images_per_s_fp32"] > 0
+    rows = {(row["image_size"], row["n_images"], row["storage"]) for row in r["scaling"]}
+    assert {s for s, _, _ in rows} == {32, 64} and {st for _, _, st in rows} == {"ram", "memmap"}
+    assert all(row["images_per_s"] > 0 and row["seconds_per_epoch"] > 0 for row in r["scaling"])
+    assert r["data"]["train"] > 0 and r["data"]["test"] > 0
