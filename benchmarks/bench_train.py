@@ -220,16 +220,19 @@ def _seconds(fn) -> float:
 
 
 def inference_speed(run_dir: Path, npz: Path, n_images: int) -> dict:
-    """images/s of prior sampling, reconstruction and per-image negative-ELBO scoring (batched, no grad),
+    """images/s of prior sampling, reconstruction, per-image negative-ELBO scoring and anomaly scoring
+    (16 draws per image; batched, no grad),
     through medivae.generate's fast path ("auto": bf16 where native + channels_last) and in fp32."""
     from medivae.api import load_run
     from medivae.data import to_float
+    from medivae.evaluation.anomaly import score_images
     from medivae.generate import fast_inference, reconstruct, sample_prior
     from medivae.losses import neg_elbo
     from medivae.seeding import torch_generator
 
     model, _, dev = load_run(run_dir, which="last", device="cpu")
-    x = to_float(np.load(npz)["test_images"][:n_images, None], dev)
+    u8 = np.load(npz)["test_images"][:n_images, None]
+    x = to_float(u8, dev)
     n = len(x)
 
     @torch.no_grad()
@@ -248,6 +251,9 @@ def inference_speed(run_dir: Path, npz: Path, n_images: int) -> dict:
         out[f"sample_images_per_s{sfx}"] = timed(sample, n)
         out[f"reconstruct_images_per_s{sfx}"] = timed(lambda p=p: reconstruct(model, x, precision=p), n)
         out[f"score_neg_elbo_images_per_s{sfx}"] = timed(lambda p=p: score(p), n)
+        # medivae anomaly score's scorer: 16 posterior draws per image, IWAE, SSIM, residual maps
+        anomaly = lambda p=p: score_images(model, u8, k=16, batch_size=128, precision=p)  # noqa: E731
+        out[f"anomaly_score_images_per_s{sfx}"] = timed(anomaly, n)
     return out
 
 

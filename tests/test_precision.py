@@ -1,4 +1,5 @@
-"""Mixed precision is a default only where it keeps quality: bf16 and fp32 agree on a fixed batch.
+"""Speed settings keep quality. Mixed precision is a default only where bf16 and fp32 agree on a fixed
+batch; the biases the trainer freezes really cannot change the loss.
 
 Tolerances. bf16 keeps 8 significant bits (relative rounding 2**-9 ~ 0.2 % per value), but oneDNN
 accumulates bf16 convolutions in fp32 and the loss is reduced in fp32 (BCE on float logits), so the
@@ -21,7 +22,7 @@ from medivae.models import build_model
 from medivae.seeding import torch_generator
 from medivae.train import device as device_mod
 from medivae.train.device import autocast, autocast_dtype
-from medivae.train.trainer import Trainer, batch_source
+from medivae.train.trainer import Trainer, batch_source, redundant_biases
 
 from tiny import tiny_run
 
@@ -78,3 +79,33 @@ def test_auto_precision_is_fp32_without_native_bf16(monkeypatch):
     monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: True)
     assert autocast_dtype(CPU, "auto") == torch.bfloat16
     assert autocast_dtype(CPU, "fp32") is None
+
+
+def test_frozen_biases_cannot_change_the_training_loss(tmp_path):
+    """Biases feeding a BatchNorm: shifting them leaves the training-mode loss unchanged, and the trainer
+    neither optimises nor moves them. A bias not followed by BatchNorm (the output layer's) does count."""
+    cfg = tiny_run(epochs=1, lr=3e-3)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    frozen = redundant_biases(model)
+    assert len(frozen) == 5  # 32 px: 3 encoder convs + the 2 transposed convs that feed a BatchNorm
+    x = to_float(_batch().images)
+    before = _loss(model, x, None)
+    with torch.no_grad():
+        for b in frozen:
+            b.add_(1.0)
+    assert _loss(model, x, None) == pytest.approx(before, rel=1e-5)
+    with torch.no_grad():
+        model.decoder[-1].bias.add_(1.0)  # the output layer's bias: not redundant
+    assert _loss(model, x, None) != pytest.approx(before, rel=1e-3)
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    trainer = Trainer(cfg, model, CPU, tmp_path, progress=False)
+    frozen = redundant_biases(model)
+    start = [b.detach().clone() for b in frozen]
+    data = _batch(64)
+    trainer.train_epoch(data, batch_source(data.images), 1)
+    assert all(torch.equal(a, b) for a, b in zip(start, frozen, strict=True))
+    assert all(b.grad is None and b not in trainer.optimizer.state for b in frozen)
+    assert all(p in trainer.optimizer.state for p in model.parameters() if p.requires_grad)

@@ -258,12 +258,15 @@ def anomaly_fit(cfg: RunConfig, run_dir: str | Path, progress: bool = True) -> P
 
 def anomaly_score(run_dir, data: str | None = None, split: str = "test", out=None,
                   normal_label: str | None = None, fpr: float = 0.05, k: int = 16, gradient: bool = False,
-                  n_maps: int = 16, batch_size: int = 128, device: str = "auto") -> dict:
+                  n_maps: int = 16, batch_size: int = 128, device: str = "auto", precision: str = "fp32") -> dict:
     """Per-image anomaly scores, maps, AUROC/AUPRC and a threshold at ``fpr`` on validation normals;
-    files in ``out`` (default RUN/anomaly), summary merged into RUN/results.json["anomaly"]."""
+    files in ``out`` (default RUN/anomaly), summary merged into RUN/results.json["anomaly"].
+    ``precision="auto"`` scores through the bf16 fast path where the CPU/GPU has it (fp32: exact)."""
     from medivae.evaluation.anomaly import score_run
 
-    return score_run(run_dir, data, split, out, normal_label, fpr, k, gradient, n_maps, batch_size, device)
+    return score_run(
+        run_dir, data, split, out, normal_label, fpr, k, gradient, n_maps, batch_size, device, precision
+    )
 
 
 def synthesize(run_dir, n: int, out, label: str | None = None, percentile: float = 1.0, fmt: str = "png",

@@ -33,7 +33,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--free-bits", type=float, default=0.0, help="free bits per latent dimension, nats")
     g.add_argument("--grad-clip", type=float, default=0.0)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: the cores idle at start)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--tensorboard", action="store_true",
                    help="log scalars per epoch to RUN/tensorboard (pip install 'medivae[tensorboard]')")

@@ -117,8 +117,13 @@ def score_images(
     seed: int = 0,
     device: str | torch.device = "cpu",
     gradient: bool = False,
+    precision: str = "fp32",
 ) -> AnomalyScores:
-    """Score uint8 images (N, C, H, W); ``labels`` only for conditional models. Batched, no per-image loop."""
+    """Score uint8 images (N, C, H, W); ``labels`` only for conditional models. Batched, no per-image loop.
+    ``precision``: "fp32" (exact, the default for evaluation) or "auto" for generate.fast_inference's
+    bf16 path where the hardware has it (scores keep fp32 sums; the networks run in bf16)."""
+    from medivae.generate import fast_inference
+
     if k < 1:
         raise ValueError(f"k must be >= 1, not {k}")
     model.eval()
@@ -126,15 +131,16 @@ def score_images(
     parts: dict[str, list[torch.Tensor]] = {}
     maps = []
     conditional = getattr(model.cfg, "num_classes", 0) > 0
-    for i in range(0, len(images), batch_size):
-        x = to_float(images[i : i + batch_size], device)
-        y = torch.as_tensor(labels[i : i + batch_size]).clamp(min=0).to(device) if conditional else None
-        s, m = _score_batch(model, x, y, k, gen)
-        if gradient:
-            m = gradient_maps(model, x, y)
-        for name, v in s.items():
-            parts.setdefault(name, []).append(v.double().cpu())
-        maps.append(m.float().cpu())
+    with fast_inference(model, precision):
+        for i in range(0, len(images), batch_size):
+            x = to_float(images[i : i + batch_size], device).contiguous(memory_format=torch.channels_last)
+            y = torch.as_tensor(labels[i : i + batch_size]).clamp(min=0).to(device) if conditional else None
+            s, m = _score_batch(model, x, y, k, gen)
+            if gradient:
+                m = gradient_maps(model, x, y)
+            for name, v in s.items():
+                parts.setdefault(name, []).append(v.double().cpu())
+            maps.append(m.float().cpu())
     cat = {n: torch.cat(v).numpy() for n, v in parts.items()}
     codes = cat.pop("code")
     # a simple image is likely under any model; what counts is how much worse the VAE does than PNG
@@ -338,7 +344,7 @@ def write_scores_csv(path: Path, scored, scores: dict[str, np.ndarray], is_anoma
 
 
 def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr=0.05, k=16,
-              gradient=False, n_maps=16, batch_size=128, device="auto") -> dict:  # fmt: skip
+              gradient=False, n_maps=16, batch_size=128, device="auto", precision="fp32") -> dict:  # fmt: skip
     """Score a split with a run fitted on normals; write scores.csv, maps, ROC and results.json["anomaly"]."""
     from medivae import api
     from medivae.errors import UserError
@@ -356,7 +362,7 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
     sets = scoring_sets(cfg, normal_label, data, split)
 
     def run(s, grad=False, draws=k):
-        return score_images(model, s.images, s.labels, draws, batch_size, cfg.train.seed, dev, grad)
+        return score_images(model, s.images, s.labels, draws, batch_size, cfg.train.seed, dev, grad, precision)
 
     # the normal codes' Gaussian needs only the posterior means, so one draw is enough there
     codes = run(sets["train"], draws=1).codes if len(sets["train"]) > 1 else None

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
+import platform
 import time
 from pathlib import Path
 
@@ -107,3 +109,21 @@ def configure_threads(requested: int, device: torch.device) -> int:
     elif device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS") and auto_threads():
         torch.set_num_threads(auto_threads())
     return torch.get_num_threads()
+
+
+@functools.lru_cache(maxsize=1)
+def keep_freed_memory() -> bool:
+    """Make glibc malloc keep freed memory for reuse instead of returning it to the OS (once per process;
+    True if applied, False on other C libraries). The process then holds its peak memory until it exits.
+
+    Why: a CPU training step frees and re-allocates the same megabyte-sized activations. By default glibc
+    unmaps or trims them and the next step page-faults them back in, zero-filled: measured on 2 cores,
+    system time fell from 4.4 s to 0.3 s and training images/s rose 12-15 % with this (issue 7)."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False

@@ -22,7 +22,7 @@ from medivae.losses import ELBOTerms, kl_weight, neg_elbo
 from medivae.seeding import derive_seed, torch_generator
 from medivae.train import checkpoint as ckpt
 from medivae.train import distributed
-from medivae.train.device import autocast, autocast_dtype, configure_threads
+from medivae.train.device import autocast, autocast_dtype, configure_threads, keep_freed_memory
 
 
 @dataclass
@@ -62,6 +62,26 @@ def gather(images: np.ndarray | torch.Tensor, idx: torch.Tensor) -> torch.Tensor
     return torch.from_numpy(out)
 
 
+def redundant_biases(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Biases of convolutions that feed straight into a BatchNorm (within an nn.Sequential).
+
+    BatchNorm in training mode subtracts the batch mean of every channel, so the network's output, and
+    the loss, do not depend on such a bias: its exact gradient is zero. What a backward pass computes is
+    bf16 rounding noise, which Adam would turn into a random walk of the bias that changes nothing else.
+    The trainer freezes them (they keep their initial values, and stay in the checkpoint), which also
+    spares oneDNN a reduction over every activation: +11-14 % training images/s on 2 CPU cores (issue 7).
+    """
+    convs = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+    found = []
+    for seq in model.modules():
+        if isinstance(seq, torch.nn.Sequential):
+            layers = list(seq)
+            for a, b in zip(layers[:-1], layers[1:], strict=True):
+                if isinstance(a, convs) and a.bias is not None and isinstance(b, torch.nn.BatchNorm2d):
+                    found.append(a.bias)
+    return found
+
+
 def elbo_step(model, x, y, beta: float, free_bits: float, generator=None, sample=True) -> ELBOTerms:
     """The VAE family's step: forward with a reparameterised sample, per-sample negative ELBO terms."""
     out = model(x, y, sample=sample, generator=generator)
@@ -81,13 +101,16 @@ class Trainer:
         self.verbose = True  # one summary line per epoch, even without bars
         t = cfg.train
         self.threads = configure_threads(t.num_threads, device)  # 0: the idle cores (see device.py)
+        if device.type == "cpu":
+            keep_freed_memory()  # no page faults for each step's activations (see device.py)
         self.amp_dtype = autocast_dtype(device, t.precision)
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         self.model.to(device=device, memory_format=self.memory_format)
+        for p in redundant_biases(model):  # exact gradient 0 (see redundant_biases); computing it costs ~12 %
+            p.requires_grad_(False)
         fused = device.type in ("cuda", "cpu")
-        self.optimizer = torch.optim.Adam(
-            model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=fused
-        )
+        # every parameter, so that checkpoints keep one layout; Adam skips the frozen ones (their .grad is None)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=fused)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.state = TrainState(lr=t.lr)
         self.step_model = torch.compile(model) if t.compile else model
