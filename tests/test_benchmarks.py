@@ -1,4 +1,5 @@
-"""Smoke test of benchmarks/bench_train.py --quick: it runs end to end and writes complete JSON.
+"""Smoke tests of benchmarks/bench_train.py --quick and speed_ablation.py: they run end to end and
+write complete JSON.
 
 Slow (about 40 s on an idle 2-core machine: two trainings, inference timings, a small scaling table).
 No number is compared with a speed: timings depend on the machine and its load.
@@ -39,9 +40,25 @@ def test_bench_train_quick_writes_complete_json(shared_data, tmp_path):
     # baseline, nowhere near a different unit (per pixel, bits) or a sum over the test set
     assert abs(r["test_neg_elbo_rel_diff"]) < 0.25
     inf = r["inference"]
-    for key in ("sample", "reconstruct", "score_neg_elbo"):
+    for key in ("sample", "reconstruct", "score_neg_elbo", "anomaly_score"):
         assert inf[f"{key}_images_per_s"] > 0 and inf[f"{key}_images_per_s_fp32"] > 0
     rows = {(row["image_size"], row["n_images"], row["storage"]) for row in r["scaling"]}
     assert {s for s, _, _ in rows} == {32, 64} and {st for _, _, st in rows} == {"ram", "memmap"}
     assert all(row["images_per_s"] > 0 and row["seconds_per_epoch"] > 0 for row in r["scaling"])
     assert r["data"]["train"] > 0 and r["data"]["test"] > 0
+
+
+@pytest.mark.slow
+def test_speed_ablation_turns_each_setting_off(shared_data, tmp_path):
+    tar = shared_data / "mednist" / "MedNIST.tar.gz"
+    if not tar.exists():
+        pytest.skip("MedNIST.tar.gz is absent")
+    out = tmp_path / "ablation.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "speed_ablation.py"), "--n-images", "256", "--rounds", "1"]
+    subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True, text=True, timeout=900)
+    r = json.loads(out.read_text())
+    assert set(r["runs"]) == {"default", "fp32", "contiguous", "malloc_default", "biases_trained", "none", "compiled"}
+    frozen = {v: runs[0]["frozen_tensors"] for v, runs in r["runs"].items()}
+    assert frozen["default"] == 7 and frozen["biases_trained"] == 0 and frozen["none"] == 0  # 4 enc. + 3 dec.
+    assert all(runs[0]["images_per_s"] > 0 for runs in r["runs"].values())
+    assert r["ratio_to_default"]["default"] == 1.0

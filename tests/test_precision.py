@@ -109,3 +109,18 @@ def test_frozen_biases_cannot_change_the_training_loss(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(start, frozen, strict=True))
     assert all(b.grad is None and b not in trainer.optimizer.state for b in frozen)
     assert all(p in trainer.optimizer.state for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_with_a_partial_last_batch(tmp_path):
+    """--compile (torch.compile) trains the same model: 70 images in batches of 32 end with a batch of 6,
+    a second shape, which once failed to trace (randn of a dynamic size)."""
+    data = _batch(70)
+    losses = {}
+    for compiled in (False, True):
+        cfg = tiny_run(epochs=1, compile=compiled)
+        torch.manual_seed(0)
+        trainer = Trainer(cfg, build_model(cfg.model), CPU, tmp_path / str(compiled), progress=False)
+        torch.manual_seed(1)
+        losses[compiled] = trainer.train_epoch(data, batch_source(data.images), 1)["loss"]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
