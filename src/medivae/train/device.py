@@ -117,8 +117,8 @@ def keep_freed_memory() -> bool:
     True if applied, False on other C libraries). The process then holds its peak memory until it exits.
 
     Why: a CPU training step frees and re-allocates the same megabyte-sized activations. By default glibc
-    unmaps or trims them and the next step page-faults them back in, zero-filled: measured on 2 cores,
-    system time fell from 4.4 s to 0.3 s and training images/s rose 12-15 % with this (issue 7)."""
+    unmaps or trims them and the next step page-faults them back in, zero-filled. Worth ~1 % of training
+    images/s on 2 cores in benchmarks/results/speed_ablation.json (more when the allocator trims often)."""
     if platform.libc_ver()[0] != "glibc":
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>

@@ -69,7 +69,8 @@ def redundant_biases(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     the loss, do not depend on such a bias: its exact gradient is zero. What a backward pass computes is
     bf16 rounding noise, which Adam would turn into a random walk of the bias that changes nothing else.
     The trainer freezes them (they keep their initial values, and stay in the checkpoint), which also
-    spares oneDNN a reduction over every activation: +11-14 % training images/s on 2 CPU cores (issue 7).
+    spares oneDNN a reduction over every activation: +5 % training images/s on 2 CPU cores
+    (benchmarks/results/speed_ablation.json).
     """
     convs = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
     found = []
@@ -106,7 +107,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(device, t.precision)
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         self.model.to(device=device, memory_format=self.memory_format)
-        for p in redundant_biases(model):  # exact gradient 0 (see redundant_biases); computing it costs ~12 %
+        for p in redundant_biases(model):  # exact gradient 0 (see redundant_biases); computing it costs ~5 %
             p.requires_grad_(False)
         fused = device.type in ("cuda", "cpu")
         # every parameter, so that checkpoints keep one layout; Adam skips the frozen ones (their .grad is None)
