@@ -114,7 +114,8 @@ class Trainer:
         self.optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=fused)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.state = TrainState(lr=t.lr)
-        self.step_model = torch.compile(model, dynamic=False) if t.compile else model  # static: randn(shape, generator)
+        # static shapes (one more compile for a short last batch): randn(shape) does not trace with a dynamic one
+        self.step_model = torch.compile(model, dynamic=False) if t.compile else model
         self.step_model = distributed.wrap(self.step_model, device)  # DDP under torchrun, else unchanged
         self.main = distributed.is_main()  # only rank 0 writes files, logs and shows progress
         self.tensorboard = _tensorboard_writer(self.run_dir) if t.tensorboard and self.main else None
