@@ -10,7 +10,9 @@ processes hits them alike; the JSON keeps every run, medians and each median's r
 - ``fp32``: ``--precision fp32``.            - ``contiguous``: ``channels_last=False``.
 - ``malloc_default``: glibc's own trim/mmap thresholds (``device.keep_freed_memory`` not called).
 - ``biases_trained``: the redundant biases are trained like every other parameter.
-- ``none``: all four off at once.
+- ``plain_convs``: ``nn.Conv2d`` / ``nn.ConvTranspose2d`` instead of the trunks' CPU fast paths
+  (``models/cpu_conv.py``: the one-channel output layer, the GEMM weight gradient of the 4x4 layers).
+- ``none``: all five off at once.
 - ``compiled``: ``default`` plus ``--compile`` (torch.compile; compiling happens in the untimed warm-up).
 
     python benchmarks/speed_ablation.py                       # 8,192 images, 3 rounds: ~8 min on 2 cores
@@ -41,9 +43,24 @@ OFF = {  # variant -> the settings it turns off
     "contiguous": ("channels_last",),
     "malloc_default": ("malloc",),
     "biases_trained": ("bias_freeze",),
-    "none": ("bf16", "channels_last", "malloc", "bias_freeze"),
+    "plain_convs": ("cpu_conv",),
+    "none": ("bf16", "channels_last", "malloc", "bias_freeze", "cpu_conv"),
     "compiled": (),  # plus torch.compile
 }
+
+
+def plain_convs(model) -> None:
+    """Swap the trunks' DownConv / UpConv for the plain PyTorch layers with the same weights."""
+    import torch
+
+    from medivae.models.cpu_conv import DownConv, UpConv
+
+    for seq in (model.encoder, model.decoder):
+        for i, layer in enumerate(seq):
+            if isinstance(layer, (DownConv, UpConv)):
+                kind = torch.nn.Conv2d if isinstance(layer, DownConv) else torch.nn.ConvTranspose2d
+                seq[i] = kind(layer.in_channels, layer.out_channels, 4, 2, 1)
+                seq[i].load_state_dict(layer.state_dict())
 
 
 def worker(npy: str, variant: str) -> None:
@@ -53,6 +70,7 @@ def worker(npy: str, variant: str) -> None:
     from medivae.config import ModelConfig, RunConfig, TrainConfig
     from medivae.data import ImageSet
     from medivae.models import build_model
+    from medivae.models.cpu_conv import DownConv, UpConv
     from medivae.train import trainer as trainer_mod
     from medivae.train.device import pick_device
 
@@ -70,15 +88,20 @@ def worker(npy: str, variant: str) -> None:
     )  # fmt: skip
     cfg = RunConfig(model=ModelConfig(image_size=64), train=train)
     torch.manual_seed(0)
+    model = build_model(cfg.model)
+    if "cpu_conv" in off:
+        plain_convs(model)
     with tempfile.TemporaryDirectory() as tmp:
-        t = trainer_mod.Trainer(cfg, build_model(cfg.model), pick_device("auto"), Path(tmp), progress=False)
+        t = trainer_mod.Trainer(cfg, model, pick_device("auto"), Path(tmp), progress=False)
         warm = ImageSet(images[:128], data.labels[:128])
         t.train_epoch(warm, trainer_mod.batch_source(warm.images), 1)
         start = time.perf_counter()
         t.train_epoch(data, trainer_mod.batch_source(data.images), 1)
         seconds = time.perf_counter() - start
     frozen = sum(1 for p in t.model.parameters() if not p.requires_grad)
-    print(json.dumps({"images_per_s": len(data) / seconds, "threads": t.threads, "frozen_tensors": frozen}))
+    fast = sum(1 for m in t.model.modules() if isinstance(m, (DownConv, UpConv)))
+    print(json.dumps({"images_per_s": len(data) / seconds, "threads": t.threads, "frozen_tensors": frozen,
+                      "fast_path_convs": fast}))  # fmt: skip
 
 
 def main(argv=None) -> int:

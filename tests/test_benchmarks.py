@@ -57,8 +57,12 @@ def test_speed_ablation_turns_each_setting_off(shared_data, tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "speed_ablation.py"), "--n-images", "256", "--rounds", "1"]
     subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True, text=True, timeout=900)
     r = json.loads(out.read_text())
-    assert set(r["runs"]) == {"default", "fp32", "contiguous", "malloc_default", "biases_trained", "none", "compiled"}
+    assert set(r["runs"]) == {
+        "default", "fp32", "contiguous", "malloc_default", "biases_trained", "plain_convs", "none", "compiled",
+    }  # fmt: skip
     frozen = {v: runs[0]["frozen_tensors"] for v, runs in r["runs"].items()}
     assert frozen["default"] == 7 and frozen["biases_trained"] == 0 and frozen["none"] == 0  # 4 enc. + 3 dec.
+    fast = {v: runs[0]["fast_path_convs"] for v, runs in r["runs"].items()}
+    assert fast["default"] == 8 and fast["plain_convs"] == 0 and fast["none"] == 0  # 4 conv + 4 transposed
     assert all(runs[0]["images_per_s"] > 0 for runs in r["runs"].values())
     assert r["ratio_to_default"]["default"] == 1.0

@@ -6,6 +6,8 @@ import math
 
 from torch import nn
 
+from medivae.models.cpu_conv import DownConv, UpConv
+
 
 def widths_for(image_size: int, base_width: int, max_width: int) -> list[int]:
     """Channel widths of the stride-2 stages, enough to reach a 4x4 feature map.
@@ -21,7 +23,7 @@ def encoder_trunk(in_channels: int, widths: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     c = in_channels
     for w in widths:
-        layers += [nn.Conv2d(c, w, 4, 2, 1), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+        layers += [DownConv(c, w), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
         c = w
     layers.append(nn.Flatten())
     return nn.Sequential(*layers)
@@ -32,6 +34,6 @@ def decoder_trunk(out_channels: int, widths: list[int]) -> nn.Sequential:
     rev = widths[::-1]
     layers: list[nn.Module] = [nn.Unflatten(1, (rev[0], 4, 4))]
     for a, b in zip(rev[:-1], rev[1:], strict=True):
-        layers += [nn.ConvTranspose2d(a, b, 4, 2, 1), nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
-    layers.append(nn.ConvTranspose2d(rev[-1], out_channels, 4, 2, 1))
+        layers += [UpConv(a, b), nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
+    layers.append(UpConv(rev[-1], out_channels))
     return nn.Sequential(*layers)
