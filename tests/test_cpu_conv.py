@@ -49,10 +49,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("kind,c_in,c_out,size,node", CASES)
-def test_bf16_paths_match_the_plain_layer_under_autocast(kind, c_in, c_out, size, node, channels_last):
-    layer, x, g = make(kind, c_in, c_out, size, channels_last)
+def test_bf16_paths_match_the_plain_layer_under_autocast(kind, c_in, c_out, size, node):
+    layer, x, g = make(kind, c_in, c_out, size, channels_last=True)
     y, ours = run(layer, x, g, bf16=True)
     assert type(y.grad_fn).__name__.startswith(node)  # the fast path, not the fallback
     assert y.dtype == torch.bfloat16
@@ -63,9 +62,8 @@ def test_bf16_paths_match_the_plain_layer_under_autocast(kind, c_in, c_out, size
         assert rel_err(a, e.float()) < 2 * rel_err(b, e.float()) + 1e-2, name
 
 
-@pytest.mark.parametrize("channels_last", [True, False])
-def test_thin_output_layer_matches_in_fp32(channels_last):
-    layer, x, g = make("up", 6, 1, 8, channels_last)
+def test_thin_output_layer_matches_in_fp32():
+    layer, x, g = make("up", 6, 1, 8, channels_last=True)
     y, ours = run(layer, x, g, bf16=False)
     assert type(y.grad_fn).__name__.startswith("_ThinConvTransposeBackward")
     _, ref = run(twin(layer), x, g, bf16=False)
@@ -76,14 +74,29 @@ def test_thin_output_layer_matches_in_fp32(channels_last):
 
 
 @pytest.mark.parametrize(
-    "kind,c_in,c_out,size,bf16",
-    [("down", 6, 10, 8, False), ("down", 6, 10, 16, True), ("up", 10, 6, 8, True), ("up", 10, 6, 4, False)],
+    "kind,c_in,c_out,size,bf16,channels_last",
+    [
+        ("down", 6, 10, 8, False, True),  # fp32
+        ("down", 6, 10, 16, True, True),  # larger maps
+        ("up", 10, 6, 8, True, True),
+        ("up", 10, 6, 4, False, True),
+        ("up", 10, 2, 8, True, True),  # two output channels
+        ("up", 6, 1, 8, True, False),  # a contiguous (NCHW) model
+    ],
 )
-def test_other_cases_are_the_plain_layer(kind, c_in, c_out, size, bf16):
-    """fp32, or maps larger than 4x4: oneDNN is faster there, so the layer is nn.Conv2d's own."""
-    layer, x, g = make(kind, c_in, c_out, size, True)
+def test_other_cases_are_the_plain_layer(kind, c_in, c_out, size, bf16, channels_last):
+    """Where oneDNN is as fast or faster, the layer is nn.Conv2d's / nn.ConvTranspose2d's own."""
+    layer, x, g = make(kind, c_in, c_out, size, channels_last)
     y, ours = run(layer, x, g, bf16=bf16)
     assert type(y.grad_fn).__name__ in ("ConvolutionBackward0", "ToCopyBackward0")
     _, ref = run(twin(layer), x, g, bf16=bf16)
     for a, b in zip(ours, ref, strict=True):
         assert torch.equal(a, b)
+
+
+def test_compiled_layers_are_the_plain_layers(monkeypatch):
+    """Under torch.compile the layers trace as the plain ones (Inductor lowers those to oneDNN)."""
+    layer, x, g = make("up", 6, 1, 8, channels_last=True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # what the layer sees while traced
+    y, _ = run(layer, x, g, bf16=False)
+    assert type(y.grad_fn).__name__ == "ConvolutionBackward0"

@@ -5,18 +5,18 @@
 same function with different kernels in two places, measured on 2 AVX-512-BF16 cores (batch 128, the
 article's 64 px model; benchmarks/results/speed_ablation.json has the whole-step effect):
 
-- The output layer (a transposed convolution to ONE channel): oneDNN's deconvolution takes ~4.7 ms
-  forward for 0.13 GFLOP. Written as one matmul (every input pixel's 16 tap contributions) plus four
-  shifted sums per output phase, forward + backward take ~4.6 ms instead of ~8.2 (bf16) and ~6.4
-  instead of ~8.8 (fp32). With two or more output channels this path is slower, so it is not used.
+- The output layer (a transposed convolution to ONE channel, channels_last input): oneDNN's
+  deconvolution takes ~4.7 ms forward for 0.13 GFLOP. Written as one matmul (every input pixel's 16
+  tap contributions) plus four shifted sums per output phase, forward + backward take ~4.6 ms instead
+  of ~8.2 (bf16) and ~6.4 instead of ~8.8 (fp32). With two or more output channels it is slower.
 - The weight gradient of the layers whose small side is 4x4 (the encoder's last convolution, the
   decoder's first transposed one) in bf16: oneDNN's bf16 backward-weights kernel (jit_bf16, not the
   brgemm one) runs at about half the forward's speed there; gathering the 16 taps of every window and
   doing one GEMM is ~20 % faster for those layers. In fp32, or with larger maps, oneDNN is faster, so
   those keep it.
 
-Everything else (and every other device) is the plain PyTorch layer. Tests compare values and
-gradients against ``nn.Conv2d`` / ``nn.ConvTranspose2d`` (tests/test_models.py).
+Everything else (other devices, torch.compile, other layouts and sizes) is the plain PyTorch layer.
+Tests compare values and gradients against ``nn.Conv2d`` / ``nn.ConvTranspose2d`` (tests/test_cpu_conv.py).
 """
 
 from __future__ import annotations
@@ -150,6 +150,12 @@ class _ThinConvTranspose(torch.autograd.Function):
         return gx, gw, gb
 
 
+def _eager_cpu(x: torch.Tensor) -> bool:
+    """CPU, outside torch.compile: Inductor turned the gathers and shifted sums into loops of its own, and
+    a compiled step with them ran at a fraction of the eager speed; it lowers the plain layers to oneDNN."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _trains(layer: nn.Module, x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (layer.weight.requires_grad or x.requires_grad)
 
@@ -162,7 +168,7 @@ class DownConv(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         small = x.shape[-2] * x.shape[-1] // 4 <= _SMALL_SIDE
-        if x.device.type == "cpu" and small and _trains(self, x):
+        if _eager_cpu(x) and small and _trains(self, x):
             xc, w = _cast_for_autocast(x, self.weight)
             if xc.dtype == torch.bfloat16:
                 b = None if self.bias is None else self.bias.to(xc.dtype)
@@ -178,9 +184,9 @@ class UpConv(nn.ConvTranspose2d):
         super().__init__(in_channels, out_channels, 4, 2, 1)
 
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
-        if x.device.type != "cpu" or output_size is not None:
+        if not _eager_cpu(x) or output_size is not None:
             return super().forward(x, output_size)
-        if self.out_channels == 1:  # training and inference
+        if self.out_channels == 1 and x.is_contiguous(memory_format=torch.channels_last):  # also inference
             xc, w = _cast_for_autocast(x, self.weight)
             with torch.autocast("cpu", enabled=False):
                 return _ThinConvTranspose.apply(xc, w, self.bias)
