@@ -117,8 +117,8 @@ def keep_freed_memory() -> bool:
     True if applied, False on other C libraries). The process then holds its peak memory until it exits.
 
     Why: a CPU training step frees and re-allocates the same megabyte-sized activations. By default glibc
-    unmaps or trims them and the next step page-faults them back in, zero-filled. Worth ~1 % of training
-    images/s on 2 cores in benchmarks/results/speed_ablation.json (more when the allocator trims often)."""
+    unmaps or trims them and the next step page-faults them back in, zero-filled. Worth +1 to +10 % of
+    training images/s on 2 cores in two runs of benchmarks/speed_ablation.py (benchmarks/README.md)."""
     if platform.libc_ver()[0] != "glibc":
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>

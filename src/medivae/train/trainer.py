@@ -69,8 +69,8 @@ def redundant_biases(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     the loss, do not depend on such a bias: its exact gradient is zero. What a backward pass computes is
     bf16 rounding noise, which Adam would turn into a random walk of the bias that changes nothing else.
     The trainer freezes them (they keep their initial values, and stay in the checkpoint), which also
-    spares oneDNN a reduction over every activation: +5 % training images/s on 2 CPU cores
-    (benchmarks/results/speed_ablation.json).
+    spares oneDNN a reduction over every activation: +5 to +11 % training images/s on 2 CPU cores in two
+    runs of benchmarks/speed_ablation.py (benchmarks/README.md).
     """
     convs = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
     found = []
