@@ -44,8 +44,8 @@ def make(kind: str, c_in: int, c_out: int, size: int, channels_last: bool, seed:
 # (kind, c_in, c_out, input size, the autograd node that shows which path ran)
 CASES = [
     ("up", 6, 1, 8, "_ThinConvTransposeBackward"),  # the output layer, fp32 and bf16
-    ("down", 6, 10, 8, "_ConvGemmWeightGradBackward"),  # 8x8 -> 4x4: the encoder's last layer
-    ("up", 10, 6, 4, "_ConvTransposeGemmWeightGradBackward"),  # 4x4 -> 8x8: the decoder's first layer
+    ("down", 6, 10, 8, "_GemmWeightGradBackward"),  # 8x8 -> 4x4: the encoder's last layer
+    ("up", 10, 6, 4, "_GemmWeightGradBackward"),  # 4x4 -> 8x8: the decoder's first layer
 ]
 
 

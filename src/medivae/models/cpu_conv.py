@@ -52,49 +52,34 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
-class _ConvGemmWeightGrad(torch.autograd.Function):
-    """conv2d(x, w, b, stride 2, padding 1) with the weight gradient as one GEMM over the windows."""
+class _GemmWeightGrad(torch.autograd.Function):
+    """conv2d (w: (C_out, C_in, 4, 4)) or conv_transpose2d (w: (C_in, C_out, 4, 4)), stride 2, padding 1,
+    with the weight gradient as one GEMM over the 4x4 windows. For the transposed convolution x's grid is
+    the output grid of the adjoint convolution of y, so the windows are those of grad y."""
 
     @staticmethod
-    def forward(ctx, x, w, b):
+    def forward(ctx, x, w, b, transposed: bool):
         ctx.save_for_backward(x, w)
-        return F.conv2d(x, w, b, 2, 1)
-
-    @staticmethod
-    def backward(ctx, go):
-        x, w = ctx.saved_tensors
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.nn.grad.conv2d_input(x.shape, w, go, stride=2, padding=1)
-        if ctx.needs_input_grad[1]:
-            o, c = w.shape[:2]
-            gw = (_rows(go).t() @ _windows(x, go.shape[2], go.shape[3])).view(o, 4, 4, c).permute(0, 3, 1, 2)
-        if ctx.needs_input_grad[2]:
-            gb = go.sum(dim=(0, 2, 3), dtype=torch.float32)
-        return gx, gw, gb
-
-
-class _ConvTransposeGemmWeightGrad(torch.autograd.Function):
-    """conv_transpose2d(x, w, b, stride 2, padding 1), weight (C_in, C_out, 4, 4), weight gradient by GEMM:
-    x's grid is the output grid of the adjoint convolution of y, so the windows are those of grad y."""
-
-    @staticmethod
-    def forward(ctx, x, w, b):
-        ctx.save_for_backward(x, w)
-        return F.conv_transpose2d(x, w, b, 2, 1)
+        ctx.transposed = transposed
+        return (F.conv_transpose2d if transposed else F.conv2d)(x, w, b, 2, 1)
 
     @staticmethod
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = F.conv2d(gy, w, None, 2, 1)  # the adjoint of the transposed convolution
+            if ctx.transposed:
+                gx = F.conv2d(gy, w, None, 2, 1)  # the adjoint of the transposed convolution
+            else:
+                gx = torch.nn.grad.conv2d_input(x.shape, w, gy, stride=2, padding=1)
         if ctx.needs_input_grad[1]:
-            ci, co = w.shape[:2]
-            gw = (_rows(x).t() @ _windows(gy, x.shape[2], x.shape[3])).view(ci, 4, 4, co).permute(0, 3, 1, 2)
+            small, big = (x, gy) if ctx.transposed else (gy, x)  # the 4x4 side, and the side with the windows
+            rows = w.shape[0]
+            cols = _rows(small).t() @ _windows(big, small.shape[2], small.shape[3])  # (rows, 16 * w.shape[1])
+            gw = cols.view(rows, 4, 4, w.shape[1]).permute(0, 3, 1, 2)
         if ctx.needs_input_grad[2]:
             gb = gy.sum(dim=(0, 2, 3), dtype=torch.float32)
-        return gx, gw, gb
+        return gx, gw, gb, None
 
 
 def _shift_add(acc: torch.Tensor, z: torch.Tensor, dr: int, dc: int) -> None:
@@ -160,6 +145,16 @@ def _trains(layer: nn.Module, x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (layer.weight.requires_grad or x.requires_grad)
 
 
+def _gemm_weight_grad(layer: nn.Module, x: torch.Tensor, transposed: bool) -> torch.Tensor | None:
+    """The layer's output through ``_GemmWeightGrad`` when it runs in bf16; None otherwise (fp32 keeps oneDNN)."""
+    xc, w = _cast_for_autocast(x, layer.weight)
+    if xc.dtype != torch.bfloat16:
+        return None
+    b = None if layer.bias is None else layer.bias.to(xc.dtype)
+    with torch.autocast("cpu", enabled=False):
+        return _GemmWeightGrad.apply(xc, w, b, transposed)
+
+
 class DownConv(nn.Conv2d):
     """4x4 stride-2 convolution, padding 1: (B, C_in, H, W) -> (B, C_out, H/2, W/2)."""
 
@@ -169,11 +164,9 @@ class DownConv(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         small = x.shape[-2] * x.shape[-1] // 4 <= _SMALL_SIDE
         if _eager_cpu(x) and small and _trains(self, x):
-            xc, w = _cast_for_autocast(x, self.weight)
-            if xc.dtype == torch.bfloat16:
-                b = None if self.bias is None else self.bias.to(xc.dtype)
-                with torch.autocast("cpu", enabled=False):
-                    return _ConvGemmWeightGrad.apply(xc, w, b)
+            y = _gemm_weight_grad(self, x, transposed=False)
+            if y is not None:
+                return y
         return super().forward(x)
 
 
@@ -191,9 +184,7 @@ class UpConv(nn.ConvTranspose2d):
             with torch.autocast("cpu", enabled=False):
                 return _ThinConvTranspose.apply(xc, w, self.bias)
         if x.shape[-2] * x.shape[-1] <= _SMALL_SIDE and _trains(self, x):
-            xc, w = _cast_for_autocast(x, self.weight)
-            if xc.dtype == torch.bfloat16:
-                b = None if self.bias is None else self.bias.to(xc.dtype)
-                with torch.autocast("cpu", enabled=False):
-                    return _ConvTransposeGemmWeightGrad.apply(xc, w, b)
+            y = _gemm_weight_grad(self, x, transposed=True)
+            if y is not None:
+                return y
         return super().forward(x)
