@@ -41,7 +41,7 @@ def _cast_for_autocast(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, 
 
 def _windows(t: torch.Tensor, oh: int, ow: int) -> torch.Tensor:
     """t: (B, C, H, W) -> (B*oh*ow, 16*C): the 16 taps of every 4x4 stride-2 window of ``t`` padded by 1,
-    columns ordered (kh, kw, c) (im2col; written out because F.unfold is ~10x slower on channels_last)."""
+    columns ordered (kh, kw, c) (im2col; written out because F.unfold was 3-8x slower here on channels_last)."""
     th = F.pad(t, (1, 1, 1, 1)).permute(0, 2, 3, 1)  # (B, H+2, W+2, C), a view for channels_last input
     taps = [th[:, kh : kh + 2 * oh : 2, kw : kw + 2 * ow : 2, :] for kh in range(4) for kw in range(4)]
     return torch.stack(taps, dim=-2).reshape(-1, 16 * t.shape[1])
@@ -136,8 +136,8 @@ class _ThinConvTranspose(torch.autograd.Function):
 
 
 def _eager_cpu(x: torch.Tensor) -> bool:
-    """CPU, outside torch.compile: Inductor turned the gathers and shifted sums into loops of its own, and
-    a compiled step with them ran at a fraction of the eager speed; it lowers the plain layers to oneDNN."""
+    """CPU, outside torch.compile. A compiled step measured the same with or without the fast paths (~90 ms
+    against ~80 eager), so under compile the layers stay plain and Inductor gets the graph it knows."""
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
