@@ -4,3 +4,11 @@ Nothing heavy runs at import; the Python API lives in :mod:`medivae.api`.
 """
 
 __version__ = "0.1.0"
+
+
+def load(run_dir, which: str = "best", device: str = "auto"):
+    """Open a run folder for notebooks: ``run.encode/decode/sample/reconstruct`` return tensors
+    (:class:`medivae.run.Run`)."""
+    from medivae.run import load_run
+
+    return load_run(run_dir, which, device)

@@ -11,16 +11,11 @@ import torch
 
 from medivae.config import DataConfig, RunConfig, TrainConfig
 from medivae.data import ImageSet, load_dataset, to_float
-from medivae.data.imageset import label_code
 from medivae.errors import UserError
-from medivae.generate import (
-    encode_mean,
-    interpolate,
-    reconstruct,
-    sample_prior,
-    save_grid,
-)
+from medivae.generate import encode_mean, interpolate, reconstruct, sample_images, save_grid
 from medivae.models import build_model
+from medivae.models.family import has, labels_for, require
+from medivae.run import Run, load, load_image, load_run  # noqa: F401  (the notebook API: api.load(...))
 from medivae.seeding import seed_everything, torch_generator
 from medivae.train import checkpoint as ckpt
 from medivae.train import distributed
@@ -28,12 +23,17 @@ from medivae.train.device import pick_device
 from medivae.train.trainer import Trainer, check_resumable
 
 
-def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
-    """Train ``cfg`` into ``run_dir``; write checkpoints, metrics and sample/interpolation/reconstruction PNGs."""
+def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+          compare: set[str] | None = None) -> Path:
+    """Train ``cfg`` into ``run_dir``; write checkpoints, metrics and sample/interpolation/reconstruction PNGs.
+
+    ``resume``: continue ``run_dir``. Every setting of ``cfg`` (or only the dotted names in ``compare``,
+    e.g. {"train.lr"}: what a user typed) must equal the run's; only ``train.epochs`` may grow."""
     run_dir = Path(run_dir)
     if resume:
         check_resumable(run_dir)
         saved = RunConfig.load(run_dir / "config.json")
+        check_resume_settings(saved, cfg, compare)
         cfg = dataclasses.replace(saved, train=dataclasses.replace(saved.train, epochs=cfg.train.epochs))
     elif ckpt.exists(run_dir / "last"):
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
@@ -43,12 +43,9 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
         torch.set_num_threads(t.num_threads)
     seed_everything(t.seed)
     splits = load_dataset(cfg.data, t.seed, progress)
-    names = splits["train"].label_names
-    if cfg.model.num_classes > 0:
-        if not names:
-            raise UserError(f"model {cfg.model.name!r} is conditional but {cfg.data.source} has no labels")
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=len(names)))
-    cfg = dataclasses.replace(cfg, label_names=tuple(names))
+    names = tuple(splits["train"].label_names)
+    model_cfg = cfg.model.for_data(names, cfg.data.source) if hasattr(cfg.model, "for_data") else cfg.model
+    cfg = dataclasses.replace(cfg, model=model_cfg, label_names=names)
     device = distributed.local_device(pick_device(t.device))  # cuda:LOCAL_RANK under torchrun
     own_group = distributed.setup(device)  # joins torchrun's process group; False without torchrun
     model = build_model(cfg.model)
@@ -107,123 +104,103 @@ def _public_meta(meta: dict) -> dict:
     return {k: v for k, v in meta.items() if "patient" not in k.lower() and k not in ("groups", "series")}
 
 
+def check_resume_settings(saved: RunConfig, cfg: RunConfig, compare: set[str] | None = None) -> None:
+    """A one-line UserError naming every setting of ``cfg`` that differs from the run being resumed
+    (only those in ``compare`` when given); ``train.epochs`` may grow, never shrink below the saved run's."""
+    if hasattr(cfg.model, "for_data"):  # what the model config became when the run met its data
+        cfg = dataclasses.replace(cfg, model=cfg.model.for_data(saved.label_names, saved.data.source))
+    old, new = _flat(saved.to_dict()), _flat(cfg.to_dict())
+    skip = {"train.epochs", "label_names", "medivae_version"}
+    keys = (set(old) | set(new)) if compare is None else set(compare)
+    diffs = [f"{k}: run has {old.get(k)!r}, you gave {new.get(k)!r}" for k in sorted(keys - skip)
+             if k in new and old.get(k) != new.get(k)]
+    if diffs:
+        raise UserError(f"--resume continues the run as it was configured; these differ: {'; '.join(diffs)}. "
+                        "Drop them, or start a new run with another --out")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
 def write_figures(run_dir: Path, model, cfg: RunConfig, split: ImageSet, device, n: int = 64) -> None:
+    """samples.png, interpolation.png and reconstructions.png, each where the family can make it."""
     seed = cfg.train.seed
-    samples = prior_samples(model, cfg, n, torch_generator(seed, "samples"), device)
-    save_grid(samples, run_dir / "samples.png", nrow=8)
-    g = torch_generator(seed, "interpolation")
-    z = torch.randn(2, model.latent_dim, generator=g)
-    first = 0 if cfg.model.num_classes > 0 else None  # a conditional model interpolates within class 0
-    path = interpolate(model, z[0], z[1], 10, "slerp", device, first)
-    save_grid(path, run_dir / "interpolation.png", nrow=10)
+    if has(model, "sample"):
+        save_grid(sample_images(model, n, torch_generator(seed, "samples")), run_dir / "samples.png", nrow=8)
+    if has(model, "latent") and has(model, "sample"):
+        z = model.prior_latents(2, torch_generator(seed, "interpolation"))
+        first = 0 if has(model, "conditional") else None  # a conditional model interpolates within class 0
+        path = interpolate(model, z[0], z[1], 10, "slerp", device, first)
+        save_grid(path, run_dir / "interpolation.png", nrow=10)
     if len(split):
         k = min(16, len(split))
         x = to_float(split.images[:k], device)
-        y = _labels_for(model, cfg, split.labels[:k], device)
+        y = labels_for(model, split.labels[:k], device)
         both = torch.cat([x.cpu(), reconstruct(model, x, y)])
         save_grid(both, run_dir / "reconstructions.png", nrow=k)
 
 
-def prior_samples(model, cfg: RunConfig, n: int, generator, device, label: int | None = None) -> torch.Tensor:
-    """n prior samples (n, C, H, W); a conditional model without ``label`` gets an equal block of
-    rows per class, in label order."""
-    if cfg.model.num_classes <= 0 or label is not None:
-        return sample_prior(model, n, generator, device, label)
-    k = cfg.model.num_classes
-    per = -(-n // k)  # ceil
-    return torch.cat([sample_prior(model, per, generator, device, c) for c in range(k)])[:n]
-
-
-def _labels_for(model, cfg: RunConfig, labels: np.ndarray, device):
-    if cfg.model.num_classes <= 0:
-        return None
-    return torch.as_tensor(labels).clamp(min=0).to(device)
-
-
-def load_run(run_dir: str | Path, which: str = "best", device: str = "auto"):
-    """(model in eval mode on device, RunConfig, device) from a run folder's ``best/`` or ``last/``."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: no such run folder")
-    folder = run_dir / which
-    if not (folder.exists() or folder.with_name(which + ".prev").exists()):
-        folder = run_dir / "last"
-    cfg = RunConfig.from_dict(ckpt.read_config(folder))
-    dev = pick_device(device)
-    model = build_model(cfg.model)
-    ckpt.load_checkpoint(folder, model)
-    return model.to(dev).eval(), cfg, dev
-
-
-def label_index(cfg: RunConfig, label: str | None) -> int | None:
-    if label is None:
-        return None
-    if cfg.model.num_classes <= 0:
-        raise UserError(f"--label needs a conditional model (this run is {cfg.model.name!r}); train with --model cvae")
-    code = label_code(cfg.label_names, label)
-    if code is None:
-        raise UserError(f"unknown label {label!r}; this run knows {list(cfg.label_names)}")
-    return code
-
-
-def sample(run_dir, n: int, out, seed: int | None = None, label: str | None = None, device="auto") -> Path:
-    model, cfg, dev = load_run(run_dir, device=device)
-    if n < 1:
-        raise UserError(f"-n must be >= 1, not {n}")
-    g = torch_generator(cfg.train.seed if seed is None else seed, "sample")
-    imgs = prior_samples(model, cfg, n, g, dev, label_index(cfg, label))
-    return save_grid(imgs, out)
-
-
-def load_image(path: str | Path, cfg: RunConfig) -> torch.Tensor:
-    """One image file (PNG/JPEG/...) -> float (1, C, S, S) at the run's size."""
-    from medivae.data.folder import decode_image
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such image file")
-    try:
-        arr = decode_image(path, cfg.data.image_size, cfg.data.channels, cfg.data.resize_mode)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise UserError(f"{path}: not a readable image ({type(e).__name__})") from None
-    return to_float(arr[None])
+def sample(run_dir, n: int, out, seed: int | None = None, label: str | None = None, device="auto",
+           temperature: float = 1.0) -> Path:
+    run = load_run(run_dir, device=device)
+    return save_grid(run.sample(n, label, seed, temperature), out)
 
 
 def interpolate_run(
     run_dir, out, steps: int = 8, mode: str = "linear", src=None, dst=None, seed=None, device="auto",
     label: str | None = None,
 ):
-    model, cfg, dev = load_run(run_dir, device=device)
+    run = load_run(run_dir, device=device)
+    model, cfg, dev = run.model, run.config, run.device
+    require(model, "latent", "interpolate")
+    if mode == "slerp":
+        require(model, "gaussian_latent", "interpolate --mode slerp")
     if steps < 2:
         raise UserError(f"--steps must be >= 2, not {steps}")
     if (src is None) != (dst is None):
         raise UserError("give both --from and --to, or neither (then two prior draws are used)")
-    k = label_index(cfg, label)
-    if cfg.model.num_classes > 0 and k is None:
+    k = run.label_index(label)
+    if has(model, "conditional") and k is None:
         raise UserError(f"this run is conditional: pass --label, one of {list(cfg.label_names)}")
     y = None if k is None else torch.tensor([k], device=dev)
     if src is not None:
         z0 = encode_mean(model, load_image(src, cfg).to(dev), y)[0]
         z1 = encode_mean(model, load_image(dst, cfg).to(dev), y)[0]
     else:
-        g = torch_generator(cfg.train.seed if seed is None else seed, "interpolate")
-        z0, z1 = torch.randn(2, model.latent_dim, generator=g)
+        require(model, "sample", "interpolate (between prior draws; give --from and --to instead)")
+        z0, z1 = model.prior_latents(2, torch_generator(cfg.train.seed if seed is None else seed, "interpolate"))
     return save_grid(interpolate(model, z0, z1, steps, mode, dev, k), out, nrow=steps)
 
 
 def reconstruct_run(run_dir, data: str | None, out, split: str = "test", n: int = 16, device="auto") -> Path:
-    model, cfg, dev = load_run(run_dir, device=device)
-    data_cfg = cfg.data if data is None else dataclasses.replace(cfg.data, source=data, labels=())
-    splits = load_dataset(data_cfg, cfg.train.seed, progress=False)
-    if split not in splits:
-        raise UserError(f"unknown split {split!r}; choose train, val or test")
-    s = splits[split]
-    if len(s) == 0:
-        raise UserError(f"split {split!r} of {data_cfg.source} is empty")
+    run = load_run(run_dir, device=device)
+    s = run.split(split, data)
     k = min(n, len(s))
-    x = to_float(s.images[:k], dev)
-    y = _labels_for(model, cfg, s.labels[:k], dev)
-    return save_grid(torch.cat([x.cpu(), reconstruct(model, x, y)]), out, nrow=k)
+    x = to_float(s.images[:k], run.device)
+    return save_grid(torch.cat([x.cpu(), reconstruct(run.model, x, run.labels(s.labels[:k]))]), out, nrow=k)
+
+
+def encode(run_dir, out, data: str | None = None, split: str = "test", device: str = "auto") -> dict:
+    """Every image of a split through the family's encoder -> ``out`` (.npz): the family's arrays (e.g.
+    ``mean``, ``logvar``) plus ``labels`` (N,) and ``label_names``; returns {name: shape}."""
+    import io
+
+    from medivae.io import atomic_write_bytes
+
+    run = load_run(run_dir, device=device)
+    s = run.split(split, data)
+    arrays = {k: v.numpy() for k, v in run.encode(s.images, labels=s.labels).items()}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays, labels=np.asarray(s.labels), label_names=np.array(s.label_names, dtype=str))
+    atomic_write_bytes(Path(out), buf.getvalue())
+    return {k: tuple(v.shape) for k, v in arrays.items()}
 
 
 def demo_config(epochs: int = 15, n_images: int = 6000) -> RunConfig:

@@ -17,6 +17,11 @@ COMMAND_MODULES = (
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # no abbreviated flags: --resume must see exactly which settings were typed (commands/train.py)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one line, exit 2 (argparse would print the usage block too)
         raise UserError(f"{message} (see '{self.prog} --help')")
 
@@ -38,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     try:
         parser = build_parser()
+        argv = sys.argv[1:] if argv is None else list(argv)
         args = parser.parse_args(argv)
+        args._argv = argv
         if not getattr(args, "func", None):
             parser.print_help()
             return 2

@@ -53,36 +53,6 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    name: str = "conv_vae"
-    image_size: int = 64
-    channels: int = 1
-    latent_dim: int = 32
-    base_width: int = 32
-    max_width: int = 512
-    likelihood: str = "bernoulli"
-    gaussian_sigma: float = 0.1  # fixed decoder std for the "gaussian" likelihood (intensity in [0, 1])
-    num_classes: int = 0  # > 0 for conditional models
-    beta: float = 1.0
-
-    def __post_init__(self):
-        if self.image_size not in IMAGE_SIZES:
-            raise UserError(f"image size {self.image_size} is not supported; use one of {list(IMAGE_SIZES)}")
-        if self.channels not in (1, 3):
-            raise UserError(f"channels must be 1 or 3, not {self.channels}")
-        if self.latent_dim < 1:
-            raise UserError(f"latent dim must be >= 1, not {self.latent_dim}")
-        if self.base_width < 1:
-            raise UserError(f"base width must be >= 1, not {self.base_width}")
-        if self.likelihood not in LIKELIHOODS:
-            raise UserError(f"unknown likelihood {self.likelihood!r}; choose one of {list(LIKELIHOODS)}")
-        if self.gaussian_sigma <= 0:
-            raise UserError(f"gaussian sigma must be > 0, not {self.gaussian_sigma}")
-        if self.beta < 0:
-            raise UserError(f"beta must be >= 0, not {self.beta}")
-
-
-@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
@@ -123,19 +93,32 @@ class TrainConfig:
 @dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: Any = field(default_factory=lambda: _default_model())  # the family's config (models/family.py)
     train: TrainConfig = field(default_factory=TrainConfig)
     label_names: tuple[str, ...] = ()  # filled from the data source when the run starts
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        from medivae import __version__
+
+        return {**dataclasses.asdict(self), "medivae_version": __version__}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """Strict: an unknown key anywhere (or an unknown model family) is a one-line UserError."""
+        from medivae.models.family import build_config, get_family
+
+        unknown = set(d) - {"data", "model", "train", "label_names", "medivae_version"}
+        if unknown:
+            raise UserError(f"unknown run configuration key(s): {sorted(unknown)}")
+        model = d.get("model", {})
+        if not isinstance(model, dict):
+            raise UserError(f"invalid model config: expected an object, got {type(model).__name__}")
+        name = model.get("name", "conv_vae")
+        family = get_family(name, written_by=d.get("medivae_version", "0.1.0 or earlier"))
         try:
             return cls(
                 data=_build(DataConfig, d.get("data", {})),
-                model=_build(ModelConfig, d.get("model", {})),
+                model=build_config(family.config, {**model, "name": name}, name),
                 train=_build(TrainConfig, d.get("train", {})),
                 label_names=tuple(d.get("label_names", ())),
             )
@@ -169,6 +152,20 @@ def _build(klass, values: dict[str, Any]):
     if unknown:
         raise UserError(f"unknown {klass.__name__} field(s): {sorted(unknown)}; valid: {sorted(names)}")
     return klass(**values)
+
+
+def _default_model():
+    from medivae.models import model_config
+
+    return model_config("conv_vae")
+
+
+def __getattr__(name: str):
+    if name == "ModelConfig":  # the conv_vae family's config, under its earlier name
+        from medivae.models.conv_vae import ConvVAEConfig
+
+        return ConvVAEConfig
+    raise AttributeError(name)
 
 
 def replace(cfg, **changes):

@@ -1,4 +1,5 @@
-"""Generation: prior samples, latent interpolation, reconstructions, and PNG grids (batched, no grad)."""
+"""Generation through the family contract, batched and without gradients: samples, latent interpolation,
+encodings, reconstructions; and PNG grids."""
 
 from __future__ import annotations
 
@@ -24,24 +25,42 @@ def fast_inference(model, precision: str = "auto"):
     return autocast(device, autocast_dtype(device, precision))
 
 
-def _decode_images(model, z: torch.Tensor, y=None, batch: int = 256, precision: str = "auto") -> torch.Tensor:
+def decode_latents(model, z: torch.Tensor, y=None, batch: int = 256, precision: str = "auto") -> torch.Tensor:
+    """The family's ``decode`` of latents z (N, ...) in batches: float (N, C, H, W) in [0, 1] on the CPU."""
     outs = []
-    with fast_inference(model, precision):  # 256 measured faster than 1024 on CPU (cache)
+    model.eval()
+    with torch.no_grad(), fast_inference(model, precision):  # 256 measured faster than 1024 on CPU (cache)
         for i in range(0, len(z), batch):
             yi = None if y is None else y[i : i + batch]
-            outs.append(model.images(model.decode(z[i : i + batch], yi)).float().cpu())
+            outs.append(model.decode(z[i : i + batch], yi).float().cpu())
     return torch.cat(outs)
 
 
+def class_blocks(num_classes: int, n: int) -> torch.Tensor:
+    """Class indices (n,) in equal blocks, label order: how a conditional family samples every class."""
+    per = -(-n // num_classes)  # ceil
+    return torch.arange(num_classes).repeat_interleave(per)[:n]
+
+
 @torch.no_grad()
-def sample_prior(
-    model, n: int, generator: torch.Generator, device="cpu", label: int | None = None, precision: str = "auto"
+def sample_images(
+    model, n: int, generator: torch.Generator, label=None, temperature: float = 1.0, precision: str = "auto",
+    batch: int = 256,
 ) -> torch.Tensor:
-    """n images from z ~ N(0, I): float (n, C, H, W) in [0, 1]."""
+    """n images from the family's ``sample``, in batches: float (n, C, H, W) in [0, 1] on the CPU.
+    ``label``: one class index, (n,) indices, or None (a conditional family then gets equal class blocks)."""
+    from medivae.models.family import has
+
     model.eval()
-    z = torch.randn(n, model.latent_dim, generator=generator).to(device)
-    y = None if label is None else torch.full((n,), int(label), dtype=torch.long, device=device)
-    return _decode_images(model, z, y, precision=precision)
+    if has(model, "conditional") and label is None:
+        label = class_blocks(model.num_classes, n)
+    outs = []
+    with fast_inference(model, precision):
+        for i in range(0, n, batch):
+            m = min(batch, n - i)
+            li = label if label is None or isinstance(label, int) else torch.as_tensor(label)[i : i + m]
+            outs.append(model.sample(m, li, generator, temperature).float().cpu())
+    return torch.cat(outs)
 
 
 def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -56,10 +75,11 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def interpolate_latents(z0: torch.Tensor, z1: torch.Tensor, steps: int, mode: str = "linear") -> torch.Tensor:
+    """``steps`` points from z0 to z1 (any shape; slerp works on the flattened vectors): (steps, *z0.shape)."""
     t = torch.linspace(0, 1, steps, dtype=z0.dtype)
-    if mode == "slerp":
-        return slerp(z0, z1, t)
-    return (1 - t[:, None]) * z0 + t[:, None] * z1
+    flat0, flat1 = z0.reshape(-1), z1.reshape(-1)
+    path = slerp(flat0, flat1, t) if mode == "slerp" else (1 - t[:, None]) * flat0 + t[:, None] * flat1
+    return path.reshape(steps, *z0.shape)
 
 
 @torch.no_grad()
@@ -67,33 +87,44 @@ def interpolate(
     model, z0: torch.Tensor, z1: torch.Tensor, steps: int, mode: str = "linear", device="cpu",
     label: int | None = None,
 ):
-    """Decode ``steps`` points between latents z0 and z1 (D,): float (steps, C, H, W).
+    """Decode ``steps`` points between latents z0 and z1: float (steps, C, H, W).
     ``label``: the class every point is decoded as (conditional models)."""
-    model.eval()
     z = interpolate_latents(z0.float().cpu(), z1.float().cpu(), steps, mode).to(device)
     y = None if label is None else torch.full((steps,), int(label), dtype=torch.long, device=device)
-    return _decode_images(model, z, y)
+    return decode_latents(model, z, y)
 
 
 @torch.no_grad()
 def encode_mean(model, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """Posterior means (B, D) of float images x (B, C, H, W)."""
+    """The deterministic encoding (posterior mean, or pre-quantisation latent) of images x (B, C, H, W)."""
     model.eval()
     return model.encode(x, y).mode().float()
+
+
+@torch.no_grad()
+def encode_arrays(model, x: torch.Tensor, y=None, batch: int = 256) -> dict[str, torch.Tensor]:
+    """The family's representation of images x (N, C, H, W) in batches: {name: (N, ...)} on the CPU."""
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, len(x), batch):
+        yi = None if y is None else y[i : i + batch]
+        for k, v in model.encode(x[i : i + batch], yi).arrays().items():
+            parts.setdefault(k, []).append(v.detach().cpu())
+    return {k: torch.cat(v) for k, v in parts.items()}
 
 
 @torch.no_grad()
 def reconstruct(
     model, x: torch.Tensor, y: torch.Tensor | None = None, batch: int = 256, precision: str = "auto"
 ) -> torch.Tensor:
-    """Decoded posterior means of x: float (B, C, H, W) in [0, 1], on CPU. ``precision``: fast_inference."""
+    """The family's ``reconstruct`` of x: float (B, C, H, W) in [0, 1], on CPU. ``precision``: fast_inference."""
     model.eval()
     outs = []
     with fast_inference(model, precision):
         for i in range(0, len(x), batch):
             yi = None if y is None else y[i : i + batch]
             xi = x[i : i + batch].contiguous(memory_format=torch.channels_last)
-            outs.append(model.images(model(xi, yi, sample=False).recon_params).float().cpu())
+            outs.append(model.reconstruct(xi, yi).float().cpu())
     return torch.cat(outs)
 
 

@@ -57,7 +57,7 @@ def traverse(
         z[r, :, j] = mu[j] + offsets * float(stats.std[j])
     z = z.reshape(-1, mu.numel())  # (R * S, D), row-major: rows are dimensions
     y = None if y_ref is None else y_ref.reshape(1).expand(len(z))
-    return model.images(model.decode(z, y)).float().cpu()
+    return model.decode(z, y).float().cpu()
 
 
 def traverse_run(
@@ -66,31 +66,34 @@ def traverse_run(
 ) -> tuple[Path, LatentStats, torch.Tensor]:
     """Traversal PNG for a run: reference = ``image`` or the first test image of the run's data;
     KL ranking over up to ``batch`` validation images. Returns (png, stats, dims shown)."""
-    from medivae import api
-    from medivae.data import load_dataset, to_float
+    from medivae.data import to_float
     from medivae.errors import UserError
     from medivae.generate import save_grid
+    from medivae.models.family import has, require
+    from medivae.run import load_image, load_run
 
     if steps < 2:
         raise UserError(f"--steps must be >= 2, not {steps}")
     if not k > 0:
         raise UserError(f"--range must be > 0, not {k}")
-    model, cfg, dev = api.load_run(run_dir, device=device)
+    run = load_run(run_dir, device=device)
+    model, cfg, dev = run.model, run.config, run.device
+    require(model, "gaussian_latent", "traverse")
     if n_dims is not None and not 1 <= n_dims <= model.latent_dim:
         raise UserError(f"--dims must be between 1 and the latent size {model.latent_dim}, not {n_dims}")
-    conditional = cfg.model.num_classes > 0
-    k_label = api.label_index(cfg, label)  # checks the name before any data is read
+    conditional = has(model, "conditional")
+    k_label = run.label_index(label)  # checks the name before any data is read
     if conditional and image is not None and k_label is None:
         raise UserError(f"this run is conditional: pass --label with --image, one of {list(cfg.label_names)}")
-    splits = load_dataset(cfg.data, cfg.train.seed, progress=False)
+    splits = run.splits()
     val = splits["val"] if len(splits["val"]) >= 2 else splits["train"]
     ref = splits["test"] if len(splits["test"]) else val
 
     def labels(s, n):
-        return torch.as_tensor(s.labels[:n]).clamp(min=0).to(dev) if conditional else None
+        return run.labels(s.labels[:n])
 
     stats = latent_stats(model, to_float(val.images[:batch], dev), labels(val, batch))
-    x_ref = to_float(ref.images[:1], dev) if image is None else api.load_image(image, cfg).to(dev)
+    x_ref = to_float(ref.images[:1], dev) if image is None else load_image(image, cfg).to(dev)
     y_ref = labels(ref, 1) if k_label is None else torch.tensor([k_label], device=dev)
     imgs = traverse(model, x_ref, stats, y_ref, n_dims, k, steps)
     dims = stats.order()[: n_dims or len(stats.kl)]

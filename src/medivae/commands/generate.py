@@ -1,4 +1,4 @@
-"""medivae sample / interpolate / reconstruct."""
+"""medivae sample / encode / interpolate / reconstruct."""
 
 from __future__ import annotations
 
@@ -8,7 +8,16 @@ from pathlib import Path
 def cmd_sample(args) -> int:
     from medivae import api
 
-    print(api.sample(args.run, args.n, args.out, seed=args.seed, label=args.label, device=args.device))
+    print(api.sample(args.run, args.n, args.out, seed=args.seed, label=args.label, device=args.device,
+                     temperature=args.temperature))
+    return 0
+
+
+def cmd_encode(args) -> int:
+    from medivae import api
+
+    shapes = api.encode(args.run, args.out, data=args.data, split=args.split, device=args.device)
+    print(f"{args.out}: " + ", ".join(f"{k} {v}" for k, v in shapes.items()) + " + labels, label_names")
     return 0
 
 
@@ -41,8 +50,17 @@ def add(sub) -> None:
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--label", default=None, help="class name (conditional models)")
     s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--temperature", type=float, default=1.0, help="prior temperature (default 1)")
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("encode", help="the family's representation of every image of a split -> .npz")
+    e.add_argument("run", type=Path)
+    e.add_argument("--data", default=None, help="data source (default: the run's own, with its split)")
+    e.add_argument("--split", default="test")
+    e.add_argument("--out", type=Path, required=True, help=".npz to write")
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=cmd_encode)
 
     i = sub.add_parser("interpolate", help="decode a latent path between two prior draws or two images")
     i.add_argument("run", type=Path)

@@ -11,7 +11,9 @@ from medivae.seeding import DEFAULT_SEED
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="conv_vae", help="model name (see the README; default conv_vae)")
+    g.add_argument("--model", default="conv_vae", help="model family (see the README; default conv_vae)")
+    g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any option of the model family's config, e.g. --model-arg max_width=256 (repeatable)")
     g.add_argument("--image-size", type=int, default=64, help="32, 64, 128 or 256 (default 64)")
     g.add_argument("--channels", type=int, default=1, help="1 gray or 3 RGB (default 1)")
     g.add_argument("--latent-dim", type=int, default=None, help="latent dimensions (default 32)")
@@ -76,21 +78,73 @@ def train_config(args) -> TrainConfig:
     )
 
 
+MODEL_FLAGS = ("latent_dim", "base_width", "likelihood", "beta")  # shorthands for common family options
+
+
+def model_args(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> {key: value}; values read as JSON (numbers, true/false), else strings."""
+    import json
+
+    from medivae.errors import UserError
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--model-arg takes KEY=VALUE, not {pair!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def run_config(args) -> RunConfig:
+    """The run configuration the flags describe; a model option the family lacks is a one-line error."""
     from medivae.models import model_config
 
-    model = model_config(
-        args.model, image_size=args.image_size, channels=args.channels, latent_dim=args.latent_dim,
-        base_width=args.base_width, likelihood=args.likelihood, beta=args.beta,
-    )
+    fields = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k, None) is not None}
+    fields.update(model_args(getattr(args, "model_arg", [])))
+    model = model_config(args.model, image_size=args.image_size, channels=args.channels, **fields)
     return RunConfig(data=data_config(args), model=model, train=train_config(args))
+
+
+# flag dest -> the config settings it sets; --resume compares only what the user typed
+SETTINGS = {
+    "data": ("data.source",), "labels": ("data.labels",), "val_fraction": ("data.val_fraction",),
+    "test_fraction": ("data.test_fraction",), "resize_mode": ("data.resize_mode",), "window": ("data.window",),
+    "normalize": ("data.normalize",), "nifti_axis": ("data.nifti_axis",), "no_cache": ("data.cache",),
+    "image_size": ("data.image_size", "model.image_size"), "channels": ("data.channels", "model.channels"),
+    "model": ("model.name",), **{k: (f"model.{k}",) for k in MODEL_FLAGS},
+    "batch_size": ("train.batch_size",), "lr": ("train.lr",), "seed": ("train.seed",),
+    "precision": ("train.precision",), "device": ("train.device",), "kl_schedule": ("train.kl_schedule",),
+    "warmup_epochs": ("train.warmup_epochs",), "free_bits": ("train.free_bits",),
+    "grad_clip": ("train.grad_clip",), "compile": ("train.compile",), "threads": ("train.num_threads",),
+    "tensorboard": ("train.tensorboard",),
+}
+
+
+def typed_settings(args) -> set[str] | None:
+    """The config settings whose flags appear on the command line (argparse cannot tell a typed value
+    from a default, so the raw arguments are read; abbreviations are off in medivae's parser)."""
+    parser, argv = getattr(args, "_parser", None), getattr(args, "_argv", None)
+    if parser is None or argv is None:
+        return None  # called without the command line: compare every setting
+    typed = set()
+    for action in parser._actions:
+        if any(tok == o or tok.startswith(o + "=") for tok in argv for o in action.option_strings):
+            typed.update(SETTINGS.get(action.dest, ()))
+    typed.update(f"model.{k}" for k in model_args(getattr(args, "model_arg", [])))
+    return typed
 
 
 def cmd_train(args) -> int:
     from medivae import api
     from medivae.train.distributed import is_main
 
-    run = api.train(run_config(args), args.out, resume=args.resume, progress=not args.no_progress)
+    compare = typed_settings(args) if args.resume else None
+    run = api.train(run_config(args), args.out, resume=args.resume, progress=not args.no_progress,
+                    compare=compare)
     if is_main():  # under torchrun, say it once
         print(f"run written to {run}")
     return 0
@@ -112,7 +166,7 @@ def add(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last/")
     add_model_args(p)
     add_train_args(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, _parser=p)
 
     d = sub.add_parser("demo", help="train the article's VAE on built-in phantoms (1–3 min on 2 CPU cores)")
     d.add_argument("--out", type=Path, default=Path("runs/demo"))

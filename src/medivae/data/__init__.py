@@ -6,9 +6,12 @@ import warnings
 
 import numpy as np
 
+from medivae.data.cache import load_cached, take
+from medivae.data.collect import MemorySink
 from medivae.data.imageset import ImageSet, label_code, to_float
+from medivae.data.phantoms import make_phantoms
 from medivae.data.preprocess import prepare
-from medivae.data.sources import SOURCE_HELP
+from medivae.data.sources import SOURCE_HELP, build, resolve
 from medivae.data.split import split_indices
 from medivae.errors import UserError
 
@@ -21,14 +24,9 @@ def load_source(cfg, seed: int, progress: bool = True) -> dict[str, ImageSet]:
     spec = cfg.source
     if spec == "phantoms" or spec.startswith("phantoms:"):
         return {"all": _phantoms(spec, cfg, seed)}
-    from medivae.data.collect import MemorySink
-    from medivae.data.sources import build, resolve
-
     src = resolve(spec, progress)
     if cfg.cache:
-        from medivae.data.cache import load_cached
-
-        built = load_cached(src, cfg, progress)
+        built = load_cached(src, cfg, lambda sink: build(src, cfg, sink, progress))
     else:
         built = build(src, cfg, MemorySink((cfg.channels, cfg.image_size, cfg.image_size)), progress)
         built.meta["cache"] = "off"
@@ -37,8 +35,6 @@ def load_source(cfg, seed: int, progress: bool = True) -> dict[str, ImageSet]:
 
 
 def _phantoms(spec: str, cfg, seed: int) -> ImageSet:
-    from medivae.data.phantoms import make_phantoms
-
     n = 3000
     if ":" in spec:
         try:
@@ -86,8 +82,6 @@ def _take(s: ImageSet, idx: np.ndarray, tag: str) -> ImageSet:
     if len(idx) == len(s) and np.array_equal(idx, np.arange(len(s))):
         return ImageSet(s.images, s.labels, s.label_names, s.groups, dict(s.meta))
     if isinstance(s.images, np.memmap):
-        from medivae.data.cache import take
-
         groups = None if s.groups is None else s.groups[idx]
         return ImageSet(take(s.images, idx, tag), s.labels[idx], s.label_names, groups, dict(s.meta))
     return s.subset(idx)

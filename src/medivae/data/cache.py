@@ -6,6 +6,8 @@ keyed by a hash of the source (every input file's path, size and mtime) and of t
 folder and published by one ``rename``: a crash or Ctrl-C leaves no half-written entry. Groups
 are stored as anonymous integers; patient IDs never reach the disk. Deleting the root at any
 time is safe: entries are rebuilt on demand.
+
+This is a storage layer: it imports nothing that decodes sources (``sources``, ``medmnist`` import it).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,10 +55,10 @@ def entry_key(src, cfg) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def load_cached(src, cfg, progress: bool = True) -> Built:
-    """The decoded source from the cache, building (and publishing) the entry on a miss."""
-    from medivae.data.sources import build
-
+def load_cached(src, cfg, decode: Callable[[MemorySink | NpyFileSink], Built]) -> Built:
+    """The decoded source from the cache; on a miss ``decode(sink)`` fills a new entry, which is then
+    published. ``decode`` is passed in (``sources.build`` bound to ``src``) because this storage layer
+    sits below the decoders: importing them would close the cycle cache -> sources -> medmnist -> cache."""
     root = cache_root() / "decoded"
     entry = root / entry_key(src, cfg)
     if entry.is_dir():
@@ -64,31 +67,41 @@ def load_cached(src, cfg, progress: bool = True) -> Built:
         except (OSError, ValueError, KeyError) as e:
             warnings.warn(f"cache entry {entry} is damaged ({e}); decoding again", stacklevel=2)
             shutil.rmtree(entry, ignore_errors=True)
+    tail = (cfg.channels, cfg.image_size, cfg.image_size)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        _remove_stale(root)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=root))
+        tmp = _new_temp(root, entry.name)
     except OSError as e:
         warnings.warn(f"cannot write the cache in {root} ({e}); decoding in memory (set MEDIVAE_CACHE)",
                       stacklevel=2)
-        tail = (cfg.channels, cfg.image_size, cfg.image_size)
-        return build(src, cfg, MemorySink(tail), progress)
+        return decode(MemorySink(tail))
+    _build_entry(tmp, entry, decode, tail)
+    return _open(entry, "built")
+
+
+def _new_temp(root: Path, name: str) -> Path:
+    """A fresh temporary folder in ``root`` to build entry ``name`` in (raises OSError if read-only)."""
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale(root)
+    return Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+
+
+def _build_entry(tmp: Path, entry: Path, decode: Callable[[NpyFileSink], Built], tail: tuple[int, ...]) -> None:
+    """Decode into ``tmp`` and publish it as ``entry``; any failure leaves nothing half-written."""
     try:
-        sink = NpyFileSink(tmp / "images.npy", (cfg.channels, cfg.image_size, cfg.image_size))
+        sink = NpyFileSink(tmp / "images.npy", tail)
         try:
-            built = build(src, cfg, sink, progress)
+            built = decode(sink)
         finally:
             sink.close()
         _write_entry(tmp, built)
         _publish(tmp, entry)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write the decoded cache in {root} ({e}); free some space, "
+        raise UserError(f"could not write the decoded cache in {entry.parent} ({e}); free some space, "
                         "set MEDIVAE_CACHE to another folder, or pass --no-cache") from None
     except BaseException:  # Ctrl-C, bad input...: leave nothing half-written
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return _open(entry, "built")
 
 
 def _write_entry(folder: Path, built: Built) -> None:

@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from medivae.data.readers import UnreadableFile
+from medivae.data.decode import UnreadableFile  # not readers: it imports this module
 from medivae.data.windowing import (
     VOI_FUNCTIONS,
     Normalization,

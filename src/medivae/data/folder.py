@@ -1,4 +1,4 @@
-"""Folders and CSV lists of input files (2D images, DICOM, NIfTI), and the 2D image reader.
+"""Folders and CSV lists of input files (2D images, DICOM, NIfTI); one 2D image made model-ready.
 
 Class labels come from first-level subfolders (``root/<Class>/...``) or from a CSV of
 ``path,label[,group]``. Folders holding DICOM files get no folder labels: PACS exports nest
@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
+# read_image lives in decode, below readers (which dispatches to it); it is re-exported here for callers
+from medivae.data.decode import IMAGE_SUFFIXES, UnreadableFile, read_image
 from medivae.data.preprocess import prepare
-from medivae.data.readers import IMAGE_SUFFIXES, UnreadableFile, file_kind
+from medivae.data.readers import file_kind
 from medivae.errors import UserError
 
 __all__ = ["IMAGE_SUFFIXES", "list_folder", "read_csv_list", "read_image", "decode_image"]
@@ -64,24 +64,6 @@ def read_csv_list(csv_path: Path) -> tuple[list[Path], list[str], list[str | Non
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"{csv_path}: not a readable CSV of path,label ({e})") from None
     return files, labels, groups
-
-
-def read_image(src: Path | BinaryIO, channels: int) -> np.ndarray:
-    """One PNG/JPEG/TIFF/BMP -> uint8 (C, H, W) at its own size; 16-bit and float images are
-    rescaled min..max to 8 bits (they carry no display window)."""
-    try:
-        with Image.open(src) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                a = np.asarray(im, dtype=np.float64)
-                lo, hi = float(a.min()), float(a.max())
-                a = np.zeros_like(a) if hi <= lo else (a - lo) / (hi - lo) * 255.0
-                return a.round().astype(np.uint8)[None]
-            arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError,
-            Image.DecompressionBombError) as e:
-        raise UnreadableFile(f"not a readable image ({type(e).__name__}: {str(e)[:100]})") from None
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
 def decode_image(path: Path, size: int, channels: int, mode: str = "pad") -> np.ndarray:

@@ -21,6 +21,7 @@ import urllib.request
 import warnings
 from pathlib import Path
 
+from medivae.data.cache import cache_root
 from medivae.errors import UserError
 
 SIZES = (28, 64, 128, 224)
@@ -118,8 +119,6 @@ def file_name(name: str, size: int) -> str:
 
 
 def medmnist_dir() -> Path:
-    from medivae.data.cache import cache_root
-
     return cache_root() / "medmnist"
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medivae.data.readers import UnreadableFile
+from medivae.data.decode import UnreadableFile  # not readers: it imports this module
 from medivae.data.windowing import Normalization, Window, apply_window, rescale, value_range
 
 SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # axis index in RAS+ voxel order

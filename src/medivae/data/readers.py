@@ -2,6 +2,10 @@
 
 Frames keep their native size; resizing happens later, in batches, in ``preprocess.prepare``.
 A file that cannot be used raises :class:`UnreadableFile` with a reason a person can act on.
+
+This module is the dispatcher above the format decoders (``decode``, ``dicom``, ``nifti``); they
+never import it back. ``UnreadableFile`` and ``IMAGE_SUFFIXES`` are defined in ``decode`` and
+re-exported here, where callers have always imported them from.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+from medivae.data.decode import IMAGE_SUFFIXES, UnreadableFile, read_image
+from medivae.data.dicom import DICOM_SUFFIXES, is_dicom_file, read_dicom
+from medivae.data.nifti import is_nifti_file, read_nifti
+from medivae.data.windowing import parse_normalize, parse_window
 
-
-class UnreadableFile(Exception):
-    """One input file that cannot be used; the loader skips it, counts it and reports the reason."""
+__all__ = ["IMAGE_SUFFIXES", "UnreadableFile", "ReadOptions", "Frames", "file_kind", "read_file"]
 
 
 @dataclass(frozen=True)
@@ -28,8 +33,6 @@ class ReadOptions:
 
     @classmethod
     def from_config(cls, cfg) -> ReadOptions:
-        from medivae.data.windowing import parse_normalize, parse_window
-
         return cls(cfg.channels, parse_window(cfg.window), parse_normalize(cfg.normalize), cfg.nifti_axis)
 
 
@@ -44,9 +47,6 @@ class Frames:
 def file_kind(path: Path, sniff: bool = True) -> str | None:
     """"image", "dicom", "nifti" or None (not an input file). ``sniff`` reads the DICOM preamble
     of files without a known suffix (PACS exports often have none)."""
-    from medivae.data.dicom import DICOM_SUFFIXES, is_dicom_file
-    from medivae.data.nifti import is_nifti_file
-
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         return "image"
@@ -59,17 +59,11 @@ def file_kind(path: Path, sniff: bool = True) -> str | None:
 
 def read_file(src: Path | bytes, name: str, kind: str, opts: ReadOptions) -> Frames:
     if kind == "image":
-        from medivae.data.folder import read_image
-
         return Frames(read_image(_stream(src), opts.channels)[None])
     if kind == "dicom":
-        from medivae.data.dicom import read_dicom
-
         d = read_dicom(_stream(src), opts.window, opts.normalize)
         return Frames(d.frames, d.group, d.window, d.n_constant)
     if kind == "nifti":
-        from medivae.data.nifti import read_nifti
-
         n = read_nifti(src, name, opts.nifti_axis, opts.window, opts.normalize)
         return Frames(n.frames, None, n.window, n.n_constant)
     raise ValueError(f"unknown file kind {kind!r}")

@@ -18,6 +18,8 @@ from tqdm import tqdm
 from medivae.data.archive import class_labels, is_archive, iter_members
 from medivae.data.collect import Built, Collector
 from medivae.data.folder import list_folder, read_csv_list
+from medivae.data.medmnist import known_label_names, locate
+from medivae.data.npz import load_npz
 from medivae.data.readers import IMAGE_SUFFIXES, ReadOptions, UnreadableFile, file_kind, read_file
 from medivae.errors import UserError
 
@@ -55,8 +57,6 @@ class Source:
 
 def resolve(spec: str, progress: bool = True) -> Source:
     if spec.lower().startswith("medmnist:"):
-        from medivae.data.medmnist import locate
-
         path, names, multi = locate(spec, progress)
         return Source(spec, "npz", path, label_names=names, multi_label=multi)
     path = Path(spec).expanduser()
@@ -70,8 +70,6 @@ def resolve(spec: str, progress: bool = True) -> Source:
         return Source(spec, "folder", path, files, kinds, labels, [None] * len(files))
     name = path.name.lower()
     if name.endswith(".npz"):
-        from medivae.data.medmnist import known_label_names
-
         return Source(spec, "npz", path, label_names=known_label_names(path))
     if name.endswith(".csv"):
         files, labels, groups = read_csv_list(path)
@@ -104,8 +102,6 @@ def build(src: Source, cfg, sink, progress: bool = True) -> Built:
 
 
 def _decode_npz(src: Source, col: Collector) -> None:
-    from medivae.data.npz import load_npz
-
     splits = load_npz(src.path, src.label_names)
     names = next(iter(splits.values())).label_names
     top = max((int(s.labels.max()) for s in splits.values() if len(s)), default=-1)

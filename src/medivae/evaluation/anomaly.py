@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from medivae.data.imageset import label_code, to_float
-from medivae.evaluation.likelihood import sample_log_terms
+from medivae.models.family import has, labels_for, require
 
 SCORE_NAMES = ("neg_elbo", "iwae", "rec_error", "ssim", "kl", "iwae_minus_png", "latent")
 COMBINED_FROM = ("ssim", "iwae_minus_png")
@@ -34,29 +34,32 @@ COMBINED_FROM = ("ssim", "iwae_minus_png")
 
 @dataclass
 class AnomalyScores:
-    """scores: name -> float64 (N,); maps: float32 (N, H, W) pixel maps; codes: (N, D) posterior means."""
+    """scores: name -> float64 (N,); maps: float32 (N, H, W) pixel maps; codes: (N, D) deterministic
+    encodings (posterior means); png_nats: (N,) each image's lossless PNG size (the no-model baseline)."""
 
     scores: dict[str, np.ndarray]
     maps: np.ndarray
     codes: np.ndarray
+    png_nats: np.ndarray | None = None
 
 
 @torch.no_grad()
 def _score_batch(
     model, x: torch.Tensor, y, k: int, generator
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """x: float (B, C, H, W) -> per-sample score tensors (B,), codes (B, D) and residual maps (B, H, W)."""
-    log_px, log_ratio, q = sample_log_terms(model, x, y, k, generator)  # (K, B) each, float64
-    recon = model.images(model.decode(q.mode(), y)).float()
-    kl = q.kl().double().cpu()
+    """x: float (B, C, H, W) -> per-sample score tensors (B,), codes (B, D) and residual maps (B, H, W).
+    The likelihood scores need a family with an image likelihood; the others work for every family."""
+    recon = model.reconstruct(x, y).float()
     scores = {
-        "neg_elbo": -log_px.mean(0) + kl,
-        "iwae": -(torch.logsumexp(log_px + log_ratio, 0) - math.log(k)),
         "rec_error": (x - recon).pow(2).flatten(1).mean(1),
         "ssim": 1.0 - ssim_maps(x, recon).flatten(1).mean(1),
-        "kl": kl,
-        "code": q.mean,
+        "code": model.encode(x, y).mode().flatten(1),
     }
+    if has(model, "likelihood"):
+        lw = model.log_weights(x, y, k, generator)  # the family's importance weights, (K, B) float64
+        scores.update(neg_elbo=lw.neg_elbo(), iwae=-(torch.logsumexp(lw.log_w, 0) - math.log(k)))
+        if lw.kl is not None:
+            scores["kl"] = lw.kl
     return scores, (x - recon).abs().mean(1)
 
 
@@ -81,12 +84,12 @@ def ssim_maps(x: torch.Tensor, y: torch.Tensor, win: int = 7, data_range: float 
     return s.mean(1)
 
 
-def gradient_maps(model, x: torch.Tensor, y=None) -> torch.Tensor:
-    """|d(-ELBO)/dx| at the posterior mean, (B, H, W). The model is in eval mode, so samples do not mix."""
+def gradient_maps(model, x: torch.Tensor, y=None, seed: int = 0) -> torch.Tensor:
+    """|d(-ELBO)/dx| (one posterior draw, fixed noise), (B, H, W). Needs a family with a likelihood;
+    the model is in eval mode, so samples do not mix."""
     x = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        q = model.encode(x, y)
-        nll = -model.likelihood.log_prob(model.decode(q.mode(), y), x) + q.kl()
+        nll = model.log_weights(x, y, 1, torch.Generator().manual_seed(seed)).neg_elbo()
         (grad,) = torch.autograd.grad(nll.sum(), x)
     return grad.abs().mean(1)
 
@@ -130,22 +133,22 @@ def score_images(
     gen = torch.Generator().manual_seed(seed)
     parts: dict[str, list[torch.Tensor]] = {}
     maps = []
-    conditional = getattr(model.cfg, "num_classes", 0) > 0
     with fast_inference(model, precision):
         for i in range(0, len(images), batch_size):
             x = to_float(images[i : i + batch_size], device).contiguous(memory_format=torch.channels_last)
-            y = torch.as_tensor(labels[i : i + batch_size]).clamp(min=0).to(device) if conditional else None
+            y = labels_for(model, None if labels is None else labels[i : i + batch_size], device)
             s, m = _score_batch(model, x, y, k, gen)
             if gradient:
-                m = gradient_maps(model, x, y)
+                m = gradient_maps(model, x, y, seed)
             for name, v in s.items():
                 parts.setdefault(name, []).append(v.double().cpu())
             maps.append(m.float().cpu())
     cat = {n: torch.cat(v).numpy() for n, v in parts.items()}
     codes = cat.pop("code")
-    # a simple image is likely under any model; what counts is how much worse the VAE does than PNG
-    cat["iwae_minus_png"] = cat["iwae"] - png_nats(images)
-    return AnomalyScores(cat, torch.cat(maps).numpy(), codes)
+    png = png_nats(images)
+    if "iwae" in cat:  # a simple image is likely under any model; what counts is how much worse it does than PNG
+        cat["iwae_minus_png"] = cat["iwae"] - png
+    return AnomalyScores(cat, torch.cat(maps).numpy(), codes, png)
 
 
 # --- calibration on normals --------------------------------------------------------------------------------
@@ -163,9 +166,9 @@ def mahalanobis(codes: np.ndarray, gauss: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def calibrate(val_scores: dict[str, np.ndarray], names=COMBINED_FROM) -> dict[str, tuple[float, float]]:
-    """name -> (mean, std) of validation-normal scores, for z-scoring."""
+    """name -> (mean, std) of validation-normal scores, for z-scoring (the names the family has)."""
     out = {}
-    for n in names:
+    for n in (n for n in names if n in val_scores):
         v = np.asarray(val_scores[n], dtype=np.float64)
         out[n] = (float(v.mean()), float(max(v.std(), 1e-12)))
     return out
@@ -346,10 +349,11 @@ def write_scores_csv(path: Path, scored, scores: dict[str, np.ndarray], is_anoma
 def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr=0.05, k=16,
               gradient=False, n_maps=16, batch_size=128, device="auto", precision="fp32") -> dict:  # fmt: skip
     """Score a split with a run fitted on normals; write scores.csv, maps, ROC and results.json["anomaly"]."""
-    from medivae import api
     from medivae.errors import UserError
+    from medivae.run import load_run
 
-    model, cfg, dev = api.load_run(run_dir, device=device)
+    run = load_run(run_dir, device=device)
+    model, cfg, dev = run.model, run.config, run.device
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "anomaly"
     normal_label = normal_label or (cfg.data.labels[0] if len(cfg.data.labels) == 1 else None)
@@ -359,6 +363,8 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
         )
     if not 0 < fpr < 1 or k < 1 or n_maps < 0:
         raise UserError(f"need 0 < --fpr < 1, --iwae-samples >= 1, --n-maps >= 0 (got {fpr}, {k}, {n_maps})")
+    if gradient:
+        require(model, "likelihood", "anomaly score --gradient")
     sets = scoring_sets(cfg, normal_label, data, split)
 
     def run(s, grad=False, draws=k):
@@ -414,7 +420,7 @@ def _write_outputs(out: Path, sets: dict, scored: AnomalyScores, thr: float, n_m
     if any(m is None for m in metrics.values()):
         return entry
     # no model at all: "simpler image = anomaly"; a score that does not beat it learned little
-    simplicity = scored.scores["iwae_minus_png"] - scored.scores["iwae"]  # = -PNG size
+    simplicity = -scored.png_nats
     entry.update(metrics=metrics, baselines={"png_simplicity": detection_metrics(simplicity[labelled], y)},
                  threshold_rates=rates_at(combined[labelled], y, thr))  # fmt: skip
     files["roc"] = str(

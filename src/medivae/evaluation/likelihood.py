@@ -19,45 +19,10 @@ import math
 import numpy as np
 import torch
 
-from medivae.models.distributions import DiagonalGaussian, standard_normal_log_prob
-
 NOT_AN_IMAGE_LIKELIHOOD = (
     "the {name} likelihood is not a probability of 8-bit images: these nats are not an NLL "
     "and no bits/dim are reported (train with --likelihood discretized_logistic for a real NLL)"
 )
-
-
-def _tile_labels(y: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    return None if y is None else y.repeat(n)  # matches z.reshape(n * B, D): sample-major order
-
-
-@torch.no_grad()
-def sample_log_terms(
-    model,
-    x: torch.Tensor,
-    y: torch.Tensor | None = None,
-    k: int = 100,
-    generator: torch.Generator | None = None,
-    max_decode: int = 256,
-) -> tuple[torch.Tensor, torch.Tensor, DiagonalGaussian]:
-    """For z_1..z_K ~ q(z|x): log p(x|z_k) and log p(z_k) - log q(z_k|x).
-
-    x: float (B, C, H, W). Returns (log_px (K, B), log_ratio (K, B)) float64 on CPU and q(z|x).
-    At most ``max_decode`` images go through the decoder at once, whatever K and B are.
-    """
-    q = model.encode(x, y)
-    b, d = q.mean.shape
-    per_chunk = max(1, max_decode // b)
-    log_px, log_ratio = [], []
-    for start in range(0, k, per_chunk):
-        n = min(per_chunk, k - start)
-        eps = torch.randn((n, b, d), generator=generator).to(q.mean.device)
-        z = q.mean + q.std * eps  # (n, B, D)
-        params = model.decode(z.reshape(n * b, d), _tile_labels(y, n))
-        xr = x.expand(n, *x.shape).reshape(n * b, *x.shape[1:])
-        log_px.append(model.likelihood.log_prob(params, xr).view(n, b).double().cpu())
-        log_ratio.append((standard_normal_log_prob(z) - q.log_prob(z)).double().cpu())
-    return torch.cat(log_px), torch.cat(log_ratio), q
 
 
 def iwae_from_log_weights(log_w: torch.Tensor, k: int) -> torch.Tensor:
@@ -84,14 +49,13 @@ def ks_for(k: int) -> list[int]:
 def batch_bounds(model, x, y=None, k: int = 100, generator=None, max_decode: int = 256) -> dict:
     """Per-image bounds of one batch in nats, numpy float64 (B,).
 
-    ``neg_elbo``: -(log p(x|z) averaged over the K samples) + the closed-form KL (lower variance
-    than the Monte Carlo KL); ``neg_iwae``: {k: -L_k} for every k in ``ks_for(K)``.
+    ``neg_elbo``: -(log p(x|z) averaged over the K samples) + the family's KL (closed form where it has
+    one: lower variance than the Monte Carlo KL); ``neg_iwae``: {k: -L_k} for every k in ``ks_for(K)``.
     """
-    log_px, log_ratio, q = sample_log_terms(model, x, y, k, generator, max_decode)
-    neg_elbo = -log_px.mean(0) + q.kl().double().cpu()
-    log_w = log_px + log_ratio
+    lw = model.log_weights(x, y, k, generator, max_decode)  # the family's importance weights (K, B)
+    log_w = lw.log_w
     return {
-        "neg_elbo": neg_elbo.numpy(),
+        "neg_elbo": lw.neg_elbo().numpy(),
         "neg_iwae": {kk: (-iwae_from_log_weights(log_w, kk)).numpy() for kk in ks_for(k)},
     }
 

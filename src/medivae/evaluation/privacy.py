@@ -109,14 +109,15 @@ def pair_figure(synthetic: np.ndarray, train: np.ndarray, check: SpaceCheck, pat
 
 
 # --- run-level: what ``api.synthesize`` calls -------------------------------------------------------------
-def _label_plan(cfg, label: str | None, n: int) -> tuple[np.ndarray | None, list[str]]:
+def _label_plan(model, cfg, label: str | None, n: int) -> tuple[np.ndarray | None, list[str]]:
     """(class index to condition each image on, or None; label name written for each image)."""
     from medivae.errors import UserError
+    from medivae.models.family import has
 
     names = list(cfg.label_names)
-    if cfg.model.num_classes > 0:
+    if has(model, "conditional"):
         if label is None:  # balanced classes
-            codes = np.arange(n) % cfg.model.num_classes
+            codes = np.arange(n) % model.num_classes
         elif label_code(names, label) is not None:
             codes = np.full(n, label_code(names, label))
         else:
@@ -133,20 +134,14 @@ def _label_plan(cfg, label: str | None, n: int) -> tuple[np.ndarray | None, list
     )
 
 
-def generate_uint8(
-    model, codes: np.ndarray | None, n: int, seed: int, device, batch: int = 256
-) -> np.ndarray:
-    """n prior samples, uint8 (n, C, H, W), each conditioned on codes[i] when given."""
+def generate_uint8(model, codes: np.ndarray | None, n: int, seed: int) -> np.ndarray:
+    """n samples of the family, uint8 (n, C, H, W), each conditioned on codes[i] when given."""
+    from medivae.generate import sample_images
     from medivae.seeding import torch_generator
 
-    z = torch.randn(n, model.latent_dim, generator=torch_generator(seed, "synthesize"))
-    out = []
-    with torch.no_grad():
-        for i in range(0, n, batch):
-            y = None if codes is None else torch.as_tensor(codes[i : i + batch]).to(device)
-            img = model.images(model.decode(z[i : i + batch].to(device), y)).float().cpu()
-            out.append((img * 255).round().clamp(0, 255).to(torch.uint8))
-    return torch.cat(out).numpy()
+    y = None if codes is None else torch.as_tensor(codes).long()
+    img = sample_images(model, n, torch_generator(seed, "synthesize"), y, precision="fp32")
+    return (img * 255).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
 def write_synthetic(
@@ -227,19 +222,22 @@ def synthesize_run(
     import json
     from pathlib import Path
 
-    from medivae import api
     from medivae.data import load_dataset
     from medivae.errors import UserError
     from medivae.evaluation.anomaly import merge_results
     from medivae.io import atomic_write_text
+    from medivae.models.family import require
+    from medivae.run import load_run
 
     if n < 1 or not 0 <= percentile <= 100 or fmt not in ("png", "npz") or n_pairs < 0:
         raise UserError(
             f"need -n >= 1, 0 <= --percentile <= 100, --format png|npz (got {n}, {percentile}, {fmt})"
         )
-    model, cfg, dev = api.load_run(run_dir, device=device)
-    codes, names = _label_plan(cfg, label, n)
-    fake = generate_uint8(model, codes, n, cfg.train.seed if seed is None else seed, dev)
+    run = load_run(run_dir, device=device)
+    model, cfg, dev = run.model, run.config, run.device
+    require(model, "sample", "synthesize")
+    codes, names = _label_plan(model, cfg, label, n)
+    fake = generate_uint8(model, codes, n, cfg.train.seed if seed is None else seed)
     splits = load_dataset(cfg.data, cfg.train.seed, progress=False)
     train, held = splits["train"], splits["test"] if len(splits["test"]) else splits["val"]
     checks = [

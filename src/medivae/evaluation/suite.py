@@ -39,8 +39,10 @@ from medivae.evaluation.collapse import collapse_metrics
 from medivae.evaluation.features import load_or_fit_reference
 from medivae.evaluation.likelihood import likelihood_bounds
 from medivae.evaluation.reconstruction import per_image_metrics
-from medivae.generate import reconstruct
+from medivae.generate import reconstruct, sample_images
 from medivae.io import atomic_write_text
+from medivae.models.family import MISSING, has, labels_for
+from medivae.run import load_run
 from medivae.seeding import numpy_rng, torch_generator
 
 MAX_REFERENCE = 3000  # real training images in the reference set (k-NN distances are O(N^2) in memory)
@@ -70,14 +72,10 @@ class EvalOptions:
             raise UserError(f"checkpoint must be best or last, not {self.checkpoint!r}")
 
 
-def _labels(model_cfg, labels: np.ndarray, device) -> torch.Tensor | None:
-    return None if model_cfg.num_classes <= 0 else torch.as_tensor(labels).clamp(min=0).to(device)
-
-
-def _batches(s: ImageSet, model_cfg, batch_size: int, device, desc: str, progress: bool):
+def _batches(s: ImageSet, model, batch_size: int, device, desc: str, progress: bool):
     for i in tqdm(range(0, len(s), batch_size), desc=desc, disable=not progress, leave=False):
         sl = slice(i, i + batch_size)
-        yield to_float(s.images[sl], device), _labels(model_cfg, s.labels[sl], device)
+        yield to_float(s.images[sl], device), labels_for(model, s.labels[sl], device)
 
 
 def _subset(s: ImageSet, n: int, seed: int, key: str) -> ImageSet:
@@ -87,32 +85,35 @@ def _subset(s: ImageSet, n: int, seed: int, key: str) -> ImageSet:
 
 
 @torch.no_grad()
-def posterior_and_reconstruction(model, s: ImageSet, model_cfg, batch_size, device, progress=False):
-    """(posterior means (N, D), log-variances (N, D), reconstruction metrics per image) of split ``s``."""
+def posterior_and_reconstruction(model, s: ImageSet, batch_size, device, progress=False):
+    """(posterior means (N, D), log-variances (N, D), reconstruction metrics per image) of split ``s``;
+    the posterior arrays are None unless the family has a Gaussian latent."""
+    gaussian = has(model, "gaussian_latent")
     means, logvars, per = [], [], []
-    for x, y in _batches(s, model_cfg, batch_size, device, "posterior", progress):
-        q = model.encode(x, y)
-        means.append(q.mean.double().cpu().numpy())
-        logvars.append(q.logvar.double().cpu().numpy())
+    for x, y in _batches(s, model, batch_size, device, "posterior", progress):
+        if gaussian:
+            q = model.encode(x, y)
+            means.append(q.mean.double().cpu().numpy())
+            logvars.append(q.logvar.double().cpu().numpy())
         recon = reconstruct(model, x, y, precision="fp32")  # metrics in exact fp32, not the fast bf16 path
         per.append(per_image_metrics(x.cpu().numpy(), recon.numpy()))
     rec = {k: np.concatenate([p[k] for p in per]) for k in per[0]}
+    if not gaussian:
+        return None, None, rec
     return np.concatenate(means), np.concatenate(logvars), rec
 
 
 @torch.no_grad()
-def generate_images(model, n: int, labels: np.ndarray, model_cfg, seed: int, device, batch: int = 256):
-    """n prior samples as float (n, C, H, W): decoded means, as ``medivae sample`` shows them,
-    quantised to 8 bits like the real images they are compared with."""
+def generate_images(model, n: int, labels: np.ndarray, seed: int):
+    """n samples of the family as float (n, C, H, W), as ``medivae sample`` shows them, quantised to
+    8 bits like the real images they are compared with. A conditional family draws its labels with
+    the held-out split's frequencies."""
     g = torch_generator(seed, "evaluate-samples")
-    z = torch.randn(n, model.latent_dim, generator=g)
-    if len(labels):  # conditional models draw labels with the held-out split's frequencies
-        labels = labels[numpy_rng(seed, "evaluate-sample-labels").integers(0, len(labels), n)]
-    out = []
-    for i in range(0, n, batch):
-        y = _labels(model_cfg, labels[i : i + batch], device)
-        out.append(model.images(model.decode(z[i : i + batch].to(device), y)).float().cpu())
-    return (torch.cat(out) * 255).round() / 255
+    y = None
+    if has(model, "conditional") and len(labels):
+        y = torch.as_tensor(labels[numpy_rng(seed, "evaluate-sample-labels").integers(0, len(labels), n)])
+        y = y.long().clamp(min=0)
+    return (sample_images(model, n, g, y, precision="fp32") * 255).round() / 255
 
 
 def _reference_description(data_cfg) -> dict:
@@ -129,7 +130,7 @@ def sample_quality_block(model, cfg, data_cfg, splits, held_out: ImageSet, opts,
                                 progress=progress, device=device)
     real = _subset(splits["train"], MAX_REFERENCE, seed, "evaluate-reference")
     n_gen = opts.n_samples or len(held_out)
-    fake = generate_images(model, n_gen, held_out.labels, cfg.model, seed, device)
+    fake = generate_images(model, n_gen, held_out.labels, seed)
     block = {
         "extractor": ref.name, "fd_name": f"FD-{ref.name}", "reference_folder": str(ref.folder),
         "n_generated": n_gen, "n_reference": len(real), "n_held_out": len(held_out),
@@ -162,42 +163,54 @@ def load_split(cfg, data: str | None, split: str, progress: bool):
 
 def evaluate_run(run_dir, data: str | None = None, opts: EvalOptions | None = None, device: str = "auto",
                  progress: bool = True) -> dict:
-    """Compute every metric, merge them into RUN/results.json under "evaluation", return that block."""
-    from medivae.api import load_run  # the API imports this module
-
+    """Compute every metric the run's family supports, merge them into RUN/results.json under
+    "evaluation", return that block. A section the family cannot have is None, and ``absent`` says why."""
     opts = opts or EvalOptions()
     timed = _Timer()
     results_path = Path(run_dir) / "results.json"
     read_results(results_path)  # fail now, not after minutes of work, if it cannot be merged into
     inception = _load_inception(opts.inception_weights)
-    model, cfg, dev = load_run(run_dir, which=opts.checkpoint, device=device)
+    run = load_run(run_dir, which=opts.checkpoint, device=device)
+    model, cfg, dev = run.model, run.config, run.device
     seed, m = cfg.train.seed, cfg.model
     data_cfg, splits, s = timed("load", load_split, cfg, data, opts.split, progress)
     s = _subset(s, opts.max_images, seed, "evaluate-subset")
-    batches = _batches(s, m, opts.batch_size, dev, f"IWAE K={opts.k}", progress)
-    g_iwae, g_mi = torch_generator(seed, "evaluate-iwae"), torch_generator(seed, "evaluate-mi")
-    lik = timed("likelihood", likelihood_bounds, model, batches, opts.k, g_iwae)
-    mean, logvar, rec = timed("posterior", posterior_and_reconstruction, model, s, m, opts.batch_size, dev)
-    collapse = timed("collapse", collapse_metrics, mean, logvar, g_mi)
-    quality, (real, fake) = timed("sample_quality", sample_quality_block, model, cfg, data_cfg, splits, s,
-                                  opts, run_dir, dev, progress)
-    fid = None
-    if inception is not None:
-        fid = timed("fid", fid_block, inception, opts.inception_weights, real, fake, s, dev)
+    lik = collapse = quality = fid = None
+    if has(model, "likelihood"):
+        batches = _batches(s, model, opts.batch_size, dev, f"IWAE K={opts.k}", progress)
+        lik = timed("likelihood", likelihood_bounds, model, batches, opts.k, torch_generator(seed, "evaluate-iwae"))
+    mean, logvar, rec = timed("posterior", posterior_and_reconstruction, model, s, opts.batch_size, dev)
+    if mean is not None:
+        collapse = timed("collapse", collapse_metrics, mean, logvar, torch_generator(seed, "evaluate-mi"))
+    if has(model, "sample"):
+        quality, (real, fake) = timed("sample_quality", sample_quality_block, model, cfg, data_cfg, splits, s,
+                                      opts, run_dir, dev, progress)
+        if inception is not None:
+            fid = timed("fid", fid_block, inception, opts.inception_weights, real, fake, s, dev)
     result = {
         "run": str(run_dir), "checkpoint": opts.checkpoint, "data": data_cfg.source, "split": opts.split,
         "n_images": len(s), "seed": seed,
-        "model": {"name": m.name, "likelihood": m.likelihood, "latent_dim": m.latent_dim,
-                  "image_size": m.image_size, "channels": m.channels},
+        "model": {"name": m.name, "likelihood": getattr(m, "likelihood", None),
+                  "latent_dim": getattr(model, "latent_dim", None), "image_size": m.image_size,
+                  "channels": m.channels, "capabilities": sorted(model.capabilities)},
         "likelihood": lik,
         "reconstruction": {**{k: float(v.mean()) for k, v in rec.items()}, "n_images": len(s)},
         "collapse": collapse,
         "sample_quality": quality,
         "fid": fid,
+        "absent": absent_sections(model),
         "seconds": timed.total(),
         "seconds_by_part": timed.parts,
     }
     return write_results(results_path, "evaluation", result)
+
+
+SECTION_NEEDS = {"likelihood": "likelihood", "collapse": "gaussian_latent", "sample_quality": "sample"}
+
+
+def absent_sections(model) -> dict[str, str]:
+    """{section: why it is absent} for the sections the run's family cannot have."""
+    return {sec: f"{model.cfg.name} {MISSING[cap]}" for sec, cap in SECTION_NEEDS.items() if not has(model, cap)}
 
 
 class _Timer:

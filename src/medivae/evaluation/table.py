@@ -63,6 +63,13 @@ def quality_lines(q: dict, fid: dict | None) -> list[str]:
 def format_table(ev: dict) -> str:
     head = (f"{ev['run']}  ({ev['checkpoint']} checkpoint; {ev['split']} split of {ev['data']}: "
             f"{ev['n_images']} images; {ev['seconds']:.0f} s)")
-    parts = [[head], likelihood_lines(ev["likelihood"]), reconstruction_lines(ev["reconstruction"]),
-             collapse_lines(ev["collapse"]), quality_lines(ev["sample_quality"], ev.get("fid"))]
+    parts = [[head]]
+    absent = ev.get("absent", {})
+    for key, lines in (("likelihood", likelihood_lines), ("reconstruction", reconstruction_lines),
+                       ("collapse", collapse_lines)):
+        if ev.get(key) is not None:
+            parts.append(lines(ev[key]))
+    if ev.get("sample_quality") is not None:
+        parts.append(quality_lines(ev["sample_quality"], ev.get("fid")))
+    parts += [[f"{key.replace('_', ' ')}: not measured ({why})"] for key, why in absent.items()]
     return "\n\n".join("\n".join(p) for p in parts)

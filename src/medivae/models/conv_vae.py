@@ -1,55 +1,198 @@
-"""The seed article's convolutional VAE (Kingma & Welling 2014), generalised in size and width.
+"""The seed article's convolutional VAE (Kingma & Welling 2014), generalised in size and width, and its
+conditional form (Sohn, Lee & Yan 2015): one family, three registry entries (conv_vae, beta_vae, cvae).
 
 At 64x64, base width 32, latent 32 it is the article's network layer for layer: four 4x4 stride-2
-convolutions 32-64-128-256 with BatchNorm + ReLU, linear heads to mu and log sigma^2, a linear
-layer back to 256x4x4 and the mirrored transposed convolutions. The sigmoid sits in the likelihood
-(BCE-with-logits is the numerically stable form of the article's sigmoid + BCE).
+convolutions 32-64-128-256 with BatchNorm + ReLU, linear heads to mu and log sigma^2, a linear layer back
+to 256x4x4 and the mirrored transposed convolutions. The sigmoid sits in the likelihood (BCE-with-logits
+is the numerically stable form of the article's sigmoid + BCE).
+
+Conditional (``num_classes`` > 0): q(z|x, y) and p(x|z, y) with the prior p(z) = N(0, I) independent of
+y, as in Kingma et al. 2014 (M2). The label enters as a one-hot vector, broadcast to constant planes
+beside the image channels for the encoder and concatenated to z for the decoder. Conditioning the encoder
+too lets z give up the class information the decoder already has, so ``decode(z, y)`` draws class y for
+any z from the prior.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from medivae.config import ModelConfig
+from medivae.config import IMAGE_SIZES, LIKELIHOODS
+from medivae.errors import UserError
+from medivae.losses import kl_weight, neg_elbo
 from medivae.models.blocks import decoder_trunk, encoder_trunk, widths_for
-from medivae.models.distributions import DiagonalGaussian, make_likelihood
+from medivae.models.distributions import DiagonalGaussian, make_likelihood, standard_normal_log_prob
+from medivae.models.family import Family, LogWeights, StepContext, StepOutput, TrainStep, adam
 from medivae.models.outputs import VAEOutput, encode_decode
+
+LABELS_FROM_DATA = -1  # num_classes placeholder: one class per label of the training data
+
+
+@dataclass(frozen=True)
+class ConvVAEConfig:
+    name: str = "conv_vae"
+    image_size: int = 64
+    channels: int = 1
+    latent_dim: int = 32
+    base_width: int = 32
+    max_width: int = 512
+    likelihood: str = "bernoulli"
+    gaussian_sigma: float = 0.1  # fixed decoder std for the "gaussian" likelihood (intensity in [0, 1])
+    num_classes: int = 0  # > 0: conditional on that many classes; -1: as many as the data has labels
+    beta: float = 1.0
+
+    def __post_init__(self):
+        if self.image_size not in IMAGE_SIZES:
+            raise UserError(f"image size {self.image_size} is not supported; use one of {list(IMAGE_SIZES)}")
+        if self.channels not in (1, 3):
+            raise UserError(f"channels must be 1 or 3, not {self.channels}")
+        if self.latent_dim < 1:
+            raise UserError(f"latent dim must be >= 1, not {self.latent_dim}")
+        if self.base_width < 1:
+            raise UserError(f"base width must be >= 1, not {self.base_width}")
+        if self.likelihood not in LIKELIHOODS:
+            raise UserError(f"unknown likelihood {self.likelihood!r}; choose one of {list(LIKELIHOODS)}")
+        if self.gaussian_sigma <= 0:
+            raise UserError(f"gaussian sigma must be > 0, not {self.gaussian_sigma}")
+        if self.beta < 0:
+            raise UserError(f"beta must be >= 0, not {self.beta}")
+        if self.num_classes < LABELS_FROM_DATA:
+            raise UserError(f"num classes must be >= 0 (or -1: from the data), not {self.num_classes}")
+
+    def for_data(self, label_names: tuple[str, ...], source: str) -> ConvVAEConfig:
+        """The config for a data set: a conditional model gets one class per label."""
+        if self.num_classes == 0:
+            return self
+        if not label_names:
+            raise UserError(f"model {self.name!r} is conditional but {source} has no labels")
+        return replace(self, num_classes=len(label_names))
 
 
 class ConvVAE(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ConvVAEConfig):
         super().__init__()
+        if cfg.num_classes < 0:
+            raise ValueError(f"{cfg.name}: set num_classes from the data first (ConvVAEConfig.for_data)")
         self.cfg = cfg
         self.latent_dim = cfg.latent_dim
+        self.num_classes = cfg.num_classes
+        self.capabilities = frozenset(
+            {"sample", "latent", "gaussian_latent", "likelihood"} | ({"conditional"} if cfg.num_classes else set())
+        )
         self.likelihood = make_likelihood(cfg.likelihood, cfg.gaussian_sigma)
         widths = widths_for(cfg.image_size, cfg.base_width, cfg.max_width)
         feat = widths[-1] * 16
-        self.encoder = encoder_trunk(cfg.channels, widths)
+        self.encoder = encoder_trunk(cfg.channels + cfg.num_classes, widths)
         self.fc_mu = nn.Linear(feat, cfg.latent_dim)
         self.fc_logvar = nn.Linear(feat, cfg.latent_dim)
-        self.decoder_input = nn.Linear(cfg.latent_dim, feat)
+        self.decoder_input = nn.Linear(cfg.latent_dim + cfg.num_classes, feat)
         self.decoder = decoder_trunk(cfg.channels * self.likelihood.params_per_channel, widths)
 
+    # --- the networks ------------------------------------------------------------------------------------
+    def _one_hot(self, y: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        """y: int (B,) class indices -> (B, K) one-hot in ``like``'s dtype and device."""
+        if y is None:
+            raise ValueError(f"{self.cfg.name} is conditional: pass class indices y (B,)")
+        return F.one_hot(y.long(), self.num_classes).to(device=like.device, dtype=like.dtype)
+
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> DiagonalGaussian:
-        """x: float (B, C, H, W) in [0, 1] -> q(z|x) with mean/logvar (B, D). ``y`` is ignored."""
+        """x: float (B, C, H, W) in [0, 1] (y: int (B,) when conditional) -> q(z|x) with mean/logvar (B, D)."""
+        if self.num_classes:
+            planes = self._one_hot(y, x)[:, :, None, None].expand(-1, -1, *x.shape[2:])  # (B, K, H, W)
+            x = torch.cat([x, planes], dim=1)
         h = self.encoder(x)
         return DiagonalGaussian(self.fc_mu(h).float(), self.fc_logvar(h).float())
 
-    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """z: (B, D) -> decoder parameters (B, C * k, H, W)."""
+    def decode_params(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """z: (B, D) -> decoder parameters (B, C * k, H, W), k = likelihood.params_per_channel."""
+        if self.num_classes:
+            z = torch.cat([z, self._one_hot(y, z)], dim=1)
         return self.decoder(self.decoder_input(z))
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor | None = None,
-        sample: bool = True,
-        generator: torch.Generator | None = None,
-    ) -> VAEOutput:
+    def forward(self, x, y=None, sample: bool = True, generator: torch.Generator | None = None) -> VAEOutput:
         """Encode, take z (a reparameterised sample, or the posterior mean if ``sample=False``), decode."""
         return encode_decode(self, x, y, sample, generator)
 
     def images(self, params: torch.Tensor) -> torch.Tensor:
         """Decoder parameters -> displayable mean images (B, C, H, W) in [0, 1]."""
         return self.likelihood.mean(params)
+
+    # --- the family contract (models/family.py) ----------------------------------------------------------
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """z: (B, D) -> mean images float (B, C, H, W) in [0, 1]."""
+        return self.images(self.decode_params(z, y)).float()
+
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoded posterior means: float (B, C, H, W) in [0, 1]."""
+        return self.decode(self.encode(x, y).mode(), y)
+
+    def prior_latents(self, n: int, generator=None, temperature: float = 1.0) -> torch.Tensor:
+        """n draws of z ~ N(0, T^2 I), (n, D), on the CPU (the same numbers on every device)."""
+        return temperature * torch.randn(n, self.latent_dim, generator=generator)
+
+    def sample(self, n: int, label=None, generator=None, temperature: float = 1.0) -> torch.Tensor:
+        """n images decoded from the prior: float (n, C, H, W) in [0, 1]. ``label``: int or (n,) indices."""
+        device = next(self.parameters()).device
+        z = self.prior_latents(n, generator, temperature).to(device)
+        return self.decode(z, _label_tensor(label, n, device))
+
+    def log_weights(self, x, y=None, k: int = 100, generator=None, max_decode: int = 256) -> LogWeights:
+        """K draws z_k ~ q(z|x): log p(x|z_k), log p(z_k) - log q(z_k|x) (float64 (K, B), CPU) and the
+        closed-form KL. At most ``max_decode`` images go through the decoder at once."""
+        q = self.encode(x, y)
+        b, d = q.mean.shape
+        per_chunk = max(1, max_decode // b)
+        log_px, log_ratio = [], []
+        for start in range(0, k, per_chunk):
+            n = min(per_chunk, k - start)
+            eps = torch.randn((n, b, d), generator=generator).to(q.mean.device)
+            z = q.mean + q.std * eps  # (n, B, D)
+            params = self.decode_params(z.reshape(n * b, d), None if y is None else y.repeat(n))  # sample-major
+            xr = x.expand(n, *x.shape).reshape(n * b, *x.shape[1:])
+            log_px.append(self.likelihood.log_prob(params, xr).view(n, b).double().cpu())
+            log_ratio.append((standard_normal_log_prob(z) - q.log_prob(z)).double().cpu())
+        return LogWeights(torch.cat(log_px), torch.cat(log_ratio), q.kl().double().cpu())
+
+    def optimizers(self, train_cfg, device) -> dict[str, torch.optim.Optimizer]:
+        return {"model": adam(self.parameters(), train_cfg, device)}
+
+    def trained_modules(self) -> dict[str, nn.Module]:
+        return {"vae": self}
+
+    def training_steps(self) -> list[TrainStep]:
+        return [TrainStep("elbo", "model", self._elbo_step)]
+
+    def _elbo_step(self, nets, x, y, ctx: StepContext) -> StepOutput:
+        """Forward with a reparameterised sample; minimise rec + β·KL (KL schedule and free bits applied)."""
+        t = ctx.train
+        beta = kl_weight(t.kl_schedule, self.cfg.beta, ctx.progress, t.warmup_epochs)
+        out = nets["vae"](x, y, sample=True, generator=ctx.generator)
+        terms = neg_elbo(self.likelihood, out, x, beta=beta, free_bits=t.free_bits)
+        loss_terms = {"loss": terms.neg_elbo, "rec": terms.rec, "kl": terms.kl, "beta": torch.tensor(beta)}
+        return StepOutput(terms.loss.mean(), loss_terms)
+
+    def validation_terms(self, x, y, generator) -> dict[str, torch.Tensor]:
+        """Single-sample negative ELBO ("loss") and its two terms, per image (B,)."""
+        terms = neg_elbo(self.likelihood, self(x, y, sample=True, generator=generator), x)
+        return {"loss": terms.neg_elbo, "rec": terms.rec, "kl": terms.kl}
+
+
+def _label_tensor(label, n: int, device) -> torch.Tensor | None:
+    if label is None:
+        return None
+    if isinstance(label, int):
+        return torch.full((n,), label, dtype=torch.long, device=device)
+    return torch.as_tensor(label, dtype=torch.long).to(device)
+
+
+FAMILIES = (
+    Family("conv_vae", ConvVAEConfig, ConvVAE, "the article's convolutional VAE"),
+    # Higgins et al. 2017: the same network with the KL weighted by β
+    Family("beta_vae", ConvVAEConfig, ConvVAE, "β-VAE (β = 4)", preset={"beta": 4.0}),
+    # Sohn et al. 2015: one class per label of the data
+    Family("cvae", ConvVAEConfig, ConvVAE, "conditional VAE", preset={"num_classes": LABELS_FROM_DATA}),
+)

@@ -33,6 +33,10 @@ class DiagonalGaussian:
     def mode(self) -> torch.Tensor:
         return self.mean
 
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """What ``medivae encode`` writes: posterior means and log-variances, (B, D) each."""
+        return {"mean": self.mean, "logvar": self.logvar}
+
     def kl_per_dim(self) -> torch.Tensor:
         """KL(q || N(0, I)) per latent dimension, (B, D)."""
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)

@@ -1,6 +1,7 @@
-"""Checkpoint folders: ``config.json`` + ``model.safetensors`` (+ ``optimizer.safetensors``,
-``optimizer.json``, ``rng.safetensors``, ``state.json``) + ``manifest.json`` with the size and
-SHA-256 of every file.
+"""Checkpoint folders: ``config.json`` + ``model.safetensors`` (every module of the family) + one
+``optimizer[.NAME].safetensors`` / ``.json`` pair per optimizer (+ ``rng.safetensors``, ``state.json``)
++ ``manifest.json`` with the size and SHA-256 of every file. The optimizer named "model" (the only one of
+a single-optimizer family) keeps the plain ``optimizer.*`` names, so every earlier checkpoint resumes.
 
 Crash safety. A checkpoint is written whole into ``NAME.tmp`` (every file fsynced), then swapped in
 with two renames: ``NAME -> NAME.prev``, ``NAME.tmp -> NAME``. A kill at any moment therefore leaves
@@ -84,13 +85,26 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _contents(model, config, optimizer, state, extra_tensors) -> dict[str, bytes]:
+def optimizer_files(name: str) -> tuple[str, str]:
+    """(tensor file, JSON file) of the optimizer called ``name``."""
+    stem = "optimizer" if name == "model" else f"optimizer.{name}"
+    return f"{stem}.safetensors", f"{stem}.json"
+
+
+def _as_dict(optimizers) -> dict[str, torch.optim.Optimizer]:
+    if optimizers is None:
+        return {}
+    return dict(optimizers) if isinstance(optimizers, dict) else {"model": optimizers}
+
+
+def _contents(model, config, optimizers, state, extra_tensors) -> dict[str, bytes]:
     """Every file of the checkpoint, serialised in memory before anything touches the disk."""
     files = {"config.json": _json_bytes(config), "model.safetensors": _tensor_bytes(model.state_dict())}
-    if optimizer is not None:
-        ot, ometa = optimizer_to_flat(optimizer)
-        files["optimizer.safetensors"] = _tensor_bytes(ot)
-        files["optimizer.json"] = _json_bytes(ometa)
+    for name, opt in _as_dict(optimizers).items():
+        tensor_file, json_file = optimizer_files(name)
+        ot, ometa = optimizer_to_flat(opt)
+        files[tensor_file] = _tensor_bytes(ot)
+        files[json_file] = _json_bytes(ometa)
     if extra_tensors:
         files["rng.safetensors"] = _tensor_bytes(extra_tensors)
     if state is not None:
@@ -102,11 +116,12 @@ def save_checkpoint(
     folder: Path,
     model: torch.nn.Module,
     config: dict,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | dict[str, torch.optim.Optimizer] | None = None,
     state: dict | None = None,
     extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write a complete checkpoint folder atomically (see module docstring)."""
+    """Write a complete checkpoint folder atomically (see module docstring). ``optimizer``: one
+    optimizer (saved as "model") or {name: optimizer}."""
     folder = Path(folder)
     tmp, prev = _twins(folder)
     files = _contents(model, config, optimizer, state, extra_tensors)
@@ -261,22 +276,25 @@ def read_config(folder: Path) -> dict:
 def load_checkpoint(
     folder: Path,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | dict[str, torch.optim.Optimizer] | None = None,
     map_location: str | torch.device = "cpu",
 ) -> dict:
-    """Load weights (and optimizer) in place after verifying hashes; returns state.json (+ rng tensors)."""
+    """Load weights (and optimizers: one, or {name: optimizer}) in place after verifying hashes;
+    returns state.json (+ rng tensors)."""
     folder, blobs = read_verified(folder)
     try:
         model.load_state_dict(_tensors(folder, blobs, "model.safetensors"))
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"{folder}: weights do not fit this model ({first})") from None
-    if optimizer is not None and "optimizer.safetensors" in blobs and "optimizer.json" in blobs:
-        flat = _optimizer_state(folder, blobs)
+    for name, opt in _as_dict(optimizer).items():
+        files = optimizer_files(name)
+        if not all(f in blobs for f in files):
+            raise UserError(f"{folder}: no state for optimizer {name!r}; the checkpoint does not fit this model")
         try:
-            optimizer.load_state_dict(flat)
+            opt.load_state_dict(_optimizer_state(folder, blobs, *files))
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise UserError(f"{folder}: optimizer state does not fit this model ({e})") from None
+            raise UserError(f"{folder}: optimizer {name!r} state does not fit this model ({e})") from None
     state = _json(folder, blobs, "state.json") if "state.json" in blobs else {}
     if not isinstance(state, dict):
         raise UserError(f"{folder / 'state.json'}: expected a JSON object")
@@ -285,9 +303,9 @@ def load_checkpoint(
     return state
 
 
-def _optimizer_state(folder: Path, blobs: dict[str, bytes]) -> dict:
-    tensors = _tensors(folder, blobs, "optimizer.safetensors")
+def _optimizer_state(folder: Path, blobs: dict[str, bytes], tensor_file: str, json_file: str) -> dict:
+    tensors = _tensors(folder, blobs, tensor_file)
     try:
-        return optimizer_from_flat(tensors, _json(folder, blobs, "optimizer.json"))
+        return optimizer_from_flat(tensors, _json(folder, blobs, json_file))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"{folder / 'optimizer.json'}: malformed optimizer state ({e})") from None
+        raise UserError(f"{folder / json_file}: malformed optimizer state ({e})") from None

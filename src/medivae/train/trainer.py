@@ -1,4 +1,5 @@
-"""The training loop: reads top to bottom. Per-family differences live in step functions."""
+"""The training loop: reads top to bottom. Everything a family decides -- its optimizers, its step(s) and
+the loss terms they report -- comes from the family contract (models/family.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from medivae.config import RunConfig
 from medivae.data import ImageSet, to_float
 from medivae.errors import UserError
 from medivae.io import atomic_write_text
-from medivae.losses import ELBOTerms, kl_weight, neg_elbo
+from medivae.models.family import StepContext, labels_for
 from medivae.seeding import derive_seed, torch_generator
 from medivae.train import checkpoint as ckpt
 from medivae.train import distributed
@@ -83,12 +84,6 @@ def redundant_biases(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return found
 
 
-def elbo_step(model, x, y, beta: float, free_bits: float, generator=None, sample=True) -> ELBOTerms:
-    """The VAE family's step: forward with a reparameterised sample, per-sample negative ELBO terms."""
-    out = model(x, y, sample=sample, generator=generator)
-    return neg_elbo(distributed.unwrap(model).likelihood, out, x, beta=beta, free_bits=free_bits)
-
-
 class NonFiniteError(FloatingPointError):
     """A NaN/Inf loss or gradient; the trainer rolls back and retries (see ``_train_epoch_guarded``)."""
 
@@ -109,14 +104,17 @@ class Trainer:
         self.model.to(device=device, memory_format=self.memory_format)
         for p in redundant_biases(model):  # exact gradient 0 (see redundant_biases); computing it costs ~5 %
             p.requires_grad_(False)
-        fused = device.type in ("cuda", "cpu")
-        # every parameter, so that checkpoints keep one layout; Adam skips the frozen ones (their .grad is None)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=fused)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.optimizers = model.optimizers(t, device)  # {name: optimizer}, each checkpointed and resumed
+        self.scalers = {
+            k: torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16) for k in self.optimizers
+        }
+        self.steps = model.training_steps()
         self.state = TrainState(lr=t.lr)
         # static shapes (one more compile for a short last batch): randn(shape) does not trace with a dynamic one
-        self.step_model = torch.compile(model, dynamic=False) if t.compile else model
-        self.step_model = distributed.wrap(self.step_model, device)  # DDP under torchrun, else unchanged
+        self.nets = {
+            k: distributed.wrap(torch.compile(m, dynamic=False) if t.compile else m, device)  # DDP under torchrun
+            for k, m in model.trained_modules().items()
+        }
         self.main = distributed.is_main()  # only rank 0 writes files, logs and shows progress
         self.tensorboard = _tensorboard_writer(self.run_dir) if t.tensorboard and self.main else None
 
@@ -125,9 +123,7 @@ class Trainer:
         return to_float(xb, self.device).contiguous(memory_format=self.memory_format)
 
     def _labels(self, split: ImageSet, idx: torch.Tensor):
-        if self.cfg.model.num_classes <= 0:
-            return None
-        return torch.from_numpy(split.labels)[idx].clamp(min=0).to(self.device)
+        return labels_for(self.model, split.labels[idx.numpy()], self.device)
 
     # --- loop ---------------------------------------------------------------------------------
     def fit(self, train: ImageSet, val: ImageSet) -> TrainState:
@@ -158,55 +154,64 @@ class Trainer:
         n = len(order)
         steps_per_epoch = math.ceil(n / t.batch_size)
         noise = distributed.noise_generator(t.seed, epoch, self.device)  # per-rank; None: global RNG
-        sums = {"loss": 0.0, "rec": 0.0, "kl": 0.0}
+        sums: dict[str, float] = {}
         bar = tqdm(
             total=n, desc=f"epoch {epoch}/{t.epochs}", unit="img", disable=not (self.progress and self.main),
             leave=False,
         )
         for step, idx in enumerate(batch_indices(order, t.batch_size)):
-            beta = kl_weight(t.kl_schedule, self.cfg.model.beta, epoch - 1 + step / steps_per_epoch, t.warmup_epochs)
+            ctx = StepContext(epoch, step, epoch - 1 + step / steps_per_epoch, t, noise)
             x = self._to_device(gather(images, idx))
             y = self._labels(train, idx)
-            with autocast(self.device, self.amp_dtype):
-                terms = elbo_step(self.step_model, x, y, beta, t.free_bits, generator=noise)
-            loss = terms.loss.mean()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if t.grad_clip > 0:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            self._check_finite(loss, epoch, step)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            terms: dict[str, torch.Tensor] = {}
+            for train_step in self.steps:
+                terms.update(self._optimise(train_step, x, y, ctx))
             b = len(idx)
-            rec, kl = terms.rec.detach().sum().item(), terms.kl.detach().sum().item()
-            sums["loss"] += rec + kl
-            sums["rec"] += rec
-            sums["kl"] += kl
+            batch = _batch_sums(terms, b)  # one host sync per batch
+            for k, v in batch.items():
+                sums[k] = sums.get(k, 0.0) + v
             bar.update(b)
-            bar.set_postfix(loss=f"{(rec + kl) / b:.1f}", rec=f"{rec / b:.1f}", kl=f"{kl / b:.1f}", beta=f"{beta:.2f}")
+            bar.set_postfix({k: f"{v / b:.4g}" for k, v in batch.items()})
         bar.close()
         sums = distributed.all_reduce_sum({**sums, "n": n})
-        return {k: v / sums["n"] for k, v in sums.items() if k != "n"}
+        out = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
+        if hasattr(model, "epoch_end"):  # e.g. codebook usage: statistics of the whole epoch
+            out.update(model.epoch_end(ctx))
+        return out
+
+    def _optimise(self, train_step, x, y, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """One of the family's steps: its loss, backward, (clipping,) the finiteness check, its optimizer."""
+        optimizer, scaler = self.optimizers[train_step.optimizer], self.scalers[train_step.optimizer]
+        with autocast(self.device, self.amp_dtype):
+            out = train_step.run(self.nets, x, y, ctx)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(out.loss).backward()
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if ctx.train.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, ctx.train.grad_clip)
+        self._check_finite(out.loss, params, scaler, ctx.epoch, ctx.step)
+        scaler.step(optimizer)
+        scaler.update()
+        return out.terms
 
     @torch.no_grad()
     def evaluate(self, split: ImageSet, batch_size: int = 256) -> dict[str, float]:
-        """Mean negative ELBO (single sample, fixed noise so epochs compare), reconstruction and KL."""
+        """Mean per-image validation terms of the family (single sample, fixed noise so epochs compare)."""
         self.model.eval()
         n = len(split)
         if n == 0:
-            return {"loss": float("nan"), "rec": float("nan"), "kl": float("nan")}
+            return {"loss": float("nan")}
         gen = torch_generator(self.cfg.train.seed, "validation", device=self.device)
         images = batch_source(split.images)
-        sums = {"loss": 0.0, "rec": 0.0, "kl": 0.0}
+        sums: dict[str, float] = {}
         for idx in batch_indices(distributed.shard(torch.arange(n), pad=False), batch_size):
             x = self._to_device(gather(images, idx))
             with autocast(self.device, self.amp_dtype):
-                terms = elbo_step(self.model, x, self._labels(split, idx), 1.0, 0.0, generator=gen)
-            sums["rec"] += terms.rec.sum().item()
-            sums["kl"] += terms.kl.sum().item()
+                terms = self.model.validation_terms(x, self._labels(split, idx), gen)
+            for k, v in _batch_sums(terms, len(idx)).items():
+                sums[k] = sums.get(k, 0.0) + v
         sums = distributed.all_reduce_sum(sums)  # each rank saw its shard; all agree on the totals
-        sums["loss"] = sums["rec"] + sums["kl"]
         return {k: v / n for k, v in sums.items()}
 
     # --- non-finite recovery ------------------------------------------------------------------------
@@ -221,17 +226,17 @@ class Trainer:
                 self._restore(start)
                 self._lower_lr(str(e))
 
-    def _check_finite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+    def _check_finite(self, loss: torch.Tensor, params, scaler, epoch: int, step: int) -> None:
         """Raise NonFiniteError before a step would write NaN/Inf into the weights. Under fp16 loss
         scaling, overflowing gradients are the scaler's job (it skips the step), so only the loss counts."""
         what = None
         if not torch.isfinite(loss.detach()):
             what = "loss"
-        elif not self.scaler.is_enabled():
+        elif not scaler.is_enabled():
             # one sum per tensor: NaN and +-Inf propagate into the total, and it costs a tenth of an
             # element-wise isfinite (1.3 ms a step on 2 cores). A total that overflows needs gradients
             # of ~1e31, which counts as diverged too.
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grads = [p.grad for p in params if p.grad is not None]
             if grads and not torch.isfinite(torch.stack([g.sum(dtype=torch.float32) for g in grads]).sum()):
                 what = "gradients"
         if distributed.any_rank(what is not None):  # every rank rolls back together
@@ -241,8 +246,8 @@ class Trainer:
         """In-memory copy of everything a step changes (clones keep each tensor's memory layout)."""
         snap = {
             "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-            "scaler": self.scaler.state_dict(),
+            "optimizers": {k: copy.deepcopy(o.state_dict()) for k, o in self.optimizers.items()},
+            "scalers": {k: s.state_dict() for k, s in self.scalers.items()},
             "rng": torch.get_rng_state(),
         }
         if torch.cuda.is_available():
@@ -251,14 +256,15 @@ class Trainer:
 
     def _restore(self, snap: dict) -> None:
         """Back to ``snap``, except the learning rates: each retry lowers them further."""
-        lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.model.load_state_dict(snap["model"])  # copies in place: parameters stay the same objects
-        # a fresh deep copy, since the optimizer adopts the tensors it is given and updates them in place
-        self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
-        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
-        if snap["scaler"]:
-            self.scaler.load_state_dict(snap["scaler"])
+        for k, opt in self.optimizers.items():
+            lrs = [g["lr"] for g in opt.param_groups]
+            # a fresh deep copy, since the optimizer adopts the tensors it is given and updates them in place
+            opt.load_state_dict(copy.deepcopy(snap["optimizers"][k]))
+            for group, lr in zip(opt.param_groups, lrs, strict=True):
+                group["lr"] = lr
+            if snap["scalers"][k]:
+                self.scalers[k].load_state_dict(snap["scalers"][k])
         torch.set_rng_state(snap["rng"])
         if "cuda_rng" in snap:
             torch.cuda.set_rng_state_all(snap["cuda_rng"])
@@ -273,9 +279,10 @@ class Trainer:
                 f"rate (now {self.state.lr:.3g}); {self.run_dir / 'last'} holds the last good epoch, if any. "
                 "Try a lower --lr, --grad-clip 1, or --precision fp32"
             )
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["lr"] / 2
-        self.state.lr = self.optimizer.param_groups[0]["lr"]
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = group["lr"] / 2
+        self.state.lr = self._lr()
         if self.main:
             warnings.warn(
                 f"{why}: rolled back to the start of the epoch, learning rate lowered to {self.state.lr:.3g} "
@@ -284,12 +291,16 @@ class Trainer:
             )
 
     # --- bookkeeping ----------------------------------------------------------------------------
+    def _lr(self) -> float:
+        """The learning rate shown and logged: the first optimizer's (all are halved together)."""
+        return next(iter(self.optimizers.values())).param_groups[0]["lr"]
+
     def _log(self, epoch, tr, va, seconds, n_train):
         rec = {
             "epoch": epoch,
             **{f"train_{k}": v for k, v in tr.items()},
             **{f"val_{k}": v for k, v in va.items()},
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": self._lr(),
             "nan_events": self.state.nan_events,
             "seconds": seconds,
             "images_per_s": n_train / max(seconds, 1e-9),
@@ -305,11 +316,10 @@ class Trainer:
                     self.tensorboard.add_scalar(tag, value, epoch)
             self.tensorboard.flush()
         if self.verbose:
-            tqdm.write(
-                f"epoch {epoch}: train -ELBO {tr['loss']:.2f} (rec {tr['rec']:.2f}, KL {tr['kl']:.2f}) | "
-                f"val -ELBO {va['loss']:.2f} (rec {va['rec']:.2f}, KL {va['kl']:.2f}) | "
-                f"{rec['images_per_s']:.0f} img/s"
-            )
+            def show(d):
+                return ", ".join(f"{k} {v:.4g}" for k, v in d.items())
+
+            tqdm.write(f"epoch {epoch}: train {show(tr)} | val {show(va)} | {rec['images_per_s']:.0f} img/s")
 
     def save(self, name: str) -> None:
         rng = {"torch_cpu": torch.get_rng_state()}
@@ -320,7 +330,7 @@ class Trainer:
             self.run_dir / name,
             self.model,
             self.cfg.to_dict(),
-            optimizer=self.optimizer,
+            optimizer=self.optimizers,
             state=vars(self.state).copy(),
             extra_tensors=rng,
         )
@@ -330,7 +340,7 @@ class Trainer:
             for name in ("last", "best"):
                 ckpt.recover(self.run_dir / name)
         distributed.barrier()
-        state = ckpt.load_checkpoint(self.run_dir / "last", self.model, self.optimizer)
+        state = ckpt.load_checkpoint(self.run_dir / "last", self.model, self.optimizers)
         rng = state.pop("rng", {})
         if "torch_cpu" in rng:
             torch.set_rng_state(rng["torch_cpu"])
@@ -338,10 +348,20 @@ class Trainer:
             states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
             if states:
                 torch.cuda.set_rng_state_all(states)
-        match_optimizer_layout(self.optimizer)
+        for opt in self.optimizers.values():
+            match_optimizer_layout(opt)
         known = set(vars(TrainState()))
         self.state = TrainState(**{k: v for k, v in state.items() if k in known})
         self.model.to(device=self.device, memory_format=self.memory_format)
+
+
+def _batch_sums(terms: dict[str, torch.Tensor], b: int) -> dict[str, float]:
+    """Batch totals of per-sample (B,) terms; a scalar term counts once per image. One host sync."""
+    if not terms:
+        return {}
+    totals = [v.detach().float().sum() if v.dim() else v.detach().float() * b for v in terms.values()]
+    device = totals[0].device
+    return dict(zip(terms, torch.stack([t.to(device) for t in totals]).tolist(), strict=True))
 
 
 def match_optimizer_layout(optimizer: torch.optim.Optimizer) -> None:
@@ -390,4 +410,4 @@ def check_resumable(run_dir: Path) -> None:
         raise UserError(f"{run_dir}: nothing to resume (no config.json); drop --resume to start a new run")
 
 
-__all__ = ["Trainer", "TrainState", "elbo_step", "read_metrics", "derive_seed", "check_resumable"]
+__all__ = ["Trainer", "TrainState", "read_metrics", "derive_seed", "check_resumable"]

@@ -1,0 +1,240 @@
+"""The family contract: what every registered model family owns, and what everything else may ask of it.
+
+A *family* is a registry entry (:class:`Family`): a name, a frozen config dataclass of the family's own
+fields (saved as ``config.json["model"]``; an unknown key is an error) and a constructor. The constructed
+model is an ``nn.Module`` that owns the family's probability model. Everything outside ``models/``
+(trainer, checkpoints, generation, evaluation, anomaly scoring, synthesis, report) calls these and never
+re-derives a prior, a loss or a likelihood. It is a structural contract (a ``Protocol``), not a base class:
+a family inherits from ``nn.Module`` only.
+
+Every model has
+    cfg                                   its config (frozen dataclass with ``name``, ``image_size``, ``channels``)
+    capabilities: frozenset[str]          which of CAPABILITIES it offers (may depend on its config)
+    optimizers(train_cfg, device)         {name: optimizer}; the trainer checkpoints and resumes each
+    trained_modules()                     {name: module}; the trainer wraps each for DDP under torchrun
+    training_steps()                      [TrainStep]: run in order on every batch, each on one optimizer
+    validation_terms(x, y, generator)     {name: (B,)} per-sample terms; "loss" picks the best checkpoint
+    encode(x, y)                          an encoding: ``.mode()`` -> the continuous latent (or codes), and
+                                          ``.arrays()`` -> {name: tensor (B, ...)} for ``medivae encode``
+    decode(z, y)                          images float (B, C, H, W) in [0, 1]
+    reconstruct(x, y)                     images of the deterministic encoding, float (B, C, H, W) in [0, 1]
+and, by capability,
+    "sample"       sample(n, label=None, generator=None, temperature=1.0) -> images (n, C, H, W) in [0, 1]
+    "latent"       prior_latents(n, generator, temperature) -> z that ``decode`` takes (interpolation)
+    "gaussian_latent"  ``encode`` returns a DiagonalGaussian over a flat (B, D) latent with KL to N(0, I),
+                   ``latent_dim`` = D: traversals, active units, KL per dimension, I(x; z), slerp
+    "likelihood"   log_weights(x, y, k, generator) -> LogWeights (IWAE, bits/dim, likelihood anomaly scores);
+                   ``likelihood`` attribute with ``is_discrete_image_likelihood``
+    "conditional"  every call takes class indices y (B,); ``sample(label=...)`` generates one class;
+                   ``num_classes`` attribute
+optional hooks: ``epoch_end(ctx) -> {name: float}`` (e.g. codebook usage), logged like the step terms.
+
+A family added later (in ``models/``, or outside medivae through :func:`register` in a module named by
+the ``MEDIVAE_PLUGINS`` environment variable or a ``medivae.families`` entry point) gets the trainer,
+checkpoints, resume, DDP, every command and the contract test suite by registering.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from medivae.errors import UserError
+
+CAPABILITIES = {
+    "sample": "draws new images",
+    "latent": "has a continuous latent space to interpolate in",
+    "gaussian_latent": "has a continuous Gaussian latent",
+    "likelihood": "has an image likelihood (IWAE, bits/dim)",
+    "conditional": "is class-conditional",
+}
+
+# what a command says when the run's family lacks what it needs: "medivae traverse: vq_vae has no ..."
+MISSING = {
+    "sample": "cannot draw samples",
+    "latent": "has no continuous latent to interpolate in",
+    "gaussian_latent": "has no continuous Gaussian latent to traverse",
+    "likelihood": "defines no image likelihood",
+    "conditional": "is not conditional, so it takes no --label",
+}
+
+
+@dataclass
+class StepContext:
+    """What a training step may need besides the batch. ``progress`` = fractional epochs done."""
+
+    epoch: int
+    step: int
+    progress: float
+    train: Any  # TrainConfig
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class StepOutput:
+    """``loss``: the scalar the step's optimizer minimises. ``terms``: per-sample (B,) tensors (or scalars)
+    under names the family chooses; they reach the progress bar, metrics.jsonl, TensorBoard and the report."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """One optimisation step on every batch: ``run(nets, x, y, ctx) -> StepOutput``; ``nets`` are the
+    model's ``trained_modules()`` (DDP-wrapped under torchrun) and ``optimizer`` names the one that steps."""
+
+    name: str
+    optimizer: str
+    run: Callable[..., StepOutput]
+
+
+@dataclass
+class LogWeights:
+    """Importance weights of K posterior draws per image, float64 (K, B) on the CPU.
+
+    log_px: log p(x | z_k); log_ratio: log p(z_k) - log q(z_k | x); kl: (B,) KL(q || p) in closed form
+    where the family has one (lower variance than the Monte Carlo average of -log_ratio), else None."""
+
+    log_px: torch.Tensor
+    log_ratio: torch.Tensor
+    kl: torch.Tensor | None = None
+
+    @property
+    def log_w(self) -> torch.Tensor:
+        return self.log_px + self.log_ratio
+
+    def neg_elbo(self) -> torch.Tensor:
+        """(B,) nats: -E log p(x|z) + KL (closed form when known)."""
+        kl = self.kl.double() if self.kl is not None else -self.log_ratio.mean(0)
+        return -self.log_px.mean(0) + kl
+
+
+@runtime_checkable
+class FamilyModel(Protocol):
+    cfg: Any
+    capabilities: frozenset
+
+    def optimizers(self, train_cfg, device: torch.device) -> dict[str, torch.optim.Optimizer]: ...
+    def trained_modules(self) -> dict[str, nn.Module]: ...
+    def training_steps(self) -> list[TrainStep]: ...
+    def validation_terms(self, x, y, generator) -> dict[str, torch.Tensor]: ...
+    def encode(self, x, y=None): ...
+    def decode(self, z, y=None) -> torch.Tensor: ...
+    def reconstruct(self, x, y=None) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Family:
+    """A registry entry: ``config`` is the family's frozen config dataclass (with a ``name`` field),
+    ``build(cfg) -> nn.Module`` its constructor, ``preset`` the defaults that make this entry differ
+    from another one of the same class (beta_vae = conv_vae with β = 4)."""
+
+    name: str
+    config: type
+    build: Callable[[Any], nn.Module]
+    summary: str = ""
+    preset: dict = field(default_factory=dict)
+
+    def make_config(self, **fields) -> Any:
+        """The config for this entry: preset, then the caller's non-None fields; unknown ones are an error."""
+        values = {**self.preset, **{k: v for k, v in fields.items() if v is not None}, "name": self.name}
+        return build_config(self.config, values, self.name)
+
+
+def build_config(klass: type, values: dict, family: str) -> Any:
+    """``klass(**values)``; a key the family does not have is a one-line error naming it and the valid ones."""
+    if not isinstance(values, dict):
+        raise UserError(f"invalid {family} config: expected an object, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(klass)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        valid = ", ".join(sorted(names - {"name"}))
+        raise UserError(f"model {family!r} has no option(s) {', '.join(unknown)}; its options: {valid}")
+    try:
+        return klass(**values)
+    except TypeError as e:
+        raise UserError(f"invalid {family} config: {e}") from None
+
+
+REGISTRY: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Add (or replace) a family; returns it, so a module can write ``FAMILY = register(Family(...))``."""
+    REGISTRY[family.name] = family
+    return family
+
+
+_plugins_loaded = False
+
+
+def _load_plugins() -> None:
+    """Families registered outside medivae: modules named in $MEDIVAE_PLUGINS (comma-separated) and
+    ``medivae.families`` entry points. Each module calls :func:`register` when imported."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for name in filter(None, (s.strip() for s in os.environ.get("MEDIVAE_PLUGINS", "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise UserError(f"MEDIVAE_PLUGINS names {name!r}, which cannot be imported ({e})") from None
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="medivae.families"):
+        ep.load()
+
+
+def get_family(name: str, written_by: str | None = None) -> Family:
+    import medivae.models  # noqa: F401  (registers the built-in families)
+
+    _load_plugins()
+    if name not in REGISTRY:
+        origin = f" (this run was written by medivae {written_by})" if written_by else ""
+        raise UserError(f"unknown model {name!r}{origin}; valid models: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def families() -> dict[str, Family]:
+    get_family(next(iter(REGISTRY), "conv_vae"))  # loads built-ins and plugins
+    return dict(REGISTRY)
+
+
+def build_model(cfg) -> nn.Module:
+    """The model of a family config (``cfg.name`` picks the family)."""
+    return get_family(cfg.name).build(cfg)
+
+
+def require(model, capability: str, command: str) -> None:
+    """A one-line UserError when ``model`` lacks ``capability``: ``medivae traverse: vq_vae has no ...``."""
+    if capability not in model.capabilities:
+        raise UserError(f"medivae {command}: {model.cfg.name} {MISSING[capability]}")
+
+
+def has(model, capability: str) -> bool:
+    return capability in model.capabilities
+
+
+def labels_for(model, labels, device) -> torch.Tensor | None:
+    """Class indices as the model takes them: a LongTensor (B,) for a conditional model, else None.
+    Unlabelled images (-1) become class 0, which a conditional model needs some class for."""
+    if not has(model, "conditional") or labels is None:
+        return None
+    return torch.as_tensor(labels).long().clamp(min=0).to(device)
+
+
+def adam(params, train_cfg, device: torch.device) -> torch.optim.Adam:
+    """Adam over ``params`` with the run's learning rate; fused on CPU and CUDA (one kernel for all
+    tensors). Frozen parameters stay in the list so that a checkpoint keeps one layout; Adam skips
+    them (their .grad is None)."""
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.Adam(list(params), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, fused=fused)

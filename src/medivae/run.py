@@ -1,0 +1,149 @@
+"""Opening a run folder: its config, its family's model with the saved weights, and its data with the
+exact split it was trained on. The one module that does this, below both ``api`` and ``evaluation``.
+
+``medivae.load("runs/x")`` returns a :class:`Run` whose methods return tensors, for notebooks::
+
+    run = medivae.load("runs/x")
+    z = run.encode(images)["mean"]          # uint8 (N, C, H, W) or float in [0, 1] -> {name: (N, ...)}
+    x = run.decode(run.encode(images)["mean"])
+    samples = run.sample(16, label="normal")  # float (16, C, H, W) in [0, 1]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medivae.config import RunConfig
+from medivae.data import ImageSet, load_dataset, to_float
+from medivae.data.imageset import label_code
+from medivae.errors import UserError
+from medivae.generate import decode_latents, encode_arrays, reconstruct, sample_images
+from medivae.models.family import build_model, has, labels_for, require
+from medivae.seeding import torch_generator
+from medivae.train import checkpoint as ckpt
+from medivae.train.device import pick_device
+
+
+@dataclass
+class Run:
+    folder: Path
+    config: RunConfig
+    model: torch.nn.Module  # the family's model, in eval mode on ``device``
+    device: torch.device
+    checkpoint: str = "best"
+
+    # --- data ------------------------------------------------------------------------------------------
+    def splits(self, source: str | None = None, progress: bool = False) -> dict[str, ImageSet]:
+        """train/val/test of the run's own source (the exact split it trained on), or of ``source``
+        (every label, split with the run's seed and fractions)."""
+        cfg = self.config.data if source is None else dataclasses.replace(self.config.data, source=str(source),
+                                                                          labels=())
+        return load_dataset(cfg, self.config.train.seed, progress)
+
+    def split(self, name: str, source: str | None = None, progress: bool = False) -> ImageSet:
+        if name not in ("train", "val", "test"):
+            raise UserError(f"unknown split {name!r}; choose train, val or test")
+        s = self.splits(source, progress)[name]
+        if len(s) == 0:
+            raise UserError(f"split {name!r} of {source or self.config.data.source} is empty; choose another")
+        return s
+
+    # --- labels ----------------------------------------------------------------------------------------
+    def label_index(self, label: str | int | None) -> int | None:
+        """A class name or index of this run -> its index; None stays None. Needs a conditional family."""
+        if label is None:
+            return None
+        require(self.model, "conditional", "--label")
+        code = label_code(self.config.label_names, str(label))
+        if code is None:
+            raise UserError(f"unknown label {label!r}; this run knows {list(self.config.label_names)}")
+        return code
+
+    def labels(self, labels) -> torch.Tensor | None:
+        """Class indices as the model takes them (None for an unconditional family)."""
+        return labels_for(self.model, labels, self.device)
+
+    def _y(self, n: int, labels, label) -> torch.Tensor | None:
+        if not has(self.model, "conditional"):
+            return None
+        if labels is not None:
+            return self.labels(labels)
+        k = self.label_index(label)
+        if k is None:
+            raise UserError(f"this run is conditional: pass a label, one of {list(self.config.label_names)}")
+        return torch.full((n,), k, dtype=torch.long, device=self.device)
+
+    # --- the model, returning data ---------------------------------------------------------------------
+    def images(self, images) -> torch.Tensor:
+        """uint8 (N, C, H, W) array/tensor or float in [0, 1] -> float on the run's device."""
+        if isinstance(images, torch.Tensor) and images.is_floating_point():
+            return images.to(self.device)
+        return to_float(np.asarray(images) if not isinstance(images, torch.Tensor) else images, self.device)
+
+    def encode(self, images, labels=None, label=None) -> dict[str, torch.Tensor]:
+        """The family's representation of each image: {name: (N, ...)} on the CPU (posterior means and
+        log-variances for a Gaussian latent; code indices and embeddings for a codebook)."""
+        x = self.images(images)
+        return encode_arrays(self.model, x, self._y(len(x), labels, label))
+
+    def decode(self, z: torch.Tensor, labels=None, label=None) -> torch.Tensor:
+        """Latents -> images float (N, C, H, W) in [0, 1] on the CPU."""
+        require(self.model, "latent", "decode")
+        z = torch.as_tensor(z)
+        return decode_latents(self.model, z.to(self.device), self._y(len(z), labels, label))
+
+    def reconstruct(self, images, labels=None, label=None, precision: str = "fp32") -> torch.Tensor:
+        """Images through the deterministic encoding and back: float (N, C, H, W) in [0, 1] on the CPU."""
+        x = self.images(images)
+        return reconstruct(self.model, x, self._y(len(x), labels, label), precision=precision)
+
+    def sample(self, n: int, label=None, seed: int | None = None, temperature: float = 1.0,
+               precision: str = "auto") -> torch.Tensor:
+        """n new images, float (n, C, H, W) in [0, 1] on the CPU; a conditional run without ``label``
+        gives an equal block of rows per class, in label order."""
+        require(self.model, "sample", "sample")
+        if n < 1:
+            raise UserError(f"-n must be >= 1, not {n}")
+        if not temperature > 0:
+            raise UserError(f"--temperature must be > 0, not {temperature}")
+        g = torch_generator(self.config.train.seed if seed is None else seed, "sample")
+        return sample_images(self.model, n, g, self.label_index(label), temperature, precision)
+
+
+def load_image(path: str | Path, cfg: RunConfig) -> torch.Tensor:
+    """One image file (PNG/JPEG/...) -> float (1, C, S, S) at the run's size."""
+    from medivae.data.folder import decode_image
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such image file")
+    try:
+        arr = decode_image(path, cfg.data.image_size, cfg.data.channels, cfg.data.resize_mode)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"{path}: not a readable image ({type(e).__name__})") from None
+    return to_float(arr[None])
+
+
+def load_run(run_dir: str | Path, which: str = "best", device: str = "auto") -> Run:
+    """The run in ``run_dir`` from its ``best/`` (or ``last/``) checkpoint, in eval mode on ``device``."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run folder")
+    folder = run_dir / which
+    if not (folder.exists() or folder.with_name(which + ".prev").exists()):
+        folder = run_dir / "last"
+    cfg = RunConfig.from_dict(ckpt.read_config(folder))
+    dev = pick_device(device)
+    model = build_model(cfg.model)
+    ckpt.load_checkpoint(folder, model)
+    return Run(run_dir, cfg, model.to(dev).eval(), dev, which)
+
+
+def load(run_dir: str | Path, which: str = "best", device: str = "auto") -> Run:
+    """``medivae.load``: see the module docstring."""
+    return load_run(run_dir, which, device)
