@@ -14,7 +14,7 @@ from medivae.cli import main
 from medivae.config import replace
 from medivae.losses import neg_elbo
 from medivae.models import REGISTRY, build_model, model_config
-from medivae.models.cvae import CVAE
+from medivae.models.conv_vae import ConvVAE as CVAE
 
 from tiny import tiny_model, tiny_run
 

@@ -89,11 +89,17 @@ class StepOutput:
 @dataclass(frozen=True)
 class TrainStep:
     """One optimisation step on every batch: ``run(nets, x, y, ctx) -> StepOutput``; ``nets`` are the
-    model's ``trained_modules()`` (DDP-wrapped under torchrun) and ``optimizer`` names the one that steps."""
+    model's ``trained_modules()`` (DDP-wrapped under torchrun) and ``optimizer`` names the one that steps.
+    ``active(ctx)``, when given, says whether the step runs at this point of training (a stage of a
+    two-stage family, a discriminator that starts after a warm-up); resume replays it from the epoch."""
 
     name: str
     optimizer: str
     run: Callable[..., StepOutput]
+    active: Callable[[StepContext], bool] | None = None
+
+    def runs(self, ctx: StepContext) -> bool:
+        return self.active is None or bool(self.active(ctx))
 
 
 @dataclass

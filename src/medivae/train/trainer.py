@@ -165,7 +165,8 @@ class Trainer:
             y = self._labels(train, idx)
             terms: dict[str, torch.Tensor] = {}
             for train_step in self.steps:
-                terms.update(self._optimise(train_step, x, y, ctx))
+                if train_step.runs(ctx):
+                    terms.update(self._optimise(train_step, x, y, ctx))
             b = len(idx)
             batch = _batch_sums(terms, b)  # one host sync per batch
             for k, v in batch.items():
