@@ -22,7 +22,8 @@ from PIL import Image
 from medivae import api
 from medivae.cli import main
 from medivae.errors import UserError
-from medivae.report import build_report, write_report
+from medivae.report import build_report, plots, write_report
+from medivae.report.html import png_size
 
 from tiny import tiny_run
 
@@ -110,6 +111,89 @@ def test_missing_pieces_say_which_command_makes_them(tiny_run_dir, tmp_path):
     assert "Environment not recorded" in html
     assert "PAT-0042" not in html and "patient ids" not in html
     assert not _embedded_images(html)
+
+
+VQ_ROWS = [  # a family with its own term names, and an epoch-end statistic only the training split has
+    {"epoch": e, "train_loss": 3.0 / e, "train_commitment": 0.5 / e, "train_perplexity": 20.0 + e,
+     "train_codebook_usage": 0.5, "val_loss": 3.5 / e, "val_commitment": 0.6 / e, "lr": 1e-3,
+     "nan_events": 0, "seconds": 2.0, "images_per_s": 50.0}
+    for e in (1, 2, 3)
+]
+LEGACY_ROWS = [  # metrics.jsonl of a run from before the family contract
+    {"epoch": e, "train_loss": 9.0 - e, "train_rec": 8.0 - e, "train_kl": 1.0, "val_loss": 9.5 - e,
+     "val_rec": 8.5 - e, "val_kl": 1.0, "lr": 1e-3, "seconds": 2.0, "images_per_s": 50.0}
+    for e in (1, 2)
+]
+
+
+def _panels(fig) -> dict[str, list[str]]:
+    """{panel title: labels of its lines} of a curves figure."""
+    return {ax.get_title(): [ln.get_label() for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+            for ax in fig.axes}
+
+
+def test_training_curves_follow_the_logged_terms():
+    assert [k for k, _ in plots.curve_panels(VQ_ROWS)] == ["loss", "commitment", "perplexity", "codebook_usage", "lr"]
+    best = "best val (epoch 3)"
+    assert _panels(plots.curves_figure(VQ_ROWS)) == {
+        "loss": ["train", "validation", best],  # not called a negative ELBO: this family has no rec/kl terms
+        "commitment": ["train", "validation", best],
+        "perplexity": ["train", best],
+        "codebook usage": ["train", best],  # a constant still gets its panel
+        "learning rate": [best],
+    }
+    assert png_size(plots.training_curves(VQ_ROWS)) == (1650, 660)  # 5 panels: 3 columns, 2 rows
+    # "loss" comes first wherever it appears in the rows
+    assert plots.curve_terms([{"epoch": 1, "train_rec": 1.0, "val_loss": 2.0}]) == ["loss", "rec"]
+
+
+def test_training_curves_of_an_older_run_look_as_before():
+    titles = list(_panels(plots.curves_figure(LEGACY_ROWS)))
+    assert titles == [
+        "negative ELBO (nats / image)", "reconstruction term (nats / image)", "KL term (nats / image)",
+        "learning rate",
+    ]
+    assert png_size(plots.training_curves(LEGACY_ROWS)) == (1100, 660)  # the 2x2 grid of before
+
+
+def test_report_of_a_family_without_likelihood_or_gaussian_latent(tmp_path):
+    run = tmp_path / "vq"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(
+        {"model": {"name": "vq_vae", "image_size": 32, "channels": 1, "codebook_size": 64},
+         "data": {"source": "phantoms:64", "image_size": 32}, "train": {"epochs": 3, "seed": 7}}
+    ))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in VQ_ROWS))
+    evaluation = {
+        "model": {"name": "vq_vae", "likelihood": None, "latent_dim": None, "capabilities": []},
+        "likelihood": None,
+        "reconstruction": {"mse": 0.0125, "psnr_db": 19.03, "ssim": 0.61, "n_images": 8},
+        "collapse": None,
+        "sample_quality": None,
+        "fid": None,
+        "absent": {
+            "likelihood": "vq_vae defines no image likelihood",
+            "collapse": "vq_vae has no continuous Gaussian latent to traverse",
+            "sample_quality": "vq_vae cannot draw samples",
+        },
+    }
+    (run / "results.json").write_text(json.dumps({"evaluation": evaluation}))
+    html = build_report(run)
+    assert "Likelihood: not measured — vq_vae defines no image likelihood" in html
+    assert "Posterior collapse: not measured — vq_vae has no continuous Gaussian latent" in html
+    assert "Sample quality: not measured — vq_vae cannot draw samples" in html
+    # no table, heading or row for what was not measured; what was measured is there
+    assert "<h3>likelihood</h3>" not in html and html.count("<th>likelihood</th>") == 1  # model.likelihood
+    assert "<th>collapse</th>" not in html and "<th>sample quality</th>" not in html
+    assert "KL per latent dimension and active units" not in html and "<h3>absent</h3>" not in html
+    assert "<h3>reconstruction</h3>" in html and "19.03" in html
+    # no VAE-only facts, and no command suggested that this family cannot run
+    assert "<li>model: vq_vae</li>" in html and "latent None" not in html and "None likelihood" not in html
+    assert "best validation loss: 1.167 (epoch 3)" in html and "negative ELBO" not in html
+    assert "Samples: not available — vq_vae lacks the sample capability" in html
+    assert "medivae sample" not in html and "No reconstructions" in html
+    (curves,) = _embedded_images(html)
+    assert curves.size == (1650, 660) and "alt='training curves'" in html
 
 
 def test_report_package_never_imports_torch(tiny_run_dir):

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import io
+import math
 
 from medivae.report.collect import series
 
-CURVES = (  # (metric prefix, panel title)
-    ("loss", "negative ELBO (nats / image)"),
-    ("rec", "reconstruction term (nats / image)"),
-    ("kl", "KL term (nats / image)"),
-)
+TITLES = {  # panel titles of the terms medivae's VAE logs; any other term is titled by its name
+    "rec": "reconstruction term (nats / image)",
+    "kl": "KL term (nats / image)",
+    "beta": "β (KL weight)",
+}
+SPLITS = ("train", "val")
 
 
 def _figure(*args, **kwargs):
@@ -29,23 +31,64 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def training_curves(metrics: list[dict]) -> bytes | None:
-    """2x2 panels: negative ELBO, reconstruction and KL (train and validation), and the learning rate."""
-    if not metrics:
-        return None
-    fig = _figure(figsize=(11, 6.6), layout="constrained")
-    axes = fig.subplots(2, 2).ravel()
+def curve_terms(metrics: list[dict]) -> list[str]:
+    """Names of the per-sample terms logged as ``train_<name>``/``val_<name>``: "loss" first, then in
+    order of first appearance; a term that never has a number is left out."""
+    names = []
+    for row in metrics:
+        for key, value in row.items():
+            split, _, name = key.partition("_")
+            if split in SPLITS and name and name not in names and _number(value):
+                names.append(name)
+    return sorted(names, key=lambda n: n != "loss")  # stable: the rest keep their order
+
+
+def loss_is_neg_elbo(terms) -> bool:
+    """A VAE's "loss" term is its negative ELBO (it logs "rec" and "kl" beside it); other families' is not."""
+    return {"rec", "kl"} <= set(terms)
+
+
+def curve_panels(metrics: list[dict]) -> list[tuple[str, str]]:
+    """(metric, panel title) of every training-curve panel: each term, then the learning rate."""
+    terms = curve_terms(metrics)
+    loss = "negative ELBO (nats / image)" if loss_is_neg_elbo(terms) else "loss"
+    titles = {**TITLES, "loss": loss}
+    return [(t, titles.get(t, t.replace("_", " "))) for t in terms] + [("lr", "learning rate")]
+
+
+def curves_figure(metrics: list[dict]):
+    """One panel per term (train and validation together) and one for the learning rate, up to 3 columns."""
+    panels = curve_panels(metrics)
+    cols = min(len(panels), 2 if len(panels) <= 4 else 3)
+    rows = -(-len(panels) // cols)
+    fig = _figure(figsize=(5.5 * cols, 3.3 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
     best = _best_epoch(metrics)
-    for ax, (key, title) in zip(axes[:3], CURVES, strict=True):
-        for split, style in (("train", "-o"), ("val", "--s")):
-            xs, ys = series(metrics, f"{split}_{key}")
-            if xs:
-                ax.plot(xs, ys, style, ms=3, label="validation" if split == "val" else split)
+    for ax, (key, title) in zip(axes, panels, strict=False):
+        if key == "lr":
+            ax.plot(*series(metrics, "lr"), "-o", ms=3, color="tab:green")
+        else:
+            _plot_splits(ax, metrics, key)
         _decorate(ax, title, best)
-    xs, ys = series(metrics, "lr")
-    axes[3].plot(xs, ys, "-o", ms=3, color="tab:green")
-    _decorate(axes[3], "learning rate", best)
-    return _png(fig)
+    for ax in axes[len(panels):]:
+        fig.delaxes(ax)
+    return fig
+
+
+def _plot_splits(ax, metrics: list[dict], key: str) -> None:
+    for split, style in (("train", "-o"), ("val", "--s")):
+        xs, ys = series(metrics, f"{split}_{key}")
+        if xs:
+            ax.plot(xs, ys, style, ms=3, label="validation" if split == "val" else split)
+
+
+def training_curves(metrics: list[dict]) -> bytes | None:
+    """The training curves (see :func:`curves_figure`) as PNG bytes; None without metrics."""
+    return _png(curves_figure(metrics)) if metrics else None
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _best_epoch(metrics: list[dict]) -> int | None:

@@ -22,6 +22,9 @@ from medivae.report.html import blocks, command, esc, fmt, image, note, page, se
 
 KNOWN_RESULTS = ("evaluation", "anomaly", "privacy", "utility", "benchmark", "benchmarks")
 MAX_IMAGES_PER_SECTION = 24
+EVALUATION_SECTIONS = (  # evaluation parts a model family may lack (None in results.json, reason in "absent")
+    ("likelihood", "Likelihood"), ("collapse", "Posterior collapse"), ("sample_quality", "Sample quality"),
+)
 GENERATION = {  # file -> (title, caption, how to make it)
     "samples.png": (
         "Samples", "Decoded draws from the prior N(0, I).", "sample RUN -n 64 --out RUN/samples.png",
@@ -35,6 +38,7 @@ GENERATION = {  # file -> (title, caption, how to make it)
         "reconstruct RUN --out RUN/reconstructions.png",
     ),
 }
+GENERATION_NEEDS = {"samples.png": ("sample",), "interpolation.png": ("sample", "latent")}  # capabilities
 GROUP_WORDS = (  # first match wins; matched against the words of a figure's relative path
     ("generation", ("traversal", "traversals")),
     ("anomaly", ("anomaly", "anomalies", "roc", "auroc", "overlay", "overlays", "map", "maps", "residual")),
@@ -139,10 +143,7 @@ def _facts(rep: Report):
     cfg, m = _dict(rep.run.config), rep.run.metrics
     model, data, train = (_dict(cfg.get(k)) for k in ("model", "data", "train"))
     if model:
-        yield "model", esc(
-            f"{model.get('name')} · latent {model.get('latent_dim')} · {model.get('likelihood')} likelihood"
-            f" · β {model.get('beta')}"
-        )
+        yield "model", esc(_model_fact(model))
     if data:
         yield "data", esc(f"{data.get('source')} at {data.get('image_size')}×{data.get('image_size')}")
     if rep.run.data:
@@ -153,7 +154,10 @@ def _facts(rep: Report):
         val = [(r["val_loss"], r["epoch"]) for r in m if isinstance(r.get("val_loss"), (int, float))]
         if val:
             best = min(val)
-            yield "best validation negative ELBO", f"{fmt(best[0])} nats (epoch {best[1]})"
+            if plots.loss_is_neg_elbo(plots.curve_terms(m)):
+                yield "best validation negative ELBO", f"{fmt(best[0])} nats (epoch {best[1]})"
+            else:
+                yield "best validation loss", f"{fmt(best[0])} (epoch {best[1]})"
         speeds = [r["images_per_s"] for r in m if isinstance(r.get("images_per_s"), (int, float))]
         if speeds:
             yield "training speed", f"{fmt(statistics.median(speeds))} images/s (median over epochs)"
@@ -164,6 +168,16 @@ def _facts(rep: Report):
         yield "device", esc(f"{env.get('device')} ({env.get('precision', '?')})")
     if train.get("seed") is not None:
         yield "seed", esc(train["seed"])
+
+
+MODEL_FACTS = (("latent_dim", "latent {}"), ("likelihood", "{} likelihood"), ("beta", "β {}"))
+
+
+def _model_fact(model: dict) -> str:
+    """E.g. ``conv_vae · latent 16 · bernoulli likelihood · β 1.0``; fields a family lacks are left out."""
+    parts = [str(model.get("name"))]
+    parts += [text.format(model[key]) for key, text in MODEL_FACTS if model.get(key) is not None]
+    return " · ".join(parts)
 
 
 def training_section(rep: Report) -> str:
@@ -189,6 +203,8 @@ def generation_section(rep: Report, traversals: list[Path]) -> str:
         if path in rep.run.images:
             rep.used.add(path)
             out += image((rep.run.run_dir / path).read_bytes(), title, esc(caption), pixelated=True)
+        elif lacking := _lacking(rep, GENERATION_NEEDS.get(name, ())):
+            out += note(esc(f"{title}: not available — {lacking}"), "muted")
         else:
             out += rep.lack(f"No {title.lower()}", how)
     if traversals:
@@ -196,14 +212,41 @@ def generation_section(rep: Report, traversals: list[Path]) -> str:
     return rep.section("generation", "Samples, interpolations, reconstructions", out)
 
 
+def _lacking(rep: Report, needs) -> str:
+    """Why the run's family cannot make a figure, when the evaluation recorded its capabilities; else ""."""
+    model = _dict(_dict(rep.run.results.get("evaluation")).get("model"))
+    caps = model.get("capabilities")
+    missing = [c for c in needs if isinstance(caps, list) and c not in caps]
+    return f"{model.get('name')} lacks the {' and '.join(missing)} capability" if missing else ""
+
+
 def evaluation_section(rep: Report, figures: list[Path]) -> str:
     ev = rep.run.results.get("evaluation")
     if not isinstance(ev, dict):
         out = rep.lack("No evaluation yet", "evaluate RUN --data SOURCE")
         return rep.section("evaluation", "Evaluation", out + rep.figures(figures))
-    out = "<h3>Posterior collapse: KL per latent dimension and active units</h3>" + _collapse(ev)
-    out += "<h3>All evaluation results</h3>" + blocks(ev) + rep.figures(figures)
+    out = "".join(_absent_notes(ev))
+    if ev.get("collapse", True) is not None:  # older blocks may keep collapse numbers elsewhere
+        out += "<h3>Posterior collapse: KL per latent dimension and active units</h3>" + _collapse(ev)
+    out += "<h3>All evaluation results</h3>" + blocks(_present(ev)) + rep.figures(figures)
     return rep.section("evaluation", "Evaluation", out)
+
+
+def _absent_notes(ev: dict):
+    """For each section the family lacks: ``Likelihood: not measured — vq_vae defines no image likelihood``."""
+    absent = _dict(ev.get("absent"))
+    for key, title in EVALUATION_SECTIONS:
+        if ev.get(key) is None and (key in ev or key in absent):
+            why = f" — {absent[key]}" if absent.get(key) else ""
+            yield note(esc(f"{title}: not measured{why}"), "muted")
+
+
+def _present(ev: dict) -> dict:
+    """The evaluation block without its absent sections (already explained) and the ``absent`` notes."""
+    skip = {k for k, _ in EVALUATION_SECTIONS if k in ev and ev[k] is None}
+    if isinstance(ev.get("absent"), dict):
+        skip.add("absent")
+    return {k: v for k, v in ev.items() if k not in skip}
 
 
 def _collapse(ev: dict) -> str:
