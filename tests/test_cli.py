@@ -58,7 +58,8 @@ def test_interpolate_between_two_images(run, tmp_path):
     img = np.asarray(Image.open(out))
     assert img.shape == grid_size(4, 32, 4)[::-1]
     # the ends are the reconstructions of the two images through their posterior means
-    model, cfg, dev = api.load_run(run, device="cpu")
+    opened = api.load_run(run, device="cpu")
+    model, cfg = opened.model, opened.config
     for name, tile in (("a.png", img[PAD:PAD + 32, PAD:PAD + 32]), ("b.png", img[PAD:PAD + 32, -(PAD + 32):-PAD])):
         expected = reconstruct(model, api.load_image(tmp_path / name, cfg))[0, 0].numpy()
         assert np.abs(tile.astype(float) - np.round(expected * 255)).max() <= 1

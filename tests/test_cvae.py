@@ -86,17 +86,18 @@ def test_trained_cvae_generates_the_requested_class():
     model.eval()
     z = torch.randn(16, model.latent_dim)
     with torch.no_grad():
-        dark = model.images(model.decode(z, torch.zeros(16, dtype=torch.long))).mean()
-        bright = model.images(model.decode(z, torch.ones(16, dtype=torch.long))).mean()
+        dark = model.decode(z, torch.zeros(16, dtype=torch.long)).mean()
+        bright = model.decode(z, torch.ones(16, dtype=torch.long)).mean()
     assert bright - dark > 0.2  # the data's gap is 0.7; an unconditioned decoder would give 0
 
 
 def test_registry_presets():
-    assert REGISTRY["beta_vae"][0] is REGISTRY["conv_vae"][0]  # a preset, not a new class
+    assert REGISTRY["beta_vae"].build is REGISTRY["conv_vae"].build  # a preset, not a new class
     assert model_config("beta_vae").beta == 4.0
     assert model_config("beta_vae", beta=2.0).beta == 2.0  # the user's value wins
     assert model_config("conv_vae").beta == 1.0
-    assert model_config("cvae").num_classes > 0
+    assert model_config("cvae").num_classes == -1  # one class per label of the data, set when training starts
+    assert model_config("cvae").for_data(("a", "b", "c"), "x").num_classes == 3
 
 
 def test_unknown_model_on_the_command_line_lists_valid_ones(capsys):

@@ -74,7 +74,7 @@ def _save_weights(model: nn.Module, path: Path) -> None:
 # --- what each of the two processes runs --------------------------------------------------------------
 def _ddp_step(rank: int, out: Path) -> None:
     _, trainer, train = _step_setup(B, out / "step")
-    assert isinstance(trainer.step_model, nn.parallel.DistributedDataParallel)
+    assert all(isinstance(m, nn.parallel.DistributedDataParallel) for m in trainer.nets.values())
     trainer.train_epoch(train, torch.from_numpy(train.images), epoch=1)  # 2B images: one step per rank
     if rank == 0:
         _save_weights(trainer.model, out / "ddp_step.safetensors")
@@ -135,10 +135,10 @@ def _reference_step(ranks: list[int], run_dir: Path) -> dict[str, torch.Tensor]:
     eps = torch.cat([torch.randn(B, model.latent_dim, generator=g) for g in noise])
     posterior = model.encode(x)
     z = posterior.mean + posterior.std * eps  # the reparameterisation, with each rank's noise
-    terms = neg_elbo(model.likelihood, VAEOutput(model.decode(z), posterior, z), x)
-    trainer.optimizer.zero_grad()
+    terms = neg_elbo(model.likelihood, VAEOutput(model.decode_params(z), posterior, z), x)
+    trainer.optimizers["model"].zero_grad()
     terms.loss.mean().backward()
-    trainer.optimizer.step()
+    trainer.optimizers["model"].step()
     return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
 
 

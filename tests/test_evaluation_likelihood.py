@@ -13,7 +13,7 @@ from torch import nn
 from medivae.data.phantoms import make_phantoms
 from medivae.evaluation.likelihood import iwae_from_log_weights, ks_for, likelihood_bounds
 from medivae.models import build_model
-from medivae.models.distributions import DiagonalGaussian, DiscretizedLogistic
+from medivae.models.distributions import DiagonalGaussian, DiscretizedLogistic, gaussian_log_weights
 from medivae.seeding import torch_generator
 
 from tiny import tiny_model
@@ -54,13 +54,18 @@ class PPCA(nn.Module):
         var = self.sigma**2 / self.m_diag * self.std_scale**2
         return DiagonalGaussian(mean, var.log().expand_as(mean))
 
-    def decode(self, z, y=None):
+    capabilities = frozenset({"likelihood", "gaussian_latent"})
+
+    def decode_params(self, z, y=None):
         return (z.double() @ self.W.T).view(len(z), 1, 1, -1)
+
+    def log_weights(self, x, y=None, k=100, generator=None, max_decode=256):
+        return gaussian_log_weights(self, x, y, k, generator, max_decode)
 
     def sample(self, n, g):
         z = torch.randn(n, self.latent_dim, generator=g, dtype=torch.float64)
         noise = torch.randn(n, 1, 1, self.W.shape[0], generator=g, dtype=torch.float64)
-        return self.decode(z) + self.sigma * noise
+        return self.decode_params(z) + self.sigma * noise
 
     def exact_log_px(self, x):
         cov = self.W @ self.W.T + self.sigma**2 * torch.eye(self.W.shape[0], dtype=torch.float64)

@@ -38,6 +38,7 @@ def test_discretized_logistic_doubles_decoder_channels():
     model = build_model(tiny_model(likelihood="discretized_logistic"))
     out = model(torch.rand(2, 1, 32, 32))
     assert out.recon_params.shape == (2, 2, 32, 32)
+    assert model.decode(out.z).shape == (2, 1, 32, 32)  # the contract's decode gives images
 
 
 def test_deterministic_encoding_is_the_mean_bit_for_bit():
@@ -70,7 +71,7 @@ def test_closed_form_kl_matches_monte_carlo():
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_parameter_gets_a_gradient_and_a_step_changes_weights(name):
     cfg = model_config(name, image_size=32, latent_dim=4, base_width=4, max_width=16,
-                       num_classes=2 if REGISTRY[name][1].get("num_classes") else None)
+                       num_classes=2 if REGISTRY[name].preset.get("num_classes") else None)
     model = build_model(cfg)
     x = torch.rand(4, 1, 32, 32)
     y = torch.tensor([0, 1, 0, 1])

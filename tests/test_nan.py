@@ -12,8 +12,8 @@ import torch
 from medivae.cli import main
 from medivae.data import load_dataset
 from medivae.models import build_model
+from medivae.models.conv_vae import ConvVAE
 from medivae.seeding import seed_everything
-from medivae.train import trainer as trainer_mod
 from medivae.train.trainer import Trainer, read_metrics
 
 from tiny import tiny_run
@@ -31,18 +31,17 @@ def _trainer(run_dir, klass=Trainer, **train_kw):
 
 
 def _nan_on_training_calls(monkeypatch, bad_calls):
-    """elbo_step whose loss is NaN on the given training calls (0, 1: epoch 1; 2, 3: epoch 2...)."""
-    real, calls = trainer_mod.elbo_step, []
+    """The family's ELBO step, with a NaN loss on the given training calls (0, 1: epoch 1; 2, 3: epoch 2...)."""
+    real, calls = ConvVAE._elbo_step, []
 
-    def step(model, *a, **kw):
-        terms = real(model, *a, **kw)
-        if model.training:
-            calls.append(len(calls))
-            if bad_calls(calls[-1]):
-                terms.loss = terms.loss * float("nan")
-        return terms
+    def step(self, nets, x, y, ctx):
+        out = real(self, nets, x, y, ctx)
+        calls.append(len(calls))
+        if bad_calls(calls[-1]):
+            out.loss = out.loss * float("nan")
+        return out
 
-    monkeypatch.setattr(trainer_mod, "elbo_step", step)
+    monkeypatch.setattr(ConvVAE, "_elbo_step", step)
     return calls
 
 
@@ -52,7 +51,7 @@ class HalveAtEpoch2(Trainer):
     def train_epoch(self, train, images, epoch):
         if epoch == 2 and not getattr(self, "halved", False):
             self.halved = True
-            for g in self.optimizer.param_groups:
+            for g in self.optimizers["model"].param_groups:
                 g["lr"] /= 2
         return super().train_epoch(train, images, epoch)
 
@@ -76,7 +75,7 @@ def test_a_nan_mid_epoch_rolls_back_the_epoch_and_retries_at_half_the_learning_r
 
     resumed, _ = _trainer(tmp_path / "nan")
     resumed.resume()  # a resumed run keeps the lowered rate and the count
-    assert resumed.optimizer.param_groups[0]["lr"] == LR / 2 and resumed.state.nan_events == 1
+    assert resumed.optimizers["model"].param_groups[0]["lr"] == LR / 2 and resumed.state.nan_events == 1
 
 
 def test_a_nan_gradient_with_a_finite_loss_is_caught_too(tmp_path):

@@ -107,8 +107,8 @@ def test_frozen_biases_cannot_change_the_training_loss(tmp_path):
     data = _batch(64)
     trainer.train_epoch(data, batch_source(data.images), 1)
     assert all(torch.equal(a, b) for a, b in zip(start, frozen, strict=True))
-    assert all(b.grad is None and b not in trainer.optimizer.state for b in frozen)
-    assert all(p in trainer.optimizer.state for p in model.parameters() if p.requires_grad)
+    assert all(b.grad is None and b not in trainer.optimizers["model"].state for b in frozen)
+    assert all(p in trainer.optimizers["model"].state for p in model.parameters() if p.requires_grad)
 
 
 @pytest.mark.slow

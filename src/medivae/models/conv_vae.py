@@ -25,7 +25,7 @@ from medivae.config import IMAGE_SIZES, LIKELIHOODS
 from medivae.errors import UserError
 from medivae.losses import kl_weight, neg_elbo
 from medivae.models.blocks import decoder_trunk, encoder_trunk, widths_for
-from medivae.models.distributions import DiagonalGaussian, make_likelihood, standard_normal_log_prob
+from medivae.models.distributions import DiagonalGaussian, gaussian_log_weights, make_likelihood
 from medivae.models.family import Family, LogWeights, StepContext, StepOutput, TrainStep, adam
 from medivae.models.outputs import VAEOutput, encode_decode
 
@@ -143,19 +143,7 @@ class ConvVAE(nn.Module):
     def log_weights(self, x, y=None, k: int = 100, generator=None, max_decode: int = 256) -> LogWeights:
         """K draws z_k ~ q(z|x): log p(x|z_k), log p(z_k) - log q(z_k|x) (float64 (K, B), CPU) and the
         closed-form KL. At most ``max_decode`` images go through the decoder at once."""
-        q = self.encode(x, y)
-        b, d = q.mean.shape
-        per_chunk = max(1, max_decode // b)
-        log_px, log_ratio = [], []
-        for start in range(0, k, per_chunk):
-            n = min(per_chunk, k - start)
-            eps = torch.randn((n, b, d), generator=generator).to(q.mean.device)
-            z = q.mean + q.std * eps  # (n, B, D)
-            params = self.decode_params(z.reshape(n * b, d), None if y is None else y.repeat(n))  # sample-major
-            xr = x.expand(n, *x.shape).reshape(n * b, *x.shape[1:])
-            log_px.append(self.likelihood.log_prob(params, xr).view(n, b).double().cpu())
-            log_ratio.append((standard_normal_log_prob(z) - q.log_prob(z)).double().cpu())
-        return LogWeights(torch.cat(log_px), torch.cat(log_ratio), q.kl().double().cpu())
+        return gaussian_log_weights(self, x, y, k, generator, max_decode)
 
     def optimizers(self, train_cfg, device) -> dict[str, torch.optim.Optimizer]:
         return {"model": adam(self.parameters(), train_cfg, device)}
@@ -172,13 +160,20 @@ class ConvVAE(nn.Module):
         beta = kl_weight(t.kl_schedule, self.cfg.beta, ctx.progress, t.warmup_epochs)
         out = nets["vae"](x, y, sample=True, generator=ctx.generator)
         terms = neg_elbo(self.likelihood, out, x, beta=beta, free_bits=t.free_bits)
-        loss_terms = {"loss": terms.neg_elbo, "rec": terms.rec, "kl": terms.kl, "beta": torch.tensor(beta)}
+        loss_terms = {"loss": _honest(terms), "rec": terms.rec, "kl": terms.kl, "beta": torch.tensor(beta)}
         return StepOutput(terms.loss.mean(), loss_terms)
 
     def validation_terms(self, x, y, generator) -> dict[str, torch.Tensor]:
         """Single-sample negative ELBO ("loss") and its two terms, per image (B,)."""
         terms = neg_elbo(self.likelihood, self(x, y, sample=True, generator=generator), x)
-        return {"loss": terms.neg_elbo, "rec": terms.rec, "kl": terms.kl}
+        return {"loss": _honest(terms), "rec": terms.rec, "kl": terms.kl}
+
+
+def _honest(terms) -> torch.Tensor:
+    """The negative ELBO rec + KL whatever β or free bits were, in float64 so that its batch sums
+    equal the sums of the two terms exactly as metrics.jsonl reports them."""
+    dtype = torch.float32 if terms.rec.device.type == "mps" else torch.float64  # MPS has no float64
+    return terms.rec.detach().to(dtype) + terms.kl.detach().to(dtype)
 
 
 def _label_tensor(label, n: int, device) -> torch.Tensor | None:

@@ -138,6 +138,28 @@ class DiscretizedLogistic:
         return ((x.clamp(-1, 1) + 1.0) / 2.0 * 255).round() / 255
 
 
+def gaussian_log_weights(model, x, y=None, k: int = 100, generator=None, max_decode: int = 256):
+    """Importance weights of a family with a Gaussian posterior and an N(0, I) prior: K draws
+    z_k ~ q(z|x) (``model.encode``), log p(x|z_k) (``model.decode_params`` + ``model.likelihood``) and
+    log p(z_k) - log q(z_k|x), float64 (K, B) on the CPU, with the closed-form KL. At most ``max_decode``
+    images go through the decoder at once, whatever K and B are."""
+    from medivae.models.family import LogWeights
+
+    q = model.encode(x, y)
+    b, d = q.mean.shape
+    per_chunk = max(1, max_decode // b)
+    log_px, log_ratio = [], []
+    for start in range(0, k, per_chunk):
+        n = min(per_chunk, k - start)
+        eps = torch.randn((n, b, d), generator=generator).to(q.mean.device)
+        z = q.mean + q.std * eps  # (n, B, D)
+        params = model.decode_params(z.reshape(n * b, d), None if y is None else y.repeat(n))  # sample-major
+        xr = x.expand(n, *x.shape).reshape(n * b, *x.shape[1:])
+        log_px.append(model.likelihood.log_prob(params, xr).view(n, b).double().cpu())
+        log_ratio.append((standard_normal_log_prob(z) - q.log_prob(z)).double().cpu())
+    return LogWeights(torch.cat(log_px), torch.cat(log_ratio), q.kl().double().cpu())
+
+
 def make_likelihood(name: str, gaussian_sigma: float = 0.1):
     if name == "bernoulli":
         return Bernoulli()

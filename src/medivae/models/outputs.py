@@ -28,4 +28,4 @@ def encode_decode(model, x: torch.Tensor, y: torch.Tensor | None, sample: bool, 
     posterior mean when ``sample=False`` — chosen by the argument, never by ``model.training``), then decode."""
     posterior = model.encode(x, y)
     z = posterior.sample(generator) if sample else posterior.mode()
-    return VAEOutput(model.decode(z, y), posterior, z)
+    return VAEOutput(model.decode_params(z, y), posterior, z)

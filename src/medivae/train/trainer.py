@@ -360,8 +360,9 @@ def _batch_sums(terms: dict[str, torch.Tensor], b: int) -> dict[str, float]:
     """Batch totals of per-sample (B,) terms; a scalar term counts once per image. One host sync."""
     if not terms:
         return {}
-    totals = [v.detach().float().sum() if v.dim() else v.detach().float() * b for v in terms.values()]
-    device = totals[0].device
+    device = next(iter(terms.values())).device
+    dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    totals = [v.detach().to(dtype).sum() if v.dim() else v.detach().to(dtype) * b for v in terms.values()]
     return dict(zip(terms, torch.stack([t.to(device) for t in totals]).tolist(), strict=True))
 
 
