@@ -157,7 +157,7 @@ def run_baseline(npz: Path, epochs: int, threads: int) -> dict:
 
 
 def run_medivae(npz: Path, epochs: int, threads: int, run_dir: Path, extra: list[str]) -> dict:
-    from medivae.train.trainer import read_metrics
+    from medivae.results import read_metrics
 
     cmd = [
         "-m", "medivae", "train", "--data", str(npz), "--out", str(run_dir), "--no-cache",

@@ -26,8 +26,8 @@ from medivae.evaluation.collapse import collapse_metrics
 from medivae.io import atomic_write_text
 from medivae.losses import neg_elbo
 from medivae.models import model_config
+from medivae.results import read_metrics
 from medivae.seeding import torch_generator
-from medivae.train.trainer import read_metrics
 
 BETAS = (0.5, 1.0, 4.0)
 WARMUPS = (0.0, 5.0)  # epochs of linear warm-up; 0 = none

@@ -13,8 +13,9 @@ from medivae.cli import main
 from medivae.data import load_dataset
 from medivae.models import build_model
 from medivae.models.conv_vae import ConvVAE
+from medivae.results import read_metrics
 from medivae.seeding import seed_everything
-from medivae.train.trainer import Trainer, read_metrics
+from medivae.train.trainer import Trainer
 
 from tiny import tiny_run
 

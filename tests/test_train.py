@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from medivae import api
 from medivae.errors import UserError
+from medivae.results import read_metrics
 from medivae.seeding import DEFAULT_SEED, seed_everything
-from medivae.train.trainer import read_metrics
 
 from tiny import tiny_run
 

@@ -350,8 +350,10 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
               gradient=False, n_maps=16, batch_size=128, device="auto", precision="fp32") -> dict:  # fmt: skip
     """Score a split with a run fitted on normals; write scores.csv, maps, ROC and results.json["anomaly"]."""
     from medivae.errors import UserError
+    from medivae.results import merge_results, read_results
     from medivae.run import load_run
 
+    read_results(Path(run_dir) / "results.json")  # fail now, not after the scoring, if it cannot be merged into
     run = load_run(run_dir, device=device)
     model, cfg, dev = run.model, run.config, run.device
     run_dir = Path(run_dir)
@@ -427,20 +429,3 @@ def _write_outputs(out: Path, sets: dict, scored: AnomalyScores, thr: float, n_m
         plot_roc({n: v[labelled] for n, v in scored.scores.items()}, y, out / "roc.png", title)
     )
     return entry
-
-
-def merge_results(path: Path, key: str, value) -> None:
-    """Set ``key`` in a results.json, keeping the keys other tools wrote; written atomically."""
-    import json
-
-    from medivae.io import atomic_write_text
-
-    path = Path(path)
-    try:
-        current = json.loads(path.read_text()) if path.exists() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        current = {}
-    if not isinstance(current, dict):
-        current = {}
-    current[key] = value
-    atomic_write_text(path, json.dumps(current, indent=2, default=float) + "\n")

@@ -224,15 +224,16 @@ def synthesize_run(
 
     from medivae.data import load_dataset
     from medivae.errors import UserError
-    from medivae.evaluation.anomaly import merge_results
     from medivae.io import atomic_write_text
     from medivae.models.family import require
+    from medivae.results import merge_results, read_results
     from medivae.run import load_run
 
     if n < 1 or not 0 <= percentile <= 100 or fmt not in ("png", "npz") or n_pairs < 0:
         raise UserError(
             f"need -n >= 1, 0 <= --percentile <= 100, --format png|npz (got {n}, {percentile}, {fmt})"
         )
+    read_results(Path(run_dir) / "results.json")  # fail now, not after sampling, if it cannot be merged into
     run = load_run(run_dir, device=device)
     model, cfg, dev = run.model, run.config, run.device
     require(model, "sample", "synthesize")

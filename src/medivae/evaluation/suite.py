@@ -24,7 +24,6 @@ are per image; ``null`` where a number would be dishonest):
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -40,8 +39,8 @@ from medivae.evaluation.features import load_or_fit_reference
 from medivae.evaluation.likelihood import likelihood_bounds
 from medivae.evaluation.reconstruction import per_image_metrics
 from medivae.generate import reconstruct, sample_images
-from medivae.io import atomic_write_text
 from medivae.models.family import MISSING, has, labels_for
+from medivae.results import merge_results, read_results
 from medivae.run import load_run
 from medivae.seeding import numpy_rng, torch_generator
 
@@ -202,7 +201,7 @@ def evaluate_run(run_dir, data: str | None = None, opts: EvalOptions | None = No
         "seconds": timed.total(),
         "seconds_by_part": timed.parts,
     }
-    return write_results(results_path, "evaluation", result)
+    return merge_results(results_path, "evaluation", result)
 
 
 SECTION_NEEDS = {"likelihood": "likelihood", "collapse": "gaussian_latent", "sample_quality": "sample"}
@@ -235,34 +234,3 @@ def _load_inception(weights: str | None):
     from medivae.evaluation.inception import load_fid_inception
 
     return load_fid_inception(weights)
-
-
-def read_results(path: Path) -> dict:
-    """The JSON object at ``path`` ({} if absent); a UserError if it is not one."""
-    try:
-        existing = json.loads(path.read_text()) if path.exists() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path}: exists but is not valid JSON; move it away and run again") from None
-    if not isinstance(existing, dict):
-        raise UserError(f"{path}: expected a JSON object; move it away and run again")
-    return existing
-
-
-def write_results(path: Path, key: str, block: dict) -> dict:
-    """Replace ``key`` in the JSON object at ``path`` (created if absent), keeping every other key.
-    Returns the block as written (non-finite numbers as None)."""
-    existing = read_results(path)
-    existing[key] = _finite(block)
-    atomic_write_text(path, json.dumps(existing, indent=2, allow_nan=False) + "\n")
-    return existing[key]
-
-
-def _finite(obj):
-    """NaN/inf -> None: strict JSON (the report and other tools parse it) has no such numbers."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medivae.errors import UserError
+from medivae.results import read_metrics, read_results
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SKIP_DIRS = ("last", "best", "last.prev", "best.prev", "tensorboard")
@@ -35,8 +36,8 @@ def read_run(run_dir: str | Path) -> RunFiles:
     run.config = _read_json(run_dir / "config.json", run.problems)
     run.data = public(_read_json(run_dir / "data.json", run.problems))
     run.env = _read_json(run_dir / "env.json", run.problems)
-    run.results = _read_json(run_dir / "results.json", run.problems) or {}
-    run.metrics = _read_metrics(run_dir / "metrics.jsonl", run.problems)
+    run.results = _read_results(run_dir / "results.json", run.problems)
+    run.metrics = read_metrics(run_dir, run.problems)
     run.images = find_images(run_dir)
     if run.config is None and not run.metrics and not run.results and not run.images:
         raise UserError(f"{run_dir}: not a medivae run folder (no config.json or metrics.jsonl)")
@@ -57,25 +58,12 @@ def _read_json(path: Path, problems: list[str]):
     return value
 
 
-def _read_metrics(path: Path, problems: list[str]) -> list[dict]:
-    if not path.exists():
-        return []
-    rows, bad = [], 0
-    for line in path.read_text(errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(row, dict) and type(row.get("epoch")) is int:
-            rows.append(row)
-        else:
-            bad += 1
-    if bad:
-        problems.append(f"metrics.jsonl: {bad} unreadable line(s) skipped")
-    return sorted(rows, key=lambda r: r["epoch"])
+def _read_results(path: Path, problems: list[str]) -> dict:
+    try:
+        return read_results(path)
+    except UserError as e:  # the report still shows everything else, and says what it could not read
+        problems.append(str(e))
+        return {}
 
 
 def find_images(run_dir: Path) -> list[Path]:

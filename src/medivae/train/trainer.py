@@ -20,6 +20,7 @@ from medivae.data import ImageSet, to_float
 from medivae.errors import UserError
 from medivae.io import atomic_write_text
 from medivae.models.family import StepContext, labels_for
+from medivae.results import METRICS_FILE, read_metrics
 from medivae.seeding import derive_seed, torch_generator
 from medivae.train import checkpoint as ckpt
 from medivae.train import distributed
@@ -306,8 +307,9 @@ class Trainer:
             "seconds": seconds,
             "images_per_s": n_train / max(seconds, 1e-9),
         }
-        path = self.run_dir / "metrics.jsonl"
-        lines = _read_metrics_lines(path, upto_epoch=epoch - 1)
+        path = self.run_dir / METRICS_FILE
+        # a resumed run rewrites the epochs after the checkpoint it resumed from
+        lines = [json.dumps(row) for row in read_metrics(path) if row["epoch"] < epoch]
         lines.append(json.dumps(rec))
         atomic_write_text(path, "\n".join(lines) + "\n")
         if self.tensorboard is not None:
@@ -386,30 +388,9 @@ def _tensorboard_writer(run_dir: Path):
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
-def _read_metrics_lines(path: Path, upto_epoch: int) -> list[str]:
-    """Existing metric lines up to ``upto_epoch`` (a resumed run rewrites what came after)."""
-    if not path.exists():
-        return []
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["epoch"] <= upto_epoch:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    return keep
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def check_resumable(run_dir: Path) -> None:
     if not (Path(run_dir) / "config.json").exists():
         raise UserError(f"{run_dir}: nothing to resume (no config.json); drop --resume to start a new run")
 
 
-__all__ = ["Trainer", "TrainState", "read_metrics", "derive_seed", "check_resumable"]
+__all__ = ["Trainer", "TrainState", "derive_seed", "check_resumable"]
