@@ -10,6 +10,7 @@ import pytest
 
 from medivae.cli import main
 from medivae.evaluation import anomaly as an
+from medivae.workflows.anomaly import scoring_sets
 
 from tiny import tiny_model
 
@@ -146,7 +147,7 @@ def test_scored_normals_were_never_trained_on(normal_run):
     from medivae.config import RunConfig
 
     cfg = RunConfig.load(normal_run / "config.json")
-    sets = an.scoring_sets(cfg, "normal", None, "test")
+    sets = scoring_sets(cfg, "normal", None, "test")
     seen = {img.tobytes() for img in sets["train"].images}
     scored = sets["scored"]
     normals = scored.images[scored.labels == sets["normal_code"]]

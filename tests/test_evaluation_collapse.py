@@ -11,9 +11,9 @@ from torch import nn
 
 from medivae.data.imageset import ImageSet
 from medivae.evaluation.collapse import active_units, collapse_metrics, kl_per_dimension, mutual_information
-from medivae.evaluation.suite import posterior_and_reconstruction
 from medivae.models.distributions import Bernoulli, DiagonalGaussian
 from medivae.seeding import numpy_rng, torch_generator
+from medivae.workflows.evaluate import posterior_and_reconstruction
 
 
 class ProjectionEncoder(nn.Module):

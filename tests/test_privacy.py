@@ -12,6 +12,7 @@ import pytest
 from medivae.cli import main
 from medivae.evaluation import privacy as pv
 from medivae.models import build_model
+from medivae.workflows.synthesize import _label_plan
 
 from tiny import tiny_model, tiny_run
 
@@ -158,11 +159,11 @@ def test_label_plan_balances_conditional_runs_and_names_one_class_runs():
     names = ("normal", "lesion")
     cvae = RunConfig(model=ModelConfig(name="cvae", num_classes=2), label_names=names)
     conditional = build_model(tiny_model(name="cvae", num_classes=2))
-    codes, labels = pv._label_plan(conditional, cvae, None, 5)
+    codes, labels = _label_plan(conditional, cvae, None, 5)
     assert codes.tolist() == [0, 1, 0, 1, 0] and labels[:2] == ["normal", "lesion"]
-    assert pv._label_plan(conditional, cvae, "lesion", 3)[0].tolist() == [1, 1, 1]
+    assert _label_plan(conditional, cvae, "lesion", 3)[0].tolist() == [1, 1, 1]
     one_class = RunConfig(data=DataConfig(labels=("normal",)), label_names=names)
     plain = build_model(tiny_model())
-    assert pv._label_plan(plain, one_class, None, 2) == (None, ["normal", "normal"])
+    assert _label_plan(plain, one_class, None, 2) == (None, ["normal", "normal"])
     with pytest.raises(UserError, match="unknown label"):
-        pv._label_plan(conditional, cvae, "tumour", 1)
+        _label_plan(conditional, cvae, "tumour", 1)

@@ -10,7 +10,7 @@ from PIL import Image
 from medivae import api
 from medivae.cli import main
 from medivae.models import build_model
-from medivae.traverse import LatentStats, latent_stats, traverse
+from medivae.workflows.traverse import LatentStats, latent_stats, traverse
 
 from tiny import tiny_model, tiny_run
 

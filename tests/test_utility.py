@@ -10,7 +10,8 @@ import pytest
 from medivae.cli import main
 from medivae.data.imageset import ImageSet
 from medivae.evaluation import utility as ut
-from medivae.evaluation.privacy import write_synthetic
+from medivae.workflows.synthesize import write_synthetic
+from medivae.workflows.utility import load_synthetic
 
 NAMES = ("dark", "bright")
 
@@ -96,7 +97,7 @@ def test_png_and_npz_folders_load_the_same(tmp_path):
     names = ["0", "1", "0", "1", "0", "1"]
     for fmt in ("png", "npz"):
         write_synthetic(tmp_path / fmt, syn.images, names, ("0", "1"), fmt)
-    (a, la), (b, lb) = ut.load_synthetic(tmp_path / "png"), ut.load_synthetic(tmp_path / "npz")
+    (a, la), (b, lb) = load_synthetic(tmp_path / "png"), load_synthetic(tmp_path / "npz")
     np.testing.assert_array_equal(a, syn.images)
     np.testing.assert_array_equal(b, syn.images)
     assert la == lb == names

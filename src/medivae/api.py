@@ -19,7 +19,7 @@ from medivae.run import Run, load, load_image, load_run  # noqa: F401  (the note
 from medivae.seeding import seed_everything, torch_generator
 from medivae.train import checkpoint as ckpt
 from medivae.train import distributed
-from medivae.train.device import pick_device
+from medivae.train.device import pick_device, preload_in_background, start_idle_probe
 from medivae.train.trainer import Trainer, check_resumable
 
 
@@ -41,6 +41,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
     progress = progress and distributed.is_main()  # under torchrun only rank 0 talks and writes
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
+    start_idle_probe()  # measured while the data loads (train/device.py)
+    preload_in_background("torch._dynamo", "matplotlib.figure", "matplotlib.backends.backend_agg")
     seed_everything(t.seed)
     splits = load_dataset(cfg.data, t.seed, progress)
     names = tuple(splits["train"].label_names)
@@ -179,6 +181,14 @@ def interpolate_run(
     return save_grid(interpolate(model, z0, z1, steps, mode, dev, k), out, nrow=steps)
 
 
+def traverse(run_dir, out, image=None, n_dims: int | None = None, k: float = 3.0, steps: int = 9,
+             label: str | None = None, batch: int = 512, device: str = "auto"):
+    """Latent traversal PNG of a run (rows = dimensions by KL); returns (png, LatentStats, dims shown)."""
+    from medivae.workflows.traverse import traverse_run
+
+    return traverse_run(run_dir, out, image, n_dims, k, steps, label, batch, device)
+
+
 def reconstruct_run(run_dir, data: str | None, out, split: str = "test", n: int = 16, device="auto") -> Path:
     run = load_run(run_dir, device=device)
     s = run.split(split, data)
@@ -216,8 +226,8 @@ def evaluate(run_dir, data: str | None = None, split: str = "test", k: int = 100
              inception_weights: str | None = None, checkpoint: str = "best", device: str = "auto",
              progress: bool = True) -> dict:
     """Likelihood bounds, reconstruction, posterior collapse and sample quality of a run on one split;
-    merged into RUN/results.json under "evaluation" (keys: medivae.evaluation.suite) and returned."""
-    from medivae.evaluation.suite import EvalOptions, evaluate_run
+    merged into RUN/results.json under "evaluation" (keys: medivae.workflows.evaluate) and returned."""
+    from medivae.workflows.evaluate import EvalOptions, evaluate_run
 
     opts = EvalOptions(split=split, k=k, batch_size=batch_size, max_images=max_images, n_samples=n_samples,
                        reference_epochs=reference_epochs, inception_weights=inception_weights,
@@ -239,7 +249,7 @@ def anomaly_score(run_dir, data: str | None = None, split: str = "test", out=Non
     """Per-image anomaly scores, maps, AUROC/AUPRC and a threshold at ``fpr`` on validation normals;
     files in ``out`` (default RUN/anomaly), summary merged into RUN/results.json["anomaly"].
     ``precision="auto"`` scores through the bf16 fast path where the CPU/GPU has it (fp32: exact)."""
-    from medivae.evaluation.anomaly import score_run
+    from medivae.workflows.anomaly import score_run
 
     return score_run(
         run_dir, data, split, out, normal_label, fpr, k, gradient, n_maps, batch_size, device, precision
@@ -251,7 +261,7 @@ def synthesize(run_dir, n: int, out, label: str | None = None, percentile: float
                progress: bool = True) -> dict:
     """n synthetic images minus those nearer a training image than ``percentile`` % of real test images
     are; writes images + labels, memorisation.json and nearest-pair PNGs to ``out``."""
-    from medivae.evaluation.privacy import synthesize_run
+    from medivae.workflows.synthesize import synthesize_run
 
     return synthesize_run(run_dir, n, out, label, percentile, fmt, seed, n_pairs, reference_epochs, device,
                           progress)
@@ -261,7 +271,7 @@ def utility(real: str, synthetic, out=None, epochs: int = 10, seed: int | None =
             val_fraction: float = 0.1, test_fraction: float = 0.1, device: str = "auto",
             progress: bool = True, batch_size: int = 128) -> dict:
     """TSTR (train on synthetic, test on real), real + synthetic and real-only, on ``real``'s test split."""
-    from medivae.evaluation.utility import utility_run
+    from medivae.workflows.utility import utility_run
 
     synthetic = [synthetic] if isinstance(synthetic, (str, Path)) else list(synthetic)
     return utility_run(real, synthetic, out, epochs, seed, width, val_fraction, test_fraction, device,

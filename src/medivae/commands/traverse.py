@@ -6,9 +6,9 @@ from pathlib import Path
 
 
 def cmd_traverse(args) -> int:
-    from medivae.traverse import traverse_run
+    from medivae import api
 
-    out, stats, dims = traverse_run(
+    out, stats, dims = api.traverse(
         args.run, args.out, image=args.image, n_dims=args.dims, k=args.range, steps=args.steps,
         label=args.label, device=args.device,
     )

@@ -14,6 +14,12 @@ from pathlib import Path
 
 import torch
 
+from medivae.data import to_float
+from medivae.errors import UserError
+from medivae.generate import save_grid
+from medivae.models.family import has, require
+from medivae.run import load_image, load_run
+
 
 @dataclass
 class LatentStats:
@@ -66,12 +72,6 @@ def traverse_run(
 ) -> tuple[Path, LatentStats, torch.Tensor]:
     """Traversal PNG for a run: reference = ``image`` or the first test image of the run's data;
     KL ranking over up to ``batch`` validation images. Returns (png, stats, dims shown)."""
-    from medivae.data import to_float
-    from medivae.errors import UserError
-    from medivae.generate import save_grid
-    from medivae.models.family import has, require
-    from medivae.run import load_image, load_run
-
     if steps < 2:
         raise UserError(f"--steps must be >= 2, not {steps}")
     if not k > 0:

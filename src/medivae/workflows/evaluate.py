@@ -1,7 +1,8 @@
 """``medivae evaluate``: every metric on one split of a run's data -> ``RUN/results.json`` -> a table.
 
+Opens the run, loads its data and calls the pure metric functions of :mod:`medivae.evaluation`.
 results.json is shared: other tools write other top-level keys; this module replaces only
-``"evaluation"`` (read, merge, atomic write). Its keys (all numbers are plain floats/ints; nats
+``"evaluation"`` (through :func:`medivae.results.merge_results`). Its keys (all numbers are plain floats/ints; nats
 are per image; ``null`` where a number would be dishonest):
 
     evaluation:
@@ -115,7 +116,8 @@ def generate_images(model, n: int, labels: np.ndarray, seed: int):
     return (sample_images(model, n, g, y, precision="fp32") * 255).round() / 255
 
 
-def _reference_description(data_cfg) -> dict:
+def reference_description(data_cfg) -> dict:
+    """The data settings that key the cached reference extractor (one cache for evaluate and synthesize)."""
     keep = ("source", "image_size", "channels", "labels", "val_fraction", "test_fraction", "resize_mode",
             "window")
     return {k: getattr(data_cfg, k) for k in keep}
@@ -125,7 +127,7 @@ def sample_quality_block(model, cfg, data_cfg, splits, held_out: ImageSet, opts,
     """(the sample_quality block, (real reference subset, generated images)) for the optional FID."""
     seed = cfg.train.seed
     ref = load_or_fit_reference(Path(run_dir) / "reference", splits["train"],
-                                _reference_description(data_cfg), seed, opts.reference_epochs,
+                                reference_description(data_cfg), seed, opts.reference_epochs,
                                 progress=progress, device=device)
     real = _subset(splits["train"], MAX_REFERENCE, seed, "evaluate-reference")
     n_gen = opts.n_samples or len(held_out)

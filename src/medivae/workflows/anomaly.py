@@ -1,0 +1,234 @@
+"""``medivae anomaly score``: score a split with a run fitted on normals, then save and render.
+
+Opens the run (:mod:`medivae.run`), picks the images to score and the normals to calibrate on,
+calls the pure scores of :mod:`medivae.evaluation.anomaly`, and writes scores.csv, maps.npz,
+overlay and ROC PNGs and ``results.json["anomaly"]``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+from pathlib import Path
+
+import numpy as np
+
+from medivae.data import load_dataset
+from medivae.data.imageset import ImageSet, label_code
+from medivae.errors import UserError
+from medivae.evaluation.anomaly import (
+    AnomalyScores,
+    calibrate,
+    combined_score,
+    detection_metrics,
+    fit_latent_gaussian,
+    mahalanobis,
+    rates_at,
+    score_images,
+    threshold_at_fpr,
+)
+from medivae.io import atomic_write_text
+from medivae.models.family import require
+from medivae.results import merge_results, read_results
+from medivae.run import load_run
+
+
+# --- rendering ----------------------------------------------------------------------------------------------
+def plot_roc(scores: dict[str, np.ndarray], is_anomaly: np.ndarray, path: Path, title: str = "") -> Path:
+    """One ROC curve per score in a PNG."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig = Figure(figsize=(4.5, 4.5), dpi=120)
+    ax = fig.add_subplot()
+    for name, s in scores.items():
+        fpr, tpr, _ = roc_curve(is_anomaly, s)
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {roc_auc_score(is_anomaly, s):.3f})", lw=1.4)
+    ax.plot([0, 1], [0, 1], color="0.7", ls="--", lw=1)
+    ax.set(
+        xlabel="false-positive rate", ylabel="true-positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01)
+    )
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return Path(path)
+
+
+def plot_overlays(
+    images: np.ndarray, maps: np.ndarray, titles: list[str], path: Path, per_row: int = 4
+) -> Path:
+    """(image, map over the image) pairs, ``per_row`` a row: images uint8 (N, C, H, W), maps (N, H, W)."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    n = len(images)
+    cols = min(per_row, n)
+    rows = -(-n // cols)
+    fig = Figure(figsize=(2 * 1.7 * cols, 1.9 * rows), dpi=100)
+    vmax = max(float(np.quantile(maps, 0.995)), 1e-12)  # one colour scale for every pair
+    cmap = matplotlib.colormaps["inferno"]
+    for i in range(n):
+        gray = images[i].mean(0) / 255.0
+        r, c = divmod(i, cols)
+        a = fig.add_subplot(rows, 2 * cols, r * 2 * cols + 2 * c + 1)
+        a.imshow(gray, cmap="gray", vmin=0, vmax=1)
+        a.set_title(titles[i], fontsize=6)
+        b = fig.add_subplot(rows, 2 * cols, r * 2 * cols + 2 * c + 2)
+        b.imshow(gray, cmap="gray", vmin=0, vmax=1)
+        level = np.clip(maps[i] / vmax, 0, 1)
+        heat = cmap(level)
+        heat[..., 3] = 0.85 * level  # opacity grows with the score: quiet pixels show the anatomy
+        b.imshow(heat)
+        b.set_title("anomaly map", fontsize=6)
+        for ax in (a, b):
+            ax.axis("off")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return Path(path)
+
+
+# --- run-level: what ``api.anomaly_score`` calls ----------------------------------------------------------
+def _concat(a, b):
+    return ImageSet(
+        np.concatenate([a.images, b.images]),
+        np.concatenate([a.labels, b.labels]),
+        a.label_names,
+        meta={**a.meta, "n": len(a) + len(b)},
+    )
+
+
+def scoring_sets(cfg, normal_label: str, data: str | None, split: str) -> dict:
+    """The images to score and the normals to calibrate on, without leaking training images.
+
+    On the run's own source the scored split is that split's normals *as the run split them* plus
+    the split's other-label images, so no normal the model trained on is ever scored as a test normal.
+    Returns {"train", "val": normal ImageSets, "scored": ImageSet, "normal_code": int | None}.
+    """
+    seed = cfg.train.seed
+    own = load_dataset(cfg.data, seed, progress=False)
+    names = own["train"].label_names
+    code = label_code(names, normal_label)
+    if code is None:
+        raise UserError(f"normal label {normal_label!r} is not one of the run's labels {list(names)}")
+    normals = {k: v.subset(np.flatnonzero(v.labels == code)) for k, v in own.items()}
+    if len(normals["val"]) < 2:
+        raise UserError(
+            "the run has fewer than 2 validation normals to calibrate on; refit with --val-fraction > 0"
+        )
+    same = data is None or Path(data).expanduser().resolve() == Path(cfg.data.source).expanduser().resolve()
+    full = load_dataset(dataclasses.replace(cfg.data, source=data or cfg.data.source, labels=()), seed, False)
+    if split not in full:
+        raise UserError(f"unknown split {split!r}; choose train, val or test")
+    s = full[split]
+    if same:
+        others = s.subset(np.flatnonzero((s.labels != code) & (s.labels >= 0)))
+        scored = _concat(normals[split], others)
+    else:
+        scored = s
+    scored_code = label_code(scored.label_names, normal_label)
+    if len(scored) == 0:
+        raise UserError(f"split {split!r} of {data or cfg.data.source} is empty")
+    return {"train": normals["train"], "val": normals["val"], "scored": scored, "normal_code": scored_code}
+
+
+def write_scores_csv(path: Path, scored, scores: dict[str, np.ndarray], is_anomaly, flagged) -> None:
+    names = scored.label_names
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["index", "label", "is_anomaly", *scores, "flagged"])
+    for i in range(len(scored)):
+        lab = int(scored.labels[i])
+        w.writerow(
+            [
+                i,
+                names[lab] if 0 <= lab < len(names) else "",
+                "" if is_anomaly is None else int(is_anomaly[i]),
+                *(f"{v[i]:.6g}" for v in scores.values()),
+                int(flagged[i]),
+            ]
+        )
+    atomic_write_text(path, buf.getvalue())
+
+
+def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr=0.05, k=16,
+              gradient=False, n_maps=16, batch_size=128, device="auto", precision="fp32") -> dict:  # fmt: skip
+    """Score a split with a run fitted on normals; write scores.csv, maps, ROC and results.json["anomaly"]."""
+    read_results(Path(run_dir) / "results.json")  # fail now, not after the scoring, if it cannot be merged into
+    run = load_run(run_dir, device=device)
+    model, cfg, dev = run.model, run.config, run.device
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir / "anomaly"
+    normal_label = normal_label or (cfg.data.labels[0] if len(cfg.data.labels) == 1 else None)
+    if normal_label is None:
+        raise UserError(
+            "this run was not fitted on one label; pass --normal-label or use 'medivae anomaly fit'"
+        )
+    if not 0 < fpr < 1 or k < 1 or n_maps < 0:
+        raise UserError(f"need 0 < --fpr < 1, --iwae-samples >= 1, --n-maps >= 0 (got {fpr}, {k}, {n_maps})")
+    if gradient:
+        require(model, "likelihood", "anomaly score --gradient")
+    sets = scoring_sets(cfg, normal_label, data, split)
+
+    def run(s, grad=False, draws=k):
+        return score_images(model, s.images, s.labels, draws, batch_size, cfg.train.seed, dev, grad, precision)
+
+    # the normal codes' Gaussian needs only the posterior means, so one draw is enough there
+    codes = run(sets["train"], draws=1).codes if len(sets["train"]) > 1 else None
+    val, scored = run(sets["val"]), run(sets["scored"], gradient)
+    gauss = fit_latent_gaussian(codes if codes is not None else val.codes)
+    for r in (val, scored):
+        r.scores["latent"] = mahalanobis(r.codes, gauss)
+    calib = calibrate(val.scores)
+    for r in (val, scored):
+        r.scores["combined"] = combined_score(r.scores, calib)
+    thr = threshold_at_fpr(val.scores["combined"], fpr)
+    result = {
+        "normal_label": normal_label, "data": data or cfg.data.source, "split": split, "iwae_samples": k,
+        "map": "gradient" if gradient else "residual", "n_scored": len(sets["scored"]),
+        "calibration": {"normals": len(val.maps), "z_score": calib},
+        "threshold": {"score": "combined", "target_fpr": fpr, "value": thr,
+                      "val_fpr": float((val.scores["combined"] > thr).mean())},
+    }  # fmt: skip
+    result.update(_write_outputs(out, sets, scored, thr, n_maps, f"normal = {normal_label!r}, {split} split"))
+    result["threshold"].update(n_flagged=result.pop("n_flagged"), **result.pop("threshold_rates", {}))
+    merge_results(run_dir / "results.json", "anomaly", result)
+    return result
+
+
+def _write_outputs(out: Path, sets: dict, scored: AnomalyScores, thr: float, n_maps: int, title: str) -> dict:
+    """scores.csv, maps.npz, overlays.png and (with labels) roc.png; returns the metric/file entries."""
+    s, code = sets["scored"], sets["normal_code"]
+    is_anomaly = None if code is None else (s.labels != code)
+    combined = scored.scores["combined"]
+    out.mkdir(parents=True, exist_ok=True)
+    write_scores_csv(out / "scores.csv", s, scored.scores, is_anomaly, combined > thr)
+    np.savez_compressed(out / "maps.npz", maps=scored.maps.astype(np.float16))
+    files = {"scores": str(out / "scores.csv"), "maps": str(out / "maps.npz")}
+    order = np.argsort(-combined)  # the most anomalous half of the panel first, then the most normal
+    pick = np.concatenate([order[: (n_maps + 1) // 2], order[::-1][: n_maps // 2]]) if n_maps else order[:0]
+    if len(pick):
+        names = [s.label_names[c] if c >= 0 else "?" for c in s.labels[pick]]
+        titles = [f"#{i} {n} score {combined[i]:.2f}" for i, n in zip(pick, names, strict=True)]
+        files["overlays"] = str(
+            plot_overlays(s.images[pick], scored.maps[pick], titles, out / "overlays.png")
+        )
+    entry: dict = {"n_flagged": int((combined > thr).sum()), "files": files}
+    if is_anomaly is None:
+        return entry
+    labelled = s.labels >= 0
+    y = is_anomaly[labelled]
+    entry.update(n_normal=int((~y).sum()), n_anomalous=int(y.sum()))
+    metrics = {n: detection_metrics(v[labelled], y) for n, v in scored.scores.items()}
+    if any(m is None for m in metrics.values()):
+        return entry
+    # no model at all: "simpler image = anomaly"; a score that does not beat it learned little
+    simplicity = -scored.png_nats
+    entry.update(metrics=metrics, baselines={"png_simplicity": detection_metrics(simplicity[labelled], y)},
+                 threshold_rates=rates_at(combined[labelled], y, thr))  # fmt: skip
+    files["roc"] = str(
+        plot_roc({n: v[labelled] for n, v in scored.scores.items()}, y, out / "roc.png", title)
+    )
+    return entry
