@@ -86,3 +86,25 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(t
     twins = {f"{n}.{s}" for n in ("last", "best") for s in ("tmp", "prev")}
     leftovers = [p.name for p in out.iterdir() if p.name in twins]
     assert not leftovers, leftovers
+
+
+def test_a_kill_between_last_and_best_is_repaired_on_resume(tmp_path):
+    """best/ is linked from last/ after last/ is written; a kill in between leaves best/ one epoch behind
+    while last/ says its epoch was the best. Resuming (even with no epoch left) links it again."""
+    import shutil
+
+    from medivae import api
+
+    from tiny import tiny_run
+
+    run = tmp_path / "run"
+    api.train(tiny_run("phantoms:100", epochs=1), run, progress=False)
+    shutil.copytree(run / "best", tmp_path / "best_epoch1")
+    api.train(tiny_run("phantoms:100", epochs=2), run, resume=True, progress=False)
+    state = json.loads((run / "last" / "state.json").read_text())
+    assert state["best_epoch"] == state["epoch"] == 2  # epoch 2 improved (the precondition)
+    shutil.rmtree(run / "best")
+    shutil.copytree(tmp_path / "best_epoch1", run / "best")  # as if killed before best/ was linked
+    api.train(tiny_run("phantoms:100", epochs=2), run, resume=True, progress=False)
+    assert json.loads((run / "best" / "state.json").read_text())["epoch"] == 2
+    assert (run / "best" / "model.safetensors").read_bytes() == (run / "last" / "model.safetensors").read_bytes()

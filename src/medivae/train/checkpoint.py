@@ -141,6 +141,31 @@ def save_checkpoint(
     _swap(tmp, folder, prev)
 
 
+def link_copy(src: Path, folder: Path) -> None:
+    """Make ``folder`` a checkpoint identical to the complete checkpoint ``src``, atomically like
+    :func:`save_checkpoint`, with hard links instead of a second serialisation (a copy where links are
+    not possible). Safe because a checkpoint file is never changed in place: a later save of ``src``
+    writes new files and swaps folders, so the linked inodes keep their bytes."""
+    src, folder = resolve(Path(src)), Path(folder)
+    tmp, prev = _twins(folder)
+    try:
+        recover(folder)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        names = sorted(p.name for p in src.iterdir() if p.name != MANIFEST) + [MANIFEST]  # the manifest last
+        for name in names:
+            try:
+                os.link(src / name, tmp / name)
+            except OSError:
+                shutil.copy2(src / name, tmp / name)
+        fsync_dir(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(_write_failure(folder, e)) from None
+    _swap(tmp, folder, prev)
+
+
 def _write_failure(folder: Path, e: OSError) -> str:
     kept = (
         f"the previous {folder.name}/ checkpoint is intact"

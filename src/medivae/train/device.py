@@ -69,20 +69,42 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def idle_cores(interval: float = 0.3) -> float | None:
-    """CPU cores left idle by every process over the next ``interval`` s (/proc/stat; None without it)."""
+def _cpu_snapshot() -> tuple[float, float, float]:
+    """(idle + iowait ticks of the machine, all its ticks, this process's own CPU seconds)."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    own = os.times()
+    return ticks[3] + ticks[4], sum(ticks), own.user + own.system
 
-    def snapshot() -> tuple[int, int]:
-        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
 
+_probe_start: tuple[float, float, float, float] | None = None  # (wall clock, *_cpu_snapshot())
+
+
+def start_idle_probe() -> None:
+    """Start measuring the cores other processes leave idle, so that ``idle_cores`` can use the time a run
+    spends loading data instead of sleeping for it (a short run's start-up, issue 15)."""
+    global _probe_start
     try:
-        idle0, all0 = snapshot()
-        time.sleep(interval)
-        idle1, all1 = snapshot()
+        _probe_start = (time.monotonic(), *_cpu_snapshot())
+    except (OSError, ValueError, IndexError):
+        _probe_start = None
+
+
+def idle_cores(interval: float = 0.3) -> float | None:
+    """CPU cores that other processes leave idle (/proc/stat; None without it), over at least ``interval``
+    seconds since :func:`start_idle_probe` (sleeping for what is missing). This process's own CPU time
+    counts as idle, since it is what the measurement is for: our own data loading must not look like load."""
+    start = _probe_start
+    try:
+        if start is None:
+            start = (time.monotonic(), *_cpu_snapshot())
+        time.sleep(max(0.0, interval - (time.monotonic() - start[0])))
+        idle1, all1, own1 = _cpu_snapshot()
     except (OSError, ValueError, IndexError):
         return None
-    return (os.cpu_count() or 1) * (idle1 - idle0) / max(all1 - all0, 1)
+    _, idle0, all0, own0 = start
+    ticks = max(all1 - all0, 1)
+    own_ticks = (own1 - own0) * os.sysconf("SC_CLK_TCK")
+    return min(float(os.cpu_count() or 1), (os.cpu_count() or 1) * (idle1 - idle0 + own_ticks) / ticks)
 
 
 @functools.lru_cache(maxsize=1)
@@ -109,6 +131,26 @@ def configure_threads(requested: int, device: torch.device) -> int:
     elif device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS") and auto_threads():
         torch.set_num_threads(auto_threads())
     return torch.get_num_threads()
+
+
+def preload_in_background(*modules: str) -> None:
+    """Import ``modules`` on a daemon thread while the caller goes on (e.g. loads data).
+
+    Why: building the first optimizer imports torch._dynamo (torch's ``add_param_group`` is wrapped in
+    ``torch._disable_dynamo``), about 1 s, and the report imports matplotlib, about 0.4 s; a short run
+    otherwise pays both on the critical path (issue 15). Python's import lock makes a later import of the
+    same module wait for this one instead of importing it twice."""
+    import importlib
+    import threading
+
+    def load():
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001  (a failed preload only means the import happens later)
+                pass
+
+    threading.Thread(target=load, name="medivae-preload", daemon=True).start()
 
 
 @functools.lru_cache(maxsize=1)

@@ -142,9 +142,9 @@ class Trainer:
                 self.state.best_val, self.state.best_epoch = va["loss"], epoch
             if self.main:
                 self._log(epoch, tr, va, seconds, len(train))
-                if improved:  # best before last: a kill between them redoes the epoch and rewrites best
-                    self.save("best")
                 self.save("last")
+                if improved:  # a kill before this is repaired on resume (see resume: _repair_best)
+                    ckpt.link_copy(self.run_dir / "last", self.run_dir / "best")
         distributed.barrier()  # nobody returns before rank 0 has written the last checkpoint
         return self.state
 
@@ -338,10 +338,21 @@ class Trainer:
             extra_tensors=rng,
         )
 
+    def _repair_best(self) -> None:
+        """best/ is linked from last/ after last/ is written; a kill between the two leaves last/ saying its
+        own epoch was the best while best/ holds an older one. Link it again, so best/ is never stale."""
+        last = _state_epochs(self.run_dir / "last")
+        if last is None or last[0] != last[1]:
+            return
+        best = _state_epochs(self.run_dir / "best")
+        if best is None or best[0] != last[0]:
+            ckpt.link_copy(self.run_dir / "last", self.run_dir / "best")
+
     def resume(self) -> None:
         if self.main:  # finish a checkpoint swap that a kill interrupted (also when no epoch is left to run)
             for name in ("last", "best"):
                 ckpt.recover(self.run_dir / name)
+            self._repair_best()
         distributed.barrier()
         state = ckpt.load_checkpoint(self.run_dir / "last", self.model, self.optimizers)
         rng = state.pop("rng", {})
@@ -356,6 +367,15 @@ class Trainer:
         known = set(vars(TrainState()))
         self.state = TrainState(**{k: v for k, v in state.items() if k in known})
         self.model.to(device=self.device, memory_format=self.memory_format)
+
+
+def _state_epochs(folder: Path) -> tuple[int, int] | None:
+    """(epoch, best_epoch) of a checkpoint's state.json, or None when it has none (or no checkpoint)."""
+    try:
+        state = json.loads((ckpt.resolve(folder) / "state.json").read_text())
+        return int(state["epoch"]), int(state["best_epoch"])
+    except (UserError, OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _batch_sums(terms: dict[str, torch.Tensor], b: int) -> dict[str, float]:
