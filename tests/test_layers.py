@@ -45,8 +45,10 @@ def _owner(name: str, modules: dict[str, Path]) -> str | None:
 
 
 def _imported(node: ast.AST, module: str, modules: dict[str, Path]) -> set[str]:
-    """Package modules one import statement brings in. Parent packages that Python also imports
-    implicitly are not edges: otherwise every ``__init__`` that imports a submodule is a cycle."""
+    """Package modules one import statement brings in, with the parent packages Python runs first.
+    A parent package that contains ``module`` is not an edge (it is already being imported when
+    ``module`` runs; otherwise every ``__init__`` that imports a submodule would be a cycle), but one
+    outside it is: ``medivae.losses`` importing ``medivae.models.outputs`` runs ``models/__init__.py``."""
     if isinstance(node, ast.Import):
         names = [alias.name for alias in node.names]
     elif isinstance(node, ast.ImportFrom):
@@ -55,7 +57,17 @@ def _imported(node: ast.AST, module: str, modules: dict[str, Path]) -> set[str]:
         names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
     else:
         return set()
-    return {m for m in (_owner(n, modules) for n in names) if m is not None}
+    targets = {m for m in (_owner(n, modules) for n in names) if m is not None}
+    return targets | {p for t in targets for p in _parents(t) if p in modules and not _inside(module, p)}
+
+
+def _parents(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:n]) for n in range(1, len(parts))]
+
+
+def _inside(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
 
 
 def _import_graph(package_dir: Path, package_name: str) -> dict[str, set[str]]:
@@ -107,3 +119,54 @@ def test_data_imports_are_acyclic():
     assert "medivae.data.readers" in graph["medivae.data.sources"], "the parser found no imports"
     cycle = _find_cycle(graph)
     assert cycle is None, "import cycle in medivae.data: " + " -> ".join(cycle or [])
+
+
+# --- the whole package -------------------------------------------------------------------------------
+# Layers, lowest first: data -> models -> losses -> train -> run -> evaluation -> workflows -> api ->
+# commands/cli. ``config`` may import ``models`` (lazily, to build a family's config), never the reverse:
+# what both check against (image sizes, likelihoods) lives in ``constants``. ``report`` renders files
+# and never imports torch, so it reads them only through ``results``, ``errors``, ``io`` and ``version``.
+UPWARD = {  # importer layers -> layers they must never import
+    ("medivae.evaluation",): ("medivae.api", "medivae.workflows", "medivae.commands", "medivae.cli"),
+    ("medivae.run", "medivae.train", "medivae.models", "medivae.data"):
+        ("medivae.evaluation", "medivae.workflows", "medivae.api", "medivae.commands", "medivae.cli"),
+    ("medivae.workflows",): ("medivae.api", "medivae.commands", "medivae.cli"),
+    ("medivae.api",): ("medivae.commands", "medivae.cli"),
+    ("medivae.models",): ("medivae.config",),
+}
+REPORT_MAY_IMPORT = ("medivae.report", "medivae.results", "medivae.errors", "medivae.io", "medivae.version")
+
+
+def _in(module: str, layers: tuple[str, ...]) -> bool:
+    return any(_inside(module, p) for p in layers)
+
+
+def _package_graph() -> dict[str, set[str]]:
+    graph = _import_graph(SRC / "medivae", "medivae")
+    # function-level imports count: api reaches workflows only inside its functions
+    assert "medivae.workflows.evaluate" in graph["medivae.api"], "the parser missed a function-level import"
+    return graph
+
+
+def test_package_layers_import_one_way():
+    graph = _package_graph()
+    wrong = sorted(
+        f"{m} -> {t}"
+        for importers, forbidden in UPWARD.items()
+        for m, targets in graph.items() if _in(m, importers)
+        for t in targets if _in(t, forbidden)
+    )
+    assert not wrong, "imports that run back up a layer: " + "; ".join(wrong)
+
+
+def test_report_and_results_stay_free_of_torch_layers():
+    graph = _package_graph()
+    wrong = sorted(f"{m} -> {t}" for m, targets in graph.items() if _in(m, ("medivae.report",))
+                   for t in targets if not _in(t, REPORT_MAY_IMPORT))
+    assert not wrong, "report imports beyond results/errors/io/version: " + "; ".join(wrong)
+    assert graph["medivae.results"] <= {"medivae.errors", "medivae.io"}
+
+
+def test_package_imports_are_acyclic():
+    cycle = _find_cycle(_package_graph())
+    assert cycle is None, "import cycle in medivae: " + " -> ".join(cycle or [])

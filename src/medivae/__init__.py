@@ -3,7 +3,9 @@
 Nothing heavy runs at import; the Python API lives in :mod:`medivae.api`.
 """
 
-__version__ = "0.1.0"
+from medivae.version import __version__
+
+__all__ = ["__version__", "load"]
 
 
 def load(run_dir, which: str = "best", device: str = "auto"):

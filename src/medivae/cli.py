@@ -7,8 +7,8 @@ import importlib
 import sys
 import warnings
 
-from medivae import __version__
 from medivae.errors import UserError
+from medivae.version import __version__
 
 # one module per command group under medivae.commands, each with add(subparsers)
 COMMAND_MODULES = (

@@ -8,11 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medivae.constants import IMAGE_SIZES
 from medivae.errors import UserError
 from medivae.seeding import DEFAULT_SEED
 
-IMAGE_SIZES = (32, 64, 128, 256)
-LIKELIHOODS = ("bernoulli", "gaussian", "discretized_logistic")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 KL_SCHEDULES = ("constant", "linear", "cyclical")
 
@@ -98,7 +97,7 @@ class RunConfig:
     label_names: tuple[str, ...] = ()  # filled from the data source when the run starts
 
     def to_dict(self) -> dict[str, Any]:
-        from medivae import __version__
+        from medivae.version import __version__
 
         return {**dataclasses.asdict(self), "medivae_version": __version__}
 

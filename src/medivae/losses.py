@@ -10,8 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from medivae.models.outputs import VAEOutput
-
 
 @dataclass
 class ELBOTerms:
@@ -38,10 +36,9 @@ def free_bits_kl(kl_per_dim: torch.Tensor, free_bits: float) -> torch.Tensor:
     return torch.where(mean_j >= free_bits, kl_per_dim, floor).sum(1)
 
 
-def neg_elbo(
-    likelihood, out: VAEOutput, x: torch.Tensor, beta: float = 1.0, free_bits: float = 0.0
-) -> ELBOTerms:
-    """x: float (B, C, H, W) in [0, 1]. Returns per-sample terms."""
+def neg_elbo(likelihood, out, x: torch.Tensor, beta: float = 1.0, free_bits: float = 0.0) -> ELBOTerms:
+    """x: float (B, C, H, W) in [0, 1]; ``out``: a forward output with ``recon_params`` and a
+    ``posterior`` (``models.outputs.VAEOutput``; not imported: models import losses). Per-sample terms."""
     rec = -likelihood.log_prob(out.recon_params, x)
     kl_per_dim = out.posterior.kl_per_dim()
     kl = kl_per_dim.sum(1)

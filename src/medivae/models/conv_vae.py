@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medivae.config import IMAGE_SIZES, LIKELIHOODS
+from medivae.constants import IMAGE_SIZES, LIKELIHOODS
 from medivae.errors import UserError
 from medivae.losses import kl_weight, neg_elbo
 from medivae.models.blocks import decoder_trunk, encoder_trunk, widths_for

@@ -201,8 +201,6 @@ def _load_plugins() -> None:
 
 
 def get_family(name: str, written_by: str | None = None) -> Family:
-    import medivae.models  # noqa: F401  (registers the built-in families)
-
     _load_plugins()
     if name not in REGISTRY:
         origin = f" (this run was written by medivae {written_by})" if written_by else ""

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medivae.config import IMAGE_SIZES, DataConfig
+from medivae.config import DataConfig
+from medivae.constants import IMAGE_SIZES
 from medivae.data import load_dataset
 from medivae.data.folder import decode_image, read_csv_list
 from medivae.data.imageset import ImageSet
