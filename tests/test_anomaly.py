@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -170,6 +171,15 @@ def test_bad_input_exits_2(argv, message, tmp_path, capsys):
     assert main(argv + (TINY if argv[1] == "fit" else [])) == 2
     err = capsys.readouterr().err
     assert err.startswith("medivae: error:") and message in err and err.count("\n") == 1
+
+
+def test_an_unreadable_results_json_is_refused_before_scoring(normal_run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(normal_run, copy)
+    (copy / "results.json").write_text("{broken")
+    assert main(["anomaly", "score", str(copy), "--out", str(tmp_path / "scores")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert (copy / "results.json").read_text() == "{broken" and not (tmp_path / "scores").exists()
 
 
 def test_bad_fpr_exits_2(normal_run, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -150,6 +151,15 @@ def test_bad_input_exits_2(one_class_run, tmp_path, capsys, extra, message):
     assert main(["synthesize", str(one_class_run), "--out", str(tmp_path / "x"), *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("medivae: error:") and message in err
+
+
+def test_an_unreadable_results_json_is_refused_before_sampling(one_class_run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(one_class_run, copy)
+    (copy / "results.json").write_text("[]")
+    assert main(["synthesize", str(copy), "--out", str(tmp_path / "syn"), "-n", "4"]) == 2
+    assert "expected a JSON object" in capsys.readouterr().err
+    assert (copy / "results.json").read_text() == "[]" and not (tmp_path / "syn").exists()
 
 
 def test_label_plan_balances_conditional_runs_and_names_one_class_runs():

@@ -18,6 +18,7 @@ from pathlib import Path
 from medivae.errors import UserError
 from medivae.io import atomic_write_text
 
+RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.jsonl"
 
 

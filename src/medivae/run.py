@@ -1,5 +1,5 @@
 """Opening a run folder: its config, its family's model with the saved weights, and its data with the
-exact split it was trained on. The one module that does this, below both ``api`` and ``evaluation``.
+exact split it was trained on. The one module that does this, below ``workflows`` and ``api``.
 
 ``medivae.load("runs/x")`` returns a :class:`Run` whose methods return tensors, for notebooks::
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medivae.errors import UserError
-from medivae.results import read_metrics, read_results
+from medivae.results import RESULTS_FILE, read_metrics, read_results
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SKIP_DIRS = ("last", "best", "last.prev", "best.prev", "tensorboard")
@@ -36,7 +36,7 @@ def read_run(run_dir: str | Path) -> RunFiles:
     run.config = _read_json(run_dir / "config.json", run.problems)
     run.data = public(_read_json(run_dir / "data.json", run.problems))
     run.env = _read_json(run_dir / "env.json", run.problems)
-    run.results = _read_results(run_dir / "results.json", run.problems)
+    run.results = _read_results(run_dir / RESULTS_FILE, run.problems)
     run.metrics = read_metrics(run_dir, run.problems)
     run.images = find_images(run_dir)
     if run.config is None and not run.metrics and not run.results and not run.images:

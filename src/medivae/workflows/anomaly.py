@@ -30,7 +30,7 @@ from medivae.evaluation.anomaly import (
 )
 from medivae.io import atomic_write_text
 from medivae.models.family import require
-from medivae.results import merge_results, read_results
+from medivae.results import RESULTS_FILE, merge_results, read_results
 from medivae.run import load_run
 
 
@@ -156,7 +156,7 @@ def write_scores_csv(path: Path, scored, scores: dict[str, np.ndarray], is_anoma
 def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr=0.05, k=16,
               gradient=False, n_maps=16, batch_size=128, device="auto", precision="fp32") -> dict:  # fmt: skip
     """Score a split with a run fitted on normals; write scores.csv, maps, ROC and results.json["anomaly"]."""
-    read_results(Path(run_dir) / "results.json")  # fail now, not after the scoring, if it cannot be merged into
+    read_results(Path(run_dir) / RESULTS_FILE)  # fail now, not after the scoring, if it cannot be merged into
     run = load_run(run_dir, device=device)
     model, cfg, dev = run.model, run.config, run.device
     run_dir = Path(run_dir)
@@ -194,7 +194,7 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
     }  # fmt: skip
     result.update(_write_outputs(out, sets, scored, thr, n_maps, f"normal = {normal_label!r}, {split} split"))
     result["threshold"].update(n_flagged=result.pop("n_flagged"), **result.pop("threshold_rates", {}))
-    merge_results(run_dir / "results.json", "anomaly", result)
+    merge_results(run_dir / RESULTS_FILE, "anomaly", result)
     return result
 
 

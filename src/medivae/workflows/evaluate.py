@@ -41,7 +41,7 @@ from medivae.evaluation.likelihood import likelihood_bounds
 from medivae.evaluation.reconstruction import per_image_metrics
 from medivae.generate import reconstruct, sample_images
 from medivae.models.family import MISSING, has, labels_for
-from medivae.results import merge_results, read_results
+from medivae.results import RESULTS_FILE, merge_results, read_results
 from medivae.run import load_run
 from medivae.seeding import numpy_rng, torch_generator
 
@@ -168,7 +168,7 @@ def evaluate_run(run_dir, data: str | None = None, opts: EvalOptions | None = No
     "evaluation", return that block. A section the family cannot have is None, and ``absent`` says why."""
     opts = opts or EvalOptions()
     timed = _Timer()
-    results_path = Path(run_dir) / "results.json"
+    results_path = Path(run_dir) / RESULTS_FILE
     read_results(results_path)  # fail now, not after minutes of work, if it cannot be merged into
     inception = _load_inception(opts.inception_weights)
     run = load_run(run_dir, which=opts.checkpoint, device=device)

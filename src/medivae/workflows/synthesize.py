@@ -23,7 +23,7 @@ from medivae.evaluation.privacy import SpaceCheck, check_space, memorisation_rep
 from medivae.generate import grid, sample_images, save_png
 from medivae.io import atomic_write_bytes, atomic_write_text
 from medivae.models.family import has, require
-from medivae.results import merge_results, read_results
+from medivae.results import RESULTS_FILE, merge_results, read_results
 from medivae.run import load_run
 from medivae.seeding import torch_generator
 from medivae.workflows.evaluate import reference_description
@@ -114,7 +114,7 @@ def synthesize_run(
         raise UserError(
             f"need -n >= 1, 0 <= --percentile <= 100, --format png|npz (got {n}, {percentile}, {fmt})"
         )
-    read_results(Path(run_dir) / "results.json")  # fail now, not after sampling, if it cannot be merged into
+    read_results(Path(run_dir) / RESULTS_FILE)  # fail now, not after sampling, if it cannot be merged into
     run = load_run(run_dir, device=device)
     model, cfg, dev = run.model, run.config, run.device
     require(model, "sample", "synthesize")
@@ -155,7 +155,7 @@ def synthesize_run(
         files=files,
     )
     atomic_write_text(out / "memorisation.json", json.dumps(report, indent=2) + "\n")
-    merge_results(Path(run_dir) / "results.json", "privacy", report)
+    merge_results(Path(run_dir) / RESULTS_FILE, "privacy", report)
     return report
 
 
