@@ -1,0 +1,84 @@
+"""Run folders written before the family contract still open; a family medivae does not know is named
+with the version that wrote the run; --resume refuses settings that differ from the run's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medivae import api
+from medivae.cli import main
+from medivae.errors import UserError
+from medivae.models import build_model, model_config
+from medivae.run import load_run
+from medivae.train import checkpoint as ckpt
+
+from tiny import tiny_run
+
+# config.json["model"] as medivae 0.1.0 wrote it, before families had their own config classes
+OLD_MODEL = {"name": "cvae", "image_size": 32, "channels": 1, "latent_dim": 4, "base_width": 4, "max_width": 16,
+             "likelihood": "bernoulli", "gaussian_sigma": 0.1, "num_classes": 2, "beta": 1.0}
+
+
+def _old_run(tmp_path, model: dict, written: dict | None = None):
+    """A run folder whose best/ holds ``model``'s weights and, as config.json["model"], ``written``
+    (default: ``model`` itself)."""
+    cfg = tiny_run().to_dict()
+    cfg.pop("medivae_version")
+    cfg["model"], cfg["label_names"] = written or model, ["normal", "lesion"]
+    run = tmp_path / "old"
+    torch.manual_seed(0)
+    net = build_model(model_config(model["name"], **{k: v for k, v in model.items() if k != "name"}))
+    ckpt.save_checkpoint(run / "best", net, cfg)
+    return run, net
+
+
+def test_a_run_written_before_the_family_contract_still_loads(tmp_path):
+    run, net = _old_run(tmp_path, OLD_MODEL)
+    opened = load_run(run, device="cpu")
+    assert opened.config.model.num_classes == 2 and "conditional" in opened.model.capabilities
+    x, y = torch.rand(3, 1, 32, 32), torch.tensor([0, 1, 1])
+    torch.testing.assert_close(opened.model.eval().reconstruct(x, y), net.eval().reconstruct(x, y))
+
+
+def test_an_unknown_family_names_the_version_that_wrote_the_run(tmp_path, capsys):
+    run, _ = _old_run(tmp_path, OLD_MODEL)
+    cfg = json.loads((run / "best" / "config.json").read_text())
+    cfg["model"]["name"], cfg["medivae_version"] = "wavelet_vae", "9.9.9"
+    ckpt.save_checkpoint(run / "best", build_model(model_config("cvae", image_size=32, num_classes=2)), cfg)
+    assert main(["sample", str(run), "-n", "2", "--out", str(tmp_path / "s.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "wavelet_vae" in err and "9.9.9" in err and "conv_vae" in err
+
+
+def test_a_misspelled_model_key_is_refused_by_name(tmp_path):
+    with pytest.raises(UserError, match="latent_dimm"):
+        model_config("conv_vae", latent_dimm=8)
+    run, _ = _old_run(tmp_path, OLD_MODEL, {**OLD_MODEL, "latnt_dim": 4})
+    with pytest.raises(UserError, match="latnt_dim"):
+        load_run(run, device="cpu")
+
+
+def test_resume_refuses_changed_settings_and_allows_more_epochs(tmp_path, capsys):
+    args = ["train", "--data", "phantoms:80", "--image-size", "32", "--model-arg", "base_width=4",
+            "--model-arg", "max_width=16", "--latent-dim", "4", "--batch-size", "32", "--precision", "fp32",
+            "--no-progress", "--out", str(tmp_path / "r")]
+    assert main([*args, "--epochs", "1"]) == 0
+    before = (tmp_path / "r" / "last" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main([*args, "--epochs", "2", "--resume", "--lr", "0.1", "--latent-dim", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "train.lr" in err and "model.latent_dim" in err
+    assert (tmp_path / "r" / "last" / "model.safetensors").read_bytes() == before  # nothing was trained
+    assert main([*args, "--epochs", "2", "--resume"]) == 0  # the same flags, more epochs
+    assert json.loads((tmp_path / "r" / "last" / "state.json").read_text())["epoch"] == 2
+
+
+def test_resume_from_python_compares_the_whole_config(tmp_path):
+    cfg = tiny_run("phantoms:80", epochs=1)
+    api.train(cfg, tmp_path / "r", progress=False)
+    other = tiny_run("phantoms:80", epochs=2, lr=0.5)
+    with pytest.raises(UserError, match="train.lr"):
+        api.train(other, tmp_path / "r", resume=True, progress=False)
