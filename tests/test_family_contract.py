@@ -553,10 +553,6 @@ def test_a_run_of_an_unregistered_family_is_one_line(no_prior_run, capsys, monke
     assert f"unknown model {AE.name!r}" in err
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "report/render.py generation_section: without an evaluation in results.json the report does not know the "
-    "family's capabilities, so it tells a family that cannot sample to run 'medivae sample RUN' and "
-    "'medivae interpolate RUN --mode slerp', which exit 2"))
 def test_report_suggests_no_command_the_family_cannot_run(no_prior_run):
     text = re.sub(r"<[^>]+>", " ", (no_prior_run / "report.html").read_text())
     assert "medivae sample" not in text and "medivae interpolate" not in text
@@ -675,10 +671,6 @@ def test_resume_with_another_setting_exits_2_naming_it(family, trained, capsys):
     assert (trained / "last" / "manifest.json").read_bytes() == before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "api.py check_resume_settings skips train.epochs entirely (its docstring: never shrink below the saved "
-    "run's): '--resume --epochs 1' on a 2-epoch run exits 0 and rewrites config.json with epochs 1 while "
-    "last/ holds epoch 2"))
 def test_resume_with_fewer_epochs_than_trained_exits_2(no_prior_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(no_prior_run, run)
@@ -710,16 +702,21 @@ subprocess_test = pytest.mark.skipif(QUICK, reason="MEDIVAE_CONTRACT_QUICK=1: no
 
 @subprocess_test
 def test_subprocess_sigkill_during_training_then_resume_is_bitwise_uninterrupted(family, longer, tmp_path):
-    out, epochs = tmp_path / "killed", EPOCHS.get(family, 1) + 1
-    argv = [sys.executable, "-m", "medivae", *train_argv(family, out, epochs=epochs)]
-    p = subprocess.Popen(argv, env=plugin_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    end = time.monotonic() + 120
-    while epoch_saved(out) < 1 and p.poll() is None and time.monotonic() < end:
-        time.sleep(0.001)
-    assert p.poll() is None, p.stderr.read().decode()[-2000:]  # still training when epoch 1 was on disk
-    p.kill()
-    p.wait()
-    assert epoch_saved(out) == 1  # killed during the second epoch: the resume has work to do
+    epochs = EPOCHS.get(family, 1) + 1
+    for attempt in range(3):  # a kill that comes after the second epoch is on disk (a loaded machine) again
+        out = tmp_path / f"killed{attempt}"
+        argv = [sys.executable, "-m", "medivae", *train_argv(family, out, epochs=epochs)]
+        p = subprocess.Popen(argv, env=plugin_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        end = time.monotonic() + 120
+        while epoch_saved(out) < 1 and p.poll() is None and time.monotonic() < end:
+            time.sleep(0.001)
+        assert p.poll() is None, p.stderr.read().decode()[-2000:]  # still running when epoch 1 was on disk
+        p.kill()
+        p.wait()
+        if epoch_saved(out) == 1:  # killed during the second epoch: the resume has work to do
+            break
+    else:
+        pytest.fail("three kills all came after the second epoch was saved")
     assert main([*train_argv(family, out, epochs=epochs), "--resume"]) == 0
     assert_same_checkpoint(out / "last", longer / "last")
     assert_same_checkpoint(out / "best", longer / "best")
@@ -736,10 +733,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def torchrun_launch(family, tmp_path_factory):
+def torchrun_launch(family, request, tmp_path_factory):
     """A 2-process gloo torchrun training of the family, started with its shared run so that it runs beside
     the family's tests (which keep to one thread); test_subprocess_torchrun_two_gloo_processes checks it."""
-    if QUICK:
+    wanted = any(item.originalname == "test_subprocess_torchrun_two_gloo_processes"
+                 and item.callspec.params.get("family") == family for item in request.session.items)
+    if QUICK or not wanted:
         yield None
         return
     folder = tmp_path_factory.mktemp(family)

@@ -34,7 +34,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
         check_resumable(run_dir)
         saved = RunConfig.load(run_dir / "config.json")
         check_resume_settings(saved, cfg, compare)
-        cfg = dataclasses.replace(saved, train=dataclasses.replace(saved.train, epochs=cfg.train.epochs))
+        epochs = cfg.train.epochs if compare is None or "train.epochs" in compare else saved.train.epochs
+        cfg = dataclasses.replace(saved, train=dataclasses.replace(saved.train, epochs=epochs))
     elif ckpt.exists(run_dir / "last"):
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     t = cfg.train
@@ -75,6 +76,7 @@ def _record_environment(run_dir: Path, trainer: Trainer) -> None:
     dev = trainer.device
     write_environment(
         run_dir, device=str(dev), seed=trainer.cfg.train.seed, threads=torch.get_num_threads(),
+        model=trainer.cfg.model.name, capabilities=sorted(trainer.model.capabilities),
         precision=str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp_dtype else "fp32",
         gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
     )
@@ -109,6 +111,9 @@ def _public_meta(meta: dict) -> dict:
 def check_resume_settings(saved: RunConfig, cfg: RunConfig, compare: set[str] | None = None) -> None:
     """A one-line UserError naming every setting of ``cfg`` that differs from the run being resumed
     (only those in ``compare`` when given); ``train.epochs`` may grow, never shrink below the saved run's."""
+    if (compare is None or "train.epochs" in compare) and cfg.train.epochs < saved.train.epochs:
+        raise UserError(f"--resume: --epochs may only grow; this run is set for {saved.train.epochs} epochs "
+                        f"(train.epochs), not {cfg.train.epochs}")
     if hasattr(cfg.model, "for_data"):  # what the model config became when the run met its data
         cfg = dataclasses.replace(cfg, model=cfg.model.for_data(saved.label_names, saved.data.source))
     old, new = _flat(saved.to_dict()), _flat(cfg.to_dict())

@@ -116,7 +116,7 @@ SETTINGS = {
     "normalize": ("data.normalize",), "nifti_axis": ("data.nifti_axis",), "no_cache": ("data.cache",),
     "image_size": ("data.image_size", "model.image_size"), "channels": ("data.channels", "model.channels"),
     "model": ("model.name",), **{k: (f"model.{k}",) for k in MODEL_FLAGS},
-    "batch_size": ("train.batch_size",), "lr": ("train.lr",), "seed": ("train.seed",),
+    "epochs": ("train.epochs",), "batch_size": ("train.batch_size",), "lr": ("train.lr",), "seed": ("train.seed",),
     "precision": ("train.precision",), "device": ("train.device",), "kl_schedule": ("train.kl_schedule",),
     "warmup_epochs": ("train.warmup_epochs",), "free_bits": ("train.free_bits",),
     "grad_clip": ("train.grad_clip",), "compile": ("train.compile",), "threads": ("train.num_threads",),

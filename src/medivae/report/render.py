@@ -213,11 +213,14 @@ def generation_section(rep: Report, traversals: list[Path]) -> str:
 
 
 def _lacking(rep: Report, needs) -> str:
-    """Why the run's family cannot make a figure, when the evaluation recorded its capabilities; else ""."""
+    """Why the run's family cannot make a figure, from the capabilities the evaluation or the training run
+    (env.json) recorded; "" when it can, or when nothing says."""
     model = _dict(_dict(rep.run.results.get("evaluation")).get("model"))
-    caps = model.get("capabilities")
+    env = _dict(rep.run.env)
+    caps = model.get("capabilities", env.get("capabilities"))
+    name = model.get("name", env.get("model"))
     missing = [c for c in needs if isinstance(caps, list) and c not in caps]
-    return f"{model.get('name')} lacks the {' and '.join(missing)} capability" if missing else ""
+    return f"{name} lacks the {' and '.join(missing)} capability" if missing else ""
 
 
 def evaluation_section(rep: Report, figures: list[Path]) -> str:
