@@ -113,3 +113,84 @@ def test_utility_bad_input_exits_2(real_npz, tmp_path, capsys):
     assert main(["utility", "--real", str(real_npz), "--synthetic", str(tmp_path / "odd")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("medivae: error:") and "tumour" in err
+
+
+# --- the real data of a run: its own split and labels (issue 20, bug 1) -------------------------------------
+def _run_on(source: str, labels: tuple[str, ...], folder):
+    import dataclasses
+
+    import torch
+
+    from medivae.run import Run
+    from medivae.seeding import DEFAULT_SEED
+
+    from tiny import tiny_run
+
+    cfg = tiny_run(source, seed=DEFAULT_SEED)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=labels))
+    return Run(folder, cfg, None, torch.device("cpu"))  # splits() needs only the config
+
+
+def test_utility_with_a_run_tests_on_no_image_the_run_trained_on(tmp_path):
+    from medivae.workflows.utility import _source_splits, image_hashes, run_real_splits
+
+    run = _run_on("phantoms:600", ("lesion",), tmp_path / "lesion")
+    trained = set(image_hashes(run.splits()["train"].images))
+    splits, info = run_real_splits([run])
+    test = splits["test"]
+    assert not trained & set(image_hashes(test.images))
+    assert set(np.unique(test.labels)) == {0, 1} and info["labels_from_rest_of_source"] == ["normal"]
+    lesion = test.label_names.index("lesion")
+    own_test = run.splits()["test"]
+    assert sorted(image_hashes(test.images[test.labels == lesion])) == sorted(image_hashes(own_test.images))
+    # the bug: utility's own re-split of the source put training images of the run in its test set
+    old, _ = _source_splits("phantoms:600", 32, 1, None, 0.1, 0.1)
+    assert trained & set(image_hashes(old["test"].images))
+
+
+def test_two_one_class_runs_share_no_image_between_any_training_set_and_the_test_set(tmp_path):
+    from medivae.workflows.utility import image_hashes, run_real_splits
+
+    runs = [_run_on("phantoms:300", (c,), tmp_path / c) for c in ("lesion", "normal")]
+    splits, info = run_real_splits(runs)
+    trained = set().union(*(set(image_hashes(r.splits()["train"].images)) for r in runs))
+    assert not trained & set(image_hashes(splits["test"].images))
+    assert info["labels_from_rest_of_source"] == []
+
+
+def test_a_real_source_that_is_not_the_runs_is_refused(tmp_path):
+    from medivae.errors import UserError
+    from medivae.workflows.utility import _check_same_data
+
+    run = _run_on("phantoms:600", ("lesion",), tmp_path / "lesion")
+    _check_same_data([run], "phantoms:600")
+    with pytest.raises(UserError, match="not the source the run"):
+        _check_same_data([run], "phantoms:500")
+    with pytest.raises(UserError, match="differ in"):
+        _check_same_data([run, _run_on("phantoms:300", ("normal",), tmp_path / "n")], None)
+
+
+def test_utility_cli_with_a_run(tmp_path, capsys):
+    import dataclasses
+
+    from medivae import api
+
+    from tiny import tiny_run
+
+    cfg = tiny_run("phantoms:160", epochs=1)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=("lesion",)))
+    run = api.train(cfg, tmp_path / "run", progress=False)
+    syn = _separable(24, 9, size=32)
+    write_synthetic(tmp_path / "syn", syn.images, ["normal" if c == 0 else "lesion" for c in syn.labels],
+                    ("normal", "lesion"), "npz")
+    out = tmp_path / "u.json"
+    argv = ["utility", "--run", str(run), "--synthetic", str(tmp_path / "syn"), "--out", str(out)]
+    tail = "--epochs 1 --width 4 --batch-size 16 --no-progress --device cpu --bootstrap 50".split()
+    assert main([*argv, *tail]) == 0
+    r = json.loads(out.read_text())
+    assert r["real"] == "phantoms:160" and r["real_split"]["runs"] == [str(run)]
+    lo, hi = r["real_only"]["ci95"]["accuracy"]
+    assert lo <= r["real_only"]["accuracy"] <= hi
+    assert " [" in capsys.readouterr().out
+    assert main([*argv, "--real", "phantoms:150", *tail]) == 2
+    assert "not the source the run" in capsys.readouterr().err

@@ -272,12 +272,14 @@ def synthesize(run_dir, n: int, out, label: str | None = None, percentile: float
                           progress)
 
 
-def utility(real: str, synthetic, out=None, epochs: int = 10, seed: int | None = None, width: int = 32,
+def utility(real: str | None, synthetic, out=None, epochs: int = 10, seed: int | None = None, width: int = 32,
             val_fraction: float = 0.1, test_fraction: float = 0.1, device: str = "auto",
-            progress: bool = True, batch_size: int = 128) -> dict:
-    """TSTR (train on synthetic, test on real), real + synthetic and real-only, on ``real``'s test split."""
+            progress: bool = True, batch_size: int = 128, runs=None, bootstrap: int = 1000) -> dict:
+    """TSTR (train on synthetic, test on real), real + synthetic and real-only on a real test split;
+    ``runs``: the VAE run folders the synthetic images came from, whose exact split and labels are used."""
     from medivae.workflows.utility import utility_run
 
     synthetic = [synthetic] if isinstance(synthetic, (str, Path)) else list(synthetic)
+    runs = [runs] if isinstance(runs, (str, Path)) else runs
     return utility_run(real, synthetic, out, epochs, seed, width, val_fraction, test_fraction, device,
-                       progress, batch_size)
+                       progress, batch_size, runs=runs, bootstrap=bootstrap)

@@ -36,6 +36,23 @@ def classification_metrics(proba: np.ndarray, labels: np.ndarray, names: tuple[s
     }
 
 
+def classification_ci(proba: np.ndarray, labels: np.ndarray, names: tuple[str, ...], n_boot: int,
+                      seed: int) -> dict:
+    """95 % bootstrap intervals of AUC and accuracy, resampling the real test images."""
+    from medivae.evaluation.bootstrap import auroc, statistic_ci
+
+    def auc(p, y):
+        if len(np.unique(y)) < 2:
+            return None
+        return auroc(y == 1, p[:, 1]) if len(names) == 2 else classification_metrics(p, y, names)["auc"]
+
+    return {
+        "auc": statistic_ci(auc, proba, labels, n_boot=n_boot, seed=seed),
+        "accuracy": statistic_ci(lambda p, y: float((p.argmax(1) == y).mean()), proba, labels,
+                                 n_boot=n_boot, seed=seed),
+    }
+
+
 def train_and_score(
     train: ImageSet,
     test: ImageSet,
@@ -46,6 +63,7 @@ def train_and_score(
     progress: bool,
     device,
     batch_size: int = 128,
+    bootstrap: int = 0,
 ) -> dict:
     from medivae.evaluation.classifier import fit_classifier, predict_proba
 
@@ -60,7 +78,10 @@ def train_and_score(
         progress=progress,
         device=device,
     )
-    out = classification_metrics(predict_proba(model, test.images, device=device), test.labels, names)
+    proba = predict_proba(model, test.images, device=device)
+    out = classification_metrics(proba, test.labels, names)
+    if bootstrap:
+        out["ci95"] = classification_ci(proba, test.labels, names, bootstrap, seed)
     out["n_train"] = int(len(train))
     out["train_labels"] = {
         names[c]: int(m) for c, m in zip(*np.unique(train.labels, return_counts=True), strict=True)
@@ -78,6 +99,7 @@ def tstr(
     progress: bool = True,
     device="cpu",
     batch_size: int = 128,
+    bootstrap: int = 0,
 ) -> dict:
     """{"synthetic_only", "real_plus_synthetic", "real_only"} -> metrics on ``real_test``.
     All three share label codes (``real_train.label_names``)."""
@@ -89,6 +111,6 @@ def tstr(
     )
     sets = {"synthetic_only": synthetic, "real_plus_synthetic": both, "real_only": real_train}
     return {
-        k: train_and_score(s, real_test, names, epochs, seed, width, progress, device, batch_size)
+        k: train_and_score(s, real_test, names, epochs, seed, width, progress, device, batch_size, bootstrap)
         for k, s in sets.items()
     }

@@ -4,6 +4,7 @@ data, and run the train-on-synthetic / test-on-real comparison of :mod:`medivae.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -68,9 +69,93 @@ def as_imageset(images: np.ndarray, label_names: list[str], names: tuple[str, ..
     return ImageSet(images, np.array([names.index(s) for s in label_names], dtype=np.int64), names)
 
 
+# --- the real data: the VAE runs' own split -----------------------------------------------------------------
+_SAME_DATA = ("source", "image_size", "channels", "resize_mode", "window", "normalize", "nifti_axis",
+              "val_fraction", "test_fraction")
+
+
+def image_hashes(images: np.ndarray) -> np.ndarray:
+    """A content hash per uint8 image (N, C, H, W): equal pixels, equal hash."""
+    import hashlib
+
+    return np.array([hashlib.sha1(np.ascontiguousarray(im).tobytes()).hexdigest() for im in images])
+
+
+def _check_same_data(runs: list, real: str | None) -> None:
+    c0 = runs[0].config
+    for r in runs[1:]:
+        diff = [k for k in _SAME_DATA if getattr(r.config.data, k) != getattr(c0.data, k)]
+        if diff or r.config.train.seed != c0.train.seed:
+            raise UserError(f"runs {runs[0].folder} and {r.folder} differ in {diff or ['seed']}; "
+                            "utility needs runs trained on the same data and split")
+    if real is not None and not _same_source(real, c0.data.source):
+        raise UserError(f"--real {real} is not the source the run {runs[0].folder} trained on "
+                        f"({c0.data.source}); drop --real to use the run's own data and split")
+
+
+def _same_source(a: str, b: str) -> bool:
+    if str(a) == str(b):
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def run_real_splits(runs: list) -> tuple[dict[str, ImageSet], dict]:
+    """Real train/test for TSTR that no run trained on: each class takes the split of the first run that
+    was fitted on it (``Run.splits()``: the run's seed, fractions and label filter); classes no run saw
+    take the same-seed split of the rest of the source. A test image whose pixels equal any run's
+    training image (a duplicate in the source) is dropped, so the overlap is zero by content."""
+    _check_same_data(runs, None)
+    cfg = runs[0].config
+    everything = runs[0].splits(cfg.data.source)  # every label: the label names and codes
+    names = everything["train"].label_names
+    parts: dict[str, list[ImageSet]] = {"train": [], "test": []}
+    covered: set[int] = set()
+    trained = []
+    for r in runs:
+        own = r.splits()
+        trained.append(own["train"].images)
+        codes = set(np.unique(own["train"].labels).tolist()) - covered
+        for k in parts:
+            parts[k].append(own[k].subset(np.flatnonzero(np.isin(own[k].labels, sorted(codes)))))
+        covered |= codes
+    rest = [names[c] for c in range(len(names)) if c not in covered]
+    if rest:
+        other = load_dataset(dataclasses.replace(cfg.data, labels=tuple(rest)), cfg.train.seed, progress=False)
+        for k in parts:
+            parts[k].append(other[k])
+    out = {k: _concat(v, names) for k, v in parts.items()}
+    seen = set(np.concatenate([image_hashes(t) for t in trained]).tolist())
+    clean = np.flatnonzero([h not in seen for h in image_hashes(out["test"].images)])
+    info = {"runs": [str(r.folder) for r in runs], "source": cfg.data.source, "seed": cfg.train.seed,
+            "run_labels": [list(r.config.data.labels) for r in runs], "labels_from_rest_of_source": rest,
+            "n_test_dropped_as_training_duplicates": int(len(out["test"]) - len(clean))}
+    out["test"] = out["test"].subset(clean)
+    return out, info
+
+
+def _concat(sets: list[ImageSet], names) -> ImageSet:
+    sets = [s for s in sets if len(s)]
+    if not sets:
+        return ImageSet(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64), names)
+    return ImageSet(np.concatenate([np.asarray(s.images) for s in sets]),
+                    np.concatenate([s.labels for s in sets]), names)
+
+
+def _source_splits(real: str, size: int, channels: int, seed: int | None, val_fraction: float,
+                   test_fraction: float) -> tuple[dict[str, ImageSet], dict]:
+    """Without a run: ``real`` split with ``seed`` and the fractions (cannot know what a VAE trained on)."""
+    seed = DEFAULT_SEED if seed is None else seed
+    data = DataConfig(source=str(real), image_size=size, channels=channels, val_fraction=val_fraction,
+                      test_fraction=test_fraction)
+    splits = load_dataset(data, seed, progress=False)
+    info = {"seed": seed, "note": "real data split by utility itself; pass --run to use the VAE run's split"}
+    return splits, info
+
+
 # --- run-level: what ``api.utility`` calls ------------------------------------------------------------------
 def utility_run(
-    real: str,
+    real: str | None,
     synthetic: list,
     out=None,
     epochs: int = 10,
@@ -81,12 +166,16 @@ def utility_run(
     device: str = "auto",
     progress: bool = True,
     batch_size: int = 128,
+    runs: list | None = None,
+    bootstrap: int = 1000,
 ) -> dict:
-    """TSTR / real+synthetic / real-only on the real test split of ``real``; written to ``out`` (JSON)."""
-    if min(epochs, width, batch_size) < 1:
-        raise UserError(
-            f"--epochs, --width and --batch-size must be >= 1 (got {epochs}, {width}, {batch_size})"
-        )
+    """TSTR / real+synthetic / real-only on a real test split no VAE trained on; written to ``out`` (JSON).
+    ``runs``: the VAE run folders the synthetic images came from (their split and labels are used)."""
+    if min(epochs, width, batch_size) < 1 or bootstrap < 0:
+        raise UserError(f"--epochs, --width and --batch-size must be >= 1 and --bootstrap >= 0 "
+                        f"(got {epochs}, {width}, {batch_size}, {bootstrap})")
+    if real is None and not runs:
+        raise UserError("pass --run RUN (the VAE run the synthetic images came from) or --real SOURCE")
     parts = [load_synthetic(d) for d in synthetic]
     shapes = {p[0].shape[1:] for p in parts}
     if len(shapes) != 1:
@@ -94,15 +183,21 @@ def utility_run(
     channels, size, _ = shapes.pop()
     if size not in IMAGE_SIZES:
         raise UserError(f"synthetic images are {size}x{size}; medivae sizes are {list(IMAGE_SIZES)}")
-    seed = DEFAULT_SEED if seed is None else seed
-    data = DataConfig(
-        source=str(real),
-        image_size=size,
-        channels=channels,
-        val_fraction=val_fraction,
-        test_fraction=test_fraction,
-    )
-    splits = load_dataset(data, seed, progress=False)
+    if runs:
+        from medivae.run import load_run
+
+        opened = [load_run(r, device="cpu") for r in runs]
+        _check_same_data(opened, real)
+        d = opened[0].config.data
+        if (d.channels, d.image_size) != (channels, size):
+            raise UserError(f"synthetic images are {channels}x{size}x{size}, the run's data "
+                            f"{d.channels}x{d.image_size}x{d.image_size}")
+        splits, split_info = run_real_splits(opened)
+        seed = opened[0].config.train.seed if seed is None else seed
+        real = d.source
+    else:
+        splits, split_info = _source_splits(real, size, channels, seed, val_fraction, test_fraction)
+        seed = split_info["seed"]
     train, test = splits["train"], splits["test"]
     train.images = np.array(train.images)  # in memory: the cache's read-only memmap makes torch warn
     names = train.label_names
@@ -116,6 +211,7 @@ def utility_run(
     )
     result = {
         "real": str(real),
+        "real_split": split_info,
         "synthetic": [str(s) for s in synthetic],
         "n_synthetic": len(syn),
         "image_size": size,
@@ -123,7 +219,8 @@ def utility_run(
         "batch_size": batch_size,
         "seed": seed,
         "classifier_width": width,
-        **tstr(train, syn, test, epochs, seed, width, progress, pick_device(device), batch_size),
+        "bootstrap": bootstrap,
+        **tstr(train, syn, test, epochs, seed, width, progress, pick_device(device), batch_size, bootstrap),
     }
     out = Path(out) if out is not None else Path(synthetic[0]) / "utility.json"
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
