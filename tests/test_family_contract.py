@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -166,6 +165,9 @@ PLUGIN = Path(__file__).stem  # what MEDIVAE_PLUGINS names in other processes
 # --- how each family is made tiny ---------------------------------------------------------------------
 TINY = {"latent_dim": 4, "base_width": 4, "max_width": 16, "width": 4}  # applied where the config has the field
 MODEL_ARGS: dict[str, list[str]] = {  # family -> its own KEY=VALUE list, when TINY does not fit it
+    # the discriminator trains from the start, so a SIGKILL + resume covers both optimizers
+    "vae_gan": [*(f"{k}={v}" for k, v in TINY.items() if k != "width"), "disc_width=4", "disc_layers=2",
+                "adv_start=0"],
     "vq_vae": ["codebook_size=16", "code_dim=4", "width=8", "res_blocks=1", "res_width=4", "prior_epochs=1",
                "prior_width=8", "prior_layers=1", "prior_heads=2"],
 }
@@ -726,12 +728,6 @@ def test_subprocess_sigkill_during_training_then_resume_is_bitwise_uninterrupted
         [{k: v for k, v in m.items() if k not in drop} for m in want]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def torchrun_launch(family, request, tmp_path_factory):
     """A 2-process gloo torchrun training of the family, started with its shared run so that it runs beside
@@ -742,9 +738,9 @@ def torchrun_launch(family, request, tmp_path_factory):
         yield None
         return
     folder = tmp_path_factory.mktemp(family)
+    # --standalone: the rendezvous store binds a port of its own, so no other job on the machine can take it
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "medivae", *train_argv(family, folder / "run", data="phantoms:40"),
     ]
     with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
@@ -758,7 +754,10 @@ def torchrun_launch(family, request, tmp_path_factory):
 @subprocess_test
 def test_subprocess_torchrun_two_gloo_processes(family, torchrun_launch):
     p, folder = torchrun_launch
-    code = p.wait(timeout=300)
+    try:
+        code = p.wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"torchrun still running after 240 s; its stderr ends: {(folder / 'stderr').read_text()[-3000:]}")
     stdout, stderr = (folder / "stdout").read_text(), (folder / "stderr").read_text()
     assert code == 0, stderr[-3000:]
     assert stdout.count("run written to") == 1  # rank 0 alone talks

@@ -8,10 +8,17 @@ Per-image scores, higher = more anomalous, from one batched pass:
   ``kl``              KL(q(z|x) || N(0, I));
   ``iwae_minus_png``  iwae minus the image's PNG size in nats: the input-complexity correction of
                       Serrà et al. 2020, since simple (smooth, low-contrast) images are likely under
-                      any model, normal or not (Nalisnick et al. 2019);
+                      any model, normal or not (Nalisnick et al. 2019). Both terms must be code
+                      lengths of the 8-bit image, so it is computed only under a discrete image
+                      likelihood (``is_discrete_image_likelihood``): a Bernoulli "NLL" of a perfectly
+                      reconstructed gray image grows with its brightness, and a Gaussian one moves
+                      with the arbitrary sigma;
   ``latent``          squared Mahalanobis distance of the posterior mean from the training normals' codes;
-  ``combined``        the mean z-score (against validation normals) of ``ssim`` and ``iwae_minus_png``,
-                      the two scores that do not reward an image merely for being simple.
+  ``combined``        the pre-registered default: the mean over COMBINED_FROM (``ssim``, plus
+                      ``iwae_minus_png`` where it exists) of (score - mean) / std, mean and std of the
+                      validation normals only. Fixed before any test image is seen; never chosen on test.
+The threshold is conformal (Vovk et al. 2005; Bates et al. 2023): the ceil((n+1)(1-alpha))-th smallest of
+n validation-normal scores, so a new normal exchangeable with them is flagged with probability <= alpha.
 Pixel maps: the reconstruction residual |x - x̂|, or the gradient of the negative ELBO with respect
 to the input (Zimmerer et al. 2019), which points at the pixels that make the image unlikely.
 """
@@ -59,6 +66,8 @@ def _score_batch(
         scores.update(neg_elbo=lw.neg_elbo(), iwae=-(torch.logsumexp(lw.log_w, 0) - math.log(k)))
         if lw.kl is not None:
             scores["kl"] = lw.kl
+    if hasattr(model, "anomaly_scores"):  # the family's own (e.g. vae_gan's discriminator)
+        scores.update(model.anomaly_scores(x, y))
     return scores, (x - recon).abs().mean(1)
 
 
@@ -145,9 +154,14 @@ def score_images(
     cat = {n: torch.cat(v).numpy() for n, v in parts.items()}
     codes = cat.pop("code")
     png = png_nats(images)
-    if "iwae" in cat:  # a simple image is likely under any model; what counts is how much worse it does than PNG
-        cat["iwae_minus_png"] = cat["iwae"] - png
+    if "iwae" in cat and is_code_length(model):  # a simple image is likely under any model: what counts
+        cat["iwae_minus_png"] = cat["iwae"] - png  # is how much worse it does than PNG, both in nats of 8 bits
     return AnomalyScores(cat, torch.cat(maps).numpy(), codes, png)
+
+
+def is_code_length(model) -> bool:
+    """True when -log p(x) is a code length of the 8-bit image (a discrete image likelihood)."""
+    return bool(getattr(getattr(model, "likelihood", None), "is_discrete_image_likelihood", False))
 
 
 # --- calibration on normals --------------------------------------------------------------------------------
@@ -179,11 +193,39 @@ def combined_score(scores: dict[str, np.ndarray], calibration: dict[str, tuple[f
     return np.mean(z, axis=0)
 
 
+def conformal_rank(n: int, alpha: float) -> int:
+    """k = ceil((n+1)(1-alpha)): the rank of the conformal threshold among n calibration scores."""
+    return math.ceil((n + 1) * (1.0 - alpha) - 1e-9)  # -1e-9: (n+1)(1-alpha) exact in reals, not in floats
+
+
+def min_calibration(alpha: float) -> int:
+    """The fewest calibration normals for which a threshold at false-positive rate ``alpha`` exists."""
+    return math.ceil(1.0 / alpha - 1.0 - 1e-9)
+
+
 def threshold_at_fpr(normal_scores: np.ndarray, fpr: float) -> float:
-    """The score above which at most ``fpr`` of the given normals fall."""
+    """The conformal threshold (split-conformal outlier test; Vovk et al. 2005, Bates et al. 2023): the
+    k-th smallest of the n calibration normals, k = ceil((n+1)(1-fpr)). A new normal exchangeable with
+    them scores above it with probability (n+1-k)/(n+1) <= fpr (marginally over the calibration draw).
+    Raises ValueError when n < 1/fpr - 1: then no calibration score is high enough."""
     if not 0.0 < fpr < 1.0:
         raise ValueError(f"fpr must be in (0, 1), not {fpr}")
-    return float(np.quantile(np.asarray(normal_scores, dtype=np.float64), 1.0 - fpr, method="higher"))
+    s = np.sort(np.asarray(normal_scores, dtype=np.float64))
+    k = conformal_rank(len(s), fpr)
+    if k > len(s):
+        raise ValueError(f"{len(s)} validation normals cannot bound the false-positive rate at {fpr:g}: "
+                         f"need at least {min_calibration(fpr)} (raise --val-fraction or --fpr)")
+    return float(s[k - 1])
+
+
+def conformal_guarantee(n: int, fpr: float) -> dict:
+    """What the conformal threshold promises, for results.json and the report."""
+    k = conformal_rank(n, fpr)
+    return {"method": "conformal", "n_calibration": n, "rank": k,
+            "expected_fpr_bound": (n + 1 - k) / (n + 1),
+            "guarantee": f"a new normal image exchangeable with the {n} validation normals is flagged with "
+                         f"probability <= {fpr:g} (at most {(n + 1 - k) / (n + 1):.4f}; split-conformal, "
+                         "averaged over the draw of the validation set)"}
 
 
 def detection_metrics(scores: np.ndarray, is_anomaly: np.ndarray) -> dict[str, float] | None:

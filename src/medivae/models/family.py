@@ -27,7 +27,9 @@ and, by capability,
                    ``likelihood`` attribute with ``is_discrete_image_likelihood``
     "conditional"  every call takes class indices y (B,); ``sample(label=...)`` generates one class;
                    ``num_classes`` attribute
-optional hooks: ``epoch_end(ctx) -> {name: float}`` (e.g. codebook usage), logged like the step terms.
+optional hooks: ``epoch_end(ctx) -> {name: float}`` (e.g. codebook usage), logged like the step terms; it may
+raise :class:`Diverged`, which the trainer handles like a NaN (roll back the epoch, lower the learning
+rate); ``anomaly_scores(x, y) -> {name: (B,)}``, extra per-image anomaly scores (higher = more anomalous).
 
 A family added later (in ``models/``, or outside medivae through :func:`register` in a module named by
 the ``MEDIVAE_PLUGINS`` environment variable or a ``medivae.families`` entry point) gets the trainer,
@@ -66,6 +68,11 @@ MISSING = {
 }
 
 
+class Diverged(FloatingPointError):
+    """Training went wrong in a way a family can tell (a NaN, a discriminator that wins outright): the
+    trainer rolls every network and optimizer back to the start of the epoch and lowers the learning rate."""
+
+
 @dataclass
 class StepContext:
     """What a training step may need besides the batch. ``progress`` = fractional epochs done."""
@@ -91,12 +98,15 @@ class TrainStep:
     """One optimisation step on every batch: ``run(nets, x, y, ctx) -> StepOutput``; ``nets`` are the
     model's ``trained_modules()`` (DDP-wrapped under torchrun) and ``optimizer`` names the one that steps.
     ``active(ctx)``, when given, says whether the step runs at this point of training (a stage of a
-    two-stage family, a discriminator that starts after a warm-up); resume replays it from the epoch."""
+    two-stage family, a discriminator that starts after a warm-up); resume replays it from the epoch.
+    ``skip_above`` > 0: the trainer skips the update when the gradient norm exceeds it (VDVAE's guard
+    against loss spikes) and adds the terms ``grad_norm`` and ``grad_skipped`` (1 on a skipped step)."""
 
     name: str
     optimizer: str
     run: Callable[..., StepOutput]
     active: Callable[[StepContext], bool] | None = None
+    skip_above: float = 0.0
 
     def runs(self, ctx: StepContext) -> bool:
         return self.active is None or bool(self.active(ctx))

@@ -19,7 +19,7 @@ from medivae.config import RunConfig
 from medivae.data import ImageSet, to_float
 from medivae.errors import UserError
 from medivae.io import atomic_write_text
-from medivae.models.family import StepContext, labels_for
+from medivae.models.family import Diverged, StepContext, labels_for
 from medivae.results import METRICS_FILE, read_metrics
 from medivae.seeding import derive_seed, torch_generator
 from medivae.train import checkpoint as ckpt
@@ -85,7 +85,7 @@ def redundant_biases(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return found
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(Diverged):
     """A NaN/Inf loss or gradient; the trainer rolls back and retries (see ``_train_epoch_guarded``)."""
 
 
@@ -189,13 +189,24 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(out.loss).backward()
         params = [p for g in optimizer.param_groups for p in g["params"]]
+        norm = None
         if ctx.train.grad_clip > 0:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, ctx.train.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, ctx.train.grad_clip)
+        elif train_step.skip_above > 0:
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         self._check_finite(out.loss, params, scaler, ctx.epoch, ctx.step)
+        terms = out.terms
+        if train_step.skip_above > 0:  # VDVAE: skip the update when the (pre-clipping) gradient norm explodes;
+            skip = bool(norm > train_step.skip_above)  # DDP's gradients are all-reduced, so all ranks agree
+            terms = {**terms, "grad_norm": norm.detach().float(), "grad_skipped": torch.tensor(float(skip))}
+            if skip:
+                scaler.update()
+                return terms
         scaler.step(optimizer)
         scaler.update()
-        return out.terms
+        return terms
 
     @torch.no_grad()
     def evaluate(self, split: ImageSet, batch_size: int = 256) -> dict[str, float]:
@@ -224,7 +235,7 @@ class Trainer:
         while True:
             try:
                 return self.train_epoch(train, images, epoch)
-            except NonFiniteError as e:
+            except Diverged as e:  # a NaN/Inf (NonFiniteError), or what a family's epoch_end reports
                 self._restore(start)
                 self._lower_lr(str(e))
 

@@ -1,0 +1,220 @@
+"""VAE-GAN (Larsen et al. 2016, "Autoencoding beyond pixels using a learned similarity metric"), with the
+parts later work made reliable, so that the defaults train on a laptop CPU.
+
+- Generator: the article's VAE (:class:`medivae.models.conv_vae.ConvVAE`, the same network and ELBO).
+- Discriminator: a PatchGAN (Isola et al. 2017) of 4x4 stride-2 convolutions with spectral normalisation
+  (Miyato et al. 2018) and LeakyReLU, one logit per patch; no BatchNorm, so its statistics never mix real
+  and fake batches.
+- Losses: the hinge loss (Lim & Ye 2017; the default) or least squares (Mao et al. 2017). The generator
+  minimises rec + β·KL + λ·(adversarial loss of its reconstructions and prior samples) + γ·feature
+  matching, the L2 distance between the discriminator's features of x and of its reconstruction (Larsen
+  et al.'s learned similarity, next to the pixel likelihood rather than instead of it).
+- λ is balanced adaptively (Esser et al. 2021, VQGAN): ``adv_weight`` · ||∇_w rec|| / ||∇_w adv|| at the
+  decoder's last layer w, clamped, so the adversarial term neither drowns nor vanishes whatever the pixel
+  likelihood's scale. Adversarial terms start after ``adv_start`` epochs of plain VAE training (the
+  discriminator trains from then on too); with ``adv_weight = 0`` and ``feature_weight = 0`` the family is
+  the plain VAE, loss for loss.
+- Two optimizers, "model" (the VAE) and "disc" (the discriminator, learning rate ``disc_lr``), and two
+  steps: the generator's, then the discriminator's on the fakes the generator step made (detached).
+- Divergence: a discriminator right about every real and fake patch for a whole epoch gives the
+  generator no useful gradient; ``epoch_end`` raises :class:`medivae.models.family.Diverged`, and the
+  trainer rolls both networks and both optimizers back to the start of the epoch at a lower learning rate,
+  saying why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from medivae.errors import UserError
+from medivae.losses import kl_weight, neg_elbo
+from medivae.models.conv_vae import ConvVAE, ConvVAEConfig
+from medivae.models.family import Diverged, Family, StepContext, StepOutput, TrainStep, adam
+
+ADV_LOSSES = ("hinge", "lsgan")
+MAX_ADAPTIVE = 1e4  # VQGAN's clamp of the adaptive weight
+
+
+@dataclass(frozen=True)
+class VAEGANConfig(ConvVAEConfig):
+    name: str = "vae_gan"
+    disc_width: int = 32
+    disc_layers: int = 3  # stride-2 convolutions: 64 px -> 8x8 patches of 46 px receptive field
+    adv_loss: str = "hinge"
+    adv_weight: float = 0.5  # multiplies the adaptive λ
+    adaptive: bool = True  # False: λ = adv_weight
+    feature_weight: float = 1.0
+    adv_start: float = 1.0  # epochs of plain VAE training before the adversarial terms start
+    disc_lr: float = 2e-4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.adv_loss not in ADV_LOSSES:
+            raise UserError(f"unknown adversarial loss {self.adv_loss!r}; choose one of {list(ADV_LOSSES)}")
+        if not 1 <= self.disc_layers <= 6 or self.image_size >> self.disc_layers < 2:
+            raise UserError(f"disc_layers must be 1..6 and leave patches of >= 2 px, not {self.disc_layers}")
+        for name in ("disc_width", "disc_lr"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"{name} must be > 0, not {getattr(self, name)}")
+        for name in ("adv_weight", "feature_weight", "adv_start"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, not {getattr(self, name)}")
+
+    def vae_config(self) -> ConvVAEConfig:
+        """The generator's own config: the conv_vae fields of this one."""
+        return ConvVAEConfig(**{f.name: getattr(self, f.name) for f in fields(ConvVAEConfig)})
+
+
+class PatchDiscriminator(nn.Module):
+    """(B, C, H, W) in [0, 1] -> patch logits (B, H / 2^L, W / 2^L) and the features of every layer."""
+
+    def __init__(self, channels: int, width: int, layers: int):
+        super().__init__()
+        blocks, c = [], channels
+        for i in range(layers):
+            w = width * 2 ** min(i, 3)
+            blocks.append(nn.Sequential(spectral_norm(nn.Conv2d(c, w, 4, 2, 1)), nn.LeakyReLU(0.2)))
+            c = w
+        self.blocks = nn.ModuleList(blocks)
+        self.head = spectral_norm(nn.Conv2d(c, 1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        feats, h = [], x * 2.0 - 1.0
+        for block in self.blocks:
+            h = block(h)
+            feats.append(h)
+        return self.head(h)[:, 0].float(), feats
+
+
+class VAEGAN(nn.Module):
+    def __init__(self, cfg: VAEGANConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vae = ConvVAE(cfg.vae_config())
+        self.disc = PatchDiscriminator(cfg.channels, cfg.disc_width, cfg.disc_layers)
+        self.latent_dim, self.num_classes, self.likelihood = cfg.latent_dim, cfg.num_classes, self.vae.likelihood
+        self.capabilities = self.vae.capabilities
+        self._fakes: torch.Tensor | None = None  # the generator step's images, for the discriminator step
+        self._acc = torch.zeros(2, dtype=torch.float64)  # (sum of discriminator accuracies, batches) this epoch
+
+    # --- the generative model is the VAE's --------------------------------------------------------------
+    def encode(self, x, y=None):
+        return self.vae.encode(x, y)
+
+    def decode(self, z, y=None):
+        return self.vae.decode(z, y)
+
+    def reconstruct(self, x, y=None):
+        return self.vae.reconstruct(x, y)
+
+    def prior_latents(self, n, generator=None, temperature: float = 1.0):
+        return self.vae.prior_latents(n, generator, temperature)
+
+    def sample(self, n, label=None, generator=None, temperature: float = 1.0):
+        return self.vae.sample(n, label, generator, temperature)
+
+    def log_weights(self, x, y=None, k: int = 100, generator=None, max_decode: int = 256):
+        return self.vae.log_weights(x, y, k, generator, max_decode)
+
+    def validation_terms(self, x, y, generator) -> dict[str, torch.Tensor]:
+        return self.vae.validation_terms(x, y, generator)
+
+    @torch.no_grad()
+    def anomaly_scores(self, x, y=None) -> dict[str, torch.Tensor]:
+        """The discriminator's verdict as an anomaly score (B,): minus its mean patch logit ("less real")."""
+        return {"disc": -self.disc(x)[0].flatten(1).mean(1).double()}
+
+    # --- training ---------------------------------------------------------------------------------------
+    def optimizers(self, train_cfg, device) -> dict[str, torch.optim.Optimizer]:
+        disc = torch.optim.Adam(self.disc.parameters(), lr=self.cfg.disc_lr, betas=(0.5, 0.9),
+                                fused=device.type in ("cuda", "cpu"))
+        return {"model": adam(self.vae.parameters(), train_cfg, device), "disc": disc}
+
+    def trained_modules(self) -> dict[str, nn.Module]:
+        return {"vae": self.vae, "disc": self.disc}
+
+    def _adversarial(self, ctx: StepContext) -> bool:
+        return ctx.progress >= self.cfg.adv_start
+
+    def training_steps(self) -> list[TrainStep]:
+        return [TrainStep("generator", "model", self._generator_step),
+                TrainStep("discriminator", "disc", self._disc_step, self._adversarial)]
+
+    def _generator_step(self, nets, x, y, ctx: StepContext) -> StepOutput:
+        t, cfg = ctx.train, self.cfg
+        out = nets["vae"](x, y, sample=True, generator=ctx.generator)
+        elbo = neg_elbo(self.likelihood, out, x, beta=kl_weight(t.kl_schedule, cfg.beta, ctx.progress,
+                                                                 t.warmup_epochs), free_bits=t.free_bits)
+        terms = {"loss": elbo.rec.detach().double() + elbo.kl.detach().double(), "rec": elbo.rec, "kl": elbo.kl}
+        if not self._adversarial(ctx):
+            return StepOutput(elbo.loss.mean(), terms)
+        if ctx.step == 0:
+            self._acc.zero_()  # also after a rollback mid-epoch
+        z = self.prior_latents(len(x), ctx.generator).to(x.device)
+        fakes = torch.cat([self.likelihood.mean(out.recon_params), self.vae.images(self.vae.decode_params(z, y))])
+        nets["disc"].eval()  # no power-iteration update: the generator step leaves the discriminator as it was
+        try:
+            logits, feats = nets["disc"](torch.cat([x, fakes]).to(x.dtype))
+        finally:
+            nets["disc"].train()
+        b = len(x)
+        adv = self._g_loss(logits[b:]).view(2, b).mean(0)  # (B,): reconstructions and prior samples
+        fm = sum((fr.detach() - fk).float().pow(2).flatten(1).mean(1) for fr, fk in
+                 zip((f[:b] for f in feats), (f[b : 2 * b] for f in feats), strict=True))
+        lam = self._adaptive_weight(elbo.loss.mean(), adv.mean())
+        self._fakes = fakes.detach()
+        loss = elbo.loss + lam * adv + cfg.feature_weight * fm
+        terms.update(adv=adv, fm=fm, adv_weight=lam.detach())
+        return StepOutput(loss.mean(), terms)
+
+    def _g_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """Generator's adversarial loss per image (N,) from patch logits (N, h, w)."""
+        per_patch = -logits if self.cfg.adv_loss == "hinge" else (logits - 1.0).pow(2)
+        return per_patch.flatten(1).mean(1)
+
+    def _adaptive_weight(self, rec: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+        """λ = adv_weight · ||∇_w rec|| / ||∇_w adv|| at the decoder's last layer (detached, clamped)."""
+        if not self.cfg.adaptive:
+            return torch.tensor(self.cfg.adv_weight, device=rec.device)
+        w = self.vae.decoder[-1].weight
+        g_rec = torch.autograd.grad(rec, w, retain_graph=True)[0]
+        g_adv = torch.autograd.grad(adv, w, retain_graph=True)[0]
+        lam = g_rec.float().norm() / (g_adv.float().norm() + 1e-4)
+        return (self.cfg.adv_weight * lam.clamp(0.0, MAX_ADAPTIVE)).detach()
+
+    def _disc_step(self, nets, x, y, ctx: StepContext) -> StepOutput:
+        """The discriminator on real images and the generator step's fakes (reconstructions, samples)."""
+        fakes, b = self._fakes, len(x)
+        logits, _ = nets["disc"](torch.cat([x, fakes]).to(x.dtype))
+        real, fake = logits[:b], logits[b:]
+        if self.cfg.adv_loss == "hinge":
+            loss_real, loss_fake = F.relu(1.0 - real), F.relu(1.0 + fake)
+        else:
+            loss_real, loss_fake = (real - 1.0).pow(2), fake.pow(2)
+        disc = loss_real.flatten(1).mean(1) + loss_fake.flatten(1).mean(1).view(2, b).mean(0)  # (B,)
+        acc = 0.5 * ((real > 0).float().mean() + (fake < 0).float().mean())
+        self._acc += torch.tensor([acc.item(), 1.0], dtype=torch.float64)
+        return StepOutput(disc.mean(), {"disc": disc, "disc_acc": acc.detach()})
+
+    def epoch_end(self, ctx: StepContext) -> dict[str, float]:
+        """Discriminator accuracy over the epoch; a discriminator never wrong for a whole epoch has
+        beaten the generator, which the trainer treats like a NaN: roll back and lower the learning rate."""
+        acc = self._acc.clone()
+        self._acc.zero_()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(acc)  # every rank decides alike (gloo on CPU: float64 is fine)
+        if acc[1] == 0:
+            return {}
+        mean = float(acc[0] / acc[1])
+        if mean >= 0.9999:
+            raise Diverged(f"discriminator accuracy pinned at 100 % over epoch {ctx.epoch}: the generator "
+                           "gets no useful adversarial gradient")
+        return {"disc_acc_epoch": mean}
+
+
+FAMILY = Family("vae_gan", VAEGANConfig, VAEGAN, "VAE-GAN: the article's VAE + a spectral-norm PatchGAN")

@@ -1,0 +1,122 @@
+"""VAE-GAN: each step moves only its own network; without the adversarial terms it is the plain VAE, loss
+for loss; a discriminator that wins outright is handled like a NaN; it trains, resumes and scores."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medivae.config import TrainConfig
+from medivae.models import build_model, model_config
+from medivae.models.family import Diverged, StepContext
+
+TINY = dict(image_size=32, latent_dim=4, base_width=4, max_width=16, disc_width=4, disc_layers=2)
+
+
+def _gan(**kw):
+    torch.manual_seed(0)
+    return build_model(model_config("vae_gan", **{**TINY, **kw}))
+
+
+def _ctx(step=0, progress=1.0, seed=0):
+    return StepContext(epoch=2, step=step, progress=progress, train=TrainConfig(precision="fp32"),
+                       generator=torch.Generator().manual_seed(seed))
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _run(model, opts, step, x, ctx):
+    """What the trainer does with one step: zero its optimizer's grads, backward, step it."""
+    opt = opts[step.optimizer]
+    out = step.run(model.trained_modules(), x, None, ctx)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    opt.step()
+    return out
+
+
+def test_each_step_moves_only_its_own_network():
+    model = _gan(adv_start=0.0)
+    opts = model.optimizers(TrainConfig(lr=1e-2), torch.device("cpu"))
+    gen_step, disc_step = model.training_steps()
+    x = torch.rand(6, 1, 32, 32)
+    vae0, disc0 = _state(model.vae), _state(model.disc)
+    out = _run(model, opts, gen_step, x, _ctx())
+    assert {"adv", "fm", "adv_weight"} <= set(out.terms) and out.terms["adv_weight"] > 0
+    assert _same(disc0, _state(model.disc))  # weights and spectral-norm vectors untouched
+    assert not _same(vae0, _state(model.vae))
+    vae1 = _state(model.vae)
+    out = _run(model, opts, disc_step, x, _ctx())
+    assert _same(vae1, _state(model.vae))
+    assert not _same(disc0, _state(model.disc))
+    assert 0.0 <= float(out.terms["disc_acc"]) <= 1.0
+
+
+def test_without_adversarial_terms_it_is_the_plain_vae():
+    x = torch.rand(5, 1, 32, 32)
+    gan = _gan(adv_start=0.0, adv_weight=0.0, feature_weight=0.0)
+    torch.manual_seed(0)  # the generator is built first, from the same seed: the same initial VAE
+    vae = build_model(model_config("conv_vae", **{k: v for k, v in TINY.items() if not k.startswith("disc")}))
+    assert _same(_state(vae), _state(gan.vae))
+    gan_out = gan.training_steps()[0].run(gan.trained_modules(), x, None, _ctx(seed=3))
+    vae_out = vae.training_steps()[0].run(vae.trained_modules(), x, None, _ctx(seed=3))
+    torch.testing.assert_close(gan_out.loss, vae_out.loss, rtol=0, atol=0)
+    torch.testing.assert_close(gan_out.terms["rec"], vae_out.terms["rec"], rtol=0, atol=0)
+
+
+def test_before_the_warm_up_ends_only_the_vae_trains():
+    model = _gan(adv_start=1.0)
+    gen_step, disc_step = model.training_steps()
+    early = _ctx(progress=0.5)
+    assert not disc_step.runs(early) and disc_step.runs(_ctx(progress=1.0))
+    out = gen_step.run(model.trained_modules(), torch.rand(4, 1, 32, 32), None, early)
+    assert "adv" not in out.terms
+
+
+def test_a_discriminator_that_is_never_wrong_for_an_epoch_counts_as_divergence():
+    model = _gan()
+    model._acc[:] = torch.tensor([40.0, 40.0], dtype=torch.float64)  # 40 batches, all 100 % right
+    with pytest.raises(Diverged, match="pinned at 100 %"):
+        model.epoch_end(_ctx())
+    model._acc[:] = torch.tensor([30.0, 40.0], dtype=torch.float64)
+    assert model.epoch_end(_ctx()) == {"disc_acc_epoch": 0.75}
+
+
+def test_a_pinned_discriminator_rolls_both_networks_back_and_halves_the_learning_rate(tmp_path, monkeypatch):
+    from medivae import api
+    from medivae.models.vae_gan import VAEGAN
+    from medivae.results import read_metrics
+
+    from tiny import tiny_run
+
+    real, calls = VAEGAN.epoch_end, []
+
+    def pinned_once(self, ctx):
+        calls.append(ctx.epoch)
+        if len(calls) == 1:
+            raise Diverged("discriminator accuracy pinned at 100 % over epoch 1")
+        return real(self, ctx)
+
+    monkeypatch.setattr(VAEGAN, "epoch_end", pinned_once)
+    cfg = tiny_run("phantoms:60", epochs=1)
+    cfg = type(cfg)(data=cfg.data, train=cfg.train, model=model_config("vae_gan", **{**TINY, "adv_start": 0.0}))
+    with pytest.warns(UserWarning, match="pinned at 100 %"):
+        api.train(cfg, tmp_path / "r", progress=False)
+    rows = read_metrics(tmp_path / "r")
+    assert calls == [1, 1] and rows[0]["nan_events"] == 1 and rows[0]["lr"] == cfg.train.lr / 2
+    state = json.loads((tmp_path / "r" / "last" / "state.json").read_text())
+    assert state["nan_events"] == 1
+
+
+def test_the_discriminator_is_one_more_anomaly_score():
+    model = _gan().eval()
+    scores = model.anomaly_scores(torch.rand(3, 1, 32, 32))
+    assert scores["disc"].shape == (3,) and torch.isfinite(scores["disc"]).all()
