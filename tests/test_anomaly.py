@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from medivae.cli import main
 from medivae.evaluation import anomaly as an
@@ -34,6 +35,81 @@ def test_threshold_keeps_false_positives_at_the_target_rate():
     assert (normals > thr - 0.05).mean() > 0.04  # and it is not needlessly high
     r = an.rates_at(np.r_[normals, normals + 10], np.r_[np.zeros(1000), np.ones(1000)], thr)
     assert r["fpr"] <= 0.05 and r["tpr"] == 1.0
+
+
+def _in_sample_quantile(normals, fpr):  # the threshold before issue 20: not conformal
+    return float(np.quantile(normals, 1.0 - fpr, method="higher"))
+
+
+@pytest.mark.parametrize("n", [19, 41, 100])
+def test_conformal_threshold_keeps_the_expected_test_fpr_at_the_target(n):
+    """Simulation: many validation draws of n normals, each with fresh test normals (issue 20, bug 2)."""
+    rng = np.random.default_rng(n)
+    draws, n_test, fpr = 4000, 200, 0.05
+    val, test = rng.normal(size=(draws, n)), rng.normal(size=(draws, n_test))
+    conformal = np.array([an.threshold_at_fpr(v, fpr) for v in val])
+    got = (test > conformal[:, None]).mean()
+    assert got <= fpr + 0.003
+    assert abs(got - an.conformal_guarantee(n, fpr)["expected_fpr_bound"]) < 0.003
+    if n == 41:  # the old in-sample quantile overshot the target (7.1 % at 41 normals)
+        old = np.array([_in_sample_quantile(v, fpr) for v in val])
+        assert (test > old[:, None]).mean() > fpr + 0.01
+
+
+def test_conformal_threshold_refuses_too_few_normals():
+    assert an.min_calibration(0.05) == 19 and an.min_calibration(0.2) == 4
+    an.threshold_at_fpr(np.arange(19.0), 0.05)  # k = ceil(20 * 0.95) = 19: the largest
+    assert an.threshold_at_fpr(np.arange(19.0), 0.05) == 18.0
+    with pytest.raises(ValueError, match="need at least 19"):
+        an.threshold_at_fpr(np.arange(18.0), 0.05)
+
+
+def test_too_few_validation_normals_for_the_fpr_exit_2(normal_run, tmp_path, capsys):
+    assert main(["anomaly", "score", str(normal_run), "--fpr", "0.01", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "need at least 99" in err and err.count("\n") == 1 and not (tmp_path / "a").exists()
+
+
+class _PerfectBernoulli(torch.nn.Module):
+    """Reconstructs every image exactly, with a Bernoulli likelihood (logits of the image itself)."""
+
+    capabilities = frozenset({"likelihood", "latent"})
+
+    def __init__(self):
+        super().__init__()
+        from medivae.models.distributions import Bernoulli
+
+        self.likelihood = Bernoulli()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def reconstruct(self, x, y=None):
+        return x
+
+    def encode(self, x, y=None):
+        from medivae.models.distributions import DiagonalGaussian
+
+        z = torch.zeros(len(x), 2)
+        return DiagonalGaussian(z, z)
+
+    def log_weights(self, x, y, k, generator):
+        from medivae.models.family import LogWeights
+
+        logits = torch.logit(x.clamp(1e-6, 1 - 1e-6))
+        log_px = self.likelihood.log_prob(logits, x).double().expand(k, -1)
+        return LogWeights(log_px, torch.zeros_like(log_px), torch.zeros(len(x), dtype=torch.float64))
+
+
+def test_perfectly_reconstructed_uniform_images_are_not_ranked_by_brightness():
+    """Under a Bernoulli "likelihood" a uniform image at 128 costs ~2,839 nats and at 0 costs 0: the
+    complexity-corrected score ranked by brightness (issue 20, bug 3)."""
+    images = np.stack([np.full((1, 64, 64), v, np.uint8) for v in (0, 128, 0, 128, 255, 64)])
+    s = an.score_images(_PerfectBernoulli(), images, k=2)
+    assert s.scores["iwae"][1] - s.scores["iwae"][0] > 2000  # the Bernoulli "NLL" is brightness
+    assert "iwae_minus_png" not in s.scores  # so no code-length correction is offered on it
+    calib = an.calibrate(s.scores)
+    assert list(calib) == ["ssim"]
+    combined = an.combined_score(s.scores, calib)
+    np.testing.assert_allclose(combined, combined[0])  # every perfect reconstruction scores the same
 
 
 def test_combined_score_is_centred_on_calibration_normals_and_rises_for_outliers():
@@ -128,15 +204,27 @@ def test_score_cli_end_to_end(normal_run, tmp_path, capsys):
             "4",
             "--device",
             "cpu",
+            "--fpr",
+            "0.2",  # the conformal threshold needs >= 1/FPR - 1 validation normals; the tiny run has ~10
+            "--bootstrap",
+            "100",
         ]
     )
     assert rc == 0
-    assert "AUROC" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "AUROC" in printed and "prevalence" in printed and "conformal threshold" in printed
     r = json.loads((normal_run / "results.json").read_text())["anomaly"]
     assert r["normal_label"] == "normal" and r["split"] == "test"
-    assert set(r["metrics"]) == {*an.SCORE_NAMES, "combined"}
+    # Bernoulli likelihood (the default): no complexity-corrected score, and combined is SSIM alone
+    assert set(r["metrics"]) == {*an.SCORE_NAMES, "combined"} - {"iwae_minus_png"}
+    assert r["combined"]["components"] == ["ssim"]
     assert all(0.0 <= m["auroc"] <= 1.0 for m in r["metrics"].values())
-    assert r["threshold"]["val_fpr"] <= 0.05
+    t = r["threshold"]
+    assert t["method"] == "conformal" and t["expected_fpr_bound"] <= 0.2 and "exchangeable" in t["guarantee"]
+    assert t["rank"] == an.conformal_rank(t["n_calibration"], 0.2)
+    assert 0 < r["prevalence"] < 1
+    for name, ci in r["ci95"].items():
+        assert ci["auroc"][0] <= r["metrics"][name]["auroc"] <= ci["auroc"][1], name
     rows = list(csv.DictReader((out / "scores.csv").open()))
     assert len(rows) == r["n_scored"] == r["n_normal"] + r["n_anomalous"]
     assert {row["is_anomaly"] for row in rows} == {"0", "1"}

@@ -45,6 +45,7 @@ import medivae
 from medivae.cli import main
 from medivae.constants import IMAGE_SIZES
 from medivae.errors import UserError
+from medivae.evaluation import anomaly as an
 from medivae.generate import reconstruct
 from medivae.models.family import (
     CAPABILITIES,
@@ -608,14 +609,17 @@ def anomaly_run(family, tmp_path_factory) -> Path:
 def test_anomaly_fit_and_score(anomaly_run, tmp_path, capsys):
     caps = medivae.load(anomaly_run, device="cpu").model.capabilities
     out = tmp_path / "scored"
+    # --fpr 0.2: the conformal threshold needs >= 1/FPR - 1 validation normals; the tiny run has ~8
     assert main(["anomaly", "score", str(anomaly_run), "--out", str(out), "--iwae-samples", "2", "--n-maps", "4",
-                 "--device", "cpu"]) == 0
+                 "--device", "cpu", "--fpr", "0.2"]) == 0
     assert "AUROC" in capsys.readouterr().out
     r = json.loads((anomaly_run / "results.json").read_text())["anomaly"]
     assert r["normal_label"] == "normal"
     names = set(r["metrics"])
     assert {"rec_error", "ssim", "latent", "combined"} <= names
-    assert ({"neg_elbo", "iwae", "iwae_minus_png"} <= names) == ("likelihood" in caps)
+    assert ({"neg_elbo", "iwae"} <= names) == ("likelihood" in caps)
+    discrete = an.is_code_length(medivae.load(anomaly_run, device="cpu").model)
+    assert ("iwae_minus_png" in names) == ("likelihood" in caps and discrete)  # a code length only
     assert all(0.0 <= m["auroc"] <= 1.0 for m in r["metrics"].values())
     rows = list(csv.DictReader((out / "scores.csv").open()))
     assert len(rows) == r["n_scored"] == r["n_normal"] + r["n_anomalous"]

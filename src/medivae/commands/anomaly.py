@@ -22,6 +22,7 @@ def cmd_fit(args) -> int:
 
 def cmd_score(args) -> int:
     from medivae import api
+    from medivae.evaluation.bootstrap import fmt_ci
 
     r = api.anomaly_score(
         args.run,
@@ -36,17 +37,24 @@ def cmd_score(args) -> int:
         batch_size=args.batch_size,
         device=args.device,
         precision=args.precision,
+        bootstrap=args.bootstrap,
     )
     print(
         f"scored {r['n_scored']} images of {r['data']} ({r['split']}); "
         f"files in {Path(r['files']['scores']).parent}"
     )
+    if "prevalence" in r:
+        print(f"  {r['n_anomalous']} anomalous of {r['n_normal'] + r['n_anomalous']} labelled images "
+              f"(prevalence {r['prevalence']:.3f}: the AUPRC of a random score); 95% bootstrap intervals")
     for name, m in r.get("metrics", {}).items():
-        print(f"  {name:15s} AUROC {m['auroc']:.3f}  AUPRC {m['auprc']:.3f}")
+        ci = (r.get("ci95") or {}).get(name) or {}
+        print(f"  {name:15s} AUROC {m['auroc']:.3f}{fmt_ci(ci.get('auroc'))}  "
+              f"AUPRC {m['auprc']:.3f}{fmt_ci(ci.get('auprc'))}")
     for name, m in r.get("baselines", {}).items():
         print(f"  baseline {name} (no model): AUROC {m['auroc']:.3f}")
     t = r["threshold"]
-    line = f"  threshold {t['value']:.3f} on {t['score']} (validation FPR {t['val_fpr']:.3f})"
+    line = (f"  conformal threshold {t['value']:.3f} on {t['score']} (rank {t['rank']} of {t['n_calibration']} "
+            f"validation normals: a new normal is flagged with probability <= {t['target_fpr']:g})")
     if "tpr" in t:
         line += f": {r['split']} FPR {t['fpr']:.3f}, TPR {t['tpr']:.3f}"
     print(line)
@@ -77,7 +85,11 @@ def add(sub) -> None:
     c.add_argument("--split", default="test", help="train, val or test (default test)")
     c.add_argument("--out", type=Path, default=None, help="output folder (default RUN/anomaly)")
     c.add_argument("--normal-label", default=None, help="default: the label the run was fitted on")
-    c.add_argument("--fpr", type=float, default=0.05, help="target false-positive rate on validation normals")
+    c.add_argument("--fpr", type=float, default=0.05,
+                   help="false-positive rate the conformal threshold guarantees (needs >= 1/FPR - 1 validation "
+                   "normals)")
+    c.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples for 95%% intervals of AUROC/AUPRC (default 1000; 0: off)")
     c.add_argument("--iwae-samples", type=int, default=16, help="posterior draws per image (default 16)")
     c.add_argument(
         "--gradient-maps", action="store_true", help="maps from |d(-ELBO)/dx| instead of residuals"

@@ -18,16 +18,21 @@ from medivae.data import load_dataset
 from medivae.data.imageset import ImageSet, label_code
 from medivae.errors import UserError
 from medivae.evaluation.anomaly import (
+    COMBINED_FROM,
     AnomalyScores,
     calibrate,
     combined_score,
+    conformal_guarantee,
+    conformal_rank,
     detection_metrics,
     fit_latent_gaussian,
     mahalanobis,
+    min_calibration,
     rates_at,
     score_images,
     threshold_at_fpr,
 )
+from medivae.evaluation.bootstrap import detection_ci
 from medivae.io import atomic_write_text
 from medivae.models.family import require
 from medivae.results import RESULTS_FILE, merge_results, read_results
@@ -154,7 +159,8 @@ def write_scores_csv(path: Path, scored, scores: dict[str, np.ndarray], is_anoma
 
 
 def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr=0.05, k=16,
-              gradient=False, n_maps=16, batch_size=128, device="auto", precision="fp32") -> dict:  # fmt: skip
+              gradient=False, n_maps=16, batch_size=128, device="auto", precision="fp32",
+              bootstrap=1000) -> dict:  # fmt: skip
     """Score a split with a run fitted on normals; write scores.csv, maps, ROC and results.json["anomaly"]."""
     read_results(Path(run_dir) / RESULTS_FILE)  # fail now, not after the scoring, if it cannot be merged into
     run = load_run(run_dir, device=device)
@@ -166,11 +172,16 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
         raise UserError(
             "this run was not fitted on one label; pass --normal-label or use 'medivae anomaly fit'"
         )
-    if not 0 < fpr < 1 or k < 1 or n_maps < 0:
-        raise UserError(f"need 0 < --fpr < 1, --iwae-samples >= 1, --n-maps >= 0 (got {fpr}, {k}, {n_maps})")
+    if not 0 < fpr < 1 or k < 1 or n_maps < 0 or bootstrap < 0:
+        raise UserError(f"need 0 < --fpr < 1, --iwae-samples >= 1, --n-maps >= 0, --bootstrap >= 0 "
+                        f"(got {fpr}, {k}, {n_maps}, {bootstrap})")
     if gradient:
         require(model, "likelihood", "anomaly score --gradient")
     sets = scoring_sets(cfg, normal_label, data, split)
+    n_val = len(sets["val"])
+    if conformal_rank(n_val, fpr) > n_val:  # before the scoring, not after
+        raise UserError(f"{n_val} validation normals cannot bound the false-positive rate at {fpr:g}: need at "
+                        f"least {min_calibration(fpr)}; refit with a larger --val-fraction or pass a larger --fpr")
 
     def run(s, grad=False, draws=k):
         return score_images(model, s.images, s.labels, draws, batch_size, cfg.train.seed, dev, grad, precision)
@@ -189,16 +200,24 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
         "normal_label": normal_label, "data": data or cfg.data.source, "split": split, "iwae_samples": k,
         "map": "gradient" if gradient else "residual", "n_scored": len(sets["scored"]),
         "calibration": {"normals": len(val.maps), "z_score": calib},
+        "combined": {"components": list(calib), "candidates": list(COMBINED_FROM),
+                     "definition": "mean over components of (score - mean) / std, mean and std of the validation "
+                                   "normals; components fixed in advance (iwae_minus_png only under a discrete "
+                                   "image likelihood), never chosen on test labels"},
         "threshold": {"score": "combined", "target_fpr": fpr, "value": thr,
-                      "val_fpr": float((val.scores["combined"] > thr).mean())},
+                      "val_fpr": float((val.scores["combined"] > thr).mean()),
+                      **conformal_guarantee(len(val.maps), fpr)},
+        "bootstrap": bootstrap,
     }  # fmt: skip
-    result.update(_write_outputs(out, sets, scored, thr, n_maps, f"normal = {normal_label!r}, {split} split"))
+    title = f"normal = {normal_label!r}, {split} split"
+    result.update(_write_outputs(out, sets, scored, thr, n_maps, title, bootstrap, cfg.train.seed))
     result["threshold"].update(n_flagged=result.pop("n_flagged"), **result.pop("threshold_rates", {}))
     merge_results(run_dir / RESULTS_FILE, "anomaly", result)
     return result
 
 
-def _write_outputs(out: Path, sets: dict, scored: AnomalyScores, thr: float, n_maps: int, title: str) -> dict:
+def _write_outputs(out: Path, sets: dict, scored: AnomalyScores, thr: float, n_maps: int, title: str,
+                   bootstrap: int = 0, seed: int = 0) -> dict:
     """scores.csv, maps.npz, overlays.png and (with labels) roc.png; returns the metric/file entries."""
     s, code = sets["scored"], sets["normal_code"]
     is_anomaly = None if code is None else (s.labels != code)
@@ -220,7 +239,7 @@ def _write_outputs(out: Path, sets: dict, scored: AnomalyScores, thr: float, n_m
         return entry
     labelled = s.labels >= 0
     y = is_anomaly[labelled]
-    entry.update(n_normal=int((~y).sum()), n_anomalous=int(y.sum()))
+    entry.update(n_normal=int((~y).sum()), n_anomalous=int(y.sum()), prevalence=float(y.mean()) if len(y) else None)
     metrics = {n: detection_metrics(v[labelled], y) for n, v in scored.scores.items()}
     if any(m is None for m in metrics.values()):
         return entry
@@ -228,6 +247,8 @@ def _write_outputs(out: Path, sets: dict, scored: AnomalyScores, thr: float, n_m
     simplicity = -scored.png_nats
     entry.update(metrics=metrics, baselines={"png_simplicity": detection_metrics(simplicity[labelled], y)},
                  threshold_rates=rates_at(combined[labelled], y, thr))  # fmt: skip
+    if bootstrap:  # anomalous and normal images resampled apart: the prevalence stays that of the split
+        entry["ci95"] = {n: detection_ci(y, v[labelled], bootstrap, seed) for n, v in scored.scores.items()}
     files["roc"] = str(
         plot_roc({n: v[labelled] for n, v in scored.scores.items()}, y, out / "roc.png", title)
     )
