@@ -169,6 +169,7 @@ MODEL_ARGS: dict[str, list[str]] = {  # family -> its own KEY=VALUE list, when T
     # the discriminator trains from the start, so a SIGKILL + resume covers both optimizers
     "vae_gan": [*(f"{k}={v}" for k, v in TINY.items() if k != "width"), "disc_width=4", "disc_layers=2",
                 "adv_start=0"],
+    "hierarchical_vae": ["width=8", "z_channels=2", "num_scales=2", "groups_per_scale=1"],
     "vq_vae": ["codebook_size=16", "code_dim=4", "width=8", "res_blocks=1", "res_width=4", "prior_epochs=1",
                "prior_width=8", "prior_layers=1", "prior_heads=2"],
 }
@@ -286,6 +287,8 @@ def expected_terms(run, epoch: int = 1) -> tuple[set[str], set[str]]:
     for step in model.training_steps():
         if step.runs(ctx):
             train |= set(step.run(nets, x, y, ctx).terms)
+            if step.skip_above > 0:  # added by the trainer's gradient-norm guard
+                train |= {"grad_norm", "grad_skipped"}
     model.eval()
     with torch.no_grad():
         val = set(model.validation_terms(x, y, torch.Generator().manual_seed(0)))
