@@ -1,0 +1,137 @@
+"""Anomaly scores beyond the pixel residual, each for the families that have what it needs.
+
+Per-image scores, higher = more anomalous; maps (N, H, W) where the score has one:
+  ``latent_gmm``     -log density of the posterior mean under a Gaussian mixture fitted to the normal
+                     training codes, components chosen by BIC on validation normals ("gaussian_latent");
+  ``feature_res``    distance between the reference extractor's features of x and of its reconstruction:
+                     blur costs little in a feature space that was trained to ignore it (any family);
+  ``restoration``    MAP restoration (Chen et al. 2020, "Unsupervised lesion detection via image restoration
+                     with a normative prior"): a few Adam steps on the image that lower -ELBO + lambda TV(x_r - x),
+                     the mean |x - x_r| as score and |x - x_r| as map ("likelihood");
+  ``vq_healing``     prior-guided healing for VQ-VAEs (Pinaya et al. 2022): not built yet, since the code
+                     prior exposes only a total -log p, not one per position (see :func:`vq_healing`);
+  ``ensemble``       mean of validation-standardised scores over ENSEMBLE_FROM (fixed in advance).
+Trivial baselines (no model): PNG size, mean intensity, intensity standard deviation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from medivae.data.imageset import to_float
+from medivae.evaluation.anomaly import calibrate, combined_score, png_nats
+from medivae.models.family import has, labels_for
+
+ENSEMBLE_FROM = ("ssim", "rec_error", "latent_gmm", "feature_res", "restoration", "disc")
+
+
+# --- latent density --------------------------------------------------------------------------------------------
+def fit_latent_gmm(train_codes: np.ndarray, val_codes: np.ndarray, components=(1, 2, 4, 8), seed: int = 0):
+    """A full-covariance Gaussian mixture of standardised normal training codes (N, D); the number of
+    components minimises the BIC of the *validation* normals' codes. Returns (model, record)."""
+    from sklearn.mixture import GaussianMixture
+
+    mu, sd = train_codes.mean(0), train_codes.std(0) + 1e-6
+    tr, va = (train_codes - mu) / sd, (val_codes - mu) / sd
+    bic, best = {}, None
+    for k in (c for c in components if c <= len(tr) // 2):
+        g = GaussianMixture(k, covariance_type="full", reg_covar=1e-3, random_state=seed, n_init=1).fit(tr)
+        bic[k] = float(g.bic(va))
+        if best is None or bic[k] < bic[best[0]]:
+            best = (k, g)
+    return (mu, sd, best[1]), {"components": best[0], "val_bic": bic}
+
+
+def latent_gmm_score(codes: np.ndarray, fitted) -> np.ndarray:
+    mu, sd, g = fitted
+    return -g.score_samples((codes - mu) / sd)
+
+
+# --- reconstructions and feature residual ---------------------------------------------------------------------
+@torch.no_grad()
+def reconstructions(model, images: np.ndarray, labels=None, batch_size: int = 128, device="cpu") -> torch.Tensor:
+    """Deterministic reconstructions, float (N, C, H, W) in [0, 1] on the CPU."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_float(images[i : i + batch_size], device)
+        y = labels_for(model, None if labels is None else labels[i : i + batch_size], device)
+        out.append(model.reconstruct(x, y).float().cpu())
+    return torch.cat(out)
+
+
+def feature_residual(reference, images: np.ndarray, recon: torch.Tensor) -> np.ndarray:
+    """||f(x) - f(x_hat)||_2 / sqrt(D) in the reference extractor's feature space, (N,)."""
+    fx, fr = reference.features(images), reference.features(recon)
+    return np.linalg.norm(fx - fr, axis=1) / math.sqrt(fx.shape[1])
+
+
+# --- MAP restoration (Chen et al. 2020) ----------------------------------------------------------------------
+def total_variation(d: torch.Tensor) -> torch.Tensor:
+    """Anisotropic TV of (B, C, H, W) -> (B,): sum of |vertical| + |horizontal| differences."""
+    return (d[..., 1:, :] - d[..., :-1, :]).abs().flatten(1).sum(1) + (d[..., 1:] - d[..., :-1]).abs().flatten(1).sum(1)
+
+
+def map_restore(model, x: torch.Tensor, y=None, steps: int = 20, lr: float = 0.02, tv: float = 1.0,
+                seed: int = 0) -> torch.Tensor:
+    """Restore float images (B, C, H, W) in [0, 1]: Adam on x_r from x, minimising
+    -ELBO(x_r) + tv * TV(x_r - x), both in nats per image (the TV weight per pixel difference). One posterior
+    draw with the same noise at every step, so the objective is deterministic. Each image's loss depends
+    on that image only, so a batch restores its images independently. -> x_r (B, C, H, W)."""
+    xr = x.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([xr], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            nll = model.log_weights(xr, y, 1, torch.Generator().manual_seed(seed)).neg_elbo()  # (B,)
+            loss = nll.to(xr.device).float() + tv * total_variation(xr - x)
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            opt.step()
+            with torch.no_grad():
+                xr.clamp_(0.0, 1.0)
+    return xr.detach()
+
+
+def restoration_scores(model, images: np.ndarray, labels=None, steps: int = 20, lr: float = 0.02,
+                       tv: float = 1.0, batch_size: int = 64, seed: int = 0, device="cpu",
+                       progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """MAP-restoration score (N,) (mean |x - x_r|) and map (N, H, W) (channel mean of |x - x_r|), batched."""
+    model.eval()
+    scores, maps = [], []
+    for i in tqdm(range(0, len(images), batch_size), desc="MAP restoration", disable=not progress, leave=False):
+        x = to_float(images[i : i + batch_size], device)
+        y = labels_for(model, None if labels is None else labels[i : i + batch_size], device)
+        m = (x - map_restore(model, x, y, steps, lr, tv, seed)).abs().mean(1)
+        maps.append(m.float().cpu())
+        scores.append(m.flatten(1).mean(1).double().cpu())
+    return torch.cat(scores).numpy(), torch.cat(maps).numpy()
+
+
+def vq_healing(model, images, labels=None):
+    """Prior-guided healing (Pinaya et al. 2022) needs per-position code likelihoods from the prior; the
+    VQ-VAE's prior exposes only the total ``prior_nll`` today. Not built: raises NotImplementedError."""
+    raise NotImplementedError("vq_healing needs per-position prior likelihoods (models/vq_vae.py)")
+
+
+# --- ensemble and trivial baselines -------------------------------------------------------------------------
+def ensemble(val_scores: dict, scores: dict, names=ENSEMBLE_FROM) -> tuple[np.ndarray, list[str]]:
+    """Mean of validation-standardised scores over the ``names`` both dicts have; -> (scores (N,), names used)."""
+    calib = calibrate(val_scores, tuple(n for n in names if n in scores))
+    return combined_score(scores, calib), list(calib)
+
+
+def trivial_scores(images: np.ndarray, png: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """No-model scores of uint8 images (N, C, H, W), "higher = anomalous" in the direction named."""
+    x = np.asarray(images, dtype=np.float64).reshape(len(images), -1)
+    png = png_nats(images) if png is None else png
+    return {"png_size": png, "mean_intensity": x.mean(1), "intensity_std": x.std(1)}
+
+
+def capable(model) -> dict[str, bool]:
+    """Which of the new scores this family supports."""
+    return {"latent_gmm": has(model, "gaussian_latent"), "feature_res": True,
+            "restoration": has(model, "likelihood"), "vq_healing": False}

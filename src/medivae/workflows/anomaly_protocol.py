@@ -1,0 +1,175 @@
+"""The selection protocol of ``medivae anomaly score`` (issue 21): new scores, a default chosen on
+validation data only, trivial baselines and localisation, added to what :func:`workflows.anomaly.score_run`
+computes.
+
+Selection never reads a test label: every score (and the restoration's TV weight) is compared by its AUROC
+of validation normals against foreign-patch anomalies made from those same normals
+(:mod:`medivae.evaluation.synthetic_anomalies`); the highest is recorded as the run's default. The test
+split is then only scored. Trivial baselines (PNG size, mean intensity, intensity std) are reported beside,
+with the direction that does better *on test* (which favours them) and bootstrap intervals.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from medivae.evaluation import anomaly_scores as xs
+from medivae.evaluation.anomaly import (
+    AnomalyScores,
+    calibrate,
+    combined_score,
+    detection_metrics,
+    fit_latent_gaussian,
+    gradient_maps,
+    mahalanobis,
+    score_images,
+    ssim_maps,
+)
+from medivae.evaluation.bootstrap import detection_ci
+from medivae.evaluation.localisation import blurred_residual_baseline, pad_to, pixel_metrics
+from medivae.evaluation.synthetic_anomalies import foreign_patch
+from medivae.models.family import has, labels_for
+
+RESTORATION = {"steps": 20, "lr": 0.02}
+RESTORATION_TV = (0.02, 0.1, 0.5)  # candidates, chosen on validation normals + synthetic anomalies
+N_PHANTOM_LESIONS = 48
+
+
+def select_default(val_scores: dict, synth_scores: dict, exclude=()) -> dict:
+    """{"default": name, "val_auroc": {name: AUROC}}: the score that best separates validation normals from
+    synthetic anomalies made from them. Uses no test data, so no test label can change it."""
+    names = [n for n in val_scores if n in synth_scores and n not in exclude]
+    y = np.r_[np.zeros(len(val_scores[names[0]])), np.ones(len(synth_scores[names[0]]))].astype(bool)
+    aurocs = {n: detection_metrics(np.r_[val_scores[n], synth_scores[n]], y)["auroc"] for n in names}
+    return {"default": max(aurocs, key=lambda n: (aurocs[n], n)), "val_auroc": aurocs}
+
+
+def _maps(model, images, labels, recon, device, restoration=None, seed=0) -> dict[str, np.ndarray]:
+    """Every map the family has for uint8 images (N, C, H, W): name -> (N, H, W)."""
+    x = torch.from_numpy(np.asarray(images, dtype=np.float32) / 255.0)
+    out = {"residual": (x - recon).abs().mean(1).numpy(),
+           "ssim": pad_to((1.0 - ssim_maps(x, recon)).numpy(), x.shape[-1])}
+    if restoration is not None:
+        out["restoration"] = restoration
+    if has(model, "likelihood"):
+        xd = x.to(device)
+        out["gradient"] = gradient_maps(model, xd, labels_for(model, labels, device), seed).float().cpu().numpy()
+    return out
+
+
+def _localise(maps: dict, masks: np.ndarray) -> dict:
+    return {n: pixel_metrics(m, masks) for n, m in maps.items()}
+
+
+def extend_scores(model, cfg, sets: dict, val: AnomalyScores, scored: AnomalyScores, train_codes, device,
+                  run_dir, k: int = 16, batch_size: int = 128, precision: str = "fp32",
+                  bootstrap: int = 0) -> dict:
+    """Add the new scores to ``val.scores`` and ``scored.scores`` in place; return results.json entries
+    "protocol", "trivial_baselines" and "localisation"."""
+    from medivae.evaluation.features import load_or_fit_reference
+
+    seed = cfg.train.seed
+    v, s = sets["val"], sets["scored"]
+    synth = foreign_patch(v.images, seed)
+    syn = score_images(model, synth.images, v.labels, k, batch_size, seed, device, False, precision)
+    codes = train_codes if train_codes is not None else val.codes
+    syn.scores["latent"] = mahalanobis(syn.codes, fit_latent_gaussian(codes))
+    syn.scores["combined"] = combined_score(syn.scores, calibrate(val.scores))
+    sets3 = {"val": (v.images, v.labels, val), "synthetic": (synth.images, v.labels, syn),
+             "scored": (s.images, s.labels, scored)}
+    record: dict = {"capable": xs.capable(model)}
+    if has(model, "gaussian_latent"):
+        gmm, record["latent_gmm"] = xs.fit_latent_gmm(codes, val.codes, seed=seed)
+        for _, _, r in sets3.values():
+            r.scores["latent_gmm"] = xs.latent_gmm_score(r.codes, gmm)
+    ref = load_or_fit_reference(run_dir / "reference", sets["train"], {"purpose": "anomaly feature residual",
+                                "source": str(cfg.data.source), "image_size": cfg.data.image_size}, seed,
+                                progress=False, device=device)
+    recon = {}
+    for name, (imgs, labs, r) in sets3.items():
+        recon[name] = xs.reconstructions(model, imgs, labs, batch_size, device)
+        r.scores["feature_res"] = xs.feature_residual(ref, imgs, recon[name])
+    record["feature_res"] = {"extractor": ref.name, "folder": str(ref.folder)}
+    restored = {}
+    if has(model, "likelihood"):
+        t0 = time.perf_counter()
+        restored = _restoration(model, sets3, record, seed, device, batch_size)
+        n = len(RESTORATION_TV) * (len(v) + len(synth.images)) + len(s)
+        record["restoration"]["images_per_s"] = n / (time.perf_counter() - t0)
+    for _, _, r in sets3.values():
+        r.scores["ensemble"], used = xs.ensemble(val.scores, r.scores)
+    record["ensemble"] = {"components": used, "definition": "mean over components of (score - mean) / std, "
+                          "mean and std of the validation normals; components fixed in advance"}
+    chosen = select_default(val.scores, syn.scores)
+    record.update(chosen, selection="AUROC of validation normals vs foreign-patch anomalies made from them "
+                  "(Tan et al. 2020); no test image or label is read", n_val=len(v),
+                  synthetic={"method": "foreign_patch", "factor": [0.3, 1.0], "size_fraction": [0.15, 0.5]})
+    out = {"protocol": record,
+           "trivial_baselines": trivial_baselines(s.images, s.labels, sets["normal_code"], scored.png_nats,
+                                                  bootstrap, seed)}
+    syn_maps = _maps(model, synth.images, v.labels, recon["synthetic"], device, restored.get("synthetic"), seed)
+    out["localisation"] = {"synthetic": _localise(syn_maps, synth.masks)}
+    if str(cfg.data.source).startswith("phantoms"):
+        out["localisation"]["phantoms"] = phantom_localisation(model, sets["train"].images, device, seed,
+                                                               record.get("restoration"), batch_size)
+    return out
+
+
+def _restoration(model, sets3, record, seed, device, batch_size) -> dict:
+    """Choose the TV weight on validation + synthetic, then restore every set with it; returns the maps."""
+    runs = {}
+    for tv in RESTORATION_TV:
+        runs[tv] = {n: xs.restoration_scores(model, imgs, labs, tv=tv, seed=seed, device=device,
+                                             batch_size=batch_size, **RESTORATION)
+                    for n, (imgs, labs, _) in sets3.items() if n != "scored"}
+    val_auc = {tv: select_default({"r": r["val"][0]}, {"r": r["synthetic"][0]})["val_auroc"]["r"]
+               for tv, r in runs.items()}
+    tv = max(val_auc, key=lambda t: (val_auc[t], -t))
+    imgs, labs, _ = sets3["scored"]
+    runs[tv]["scored"] = xs.restoration_scores(model, imgs, labs, tv=tv, seed=seed, device=device,
+                                               batch_size=batch_size, **RESTORATION)
+    for n, (_, _, r) in sets3.items():
+        r.scores["restoration"] = runs[tv][n][0]
+    record["restoration"] = {**RESTORATION, "tv": tv, "val_auroc_by_tv": {str(t): a for t, a in val_auc.items()}}
+    return {n: m for n, (_, m) in runs[tv].items()}
+
+
+def trivial_baselines(images, labels, normal_code, png, bootstrap: int = 0, seed: int = 0) -> dict:
+    """name -> {"direction", "auroc", "auprc", "ci95"} on the scored split; the direction (anomalous =
+    higher or lower) is the better one on these very labels, so the baseline is never handicapped."""
+    if normal_code is None:
+        return {}
+    keep = labels >= 0
+    y = labels[keep] != normal_code
+    out = {}
+    for name, v in xs.trivial_scores(images[keep], png[keep]).items():
+        best = None
+        for direction, sign in (("higher", 1.0), ("lower", -1.0)):
+            m = detection_metrics(sign * v, y)
+            if m is not None and (best is None or m["auroc"] > best["auroc"]):
+                best = {"direction": direction, **m, "ci95": detection_ci(y, sign * v, bootstrap, seed)}
+        if best is not None:
+            out[name] = best
+    return out
+
+
+def phantom_localisation(model, normals, device, seed: int, restoration: dict | None, batch_size: int) -> dict:
+    """Pixel AUROC / AUPRC / best Dice of every map on lesion phantoms with known masks, and the best
+    model-free blurred-residual map on the same masks."""
+    from medivae.data.phantoms import phantom_with_mask
+
+    size = normals.shape[-1]
+    pairs = [phantom_with_mask(size, seed, i) for i in range(N_PHANTOM_LESIONS)]
+    images = np.stack([p[0] for p in pairs])[:, None]  # (N, 1, H, W)
+    masks = np.stack([p[1] for p in pairs])
+    rest = None
+    if restoration is not None:
+        rest = xs.restoration_scores(model, images, None, restoration["steps"], restoration["lr"],
+                                     restoration["tv"], batch_size, seed, device)[1]
+    recon = xs.reconstructions(model, images, None, batch_size, device)
+    maps = _maps(model, images, None, recon, device, rest, seed)
+    return {"maps": _localise(maps, masks), "baseline": blurred_residual_baseline(images, masks, normals),
+            "n_images": len(images)}
