@@ -52,6 +52,14 @@ def cmd_score(args) -> int:
               f"AUPRC {m['auprc']:.3f}{fmt_ci(ci.get('auprc'))}")
     for name, m in r.get("baselines", {}).items():
         print(f"  baseline {name} (no model): AUROC {m['auroc']:.3f}")
+    for name, m in r.get("trivial_baselines", {}).items():
+        ci = m.get("ci95") or {}
+        print(f"  baseline {name} ({m['direction']} = anomalous, no model): AUROC {m['auroc']:.3f}"
+              f"{fmt_ci(ci.get('auroc'))}  AUPRC {m['auprc']:.3f}{fmt_ci(ci.get('auprc'))}")
+    if "protocol" in r:
+        p = r["protocol"]
+        print(f"  default score, chosen on validation normals vs synthetic anomalies only: {p['default']} "
+              f"(validation AUROC {p['val_auroc'][p['default']]:.3f})")
     t = r["threshold"]
     line = (f"  conformal threshold {t['value']:.3f} on {t['score']} (rank {t['rank']} of {t['n_calibration']} "
             f"validation normals: a new normal is flagged with probability <= {t['target_fpr']:g})")

@@ -37,6 +37,7 @@ from medivae.io import atomic_write_text
 from medivae.models.family import require
 from medivae.results import RESULTS_FILE, merge_results, read_results
 from medivae.run import load_run
+from medivae.workflows.anomaly_protocol import extend_scores
 
 
 # --- rendering ----------------------------------------------------------------------------------------------
@@ -209,6 +210,9 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
                       **conformal_guarantee(len(val.maps), fpr)},
         "bootstrap": bootstrap,
     }  # fmt: skip
+    # issue 21: new scores, the default chosen on validation + synthetic anomalies, baselines, localisation
+    result.update(extend_scores(model, cfg, sets, val, scored, codes, dev, run_dir, k, batch_size, precision,
+                                bootstrap))
     title = f"normal = {normal_label!r}, {split} split"
     result.update(_write_outputs(out, sets, scored, thr, n_maps, title, bootstrap, cfg.train.seed))
     result["threshold"].update(n_flagged=result.pop("n_flagged"), **result.pop("threshold_rates", {}))
