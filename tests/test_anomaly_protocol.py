@@ -143,3 +143,26 @@ def test_score_cli_reports_protocol_baselines_and_localisation(scored_run, tmp_p
     assert {"residual", "restoration"} <= set(r["localisation"]["synthetic"])
     assert set(r["localisation"]["phantoms"]["maps"]) >= {"residual", "ssim", "restoration", "gradient"}
     assert "restoration" in r["metrics"]
+
+
+def test_vq_healing_replaces_exactly_the_codes_the_prior_finds_unlikely():
+    import torch
+
+    from medivae.models import build_model
+    from medivae.models.family import families
+
+    cfg = families()["vq_vae"].make_config(image_size=32, codebook_size=16, code_dim=8, width=16, res_width=8,
+                                           res_blocks=1, prior_width=16, prior_layers=1, prior_heads=2,
+                                           prior_epochs=1, num_classes=0)
+    model = build_model(cfg).eval()
+    assert xs.can_heal(model) and xs.capable(model)["vq_healing"]
+    x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    idx = model.encode(x).indices
+    with torch.no_grad():
+        np.testing.assert_array_equal(xs.vq_heal(model, x, threshold=0.0), model.decode_indices(idx).float())
+        model.prior.head.bias[3] = 5.0  # code 3 likely everywhere (p ~ 0.91), every other code p ~ 0.006
+        all3 = model.decode_indices(torch.full_like(idx, 3)).float()
+        np.testing.assert_array_equal(xs.vq_heal(model, x, threshold=0.01), all3)
+        np.testing.assert_array_equal(xs.vq_heal(model, x, threshold=0.005), model.decode_indices(idx).float())
+    s, m = xs.healing_scores(model, (x.numpy() * 255).astype(np.uint8), threshold=0.01)
+    assert s.shape == (3,) and m.shape == (3, 32, 32) and (s > 0).all()

@@ -8,8 +8,8 @@ Per-image scores, higher = more anomalous; maps (N, H, W) where the score has on
   ``restoration``    MAP restoration (Chen et al. 2020, "Unsupervised lesion detection via image restoration
                      with a normative prior"): a few Adam steps on the image that lower -ELBO + lambda TV(x_r - x),
                      the mean |x - x_r| as score and |x - x_r| as map ("likelihood");
-  ``vq_healing``     prior-guided healing for VQ-VAEs (Pinaya et al. 2022): not built yet, since the code
-                     prior exposes only a total -log p, not one per position (see :func:`vq_healing`);
+  ``vq_healing``     prior-guided healing (Pinaya et al. 2022): codes unlikely under the VQ-VAE's code prior
+                     are replaced by likely ones, decoded; the residual |x - healed| as map and score;
   ``ensemble``       mean of validation-standardised scores over ENSEMBLE_FROM (fixed in advance).
 Trivial baselines (no model): PNG size, mean intensity, intensity standard deviation.
 """
@@ -26,7 +26,7 @@ from medivae.data.imageset import to_float
 from medivae.evaluation.anomaly import calibrate, combined_score, png_nats
 from medivae.models.family import has, labels_for
 
-ENSEMBLE_FROM = ("ssim", "rec_error", "latent_gmm", "feature_res", "restoration", "disc")
+ENSEMBLE_FROM = ("ssim", "rec_error", "latent_gmm", "feature_res", "restoration", "vq_healing", "disc")
 
 
 # --- latent density --------------------------------------------------------------------------------------------
@@ -111,10 +111,39 @@ def restoration_scores(model, images: np.ndarray, labels=None, steps: int = 20, 
     return torch.cat(scores).numpy(), torch.cat(maps).numpy()
 
 
-def vq_healing(model, images, labels=None):
-    """Prior-guided healing (Pinaya et al. 2022) needs per-position code likelihoods from the prior; the
-    VQ-VAE's prior exposes only the total ``prior_nll`` today. Not built: raises NotImplementedError."""
-    raise NotImplementedError("vq_healing needs per-position prior likelihoods (models/vq_vae.py)")
+def can_heal(model) -> bool:
+    """A VQ-VAE with a trained autoregressive code prior."""
+    return hasattr(model, "decode_indices") and getattr(model, "prior", None) is not None
+
+
+@torch.no_grad()
+def vq_heal(model, x: torch.Tensor, y=None, threshold: float = 0.01) -> torch.Tensor:
+    """Prior-guided healing (Pinaya et al. 2022, "Unsupervised brain imaging 3D anomaly detection and
+    segmentation with transformers"): in raster order, a code whose probability under the prior, given the
+    healed codes before it, is below ``threshold`` is replaced by the prior's most likely code there (the mode,
+    not a draw, so a score is reproducible). x (B, C, H, W) -> the decoded healed codes (B, C, H, W).
+    One prior pass per position: position i's logits depend on codes < i only (the prior is causal)."""
+    idx = model.encode(x, y).indices  # (B, h, w)
+    codes = idx.flatten(1).clone()  # (B, L) raster order, as the prior reads them
+    for i in range(codes.shape[1]):
+        p = torch.softmax(model.prior(codes, y)[:, i].float(), dim=-1)  # (B, K)
+        low = p.gather(1, codes[:, i : i + 1])[:, 0] < threshold
+        codes[low, i] = p[low].argmax(1)
+    return model.decode_indices(codes.view_as(idx)).float()
+
+
+def healing_scores(model, images: np.ndarray, labels=None, threshold: float = 0.01, batch_size: int = 64,
+                   device="cpu", progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """VQ healing score (N,) (mean |x - healed|) and map (N, H, W), batched."""
+    model.eval()
+    scores, maps = [], []
+    for i in tqdm(range(0, len(images), batch_size), desc="VQ healing", disable=not progress, leave=False):
+        x = to_float(images[i : i + batch_size], device)
+        y = labels_for(model, None if labels is None else labels[i : i + batch_size], device)
+        m = (x - vq_heal(model, x, y, threshold)).abs().mean(1)
+        maps.append(m.float().cpu())
+        scores.append(m.flatten(1).mean(1).double().cpu())
+    return torch.cat(scores).numpy(), torch.cat(maps).numpy()
 
 
 # --- ensemble and trivial baselines -------------------------------------------------------------------------
@@ -134,4 +163,4 @@ def trivial_scores(images: np.ndarray, png: np.ndarray | None = None) -> dict[st
 def capable(model) -> dict[str, bool]:
     """Which of the new scores this family supports."""
     return {"latent_gmm": has(model, "gaussian_latent"), "feature_res": True,
-            "restoration": has(model, "likelihood"), "vq_healing": False}
+            "restoration": has(model, "likelihood"), "vq_healing": can_heal(model)}

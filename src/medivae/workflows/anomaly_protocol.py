@@ -35,6 +35,7 @@ from medivae.models.family import has, labels_for
 
 RESTORATION = {"steps": 20, "lr": 0.02}
 RESTORATION_TV = (0.02, 0.1, 0.5)  # candidates, chosen on validation normals + synthetic anomalies
+HEALING_THRESHOLDS = (0.001, 0.01, 0.05)  # Pinaya et al. 2022 used 0.005
 N_PHANTOM_LESIONS = 48
 
 
@@ -47,13 +48,12 @@ def select_default(val_scores: dict, synth_scores: dict, exclude=()) -> dict:
     return {"default": max(aurocs, key=lambda n: (aurocs[n], n)), "val_auroc": aurocs}
 
 
-def _maps(model, images, labels, recon, device, restoration=None, seed=0) -> dict[str, np.ndarray]:
+def _maps(model, images, labels, recon, device, extra=None, seed=0) -> dict[str, np.ndarray]:
     """Every map the family has for uint8 images (N, C, H, W): name -> (N, H, W)."""
     x = torch.from_numpy(np.asarray(images, dtype=np.float32) / 255.0)
     out = {"residual": (x - recon).abs().mean(1).numpy(),
            "ssim": pad_to((1.0 - ssim_maps(x, recon)).numpy(), x.shape[-1])}
-    if restoration is not None:
-        out["restoration"] = restoration
+    out.update(extra or {})
     if has(model, "likelihood"):
         xd = x.to(device)
         out["gradient"] = gradient_maps(model, xd, labels_for(model, labels, device), seed).float().cpu().numpy()
@@ -93,12 +93,16 @@ def extend_scores(model, cfg, sets: dict, val: AnomalyScores, scored: AnomalySco
         recon[name] = xs.reconstructions(model, imgs, labs, batch_size, device)
         r.scores["feature_res"] = xs.feature_residual(ref, imgs, recon[name])
     record["feature_res"] = {"extractor": ref.name, "folder": str(ref.folder)}
-    restored = {}
+    extra_maps: dict[str, dict] = {}
     if has(model, "likelihood"):
-        t0 = time.perf_counter()
-        restored = _restoration(model, sets3, record, seed, device, batch_size)
-        n = len(RESTORATION_TV) * (len(v) + len(synth.images)) + len(s)
-        record["restoration"]["images_per_s"] = n / (time.perf_counter() - t0)
+        def restore(i, lab, tv):
+            return xs.restoration_scores(model, i, lab, tv=tv, seed=seed, device=device, batch_size=batch_size,
+                                         **RESTORATION)
+        extra_maps["restoration"] = _tuned("restoration", "tv", RESTORATION_TV, restore, sets3, record)
+        record["restoration"].update(RESTORATION)
+    if xs.can_heal(model):
+        extra_maps["vq_healing"] = _tuned("vq_healing", "threshold", HEALING_THRESHOLDS, lambda i, lab, t:
+                                          xs.healing_scores(model, i, lab, t, batch_size, device), sets3, record)
     for _, _, r in sets3.values():
         r.scores["ensemble"], used = xs.ensemble(val.scores, r.scores)
     record["ensemble"] = {"components": used, "definition": "mean over components of (score - mean) / std, "
@@ -110,31 +114,35 @@ def extend_scores(model, cfg, sets: dict, val: AnomalyScores, scored: AnomalySco
     out = {"protocol": record,
            "trivial_baselines": trivial_baselines(s.images, s.labels, sets["normal_code"], scored.png_nats,
                                                   bootstrap, seed)}
-    syn_maps = _maps(model, synth.images, v.labels, recon["synthetic"], device, restored.get("synthetic"), seed)
+    syn_maps = _maps(model, synth.images, v.labels, recon["synthetic"], device,
+                     {k_: m["synthetic"] for k_, m in extra_maps.items()}, seed)
     out["localisation"] = {"synthetic": _localise(syn_maps, synth.masks)}
     if str(cfg.data.source).startswith("phantoms"):
         out["localisation"]["phantoms"] = phantom_localisation(model, sets["train"].images, device, seed,
-                                                               record.get("restoration"), batch_size)
+                                                               record.get("restoration"), batch_size,
+                                                               record.get("vq_healing"))
     return out
 
 
-def _restoration(model, sets3, record, seed, device, batch_size) -> dict:
-    """Choose the TV weight on validation + synthetic, then restore every set with it; returns the maps."""
+def _tuned(name: str, key: str, grid, fn, sets3, record) -> dict:
+    """A score with one hyperparameter ``key``: every value of ``grid`` on validation normals and synthetic
+    anomalies, the best by their AUROC, then the scored split with it only. fn(images, labels, value) ->
+    (scores (N,), maps (N, H, W)). Adds ``name`` to each set's scores; returns the maps per set."""
+    t0, n = time.perf_counter(), 0
     runs = {}
-    for tv in RESTORATION_TV:
-        runs[tv] = {n: xs.restoration_scores(model, imgs, labs, tv=tv, seed=seed, device=device,
-                                             batch_size=batch_size, **RESTORATION)
-                    for n, (imgs, labs, _) in sets3.items() if n != "scored"}
-    val_auc = {tv: select_default({"r": r["val"][0]}, {"r": r["synthetic"][0]})["val_auroc"]["r"]
-               for tv, r in runs.items()}
-    tv = max(val_auc, key=lambda t: (val_auc[t], -t))
+    for h in grid:
+        runs[h] = {n_: fn(imgs, labs, h) for n_, (imgs, labs, _) in sets3.items() if n_ != "scored"}
+        n += sum(len(r[0]) for r in runs[h].values())
+    val_auc = {h: select_default({"s": r["val"][0]}, {"s": r["synthetic"][0]})["val_auroc"]["s"]
+               for h, r in runs.items()}
+    best = max(val_auc, key=lambda h: (val_auc[h], -h))
     imgs, labs, _ = sets3["scored"]
-    runs[tv]["scored"] = xs.restoration_scores(model, imgs, labs, tv=tv, seed=seed, device=device,
-                                               batch_size=batch_size, **RESTORATION)
-    for n, (_, _, r) in sets3.items():
-        r.scores["restoration"] = runs[tv][n][0]
-    record["restoration"] = {**RESTORATION, "tv": tv, "val_auroc_by_tv": {str(t): a for t, a in val_auc.items()}}
-    return {n: m for n, (_, m) in runs[tv].items()}
+    runs[best]["scored"] = fn(imgs, labs, best)
+    for n_, (_, _, r) in sets3.items():
+        r.scores[name] = runs[best][n_][0]
+    record[name] = {key: best, f"val_auroc_by_{key}": {str(h): a for h, a in val_auc.items()},
+                    "images_per_s": (n + len(imgs)) / (time.perf_counter() - t0)}
+    return {n_: m for n_, (_, m) in runs[best].items()}
 
 
 def trivial_baselines(images, labels, normal_code, png, bootstrap: int = 0, seed: int = 0) -> dict:
@@ -156,7 +164,8 @@ def trivial_baselines(images, labels, normal_code, png, bootstrap: int = 0, seed
     return out
 
 
-def phantom_localisation(model, normals, device, seed: int, restoration: dict | None, batch_size: int) -> dict:
+def phantom_localisation(model, normals, device, seed: int, restoration: dict | None, batch_size: int,
+                         healing: dict | None = None) -> dict:
     """Pixel AUROC / AUPRC / best Dice of every map on lesion phantoms with known masks, and the best
     model-free blurred-residual map on the same masks."""
     from medivae.data.phantoms import phantom_with_mask
@@ -165,11 +174,13 @@ def phantom_localisation(model, normals, device, seed: int, restoration: dict | 
     pairs = [phantom_with_mask(size, seed, i) for i in range(N_PHANTOM_LESIONS)]
     images = np.stack([p[0] for p in pairs])[:, None]  # (N, 1, H, W)
     masks = np.stack([p[1] for p in pairs])
-    rest = None
+    extra = {}
     if restoration is not None:
-        rest = xs.restoration_scores(model, images, None, restoration["steps"], restoration["lr"],
-                                     restoration["tv"], batch_size, seed, device)[1]
+        extra["restoration"] = xs.restoration_scores(model, images, None, restoration["steps"], restoration["lr"],
+                                                     restoration["tv"], batch_size, seed, device)[1]
+    if healing is not None:
+        extra["vq_healing"] = xs.healing_scores(model, images, None, healing["threshold"], batch_size, device)[1]
     recon = xs.reconstructions(model, images, None, batch_size, device)
-    maps = _maps(model, images, None, recon, device, rest, seed)
+    maps = _maps(model, images, None, recon, device, extra, seed)
     return {"maps": _localise(maps, masks), "baseline": blurred_residual_baseline(images, masks, normals),
             "n_images": len(images)}
