@@ -135,7 +135,7 @@ def test_generation_runs_the_top_down_modules_of_inference():
     assert not any(n.startswith(("stem", "encoder")) or ".posterior" in n for n in called["sample"])
     with torch.no_grad():
         s0, r0 = m.sample(2, generator=torch.Generator().manual_seed(0)), m.reconstruct(x)
-        m.groups[2].cell.body[2].weight.add_(0.5)  # a top-down weight below the top group
+        m.groups[2].cell.body[4].weight.add_(0.5)  # a top-down weight below the top group
         s1, r1 = m.sample(2, generator=torch.Generator().manual_seed(0)), m.reconstruct(x)
     assert not torch.equal(s0, s1) and not torch.equal(r0, r1)
 

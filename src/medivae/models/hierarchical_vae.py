@@ -160,7 +160,9 @@ class HierarchicalVAE(nn.Module):
         )
         self.down = nn.ModuleList(DownConv(w, w) for _ in res[1:])
         # top-down: shared by inference and generation
-        self.h0 = nn.Parameter(torch.zeros(1, w, res[0], res[0]))
+        # random, not zeros (NVAE's prior_ftr0): GroupNorm of a constant map divides rounding noise by sqrt(eps),
+        # which made the latents differ by 1e-4 between memory layouts
+        self.h0 = nn.Parameter(torch.randn(1, w, res[0], res[0]))
         self.groups = nn.ModuleList(TopDownGroup(w, cfg.z_channels, scale) for _ in range(n_groups))
         self.head = nn.Sequential(ResCell(w), UpConv(w, half), nn.GELU(),
                                   UpConv(half, cfg.channels * self.likelihood.params_per_channel))
