@@ -625,7 +625,7 @@ def test_anomaly_fit_and_score(anomaly_run, tmp_path, capsys):
     out = tmp_path / "scored"
     # --fpr 0.2: the conformal threshold needs >= 1/FPR - 1 validation normals; the tiny run has ~8
     assert main(["anomaly", "score", str(anomaly_run), "--out", str(out), "--iwae-samples", "2", "--n-maps", "4",
-                 "--device", "cpu", "--fpr", "0.2"]) == 0
+                 "--device", "cpu", "--fpr", "0.2", "--bootstrap", "10"]) == 0  # 1000 resamples: +3 s a family
     assert "AUROC" in capsys.readouterr().out
     r = json.loads((anomaly_run / "results.json").read_text())["anomaly"]
     assert r["normal_label"] == "normal"
