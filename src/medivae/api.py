@@ -13,6 +13,8 @@ from medivae.config import DataConfig, RunConfig, TrainConfig
 from medivae.data import ImageSet, load_dataset, to_float
 from medivae.errors import UserError
 from medivae.generate import encode_mean, interpolate, reconstruct, sample_images, save_grid
+from medivae.io import atomic_write_text
+from medivae.lock import run_lock
 from medivae.models import build_model
 from medivae.models.family import has, labels_for, require
 from medivae.run import Run, load, load_image, load_run  # noqa: F401  (the notebook API: api.load(...))
@@ -24,12 +26,21 @@ from medivae.train.trainer import Trainer, check_resumable
 
 
 def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
-          compare: set[str] | None = None) -> Path:
+          compare: set[str] | None = None, sources: dict | None = None) -> Path:
     """Train ``cfg`` into ``run_dir``; write checkpoints, metrics and sample/interpolation/reconstruction PNGs.
 
     ``resume``: continue ``run_dir``. Every setting of ``cfg`` (or only the dotted names in ``compare``,
-    e.g. {"train.lr"}: what a user typed) must equal the run's; only ``train.epochs`` may grow."""
+    e.g. {"train.lr"}: what a user typed) must equal the run's; only ``train.epochs`` may grow.
+    ``sources``: where each setting came from (``medivae train --config``), saved as RUN/config_sources.json.
+    The run folder is locked first (medivae.lock): a second writer is refused before anything is written."""
     run_dir = Path(run_dir)
+    command = "medivae train --resume" if resume else "medivae train"
+    with run_lock(run_dir, command, create=True, enabled=distributed.is_main()):
+        return _train(cfg, run_dir, resume, progress, compare, sources)
+
+
+def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, compare: set[str] | None,
+           sources: dict | None) -> Path:
     if resume:
         check_resumable(run_dir)
         saved = RunConfig.load(run_dir / "config.json")
@@ -56,6 +67,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.json")
+        if sources is not None:
+            atomic_write_text(run_dir / "config_sources.json", json.dumps(sources, indent=2) + "\n")
         _save_data_summary(run_dir, splits)
         _record_environment(run_dir, trainer)
     if resume and ckpt.exists(run_dir / "last"):  # also last.prev, left by a kill mid-swap
@@ -86,19 +99,25 @@ def write_run_report(run_dir: Path) -> Path | None:
     """RUN/report.html; a broken report only warns, since the run itself is complete and saved."""
     import warnings
 
-    from medivae.report import write_report
-
     try:
-        return write_report(run_dir)
+        return report(run_dir)
     except Exception as e:  # the report must never cost the user a finished run
         why = f"{type(e).__name__}: {e}"
         warnings.warn(f"report not written ({why}); retry with: medivae report {run_dir}", stacklevel=2)
         return None
 
 
-def _save_data_summary(run_dir: Path, splits: dict[str, ImageSet]) -> None:
-    from medivae.io import atomic_write_text
+def report(run_dir, out=None) -> Path:
+    """Write RUN/report.html (or ``out``), holding the run's lock when the file goes into the run folder."""
+    from medivae.report import write_report
 
+    run_dir = Path(run_dir)
+    inside = out is None or run_dir.resolve() in Path(out).resolve().parents
+    with run_lock(run_dir, "medivae report", enabled=inside):
+        return write_report(run_dir, out)
+
+
+def _save_data_summary(run_dir: Path, splits: dict[str, ImageSet]) -> None:
     summary = {k: {"n": len(v), "labels": v.label_counts(), "meta": _public_meta(v.meta)} for k, v in splits.items()}
     atomic_write_text(run_dir / "data.json", json.dumps(summary, indent=2, default=str) + "\n")
 
@@ -237,7 +256,8 @@ def evaluate(run_dir, data: str | None = None, split: str = "test", k: int = 100
     opts = EvalOptions(split=split, k=k, batch_size=batch_size, max_images=max_images, n_samples=n_samples,
                        reference_epochs=reference_epochs, inception_weights=inception_weights,
                        checkpoint=checkpoint)
-    return evaluate_run(run_dir, data, opts, device=device, progress=progress)
+    with run_lock(run_dir, "medivae evaluate"):
+        return evaluate_run(run_dir, data, opts, device=device, progress=progress)
 
 
 def anomaly_fit(cfg: RunConfig, run_dir: str | Path, progress: bool = True) -> Path:
@@ -245,7 +265,8 @@ def anomaly_fit(cfg: RunConfig, run_dir: str | Path, progress: bool = True) -> P
     train, validation and test splits then hold normals only. Score with :func:`anomaly_score`."""
     if len(cfg.data.labels) != 1:
         raise UserError(f"an anomaly model is fitted on one normal label, not {list(cfg.data.labels)}")
-    return train(cfg, run_dir, progress=progress)
+    with run_lock(run_dir, "medivae anomaly fit", create=True, enabled=distributed.is_main()):
+        return train(cfg, run_dir, progress=progress)  # re-enters the lock this process holds
 
 
 def anomaly_score(run_dir, data: str | None = None, split: str = "test", out=None,
@@ -258,10 +279,11 @@ def anomaly_score(run_dir, data: str | None = None, split: str = "test", out=Non
     ``precision="auto"`` scores through the bf16 fast path where the CPU/GPU has it (fp32: exact)."""
     from medivae.workflows.anomaly import score_run
 
-    return score_run(
-        run_dir, data, split, out, normal_label, fpr, k, gradient, n_maps, batch_size, device, precision,
-        bootstrap,
-    )
+    with run_lock(run_dir, "medivae anomaly score"):  # writes RUN/results.json["anomaly"], wherever out is
+        return score_run(
+            run_dir, data, split, out, normal_label, fpr, k, gradient, n_maps, batch_size, device, precision,
+            bootstrap,
+        )
 
 
 def synthesize(run_dir, n: int, out, label: str | None = None, percentile: float = 1.0, fmt: str = "png",
@@ -271,8 +293,9 @@ def synthesize(run_dir, n: int, out, label: str | None = None, percentile: float
     are; writes images + labels, memorisation.json and nearest-pair PNGs to ``out``."""
     from medivae.workflows.synthesize import synthesize_run
 
-    return synthesize_run(run_dir, n, out, label, percentile, fmt, seed, n_pairs, reference_epochs, device,
-                          progress)
+    with run_lock(run_dir, "medivae synthesize"):  # writes RUN/results.json["privacy"]
+        return synthesize_run(run_dir, n, out, label, percentile, fmt, seed, n_pairs, reference_epochs,
+                              device, progress)
 
 
 def utility(real: str | None, synthetic, out=None, epochs: int = 10, seed: int | None = None, width: int = 32,

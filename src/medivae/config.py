@@ -143,6 +143,52 @@ class RunConfig:
         return cls.from_dict(d)
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A run configuration file as a dict: a run's config.json, or JSON/YAML with the same keys
+    (YAML needs PyYAML, an optional dependency). Not validated here: see :meth:`RunConfig.from_dict`."""
+    path = Path(path)
+    yaml = path.suffix.lower() in (".yaml", ".yml")
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read the config file ({e})") from None
+    if yaml:
+        d = _parse_yaml(path, text)
+    else:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: expected an object of data/model/train settings, got {type(d).__name__}")
+    return d
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
+    try:
+        import yaml
+    except ImportError:
+        raise UserError(f"{path}: reading YAML needs PyYAML (pip install pyyaml); or write the file as JSON") \
+            from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+
+
+def flat_settings(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1e-3}} -> {"train.lr": 1e-3}; tuples become lists, as in JSON."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_settings(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
 def _build(klass, values: dict[str, Any]):
     if not isinstance(values, dict):
         raise UserError(f"invalid {klass.__name__}: expected an object, got {type(values).__name__}")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 
 def cmd_report(args) -> int:
-    from medivae.report import write_report
+    from medivae import api
 
-    print(write_report(args.run, args.out))
+    print(api.report(args.run, args.out))
     return 0
 
 

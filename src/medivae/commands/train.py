@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
-from medivae.config import DataConfig, RunConfig, TrainConfig
+from medivae.config import DataConfig, RunConfig, TrainConfig, flat_settings, read_config_file
+from medivae.errors import UserError
 from medivae.seeding import DEFAULT_SEED
 
 
@@ -85,8 +87,6 @@ def model_args(pairs: list[str]) -> dict:
     """``KEY=VALUE`` strings -> {key: value}; values read as JSON (numbers, true/false), else strings."""
     import json
 
-    from medivae.errors import UserError
-
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -138,13 +138,75 @@ def typed_settings(args) -> set[str] | None:
     return typed
 
 
+def flag_settings(args) -> dict:
+    """Every setting the flags describe, typed or default, as dotted names: {"train.lr": 0.001, ...}."""
+    model = {"name": args.model, "image_size": args.image_size, "channels": args.channels,
+             **{k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k, None) is not None},
+             **model_args(getattr(args, "model_arg", []))}
+    return flat_settings({"data": dataclasses.asdict(data_config(args)), "model": model,
+                          "train": dataclasses.asdict(train_config(args))})
+
+
+def config_from_file(args) -> tuple[RunConfig, dict, set[str]]:
+    """The run ``--config FILE`` describes with every typed flag on top: (config, where each setting came
+    from, the settings the file gives). An unknown key in the file is a one-line error naming it."""
+    from medivae.models.family import get_family
+
+    path, d = args.config, read_config_file(args.config)
+    try:
+        RunConfig.from_dict(d)  # strict, before any flag is laid on top: the error is the file's
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    typed = typed_settings(args) or set()
+    flags = {k: v for k, v in flag_settings(args).items() if k in typed}
+    sections = {s: dict(d.get(s) or {}) for s in ("data", "model", "train")}
+    model = sections["model"]
+    name = flags.get("model.name", model.get("name", "conv_vae"))
+    if name != model.get("name", "conv_vae"):  # another family: only the image geometry carries over
+        model = {k: model[k] for k in ("image_size", "channels") if k in model}
+    for k in ("image_size", "channels"):  # a hand-written file may give them once, under data
+        if k in sections["data"]:
+            model.setdefault(k, sections["data"][k])
+    given = set(flat_settings({**d, **sections, "model": model})) - {"label_names", "medivae_version"}
+    for key, value in flags.items():
+        section, _, name_ = key.partition(".")
+        (model if section == "model" else sections[section])[name_] = value
+    preset = get_family(name).preset
+    cfg = RunConfig.from_dict({**d, **sections, "model": {**preset, **model, "name": name}})
+    return cfg, config_sources(path, cfg, typed, given, preset, flat_settings(d)), given
+
+
+def config_sources(path, cfg: RunConfig, typed: set[str], given: set[str], preset: dict, file: dict) -> dict:
+    """RUN/config_sources.json: each setting's origin, and the file's value of each one a flag replaced."""
+    def origin(key: str) -> str:
+        if key in typed:
+            return "command line"
+        if key in given:
+            return "config file"
+        return f"{cfg.model.name} preset" if key.removeprefix("model.") in preset else "default"
+
+    keys = [k for k in flat_settings(cfg.to_dict()) if k not in ("label_names", "medivae_version")]
+    return {"config_file": str(path), "settings": {k: origin(k) for k in keys},
+            "overridden": {k: file[k] for k in keys if k in typed and k in file}}
+
+
 def cmd_train(args) -> int:
     from medivae import api
     from medivae.train.distributed import is_main
 
-    compare = typed_settings(args) if args.resume else None
-    run = api.train(run_config(args), args.out, resume=args.resume, progress=not args.no_progress,
-                    compare=compare)
+    if args.config is not None:
+        cfg, sources, given = config_from_file(args)
+    elif args.data is None:
+        raise UserError("the following arguments are required: --data (or --config FILE) "
+                        "(see 'medivae train --help')")
+    else:
+        cfg, sources, given = run_config(args), None, set()
+    compare = None
+    if args.resume:  # the run keeps its own record of where its settings came from
+        typed = typed_settings(args)
+        compare, sources = (None if typed is None else typed | given), None
+    run = api.train(cfg, args.out, resume=args.resume, progress=not args.no_progress,
+                    compare=compare, sources=sources)
     if is_main():  # under torchrun, say it once
         print(f"run written to {run}")
     return 0
@@ -161,7 +223,9 @@ def cmd_demo(args) -> int:
 
 def add(sub) -> None:
     p = sub.add_parser("train", help="train a model on a data source")
-    add_data_args(p)
+    add_data_args(p, required=False)  # required unless --config gives it (cmd_train checks)
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="start from a run's config.json (or a JSON/YAML file with its keys); flags override it")
     p.add_argument("--out", required=True, type=Path, help="run folder to write")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last/")
     add_model_args(p)

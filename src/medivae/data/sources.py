@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from medivae.data.archive import class_labels, is_archive, iter_members
+from medivae.data.archive import class_labels, is_archive, iter_members, limits
 from medivae.data.collect import Built, Collector
 from medivae.data.folder import list_folder, read_csv_list
 from medivae.data.medmnist import known_label_names, locate
@@ -52,6 +52,8 @@ class Source:
             except OSError:
                 h.update(json.dumps([str(p), None]).encode())
         h.update(json.dumps([self.labels, self.groups, self.label_names]).encode())
+        if self.kind == "archive":  # another member-size cap reads other members
+            h.update(json.dumps(limits()).encode())
         return h.hexdigest()
 
 
@@ -139,19 +141,23 @@ def _decode_files(src: Source, col: Collector, opts: ReadOptions, progress: bool
 def _decode_archive(src: Source, col: Collector, opts: ReadOptions, progress: bool):
     has_dicom = False
     bar = tqdm(desc=f"decoding {src.path.name}", unit="file", disable=not progress)
-    for name, data in iter_members(src.path):
-        kind = file_kind(Path(PurePosixPath(name).name), sniff=False)
-        if kind is None and data[128:132] == b"DICM":
+    for m in iter_members(src.path):
+        name, data, base = m.name, m.data, PurePosixPath(m.name).name
+        kind = file_kind(Path(base), sniff=False)
+        if kind is None and data is not None and data[128:132] == b"DICM":
             kind = "dicom"
-        if kind is None:
-            continue  # README, checksums...: not an input
+        if kind is None and (data is not None or PurePosixPath(base).suffix):
+            continue  # README, checksums...: not an input (an unread one without a suffix may be DICOM)
         col.n_files += 1
         bar.update(1)
+        if data is None:
+            col.skip(base, m.skip)
+            continue
         has_dicom |= kind == "dicom"
         try:
             fr = read_file(data, name, kind, opts)
         except UnreadableFile as e:
-            col.skip(PurePosixPath(name).name, str(e))
+            col.skip(base, str(e))
             continue
         # the member path stands in for the label until all paths are known (see class_labels)
         col.add(fr.images, name, fr.group or name, window=fr.window, n_constant=fr.n_constant)
