@@ -170,6 +170,7 @@ MODEL_ARGS: dict[str, list[str]] = {  # family -> its own KEY=VALUE list, when T
     "vae_gan": [*(f"{k}={v}" for k, v in TINY.items() if k != "width"), "disc_width=4", "disc_layers=2",
                 "adv_start=0"],
     "hierarchical_vae": ["width=8", "z_channels=2", "num_scales=2", "groups_per_scale=1"],
+    "vamp_vae": [*(f"{k}={v}" for k, v in TINY.items() if k != "width"), "pseudo_inputs=4"],
     "vq_vae": ["codebook_size=16", "code_dim=4", "width=8", "res_blocks=1", "res_width=4", "prior_epochs=1",
                "prior_width=8", "prior_layers=1", "prior_heads=2"],
 }

@@ -17,7 +17,7 @@ class ELBOTerms:
     ``neg_elbo`` = rec + kl is the honest negative ELBO whatever β or free bits were."""
 
     rec: torch.Tensor  # -log p(x|z)
-    kl: torch.Tensor  # KL(q(z|x) || N(0, I))
+    kl: torch.Tensor  # KL(q(z|x) || p(z)): closed form for N(0, I), one-sample Monte Carlo for a learned prior
     loss: torch.Tensor
 
     @property
@@ -38,8 +38,15 @@ def free_bits_kl(kl_per_dim: torch.Tensor, free_bits: float) -> torch.Tensor:
 
 def neg_elbo(likelihood, out, x: torch.Tensor, beta: float = 1.0, free_bits: float = 0.0) -> ELBOTerms:
     """x: float (B, C, H, W) in [0, 1]; ``out``: a forward output with ``recon_params`` and a
-    ``posterior`` (``models.outputs.VAEOutput``; not imported: models import losses). Per-sample terms."""
+    ``posterior`` (``models.outputs.VAEOutput``; not imported: models import losses). Per-sample terms.
+    KL: closed form to N(0, I), or log q(z|x) - log p(z) at the sampled z when ``out.log_pz`` is set."""
     rec = -likelihood.log_prob(out.recon_params, x)
+    log_pz = getattr(out, "log_pz", None)
+    if log_pz is not None:  # a learned prior (VampPrior): one-sample Monte Carlo KL at the decoded z
+        if free_bits > 0:
+            raise ValueError("free bits need the per-dimension KL of the N(0, I) prior")
+        kl = out.posterior.log_prob(out.z) - log_pz
+        return ELBOTerms(rec=rec, kl=kl, loss=rec + beta * kl)
     kl_per_dim = out.posterior.kl_per_dim()
     kl = kl_per_dim.sum(1)
     loss = rec + beta * free_bits_kl(kl_per_dim, free_bits)

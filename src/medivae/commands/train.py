@@ -22,6 +22,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--base-width", type=int, default=None, help="first conv width (default 32)")
     g.add_argument("--likelihood", default=None, help="bernoulli (default), gaussian, discretized_logistic")
     g.add_argument("--beta", type=float, default=None, help="KL weight β (default 1: the plain ELBO)")
+    g.add_argument("--prior", default=None, help="normal (default: N(0, I)) or vamp (VampPrior, unconditional only)")
+    g.add_argument("--pseudo-inputs", type=int, default=None, help="VampPrior: learned pseudo-inputs (default 500)")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -80,7 +82,7 @@ def train_config(args) -> TrainConfig:
     )
 
 
-MODEL_FLAGS = ("latent_dim", "base_width", "likelihood", "beta")  # shorthands for common family options
+MODEL_FLAGS = ("latent_dim", "base_width", "likelihood", "beta", "prior", "pseudo_inputs")  # family option shorthands
 
 
 def model_args(pairs: list[str]) -> dict:

@@ -11,6 +11,16 @@ y, as in Kingma et al. 2014 (M2). The label enters as a one-hot vector, broadcas
 beside the image channels for the encoder and concatenated to z for the decoder. Conditioning the encoder
 too lets z give up the class information the decoder already has, so ``decode(z, y)`` draws class y for
 any z from the prior.
+
+VampPrior (Tomczak & Welling 2018; ``prior="vamp"``, registry entry ``vamp_vae``): p(z) = (1/K) sum_k
+q(z|u_k), the encoder's posteriors at K learned pseudo-inputs u_k = sigmoid(pseudo_logits_k) in [0, 1].
+The KL has no closed form, so training and validation use the one-sample Monte Carlo estimate
+log q(z|x) - log p(z) at the reparameterised z; IWAE and bits/dim use the mixture density. The
+pseudo-inputs pass the encoder with BatchNorm on its running statistics (never the pseudo-inputs' own
+batch statistics, which would also leak into the running averages), so the prior is the same function
+in training and evaluation. A conditional model would need a class per pseudo-input; vamp is refused for
+conditional configs (use a post-hoc sampler, ``medivae fit-sampler``, for a cvae). With
+``prior="normal"`` the model has exactly the parameters of earlier versions, so old checkpoints load.
 """
 
 from __future__ import annotations
@@ -25,11 +35,18 @@ from medivae.constants import IMAGE_SIZES, LIKELIHOODS
 from medivae.errors import UserError
 from medivae.losses import kl_weight, neg_elbo
 from medivae.models.blocks import decoder_trunk, encoder_trunk, widths_for
-from medivae.models.distributions import DiagonalGaussian, gaussian_log_weights, make_likelihood
+from medivae.models.distributions import (
+    DiagonalGaussian,
+    gaussian_log_weights,
+    make_likelihood,
+    mixture_log_prob,
+    standard_normal_log_prob,
+)
 from medivae.models.family import Family, LogWeights, StepContext, StepOutput, TrainStep, adam
 from medivae.models.outputs import VAEOutput, encode_decode
 
 LABELS_FROM_DATA = -1  # num_classes placeholder: one class per label of the training data
+PRIORS = ("normal", "vamp")
 
 
 @dataclass(frozen=True)
@@ -44,6 +61,8 @@ class ConvVAEConfig:
     gaussian_sigma: float = 0.1  # fixed decoder std for the "gaussian" likelihood (intensity in [0, 1])
     num_classes: int = 0  # > 0: conditional on that many classes; -1: as many as the data has labels
     beta: float = 1.0
+    prior: str = "normal"  # "normal": N(0, I); "vamp": VampPrior over ``pseudo_inputs`` learned inputs
+    pseudo_inputs: int = 500  # K of the VampPrior (ignored for prior="normal")
 
     def __post_init__(self):
         if self.image_size not in IMAGE_SIZES:
@@ -62,6 +81,13 @@ class ConvVAEConfig:
             raise UserError(f"beta must be >= 0, not {self.beta}")
         if self.num_classes < LABELS_FROM_DATA:
             raise UserError(f"num classes must be >= 0 (or -1: from the data), not {self.num_classes}")
+        if self.prior not in PRIORS:
+            raise UserError(f"unknown prior {self.prior!r}; choose one of {list(PRIORS)}")
+        if self.pseudo_inputs < 1:
+            raise UserError(f"pseudo inputs must be >= 1, not {self.pseudo_inputs}")
+        if self.prior == "vamp" and self.num_classes != 0:
+            raise UserError(f"{self.name}: --prior vamp is for unconditional models; for a conditional one "
+                            "fit a post-hoc sampler (medivae fit-sampler RUN --sampler gmm)")
 
     def for_data(self, label_names: tuple[str, ...], source: str) -> ConvVAEConfig:
         """The config for a data set: a conditional model gets one class per label."""
@@ -91,6 +117,10 @@ class ConvVAE(nn.Module):
         self.fc_logvar = nn.Linear(feat, cfg.latent_dim)
         self.decoder_input = nn.Linear(cfg.latent_dim + cfg.num_classes, feat)
         self.decoder = decoder_trunk(cfg.channels * self.likelihood.params_per_channel, widths)
+        self.vamp = cfg.prior == "vamp"
+        if self.vamp:  # pre-sigmoid pseudo-inputs (K, C, H, W); sigmoid(0.5 N(0, 1)): varied greys around 0.5
+            shape = (cfg.pseudo_inputs, cfg.channels, cfg.image_size, cfg.image_size)
+            self.pseudo_logits = nn.Parameter(0.5 * torch.randn(shape))
 
     # --- the networks ------------------------------------------------------------------------------------
     def _one_hot(self, y: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -114,8 +144,41 @@ class ConvVAE(nn.Module):
         return self.decoder(self.decoder_input(z))
 
     def forward(self, x, y=None, sample: bool = True, generator: torch.Generator | None = None) -> VAEOutput:
-        """Encode, take z (a reparameterised sample, or the posterior mean if ``sample=False``), decode."""
-        return encode_decode(self, x, y, sample, generator)
+        """Encode, take z (a reparameterised sample, or the posterior mean if ``sample=False``), decode;
+        with a VampPrior also log p(z) (B,), computed here so that DDP sees the pseudo-inputs used."""
+        out = encode_decode(self, x, y, sample, generator)
+        if self.vamp:
+            out.log_pz = self.prior_log_prob(out.z)
+        return out
+
+    # --- the prior -------------------------------------------------------------------------------------
+    def pseudo_images(self) -> torch.Tensor:
+        """The VampPrior's pseudo-inputs as images, float (K, C, H, W) in [0, 1]."""
+        return torch.sigmoid(self.pseudo_logits)
+
+    def prior_components(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """VampPrior components q(z|u_k): means and log-variances (K, D), BatchNorm on running statistics."""
+        norms = [m for m in self.encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        modes = [m.training for m in norms]
+        for m in norms:
+            m.eval()
+        try:
+            q = self.encode(self.pseudo_images())
+        finally:
+            for m, mode in zip(norms, modes, strict=True):
+                m.train(mode)
+        return q.mean, q.logvar
+
+    def log_prior(self):
+        """z (..., D) -> log p(z) (...): N(0, I), or the VampPrior with its components computed once."""
+        if not self.vamp:
+            return standard_normal_log_prob
+        means, logvars = self.prior_components()
+        return lambda z: mixture_log_prob(z, means, logvars)
+
+    def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z) for z (..., D) -> (...)."""
+        return self.log_prior()(z)
 
     def images(self, params: torch.Tensor) -> torch.Tensor:
         """Decoder parameters -> displayable mean images (B, C, H, W) in [0, 1]."""
@@ -131,8 +194,15 @@ class ConvVAE(nn.Module):
         return self.decode(self.encode(x, y).mode(), y)
 
     def prior_latents(self, n: int, generator=None, temperature: float = 1.0) -> torch.Tensor:
-        """n draws of z ~ N(0, T^2 I), (n, D), on the CPU (the same numbers on every device)."""
-        return temperature * torch.randn(n, self.latent_dim, generator=generator)
+        """n draws of z ~ N(0, T^2 I), (n, D), on the CPU (the same numbers on every device). VampPrior:
+        a uniformly chosen component k, then z ~ N(mean_k, T^2 var_k)."""
+        if not self.vamp:
+            return temperature * torch.randn(n, self.latent_dim, generator=generator)
+        with torch.no_grad():
+            means, logvars = (t.float().cpu() for t in self.prior_components())
+        k = torch.randint(len(means), (n,), generator=generator)
+        eps = torch.randn(n, self.latent_dim, generator=generator)
+        return means[k] + temperature * torch.exp(0.5 * logvars[k]) * eps
 
     def sample(self, n: int, label=None, generator=None, temperature: float = 1.0) -> torch.Tensor:
         """n images decoded from the prior: float (n, C, H, W) in [0, 1]. ``label``: int or (n,) indices."""
@@ -142,8 +212,12 @@ class ConvVAE(nn.Module):
 
     def log_weights(self, x, y=None, k: int = 100, generator=None, max_decode: int = 256) -> LogWeights:
         """K draws z_k ~ q(z|x): log p(x|z_k), log p(z_k) - log q(z_k|x) (float64 (K, B), CPU) and the
-        closed-form KL. At most ``max_decode`` images go through the decoder at once."""
-        return gaussian_log_weights(self, x, y, k, generator, max_decode)
+        closed-form KL (None for the VampPrior). At most ``max_decode`` images go through the decoder at once."""
+        return gaussian_log_weights(self, x, y, k, generator, max_decode, self.log_prior(), not self.vamp)
+
+    def figures(self) -> dict[str, torch.Tensor]:
+        """Images the run folder shows after training: the VampPrior's pseudo-inputs (K, C, H, W)."""
+        return {"pseudo_inputs": self.pseudo_images().detach().float().cpu()} if self.vamp else {}
 
     def optimizers(self, train_cfg, device) -> dict[str, torch.optim.Optimizer]:
         return {"model": adam(self.parameters(), train_cfg, device)}
@@ -157,6 +231,8 @@ class ConvVAE(nn.Module):
     def _elbo_step(self, nets, x, y, ctx: StepContext) -> StepOutput:
         """Forward with a reparameterised sample; minimise rec + β·KL (KL schedule and free bits applied)."""
         t = ctx.train
+        if self.vamp and t.free_bits > 0:
+            raise UserError("--free-bits needs the per-dimension KL of the N(0, I) prior; drop it for --prior vamp")
         beta = kl_weight(t.kl_schedule, self.cfg.beta, ctx.progress, t.warmup_epochs)
         out = nets["vae"](x, y, sample=True, generator=ctx.generator)
         terms = neg_elbo(self.likelihood, out, x, beta=beta, free_bits=t.free_bits)
@@ -190,4 +266,6 @@ FAMILIES = (
     Family("beta_vae", ConvVAEConfig, ConvVAE, "β-VAE (β = 4)", preset={"beta": 4.0}),
     # Sohn et al. 2015: one class per label of the data
     Family("cvae", ConvVAEConfig, ConvVAE, "conditional VAE", preset={"num_classes": LABELS_FROM_DATA}),
+    # Tomczak & Welling 2018: the prior is a mixture of the posteriors at learned pseudo-inputs
+    Family("vamp_vae", ConvVAEConfig, ConvVAE, "VAE with a VampPrior", preset={"prior": "vamp"}),
 )

@@ -1,6 +1,7 @@
 """Posterior and decoder distributions. Every log-density is returned per sample: shape (B,).
 
 - ``DiagonalGaussian``: the encoder's q(z|x) (Kingma & Welling 2014), with the closed-form KL to N(0, I).
+- ``mixture_log_prob``: a uniform mixture of diagonal Gaussians, the VampPrior's density.
 - Likelihoods p(x|z) over images x in [0, 1]:
   ``bernoulli`` (the article's BCE; not a likelihood of 8-bit images, only of binary ones),
   ``gaussian`` (fixed sigma; MSE up to constants; a density, not a probability),
@@ -138,11 +139,14 @@ class DiscretizedLogistic:
         return ((x.clamp(-1, 1) + 1.0) / 2.0 * 255).round() / 255
 
 
-def gaussian_log_weights(model, x, y=None, k: int = 100, generator=None, max_decode: int = 256):
-    """Importance weights of a family with a Gaussian posterior and an N(0, I) prior: K draws
-    z_k ~ q(z|x) (``model.encode``), log p(x|z_k) (``model.decode_params`` + ``model.likelihood``) and
-    log p(z_k) - log q(z_k|x), float64 (K, B) on the CPU, with the closed-form KL. At most ``max_decode``
-    images go through the decoder at once, whatever K and B are."""
+def gaussian_log_weights(model, x, y=None, k: int = 100, generator=None, max_decode: int = 256,
+                         log_prior=standard_normal_log_prob, closed_form_kl: bool = True):
+    """Importance weights of a family with a Gaussian posterior: K draws z_k ~ q(z|x) (``model.encode``),
+    log p(x|z_k) (``model.decode_params`` + ``model.likelihood``) and log p(z_k) - log q(z_k|x), float64
+    (K, B) on the CPU. ``log_prior``: z (..., D) -> log p(z) (...), N(0, I) by default; ``closed_form_kl``:
+    whether KL(q || p) is q's closed form to N(0, I) (False for a learned prior such as the VampPrior,
+    whose KL is then the Monte Carlo average of -log_ratio). At most ``max_decode`` images go through the
+    decoder at once, whatever K and B are."""
     from medivae.models.family import LogWeights
 
     q = model.encode(x, y)
@@ -156,8 +160,17 @@ def gaussian_log_weights(model, x, y=None, k: int = 100, generator=None, max_dec
         params = model.decode_params(z.reshape(n * b, d), None if y is None else y.repeat(n))  # sample-major
         xr = x.expand(n, *x.shape).reshape(n * b, *x.shape[1:])
         log_px.append(model.likelihood.log_prob(params, xr).view(n, b).double().cpu())
-        log_ratio.append((standard_normal_log_prob(z) - q.log_prob(z)).double().cpu())
-    return LogWeights(torch.cat(log_px), torch.cat(log_ratio), q.kl().double().cpu())
+        log_ratio.append((log_prior(z) - q.log_prob(z)).double().cpu())
+    kl = q.kl().double().cpu() if closed_form_kl else None
+    return LogWeights(torch.cat(log_px), torch.cat(log_ratio), kl)
+
+
+def mixture_log_prob(z: torch.Tensor, means: torch.Tensor, logvars: torch.Tensor) -> torch.Tensor:
+    """log (1/K) sum_k N(z; means_k, diag(exp(logvars_k))) for z (..., D), components (K, D) -> (...).
+    The VampPrior's density (Tomczak & Welling 2018) when the components are q(z|u_k)."""
+    zc = z.unsqueeze(-2)  # (..., 1, D) against (K, D)
+    log_comp = -0.5 * ((zc - means).pow(2) * torch.exp(-logvars) + logvars + LOG_2PI).sum(-1)  # (..., K)
+    return torch.logsumexp(log_comp, dim=-1) - math.log(means.shape[0])
 
 
 def make_likelihood(name: str, gaussian_sigma: float = 0.1):

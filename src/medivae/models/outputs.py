@@ -16,11 +16,14 @@ class VAEOutput:
     recon_params: (B, C * k, H, W) decoder parameters (k = likelihood.params_per_channel), pre-activation.
     posterior: q(z|x) with mean/logvar (B, D).
     z: (B, D) the latent that was decoded (a sample, or the posterior mean when sample=False).
+    log_pz: (B,) log p(z) under a learned prior (VampPrior), whose KL is then estimated by Monte Carlo;
+        None for the N(0, I) prior (closed-form KL).
     """
 
     recon_params: torch.Tensor
     posterior: DiagonalGaussian
     z: torch.Tensor
+    log_pz: torch.Tensor | None = None
 
 
 def encode_decode(model, x: torch.Tensor, y: torch.Tensor | None, sample: bool, generator) -> VAEOutput:
