@@ -171,12 +171,23 @@ def write_figures(run_dir: Path, model, cfg: RunConfig, split: ImageSet, device,
         y = labels_for(model, split.labels[:k], device)
         both = torch.cat([x.cpu(), reconstruct(model, x, y)])
         save_grid(both, run_dir / "reconstructions.png", nrow=k)
+    for name, images in getattr(model, "figures", dict)().items():  # family figures, e.g. VampPrior pseudo-inputs
+        save_grid(images, run_dir / f"{name}.png")
 
 
 def sample(run_dir, n: int, out, seed: int | None = None, label: str | None = None, device="auto",
-           temperature: float = 1.0) -> Path:
+           temperature: float = 1.0, sampler: str = "prior") -> Path:
+    """A PNG grid of n samples; ``sampler``: "prior" or a fitted post-hoc sampler ("gmm", "flow")."""
     run = load_run(run_dir, device=device)
-    return save_grid(run.sample(n, label, seed, temperature), out)
+    return save_grid(run.sample(n, label, seed, temperature, sampler=sampler), out)
+
+
+def fit_sampler(run_dir, sampler: str, max_components: int = 10, checkpoint: str = "best",
+                device: str = "auto") -> dict:
+    """Fit a post-hoc latent sampler (gmm, flow) on the run's training posterior means -> RUN/samplers/."""
+    from medivae.workflows.fit_sampler import fit_sampler_run
+
+    return fit_sampler_run(run_dir, sampler, max_components, checkpoint, device)
 
 
 def interpolate_run(
@@ -248,14 +259,14 @@ def demo_config(epochs: int = 15, n_images: int = 6000) -> RunConfig:
 def evaluate(run_dir, data: str | None = None, split: str = "test", k: int = 100, batch_size: int = 64,
              max_images: int = 0, n_samples: int = 0, reference_epochs: int = 5,
              inception_weights: str | None = None, checkpoint: str = "best", device: str = "auto",
-             progress: bool = True) -> dict:
+             progress: bool = True, sampler: str = "prior") -> dict:
     """Likelihood bounds, reconstruction, posterior collapse and sample quality of a run on one split;
     merged into RUN/results.json under "evaluation" (keys: medivae.workflows.evaluate) and returned."""
     from medivae.workflows.evaluate import EvalOptions, evaluate_run
 
     opts = EvalOptions(split=split, k=k, batch_size=batch_size, max_images=max_images, n_samples=n_samples,
                        reference_epochs=reference_epochs, inception_weights=inception_weights,
-                       checkpoint=checkpoint)
+                       checkpoint=checkpoint, sampler=sampler)
     with run_lock(run_dir, "medivae evaluate"):
         return evaluate_run(run_dir, data, opts, device=device, progress=progress)
 
@@ -288,14 +299,14 @@ def anomaly_score(run_dir, data: str | None = None, split: str = "test", out=Non
 
 def synthesize(run_dir, n: int, out, label: str | None = None, percentile: float = 1.0, fmt: str = "png",
                seed: int | None = None, n_pairs: int = 8, reference_epochs: int = 5, device: str = "auto",
-               progress: bool = True) -> dict:
+               progress: bool = True, sampler: str = "prior") -> dict:
     """n synthetic images minus those nearer a training image than ``percentile`` % of real test images
     are; writes images + labels, memorisation.json and nearest-pair PNGs to ``out``."""
     from medivae.workflows.synthesize import synthesize_run
 
     with run_lock(run_dir, "medivae synthesize"):  # writes RUN/results.json["privacy"]
         return synthesize_run(run_dir, n, out, label, percentile, fmt, seed, n_pairs, reference_epochs,
-                              device, progress)
+                              device, progress, sampler)
 
 
 def utility(real: str | None, synthetic, out=None, epochs: int = 10, seed: int | None = None, width: int = 32,

@@ -45,15 +45,21 @@ def class_blocks(num_classes: int, n: int) -> torch.Tensor:
 @torch.no_grad()
 def sample_images(
     model, n: int, generator: torch.Generator, label=None, temperature: float = 1.0, precision: str = "auto",
-    batch: int = 256,
+    batch: int = 256, latent_sampler=None,
 ) -> torch.Tensor:
     """n images from the family's ``sample``, in batches: float (n, C, H, W) in [0, 1] on the CPU.
-    ``label``: one class index, (n,) indices, or None (a conditional family then gets equal class blocks)."""
+    ``label``: one class index, (n,) indices, or None (a conditional family then gets equal class blocks).
+    ``latent_sampler``: a post-hoc sampler (:mod:`medivae.samplers`) drawn from instead of the prior."""
     from medivae.models.family import has
 
     model.eval()
     if has(model, "conditional") and label is None:
         label = class_blocks(model.num_classes, n)
+    if latent_sampler is not None:
+        y = None if label is None else torch.as_tensor(label).long().expand(n)
+        z = latent_sampler.sample(n, generator, y, temperature)
+        device = next(model.parameters()).device
+        return decode_latents(model, z.to(device), None if y is None else y.to(device), batch, precision)
     outs = []
     with fast_inference(model, precision):
         for i in range(0, n, batch):

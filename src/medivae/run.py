@@ -7,11 +7,13 @@ exact split it was trained on. The one module that does this, below ``workflows`
     z = run.encode(images)["mean"]          # uint8 (N, C, H, W) or float in [0, 1] -> {name: (N, ...)}
     x = run.decode(run.encode(images)["mean"])
     samples = run.sample(16, label="normal")  # float (16, C, H, W) in [0, 1]
+    samples = run.sample(16, sampler="gmm")     # from RUN/samplers/gmm.* (medivae fit-sampler)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from medivae.data.imageset import label_code
 from medivae.errors import UserError
 from medivae.generate import decode_latents, encode_arrays, reconstruct, sample_images
 from medivae.models.family import build_model, has, labels_for, require
+from medivae.samplers import KINDS, LatentSampler, load_sampler
 from medivae.seeding import torch_generator
 from medivae.train import checkpoint as ckpt
 from medivae.train.device import pick_device
@@ -103,16 +106,34 @@ class Run:
         return reconstruct(self.model, x, self._y(len(x), labels, label), precision=precision)
 
     def sample(self, n: int, label=None, seed: int | None = None, temperature: float = 1.0,
-               precision: str = "auto") -> torch.Tensor:
+               precision: str = "auto", sampler: str = "prior") -> torch.Tensor:
         """n new images, float (n, C, H, W) in [0, 1] on the CPU; a conditional run without ``label``
-        gives an equal block of rows per class, in label order."""
+        gives an equal block of rows per class, in label order. ``sampler``: "prior", or a post-hoc
+        latent sampler fitted with ``medivae fit-sampler`` ("gmm", "flow")."""
         require(self.model, "sample", "sample")
         if n < 1:
             raise UserError(f"-n must be >= 1, not {n}")
         if not temperature > 0:
             raise UserError(f"--temperature must be > 0, not {temperature}")
+        latent = self.latent_sampler(sampler)
         g = torch_generator(self.config.train.seed if seed is None else seed, "sample")
-        return sample_images(self.model, n, g, self.label_index(label), temperature, precision)
+        return sample_images(self.model, n, g, self.label_index(label), temperature, precision,
+                             latent_sampler=latent)
+
+    # --- post-hoc latent samplers (medivae.samplers) -------------------------------------------------------
+    def checkpoint_sha256(self) -> str:
+        """SHA-256 of the loaded checkpoint's manifest.json: names these exact weights."""
+        manifest = ckpt.resolve(checkpoint_folder(self.folder, self.checkpoint)) / ckpt.MANIFEST
+        return hashlib.sha256(manifest.read_bytes()).hexdigest()
+
+    def latent_sampler(self, name: str) -> LatentSampler | None:
+        """None for "prior"; else RUN/samplers/<name>.*, refused unless fitted to this checkpoint."""
+        if name == "prior":
+            return None
+        if name not in KINDS:
+            raise UserError(f"unknown sampler {name!r}; choose prior or one of {list(KINDS)}")
+        require(self.model, "gaussian_latent", f"sample --sampler {name}")
+        return load_sampler(self.folder / "samplers", name, self.checkpoint_sha256(), str(self.folder))
 
 
 def load_image(path: str | Path, cfg: RunConfig) -> torch.Tensor:
@@ -129,14 +150,21 @@ def load_image(path: str | Path, cfg: RunConfig) -> torch.Tensor:
     return to_float(arr[None])
 
 
+def checkpoint_folder(run_dir: Path, which: str) -> Path:
+    """RUN/<which>/ (its .prev twin counts: the checkpoint reader falls back to it); RUN/last/ when
+    there is neither."""
+    folder = Path(run_dir) / which
+    if not (folder.exists() or folder.with_name(which + ".prev").exists()):
+        folder = Path(run_dir) / "last"
+    return folder
+
+
 def load_run(run_dir: str | Path, which: str = "best", device: str = "auto") -> Run:
     """The run in ``run_dir`` from its ``best/`` (or ``last/``) checkpoint, in eval mode on ``device``."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run folder")
-    folder = run_dir / which
-    if not (folder.exists() or folder.with_name(which + ".prev").exists()):
-        folder = run_dir / "last"
+    folder = checkpoint_folder(run_dir, which)
     cfg = RunConfig.from_dict(ckpt.read_config(folder))
     dev = pick_device(device)
     model = build_model(cfg.model)

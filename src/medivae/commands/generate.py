@@ -9,7 +9,19 @@ def cmd_sample(args) -> int:
     from medivae import api
 
     print(api.sample(args.run, args.n, args.out, seed=args.seed, label=args.label, device=args.device,
-                     temperature=args.temperature))
+                     temperature=args.temperature, sampler=args.sampler))
+    return 0
+
+
+def cmd_fit_sampler(args) -> int:
+    from medivae import api
+
+    r = api.fit_sampler(args.run, args.sampler, max_components=args.max_components, checkpoint=args.checkpoint,
+                        device=args.device)
+    fitted = r.get("components") or r.get("val_nll_nats")
+    print(f"{args.sampler} sampler fitted on {r['n_train']} training means in {r['seconds']} s "
+          f"({'components' if 'components' in r else 'validation NLL, nats'} per class: {fitted}); "
+          f"written to {r['json']}; draw with: medivae sample {args.run} --sampler {args.sampler} --out FILE")
     return 0
 
 
@@ -51,8 +63,18 @@ def add(sub) -> None:
     s.add_argument("--label", default=None, help="class name (conditional models)")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--temperature", type=float, default=1.0, help="prior temperature (default 1)")
+    s.add_argument("--sampler", default="prior",
+                   help="prior (default), or gmm / flow fitted with medivae fit-sampler")
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_sample)
+
+    f = sub.add_parser("fit-sampler", help="fit a latent sampler (GMM or RealNVP) on the training posterior means")
+    f.add_argument("run", type=Path)
+    f.add_argument("--sampler", required=True, help="gmm (components by validation BIC) or flow (RealNVP)")
+    f.add_argument("--max-components", type=int, default=10, help="gmm: most components tried (default 10)")
+    f.add_argument("--checkpoint", default="best", help="best (default) or last")
+    f.add_argument("--device", default="auto")
+    f.set_defaults(func=cmd_fit_sampler)
 
     e = sub.add_parser("encode", help="the family's representation of every image of a split -> .npz")
     e.add_argument("run", type=Path)

@@ -20,6 +20,7 @@ def cmd_synthesize(args) -> int:
         reference_epochs=args.reference_epochs,
         device=args.device,
         progress=not args.no_progress,
+        sampler=args.sampler,
     )
     print(
         f"{r['n_written']} of {r['n_synthetic']} images written to {args.out}; {r['n_rejected']} rejected as "
@@ -51,6 +52,7 @@ def add(sub) -> None:
         "--reference-epochs", type=int, default=5, help="epochs of the reference feature extractor"
     )
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--sampler", default="prior", help="prior (default), or gmm / flow from medivae fit-sampler")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_synthesize)

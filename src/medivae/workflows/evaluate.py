@@ -15,7 +15,8 @@ are per image; ``null`` where a number would be dishonest):
       reconstruction: {mse, psnr_db, ssim, n_images}          (posterior mean, per image then averaged)
       collapse: {latent_dim, kl_per_dim [..], kl_total_nats, active_units, active_threshold,
                  mean_variance_per_dim [..], mutual_information_nats, mi_upper_bound_nats}
-      sample_quality: {extractor ("cnn"/"ae"), fd_name ("FD-cnn"/"FD-ae"), reference_folder,
+      sample_quality: {sampler ("prior"/"gmm"/"flow"), extractor ("cnn"/"ae"), fd_name ("FD-cnn"/"FD-ae"),
+                       reference_folder,
                        n_generated, n_reference, n_held_out, held_out_split,
                        model: {fd, precision, recall, density, coverage},   generated vs real train
                        floor: {fd, precision, recall, density, coverage}}   real held-out vs real train
@@ -58,6 +59,7 @@ class EvalOptions:
     reference_epochs: int = 5
     inception_weights: str | None = None
     checkpoint: str = "best"
+    sampler: str = "prior"  # or a post-hoc latent sampler of the run (medivae fit-sampler): gmm, flow
 
     def __post_init__(self):
         for name in ("k", "batch_size", "reference_epochs"):
@@ -104,7 +106,7 @@ def posterior_and_reconstruction(model, s: ImageSet, batch_size, device, progres
 
 
 @torch.no_grad()
-def generate_images(model, n: int, labels: np.ndarray, seed: int):
+def generate_images(model, n: int, labels: np.ndarray, seed: int, latent_sampler=None):
     """n samples of the family as float (n, C, H, W), as ``medivae sample`` shows them, quantised to
     8 bits like the real images they are compared with. A conditional family draws its labels with
     the held-out split's frequencies."""
@@ -113,7 +115,7 @@ def generate_images(model, n: int, labels: np.ndarray, seed: int):
     if has(model, "conditional") and len(labels):
         y = torch.as_tensor(labels[numpy_rng(seed, "evaluate-sample-labels").integers(0, len(labels), n)])
         y = y.long().clamp(min=0)
-    return (sample_images(model, n, g, y, precision="fp32") * 255).round() / 255
+    return (sample_images(model, n, g, y, precision="fp32", latent_sampler=latent_sampler) * 255).round() / 255
 
 
 def reference_description(data_cfg) -> dict:
@@ -123,16 +125,19 @@ def reference_description(data_cfg) -> dict:
     return {k: getattr(data_cfg, k) for k in keep}
 
 
-def sample_quality_block(model, cfg, data_cfg, splits, held_out: ImageSet, opts, run_dir, device, progress):
-    """(the sample_quality block, (real reference subset, generated images)) for the optional FID."""
+def sample_quality_block(model, cfg, data_cfg, splits, held_out: ImageSet, opts, run_dir, device, progress,
+                         latent_sampler=None):
+    """(the sample_quality block, (real reference subset, generated images)) for the optional FID.
+    ``latent_sampler``: the post-hoc sampler named by ``opts.sampler`` (None: the family's prior)."""
     seed = cfg.train.seed
     ref = load_or_fit_reference(Path(run_dir) / "reference", splits["train"],
                                 reference_description(data_cfg), seed, opts.reference_epochs,
                                 progress=progress, device=device)
     real = _subset(splits["train"], MAX_REFERENCE, seed, "evaluate-reference")
     n_gen = opts.n_samples or len(held_out)
-    fake = generate_images(model, n_gen, held_out.labels, seed)
+    fake = generate_images(model, n_gen, held_out.labels, seed, latent_sampler)
     block = {
+        "sampler": opts.sampler,
         "extractor": ref.name, "fd_name": f"FD-{ref.name}", "reference_folder": str(ref.folder),
         "n_generated": n_gen, "n_reference": len(real), "n_held_out": len(held_out),
         "held_out_split": opts.split,
@@ -173,6 +178,7 @@ def evaluate_run(run_dir, data: str | None = None, opts: EvalOptions | None = No
     inception = _load_inception(opts.inception_weights)
     run = load_run(run_dir, which=opts.checkpoint, device=device)
     model, cfg, dev = run.model, run.config, run.device
+    latent = run.latent_sampler(opts.sampler)  # refused now, before any work, if it does not match the run
     seed, m = cfg.train.seed, cfg.model
     data_cfg, splits, s = timed("load", load_split, cfg, data, opts.split, progress)
     s = _subset(s, opts.max_images, seed, "evaluate-subset")
@@ -185,7 +191,7 @@ def evaluate_run(run_dir, data: str | None = None, opts: EvalOptions | None = No
         collapse = timed("collapse", collapse_metrics, mean, logvar, torch_generator(seed, "evaluate-mi"))
     if has(model, "sample"):
         quality, (real, fake) = timed("sample_quality", sample_quality_block, model, cfg, data_cfg, splits, s,
-                                      opts, run_dir, dev, progress)
+                                      opts, run_dir, dev, progress, latent)
         if inception is not None:
             fid = timed("fid", fid_block, inception, opts.inception_weights, real, fake, s, dev)
     result = {

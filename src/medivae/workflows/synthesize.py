@@ -51,10 +51,12 @@ def _label_plan(model, cfg, label: str | None, n: int) -> tuple[np.ndarray | Non
     )
 
 
-def generate_uint8(model, codes: np.ndarray | None, n: int, seed: int) -> np.ndarray:
-    """n samples of the family, uint8 (n, C, H, W), each conditioned on codes[i] when given."""
+def generate_uint8(model, codes: np.ndarray | None, n: int, seed: int, latent_sampler=None) -> np.ndarray:
+    """n samples of the family, uint8 (n, C, H, W), each conditioned on codes[i] when given; from
+    ``latent_sampler`` (a post-hoc sampler, medivae.samplers) instead of the prior when given."""
     y = None if codes is None else torch.as_tensor(codes).long()
-    img = sample_images(model, n, torch_generator(seed, "synthesize"), y, precision="fp32")
+    img = sample_images(model, n, torch_generator(seed, "synthesize"), y, precision="fp32",
+                        latent_sampler=latent_sampler)
     return (img * 255).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
@@ -108,8 +110,10 @@ def synthesize_run(
     reference_epochs: int = 5,
     device: str = "auto",
     progress: bool = True,
+    sampler: str = "prior",
 ) -> dict:
-    """Sample n images, reject those closer to the training set than real test images are, write the rest."""
+    """Sample n images, reject those closer to the training set than real test images are, write the rest.
+    ``sampler``: "prior", or a post-hoc latent sampler of the run (medivae fit-sampler)."""
     if n < 1 or not 0 <= percentile <= 100 or fmt not in ("png", "npz") or n_pairs < 0:
         raise UserError(
             f"need -n >= 1, 0 <= --percentile <= 100, --format png|npz (got {n}, {percentile}, {fmt})"
@@ -118,8 +122,9 @@ def synthesize_run(
     run = load_run(run_dir, device=device)
     model, cfg, dev = run.model, run.config, run.device
     require(model, "sample", "synthesize")
+    latent = run.latent_sampler(sampler)
     codes, names = _label_plan(model, cfg, label, n)
-    fake = generate_uint8(model, codes, n, cfg.train.seed if seed is None else seed)
+    fake = generate_uint8(model, codes, n, cfg.train.seed if seed is None else seed, latent)
     splits = load_dataset(cfg.data, cfg.train.seed, progress=False)
     train, held = splits["train"], splits["test"] if len(splits["test"]) else splits["val"]
     checks = [
@@ -147,6 +152,7 @@ def synthesize_run(
             files[f"nearest_{c.name}"] = str(out / f"nearest_{c.name}.png")
     report.update(
         run=str(run_dir),
+        sampler=sampler,
         label=label,
         n_written=len(keep),
         reference_folder=str(ref.folder),

@@ -1,0 +1,63 @@
+"""``medivae fit-sampler``: a post-hoc latent sampler (:mod:`medivae.samplers`) fitted on a run's
+training posterior means, selected/early-stopped on its validation means; per class for a conditional
+run. Writes RUN/samplers/<kind>.safetensors + <kind>.json (with the checkpoint's manifest hash),
+RUN/samplers/samples_<kind>.png (64 draws, shown in the report) and ``results.json["samplers"][kind]``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from medivae.errors import UserError
+from medivae.generate import save_grid
+from medivae.models.family import has, require
+from medivae.results import RESULTS_FILE, merge_results, read_results
+from medivae.run import Run, load_run
+from medivae.samplers import KINDS, fit, save_sampler
+
+
+def posterior_means(run: Run, images, labels) -> tuple[np.ndarray, np.ndarray | None]:
+    """(posterior means (N, D) float64, class indices (N,) or None for an unconditional run)."""
+    mean = run.encode(images, labels=labels)["mean"].double().numpy()
+    y = np.clip(np.asarray(labels), 0, None) if has(run.model, "conditional") else None
+    return mean, y
+
+
+def fit_sampler_run(run_dir, kind: str, max_components: int = 10, checkpoint: str = "best",
+                    device: str = "auto") -> dict:
+    """Fit, save and record one sampler; returns its JSON description (``<kind>.json``)."""
+    if kind not in KINDS:
+        raise UserError(f"unknown sampler {kind!r}; choose one of {list(KINDS)}")
+    if max_components < 1:
+        raise UserError(f"--max-components must be >= 1, not {max_components}")
+    results_path = Path(run_dir) / RESULTS_FILE
+    read_results(results_path)  # fail now, not after the fit, if it cannot be merged into
+    start = time.perf_counter()
+    run = load_run(run_dir, which=checkpoint, device=device)
+    require(run.model, "gaussian_latent", "fit-sampler")
+    splits = run.splits()
+    train, val = splits["train"], splits["val"] if len(splits["val"]) else splits["train"]
+    zt, yt = posterior_means(run, train.images, train.labels)
+    zv, yv = posterior_means(run, val.images, val.labels)
+    sampler = fit(kind, zt, zv, yt, yv, max_components, run.config.train.seed)
+    extra = {"checkpoint": checkpoint, "n_train": len(zt), "n_val": len(zv),
+             "label_names": list(run.config.label_names) if yt is not None else None,
+             "seconds": round(time.perf_counter() - start, 1)}
+    folder = Path(run_dir) / "samplers"
+    st, js = save_sampler(sampler, folder, run.checkpoint_sha256(), extra)
+    save_grid(run.sample(64, sampler=kind, precision="fp32"), folder / f"samples_{kind}.png", nrow=8)
+    summary = {"file": str(js), "checkpoint": checkpoint, "n_train": len(zt), "n_val": len(zv),
+               "seconds": extra["seconds"], **_fit_summary(kind, sampler.info)}
+    merge_results(results_path, "samplers", {**read_results(results_path).get("samplers", {}), kind: summary})
+    return {"safetensors": str(st), "json": str(js), **summary}
+
+
+def _fit_summary(kind: str, info: dict) -> dict:
+    """Per class: the chosen number of components (gmm) or the early-stopping epoch and validation NLL (flow)."""
+    if kind == "gmm":
+        return {"components": {c: i["components"] for c, i in info.items()}}
+    return {"best_epoch": {c: i["best_epoch"] for c, i in info.items()},
+            "val_nll_nats": {c: round(i["val_nll"], 3) for c, i in info.items()}}
