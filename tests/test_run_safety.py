@@ -81,6 +81,7 @@ def test_a_second_train_is_refused_with_the_holder_and_changes_nothing(run, caps
     ["anomaly", "score", "{run}", "--device", "cpu"],
     ["synthesize", "{run}", "-n", "4", "--out", "{tmp}/synth", "--device", "cpu"],
     ["report", "{run}"],
+    ["fit-sampler", "{run}", "--sampler", "gmm", "--device", "cpu"],
 ])
 def test_writers_are_refused_while_train_writes(run, tmp_path, capsys, argv):
     argv = [a.format(run=run, tmp=tmp_path) for a in argv]

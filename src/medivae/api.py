@@ -187,7 +187,8 @@ def fit_sampler(run_dir, sampler: str, max_components: int = 10, checkpoint: str
     """Fit a post-hoc latent sampler (gmm, flow) on the run's training posterior means -> RUN/samplers/."""
     from medivae.workflows.fit_sampler import fit_sampler_run
 
-    return fit_sampler_run(run_dir, sampler, max_components, checkpoint, device)
+    with run_lock(run_dir, "medivae fit-sampler"):  # writes RUN/samplers/
+        return fit_sampler_run(run_dir, sampler, max_components, checkpoint, device)
 
 
 def interpolate_run(
