@@ -621,13 +621,8 @@ def anomaly_run(family, tmp_path_factory) -> Path:
     return out
 
 
-def test_anomaly_fit_and_score(anomaly_run, tmp_path, capsys, request):
+def test_anomaly_fit_and_score(anomaly_run, tmp_path, capsys):
     caps = medivae.load(anomaly_run, device="cpu").model.capabilities
-    if "gaussian_latent" in caps:
-        request.applymarker(pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-            "workflows/anomaly_protocol.py:85 passes cfg.train.seed (default 1767661200070, >= 2**32) to "
-            "evaluation/anomaly_scores.py:42 GaussianMixture(random_state=seed): sklearn InvalidParameterError, "
-            "a traceback from 'medivae anomaly score' for every gaussian_latent run with the default seed")))
     out = tmp_path / "scored"
     # --fpr 0.2: the conformal threshold needs >= 1/FPR - 1 validation normals; the tiny run has ~8
     assert main(["anomaly", "score", str(anomaly_run), "--out", str(out), "--iwae-samples", "2", "--n-maps", "4",

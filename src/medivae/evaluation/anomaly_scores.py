@@ -39,7 +39,8 @@ def fit_latent_gmm(train_codes: np.ndarray, val_codes: np.ndarray, components=(1
     tr, va = (train_codes - mu) / sd, (val_codes - mu) / sd
     bic, best = {}, None
     for k in (c for c in components if c <= len(tr) // 2):
-        g = GaussianMixture(k, covariance_type="full", reg_covar=1e-3, random_state=seed, n_init=1).fit(tr)
+        # sklearn takes seeds below 2**32; the article's seed is larger
+        g = GaussianMixture(k, covariance_type="full", reg_covar=1e-3, random_state=seed % 2**32, n_init=1).fit(tr)
         bic[k] = float(g.bic(va))
         if best is None or bic[k] < bic[best[0]]:
             best = (k, g)
