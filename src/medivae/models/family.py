@@ -22,14 +22,18 @@ and, by capability,
     "sample"       sample(n, label=None, generator=None, temperature=1.0) -> images (n, C, H, W) in [0, 1]
     "latent"       prior_latents(n, generator, temperature) -> z that ``decode`` takes (interpolation)
     "gaussian_latent"  ``encode`` returns a DiagonalGaussian over a flat (B, D) latent with KL to N(0, I),
-                   ``latent_dim`` = D: traversals, active units, KL per dimension, I(x; z), slerp
+                   ``latent_dim`` = D: traversals, active units, KL per dimension, I(x; z), slerp, post-hoc
+                   latent samplers (``medivae fit-sampler``; the KL to N(0, I) is a diagnostic only
+                   when the family learns its prior, e.g. the VampPrior)
     "likelihood"   log_weights(x, y, k, generator) -> LogWeights (IWAE, bits/dim, likelihood anomaly scores);
                    ``likelihood`` attribute with ``is_discrete_image_likelihood``
     "conditional"  every call takes class indices y (B,); ``sample(label=...)`` generates one class;
                    ``num_classes`` attribute
 optional hooks: ``epoch_end(ctx) -> {name: float}`` (e.g. codebook usage), logged like the step terms; it may
 raise :class:`Diverged`, which the trainer handles like a NaN (roll back the epoch, lower the learning
-rate); ``anomaly_scores(x, y) -> {name: (B,)}``, extra per-image anomaly scores (higher = more anomalous).
+rate); ``anomaly_scores(x, y) -> {name: (B,)}``, extra per-image anomaly scores (higher = more anomalous);
+``figures() -> {name: images (N, C, H, W) in [0, 1]}``, saved as RUN/<name>.png after training (e.g. the
+VampPrior's pseudo-inputs) and shown in the report.
 
 A family added later (in ``models/``, or outside medivae through :func:`register` in a module named by
 the ``MEDIVAE_PLUGINS`` environment variable or a ``medivae.families`` entry point) gets the trainer,

@@ -27,7 +27,8 @@ EVALUATION_SECTIONS = (  # evaluation parts a model family may lack (None in res
 )
 GENERATION = {  # file -> (title, caption, how to make it)
     "samples.png": (
-        "Samples", "Decoded draws from the prior N(0, I).", "sample RUN -n 64 --out RUN/samples.png",
+        "Samples", "Decoded draws from the model's prior (N(0, I), or the VampPrior of a vamp run).",
+        "sample RUN -n 64 --out RUN/samples.png",
     ),
     "interpolation.png": (
         "Interpolation", "Decoded points on a path between two prior draws.",
