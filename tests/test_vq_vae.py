@@ -162,6 +162,20 @@ def test_sampling_at_a_fixed_seed_is_deterministic_and_sized():
     assert torch.equal(model.decode(z), a)  # the same draws, decoded through the latent path
 
 
+def test_cached_prior_sampling_equals_recomputing_the_causal_forward():
+    from medivae.models.vq_prior import CodePrior
+
+    torch.manual_seed(0)
+    prior = CodePrior(16, 20, 16, 2, 2, 0).eval()
+    torch.nn.init.normal_(prior.head.weight)  # not uniform, so a wrong context changes the draws
+    codes = prior.sample(5, None, torch.Generator().manual_seed(1))
+    g, ref = torch.Generator().manual_seed(1), torch.zeros(5, 20, dtype=torch.long)
+    with torch.no_grad():
+        for i in range(20):  # position i sees only ref[:, :i], which is already drawn
+            ref[:, i] = torch.multinomial(torch.softmax(prior(ref)[:, i].float(), -1), 1, generator=g)[:, 0]
+    assert torch.equal(codes, ref)
+
+
 def test_class_conditional_prior_samples_the_label():
     torch.manual_seed(0)
     model = tiny(num_classes=2)
