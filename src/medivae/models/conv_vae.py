@@ -25,7 +25,7 @@ conditional configs (use a post-hoc sampler, ``medivae fit-sampler``, for a cvae
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ from medivae.models.distributions import (
     mixture_log_prob,
     standard_normal_log_prob,
 )
-from medivae.models.family import Family, LogWeights, StepContext, StepOutput, TrainStep, adam
+from medivae.models.family import Family, LogWeights, StepContext, StepOutput, TrainStep, adam, classes_for_data
 from medivae.models.outputs import VAEOutput, encode_decode
 
 LABELS_FROM_DATA = -1  # num_classes placeholder: one class per label of the training data
@@ -91,11 +91,7 @@ class ConvVAEConfig:
 
     def for_data(self, label_names: tuple[str, ...], source: str) -> ConvVAEConfig:
         """The config for a data set: a conditional model gets one class per label."""
-        if self.num_classes == 0:
-            return self
-        if not label_names:
-            raise UserError(f"model {self.name!r} is conditional but {source} has no labels")
-        return replace(self, num_classes=len(label_names))
+        return classes_for_data(self, label_names, source)
 
 
 class ConvVAE(nn.Module):

@@ -250,6 +250,16 @@ def labels_for(model, labels, device) -> torch.Tensor | None:
     return torch.as_tensor(labels).long().clamp(min=0).to(device)
 
 
+def classes_for_data(cfg, label_names: tuple[str, ...], source: str):
+    """``cfg`` for a data set, for configs with a ``num_classes`` field: 0 stays unconditional; otherwise
+    (e.g. -1, "as many as the data has labels") one class per label, and a source without labels is an error."""
+    if cfg.num_classes == 0:
+        return cfg
+    if not label_names:
+        raise UserError(f"model {cfg.name!r} is conditional but {source} has no labels")
+    return dataclasses.replace(cfg, num_classes=len(label_names))
+
+
 def adam(params, train_cfg, device: torch.device) -> torch.optim.Adam:
     """Adam over ``params`` with the run's learning rate; fused on CPU and CUDA (one kernel for all
     tensors). Frozen parameters stay in the list so that a checkpoint keeps one layout; Adam skips

@@ -33,7 +33,7 @@ NLL is also logged in bits per code ("prior_bits_per_code").
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ from medivae.constants import IMAGE_SIZES
 from medivae.errors import UserError
 from medivae.models.cpu_conv import DownConv, UpConv
 from medivae.models.distributions import Gaussian
-from medivae.models.family import Family, StepContext, StepOutput, TrainStep, adam
+from medivae.models.family import Family, StepContext, StepOutput, TrainStep, adam, classes_for_data
 from medivae.models.vq_prior import CodePrior
 from medivae.train import distributed
 
@@ -108,11 +108,7 @@ class VQVAEConfig:
 
     def for_data(self, label_names: tuple[str, ...], source: str) -> VQVAEConfig:
         """The config for a data set: a class-conditional prior gets one class per label."""
-        if self.num_classes == 0:
-            return self
-        if not label_names:
-            raise UserError(f"model {self.name!r} has a class-conditional prior but {source} has no labels")
-        return replace(self, num_classes=len(label_names))
+        return classes_for_data(self, label_names, source)
 
 
 # --- the codebook ------------------------------------------------------------------------------------------
