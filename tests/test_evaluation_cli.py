@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from medivae import api
 from medivae.cli import main
+from medivae.data.cache import cache_root
 
 from tiny import tiny_run
 
@@ -39,14 +41,24 @@ def test_evaluate_writes_results_and_keeps_other_keys(run_dir, capsys):
         "fd", "precision", "recall", "density", "coverage"}
     assert "FD-cnn" in table and "FID" not in table.replace("FID (Inception)", "")
     assert 0 < ev["reconstruction"]["ssim"] <= 1
+    # 95 % bootstrap intervals next to the means (issue 20), per-image values saved for medivae compare
+    for key, mean in (("psnr_db", ev["reconstruction"]["psnr_db"]), ("neg_elbo_nats", lik["neg_elbo_nats"])):
+        lo, hi = ev["ci95"][key]
+        assert lo <= mean <= hi, key
+    assert " [" in table and lik["quantity"] == "-log p(x)" and lik["iwae_ess"]["k"] == 4
+    per = np.load(ev["per_image_file"])
+    assert len(per["image_hash"]) == len(per["psnr_db"]) == len(per["neg_elbo"]) == ev["n_images"]
+    assert per["psnr_db"].mean() == pytest.approx(ev["reconstruction"]["psnr_db"])
 
 
 def test_second_call_reuses_the_reference_extractor_and_is_reproducible(run_dir):
     first = json.loads((run_dir / "results.json").read_text())["evaluation"]
-    folders = sorted((run_dir / "reference").iterdir())
+    root = cache_root() / "reference"  # shared by every run on the same data
+    folders = sorted(root.iterdir())
     ev = api.evaluate(run_dir, k=4, reference_epochs=1, progress=False)
-    assert sorted((run_dir / "reference").iterdir()) == folders
-    assert folders == [Path(first["sample_quality"]["reference_folder"])]
+    assert sorted(root.iterdir()) == folders
+    assert Path(first["sample_quality"]["reference_folder"]) in folders
+    assert first["sample_quality"]["reference_hash"] == Path(first["sample_quality"]["reference_folder"]).name
     for key in ("likelihood", "reconstruction", "collapse", "sample_quality"):
         assert ev[key] == first[key]
 
@@ -96,3 +108,28 @@ def test_corrupt_results_json_is_reported_not_overwritten(run_dir, tmp_path, cap
     assert main(["evaluate", str(copy), *ARGS]) == 2
     assert "not valid JSON" in capsys.readouterr().err
     assert (copy / "results.json").read_text() == "{broken"
+
+
+def test_the_reference_extractor_is_one_per_dataset_not_per_run(tmp_path):
+    """Issue 20: two runs on the same data share the extractor's key (so their FD / precision / recall
+    compare); other data, another split seed or another label filter get another."""
+    import dataclasses
+
+    from medivae.evaluation.features import reference_key
+    from medivae.workflows.evaluate import reference_description
+
+    def key(cfg, seed=1):
+        return reference_key(reference_description(cfg.data, seed))
+
+    a = tiny_run("phantoms:120")
+    b = dataclasses.replace(a, model=dataclasses.replace(a.model, latent_dim=8))  # another model, same data
+    assert key(a) == key(b)
+    assert key(a) != key(tiny_run("phantoms:200"))
+    assert key(a) != key(a, seed=2)
+    assert key(a) != key(dataclasses.replace(a, data=dataclasses.replace(a.data, labels=("normal",))))
+    npz = tmp_path / "d.npz"
+    np.savez(npz, train_images=np.zeros((4, 8, 8), np.uint8), train_labels=np.zeros((4, 1)))
+    other = tmp_path / "e.npz"
+    np.savez(other, train_images=np.ones((5, 8, 8), np.uint8), train_labels=np.zeros((5, 1)))
+    on = lambda p: dataclasses.replace(a, data=dataclasses.replace(a.data, source=str(p)))  # noqa: E731
+    assert key(on(npz)) == key(on(npz)) != key(on(other))

@@ -149,5 +149,19 @@ def test_bounds_are_reproducible_with_the_same_generator():
     x = model.sample(16, torch.Generator().manual_seed(3))
     a = likelihood_bounds(model, [(x, None)], k=10, generator=torch_generator(5, "r"))
     b = likelihood_bounds(model, [(x, None)], k=10, generator=torch_generator(5, "r"))
-    assert a == b
+    per_a, per_b = a.pop("per_image"), b.pop("per_image")  # per-image arrays, then the JSON summary
+    assert a == b and per_a.keys() == per_b.keys() == {"neg_elbo", "neg_iwae"}
+    for name in per_a:
+        np.testing.assert_array_equal(per_a[name], per_b[name])
+    assert per_a["neg_iwae"].mean() == pytest.approx(a["neg_iwae_nats"])
     assert np.isfinite(a["neg_iwae_nats"])
+
+
+def test_effective_sample_size_is_k_for_equal_weights_and_one_for_a_single_dominant_draw():
+    from medivae.evaluation.likelihood import effective_sample_size
+
+    equal = torch.zeros(10, 3, dtype=torch.float64)
+    assert torch.allclose(effective_sample_size(equal), torch.full((3,), 10.0, dtype=torch.float64))
+    one = torch.full((10, 1), -1000.0, dtype=torch.float64)
+    one[3] = 0.0
+    assert effective_sample_size(one).item() == pytest.approx(1.0)

@@ -17,7 +17,7 @@ def cmd_evaluate(args) -> int:
         args.run, data=args.data, split=args.split, k=args.iwae_k, batch_size=args.batch_size,
         max_images=args.max_images, n_samples=args.n_samples, reference_epochs=args.reference_epochs,
         inception_weights=args.inception_weights, checkpoint=args.checkpoint, device=args.device,
-        progress=not args.no_progress, sampler=args.sampler,
+        progress=not args.no_progress, sampler=args.sampler, bootstrap=args.bootstrap,
     )
     print(format_table(ev))
     print(f"\nwritten to {Path(args.run) / 'results.json'} (key \"evaluation\")")
@@ -48,6 +48,8 @@ def add(sub) -> None:
     p.add_argument("--checkpoint", default="best", help="best (default) or last")
     p.add_argument("--sampler", default="prior",
                    help="latents for sample quality: prior (default), or gmm / flow from medivae fit-sampler")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples of the evaluated images for 95%% intervals (default 1000; 0: off)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")

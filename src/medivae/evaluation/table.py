@@ -9,24 +9,38 @@ def _num(v, fmt: str = ".2f") -> str:
     return "n/a" if v is None else format(v, fmt)
 
 
-def likelihood_lines(lik: dict) -> list[str]:
+def _ci(ci, fmt: str = ".2f") -> str:
+    """" [lo, hi]" (95 % bootstrap interval) or "" when none was computed."""
+    return "" if not ci else f" [{format(ci[0], fmt)}, {format(ci[1], fmt)}]"
+
+
+def likelihood_lines(lik: dict, ci: dict | None = None) -> list[str]:
+    ci = ci or {}
     bpd = lik["discrete_image_likelihood"]
-    head = f"Likelihood ({lik['likelihood']})"
-    lines = [f"{head:<44}{'nats/image':>12}" + (f"{'bits/dim':>10}" if bpd else "")]
-    rows = [("negative ELBO", lik["neg_elbo_nats"], lik["neg_elbo_bpd"]),
-            (f"negative IWAE bound, K={lik['iwae_k']}", lik["neg_iwae_nats"], lik["neg_iwae_bpd"])]
-    for name, nats, b in rows:
-        lines.append(f"  {name:<42}{_num(nats):>12}" + (f"{_num(b, '.4f'):>10}" if bpd else ""))
+    head = f"Likelihood ({lik['likelihood']}; bounds on {lik.get('quantity', '-log p(x)')})"
+    lines = [f"{head:<44}{'nats/image':>12}" + (f"{'bits/dim':>10}" if bpd else "") + ("  95% CI" if ci else "")]
+    rows = [("negative ELBO", lik["neg_elbo_nats"], lik["neg_elbo_bpd"], ci.get("neg_elbo_nats")),
+            (f"negative IWAE bound, K={lik['iwae_k']}", lik["neg_iwae_nats"], lik["neg_iwae_bpd"],
+             ci.get("neg_iwae_nats"))]
+    for name, nats, b, c in rows:
+        lines.append(f"  {name:<42}{_num(nats):>12}" + (f"{_num(b, '.4f'):>10}" if bpd else "") + _ci(c))
     curve = ", ".join(f"K={k}: {_num(v)}" for k, v in lik["neg_iwae_nats_by_k"].items())
     lines.append(f"  IWAE curve  {curve}")
-    if lik["note"]:
-        lines += textwrap.wrap("note: " + lik["note"], 96, initial_indent="  ", subsequent_indent="    ")
+    ess = lik.get("iwae_ess")
+    if ess:
+        lines.append(f"  IWAE effective sample size: median {ess['median']:.1f} of K={ess['k']}")
+    for note in (lik["note"], (ess or {}).get("note")):
+        if note:
+            lines += textwrap.wrap("note: " + note, 96, initial_indent="  ", subsequent_indent="    ")
     return lines
 
 
-def reconstruction_lines(rec: dict) -> list[str]:
-    return ["Reconstruction (posterior mean, per image then averaged)",
-            f"  MSE {rec['mse']:.5f}    PSNR {rec['psnr_db']:.2f} dB    SSIM {rec['ssim']:.4f}"]
+def reconstruction_lines(rec: dict, ci: dict | None = None) -> list[str]:
+    ci = ci or {}
+    return ["Reconstruction (posterior mean, per image then averaged; 95% bootstrap intervals)" if ci else
+            "Reconstruction (posterior mean, per image then averaged)",
+            f"  MSE {rec['mse']:.5f}{_ci(ci.get('mse'), '.5f')}    PSNR {rec['psnr_db']:.2f}{_ci(ci.get('psnr_db'))} dB"
+            f"    SSIM {rec['ssim']:.4f}{_ci(ci.get('ssim'), '.4f')}"]
 
 
 def collapse_lines(c: dict) -> list[str]:
@@ -65,10 +79,12 @@ def format_table(ev: dict) -> str:
             f"{ev['n_images']} images; {ev['seconds']:.0f} s)")
     parts = [[head]]
     absent = ev.get("absent", {})
-    for key, lines in (("likelihood", likelihood_lines), ("reconstruction", reconstruction_lines),
-                       ("collapse", collapse_lines)):
+    ci = ev.get("ci95") or {}
+    for key, lines in (("likelihood", likelihood_lines), ("reconstruction", reconstruction_lines)):
         if ev.get(key) is not None:
-            parts.append(lines(ev[key]))
+            parts.append(lines(ev[key], ci))
+    if ev.get("collapse") is not None:
+        parts.append(collapse_lines(ev["collapse"]))
     if ev.get("sample_quality") is not None:
         parts.append(quality_lines(ev["sample_quality"], ev.get("fid")))
     parts += [[f"{key.replace('_', ' ')}: not measured ({why})"] for key, why in absent.items()]

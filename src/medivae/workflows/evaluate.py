@@ -26,6 +26,7 @@ are per image; ``null`` where a number would be dishonest):
 from __future__ import annotations
 
 import dataclasses
+import io
 import time
 from pathlib import Path
 
@@ -36,11 +37,13 @@ from tqdm import tqdm
 from medivae.data import ImageSet, load_dataset, to_float
 from medivae.errors import UserError
 from medivae.evaluation import sample_quality as sq
+from medivae.evaluation.bootstrap import mean_ci
 from medivae.evaluation.collapse import collapse_metrics
 from medivae.evaluation.features import load_or_fit_reference
 from medivae.evaluation.likelihood import likelihood_bounds
 from medivae.evaluation.reconstruction import per_image_metrics
 from medivae.generate import reconstruct, sample_images
+from medivae.io import atomic_write_bytes
 from medivae.models.family import MISSING, has, labels_for
 from medivae.results import RESULTS_FILE, merge_results, read_results
 from medivae.run import load_run
@@ -60,12 +63,13 @@ class EvalOptions:
     inception_weights: str | None = None
     checkpoint: str = "best"
     sampler: str = "prior"  # or a post-hoc latent sampler of the run (medivae fit-sampler): gmm, flow
+    bootstrap: int = 1000  # resamples of the evaluated images for 95 % intervals; 0: none
 
     def __post_init__(self):
         for name in ("k", "batch_size", "reference_epochs"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', ' ')} must be >= 1, not {getattr(self, name)}")
-        for name in ("max_images", "n_samples"):
+        for name in ("max_images", "n_samples", "bootstrap"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name.replace('_', ' ')} must be >= 0, not {getattr(self, name)}")
         if self.split not in ("train", "val", "test"):
@@ -118,11 +122,28 @@ def generate_images(model, n: int, labels: np.ndarray, seed: int, latent_sampler
     return (sample_images(model, n, g, y, precision="fp32", latent_sampler=latent_sampler) * 255).round() / 255
 
 
-def reference_description(data_cfg) -> dict:
-    """The data settings that key the cached reference extractor (one cache for evaluate and synthesize)."""
-    keep = ("source", "image_size", "channels", "labels", "val_fraction", "test_fraction", "resize_mode",
-            "window")
-    return {k: getattr(data_cfg, k) for k in keep}
+def source_fingerprint(source: str) -> str:
+    """What the data is, not where it is named from: phantoms are their spec (generated from the seed);
+    files hash every input file's path, size and mtime (the decoded cache's fingerprint)."""
+    if source == "phantoms" or source.startswith("phantoms:"):
+        return source
+    from medivae.data.sources import resolve
+
+    return resolve(source, progress=False).fingerprint()
+
+
+def reference_description(data_cfg, seed: int) -> dict:
+    """What keys the shared reference extractor under $MEDIVAE_CACHE/reference (one per dataset, split
+    and label filter, whatever run or family asks): every run on the same data gets the same features."""
+    keep = ("image_size", "channels", "labels", "val_fraction", "test_fraction", "resize_mode", "window")
+    return {"source": source_fingerprint(data_cfg.source), "split_seed": seed,
+            **{k: getattr(data_cfg, k) for k in keep}}
+
+
+def reference_root() -> Path:
+    from medivae.data.cache import cache_root
+
+    return cache_root() / "reference"
 
 
 def sample_quality_block(model, cfg, data_cfg, splits, held_out: ImageSet, opts, run_dir, device, progress,
@@ -130,8 +151,8 @@ def sample_quality_block(model, cfg, data_cfg, splits, held_out: ImageSet, opts,
     """(the sample_quality block, (real reference subset, generated images)) for the optional FID.
     ``latent_sampler``: the post-hoc sampler named by ``opts.sampler`` (None: the family's prior)."""
     seed = cfg.train.seed
-    ref = load_or_fit_reference(Path(run_dir) / "reference", splits["train"],
-                                reference_description(data_cfg), seed, opts.reference_epochs,
+    ref = load_or_fit_reference(reference_root(), splits["train"],
+                                reference_description(data_cfg, seed), seed, opts.reference_epochs,
                                 progress=progress, device=device)
     real = _subset(splits["train"], MAX_REFERENCE, seed, "evaluate-reference")
     n_gen = opts.n_samples or len(held_out)
@@ -139,6 +160,7 @@ def sample_quality_block(model, cfg, data_cfg, splits, held_out: ImageSet, opts,
     block = {
         "sampler": opts.sampler,
         "extractor": ref.name, "fd_name": f"FD-{ref.name}", "reference_folder": str(ref.folder),
+        "reference_hash": ref.folder.name,
         "n_generated": n_gen, "n_reference": len(real), "n_held_out": len(held_out),
         "held_out_split": opts.split,
         **sq.with_floor(ref.features(real.images), ref.features(fake), ref.features(held_out.images)),
@@ -189,6 +211,7 @@ def evaluate_run(run_dir, data: str | None = None, opts: EvalOptions | None = No
     mean, logvar, rec = timed("posterior", posterior_and_reconstruction, model, s, opts.batch_size, dev)
     if mean is not None:
         collapse = timed("collapse", collapse_metrics, mean, logvar, torch_generator(seed, "evaluate-mi"))
+    per_image = {**(lik.pop("per_image") if lik else {}), **rec}
     if has(model, "sample"):
         quality, (real, fake) = timed("sample_quality", sample_quality_block, model, cfg, data_cfg, splits, s,
                                       opts, run_dir, dev, progress, latent)
@@ -205,11 +228,34 @@ def evaluate_run(run_dir, data: str | None = None, opts: EvalOptions | None = No
         "collapse": collapse,
         "sample_quality": quality,
         "fid": fid,
+        "ci95": intervals(per_image, opts.bootstrap, seed),
+        "per_image_file": str(save_per_image(run_dir, s, per_image)),
         "absent": absent_sections(model),
         "seconds": timed.total(),
         "seconds_by_part": timed.parts,
     }
     return merge_results(results_path, "evaluation", result)
+
+
+PER_IMAGE_FILE = "eval_per_image.npz"
+
+
+def intervals(per_image: dict[str, np.ndarray], n_boot: int, seed: int) -> dict[str, list[float] | None]:
+    """{metric: [lo, hi]}: 95 % percentile-bootstrap intervals of the mean of each per-image metric."""
+    names = {"neg_elbo": "neg_elbo_nats", "neg_iwae": "neg_iwae_nats"}
+    return {names.get(k, k): mean_ci(v, n_boot, seed) for k, v in per_image.items()} if n_boot else {}
+
+
+def save_per_image(run_dir, s: ImageSet, per_image: dict[str, np.ndarray]) -> Path:
+    """RUN/eval_per_image.npz: each metric per evaluated image, with the image's content hash, so
+    ``medivae compare`` can pair the images two runs share."""
+    from medivae.workflows.utility import image_hashes
+
+    path = Path(run_dir) / PER_IMAGE_FILE
+    buf = io.BytesIO()
+    np.savez_compressed(buf, image_hash=image_hashes(np.asarray(s.images)), **per_image)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
 
 
 SECTION_NEEDS = {"likelihood": "likelihood", "collapse": "gaussian_latent", "sample_quality": "sample"}
