@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from medivae.cli import main
+from medivae.data.cache import cache_root
 from medivae.evaluation import privacy as pv
 from medivae.models import build_model
 from medivae.workflows.synthesize import _label_plan
@@ -106,7 +107,12 @@ def test_synthesize_cli_writes_images_labels_and_report(one_class_run, tmp_path)
     assert set(rep["spaces"]) == {"pixel", "feature-cnn"}
     assert (out / "nearest_pixel.png").is_file()
     assert json.loads((one_class_run / "results.json").read_text())["privacy"]["n_synthetic"] == 24
-    assert (one_class_run / "reference").is_dir()  # the reference extractor is cached with the run
+    assert rep["reference_folder"].startswith(str(cache_root() / "reference"))  # one per dataset, not per run
+    assert "reconstructions" in rep["calibration"]
+    mi = rep["membership_inference"]
+    assert 0.0 <= mi["elbo"]["auroc"] <= 1.0 and 0.0 <= mi["nearest_synthetic_pixel"]["auroc"] <= 1.0
+    lo, hi = rep["ci95"]["memorisation_rate"]
+    assert lo <= rep["memorisation_rate"] <= hi
 
 
 def test_synthesize_npz_is_a_medivae_source(one_class_run, tmp_path):
@@ -177,3 +183,49 @@ def test_label_plan_balances_conditional_runs_and_names_one_class_runs():
     assert _label_plan(plain, one_class, None, 2) == (None, ["normal", "normal"])
     with pytest.raises(UserError, match="unknown label"):
         _label_plan(conditional, cvae, "tumour", 1)
+
+
+def _blur_one_pixel(images: np.ndarray) -> np.ndarray:
+    """3x3 box blur (edges replicated): uint8 (N, C, H, W) -> the same, smoother."""
+    x = np.pad(images.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
+    h, w = images.shape[2:]
+    out = sum(x[:, :, i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9.0
+    return np.round(out).astype(np.uint8)
+
+
+class _SmoothReconstructions:
+    """Stands in for a trained VAE: reconstructs every image as its Gaussian blur (sigma 1 pixel), as
+    smooth as a VAE's outputs are (a 1-epoch tiny VAE's outputs are gray blobs, not reconstructions)."""
+
+    def reconstruct(self, images, labels=None):
+        import torch
+        from scipy.ndimage import gaussian_filter
+
+        return torch.from_numpy(gaussian_filter(np.asarray(images, np.float64), (0, 0, 1, 1)) / 255.0)
+
+
+def test_blurred_held_out_images_are_not_flagged_as_memorised():
+    """Issue 20, bug 4: calibrated on real held-out images, the filter took blur for copying. Calibrated on
+    reconstructions of held-out images, held-out images blurred by one pixel (which cannot be copies) are
+    flagged at no more than the percentile; an exact copy still is."""
+    from medivae.data.imageset import ImageSet
+    from medivae.workflows.synthesize import memorisation_checks
+
+    train, held, query = _images(300, 5), _images(300, 6), _images(300, 7)
+    blurred = _blur_one_pixel(query)
+    names = ("normal",)
+    (new,) = memorisation_checks(_SmoothReconstructions(), blurred, ImageSet(train, np.zeros(300), names),
+                                 ImageSet(held, np.zeros(300), names), 5.0)
+    old = pv.check_space("pixel", pv.pixel_vectors(blurred), pv.pixel_vectors(train), pv.pixel_vectors(held), 5.0)
+    assert old.rejected.mean() >= 2 * 0.05  # the old calibration: blur taken for copying (10 % at 5 %)
+    assert new.rejected.mean() <= 0.05 + 0.02
+    (copies,) = memorisation_checks(_SmoothReconstructions(), train[:10], ImageSet(train, np.zeros(300), names),
+                                    ImageSet(held, np.zeros(300), names), 5.0)
+    assert copies.rejected.all()
+
+
+def test_membership_auroc_is_half_for_exchangeable_and_one_for_separated_scores():
+    rng = np.random.default_rng(0)
+    same = pv.membership_auroc(rng.normal(size=2000), rng.normal(size=2000), n_boot=200)
+    assert abs(same["auroc"] - 0.5) < 0.03 and same["ci95"][0] < 0.5 < same["ci95"][1]
+    assert pv.membership_auroc(np.arange(10.0) + 100, np.arange(10.0))["auroc"] == 1.0

@@ -300,14 +300,14 @@ def anomaly_score(run_dir, data: str | None = None, split: str = "test", out=Non
 
 def synthesize(run_dir, n: int, out, label: str | None = None, percentile: float = 1.0, fmt: str = "png",
                seed: int | None = None, n_pairs: int = 8, reference_epochs: int = 5, device: str = "auto",
-               progress: bool = True, sampler: str = "prior") -> dict:
+               progress: bool = True, sampler: str = "prior", bootstrap: int = 1000) -> dict:
     """n synthetic images minus those nearer a training image than ``percentile`` % of real test images
     are; writes images + labels, memorisation.json and nearest-pair PNGs to ``out``."""
     from medivae.workflows.synthesize import synthesize_run
 
     with run_lock(run_dir, "medivae synthesize"):  # writes RUN/results.json["privacy"]
         return synthesize_run(run_dir, n, out, label, percentile, fmt, seed, n_pairs, reference_epochs,
-                              device, progress, sampler)
+                              device, progress, sampler, bootstrap=bootstrap)
 
 
 def utility(real: str | None, synthetic, out=None, epochs: int = 10, seed: int | None = None, width: int = 32,

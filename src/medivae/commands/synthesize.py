@@ -7,6 +7,7 @@ from pathlib import Path
 
 def cmd_synthesize(args) -> int:
     from medivae import api
+    from medivae.evaluation.bootstrap import fmt_ci
 
     r = api.synthesize(
         args.run,
@@ -20,13 +21,20 @@ def cmd_synthesize(args) -> int:
         reference_epochs=args.reference_epochs,
         device=args.device,
         progress=not args.no_progress,
+        bootstrap=args.bootstrap,
         sampler=args.sampler,
     )
     print(
         f"{r['n_written']} of {r['n_synthetic']} images written to {args.out}; {r['n_rejected']} rejected as "
         f"too close to a training image (memorisation rate {r['memorisation_rate']:.3%}, "
-        f"percentile {r['percentile']:g} of real test->train distances)"
+        f"percentile {r['percentile']:g} of the distances of reconstructed held-out images)"
+        f"{fmt_ci((r.get('ci95') or {}).get('memorisation_rate'))}"
     )
+    mi = r["membership_inference"]
+    for key, what in (("elbo", "the model's ELBO"), ("nearest_synthetic_pixel", "distance to the nearest sample")):
+        if key in mi:
+            print(f"  membership inference by {what}: AUROC {mi[key]['auroc']:.3f}{fmt_ci(mi[key]['ci95'])} "
+                  f"({mi[key]['n_members']} training vs {mi[key]['n_held_out']} held-out images; 0.5: none)")
     return 0
 
 
@@ -44,7 +52,7 @@ def add(sub) -> None:
         "--percentile",
         type=float,
         default=1.0,
-        help="reject images nearer to a training image than this percentile of real test images",
+        help="reject images nearer to a training image than this percentile of reconstructed held-out images",
     )
     p.add_argument("--format", default="png", help="png (images/ + labels.csv, default) or npz")
     p.add_argument("--pairs", type=int, default=8, help="nearest (synthetic, training) pairs drawn per space")
@@ -52,6 +60,8 @@ def add(sub) -> None:
         "--reference-epochs", type=int, default=5, help="epochs of the reference feature extractor"
     )
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples for 95%% intervals (default 1000; 0: off)")
     p.add_argument("--sampler", default="prior", help="prior (default), or gmm / flow from medivae fit-sampler")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")

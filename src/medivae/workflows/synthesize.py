@@ -18,15 +18,24 @@ import torch
 from medivae.data import load_dataset
 from medivae.data.imageset import label_code
 from medivae.errors import UserError
+from medivae.evaluation.anomaly import score_images
+from medivae.evaluation.bootstrap import mean_ci
 from medivae.evaluation.features import load_or_fit_reference
-from medivae.evaluation.privacy import SpaceCheck, check_space, memorisation_report, pixel_vectors
+from medivae.evaluation.privacy import (
+    SpaceCheck,
+    check_space,
+    membership_auroc,
+    memorisation_report,
+    nearest,
+    pixel_vectors,
+)
 from medivae.generate import grid, sample_images, save_png
 from medivae.io import atomic_write_bytes, atomic_write_text
 from medivae.models.family import has, require
 from medivae.results import RESULTS_FILE, merge_results, read_results
 from medivae.run import load_run
-from medivae.seeding import torch_generator
-from medivae.workflows.evaluate import reference_description
+from medivae.seeding import numpy_rng, torch_generator
+from medivae.workflows.evaluate import reference_description, reference_root
 
 
 def _label_plan(model, cfg, label: str | None, n: int) -> tuple[np.ndarray | None, list[str]]:
@@ -89,13 +98,12 @@ def write_synthetic(
 
 def _reference(run_dir, cfg, epochs: int, progress: bool, device):
     """The reference extractor (features.py), trained on every label of the run's source so it can
-    tell classes apart even when the run itself saw one class; cached under RUN/reference/."""
+    tell classes apart even when the run itself saw one class; shared under $MEDIVAE_CACHE/reference."""
     data = dataclasses.replace(cfg.data, labels=())
     train = load_dataset(data, cfg.train.seed, progress=False)["train"]
-    desc = reference_description(data)  # evaluate's key: one cache for both tools
-    return load_or_fit_reference(
-        Path(run_dir) / "reference", train, desc, cfg.train.seed, epochs, progress=progress, device=device
-    )
+    desc = reference_description(data, cfg.train.seed)  # evaluate's key: one cache for both tools
+    return load_or_fit_reference(reference_root(), train, desc, cfg.train.seed, epochs, progress=progress,
+                                 device=device)
 
 
 def synthesize_run(
@@ -111,10 +119,12 @@ def synthesize_run(
     device: str = "auto",
     progress: bool = True,
     sampler: str = "prior",
+    bootstrap: int = 1000,
 ) -> dict:
-    """Sample n images, reject those closer to the training set than real test images are, write the rest.
+    """Sample n images, reject those closer to the training set than reconstructions of held-out images
+    are, write the rest; a membership-inference AUROC and (``bootstrap`` > 0) 95 % intervals.
     ``sampler``: "prior", or a post-hoc latent sampler of the run (medivae fit-sampler)."""
-    if n < 1 or not 0 <= percentile <= 100 or fmt not in ("png", "npz") or n_pairs < 0:
+    if n < 1 or not 0 <= percentile <= 100 or fmt not in ("png", "npz") or n_pairs < 0 or bootstrap < 0:
         raise UserError(
             f"need -n >= 1, 0 <= --percentile <= 100, --format png|npz (got {n}, {percentile}, {fmt})"
         )
@@ -127,22 +137,14 @@ def synthesize_run(
     fake = generate_uint8(model, codes, n, cfg.train.seed if seed is None else seed, latent)
     splits = load_dataset(cfg.data, cfg.train.seed, progress=False)
     train, held = splits["train"], splits["test"] if len(splits["test"]) else splits["val"]
-    checks = [
-        check_space(
-            "pixel", pixel_vectors(fake), pixel_vectors(train.images), pixel_vectors(held.images), percentile
-        )
-    ]
     ref = _reference(run_dir, cfg, reference_epochs, progress, dev)
-    checks.append(
-        check_space(
-            f"feature-{ref.name}",
-            ref.features(fake),
-            ref.features(train.images),
-            ref.features(held.images),
-            percentile,
-        )
-    )
+    checks = memorisation_checks(run, fake, train, held, percentile, ref)
     rejected, report = memorisation_report(checks, percentile)
+    report["calibration"] = (f"reconstructions of the {len(held)} held-out images: as smooth as samples, and "
+                             "never copies, so blur is not taken for copying")
+    report["membership_inference"] = membership_inference(run, train, held, fake, bootstrap, cfg.train.seed)
+    if bootstrap:
+        report["ci95"] = {"memorisation_rate": mean_ci(rejected.astype(np.float64), bootstrap, cfg.train.seed)}
     out = Path(out)
     keep = np.flatnonzero(~rejected)
     files = write_synthetic(out, fake[keep], [names[i] for i in keep], tuple(cfg.label_names), fmt)
@@ -156,6 +158,7 @@ def synthesize_run(
         label=label,
         n_written=len(keep),
         reference_folder=str(ref.folder),
+        reference_hash=ref.folder.name,
         n_train=len(train),
         n_held_out=len(held),
         files=files,
@@ -163,6 +166,34 @@ def synthesize_run(
     atomic_write_text(out / "memorisation.json", json.dumps(report, indent=2) + "\n")
     merge_results(Path(run_dir) / RESULTS_FILE, "privacy", report)
     return report
+
+
+def _uint8(x: torch.Tensor) -> np.ndarray:
+    return (x * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def memorisation_checks(run, fake: np.ndarray, train, held, percentile: float, ref=None) -> list[SpaceCheck]:
+    """Nearest-training-image checks of ``fake`` uint8 (N, C, H, W) in pixel space (and the reference
+    extractor's feature space), calibrated on the run's reconstructions of the ``held`` images."""
+    recon = _uint8(run.reconstruct(held.images, labels=held.labels))
+    spaces = [("pixel", pixel_vectors)] + ([(f"feature-{ref.name}", ref.features)] if ref is not None else [])
+    return [check_space(name, f(fake), f(train.images), f(recon), percentile) for name, f in spaces]
+
+
+def membership_inference(run, train, held, fake: np.ndarray, n_boot: int, seed: int) -> dict:
+    """Can training images be told from held-out ones? As many training images as held-out ones (drawn
+    with the seed), scored by the model's ELBO (where the family has a likelihood: a member is more
+    likely) and by the pixel distance to the nearest synthetic image (a member is nearer)."""
+    m = min(len(train), len(held))
+    members = train.subset(np.sort(numpy_rng(seed, "membership").choice(len(train), m, replace=False)))
+    out: dict = {"note": "AUROC of telling training from held-out images; 0.5: indistinguishable"}
+    if has(run.model, "likelihood"):
+        elbo = [-score_images(run.model, s.images, s.labels, k=1, seed=seed, device=run.device).scores["neg_elbo"]
+                for s in (members, held)]
+        out["elbo"] = membership_auroc(*elbo, n_boot=n_boot, seed=seed)
+    d = [nearest(pixel_vectors(s.images), pixel_vectors(fake))[0] for s in (members, held)]
+    out["nearest_synthetic_pixel"] = membership_auroc(-d[0], -d[1], n_boot=n_boot, seed=seed)
+    return out
 
 
 def pair_figure(synthetic: np.ndarray, train: np.ndarray, check: SpaceCheck, path, n: int = 8) -> None:
