@@ -55,8 +55,11 @@ def _maps(model, images, labels, recon, device, extra=None, seed=0) -> dict[str,
            "ssim": pad_to((1.0 - ssim_maps(x, recon)).numpy(), x.shape[-1])}
     out.update(extra or {})
     if has(model, "likelihood"):
-        xd = x.to(device)
-        out["gradient"] = gradient_maps(model, xd, labels_for(model, labels, device), seed).float().cpu().numpy()
+        parts = []
+        for i in range(0, len(x), 128):
+            lab = None if labels is None else labels[i : i + 128]
+            parts.append(gradient_maps(model, x[i : i + 128].to(device), labels_for(model, lab, device), seed))
+        out["gradient"] = torch.cat(parts).float().cpu().numpy()
     return out
 
 

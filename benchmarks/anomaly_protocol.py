@@ -1,0 +1,153 @@
+"""Anomaly detection on a source with a normal class, several seeds, every score vs trivial baselines (issue 21).
+
+For each seed: ``medivae anomaly fit`` on the normal training images (skipped when the run exists), then
+``medivae anomaly score`` (default options, bootstrap intervals). Collects, per seed, the AUROC / AUPRC
+with 95 % intervals of every score, the default the run chose on validation normals + synthetic anomalies
+(never on test), the trivial baselines (PNG size, mean intensity, intensity std) and localisation on the
+synthetic anomalies; across seeds, the mean and range, and a seed ensemble (the mean over seeds of each
+run's validation-standardised ``ensemble`` score, same test images). Writes JSON with the commit.
+
+    python benchmarks/anomaly_protocol.py --data ../shared/data/pneumoniamnist.npz --normal-label normal \\
+        --runs runs/pn21 --seeds 0 1 2 -- --image-size 32 --likelihood gaussian --epochs 25 --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def _medivae(*argv) -> list[str]:
+    cmd = [sys.executable, "-m", "medivae", *map(str, argv)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return ["medivae", *map(str, argv)]
+
+
+def read_scores(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    skip = {"index", "label", "is_anomaly", "flagged"}
+    names = [k for k in rows[0] if k not in skip]
+    y = np.array([r["is_anomaly"] == "1" for r in rows])
+    return {n: np.array([float(r[n]) for r in rows]) for n in names}, y
+
+
+def seed_summary(anomaly: dict) -> dict:
+    m, ci = anomaly.get("metrics", {}), anomaly.get("ci95", {})
+    return {
+        "default": anomaly["protocol"]["default"], "val_auroc": anomaly["protocol"]["val_auroc"],
+        "scores": {n: {**v, "ci95": ci.get(n)} for n, v in m.items()},
+        "trivial_baselines": anomaly["trivial_baselines"], "localisation": anomaly["localisation"],
+        "restoration": anomaly["protocol"].get("restoration"), "latent_gmm": anomaly["protocol"].get("latent_gmm"),
+        "prevalence": anomaly.get("prevalence"), "n_normal": anomaly.get("n_normal"),
+        "n_anomalous": anomaly.get("n_anomalous"),
+    }
+
+
+def across(seeds: dict, n_boot: int) -> dict:
+    names = sorted(set.intersection(*(set(s["scores"]) for s in seeds.values())))
+    out = {n: {k: [float(np.mean(v)), float(np.min(v)), float(np.max(v))]
+               for k, v in (("auroc", [s["scores"][n]["auroc"] for s in seeds.values()]),
+                            ("auprc", [s["scores"][n]["auprc"] for s in seeds.values()]))} for n in names}
+    base = {n: {k: [float(np.mean(v)), float(np.min(v)), float(np.max(v))]
+                for k, v in (("auroc", [s["trivial_baselines"][n]["auroc"] for s in seeds.values()]),
+                             ("auprc", [s["trivial_baselines"][n]["auprc"] for s in seeds.values()]))}
+            for n in next(iter(seeds.values()))["trivial_baselines"]}
+    return {"scores_mean_min_max": out, "trivial_baselines_mean_min_max": base, "n_boot": n_boot,
+            "defaults": [s["default"] for s in seeds.values()]}
+
+
+def markdown(result: dict) -> str:
+    """The README table: mean [min, max] over seeds of test AUROC / AUPRC, and the union over seeds of the
+    95 % bootstrap intervals of the AUROC; the score(s) chosen as default in bold."""
+    sm, seeds = result["summary"], result["seeds"]
+    lines = ["| score | test AUROC: mean [min, max] over seeds | AUROC 95 % CI (union over seeds) "
+             "| test AUPRC: mean [min, max] | default in (seeds) |", "|---|---|---|---|---|"]
+
+    def fmt(m):
+        return f"{m[0]:.3f} [{m[1]:.3f}, {m[2]:.3f}]"
+
+    def union(cis):
+        cis = [c for c in cis if c]
+        return f"[{min(c[0] for c in cis):.3f}, {max(c[1] for c in cis):.3f}]" if cis else ""
+
+    means = sm["scores_mean_min_max"]
+    for n in sorted(means, key=lambda n: -means[n]["auroc"][0]):
+        k = sm["defaults"].count(n)
+        ci = union([(s["scores"][n].get("ci95") or {}).get("auroc") for s in seeds.values()])
+        lines.append(f"| {f'**{n}**' if k else n} | {fmt(means[n]['auroc'])} | {ci} | {fmt(means[n]['auprc'])} "
+                     f"| {k or ''} |")
+    if "seed_ensemble" in sm:
+        e = sm["seed_ensemble"]
+        lines.append(f"| seed ensemble (mean of the runs' ensemble scores) | {e['auroc']:.3f} | "
+                     f"{union([e['ci95']['auroc']])} | {e['auprc']:.3f} | |")
+    for n, m in sm["trivial_baselines_mean_min_max"].items():
+        b = next(iter(seeds.values()))["trivial_baselines"][n]
+        lines.append(f"| baseline: {n} ({b['direction']} = anomalous; no model) | {m['auroc'][0]:.3f} | "
+                     f"{union([b['ci95']['auroc']])} | {m['auprc'][0]:.3f} | |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--normal-label", required=True)
+    p.add_argument("--runs", type=Path, required=True, help="folder for the runs: RUNS/seed<N>")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--rescore", action="store_true", help="score again even when RUN/anomaly exists")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "anomaly_protocol.json")
+    p.add_argument("--markdown", action="store_true", help="print the README table of --out and exit")
+    args = p.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.out.read_text())))
+        return 0
+    commands, seeds = [], {}
+    for seed in args.seeds:
+        run = args.runs / f"seed{seed}"
+        if not (run / "results.json").exists():
+            commands.append(_medivae("anomaly", "fit", "--data", args.data, "--normal-label", args.normal_label,
+                                     "--out", run, "--seed", seed, "--no-progress", *extra))
+        if args.rescore or not (run / "anomaly" / "scores.csv").exists():
+            commands.append(_medivae("anomaly", "score", run, "--bootstrap", args.bootstrap))
+        seeds[seed] = seed_summary(json.loads((run / "results.json").read_text())["anomaly"])
+    from medivae.evaluation.anomaly import detection_metrics
+    from medivae.evaluation.bootstrap import detection_ci
+
+    summary = across(seeds, args.bootstrap)
+    cols = [read_scores(args.runs / f"seed{s}" / "anomaly" / "scores.csv") for s in args.seeds]
+    y = cols[0][1]
+    if all(np.array_equal(c[1], y) for c in cols):  # same test images in every run: a seed ensemble exists
+        ens = np.mean([c[0]["ensemble"] for c in cols], axis=0)
+        summary["seed_ensemble"] = {**detection_metrics(ens, y), "ci95": detection_ci(y, ens, args.bootstrap, 0),
+                                    "definition": "mean over seeds of each run's 'ensemble' score"}
+    result = {"data": args.data, "normal_label": args.normal_label, "commit": git_commit(),
+              "commands": [" ".join(c) for c in commands] or "runs existed; see README for the commands",
+              "fit_args": extra, "seeds": seeds, "summary": summary}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    print(json.dumps(summary, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
