@@ -321,3 +321,17 @@ def utility(real: str | None, synthetic, out=None, epochs: int = 10, seed: int |
     runs = [runs] if isinstance(runs, (str, Path)) else runs
     return utility_run(real, synthetic, out, epochs, seed, width, val_fraction, test_fraction, device,
                        progress, batch_size, runs=runs, bootstrap=bootstrap)
+
+
+def compare(runs, out=None, force: bool = False, bootstrap: int = 1000) -> dict:
+    """Runs evaluated on the same test split side by side (medivae.workflows.compare); ``out``: .html or .md."""
+    from medivae.io import atomic_write_text
+    from medivae.report.compare import to_html, to_markdown
+    from medivae.workflows.compare import compare_runs
+
+    if out is not None and Path(out).suffix.lower() not in (".html", ".md"):
+        raise UserError(f"--out {out}: write FILE.html or FILE.md")
+    cmp = compare_runs([Path(r) for r in runs], force=force, n_boot=bootstrap)
+    if out is not None:
+        atomic_write_text(Path(out), to_html(cmp) if Path(out).suffix.lower() == ".html" else to_markdown(cmp))
+    return cmp

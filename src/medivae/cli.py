@@ -13,6 +13,7 @@ from medivae.version import __version__
 # one module per command group under medivae.commands, each with add(subparsers)
 COMMAND_MODULES = (
     "train", "generate", "traverse", "report", "evaluate", "anomaly", "synthesize", "utility", "data",
+    "compare",
 )
 
 

@@ -1,0 +1,53 @@
+"""``medivae compare`` rendered: a Markdown or a self-contained HTML table (no torch, no network)."""
+
+from __future__ import annotations
+
+from medivae.report.html import esc, page, section
+from medivae.version import __version__
+
+
+def _num(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, int) or (isinstance(v, float) and abs(v) >= 1000):
+        return f"{v:,.0f}"
+    return f"{v:.4g}"
+
+
+def cell_text(c: dict) -> str:
+    """"value [lo, hi] (Δ vs first +d, p=...)" for one run's cell."""
+    out = _num(c.get("value"))
+    if c.get("ci95"):
+        out += f" [{_num(c['ci95'][0])}, {_num(c['ci95'][1])}]"
+    d = c.get("vs_first")
+    if d:
+        out += f" (Δ {d['mean_difference']:+.4g}, p={d['p_value']:.3g})"
+    return out
+
+
+def _header(cmp: dict) -> list[str]:
+    return [f"{r} ({m})" for r, m in zip(cmp["runs"], cmp["models"], strict=True)]
+
+
+def _legend(cmp: dict) -> str:
+    return (f"{cmp['split']} split of {cmp['data']} ({cmp['n_images']} images). Brackets: 95 % percentile "
+            f"bootstrap interval ({cmp['bootstrap']} resamples of the test images). Δ, p: paired bootstrap of "
+            "the per-image difference from the first run over the images both scored (two-sided).")
+
+
+def to_markdown(cmp: dict) -> str:
+    head = _header(cmp)
+    lines = ["| metric | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    for row in cmp["rows"]:
+        lines.append(f"| {row['metric']} | " + " | ".join(cell_text(c) for c in row["values"]) + " |")
+    return "\n".join(lines) + "\n\n" + _legend(cmp) + "\n"
+
+
+def to_html(cmp: dict) -> str:
+    head = "".join(f"<th>{esc(h)}</th>" for h in _header(cmp))
+    body = "".join(
+        f"<tr><th>{esc(row['metric'])}</th>" + "".join(f"<td>{esc(cell_text(c))}</td>" for c in row["values"])
+        + "</tr>" for row in cmp["rows"])
+    table = f"<table class='grid'><tr><th>metric</th>{head}</tr>{body}</table><p class='muted'>{esc(_legend(cmp))}</p>"
+    return page("medivae compare", esc(f"{len(cmp['runs'])} runs"), [("compare", "Comparison")],
+                [section("compare", "Comparison", table)], f"medivae {esc(__version__)}")
