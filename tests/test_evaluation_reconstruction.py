@@ -33,3 +33,15 @@ def test_rgb_images_and_shape_mismatch():
     assert reconstruction_metrics(x, x)["ssim"] == pytest.approx(1.0)
     with pytest.raises(ValueError):
         per_image_metrics(x, x[:, :1])
+
+
+def test_ssim_uses_the_standard_gaussian_window():
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(3)
+    x = rng.random((2, 1, 32, 32))
+    y = np.clip(x + rng.normal(0, 0.1, x.shape), 0, 1)
+    want = structural_similarity(x[0, 0], y[0, 0], data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                 use_sample_covariance=False)
+    assert per_image_metrics(x, y)["ssim"][0] == pytest.approx(want)
+    assert per_image_metrics(x, y)["ssim"][0] != pytest.approx(structural_similarity(x[0, 0], y[0, 0], data_range=1.0))

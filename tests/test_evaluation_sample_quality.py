@@ -132,3 +132,21 @@ def test_fid_inception_rejects_a_file_that_does_not_fit(tmp_path):
     for name in ("other.pth", "junk.pth", "missing.pth"):
         with pytest.raises(UserError, match="pt_inception"):
             load_fid_inception(tmp_path / name)
+
+
+def test_duplicates_in_the_real_set_still_count_at_radius_zero():
+    """Issue 20: blank slices repeated k+1 times give a k-NN radius of 0; with "<" a generated blank
+    slice fell outside every ball, with "<=" it is inside."""
+    blank = np.zeros((8, 4))
+    real = np.r_[blank, np.random.default_rng(0).normal(size=(20, 4)) + 5]
+    assert (sq.knn_radii(real, sq.PR_K)[:8] == 0).all()
+    assert sq.precision_recall(real, blank[:6])["precision"] == 1.0  # was 0.0
+    assert sq.density_coverage(real, blank[:6])["coverage"] == 8 / 28  # was 0.0
+
+
+def test_frechet_distance_refuses_a_large_imaginary_square_root(monkeypatch):
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(50, 3)), rng.normal(size=(50, 3))
+    monkeypatch.setattr(sq.linalg, "sqrtm", lambda m: np.eye(3) * (1 + 2j))
+    with pytest.raises(ValueError, match="imaginary"):
+        sq.frechet_distance(a, b)

@@ -1,7 +1,9 @@
 """Reconstruction quality from the posterior mean: MSE, PSNR and SSIM (Wang et al. 2004).
 
 PSNR and SSIM come from scikit-image with ``data_range=1`` (images in [0, 1]); each metric is
-computed per image, then averaged over images.
+computed per image, then averaged over images. SSIM uses the standard window of Wang et al. 2004: an
+11x11 Gaussian with sigma 1.5 and population covariances (before issue 20: scikit-image's default 7x7
+uniform window, which gives other numbers).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ def per_image_metrics(x: np.ndarray, x_hat: np.ndarray) -> dict[str, np.ndarray]
         a, b = x[i].transpose(1, 2, 0), x_hat[i].transpose(1, 2, 0)  # (H, W, C)
         with np.errstate(divide="ignore"):
             psnr[i] = min(peak_signal_noise_ratio(a, b, data_range=1.0), PSNR_CAP_DB)
-        ssim[i] = structural_similarity(a, b, data_range=1.0, channel_axis=2)
+        ssim[i] = structural_similarity(a, b, data_range=1.0, channel_axis=2, gaussian_weights=True, sigma=1.5,
+                                        use_sample_covariance=False)
     return {"mse": mse, "psnr_db": psnr, "ssim": ssim}
 
 

@@ -36,7 +36,12 @@ def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             covmean = linalg.sqrtm((s_a + offset) @ (s_b + offset))
-    covmean = np.real(covmean)  # rounding leaves tiny imaginary parts
+    if np.iscomplexobj(covmean):  # rounding leaves tiny imaginary parts; a large one is a wrong result
+        imag = np.abs(np.diagonal(covmean).imag).max()
+        if imag > 1e-3 * max(1.0, np.abs(np.diagonal(covmean).real).max()):
+            raise ValueError(f"the Fréchet distance is not defined here: the matrix square root has an imaginary "
+                             f"part of {imag:.3g} (too few points for {len(s_a)} features?); use more images")
+        covmean = covmean.real
     diff = mu_a - mu_b
     return float(max(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2.0 * np.trace(covmean), 0.0))
 
@@ -49,16 +54,17 @@ def knn_radii(x: np.ndarray, k: int) -> np.ndarray:
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_K) -> dict[str, float]:
     d = pairwise_distances(real, fake)  # (N_real, N_fake)
-    precision = (d < knn_radii(real, k)[:, None]).any(0).mean()
-    recall = (d < knn_radii(fake, k)[None, :]).any(1).mean()
+    # "<=": a ball of radius 0 (duplicates, e.g. blank slices) still holds the point on it
+    precision = (d <= knn_radii(real, k)[:, None]).any(0).mean()
+    recall = (d <= knn_radii(fake, k)[None, :]).any(1).mean()
     return {"precision": float(precision), "recall": float(recall)}
 
 
 def density_coverage(real: np.ndarray, fake: np.ndarray, k: int = DC_K) -> dict[str, float]:
     r = knn_radii(real, k)[:, None]
     d = pairwise_distances(real, fake)
-    density = (d < r).sum(0).mean() / k
-    coverage = (d.min(1) < r[:, 0]).mean()
+    density = (d <= r).sum(0).mean() / k
+    coverage = (d.min(1) <= r[:, 0]).mean()
     return {"density": float(density), "coverage": float(coverage)}
 
 
