@@ -40,6 +40,7 @@ def test_evaluate_writes_results_and_keeps_other_keys(run_dir, capsys):
     assert q["fd_name"] == "FD-cnn" and set(q["model"]) == set(q["floor"]) == {
         "fd", "precision", "recall", "density", "coverage"}
     assert "FD-cnn" in table and "FID" not in table.replace("FID (Inception)", "")
+    assert q["reference_split"] == "val" and "vs val" in table  # held-out reference: copies cannot win
     assert 0 < ev["reconstruction"]["ssim"] <= 1
     # 95 % bootstrap intervals next to the means (issue 20), per-image values saved for medivae compare
     for key, mean in (("psnr_db", ev["reconstruction"]["psnr_db"]), ("neg_elbo_nats", lik["neg_elbo_nats"])):
@@ -133,3 +134,11 @@ def test_the_reference_extractor_is_one_per_dataset_not_per_run(tmp_path):
     np.savez(other, train_images=np.ones((5, 8, 8), np.uint8), train_labels=np.zeros((5, 1)))
     on = lambda p: dataclasses.replace(a, data=dataclasses.replace(a.data, source=str(p)))  # noqa: E731
     assert key(on(npz)) == key(on(npz)) != key(on(other))
+
+
+def test_the_sample_quality_reference_is_held_out_data():
+    from medivae.workflows.evaluate import reference_split
+
+    splits = {"train": [0] * 100, "val": [0] * 10, "test": [0] * 10}
+    assert reference_split(splits, "test") == "val" and reference_split(splits, "val") == "test"
+    assert reference_split({**splits, "val": [0] * 2}, "test") == "train"  # too few for k-NN: says so

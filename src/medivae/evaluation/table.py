@@ -56,11 +56,12 @@ def collapse_lines(c: dict) -> list[str]:
 
 def quality_lines(q: dict, fid: dict | None) -> list[str]:
     name = "a classifier" if q["extractor"] == "cnn" else "an autoencoder's encoder"
-    floor = f"real {q['held_out_split']} vs train"
+    ref = q.get("reference_split", "train")
+    floor = f"real {q['held_out_split']} vs {ref}"
     lines = [
         f"Sample quality: features from {name} trained on real training images",
         f"  ({q['n_generated']} prior samples and {q['n_held_out']} real {q['held_out_split']} images, "
-        f"each against {q['n_reference']} real training images)",
+        f"each against {q['n_reference']} real {ref} images)",
         f"  {'':<22}{'model':>12}{floor:>24}",
     ]
     rows = [(q["fd_name"], "fd"), ("precision (k=3)", "precision"), ("recall (k=3)", "recall"),

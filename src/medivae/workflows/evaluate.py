@@ -16,10 +16,13 @@ are per image; ``null`` where a number would be dishonest):
       collapse: {latent_dim, kl_per_dim [..], kl_total_nats, active_units, active_threshold,
                  mean_variance_per_dim [..], mutual_information_nats, mi_upper_bound_nats}
       sample_quality: {sampler ("prior"/"gmm"/"flow"), extractor ("cnn"/"ae"), fd_name ("FD-cnn"/"FD-ae"),
-                       reference_folder,
-                       n_generated, n_reference, n_held_out, held_out_split,
-                       model: {fd, precision, recall, density, coverage},   generated vs real train
-                       floor: {fd, precision, recall, density, coverage}}   real held-out vs real train
+                       reference_folder, reference_hash (the shared extractor's key),
+                       n_generated, n_reference, n_held_out, held_out_split, reference_split,
+                       model: {fd, precision, recall, density, coverage},   generated vs real reference
+                       floor: {fd, precision, recall, density, coverage}}   real held-out vs real reference
+                       (the reference is another held-out split, val when test is evaluated)
+      ci95: {neg_elbo_nats, neg_iwae_nats, mse, psnr_db, ssim: [lo, hi]}  95 % bootstrap of the means
+      per_image_file: RUN/eval_per_image.npz (each metric per image, with image_hash)
       fid: null | {weights, model, floor}                      (only with --inception-weights)
 """
 
@@ -140,6 +143,16 @@ def reference_description(data_cfg, seed: int) -> dict:
             **{k: getattr(data_cfg, k) for k in keep}}
 
 
+def reference_split(splits: dict, evaluated: str, need: int = 6) -> str:
+    """The real images generated ones are compared with: another held-out split, so a model that copies
+    its training images cannot beat the real-vs-real floor; the training split only when no other
+    held-out split has enough images for the k-NN metrics."""
+    for name in ("val", "test"):
+        if name != evaluated and len(splits.get(name, ())) >= need:
+            return name
+    return "train"
+
+
 def reference_root() -> Path:
     from medivae.data.cache import cache_root
 
@@ -154,7 +167,8 @@ def sample_quality_block(model, cfg, data_cfg, splits, held_out: ImageSet, opts,
     ref = load_or_fit_reference(reference_root(), splits["train"],
                                 reference_description(data_cfg, seed), seed, opts.reference_epochs,
                                 progress=progress, device=device)
-    real = _subset(splits["train"], MAX_REFERENCE, seed, "evaluate-reference")
+    ref_split = reference_split(splits, opts.split)
+    real = _subset(splits[ref_split], MAX_REFERENCE, seed, "evaluate-reference")
     n_gen = opts.n_samples or len(held_out)
     fake = generate_images(model, n_gen, held_out.labels, seed, latent_sampler)
     block = {
@@ -162,7 +176,7 @@ def sample_quality_block(model, cfg, data_cfg, splits, held_out: ImageSet, opts,
         "extractor": ref.name, "fd_name": f"FD-{ref.name}", "reference_folder": str(ref.folder),
         "reference_hash": ref.folder.name,
         "n_generated": n_gen, "n_reference": len(real), "n_held_out": len(held_out),
-        "held_out_split": opts.split,
+        "held_out_split": opts.split, "reference_split": ref_split,
         **sq.with_floor(ref.features(real.images), ref.features(fake), ref.features(held_out.images)),
     }
     return block, (real, fake)
