@@ -23,12 +23,14 @@ def per_image_metrics(x: np.ndarray, x_hat: np.ndarray) -> dict[str, np.ndarray]
     mse = ((x - x_hat) ** 2).reshape(len(x), -1).mean(1)
     psnr = np.empty(len(x))
     ssim = np.empty(len(x))
+    side = min(x.shape[2:])
+    win = min(11, side if side % 2 else side - 1)  # 11x11, or the largest odd window an image smaller than that holds
     for i in range(len(x)):
         a, b = x[i].transpose(1, 2, 0), x_hat[i].transpose(1, 2, 0)  # (H, W, C)
         with np.errstate(divide="ignore"):
             psnr[i] = min(peak_signal_noise_ratio(a, b, data_range=1.0), PSNR_CAP_DB)
         ssim[i] = structural_similarity(a, b, data_range=1.0, channel_axis=2, gaussian_weights=True, sigma=1.5,
-                                        use_sample_covariance=False)
+                                        use_sample_covariance=False, win_size=win)
     return {"mse": mse, "psnr_db": psnr, "ssim": ssim}
 
 
