@@ -93,7 +93,6 @@ def test_every_map_beats_the_blurred_residual_baseline_on_phantoms(phantom_model
         assert m["auprc"] > 2 * r["baseline"]["self_blur"]["auprc"], (name, m, r["baseline"])
     for name in ("residual", "restoration"):
         assert r["maps"][name]["auprc"] > r["baseline"]["mean_normal"]["auprc"], (name, r)
-    assert r["maps"]["restoration"]["auprc"] > r["maps"]["residual"]["auprc"]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ def cmd_compare(args) -> int:
 
 
 def add(sub) -> None:
-    p = sub.add_parser("compare", help="runs evaluated on the same test split, side by side, with 95% intervals")
+    p = sub.add_parser("compare", help="runs evaluated on the same test split, side by side, with 95%% intervals")
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders evaluated by 'medivae evaluate'")
     p.add_argument("--out", type=Path, default=None, help="FILE.html (self-contained) or FILE.md")
     p.add_argument("--force", action="store_true", help="compare runs evaluated on different data or splits")

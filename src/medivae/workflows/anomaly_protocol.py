@@ -177,13 +177,15 @@ def phantom_localisation(model, normals, device, seed: int, restoration: dict | 
     pairs = [phantom_with_mask(size, seed, i) for i in range(N_PHANTOM_LESIONS)]
     images = np.stack([p[0] for p in pairs])[:, None]  # (N, 1, H, W)
     masks = np.stack([p[1] for p in pairs])
+    labels = np.zeros(len(images), dtype=np.int64)  # a conditional model fitted on the normal label: class 0
     extra = {}
     if restoration is not None:
-        extra["restoration"] = xs.restoration_scores(model, images, None, restoration["steps"], restoration["lr"],
-                                                     restoration["tv"], batch_size, seed, device)[1]
+        extra["restoration"] = xs.restoration_scores(model, images, labels, restoration["steps"],
+                                                     restoration["lr"], restoration["tv"], batch_size, seed,
+                                                     device)[1]
     if healing is not None:
-        extra["vq_healing"] = xs.healing_scores(model, images, None, healing["threshold"], batch_size, device)[1]
-    recon = xs.reconstructions(model, images, None, batch_size, device)
-    maps = _maps(model, images, None, recon, device, extra, seed)
+        extra["vq_healing"] = xs.healing_scores(model, images, labels, healing["threshold"], batch_size, device)[1]
+    recon = xs.reconstructions(model, images, labels, batch_size, device)
+    maps = _maps(model, images, labels, recon, device, extra, seed)
     return {"maps": _localise(maps, masks), "baseline": blurred_residual_baseline(images, masks, normals),
             "n_images": len(images)}
