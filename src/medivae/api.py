@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medivae.config import DataConfig, RunConfig, TrainConfig
+from medivae.config import DataConfig, RunConfig, TrainConfig, flat_settings
 from medivae.data import ImageSet, load_dataset, to_float
 from medivae.errors import UserError
 from medivae.generate import encode_mean, interpolate, reconstruct, sample_images, save_grid
@@ -135,7 +135,7 @@ def check_resume_settings(saved: RunConfig, cfg: RunConfig, compare: set[str] | 
                         f"(train.epochs), not {cfg.train.epochs}")
     if hasattr(cfg.model, "for_data"):  # what the model config became when the run met its data
         cfg = dataclasses.replace(cfg, model=cfg.model.for_data(saved.label_names, saved.data.source))
-    old, new = _flat(saved.to_dict()), _flat(cfg.to_dict())
+    old, new = flat_settings(saved.to_dict()), flat_settings(cfg.to_dict())
     skip = {"train.epochs", "label_names", "medivae_version"}
     keys = (set(old) | set(new)) if compare is None else set(compare)
     diffs = [f"{k}: run has {old.get(k)!r}, you gave {new.get(k)!r}" for k in sorted(keys - skip)
@@ -143,16 +143,6 @@ def check_resume_settings(saved: RunConfig, cfg: RunConfig, compare: set[str] | 
     if diffs:
         raise UserError(f"--resume continues the run as it was configured; these differ: {'; '.join(diffs)}. "
                         "Drop them, or start a new run with another --out")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
 
 
 def write_figures(run_dir: Path, model, cfg: RunConfig, split: ImageSet, device, n: int = 64) -> None:
