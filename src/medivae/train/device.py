@@ -137,9 +137,10 @@ def preload_in_background(*modules: str) -> None:
     """Import ``modules`` on a daemon thread while the caller goes on (e.g. loads data).
 
     Why: building the first optimizer imports torch._dynamo (torch's ``add_param_group`` is wrapped in
-    ``torch._disable_dynamo``), about 1 s, and the report imports matplotlib, about 0.4 s; a short run
-    otherwise pays both on the critical path (issue 15). Python's import lock makes a later import of the
-    same module wait for this one instead of importing it twice."""
+    ``torch._disable_dynamo``), about 1 s, on a short run's critical path (issue 15). Python's import lock
+    makes a later import of the same module wait for this one instead of importing it twice. Only modules
+    needed before training starts belong here: preloading matplotlib for the report ran on into the first
+    epoch and cost ~15 % of its images/s (GIL contention; paired runs, benchmarks/README.md)."""
     import importlib
     import threading
 
