@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from medivae import api
 from medivae.cli import main
@@ -361,7 +361,8 @@ def _worker(rank: int, port: int, out: str) -> None:
             opt.zero_grad()
             res.loss.backward()
             opt.step()
-        torch.save(codebook_state(model), folder / f"codebook{rank}.pt")
+        save_file({k: v.contiguous() for k, v in codebook_state(model).items()},
+                  str(folder / f"codebook{rank}.safetensors"))
         (folder / f"stats{rank}.json").write_text(json.dumps(model.epoch_end(ctx())))
         # the trainer under DDP: one DDP module per optimizer, both stages
         api.write_run_report = lambda run_dir: None
@@ -378,7 +379,7 @@ def gloo_out(tmp_path_factory):
 
 
 def test_two_gloo_ranks_keep_identical_codebooks(gloo_out):
-    a, b = (torch.load(gloo_out / f"codebook{r}.pt") for r in range(WORLD))
+    a, b = (load_file(str(gloo_out / f"codebook{r}.safetensors")) for r in range(WORLD))
     for k in a:
         assert torch.equal(a[k], b[k]), k
     s0, s1 = (json.loads((gloo_out / f"stats{r}.json").read_text()) for r in range(WORLD))
