@@ -153,7 +153,8 @@ def write_figures(run_dir: Path, model, cfg: RunConfig, split: ImageSet, device,
     if has(model, "latent") and has(model, "sample"):
         z = model.prior_latents(2, torch_generator(seed, "interpolation"))
         first = 0 if has(model, "conditional") else None  # a conditional model interpolates within class 0
-        path = interpolate(model, z[0], z[1], 10, "slerp", device, first)
+        mode = "slerp" if has(model, "gaussian_latent") else "linear"  # the rule `medivae interpolate` applies
+        path = interpolate(model, z[0], z[1], 10, mode, device, first)
         save_grid(path, run_dir / "interpolation.png", nrow=10)
     if len(split):
         k = min(16, len(split))
