@@ -26,7 +26,7 @@ to the input (Zimmerer et al. 2019), which points at the pixels that make the im
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -40,13 +40,16 @@ COMBINED_FROM = ("ssim", "iwae_minus_png")
 
 @dataclass
 class AnomalyScores:
-    """scores: name -> float64 (N,); maps: float32 (N, H, W) pixel maps; codes: (N, D) deterministic
-    encodings (posterior means); png_nats: (N,) each image's lossless PNG size (the no-model baseline)."""
+    """scores: name -> float64 (N,); maps: float32 (N, H, W) pixel maps (residual, or gradient when asked);
+    codes: (N, D) deterministic encodings (posterior means); png_nats: (N,) each image's lossless PNG size
+    (the no-model baseline); named_maps: map name -> (N, H, W), every map the family has, filled by
+    ``workflows.anomaly_protocol.extend_scores`` for the scored split."""
 
     scores: dict[str, np.ndarray]
     maps: np.ndarray
     codes: np.ndarray
     png_nats: np.ndarray | None = None
+    named_maps: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @torch.no_grad()

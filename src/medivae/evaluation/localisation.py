@@ -63,7 +63,7 @@ def self_blur_residual(images: np.ndarray, sigma: float) -> np.ndarray:
 def mean_normal_residual(images: np.ndarray, normals: np.ndarray, sigma: float) -> np.ndarray:
     """blur(|x - mean normal image|), channel mean: float (N, H, W). No model, no training beyond a mean."""
     x = np.asarray(images, dtype=np.float64) / 255.0
-    mu = np.asarray(normals, dtype=np.float64).mean(0) / 255.0
+    mu = np.asarray(normals).mean(0, dtype=np.float64) / 255.0  # no float64 copy of every normal
     return gaussian_blur(np.abs(x - mu).mean(1), sigma)
 
 

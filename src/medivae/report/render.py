@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from medivae.report import plots
+from medivae.report import anomaly, plots
 from medivae.report.collect import RunFiles, find_key, is_numbers, read_run
 from medivae.report.html import blocks, command, esc, fmt, image, note, page, section
 from medivae.version import __version__
@@ -273,7 +273,10 @@ def application_sections(rep: Report, groups: dict[str, list[Path]]):
         figs = list(dict.fromkeys(groups.get(key, []) + _linked_figures(rep, res)))
         if res is None and not figs:
             continue
-        out = (_roc(res) if key == "anomaly" else "") + rep.figures(figs)
+        if key == "anomaly":
+            yield rep.section(key, title, anomaly.section_body(rep, res, figs, _roc(res)))
+            continue
+        out = rep.figures(figs)
         if res is not None:
             out += blocks(res) if isinstance(res, dict) else f"<p>{fmt(res)}</p>"
         yield rep.section(key, title, out)
@@ -286,12 +289,15 @@ def application_sections(rep: Report, groups: dict[str, list[Path]]):
 def _linked_figures(rep: Report, res) -> list[Path]:
     """Figures a results entry names by path (e.g. privacy's nearest-neighbour pairs)."""
     out = []
+    root = rep.run.run_dir.resolve()
     for v in _strings(res):
         p = Path(v)
         if p.suffix.lower() in (".png", ".jpg", ".jpeg"):
-            p = p if p.is_absolute() else rep.run.run_dir / p
-            if p.is_file():
-                out.append(p.relative_to(rep.run.run_dir) if p.is_relative_to(rep.run.run_dir) else p)
+            # relative: to the run folder, or to where the command ran (``--out`` as typed)
+            found = next((c.resolve() for c in ([p] if p.is_absolute() else [rep.run.run_dir / p, p])
+                          if c.is_file()), None)  # fmt: skip
+            if found is not None:  # resolved, so a figure found by folder too is shown once
+                out.append(found.relative_to(root) if found.is_relative_to(root) else found)
     return out
 
 

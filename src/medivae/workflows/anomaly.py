@@ -32,12 +32,15 @@ from medivae.evaluation.anomaly import (
     score_images,
     threshold_at_fpr,
 )
+from medivae.evaluation.anomaly_scores import reconstructions
 from medivae.evaluation.bootstrap import detection_ci
 from medivae.io import atomic_write_text
 from medivae.models.family import require
 from medivae.results import RESULTS_FILE, merge_results, read_results
 from medivae.run import load_run
 from medivae.workflows.anomaly_protocol import extend_scores
+
+MAX_GRID_ROWS = 8  # maps.png: a few of the most and least anomalous images, one row each
 
 
 # --- rendering ----------------------------------------------------------------------------------------------
@@ -62,19 +65,33 @@ def plot_roc(scores: dict[str, np.ndarray], is_anomaly: np.ndarray, path: Path, 
     return Path(path)
 
 
+def colour_scale(maps: np.ndarray) -> float:
+    """The 99.5th percentile of a map over every image: one colour scale, so rows compare."""
+    return max(float(np.quantile(maps, 0.995)), 1e-12)
+
+
+def _overlay(ax, gray: np.ndarray, amap: np.ndarray, vmax: float) -> None:
+    """A map (H, W) in inferno over a gray image (H, W) in [0, 1]."""
+    import matplotlib
+
+    ax.imshow(gray, cmap="gray", vmin=0, vmax=1)
+    level = np.clip(amap.astype(np.float32) / vmax, 0, 1)
+    heat = matplotlib.colormaps["inferno"](level)
+    heat[..., 3] = 0.85 * level  # opacity grows with the score: quiet pixels show the anatomy
+    ax.imshow(heat)
+
+
 def plot_overlays(
     images: np.ndarray, maps: np.ndarray, titles: list[str], path: Path, per_row: int = 4
 ) -> Path:
     """(image, map over the image) pairs, ``per_row`` a row: images uint8 (N, C, H, W), maps (N, H, W)."""
-    import matplotlib
     from matplotlib.figure import Figure
 
     n = len(images)
     cols = min(per_row, n)
     rows = -(-n // cols)
     fig = Figure(figsize=(2 * 1.7 * cols, 1.9 * rows), dpi=100)
-    vmax = max(float(np.quantile(maps, 0.995)), 1e-12)  # one colour scale for every pair
-    cmap = matplotlib.colormaps["inferno"]
+    vmax = colour_scale(maps)
     for i in range(n):
         gray = images[i].mean(0) / 255.0
         r, c = divmod(i, cols)
@@ -82,14 +99,38 @@ def plot_overlays(
         a.imshow(gray, cmap="gray", vmin=0, vmax=1)
         a.set_title(titles[i], fontsize=6)
         b = fig.add_subplot(rows, 2 * cols, r * 2 * cols + 2 * c + 2)
-        b.imshow(gray, cmap="gray", vmin=0, vmax=1)
-        level = np.clip(maps[i] / vmax, 0, 1)
-        heat = cmap(level)
-        heat[..., 3] = 0.85 * level  # opacity grows with the score: quiet pixels show the anatomy
-        b.imshow(heat)
+        _overlay(b, gray, maps[i], vmax)
         b.set_title("anomaly map", fontsize=6)
         for ax in (a, b):
             ax.axis("off")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return Path(path)
+
+
+def plot_map_grid(images: np.ndarray, recon: np.ndarray, maps: dict[str, np.ndarray], scales: dict[str, float],
+                  titles: list[str], path: Path) -> Path:
+    """Rows = images; columns = input, reconstruction, then each map over the input. images uint8
+    (n, C, H, W); recon float (n, C, H, W) in [0, 1]; maps name -> (n, H, W), each drawn on its own colour
+    scale ``scales[name]`` (shared by the rows, so a column compares images)."""
+    from matplotlib.figure import Figure
+
+    rows, cols = len(images), 2 + len(maps)
+    fig = Figure(figsize=(1.35 * cols + 0.9, 1.4 * rows + 0.3), dpi=100)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i in range(rows):
+        gray = images[i].mean(0) / 255.0
+        axes[i, 0].imshow(gray, cmap="gray", vmin=0, vmax=1)
+        axes[i, 1].imshow(np.asarray(recon[i]).mean(0), cmap="gray", vmin=0, vmax=1)
+        for j, (name, m) in enumerate(maps.items()):
+            _overlay(axes[i, 2 + j], gray, m[i], scales[name])
+        axes[i, 0].set_ylabel(titles[i], fontsize=6)
+    for j, head in enumerate(["input", "reconstruction", *maps]):
+        axes[0, j].set_title(head, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -215,6 +256,12 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
                                 bootstrap))
     title = f"normal = {normal_label!r}, {split} split"
     result.update(_write_outputs(out, sets, scored, thr, n_maps, title, bootstrap, cfg.train.seed))
+    rank_by = result["protocol"]["default"]
+    pick = panel(scored.scores[rank_by], min(n_maps, MAX_GRID_ROWS))
+    if len(pick) and scored.named_maps:
+        s = sets["scored"]
+        recon = reconstructions(model, s.images[pick], s.labels[pick], batch_size, dev).numpy()
+        result["files"]["map_grid"] = str(write_map_grid(out / "maps.png", s, scored, rank_by, pick, recon))
     result["threshold"].update(n_flagged=result.pop("n_flagged"), **result.pop("threshold_rates", {}))
     merge_results(run_dir / RESULTS_FILE, "anomaly", result)
     return result
@@ -228,17 +275,18 @@ def _write_outputs(out: Path, sets: dict, scored: AnomalyScores, thr: float, n_m
     combined = scored.scores["combined"]
     out.mkdir(parents=True, exist_ok=True)
     write_scores_csv(out / "scores.csv", s, scored.scores, is_anomaly, combined > thr)
-    np.savez_compressed(out / "maps.npz", maps=scored.maps.astype(np.float16))
+    # "maps": what result["map"] names (the key readers had before every map was saved), then one per map
+    named = {n: _half(m) for n, m in scored.named_maps.items()}
+    np.savez_compressed(out / "maps.npz", maps=_half(scored.maps), **named)
     files = {"scores": str(out / "scores.csv"), "maps": str(out / "maps.npz")}
-    order = np.argsort(-combined)  # the most anomalous half of the panel first, then the most normal
-    pick = np.concatenate([order[: (n_maps + 1) // 2], order[::-1][: n_maps // 2]]) if n_maps else order[:0]
+    pick = panel(combined, n_maps)
     if len(pick):
         names = [s.label_names[c] if c >= 0 else "?" for c in s.labels[pick]]
         titles = [f"#{i} {n} score {combined[i]:.2f}" for i, n in zip(pick, names, strict=True)]
         files["overlays"] = str(
             plot_overlays(s.images[pick], scored.maps[pick], titles, out / "overlays.png")
         )
-    entry: dict = {"n_flagged": int((combined > thr).sum()), "files": files}
+    entry: dict = {"n_flagged": int((combined > thr).sum()), "files": files, "map_names": list(scored.named_maps)}
     if is_anomaly is None:
         return entry
     labelled = s.labels >= 0
@@ -257,3 +305,27 @@ def _write_outputs(out: Path, sets: dict, scored: AnomalyScores, thr: float, n_m
         plot_roc({n: v[labelled] for n, v in scored.scores.items()}, y, out / "roc.png", title)
     )
     return entry
+
+
+def panel(ranking: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the ceil(n / 2) highest of ``ranking`` (most anomalous first), then the floor(n / 2) lowest."""
+    order = np.argsort(-ranking, kind="stable")
+    return np.concatenate([order[: (n + 1) // 2], order[::-1][: n // 2]]) if n else order[:0]
+
+
+def _half(maps: np.ndarray) -> np.ndarray:
+    """float16 to keep maps.npz small; clipped so a large gradient stays finite."""
+    big = float(np.finfo(np.float16).max)
+    return np.clip(maps, -big, big).astype(np.float16)
+
+
+def write_map_grid(path: Path, s: ImageSet, scored: AnomalyScores, rank_by: str, pick: np.ndarray,
+                   recon: np.ndarray) -> Path:
+    """maps.png: the ``pick`` images (most and least anomalous by ``rank_by``), their reconstructions
+    ``recon`` (n, C, H, W) and every map of ``scored.named_maps``, each map on one colour scale over the split."""
+    names = [s.label_names[c] if 0 <= c < len(s.label_names) else "?" for c in s.labels[pick]]
+    v = scored.scores[rank_by]
+    titles = [f"#{i} {n}\n{rank_by} {v[i]:.3g}" for i, n in zip(pick, names, strict=True)]
+    maps = {n: m[pick] for n, m in scored.named_maps.items()}
+    scales = {n: colour_scale(m) for n, m in scored.named_maps.items()}
+    return plot_map_grid(s.images[pick], recon, maps, scales, titles, path)

@@ -70,7 +70,8 @@ def _localise(maps: dict, masks: np.ndarray) -> dict:
 def extend_scores(model, cfg, sets: dict, val: AnomalyScores, scored: AnomalyScores, train_codes, device,
                   run_dir, k: int = 16, batch_size: int = 128, precision: str = "fp32",
                   bootstrap: int = 0) -> dict:
-    """Add the new scores to ``val.scores`` and ``scored.scores`` in place; return results.json entries
+    """Add the new scores to ``val.scores`` and ``scored.scores`` in place, and every map of the scored split
+    to ``scored.named_maps`` (the iterative ones reused, not recomputed); return results.json entries
     "protocol", "trivial_baselines" and "localisation"."""
     from medivae.evaluation.features import load_or_fit_reference
 
@@ -119,7 +120,11 @@ def extend_scores(model, cfg, sets: dict, val: AnomalyScores, scored: AnomalySco
                                                   bootstrap, seed)}
     syn_maps = _maps(model, synth.images, v.labels, recon["synthetic"], device,
                      {k_: m["synthetic"] for k_, m in extra_maps.items()}, seed)
-    out["localisation"] = {"synthetic": _localise(syn_maps, synth.masks)}
+    out["localisation"] = {"synthetic": _localise(syn_maps, synth.masks),
+                           "synthetic_baseline": blurred_residual_baseline(synth.images, synth.masks,
+                                                                           (sets["train"] or v).images)}
+    scored.named_maps = _maps(model, s.images, s.labels, recon["scored"], device,
+                              {k_: m["scored"] for k_, m in extra_maps.items()}, seed)
     if str(cfg.data.source).startswith("phantoms"):
         out["localisation"]["phantoms"] = phantom_localisation(model, sets["train"].images, device, seed,
                                                                record.get("restoration"), batch_size,
