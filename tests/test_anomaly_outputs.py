@@ -1,0 +1,144 @@
+"""Issue 21, localisation in the user's outputs: every map of the scored split in maps.npz, the map figure, and
+the report's Anomaly section (detection beside trivial baselines, the map figure, pixel localisation)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medivae.cli import main
+from medivae.report import build_report
+from medivae.report.anomaly import detection_table, localisation_table
+from medivae.workflows.anomaly import MAX_GRID_ROWS, panel
+from test_anomaly import TINY
+
+N_MAPS = 4
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """A tiny run fitted on normal phantoms and scored through the CLI: the plumbing, not the quality."""
+    run = tmp_path_factory.mktemp("outputs") / "run"
+    argv = ["anomaly", "fit", "--data", "phantoms:200", "--normal-label", "normal", "--out", str(run)]
+    assert main([*argv, "--epochs", "1", "--seed", "7", *TINY]) == 0
+    argv = ["anomaly", "score", str(run), "--iwae-samples", "2", "--n-maps", str(N_MAPS), "--device", "cpu",
+            "--fpr", "0.2", "--bootstrap", "20"]  # fmt: skip
+    assert main(argv) == 0
+    return run
+
+
+def _expected_maps(run) -> set[str]:
+    from medivae.evaluation import anomaly_scores as xs
+    from medivae.models.family import has
+    from medivae.run import load_run
+
+    model = load_run(run, device="cpu").model
+    return (
+        {"residual", "ssim"}
+        | ({"gradient", "restoration"} if has(model, "likelihood") else set())
+        | ({"vq_healing"} if xs.can_heal(model) else set())
+    )
+
+
+def test_maps_npz_holds_every_map_of_the_family_for_every_scored_image(scored):
+    r = json.loads((scored / "results.json").read_text())["anomaly"]
+    z = np.load(scored / "anomaly" / "maps.npz")
+    assert set(r["map_names"]) == _expected_maps(scored) == {"residual", "ssim", "gradient", "restoration"}
+    assert set(z.files) == {"maps", *r["map_names"]}  # "maps": the key readers had before, kept
+    for name in z.files:
+        m = z[name]
+        assert m.shape == (r["n_scored"], 32, 32) and m.dtype == np.float16, name
+        assert np.isfinite(m).all() and (m >= 0).all() and m.std() > 0, name
+    # the old key is the residual map, as results.json["anomaly"]["map"] says
+    assert r["map"] == "residual"
+    np.testing.assert_allclose(z["maps"].astype(np.float32), z["residual"].astype(np.float32), atol=2e-3)
+    # the restoration map is the one whose mean was reported as the score (reused, not rerun with other settings)
+    rows = list(csv.DictReader((scored / "anomaly" / "scores.csv").open()))
+    restoration = np.array([float(row["restoration"]) for row in rows])
+    np.testing.assert_allclose(z["restoration"].astype(np.float64).mean((1, 2)), restoration, rtol=5e-3, atol=1e-4)
+    # synthetic anomalies: each map against the blurred-residual baselines on the same masks
+    loc = r["localisation"]
+    assert set(loc["synthetic"]) == set(r["map_names"]) and set(loc["phantoms"]["maps"]) == set(r["map_names"])
+    assert set(loc["synthetic_baseline"]) == {"self_blur", "mean_normal"}
+    assert all(0 <= b["auprc"] <= 1 and b["sigma"] > 0 for b in loc["synthetic_baseline"].values())
+
+
+def test_panel_takes_the_most_then_the_least_anomalous():
+    s = np.array([0.5, 3.0, -1.0, 2.0, 0.0, 1.0])
+    np.testing.assert_array_equal(panel(s, 3), [1, 3, 2])  # two highest, most anomalous first; then the lowest
+    np.testing.assert_array_equal(panel(s, 4), [1, 3, 2, 4])
+    assert len(panel(s, 0)) == 0
+
+
+def test_map_figure_has_a_row_per_image_and_a_column_per_map(scored):
+    r = json.loads((scored / "results.json").read_text())["anomaly"]
+    path = scored / "anomaly" / "maps.png"
+    assert r["files"]["map_grid"] == str(path)
+    img = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+    rows, cols = min(N_MAPS, MAX_GRID_ROWS), 2 + len(r["map_names"])
+    # plot_map_grid's figure size at dpi 100: (1.35 cols + 0.9) x (1.4 rows + 0.3) inches
+    assert img.shape[:2] == (round(100 * (1.4 * rows + 0.3)), round(100 * (1.35 * cols + 0.9)))
+    # not blank: the overlays are coloured (inferno) where the inputs are gray
+    saturation = img.max(2) - img.min(2)
+    assert (saturation > 60).mean() > 0.05 and img.std() > 20
+
+
+def _embedded(html: str) -> list[bytes]:
+    return [base64.b64decode(b) for b in re.findall(r"base64,([A-Za-z0-9+/=]+)'", html)]
+
+
+def test_report_shows_detection_maps_and_localisation(scored):
+    r = json.loads((scored / "results.json").read_text())["anomaly"]
+    html = build_report(scored)
+    section = html[html.index("<section id='anomaly'>") :]
+    section = section[: section.index("</section>")]
+    # the map figure, embedded once, byte for byte
+    grid = (scored / "anomaly" / "maps.png").read_bytes()
+    assert _embedded(section).count(grid) == 1 and "anomaly maps" in section
+    # localisation: one row per map and the two blurred-residual baselines, for both sets
+    loc = section[section.index("<table class='grid localisation'>") :]
+    loc = loc[: loc.index("</table>")]
+    assert "synthetic anomalies" in loc and "lesion phantoms" in loc
+    for name in r["map_names"]:
+        m, p = r["localisation"]["synthetic"][name], r["localisation"]["phantoms"]["maps"][name]
+        assert f"<tr><th>{name}</th><td>{m['auroc']:.4g}</td><td>{m['auprc']:.4g}</td>" in loc, name
+        assert f"<td>{p['auprc']:.4g}</td><td>{p['best_dice']:.4g}</td></tr>" in loc, name
+    assert loc.count("baseline:") == 2
+    # detection: the default marked, the trivial baselines beside it, with their bootstrap intervals
+    det = section[section.index("<table class='grid detection'>") :]
+    det = det[: det.index("</table>")]
+    default = r["protocol"]["default"]
+    assert det.count("★ default") == 1 and f"<th><b>{default}</b></th><td><b>★ default</b>" in det
+    lo, hi = r["ci95"][default]["auroc"]
+    assert f"[{lo:.4g}, {hi:.4g}]" in det
+    for name, b in r["trivial_baselines"].items():
+        lo, hi = b["ci95"]["auroc"]
+        assert f"<tr><th>{name}</th><td>trivial baseline ({b['direction']} = anomalous)</td>" in det
+        assert f"<td>{b['auroc']:.4g}</td><td>[{lo:.4g}, {hi:.4g}]</td>" in det
+
+
+def test_report_tables_from_results_alone():
+    """No run needed: the tables read results.json values, and say nothing where there is nothing."""
+    res = {
+        "metrics": {"ssim": {"auroc": 0.61, "auprc": 0.42}, "restoration": {"auroc": 0.93, "auprc": 0.8}},
+        "ci95": {"restoration": {"auroc": [0.9, 0.95], "auprc": [0.7, 0.85]}},
+        "protocol": {"default": "restoration", "val_auroc": {"ssim": 0.7, "restoration": 0.88}},
+        "trivial_baselines": {"png_size": {"direction": "lower", "auroc": 0.8, "auprc": 0.6, "ci95": None}},
+        "localisation": {"synthetic": {"residual": {"auroc": 0.77, "auprc": 0.31, "best_dice": 0.29}},
+                         "synthetic_baseline": {"self_blur": {"auroc": 0.6, "auprc": 0.12, "best_dice": 0.2,
+                                                              "sigma": 2.0}}},
+    }  # fmt: skip
+    det = detection_table(res)
+    assert "<th><b>restoration</b></th><td><b>★ default</b></td><td>0.93</td><td>[0.9, 0.95]</td>" in det
+    assert "<td>0.61</td><td>—</td>" in det  # no interval recorded: a dash, not a made-up one
+    assert "+0.130 against the best trivial baseline (0.8)" in det
+    loc = localisation_table(res)
+    assert "<tr><th>residual</th><td>0.77</td><td>0.31</td><td>0.29</td></tr>" in loc
+    assert "σ: synthetic 2" in loc and "lesion phantoms" not in loc  # no phantoms in these results
+    assert detection_table({}) == "" and localisation_table({"localisation": {}}) == ""
