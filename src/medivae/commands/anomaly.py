@@ -102,7 +102,8 @@ def add(sub) -> None:
     c.add_argument(
         "--gradient-maps", action="store_true", help="maps from |d(-ELBO)/dx| instead of residuals"
     )
-    c.add_argument("--n-maps", type=int, default=16, help="images drawn in overlays.png (default 16)")
+    c.add_argument("--n-maps", type=int, default=16,
+                   help="images drawn in overlays.png (default 16); maps.png shows at most 8 of them, with every map")
     c.add_argument("--batch-size", type=int, default=128)
     c.add_argument("--device", default="auto")
     c.add_argument(

@@ -1,8 +1,10 @@
 """``medivae anomaly score``: score a split with a run fitted on normals, then save and render.
 
 Opens the run (:mod:`medivae.run`), picks the images to score and the normals to calibrate on,
-calls the pure scores of :mod:`medivae.evaluation.anomaly`, and writes scores.csv, maps.npz,
-overlay and ROC PNGs and ``results.json["anomaly"]``.
+calls the pure scores of :mod:`medivae.evaluation.anomaly`, and writes scores.csv, maps.npz (every map
+the family has, one float16 array (N, H, W) per map name, plus the legacy "maps" key), overlays.png,
+maps.png (input, reconstruction and every map of the most and least anomalous images), roc.png and
+``results.json["anomaly"]``.
 """
 
 from __future__ import annotations
