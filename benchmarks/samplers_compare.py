@@ -1,0 +1,345 @@
+"""N(0, I) prior vs post-hoc GMM / flow latent samplers vs VampPrior, per data set (issue 19).
+
+For each ``--data NAME=SOURCE``: ``medivae train`` one conv_vae with the N(0, I) prior and one with
+``--prior vamp --pseudo-inputs K``, same image size, epochs and seed (a finished run is kept, an
+interrupted one resumed from last/); ``medivae fit-sampler`` gmm and flow on the N(0, I) run. Then four
+rows, N(0, I) / GMM / flow (the N(0, I) run) and VampPrior (the vamp run's own prior):
+
+- ``medivae evaluate RUN --sampler S``: FD / precision / recall / density / coverage of generated
+  images against held-out real images, in the feature space of the per-data-set reference extractor
+  under $MEDIVAE_CACHE/reference (keyed by the data's fingerprint and split seed, so both runs share it;
+  the script stops if the four rows do not name the same extractor hash), with the real-vs-real floor;
+- ``medivae synthesize RUN --sampler S -n N``: memorisation rate (samples nearer to a training image
+  than reconstructions of held-out images are) with its 95 % bootstrap interval, nearest-neighbour
+  distances in pixel and feature space, membership-inference AUROC;
+- ``medivae sample RUN --sampler S``: a sample grid, docs/images/samplers_<NAME>_<row>.png.
+
+Writes benchmarks/results/samplers.json (commit and exact command recorded); ``--markdown FILE`` prints
+its README table. Run it under the shared lock (MedNIST unpacked first: mkdir -p /tmp/mn && tar -xzf
+/work/shared/data/mednist/MedNIST.tar.gz -C /tmp/mn):
+
+    flock /tmp/medivae-heavy.lock python benchmarks/samplers_compare.py \\
+        --data cxr=/tmp/mn/resized/CXR --data pneu=/work/shared/data/pneumoniamnist.npz \\
+        --epochs cxr=8 --epochs pneu=5
+    python benchmarks/samplers_compare.py --markdown benchmarks/results/samplers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# row -> (which run, --sampler): the post-hoc samplers are fitted on the N(0, I) run
+ROWS = {"prior": ("normal", "prior"), "gmm": ("normal", "gmm"), "flow": ("normal", "flow"), "vamp": ("vamp", "prior")}
+ROW_NAMES = {
+    "prior": "N(0, I) prior",
+    "gmm": "GMM (post hoc)",
+    "flow": "flow (post hoc)",
+    "vamp": "VampPrior",
+    "floor": "real held-out (floor)",
+}
+MAX_GRID_BYTES = 100_000  # README pictures stay small
+METRICS = ("fd", "precision", "recall", "density", "coverage")
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def medivae(*args) -> float:
+    """Run one ``medivae`` command (printed first); its wall seconds."""
+    args = [str(a) for a in args]
+    print("$ medivae", " ".join(args), flush=True)
+    start = time.perf_counter()
+    code = subprocess.run([sys.executable, "-m", "medivae", *args]).returncode
+    if code:
+        raise SystemExit(f"medivae {args[0]} exited with {code} (its message is above); rerun to resume")
+    return round(time.perf_counter() - start, 1)
+
+
+def trained_epochs(out: Path) -> int:
+    """Epochs a run's last/ checkpoint holds (0 when there is none)."""
+    state = out / "last" / "state.json"
+    return json.loads(state.read_text())["epoch"] if state.exists() else 0
+
+
+def train(out: Path, source: str, epochs: int, prior: list[str], args) -> float | None:
+    """Train (or resume an interrupted) run; None when it already holds ``epochs`` epochs."""
+    done = trained_epochs(out)
+    if done >= epochs:
+        return None
+    cmd = [
+        "train",
+        "--data",
+        source,
+        "--model",
+        "conv_vae",
+        "--out",
+        out,
+        "--image-size",
+        args.image_size,
+        "--epochs",
+        epochs,
+        "--seed",
+        args.seed,
+        "--threads",
+        args.threads,
+        "--no-progress",
+        *prior,
+    ]
+    return medivae(*cmd, *(["--resume"] if done > 0 else []))
+
+
+def intervals(ev: dict) -> dict:
+    """The 95 % bootstrap intervals ``medivae evaluate`` gives for sample quality ({fd, ..., floor_fd, ...}
+    in its "ci95"), None for each one it does not give."""
+    c = ev.get("ci95") or {}
+    return {k: c.get(k) for m in METRICS for k in (m, f"floor_{m}")}
+
+
+def evaluate_row(run: Path, sampler: str, args) -> dict:
+    """``medivae evaluate RUN --sampler S`` -> its sample-quality block (read back from RUN/results.json,
+    which the next evaluation of the same run overwrites)."""
+    wall = medivae(
+        "evaluate",
+        run,
+        "--sampler",
+        sampler,
+        "-k",
+        args.k,
+        "--max-images",
+        args.max_images,
+        "--n-samples",
+        args.n_samples,
+        "--threads",
+        args.threads,
+        "--no-progress",
+    )
+    ev = json.loads((run / "results.json").read_text())["evaluation"]
+    q = ev["sample_quality"]
+    if q is None or q.get("sampler") != sampler:
+        raise SystemExit(f"{run}/results.json holds no sample quality for --sampler {sampler}")
+    return {
+        "wall_s": wall,
+        "n_images": ev["n_images"],
+        "split": ev["split"],
+        **{
+            k: q[k]
+            for k in (
+                "fd_name",
+                "reference_hash",
+                "n_generated",
+                "n_reference",
+                "n_held_out",
+                "held_out_split",
+                "reference_split",
+            )
+        },
+        "model": q["model"],
+        "floor": q["floor"],
+        "ci95": intervals(ev),
+        "neg_elbo_nats": (ev["likelihood"] or {}).get("neg_elbo_nats"),
+    }
+
+
+def synthesize_row(run: Path, sampler: str, out: Path, args) -> dict:
+    """``medivae synthesize RUN --sampler S -n N`` -> memorisation and nearest-neighbour numbers."""
+    wall = medivae(
+        "synthesize", run, "--sampler", sampler, "-n", args.n_synth, "--format", "npz", "--out", out, "--no-progress"
+    )
+    rep = json.loads((out / "memorisation.json").read_text())
+    nn = {
+        name: {
+            "synthetic_median": s["synthetic_distance_percentiles"]["50"],
+            "held_out_recon_median": s["real_distance_percentiles"]["50"],
+            "synthetic_p1": s["synthetic_distance_percentiles"]["1"],
+            "threshold": s["threshold"],
+            "n_rejected": s["n_rejected"],
+        }
+        for name, s in rep["spaces"].items()
+    }
+    mi = {
+        k: {"auroc": v["auroc"], "ci95": v["ci95"]}
+        for k, v in rep["membership_inference"].items()
+        if isinstance(v, dict)
+    }
+    return {
+        "wall_s": wall,
+        "n_synthetic": rep["n_synthetic"],
+        "memorisation_rate": rep["memorisation_rate"],
+        "memorisation_ci95": rep.get("ci95", {}).get("memorisation_rate"),
+        "expected_rate_for_fresh_real_images": rep["expected_rate_for_fresh_real_images"],
+        "reference_hash": rep["reference_hash"],
+        "nearest_neighbour": nn,
+        "membership_inference": mi,
+    }
+
+
+def sample_grid(run: Path, sampler: str, path: Path, n: int, args) -> dict:
+    medivae("sample", run, "--sampler", sampler, "-n", n, "--seed", args.seed, "--out", path)
+    if path.stat().st_size > MAX_GRID_BYTES:
+        print(f"warning: {path} is {path.stat().st_size // 1000} KB; use --grid 16 for the README", flush=True)
+    return {"file": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path), "bytes": path.stat().st_size}
+
+
+def one_reference(rows: dict, name: str) -> str:
+    """The reference-extractor hash every row (evaluate and synthesize) used; stops the script if two differ."""
+    seen = {f"{r} {tool}": rows[r][tool]["reference_hash"] for r in rows for tool in ("evaluate", "synthesize")}
+    if len(set(seen.values())) != 1:
+        raise SystemExit(
+            f"{name}: the rows were measured with different reference extractors, so their "
+            f"FD / precision / recall do not compare: {json.dumps(seen, indent=2)}"
+        )
+    return next(iter(seen.values()))
+
+
+def run_dataset(name: str, source: str, epochs: int, args) -> dict:
+    runs = {"normal": args.work / f"{name}_normal", "vamp": args.work / f"{name}_vamp"}
+    priors = {"normal": [], "vamp": ["--prior", "vamp", "--pseudo-inputs", args.pseudo_inputs]}
+    train_s = {k: train(runs[k], source, epochs, priors[k], args) for k in runs}
+    fit_s = {s: medivae("fit-sampler", runs["normal"], "--sampler", s) for s in ("gmm", "flow")}
+    fitted = json.loads((runs["normal"] / "results.json").read_text())["samplers"]
+    rows = {}
+    for row, (which, sampler) in ROWS.items():
+        rows[row] = {
+            "run": str(runs[which]),
+            "sampler": sampler,
+            "evaluate": evaluate_row(runs[which], sampler, args),
+            "synthesize": synthesize_row(runs[which], sampler, args.work / "synth" / f"{name}_{row}", args),
+            "grid": sample_grid(runs[which], sampler, args.images / f"samplers_{name}_{row}.png", args.grid, args),
+        }
+        print(
+            name,
+            row,
+            json.dumps({k: round(v, 4) for k, v in rows[row]["evaluate"]["model"].items()}),
+            "memorisation",
+            rows[row]["synthesize"]["memorisation_rate"],
+            flush=True,
+        )
+        one_reference(rows, name)  # stop at the first row measured with another extractor
+    return {
+        "source": source,
+        "epochs": epochs,
+        "train_wall_s": train_s,
+        "fit_sampler_wall_s": fit_s,
+        "samplers": {s: {k: v for k, v in fitted[s].items() if k not in ("file",)} for s in ("gmm", "flow")},
+        "reference_hash": one_reference(rows, name),
+        "rows": rows,
+    }
+
+
+def _cell(v, interval, spec: str, scale: float = 1.0) -> str:
+    """``v`` [lo, hi] formatted with ``spec`` ("—" for a missing number or interval)."""
+    if v is None:
+        return "—"
+    if not interval:
+        return f"{v * scale:{spec}}"
+    return f"{v * scale:{spec}} [{interval[0] * scale:{spec}}, {interval[1] * scale:{spec}}]"
+
+
+def markdown(result: dict) -> str:
+    """The README table: data set x sampler (and the real-vs-real floor), FD [95 % CI], P / R / D / C [95 % CI],
+    memorisation % [95 % CI]; then the reference extractor of each data set, the commit and the command."""
+    first = next(iter(next(iter(result["datasets"].values()))["rows"].values()))["evaluate"]
+    lines = [
+        f"| data set | sampler | {first['fd_name']} | precision | recall | density | coverage | memorisation % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for ds, d in result["datasets"].items():
+        for row, r in d["rows"].items():
+            m, c, syn = r["evaluate"]["model"], r["evaluate"]["ci95"], r["synthesize"]
+            cells = [_cell(m["fd"], c["fd"], ".4g")] + [_cell(m[k], c[k], ".3f") for k in METRICS[1:]]
+            cells.append(_cell(syn["memorisation_rate"], syn["memorisation_ci95"], ".1f", 100))
+            lines.append(f"| {ds} | {ROW_NAMES[row]} | " + " | ".join(cells) + " |")
+        ev = next(iter(d["rows"].values()))["evaluate"]  # the floor is the same for every row: real vs real
+        f, c = ev["floor"], ev["ci95"]
+        cells = [_cell(f["fd"], c["floor_fd"], ".4g")] + [_cell(f[k], c[f"floor_{k}"], ".3f") for k in METRICS[1:]]
+        lines.append(f"| {ds} | {ROW_NAMES['floor']} | " + " | ".join(cells) + " | — |")
+    refs = ", ".join(f"{ds}: `{d['reference_hash']}`" for ds, d in result["datasets"].items())
+    e = result["settings"]
+    epochs = ", ".join(f"{ds} {n}" for ds, n in e["epochs"].items())
+    lines.append(
+        f"\n95 % bootstrap intervals in brackets. {first['fd_name']} / precision / recall / density / coverage: "
+        f"{e['n_samples']} generated images against real {first['reference_split']} images, in the feature space "
+        f"of one reference extractor per data set ({refs}, under $MEDIVAE_CACHE/reference); the floor row is real "
+        f"{first['held_out_split']} images against the same. Memorisation: share of {e['n_synth']} samples nearer "
+        "to a training image than the 1st percentile of reconstructed held-out images (`medivae synthesize`). "
+        f"conv_vae, {e['image_size']} px, epochs {epochs}; commit `{result['commit'][:10]}`; "
+        f"`{result['command']}`."
+    )
+    return "\n".join(lines)
+
+
+def parse_pairs(items: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise SystemExit(f"{what} wants NAME=VALUE, not {item!r}")
+        out[name] = value
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", action="append", default=[], help="NAME=SOURCE (repeat for each data set)")
+    p.add_argument("--epochs", action="append", default=[], help="NAME=EPOCHS per data set, or EPOCHS for all")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--pseudo-inputs", type=int, default=100)
+    p.add_argument("--seed", type=int, default=None, help="training seed (default medivae's)")
+    p.add_argument("-k", type=int, default=10, help="IWAE samples of medivae evaluate")
+    p.add_argument("--max-images", type=int, default=1000)
+    p.add_argument("--n-samples", type=int, default=1000, help="generated images for sample quality")
+    p.add_argument("--n-synth", type=int, default=1000, help="samples drawn by medivae synthesize")
+    p.add_argument("--grid", type=int, default=64, choices=(16, 64), help="images per sample grid")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", type=Path, default=Path("/tmp/samplers_compare"))
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "samplers.json")
+    p.add_argument("--images", type=Path, default=ROOT / "docs" / "images")
+    p.add_argument("--markdown", type=Path, help="print the README table of this JSON and exit")
+    args = p.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
+    data = parse_pairs(args.data, "--data")
+    if not data:
+        p.error("give at least one --data NAME=SOURCE")
+    plain = [e for e in args.epochs if "=" not in e]
+    epochs = {n: int(plain[-1]) if plain else 5 for n in data} | {
+        n: int(e) for n, e in parse_pairs([e for e in args.epochs if "=" in e], "--epochs").items()
+    }
+    from medivae.io import atomic_write_text
+    from medivae.seeding import DEFAULT_SEED
+
+    args.seed = DEFAULT_SEED if args.seed is None else args.seed
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.images.mkdir(parents=True, exist_ok=True)
+    result = {
+        "command": " ".join(["python benchmarks/samplers_compare.py", *(argv or sys.argv[1:])]),
+        "commit": git_commit(),
+        "model": "conv_vae",
+        "settings": {
+            k: getattr(args, k)
+            for k in ("image_size", "pseudo_inputs", "seed", "k", "max_images", "n_samples", "n_synth", "grid")
+        }
+        | {"epochs": epochs},
+        "datasets": {},
+    }
+    for name, source in data.items():
+        result["datasets"][name] = run_dataset(name, source, epochs[name], args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
