@@ -33,9 +33,18 @@ def git_commit() -> str:
         return ""
 
 
+def trained_epochs(out: Path) -> int:
+    """Epochs a run's last/ checkpoint holds (0 when there is none)."""
+    state = out / "last" / "state.json"
+    return json.loads(state.read_text())["epoch"] if state.exists() else 0
+
+
 def train(model: str, seed: int, args, out: Path) -> float:
+    """Train (or resume an interrupted run of) one (model, seed); wall seconds of this call."""
     cmd = [sys.executable, "-m", "medivae", "train", "--data", args.data, "--model", model, "--out", str(out),
            "--epochs", str(args.epochs), "--seed", str(seed), "--image-size", str(args.image_size), "--no-progress"]
+    if trained_epochs(out) > 0:
+        cmd.append("--resume")
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
@@ -101,7 +110,8 @@ def main(argv=None) -> int:
         for i in range(args.seeds):
             seed = DEFAULT_SEED + i
             out = args.work / f"{model}_{i}"
-            wall = train(model, seed, args, out) if not (out / "best").exists() else None
+            done = trained_epochs(out) >= args.epochs
+            wall = None if done else train(model, seed, args, out)
             r = {"seed": seed, "wall_s": wall, **measure(out, reference, args.n_samples)}
             result["runs"].setdefault(model, []).append(r)
             print(model, i, {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}, flush=True)

@@ -38,6 +38,9 @@ def test_identical_runs_have_overlapping_intervals_and_p_one(evaluated, tmp_path
         assert a["ci95"][0] <= b["ci95"][1] and b["ci95"][0] <= a["ci95"][1], metric  # overlap
         assert b["vs_first"]["p_value"] == pytest.approx(1.0) and b["vs_first"]["mean_difference"] == 0
     assert rows["parameters"][0]["value"] > 0 and rows["training images/s (median epoch)"][0]["value"] > 0
+    for metric in ("FD (reference features)", "precision", "recall", "density", "coverage"):
+        a, b = rows[metric]  # the intervals evaluate saved (feature rows resampled), identical for twins
+        assert a["ci95"] == b["ci95"] and a["ci95"][0] <= a["value"] <= a["ci95"][1], metric
     html = out.read_text()
     assert html.startswith("<!DOCTYPE html>") and "PSNR (dB)" in html
     assert "src='http" not in html and "href='http" not in html  # self-contained

@@ -47,6 +47,13 @@ def test_evaluate_writes_results_and_keeps_other_keys(run_dir, capsys):
         lo, hi = ev["ci95"][key]
         assert lo <= mean <= hi, key
     assert " [" in table and lik["quantity"] == "-log p(x)" and lik["iwae_ess"]["k"] == 4
+    for key in ("fd", "precision", "recall", "density", "coverage"):  # feature rows resampled
+        for prefix, block in (("", q["model"]), ("floor_", q["floor"])):
+            lo, hi = ev["ci95"][prefix + key]
+            assert lo <= block[key] <= hi, prefix + key
+    fd_line = next(line for line in table.splitlines() if line.strip().startswith("FD-cnn"))
+    assert fd_line.count(" [") == 2  # model and floor each with an interval
+    assert ev["reconstruction"]["foreground"] is None and "psnr_fg_db" not in ev["reconstruction"]
     per = np.load(ev["per_image_file"])
     assert len(per["image_hash"]) == len(per["psnr_db"]) == len(per["neg_elbo"]) == ev["n_images"]
     assert per["psnr_db"].mean() == pytest.approx(ev["reconstruction"]["psnr_db"])
@@ -79,6 +86,21 @@ def test_table_shows_bits_per_dim_only_for_a_discrete_likelihood(run_dir):
     assert "n/a" in table
 
 
+def test_foreground_psnr_and_ssim_with_intervals(run_dir, capsys):
+    ev = api.evaluate(run_dir, k=2, reference_epochs=1, progress=False, foreground="otsu", bootstrap=100)
+    rec = ev["reconstruction"]
+    assert rec["foreground"] == "otsu" and 0 < rec["fg_fraction"] < 1  # phantoms: a body on black
+    for key in ("psnr_fg_db", "ssim_fg"):
+        lo, hi = ev["ci95"][key]
+        assert lo <= rec[key] <= hi, key
+    per = np.load(ev["per_image_file"])
+    assert per["psnr_fg_db"].shape == per["psnr_db"].shape
+    assert rec["psnr_fg_db"] == pytest.approx(np.nanmean(per["psnr_fg_db"])) != rec["psnr_db"]
+    from medivae.evaluation.table import format_table
+
+    assert "foreground (otsu mask" in format_table(ev)
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -87,6 +109,7 @@ def test_table_shows_bits_per_dim_only_for_a_discrete_likelihood(run_dir):
         (["--data", "/no/such/folder"], "no such file"),
         (["--checkpoint", "middle"], "best or last"),
         (["--inception-weights", "/no/such.pth"], "no such Inception weights file"),
+        (["--foreground", "magic"], "unknown foreground mask"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(run_dir, capsys, extra, message):

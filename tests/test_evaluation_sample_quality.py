@@ -150,3 +150,38 @@ def test_frechet_distance_refuses_a_large_imaginary_square_root(monkeypatch):
     monkeypatch.setattr(sq.linalg, "sqrtm", lambda m: np.eye(3) * (1 + 2j))
     with pytest.raises(ValueError, match="imaginary"):
         sq.frechet_distance(a, b)
+
+
+def test_sample_quality_intervals_contain_the_estimates_and_repeat_with_the_seed():
+    real, fake = _gauss(300, seed=0), _gauss(200, seed=1, shift=0.3)
+    point = sq.compare(real, fake)
+    ci = sq.compare_ci(real, fake, 300, seed=7)
+    assert set(ci) == set(point)
+    for name, (lo, hi) in ci.items():
+        assert lo <= point[name] <= hi and lo < hi, name
+    assert sq.compare_ci(real, fake, 300, seed=7) == ci
+    assert sq.compare_ci(real, fake, 300, seed=8) != ci
+    assert sq.compare_ci(real, fake, 0) == {}
+
+
+def test_per_point_memberships_average_to_the_metrics():
+    real, fake = _gauss(250, seed=2), _gauss(180, seed=3, shift=0.5)
+    point, per = sq.compare(real, fake), sq.per_point(real, fake)
+    assert len(per["precision"]) == len(per["density"]) == 180 and len(per["recall"]) == 250
+    for name, v in per.items():
+        assert v.mean() == pytest.approx(point[name]), name
+
+
+def test_sample_quality_intervals_are_wider_with_fewer_samples():
+    # 4 dimensions and a shift: no metric saturates at 0 or 1 (a saturated one has a zero-width interval)
+    big = sq.compare_ci(_gauss(800, d=4, seed=0), _gauss(800, d=4, seed=1, shift=0.6), 200, seed=0)
+    small = sq.compare_ci(_gauss(80, d=4, seed=0), _gauss(80, d=4, seed=1, shift=0.6), 200, seed=0)
+    for name in big:
+        assert small[name][1] - small[name][0] > big[name][1] - big[name][0], name
+
+
+def test_fd_interval_separates_a_shifted_set_from_a_matching_one():
+    real = _gauss(500, d=4, seed=0)
+    same = sq.compare_ci(real, _gauss(500, d=4, seed=1), 200)["fd"]
+    far = sq.compare_ci(real, _gauss(500, d=4, seed=1, shift=1.0), 200)["fd"]  # true FD 4
+    assert same[1] < far[0] and far[0] < 4.0 < far[1] + 0.5

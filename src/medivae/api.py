@@ -251,14 +251,15 @@ def demo_config(epochs: int = 15, n_images: int = 6000) -> RunConfig:
 def evaluate(run_dir, data: str | None = None, split: str = "test", k: int = 100, batch_size: int = 64,
              max_images: int = 0, n_samples: int = 0, reference_epochs: int = 5,
              inception_weights: str | None = None, checkpoint: str = "best", device: str = "auto",
-             progress: bool = True, sampler: str = "prior", bootstrap: int = 1000) -> dict:
+             progress: bool = True, sampler: str = "prior", bootstrap: int = 1000,
+             foreground: str | None = None) -> dict:
     """Likelihood bounds, reconstruction, posterior collapse and sample quality of a run on one split;
     merged into RUN/results.json under "evaluation" (keys: medivae.workflows.evaluate) and returned."""
     from medivae.workflows.evaluate import EvalOptions, evaluate_run
 
     opts = EvalOptions(split=split, k=k, batch_size=batch_size, max_images=max_images, n_samples=n_samples,
                        reference_epochs=reference_epochs, inception_weights=inception_weights,
-                       checkpoint=checkpoint, sampler=sampler, bootstrap=bootstrap)
+                       checkpoint=checkpoint, sampler=sampler, bootstrap=bootstrap, foreground=foreground)
     with run_lock(run_dir, "medivae evaluate"):
         return evaluate_run(run_dir, data, opts, device=device, progress=progress)
 

@@ -18,6 +18,7 @@ def cmd_evaluate(args) -> int:
         max_images=args.max_images, n_samples=args.n_samples, reference_epochs=args.reference_epochs,
         inception_weights=args.inception_weights, checkpoint=args.checkpoint, device=args.device,
         progress=not args.no_progress, sampler=args.sampler, bootstrap=args.bootstrap,
+        foreground=args.foreground,
     )
     print(format_table(ev))
     print(f"\nwritten to {Path(args.run) / 'results.json'} (key \"evaluation\")")
@@ -50,6 +51,9 @@ def add(sub) -> None:
                    help="latents for sample quality: prior (default), or gmm / flow from medivae fit-sampler")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                    help="bootstrap resamples of the evaluated images for 95%% intervals (default 1000; 0: off)")
+    p.add_argument("--foreground", default=None, metavar="MASK",
+                   help="also PSNR / SSIM over each real image's foreground: otsu (Otsu threshold, holes "
+                        "filled, dilated; default: off)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")

@@ -31,6 +31,11 @@ def _percentiles(stats: np.ndarray, level: float) -> list[float] | None:
     return [float(lo), float(hi)]
 
 
+def percentile_interval(stats, level: float = LEVEL) -> list[float] | None:
+    """[lo, hi]: the central ``level`` percentile interval of bootstrap statistics (non-finite ones dropped)."""
+    return _percentiles(np.asarray(stats, dtype=np.float64), level)
+
+
 def mean_ci(values, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, level: float = LEVEL) -> list[float] | None:
     """[lo, hi] of the mean of per-image ``values`` (N,); None when off (n_boot 0) or fewer than 2 values."""
     v = np.asarray(values, dtype=np.float64)

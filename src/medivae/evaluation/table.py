@@ -40,7 +40,15 @@ def reconstruction_lines(rec: dict, ci: dict | None = None) -> list[str]:
     return ["Reconstruction (posterior mean, per image then averaged; 95% bootstrap intervals)" if ci else
             "Reconstruction (posterior mean, per image then averaged)",
             f"  MSE {rec['mse']:.5f}{_ci(ci.get('mse'), '.5f')}    PSNR {rec['psnr_db']:.2f}{_ci(ci.get('psnr_db'))} dB"
-            f"    SSIM {rec['ssim']:.4f}{_ci(ci.get('ssim'), '.4f')}"]
+            f"    SSIM {rec['ssim']:.4f}{_ci(ci.get('ssim'), '.4f')}", *foreground_lines(rec, ci)]
+
+
+def foreground_lines(rec: dict, ci: dict) -> list[str]:
+    if not rec.get("foreground"):
+        return []
+    return [f"  foreground ({rec['foreground']} mask, {_num(rec.get('fg_fraction'), '.0%')} of pixels): "
+            f"PSNR {_num(rec.get('psnr_fg_db'))}{_ci(ci.get('psnr_fg_db'))} dB    "
+            f"SSIM {_num(rec.get('ssim_fg'), '.4f')}{_ci(ci.get('ssim_fg'), '.4f')}"]
 
 
 def collapse_lines(c: dict) -> list[str]:
@@ -54,24 +62,29 @@ def collapse_lines(c: dict) -> list[str]:
     ]
 
 
-def quality_lines(q: dict, fid: dict | None) -> list[str]:
+def quality_lines(q: dict, fid: dict | None, ci: dict | None = None) -> list[str]:
+    ci = ci or {}
     name = "a classifier" if q["extractor"] == "cnn" else "an autoencoder's encoder"
     ref = q.get("reference_split", "train")
     floor = f"real {q['held_out_split']} vs {ref}"
+    w = 30 if ci.get("fd") else 12  # room for " [lo, hi]"
     lines = [
         f"Sample quality: features from {name} trained on real training images",
-        f"  ({q['n_generated']} prior samples and {q['n_held_out']} real {q['held_out_split']} images, "
-        f"each against {q['n_reference']} real {ref} images)",
-        f"  {'':<22}{'model':>12}{floor:>24}",
+        f"  ({q['n_generated']} {q.get('sampler', 'prior')} samples and {q['n_held_out']} real "
+        f"{q['held_out_split']} images, each against {q['n_reference']} real {ref} images"
+        + ("; 95% bootstrap intervals)" if ci.get("fd") else ")"),
+        f"  {'':<22}{'model':>{w}}{floor:>{w + 12}}",
     ]
     rows = [(q["fd_name"], "fd"), ("precision (k=3)", "precision"), ("recall (k=3)", "recall"),
             ("density (k=5)", "density"), ("coverage (k=5)", "coverage")]
     for label, key in rows:
         fmt = ".4g" if key == "fd" else ".3f"
-        lines.append(f"  {label:<22}{_num(q['model'][key], fmt):>12}{_num(q['floor'][key], fmt):>24}")
+        model = _num(q["model"][key], fmt) + _ci(ci.get(key), fmt)
+        floor_ = _num(q["floor"][key], fmt) + _ci(ci.get(f"floor_{key}"), fmt)
+        lines.append(f"  {label:<22}{model:>{w}}{floor_:>{w + 12}}")
     if fid:
         model, floor_ = _num(fid["model"], ".4g"), _num(fid["floor"], ".4g")
-        lines.append(f"  {'FID (Inception)':<22}{model:>12}{floor_:>24}")
+        lines.append(f"  {'FID (Inception)':<22}{model:>{w}}{floor_:>{w + 12}}")
     return lines
 
 
@@ -87,6 +100,6 @@ def format_table(ev: dict) -> str:
     if ev.get("collapse") is not None:
         parts.append(collapse_lines(ev["collapse"]))
     if ev.get("sample_quality") is not None:
-        parts.append(quality_lines(ev["sample_quality"], ev.get("fid")))
+        parts.append(quality_lines(ev["sample_quality"], ev.get("fid"), ci))
     parts += [[f"{key.replace('_', ' ')}: not measured ({why})"] for key, why in absent.items()]
     return "\n\n".join("\n".join(p) for p in parts)

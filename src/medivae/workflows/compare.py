@@ -3,8 +3,9 @@
 Reads what ``medivae evaluate`` saved (results.json["evaluation"], RUN/eval_per_image.npz), the anomaly
 block when present, and metrics.jsonl; computes nothing with a model. Per-image metrics get a 95 %
 percentile-bootstrap interval and, against the first run, a paired bootstrap p-value over the test
-images both runs scored (matched by content hash). Runs evaluated on other data or another split are
-refused unless ``force``.
+images both runs scored (matched by content hash). FD / precision / recall / density / coverage show
+the intervals evaluate saved (no p-value: their samples are not paired images). Runs evaluated on
+other data or another split are refused unless ``force``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ ROWS = [
     ("PSNR (dB)", "psnr_db", ("reconstruction", "psnr_db")),
     ("SSIM", "ssim", ("reconstruction", "ssim")),
     ("MSE", "mse", ("reconstruction", "mse")),
+    ("PSNR, foreground (dB)", "psnr_fg_db", ("reconstruction", "psnr_fg_db")),
+    ("SSIM, foreground", "ssim_fg", ("reconstruction", "ssim_fg")),
     ("FD (reference features)", None, ("sample_quality", "model", "fd")),
     ("precision", None, ("sample_quality", "model", "precision")),
     ("recall", None, ("sample_quality", "model", "recall")),
@@ -121,6 +124,8 @@ def compare_runs(runs: list, force: bool = False, n_boot: int = 1000, seed: int 
                 cell["ci95"] = mean_ci(o["per"][key], n_boot, seed)
                 if o is not opened[0]:
                     cell["vs_first"] = _paired(opened[0], o, key, n_boot, seed)
+            elif path[0] == "sample_quality" and v is not None:  # evaluate resampled the feature rows
+                cell["ci95"] = (o["ev"].get("ci95") or {}).get(path[-1])
             values.append(cell)
         if any(c["value"] is not None for c in values):
             rows.append({"metric": label, "values": values})

@@ -12,7 +12,9 @@ are per image; ``null`` where a number would be dishonest):
       likelihood: {likelihood, discrete_image_likelihood, iwae_k, neg_elbo_nats, neg_iwae_nats,
                    neg_iwae_nats_by_k {"1": .., "10": .., "100": ..}, neg_elbo_bpd, neg_iwae_bpd
                    (null unless discrete_image_likelihood), note, n_images}
-      reconstruction: {mse, psnr_db, ssim, n_images}          (posterior mean, per image then averaged)
+      reconstruction: {mse, psnr_db, ssim, n_images, foreground (null or "otsu")[, psnr_fg_db, ssim_fg,
+                       fg_fraction]}   (posterior mean, per image then averaged; *_fg over the real
+                       image's foreground mask, averaged over images whose mask is not empty)
       collapse: {latent_dim, kl_per_dim [..], kl_total_nats, active_units, active_threshold,
                  mean_variance_per_dim [..], mutual_information_nats, mi_upper_bound_nats}
       sample_quality: {sampler ("prior"/"gmm"/"flow"), extractor ("cnn"/"ae"), fd_name ("FD-cnn"/"FD-ae"),
@@ -21,7 +23,9 @@ are per image; ``null`` where a number would be dishonest):
                        model: {fd, precision, recall, density, coverage},   generated vs real reference
                        floor: {fd, precision, recall, density, coverage}}   real held-out vs real reference
                        (the reference is another held-out split, val when test is evaluated)
-      ci95: {neg_elbo_nats, neg_iwae_nats, mse, psnr_db, ssim: [lo, hi]}  95 % bootstrap of the means
+      ci95: {neg_elbo_nats, neg_iwae_nats, mse, psnr_db, ssim[, psnr_fg_db, ssim_fg]: [lo, hi]}  95 % bootstrap
+            of the means over images; {fd, precision, recall, density, coverage, floor_fd, floor_precision, ...:
+            [lo, hi]} real and generated feature rows resampled (evaluation.sample_quality.compare_ci)
       per_image_file: RUN/eval_per_image.npz (each metric per image, with image_hash)
       fid: null | {weights, model, floor}                      (only with --inception-weights)
 """
@@ -44,7 +48,7 @@ from medivae.evaluation.bootstrap import mean_ci
 from medivae.evaluation.collapse import collapse_metrics
 from medivae.evaluation.features import load_or_fit_reference
 from medivae.evaluation.likelihood import likelihood_bounds
-from medivae.evaluation.reconstruction import per_image_metrics
+from medivae.evaluation.reconstruction import FOREGROUND_MASKS, mean_over_images, per_image_metrics
 from medivae.generate import reconstruct, sample_images
 from medivae.io import atomic_write_bytes
 from medivae.models.family import MISSING, has, labels_for
@@ -67,6 +71,7 @@ class EvalOptions:
     checkpoint: str = "best"
     sampler: str = "prior"  # or a post-hoc latent sampler of the run (medivae fit-sampler): gmm, flow
     bootstrap: int = 1000  # resamples of the evaluated images for 95 % intervals; 0: none
+    foreground: str | None = None  # "otsu": PSNR / SSIM also over the real images' foreground
 
     def __post_init__(self):
         for name in ("k", "batch_size", "reference_epochs"):
@@ -79,6 +84,9 @@ class EvalOptions:
             raise UserError(f"unknown split {self.split!r}; choose train, val or test")
         if self.checkpoint not in ("best", "last"):
             raise UserError(f"checkpoint must be best or last, not {self.checkpoint!r}")
+        if self.foreground not in (None, *FOREGROUND_MASKS):
+            raise UserError(f"unknown foreground mask {self.foreground!r}; choose {', '.join(FOREGROUND_MASKS)} "
+                            "or leave --foreground out")
 
 
 def _batches(s: ImageSet, model, batch_size: int, device, desc: str, progress: bool):
@@ -94,9 +102,10 @@ def _subset(s: ImageSet, n: int, seed: int, key: str) -> ImageSet:
 
 
 @torch.no_grad()
-def posterior_and_reconstruction(model, s: ImageSet, batch_size, device, progress=False):
+def posterior_and_reconstruction(model, s: ImageSet, batch_size, device, progress=False, foreground=None):
     """(posterior means (N, D), log-variances (N, D), reconstruction metrics per image) of split ``s``;
-    the posterior arrays are None unless the family has a Gaussian latent."""
+    the posterior arrays are None unless the family has a Gaussian latent. ``foreground``: also PSNR /
+    SSIM over each real image's foreground mask (evaluation.reconstruction.foreground_mask)."""
     gaussian = has(model, "gaussian_latent")
     means, logvars, per = [], [], []
     for x, y in _batches(s, model, batch_size, device, "posterior", progress):
@@ -105,7 +114,7 @@ def posterior_and_reconstruction(model, s: ImageSet, batch_size, device, progres
             means.append(q.mean.double().cpu().numpy())
             logvars.append(q.logvar.double().cpu().numpy())
         recon = reconstruct(model, x, y, precision="fp32")  # metrics in exact fp32, not the fast bf16 path
-        per.append(per_image_metrics(x.cpu().numpy(), recon.numpy()))
+        per.append(per_image_metrics(x.cpu().numpy(), recon.numpy(), foreground))
     rec = {k: np.concatenate([p[k] for p in per]) for k in per[0]}
     if not gaussian:
         return None, None, rec
@@ -161,7 +170,8 @@ def reference_root() -> Path:
 
 def sample_quality_block(model, cfg, data_cfg, splits, held_out: ImageSet, opts, run_dir, device, progress,
                          latent_sampler=None):
-    """(the sample_quality block, (real reference subset, generated images)) for the optional FID.
+    """(the sample_quality block, its 95 % bootstrap intervals {fd, ..., floor_fd, ...}, (real reference
+    subset, generated images)) for the optional FID.
     ``latent_sampler``: the post-hoc sampler named by ``opts.sampler`` (None: the family's prior)."""
     seed = cfg.train.seed
     ref = load_or_fit_reference(reference_root(), splits["train"],
@@ -177,9 +187,12 @@ def sample_quality_block(model, cfg, data_cfg, splits, held_out: ImageSet, opts,
         "reference_hash": ref.folder.name,
         "n_generated": n_gen, "n_reference": len(real), "n_held_out": len(held_out),
         "held_out_split": opts.split, "reference_split": ref_split,
-        **sq.with_floor(ref.features(real.images), ref.features(fake), ref.features(held_out.images)),
     }
-    return block, (real, fake)
+    f_real, f_fake, f_held = ref.features(real.images), ref.features(fake), ref.features(held_out.images)
+    block.update(sq.with_floor(f_real, f_fake, f_held))
+    ci = {**sq.compare_ci(f_real, f_fake, opts.bootstrap, seed),
+          **{f"floor_{k}": v for k, v in sq.compare_ci(f_real, f_held, opts.bootstrap, seed).items()}}
+    return block, ci, (real, fake)
 
 
 def fid_block(net, weights: str, real: ImageSet, fake: torch.Tensor, held_out: ImageSet, device) -> dict:
@@ -222,13 +235,15 @@ def evaluate_run(run_dir, data: str | None = None, opts: EvalOptions | None = No
     if has(model, "likelihood"):
         batches = _batches(s, model, opts.batch_size, dev, f"IWAE K={opts.k}", progress)
         lik = timed("likelihood", likelihood_bounds, model, batches, opts.k, torch_generator(seed, "evaluate-iwae"))
-    mean, logvar, rec = timed("posterior", posterior_and_reconstruction, model, s, opts.batch_size, dev)
+    mean, logvar, rec = timed("posterior", posterior_and_reconstruction, model, s, opts.batch_size, dev, False,
+                              opts.foreground)
     if mean is not None:
         collapse = timed("collapse", collapse_metrics, mean, logvar, torch_generator(seed, "evaluate-mi"))
     per_image = {**(lik.pop("per_image") if lik else {}), **rec}
+    quality_ci = {}
     if has(model, "sample"):
-        quality, (real, fake) = timed("sample_quality", sample_quality_block, model, cfg, data_cfg, splits, s,
-                                      opts, run_dir, dev, progress, latent)
+        quality, quality_ci, (real, fake) = timed("sample_quality", sample_quality_block, model, cfg, data_cfg,
+                                                  splits, s, opts, run_dir, dev, progress, latent)
         if inception is not None:
             fid = timed("fid", fid_block, inception, opts.inception_weights, real, fake, s, dev)
     result = {
@@ -239,11 +254,11 @@ def evaluate_run(run_dir, data: str | None = None, opts: EvalOptions | None = No
                   "channels": m.channels, "capabilities": sorted(model.capabilities),
                   "parameters": sum(p.numel() for p in model.parameters())},
         "likelihood": lik,
-        "reconstruction": {**{k: float(v.mean()) for k, v in rec.items()}, "n_images": len(s)},
+        "reconstruction": {**mean_over_images(rec), "n_images": len(s), "foreground": opts.foreground},
         "collapse": collapse,
         "sample_quality": quality,
         "fid": fid,
-        "ci95": intervals(per_image, opts.bootstrap, seed),
+        "ci95": {**intervals(per_image, opts.bootstrap, seed), **quality_ci},
         "per_image_file": str(save_per_image(run_dir, s, per_image)),
         "absent": absent_sections(model),
         "seconds": timed.total(),
