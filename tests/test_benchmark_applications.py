@@ -48,7 +48,7 @@ def test_applications_end_to_end_on_phantoms(tmp_path):
     ]
     _script("applications.py", *args)
     r = json.loads(out.read_text())
-    assert len(r["commit"]) == 40 and len(r["executed"]) == 6  # fit, score, train, synthesize, utility
+    assert len(r["commit"]) == 40 and len(r["executed"]) == 5  # fit, score, train, synthesize, utility
     assert r["commands"]["anomaly_fit"].startswith("medivae anomaly fit --data phantoms:300 --normal-label normal")
     an = r["anomaly"]
     assert an["default_score"] in an["scores"]
