@@ -94,6 +94,25 @@ def trained_epochs(out: Path) -> int:
     return json.loads(state.read_text())["epoch"] if state.exists() else 0
 
 
+def run_settings(run_dir: Path) -> dict:
+    """What trained a run (its config.json): a finished run is reused, so the JSON says what made it."""
+    c = json.loads((run_dir / "config.json").read_text())
+    m, t, d = c["model"], c["train"], c["data"]
+    return {
+        "source": d["source"],
+        "labels": d["labels"],
+        "model": m["name"],
+        "image_size": m["image_size"],
+        "latent_dim": m["latent_dim"],
+        "likelihood": m["likelihood"],
+        "beta": m["beta"],
+        "epochs": t["epochs"],
+        "epochs_trained": trained_epochs(run_dir),
+        "batch_size": t["batch_size"],
+        "seed": t["seed"],
+    }
+
+
 def flag(flags: list[str], name: str) -> str:
     return flags[flags.index(name) + 1]
 
@@ -288,6 +307,7 @@ def collect(args, cmds: dict, executed: list[dict], anomaly_flags, cvae_flags) -
         "bootstrap": args.bootstrap,
         "command": " ".join(["python benchmarks/applications.py", *sys.argv[1:]]),
         "commands": shown,
+        "run_settings": {"anomaly": run_settings(r / "anomaly"), "cvae": run_settings(r / "cvae")},
         "executed": executed or "every run existed; nothing was rerun",
         "anomaly_flags": anomaly_flags,
         "cvae_flags": cvae_flags,

@@ -46,6 +46,25 @@ def trained_epochs(out: Path) -> int:
     return json.loads(state.read_text())["epoch"] if state.exists() else 0
 
 
+def run_settings(run_dir: Path) -> dict:
+    """What trained a run (its config.json): a finished run is reused, so the JSON says what made it."""
+    c = json.loads((run_dir / "config.json").read_text())
+    m, t, d = c["model"], c["train"], c["data"]
+    return {
+        "source": d["source"],
+        "labels": d["labels"],
+        "model": m["name"],
+        "image_size": m["image_size"],
+        "latent_dim": m["latent_dim"],
+        "likelihood": m["likelihood"],
+        "beta": m["beta"],
+        "epochs": t["epochs"],
+        "epochs_trained": trained_epochs(run_dir),
+        "batch_size": t["batch_size"],
+        "seed": t["seed"],
+    }
+
+
 def medivae(*argv) -> dict:
     """Run one medivae command in a fresh process; {"command", "seconds"}."""
     argv = [str(a) for a in argv]
@@ -152,6 +171,7 @@ def main(argv=None) -> int:
             **{f"evaluate {m}": "medivae " + " ".join(evaluate_cmd(args, m)) for m in MODELS},
             "compare": "medivae " + " ".join([*compare, "--out", str(args.html)]),
         },
+        "run_settings": {m: run_settings(args.runs / m) for m in MODELS},
         "executed": executed or "every run was trained and evaluated before; nothing was rerun",
         "files": {"markdown": str(args.md), "html": str(args.html)},
         "compare": cmp,

@@ -50,6 +50,7 @@ def test_applications_end_to_end_on_phantoms(tmp_path):
     r = json.loads(out.read_text())
     assert len(r["commit"]) == 40 and len(r["executed"]) == 5  # fit, score, train, synthesize, utility
     assert r["commands"]["anomaly_fit"].startswith("medivae anomaly fit --data phantoms:300 --normal-label normal")
+    assert r["run_settings"]["cvae"]["model"] == "cvae" and r["run_settings"]["anomaly"]["labels"] == ["normal"]
     an = r["anomaly"]
     assert an["default_score"] in an["scores"]
     assert {"png_size", "mean_intensity", "intensity_std"} <= set(an["trivial_baselines"])
@@ -93,6 +94,9 @@ def test_compare_families_end_to_end_on_phantoms(tmp_path):
     _script("compare_families.py", *args)
     r = json.loads(out.read_text())
     assert r["compare"]["models"] == ["conv_vae", "beta_vae", "cvae"] and len(r["executed"]) == 6
+    settings = r["run_settings"]
+    assert [s["model"] for s in settings.values()] == ["conv_vae", "beta_vae", "cvae"]
+    assert len({(s["source"], tuple(s["labels"]), s["seed"]) for s in settings.values()}) == 1  # one split
     rows = {row["metric"]: row["values"] for row in r["compare"]["rows"]}
     for metric in ("PSNR (dB)", "FD (reference features)", "precision", "recall"):
         assert all(_inside(c) for c in rows[metric]), metric
