@@ -127,6 +127,14 @@ def markdown(result: dict) -> str:
         b = next(iter(seeds.values()))["trivial_baselines"][n]
         lines.append(f"| baseline: {n} ({b['direction']} = anomalous; no model) | {m['auroc'][0]:.3f} | "
                      f"{union([b['ci95']['auroc']])} | {m['auprc'][0]:.3f} | |")
+    checks = [c for c in sm.get("validation_check", {}).values() if c]
+    if checks:
+        lines += ["", f"Labelled validation anomalies ({checks[0]['n_normal']} normal, {checks[0]['n_anomalous']} "
+                  "anomalous; a check, not used for any choice), AUROC mean [min, max] over seeds:", "",
+                  "| score | validation AUROC |", "|---|---|"]
+        for n in sorted(checks[0]["auroc"], key=lambda n: -np.mean([c["auroc"][n] for c in checks])):
+            v = [c["auroc"][n] for c in checks]
+            lines.append(f"| {n} | {fmt([np.mean(v), np.min(v), np.max(v)])} |")
     return "\n".join(lines)
 
 
