@@ -66,12 +66,17 @@ def label_code(names: tuple[str, ...] | list[str], label: str) -> int | None:
     return None
 
 
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A CPU tensor over ``array`` without a copy when torch can wrap it; a read-only memmap (the decoded
+    cache) is copied, since torch cannot wrap read-only memory (and warns the user if asked to)."""
+    a = np.ascontiguousarray(array)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
 def to_float(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 (B, C, H, W) -> float32 in [0, 1] on ``device``. The only place bytes become floats."""
     if isinstance(images, np.ndarray):
-        a = np.asarray(images)
-        # a read-only memmap (the decoded cache): copy the batch, since torch cannot wrap read-only memory
-        t = torch.as_tensor(a if a.flags.writeable else np.array(a))
+        t = as_tensor(images)
     else:
         t = images
     return t.to(device=device, non_blocking=True).float().div_(255.0)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from medivae.data.imageset import to_float
+from medivae.data.imageset import as_tensor, to_float
 from medivae.errors import UserError
 from medivae.seeding import torch_generator
 
@@ -80,7 +80,7 @@ def fit_classifier(
     weight = torch.tensor(balanced, dtype=torch.float32, device=device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
-    x_all, y_all = torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels)
+    x_all, y_all = as_tensor(images), as_tensor(labels)
     for epoch in tqdm(range(epochs), desc="reference classifier", disable=not progress, leave=False):
         model.train()
         order = torch.randperm(len(x_all), generator=torch_generator(seed, "classifier", epoch))

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from medivae.data.imageset import ImageSet, to_float
+from medivae.data.imageset import ImageSet, as_tensor, to_float
 from medivae.errors import UserError
 from medivae.evaluation import classifier as clf
 from medivae.io import atomic_write_text
@@ -67,7 +67,7 @@ def fit_autoencoder(
     torch.manual_seed(seed)
     model = SmallAE(AEConfig(images.shape[1], images.shape[-1], width)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    x_all = torch.from_numpy(np.ascontiguousarray(images))
+    x_all = as_tensor(images)
     for epoch in tqdm(range(epochs), desc="reference autoencoder", disable=not progress, leave=False):
         model.train()
         order = torch.randperm(len(x_all), generator=torch_generator(seed, "reference-ae", epoch))
