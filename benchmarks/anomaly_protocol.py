@@ -127,6 +127,25 @@ def markdown(result: dict) -> str:
         b = next(iter(seeds.values()))["trivial_baselines"][n]
         lines.append(f"| baseline: {n} ({b['direction']} = anomalous; no model) | {m['auroc'][0]:.3f} | "
                      f"{union([b['ci95']['auroc']])} | {m['auprc'][0]:.3f} | |")
+    loc = [s["localisation"] for s in seeds.values()]
+    for where, maps_key, base_key in (("phantom lesions (known masks)", ("phantoms", "maps"), ("phantoms", "baseline")),
+                                      ("foreign-patch anomalies of validation normals", ("synthetic",),
+                                       ("synthetic_baseline",))):
+        def dig(d, keys):
+            for k_ in keys:
+                d = (d or {}).get(k_)
+            return d or {}
+        per_seed = [dig(lc, maps_key) for lc in loc]
+        if not per_seed[0]:
+            continue
+        lines += ["", f"Pixel-level localisation on {where}, mean over seeds:", "",
+                  "| map | pixel AUROC | pixel AUPRC | best Dice |", "|---|---|---|---|"]
+        rows = [(n, [m[n] for m in per_seed]) for n in per_seed[0]]
+        rows += [(f"baseline: blurred residual, {n} (σ {b[0]['sigma']})", b)
+                 for n, b in ((n, [dig(lc, base_key)[n] for lc in loc]) for n in dig(loc[0], base_key))]
+        for n, ms in rows:
+            lines.append(f"| {n} | " + " | ".join(f"{np.mean([m[k_] for m in ms]):.3f}"
+                                                   for k_ in ("auroc", "auprc", "best_dice")) + " |")
     checks = [c for c in sm.get("validation_check", {}).values() if c]
     if checks:
         lines += ["", f"Labelled validation anomalies ({checks[0]['n_normal']} normal, {checks[0]['n_anomalous']} "
