@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -43,6 +44,7 @@ def train(model: str, seed: int, args, out: Path) -> float:
     """Train (or resume an interrupted run of) one (model, seed); wall seconds of this call."""
     cmd = [sys.executable, "-m", "medivae", "train", "--data", args.data, "--model", model, "--out", str(out),
            "--epochs", str(args.epochs), "--seed", str(seed), "--image-size", str(args.image_size), "--no-progress"]
+    cmd += shlex.split(dict(args.train_args).get(model, ""))
     if trained_epochs(out) > 0:
         cmd.append("--resume")
     start = time.perf_counter()
@@ -87,6 +89,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--n-samples", type=int, default=1000)
+    p.add_argument("--train-args", action="append", default=[], metavar="MODEL=ARGS",
+                   type=lambda v: tuple(v.split("=", 1)),
+                   help='extra "medivae train" arguments of one model, e.g. vq_vae="--model-arg prior_epochs=3"')
     p.add_argument("--work", type=Path, default=Path("/tmp/vae_gan_compare"))
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "vae_gan.json")
     p.add_argument("--images", type=Path, default=ROOT / "docs" / "images")
