@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from medivae import api
@@ -64,3 +65,18 @@ def test_a_run_without_evaluation_is_refused(evaluated, tmp_path, capsys):
     (bare / "results.json").write_text(json.dumps({}))
     assert main(["compare", str(evaluated), str(bare)]) == 2
     assert "medivae evaluate" in capsys.readouterr().err
+
+
+def test_a_zero_bootstrap_p_is_shown_as_a_bound():
+    """No resample crossing 0 gives p = 0, which only says p < 2 / n_boot; the table must not print p=0."""
+    from medivae.evaluation.bootstrap import paired_difference
+    from medivae.report.compare import cell_text
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(1.0, 0.1, 500)
+    d = paired_difference(a, a - 1.0, n_boot=500)
+    assert d["p_value"] == 0 and d["n_boot"] == 500
+    text = cell_text({"value": 1.0, "vs_first": d})
+    assert "p<0.004" in text and "p=0" not in text
+    same = paired_difference(a, a + rng.normal(0, 0.1, 500), n_boot=500)
+    assert "p=" in cell_text({"value": 1.0, "vs_first": same})

@@ -112,8 +112,9 @@ def statistic_ci(fn: Callable[..., float | None], *arrays, n_boot: int = DEFAULT
 
 def paired_difference(a, b, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0,
                       level: float = LEVEL) -> dict | None:
-    """Paired bootstrap of mean(a - b) over the same images (N,): {"mean_difference", "ci95", "p_value"},
-    p two-sided (twice the smaller tail of the resampled differences around 0, at most 1)."""
+    """Paired bootstrap of mean(a - b) over the same images (N,): {"mean_difference", "ci95", "p_value",
+    "n_boot"}, p two-sided (twice the smaller tail of the resampled differences around 0, at most 1; 0 means
+    below 2 / n_boot, the resolution of n_boot resamples)."""
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     d = d[np.isfinite(d)]
     if n_boot < 1 or len(d) < 2:
@@ -121,7 +122,8 @@ def paired_difference(a, b, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0,
     rng = numpy_rng(seed, "bootstrap")
     stats = np.concatenate([d[_indices(rng, len(d), c)].mean(1) for c in _chunks(n_boot)])
     p = min(1.0, 2.0 * min((stats <= 0).mean(), (stats >= 0).mean()))
-    return {"mean_difference": float(d.mean()), "ci95": _percentiles(stats, level), "p_value": float(p)}
+    return {"mean_difference": float(d.mean()), "ci95": _percentiles(stats, level), "p_value": float(p),
+            "n_boot": int(n_boot)}
 
 
 def fmt_ci(ci, digits: int = 3) -> str:

@@ -21,8 +21,15 @@ def cell_text(c: dict) -> str:
         out += f" [{_num(c['ci95'][0])}, {_num(c['ci95'][1])}]"
     d = c.get("vs_first")
     if d:
-        out += f" (Δ {d['mean_difference']:+.4g}, p={d['p_value']:.3g})"
+        out += f" (Δ {d['mean_difference']:+.4g}, {p_text(d)})"
     return out
+
+
+def p_text(d: dict) -> str:
+    """"p=0.03", or "p<0.002" when no resample crossed 0: a bootstrap p of 0 only says p < 2 / n_boot."""
+    if d["p_value"] == 0 and d.get("n_boot"):
+        return f"p<{2 / d['n_boot']:.2g}"
+    return f"p={d['p_value']:.3g}"
 
 
 def _header(cmp: dict) -> list[str]:
