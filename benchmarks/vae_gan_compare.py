@@ -56,6 +56,7 @@ def measure(run_dir: Path, reference, n_samples: int) -> dict:
     import torch
 
     from medivae.evaluation import sample_quality as sq
+    from medivae.evaluation.bootstrap import mean_ci
     from medivae.evaluation.reconstruction import per_image_metrics
     from medivae.evaluation.sharpness import hf_power_ratio, sharpness_ratio
     from medivae.results import read_metrics
@@ -72,6 +73,7 @@ def measure(run_dir: Path, reference, n_samples: int) -> dict:
     rows = read_metrics(run_dir)
     return {
         "psnr_db": float(rec["psnr_db"].mean()), "ssim": float(rec["ssim"].mean()),
+        "psnr_db_ci95": mean_ci(rec["psnr_db"]), "ssim_ci95": mean_ci(rec["ssim"]),
         **sq.compare(reference.features(real), reference.features(fake)),
         "sharpness_ratio": sharpness_ratio(fake, test.images),
         "hf_power_ratio": hf_power_ratio(fake, test.images),
