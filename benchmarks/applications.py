@@ -34,83 +34,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from common import git_commit, run_settings, trained_epochs  # noqa: E402  (benchmarks/ is on sys.path)
 
 # the README's settings; --tiny replaces them for a smoke run on phantoms
-ANOMALY_FLAGS = [
-    "--image-size",
-    "64",
-    "--likelihood",
-    "gaussian",
-    "--epochs",
-    "40",
-    "--batch-size",
-    "64",
-    "--threads",
-    "1",
-]
 CVAE_FLAGS = ["--image-size", "32", "--epochs", "30", "--batch-size", "64", "--threads", "1"]
-TINY_ANOMALY = [
-    "--image-size",
-    "32",
-    "--likelihood",
-    "gaussian",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "32",
-    "--latent-dim",
-    "4",
-    "--base-width",
-    "8",
-    "--threads",
-    "1",
-]
-TINY_CVAE = [
-    "--image-size",
-    "32",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "32",
-    "--latent-dim",
-    "4",
-    "--base-width",
-    "8",
-    "--threads",
-    "1",
-]
+ANOMALY_FLAGS = ["--image-size", "64", "--likelihood", "gaussian", "--epochs", "40", "--batch-size", "64",
+                 "--threads", "1"]
+TINY_CVAE = ["--image-size", "32", "--epochs", "1", "--batch-size", "32", "--latent-dim", "4", "--base-width", "8",
+             "--threads", "1"]
+TINY_ANOMALY = ["--likelihood", "gaussian", *TINY_CVAE]
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return ""
 
-
-def trained_epochs(out: Path) -> int:
-    """Epochs a run's last/ checkpoint holds (0 when there is none)."""
-    state = out / "last" / "state.json"
-    return json.loads(state.read_text())["epoch"] if state.exists() else 0
-
-
-def run_settings(run_dir: Path) -> dict:
-    """What trained a run (its config.json): a finished run is reused, so the JSON says what made it."""
-    c = json.loads((run_dir / "config.json").read_text())
-    m, t, d = c["model"], c["train"], c["data"]
-    return {
-        "source": d["source"],
-        "labels": d["labels"],
-        "model": m["name"],
-        "image_size": m["image_size"],
-        "latent_dim": m["latent_dim"],
-        "likelihood": m["likelihood"],
-        "beta": m["beta"],
-        "epochs": t["epochs"],
-        "epochs_trained": trained_epochs(run_dir),
-        "batch_size": t["batch_size"],
-        "seed": t["seed"],
-    }
 
 
 def flag(flags: list[str], name: str) -> str:

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+from common import git_commit, trained_epochs  # noqa: E402  (benchmarks/ is on sys.path)
+
 # row -> (which run, --sampler): the post-hoc samplers are fitted on the N(0, I) run
 ROWS = {"prior": ("normal", "prior"), "gmm": ("normal", "gmm"), "flow": ("normal", "flow"), "vamp": ("vamp", "prior")}
 ROW_NAMES = {
@@ -47,12 +49,6 @@ MAX_GRID_BYTES = 100_000  # README pictures stay small
 METRICS = ("fd", "precision", "recall", "density", "coverage")
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return ""
-
 
 def medivae(*args) -> float:
     """Run one ``medivae`` command (printed first); its wall seconds."""
@@ -64,11 +60,6 @@ def medivae(*args) -> float:
         raise SystemExit(f"medivae {args[0]} exited with {code} (its message is above); rerun to resume")
     return round(time.perf_counter() - start, 1)
 
-
-def trained_epochs(out: Path) -> int:
-    """Epochs a run's last/ checkpoint holds (0 when there is none)."""
-    state = out / "last" / "state.json"
-    return json.loads(state.read_text())["epoch"] if state.exists() else 0
 
 
 def train(out: Path, source: str, epochs: int, prior: list[str], args) -> float | None:

@@ -25,19 +25,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return ""
-
-
-def trained_epochs(out: Path) -> int:
-    """Epochs a run's last/ checkpoint holds (0 when there is none)."""
-    state = out / "last" / "state.json"
-    return json.loads(state.read_text())["epoch"] if state.exists() else 0
+from common import git_commit, trained_epochs  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def train(model: str, seed: int, args, out: Path) -> float:
