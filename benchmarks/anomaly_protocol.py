@@ -196,7 +196,7 @@ def main(argv=None) -> int:
                                                 "definition": f"mean over seeds of the default score {d!r}"}
     summary["validation_check"] = {s_: val_check(args.runs / f"seed{s_}", args.data, args.normal_label, s_)
                                    for s_ in args.seeds}
-    result = {"data": args.data, "normal_label": args.normal_label, "commit": git_commit(),
+    result = {"data": args.data, "normal_label": args.normal_label, "commit": git_commit(), "runs": str(args.runs),
               "commands": [" ".join(c) for c in commands] or "runs existed; see README for the commands",
               "fit_args": extra, "seeds": seeds, "summary": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)

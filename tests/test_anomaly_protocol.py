@@ -126,6 +126,8 @@ def test_the_default_does_not_change_when_test_labels_change(scored_run):
     a, sa = _protocol(scored_run, False)
     b, sb = _protocol(scored_run, True)
     assert a["default"] == b["default"] and a["val_auroc"] == b["val_auroc"]
+    assert a["val_normal_stats"] == b["val_normal_stats"] and set(a["val_auroc"]) <= set(a["val_normal_stats"])
+    assert all(sd > 0 for _, sd in a["val_normal_stats"].values())
     assert a["restoration"]["tv"] == b["restoration"]["tv"]
     for name in ("latent_gmm", "feature_res", "restoration", "ensemble"):
         np.testing.assert_array_equal(sa[name], sb[name])

@@ -112,6 +112,9 @@ def extend_scores(model, cfg, sets: dict, val: AnomalyScores, scored: AnomalySco
     record["ensemble"] = {"components": used, "definition": "mean over components of (score - mean) / std, "
                           "mean and std of the validation normals; components fixed in advance"}
     chosen = select_default(val.scores, syn.scores)
+    # every score's validation-normal mean and std: lets runs of other seeds and families be put on one
+    # scale (z-scores) and averaged without reading a test label
+    record["val_normal_stats"] = calibrate(val.scores, tuple(val.scores))
     record.update(chosen, selection="AUROC of validation normals vs foreign-patch anomalies made from them "
                   "(Tan et al. 2020); no test image or label is read", n_val=len(v),
                   synthetic={"method": "foreign_patch", "factor": [0.3, 1.0], "size_fraction": [0.15, 0.5]})
