@@ -92,6 +92,58 @@ def val_check(run_dir: Path, data: str, normal_label: str, seed: int) -> dict | 
     return {"auroc": out, "n_normal": int((~y).sum()), "n_anomalous": int(y.sum())}
 
 
+def z_default(run_dir: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """A scored run's default score on its scored split as a z-score of its own validation normals (mean and
+    std recorded by the protocol; no test label read) -> (z (N,), is_anomaly (N,), default name)."""
+    p = json.loads((run_dir / "results.json").read_text())["anomaly"]["protocol"]
+    d = p["default"]
+    mu, sd = p["val_normal_stats"][d]
+    cols, y = read_scores(run_dir / "anomaly" / "scores.csv")
+    return (cols[d] - mu) / sd, y, d
+
+
+def family_ensemble(results: list[Path], n_boot: int) -> dict:
+    """The ensemble over seeds and families: the mean over every run (family x seed) of its validation-chosen
+    default score, each z-scored on its own validation normals. Fixed in advance: no weight, member or
+    threshold is chosen, so no test label can change it. Also each family's own seed ensemble on that scale."""
+    from medivae.evaluation.anomaly import detection_metrics
+    from medivae.evaluation.bootstrap import detection_ci
+
+    members, per_family, allz, y = [], {}, [], None
+    for path in results:
+        r = json.loads(Path(path).read_text())
+        fa = r["fit_args"]
+        family = fa[fa.index("--model") + 1] if "--model" in fa[:-1] else "conv_vae"
+        zs = []
+        for seed in r["seeds"]:
+            z, y_, d = z_default(Path(r["runs"]) / f"seed{seed}")
+            if y is not None and not np.array_equal(y, y_):
+                raise SystemExit(f"{path}: seed {seed} scored other images than the first run; no ensemble")
+            y = y_
+            zs.append(z)
+            members.append({"family": family, "seed": int(seed), "default": d})
+        e = np.mean(zs, axis=0)
+        per_family[family] = {**detection_metrics(e, y), "ci95": detection_ci(y, e, n_boot, 0), "runs": len(zs)}
+        allz += zs
+    e = np.mean(allz, axis=0)
+    return {"members": members, "all": {**detection_metrics(e, y), "ci95": detection_ci(y, e, n_boot, 0)},
+            "per_family_seed_ensemble": per_family, "n_boot": n_boot, "results": [str(p) for p in results],
+            "definition": "mean over runs (family x seed) of the run's default score, z-scored on that run's "
+                          "validation normals; members fixed in advance"}
+
+
+def ensemble_markdown(result: dict) -> str:
+    """The README rows of :func:`family_ensemble`."""
+    rows = ["| ensemble (z-scored validation-chosen defaults) | runs | test AUROC [95 % CI] | test AUPRC |",
+            "|---|---|---|---|"]
+    for name, e in [*((f"{f}, {e['runs']} seeds", e) for f, e in result["per_family_seed_ensemble"].items()),
+                    (f"all families, {len(result['members'])} runs", result["all"])]:
+        ci = e["ci95"]["auroc"]
+        rows.append(f"| {name} | {e.get('runs', len(result['members']))} | {e['auroc']:.3f} [{ci[0]:.3f}, "
+                    f"{ci[1]:.3f}] | {e['auprc']:.3f} |")
+    return "\n".join(rows)
+
+
 def markdown(result: dict) -> str:
     """The README table: mean [min, max] over seeds of test AUROC / AUPRC, and the union over seeds of the
     95 % bootstrap intervals of the AUROC; the score(s) chosen as default in bold."""
@@ -156,18 +208,30 @@ def main(argv=None) -> int:
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", required=True)
-    p.add_argument("--normal-label", required=True)
-    p.add_argument("--runs", type=Path, required=True, help="folder for the runs: RUNS/seed<N>")
+    p.add_argument("--data", help="the source (required unless --markdown or --ensemble)")
+    p.add_argument("--normal-label")
+    p.add_argument("--runs", type=Path, help="folder for the runs: RUNS/seed<N>")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--rescore", action="store_true", help="score again even when RUN/anomaly exists")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "anomaly_protocol.json")
     p.add_argument("--markdown", action="store_true", help="print the README table of --out and exit")
+    p.add_argument("--ensemble", type=Path, nargs="+", metavar="RESULT.json",
+                   help="instead of running: the ensemble over the seeds and families of these results (written "
+                        "by this script, runs still in place) -> --out")
     args = p.parse_args(argv)
     if args.markdown:
-        print(markdown(json.loads(args.out.read_text())))
+        r = json.loads(args.out.read_text())
+        print(ensemble_markdown(r) if "members" in r else markdown(r))
         return 0
+    if args.ensemble:
+        r = {**family_ensemble(args.ensemble, args.bootstrap), "commit": git_commit()}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(r, indent=2, default=float) + "\n")
+        print(ensemble_markdown(r))
+        return 0
+    if not (args.data and args.normal_label and args.runs):
+        p.error("--data, --normal-label and --runs are required to run the protocol")
     commands, seeds = [], {}
     for seed in args.seeds:
         run = args.runs / f"seed{seed}"
