@@ -25,7 +25,7 @@ def _run(folder: Path, default: str, scores: np.ndarray, y: np.ndarray, mu: floa
     with open(folder / "anomaly" / "scores.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["index", "label", "is_anomaly", "flagged", default, "other"])
-        for i, (s, a) in enumerate(zip(scores, y)):
+        for i, (s, a) in enumerate(zip(scores, y, strict=True)):
             w.writerow([i, int(a), int(a), 0, s, -s])
 
 
