@@ -14,6 +14,7 @@ from medivae.seeding import DEFAULT_SEED
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 KL_SCHEDULES = ("constant", "linear", "cyclical")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # cosine: lr * (1 + cos(pi * progress)) / 2 per step, progress = epochs done / epochs
     weight_decay: float = 0.0
     seed: int = DEFAULT_SEED
     precision: str = "auto"  # auto: bf16 where the hardware does it natively, else fp32
@@ -77,6 +79,8 @@ class TrainConfig:
             raise UserError(f"batch size must be >= 1, not {self.batch_size}")
         if not self.lr > 0:
             raise UserError(f"learning rate must be > 0, not {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"unknown learning-rate schedule {self.lr_schedule!r}; choose one of {list(LR_SCHEDULES)}")
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)}")
         if self.kl_schedule not in KL_SCHEDULES:

@@ -31,6 +31,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, default=10)
     g.add_argument("--batch-size", type=int, default=128)
     g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--lr-schedule", default="constant",
+                   help="constant (default) or cosine: decay to 0 over --epochs (Loshchilov & Hutter 2017)")
     g.add_argument("--seed", type=int, default=DEFAULT_SEED)
     g.add_argument("--precision", default="auto", help="auto (bf16 where native), fp32, bf16, fp16 (CUDA)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
@@ -75,7 +77,7 @@ def data_config(args) -> DataConfig:
 
 def train_config(args) -> TrainConfig:
     return TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, seed=args.seed,
         precision=args.precision, device=args.device, kl_schedule=args.kl_schedule,
         warmup_epochs=args.warmup_epochs, free_bits=args.free_bits, grad_clip=args.grad_clip,
         compile=args.compile, num_threads=args.threads, tensorboard=args.tensorboard,
@@ -118,7 +120,8 @@ SETTINGS = {
     "normalize": ("data.normalize",), "nifti_axis": ("data.nifti_axis",), "no_cache": ("data.cache",),
     "image_size": ("data.image_size", "model.image_size"), "channels": ("data.channels", "model.channels"),
     "model": ("model.name",), **{k: (f"model.{k}",) for k in MODEL_FLAGS},
-    "epochs": ("train.epochs",), "batch_size": ("train.batch_size",), "lr": ("train.lr",), "seed": ("train.seed",),
+    "epochs": ("train.epochs",), "batch_size": ("train.batch_size",), "lr": ("train.lr",),
+    "lr_schedule": ("train.lr_schedule",), "seed": ("train.seed",),
     "precision": ("train.precision",), "device": ("train.device",), "kl_schedule": ("train.kl_schedule",),
     "warmup_epochs": ("train.warmup_epochs",), "free_bits": ("train.free_bits",),
     "grad_clip": ("train.grad_clip",), "compile": ("train.compile",), "threads": ("train.num_threads",),

@@ -104,16 +104,25 @@ class TrainStep:
     ``active(ctx)``, when given, says whether the step runs at this point of training (a stage of a
     two-stage family, a discriminator that starts after a warm-up); resume replays it from the epoch.
     ``skip_above`` > 0: the trainer skips the update when the gradient norm exceeds it (VDVAE's guard
-    against loss spikes) and adds the terms ``grad_norm`` and ``grad_skipped`` (1 on a skipped step)."""
+    against loss spikes) and adds the terms ``grad_norm`` and ``grad_skipped`` (1 on a skipped step).
+    ``span(train_cfg) -> (first, last)``: the epochs (fractional, 0 = start) over which the step trains, for
+    the learning-rate schedule (``--lr-schedule``); default the whole run. A stage of a two-stage family
+    decays over its own stage."""
 
     name: str
     optimizer: str
     run: Callable[..., StepOutput]
     active: Callable[[StepContext], bool] | None = None
     skip_above: float = 0.0
+    span: Callable[[Any], tuple[float, float]] | None = None
 
     def runs(self, ctx: StepContext) -> bool:
         return self.active is None or bool(self.active(ctx))
+
+    def progress(self, ctx: StepContext) -> float:
+        """The fraction of this step's span done at ``ctx`` (clipped to [0, 1])."""
+        first, last = self.span(ctx.train) if self.span is not None else (0.0, float(ctx.train.epochs))
+        return min(max((ctx.progress - first) / max(last - first, 1e-12), 0.0), 1.0)
 
 
 @dataclass

@@ -390,9 +390,13 @@ class VQVAE(nn.Module):
         return ctx.epoch <= ctx.train.epochs - self.cfg.prior_epochs
 
     def training_steps(self) -> list[TrainStep]:
-        steps = [TrainStep("vq", "model", self._vq_step, self._in_stage_one)]
+        def split(t) -> float:  # the stage boundary, in epochs: each stage's learning rate decays over its own
+            return float(t.epochs - self.cfg.prior_epochs)
+
+        steps = [TrainStep("vq", "model", self._vq_step, self._in_stage_one, span=lambda t: (0.0, split(t)))]
         if self.prior is not None:
-            steps.append(TrainStep("prior", "prior", self._prior_step, lambda ctx: not self._in_stage_one(ctx)))
+            steps.append(TrainStep("prior", "prior", self._prior_step, lambda ctx: not self._in_stage_one(ctx),
+                                   span=lambda t: (split(t), float(t.epochs))))
         return steps
 
     def _vq_step(self, nets, x, y, ctx: StepContext) -> StepOutput:

@@ -106,6 +106,7 @@ class Trainer:
         for p in redundant_biases(model):  # exact gradient 0 (see redundant_biases); computing it costs ~5 %
             p.requires_grad_(False)
         self.optimizers = model.optimizers(t, device)  # {name: optimizer}, each checkpointed and resumed
+        _set_base_lrs(self.optimizers)
         self.scalers = {
             k: torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16) for k in self.optimizers
         }
@@ -184,6 +185,10 @@ class Trainer:
     def _optimise(self, train_step, x, y, ctx: StepContext) -> dict[str, torch.Tensor]:
         """One of the family's steps: its loss, backward, (clipping,) the finiteness check, its optimizer."""
         optimizer, scaler = self.optimizers[train_step.optimizer], self.scalers[train_step.optimizer]
+        if ctx.train.lr_schedule != "constant":
+            factor = lr_factor(ctx.train.lr_schedule, train_step.progress(ctx))
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
         with autocast(self.device, self.amp_dtype):
             out = train_step.run(self.nets, x, y, ctx)
         optimizer.zero_grad(set_to_none=True)
@@ -271,11 +276,11 @@ class Trainer:
         """Back to ``snap``, except the learning rates: each retry lowers them further."""
         self.model.load_state_dict(snap["model"])  # copies in place: parameters stay the same objects
         for k, opt in self.optimizers.items():
-            lrs = [g["lr"] for g in opt.param_groups]
+            lrs = [(g["lr"], g["base_lr"]) for g in opt.param_groups]
             # a fresh deep copy, since the optimizer adopts the tensors it is given and updates them in place
             opt.load_state_dict(copy.deepcopy(snap["optimizers"][k]))
-            for group, lr in zip(opt.param_groups, lrs, strict=True):
-                group["lr"] = lr
+            for group, (lr, base) in zip(opt.param_groups, lrs, strict=True):
+                group["lr"], group["base_lr"] = lr, base
             if snap["scalers"][k]:
                 self.scalers[k].load_state_dict(snap["scalers"][k])
         torch.set_rng_state(snap["rng"])
@@ -294,8 +299,8 @@ class Trainer:
             )
         for opt in self.optimizers.values():
             for group in opt.param_groups:
-                group["lr"] = group["lr"] / 2
-        self.state.lr = self._lr()
+                group["lr"], group["base_lr"] = group["lr"] / 2, group["base_lr"] / 2
+        self.state.lr = next(iter(self.optimizers.values())).param_groups[0]["base_lr"]
         if self.main:
             warnings.warn(
                 f"{why}: rolled back to the start of the epoch, learning rate lowered to {self.state.lr:.3g} "
@@ -375,9 +380,30 @@ class Trainer:
                 torch.cuda.set_rng_state_all(states)
         for opt in self.optimizers.values():
             match_optimizer_layout(opt)
+        _set_base_lrs(self.optimizers)  # checkpoints before the schedule existed: the lr was the base
         known = set(vars(TrainState()))
         self.state = TrainState(**{k: v for k, v in state.items() if k in known})
         self.model.to(device=self.device, memory_format=self.memory_format)
+
+
+def lr_factor(schedule: str, progress: float) -> float:
+    """The learning rate over its base at ``progress`` in [0, 1] (fraction of the configured epochs done):
+    1 for "constant"; (1 + cos(pi * progress)) / 2 for "cosine" (SGDR without restarts, Loshchilov & Hutter
+    2017), which reaches 0 at the end. A pure function of the position, so a resumed run schedules exactly
+    as the uninterrupted one (with the same --epochs)."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+
+
+def _set_base_lrs(optimizers: dict) -> None:
+    """Each param group's "base_lr": the rate the schedule scales (halved on divergence). Stored with the
+    optimizer's param groups, so it is checkpointed and resumed with them."""
+    for opt in optimizers.values():
+        for group in opt.param_groups:
+            group.setdefault("base_lr", group["lr"])
 
 
 def _state_epochs(folder: Path) -> tuple[int, int] | None:
