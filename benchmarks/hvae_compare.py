@@ -5,7 +5,11 @@ Both models use the discretized-logistic likelihood (hierarchical_vae's default;
 trains first: one epoch, then ``--resume --epochs E`` (bitwise the uninterrupted run) with E the epochs
 that fit ``--budget`` seconds at the first epoch's pace. conv_vae then gets the epochs that fit the
 training seconds hierarchical_vae actually used (metrics.jsonl "seconds": training only, no validation).
-Then ``medivae evaluate RUN -k K --max-images N`` on each (the second run reuses the first one's
+With ``--epochs MODEL=E`` for both models the comparison is at fixed epochs instead (each trained from
+scratch in one launch, as a learning-rate schedule over ``--epochs`` needs; e.g. both to convergence),
+and ``--train-args MODEL=ARGS`` adds ``medivae train`` arguments (``--lr-schedule cosine``); a run folder
+that already holds E epochs is reused (its settings are recorded). Then ``medivae evaluate RUN -k K
+--max-images N`` on each (the second run reuses the first one's
 reference extractor, so FD / precision / recall compare), active units per latent group of the
 hierarchical run (Burda et al.: Var_x E[z|x] > 0.01 over the evaluated images), and two sample grids of
 the hierarchical run at temperatures 1 and 0.7. Run it under the shared lock:
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+from common import git_commit, trained_epochs  # noqa: E402  (benchmarks/ is on sys.path)
+
 MODELS = {
     "hierarchical_vae": ["--model", "hierarchical_vae", "--batch-size", "64", "--kl-schedule", "linear",
                          "--warmup-epochs", "0.5"],
@@ -44,10 +51,20 @@ def metrics(run: Path) -> list[dict]:
 
 
 def train_for(model: str, args, budget: float) -> tuple[Path, int]:
-    """Train ``model`` for the epochs that fit ``budget`` training seconds; returns (run, epochs)."""
+    """Train ``model`` for the epochs that fit ``budget`` training seconds, or for ``--epochs MODEL=E``;
+    returns (run, epochs)."""
     out = args.work / f"{args.name}_{model}"
+    common = ["--threads", "2", "--no-progress", *shlex.split(dict(args.train_args).get(model, ""))]
+    fixed = dict(args.epochs).get(model)
+    if fixed is not None:
+        if trained_epochs(out) == int(fixed) and (out / "metrics.jsonl").exists():
+            print(f"reusing {out} ({fixed} epochs)", flush=True)
+            return out, int(fixed)
+        shutil.rmtree(out, ignore_errors=True)
+        medivae("train", "--data", args.data, "--out", out, "--image-size", args.image_size, *MODELS[model],
+                "--epochs", fixed, *common)
+        return out, int(fixed)
     shutil.rmtree(out, ignore_errors=True)
-    common = ["--threads", "2", "--no-progress"]
     medivae("train", "--data", args.data, "--out", out, "--image-size", args.image_size, *MODELS[model],
             "--epochs", 1, *common)
     epochs = max(1, round(budget / metrics(out)[0]["seconds"]))
@@ -107,7 +124,14 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/hvae_compare"))
     p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/hvae_NAME.json")
     p.add_argument("--grids", type=Path, default=None, help="folder for hvae_samples_t1.png / _t07.png")
+    p.add_argument("--epochs", action="append", default=[], metavar="MODEL=E", type=lambda v: tuple(v.split("=", 1)),
+                   help="fixed epochs instead of equal time (give both models)")
+    p.add_argument("--train-args", action="append", default=[], metavar="MODEL=ARGS",
+                   type=lambda v: tuple(v.split("=", 1)),
+                   help='extra "medivae train" arguments of one model, e.g. conv_vae="--lr-schedule cosine"')
     args = p.parse_args(argv)
+    if args.epochs and set(dict(args.epochs)) != set(MODELS):
+        p.error(f"--epochs needs a value for each of {sorted(MODELS)}")
     args.work.mkdir(parents=True, exist_ok=True)
     hvae, e_h = train_for("hierarchical_vae", args, args.budget)
     used = sum(m["seconds"] for m in metrics(hvae))
@@ -120,8 +144,13 @@ def main(argv=None) -> int:
         for t, tag in ((1.0, "t1"), (0.7, "t07")):
             medivae("sample", hvae, "-n", 36, "--seed", 0, "--temperature", t, "--device", "cpu",
                     "--out", args.grids / f"hvae_samples_{tag}.png")
+    runs = {"hierarchical_vae": summary(hvae, e_h), "conv_vae": summary(conv, e_c)}
+    for name, run in (("hierarchical_vae", hvae), ("conv_vae", conv)):
+        runs[name]["settings"] = json.loads((run / "config.json").read_text())
     result = {"command": " ".join(["python benchmarks/hvae_compare.py", *(argv or sys.argv[1:])]),
-              "runs": {"hierarchical_vae": summary(hvae, e_h), "conv_vae": summary(conv, e_c)}}
+              "commit": git_commit(), "mode": "fixed epochs" if args.epochs else "equal training time",
+              "runs": runs,
+              "bpd_change": runs["hierarchical_vae"]["neg_iwae_bpd"] / runs["conv_vae"]["neg_iwae_bpd"] - 1}
     out = args.out or ROOT / "benchmarks" / "results" / f"hvae_{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
