@@ -48,6 +48,25 @@ def test_config_is_validated_with_one_line_errors():
         model_config("hierarchical_vae", likelihood="poisson")
     assert model_config("hierarchical_vae").resolutions == [4, 8, 16]
     assert model_config("hierarchical_vae", image_size=32).resolutions == [2, 4, 8]
+    assert model_config("hierarchical_vae", image_size=32, stem_stride=2).resolutions == [4, 8, 16]
+    with pytest.raises(UserError, match="stem stride must be 2 or 4"):
+        model_config("hierarchical_vae", stem_stride=3)
+    assert model_config("hierarchical_vae", image_size=32, stem_stride=2, num_scales=5).resolutions[0] == 1
+    with pytest.raises(UserError, match="num scales 6 does not fit image size 32: at most 5"):
+        model_config("hierarchical_vae", image_size=32, stem_stride=2, num_scales=6)
+
+
+def test_stem_stride_2_puts_the_finest_latents_at_half_the_image_side():
+    m = tiny(stem_stride=2)
+    x = images()
+    arrays = m.encode(x).arrays()
+    assert [tuple(arrays[f"group{i}_mean"].shape[1:]) for i in range(4)] == [(2, 8, 8)] * 2 + [(2, 16, 16)] * 2
+    assert m.reconstruct(x).shape == x.shape and m.sample(2, generator=torch.Generator().manual_seed(0)).shape == (
+        2, 1, SIZE, SIZE)
+    torch.testing.assert_close(m.decode(m.encode(x).mode()), m.reconstruct(x))
+    # the default layout is unchanged, so runs trained before the option existed still load
+    assert [k for k in tiny().state_dict() if k.startswith(("stem", "head"))] == [
+        k for k in tiny(stem_stride=4).state_dict() if k.startswith(("stem", "head"))]
 
 
 def test_latent_layout_and_decode_of_encode_is_reconstruct():

@@ -2,7 +2,8 @@
 Child 2021): latent groups at several scales, a bottom-up encoder and one top-down path that inference and
 generation share.
 
-- Bottom-up: a stem takes the image to ``image_size / 4``; residual cells (blocks) and a stride-2
+- Bottom-up: a stem takes the image to ``image_size / stem_stride`` (4, or 2 for a finer bottom scale);
+  residual cells (blocks) and a stride-2
   convolution per scale leave one activation per latent scale (e.g. 16x16, 8x8, 4x4 at 64 px).
 - Top-down: from a learned state at the coarsest scale, ``groups_per_scale`` latent groups per scale,
   coarse to fine (upsampling x2 in between). Group g reads its prior p(z_g | z_<g) from the state; in
@@ -53,6 +54,7 @@ class HierarchicalVAEConfig:
     width: int = 32  # channels of the bottom-up and top-down paths
     z_channels: int = 8  # channels of each latent group
     num_scales: int = 3  # latent scales: image/4, image/8, ... (16, 8, 4 at 64 px)
+    stem_stride: int = 4  # the finest latent scale is image/stem_stride: 4 (default) or 2 (finer, slower)
     groups_per_scale: int = 2
     enc_blocks: int = 1  # residual cells per scale in the bottom-up path
     kl_balance: bool = True  # NVAE's per-group KL balancing during warm-up
@@ -70,14 +72,16 @@ class HierarchicalVAEConfig:
                 raise UserError(f"{name.replace('_', ' ')} must be >= 1, not {getattr(self, name)}")
         if self.enc_blocks < 0 or self.skip_threshold < 0 or self.gaussian_sigma <= 0:
             raise UserError("enc_blocks and skip_threshold must be >= 0 and gaussian_sigma > 0")
-        if self.image_size // 4 >> (self.num_scales - 1) < 1:
-            most = int(math.log2(self.image_size // 4)) + 1
+        if self.stem_stride not in (2, 4):
+            raise UserError(f"stem stride must be 2 or 4, not {self.stem_stride}")
+        if self.image_size // self.stem_stride >> (self.num_scales - 1) < 1:
+            most = int(math.log2(self.image_size // self.stem_stride)) + 1
             raise UserError(f"num scales {self.num_scales} does not fit image size {self.image_size}: at most {most}")
 
     @property
     def resolutions(self) -> list[int]:
-        """Sides of the latent scales, coarse to fine: [4, 8, 16] at 64 px with 3 scales."""
-        return [self.image_size // 4 >> i for i in reversed(range(self.num_scales))]
+        """Sides of the latent scales, coarse to fine: [4, 8, 16] at 64 px with 3 scales (stem stride 4)."""
+        return [self.image_size // self.stem_stride >> i for i in reversed(range(self.num_scales))]
 
 
 @dataclass
@@ -151,10 +155,16 @@ class HierarchicalVAE(nn.Module):
         scale = 1 / math.sqrt(n_groups)
         self.shapes = [(cfg.z_channels, r, r) for r in res for _ in range(cfg.groups_per_scale)]
         self.latent_size = sum(c * r * r for c, r, _ in self.shapes)
-        # bottom-up: (B, C, S, S) -> (B, w, S/4, S/4), then one activation per scale, fine to coarse
+        # bottom-up: (B, C, S, S) -> (B, w, S/stride, S/stride), then one activation per scale, fine to coarse
         # (no full-resolution 3x3 convolutions: on 2 CPU cores they cost more than the whole hierarchy)
         half = max(w // 2, 1)
-        self.stem = nn.Sequential(DownConv(cfg.channels, half), nn.GELU(), DownConv(half, w))
+        out_channels = cfg.channels * self.likelihood.params_per_channel
+        if cfg.stem_stride == 4:
+            self.stem = nn.Sequential(DownConv(cfg.channels, half), nn.GELU(), DownConv(half, w))
+            head = [UpConv(w, half), nn.GELU(), UpConv(half, out_channels)]
+        else:
+            self.stem = nn.Sequential(DownConv(cfg.channels, w))
+            head = [UpConv(w, out_channels)]
         self.encoder = nn.ModuleList(
             nn.Sequential(*[ResCell(w, scale) for _ in range(cfg.enc_blocks)]) for _ in res
         )
@@ -164,8 +174,7 @@ class HierarchicalVAE(nn.Module):
         # which made the latents differ by 1e-4 between memory layouts
         self.h0 = nn.Parameter(torch.randn(1, w, res[0], res[0]))
         self.groups = nn.ModuleList(TopDownGroup(w, cfg.z_channels, scale) for _ in range(n_groups))
-        self.head = nn.Sequential(ResCell(w), UpConv(w, half), nn.GELU(),
-                                  UpConv(half, cfg.channels * self.likelihood.params_per_channel))
+        self.head = nn.Sequential(ResCell(w), *head)
         # NVAE's alpha_i: a group's relative size (r^2 / groups at its scale), smallest = 1
         alpha = torch.tensor([r * r / cfg.groups_per_scale for _, r, _ in self.shapes])
         self.register_buffer("kl_alpha", alpha / alpha.min(), persistent=False)
