@@ -49,6 +49,21 @@ def test_select_default_reads_validation_only():
     assert r["default"] == "a" and r["val_auroc"]["a"] > r["val_auroc"]["b"]
 
 
+def test_select_default_keeps_ssim_unless_another_score_is_clearly_better():
+    rng = np.random.default_rng(0)
+    base_v, base_s = rng.normal(size=150), rng.normal(size=150) + 0.4
+    # "latent" = ssim plus a little noise: it may lead by chance, never clearly
+    val = {"ssim": base_v, "latent": base_v + rng.normal(0, 0.3, 150)}
+    syn = {"ssim": base_s, "latent": base_s + rng.normal(0, 0.3, 150) + 0.05}
+    r = ap.select_default(val, syn)
+    assert r["best"] == "latent" and r["val_auroc"]["latent"] > r["val_auroc"]["ssim"]
+    assert r["default"] == "ssim" and r["lead_over_prior"]["ci95"][0] <= 0
+    syn_clear = {"ssim": base_s, "latent": base_s + 2.0}
+    r = ap.select_default(val, syn_clear)
+    assert r["default"] == "latent" and r["lead_over_prior"]["ci95"][0] > 0
+    assert ap.select_default(val, syn, prior=None)["default"] == "latent"  # no prior: the plain maximum
+
+
 def test_latent_gmm_finds_the_components_and_scores_outliers_higher():
     rng = np.random.default_rng(1)
     centres = np.array([[-4.0, 0], [4.0, 0]])
