@@ -5,8 +5,9 @@ computes.
 Selection never reads a test label: every score (and the restoration's TV weight) is compared by its AUROC
 of validation normals against foreign-patch anomalies made from those same normals
 (:mod:`medivae.evaluation.synthetic_anomalies`); the highest is recorded as the run's default when it beats
-``ssim`` clearly (see :func:`select_default`), else ``ssim`` is. The test split is then only scored. Trivial baselines (PNG size, mean intensity, intensity std) are reported beside,
-with the direction that does better *on test* (which favours them) and bootstrap intervals.
+``ssim`` clearly (see :func:`select_default`), else ``ssim`` is. The test split is then only scored.
+Trivial baselines (PNG size, mean intensity, intensity std) are reported beside, with the direction that
+does better *on test* (which favours them) and bootstrap intervals.
 """
 
 from __future__ import annotations
