@@ -17,11 +17,7 @@ from medivae.models.family import StepContext
 from medivae.results import read_metrics
 from medivae.train.trainer import Trainer, lr_factor
 
-from tiny import tiny_run
-
-
-class _Killed(Exception):
-    pass
+from tiny import tiny_run, train_killed_after
 
 
 def test_cosine_factor_falls_from_one_to_zero_and_constant_stays_one():
@@ -40,17 +36,7 @@ def test_cosine_run_logs_falling_rates_and_resumes_bitwise(tmp_path, monkeypatch
     lrs = [r["lr"] for r in read_metrics(tmp_path / "full")]  # the rate of each epoch's last step
     assert lrs[0] < 2e-3 and all(a > b for a, b in zip(lrs, lrs[1:], strict=False)) and lrs[-1] < 2e-3 * 0.05
 
-    real_save = Trainer.save
-
-    def save_then_die(self, name):  # a kill right after epoch 1's checkpoint
-        real_save(self, name)
-        if name == "last" and self.state.epoch == 1:
-            raise _Killed
-
-    monkeypatch.setattr(Trainer, "save", save_then_die)
-    with pytest.raises(_Killed):
-        api.train(full, tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(Trainer, "save", real_save)
+    train_killed_after(full, tmp_path / "resumed", 1, monkeypatch)
     api.train(full, tmp_path / "resumed", resume=True, progress=False)
     a = load_file(str(tmp_path / "full" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "last" / "model.safetensors"))

@@ -23,7 +23,8 @@ from medivae.config import DataConfig, RunConfig, TrainConfig
 from medivae.errors import UserError
 from medivae.models import build_model, model_config
 from medivae.models.family import StepContext
-from medivae.train.trainer import Trainer
+
+from tiny import train_killed_after
 
 TINY = dict(image_size=32, codebook_size=16, code_dim=8, width=16, res_width=8, res_blocks=1,
             prior_width=16, prior_layers=1, prior_heads=2, prior_epochs=1)
@@ -244,20 +245,7 @@ def test_a_crash_in_stage_two_resumes_to_the_uninterrupted_weights(tmp_path, mon
     cfg = tiny_run(epochs=4, prior_epochs=2)
     api.train(cfg, tmp_path / "straight", progress=False)
 
-    class Crash(Exception):
-        pass
-
-    save = Trainer.save
-
-    def save_then_crash(self, name):
-        save(self, name)
-        if name == "last" and self.state.epoch == 3:
-            raise Crash
-
-    monkeypatch.setattr(Trainer, "save", save_then_crash)
-    with pytest.raises(Crash):
-        api.train(cfg, tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(Trainer, "save", save)
+    train_killed_after(cfg, tmp_path / "resumed", 3, monkeypatch)
     api.train(cfg, tmp_path / "resumed", resume=True, progress=False)
     a = load_file(str(tmp_path / "straight" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "last" / "model.safetensors"))

@@ -19,3 +19,30 @@ def tiny_run(source: str = "phantoms:120", epochs: int = 2, **train_kw) -> RunCo
         model=tiny_model(),
         train=TrainConfig(**t),
     )
+
+
+class Killed(Exception):
+    """What :func:`train_killed_after` raises in place of a kill."""
+
+
+def train_killed_after(cfg: RunConfig, run_dir, epoch: int, monkeypatch) -> None:
+    """Train ``cfg`` into ``run_dir`` and stop the way a kill right after epoch ``epoch``'s last/ checkpoint
+    would: that checkpoint written, nothing after it. Resume it to compare with an uninterrupted run."""
+    import pytest
+
+    from medivae import api
+    from medivae.train.trainer import Trainer
+
+    real_save = Trainer.save
+
+    def save_then_die(self, name):
+        real_save(self, name)
+        if name == "last" and self.state.epoch == epoch:
+            raise Killed
+
+    monkeypatch.setattr(Trainer, "save", save_then_die)
+    try:
+        with pytest.raises(Killed):
+            api.train(cfg, run_dir, progress=False)
+    finally:
+        monkeypatch.setattr(Trainer, "save", real_save)
