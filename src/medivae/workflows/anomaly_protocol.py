@@ -44,6 +44,12 @@ PRIOR_DEFAULT = "ssim"  # the score every family has, kept unless another one is
 SELECTION_BOOT = 1000
 
 
+def synthetic_auroc(val: np.ndarray, synthetic: np.ndarray) -> float:
+    """AUROC of one score: validation normals (0) against the synthetic anomalies made from them (1)."""
+    y = np.r_[np.zeros(len(val)), np.ones(len(synthetic))].astype(bool)
+    return detection_metrics(np.r_[val, synthetic], y)["auroc"]
+
+
 def select_default(val_scores: dict, synth_scores: dict, exclude=(), prior: str | None = PRIOR_DEFAULT,
                    n_boot: int = SELECTION_BOOT, seed: int = 0) -> dict:
     """{"default": name, "val_auroc": {name: AUROC}, ...}: the score that best separates validation normals
@@ -56,7 +62,7 @@ def select_default(val_scores: dict, synth_scores: dict, exclude=(), prior: str 
     names = [n for n in val_scores if n in synth_scores and n not in exclude]
     y = np.r_[np.zeros(len(val_scores[names[0]])), np.ones(len(synth_scores[names[0]]))].astype(bool)
     joined = {n: np.r_[val_scores[n], synth_scores[n]] for n in names}
-    aurocs = {n: detection_metrics(joined[n], y)["auroc"] for n in names}
+    aurocs = {n: synthetic_auroc(val_scores[n], synth_scores[n]) for n in names}
     best = max(aurocs, key=lambda n: (aurocs[n], n))
     out = {"default": best, "val_auroc": aurocs, "best": best}
     if prior in aurocs and best != prior and n_boot > 0:
@@ -167,8 +173,7 @@ def _tuned(name: str, key: str, grid, fn, sets3, record) -> dict:
     for h in grid:
         runs[h] = {n_: fn(imgs, labs, h) for n_, (imgs, labs, _) in sets3.items() if n_ != "scored"}
         n += sum(len(r[0]) for r in runs[h].values())
-    val_auc = {h: select_default({"s": r["val"][0]}, {"s": r["synthetic"][0]}, prior=None)["val_auroc"]["s"]
-               for h, r in runs.items()}
+    val_auc = {h: synthetic_auroc(r["val"][0], r["synthetic"][0]) for h, r in runs.items()}
     best = max(val_auc, key=lambda h: (val_auc[h], -h))
     imgs, labs, _ = sets3["scored"]
     runs[best]["scored"] = fn(imgs, labs, best)
