@@ -780,6 +780,19 @@ def torchrun_launch(family, request, tmp_path_factory):
         p.wait()
 
 
+def child_pids(parent: int) -> list[int]:
+    """The processes whose parent is ``parent`` (from /proc; empty without it)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == parent:
+            found.append(int(stat.parent.name))
+    return found
+
+
 @subprocess_test
 def test_subprocess_torchrun_two_gloo_processes(family, torchrun_launch):
     skip_twin(family)
@@ -787,7 +800,12 @@ def test_subprocess_torchrun_two_gloo_processes(family, torchrun_launch):
     try:
         code = p.wait(timeout=240)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"torchrun still running after 240 s; its stderr ends: {(folder / 'stderr').read_text()[-3000:]}")
+        for pid in child_pids(p.pid):  # the workers print every thread's stack on SIGUSR1 (cli.main)
+            os.kill(pid, signal.SIGUSR1)
+        time.sleep(2)
+        run = sorted(str(f.relative_to(folder)) for f in folder.glob("run/**/*"))
+        out, err = (folder / "stdout").read_text()[-1500:], (folder / "stderr").read_text()[-6000:]
+        pytest.fail(f"torchrun still running after 240 s; run folder {run}; stdout ends: {out}; stderr ends: {err}")
     stdout, stderr = (folder / "stdout").read_text(), (folder / "stderr").read_text()
     assert code == 0, stderr[-3000:]
     assert stdout.count("run written to") == 1  # rank 0 alone talks

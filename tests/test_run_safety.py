@@ -296,3 +296,27 @@ def test_yaml_config(tmp_path):
     path.write_text("data:\n  source: phantoms:80\n  image_size: 32\ntrain:\n  lr: 0.005\n")
     cfg, sources, _ = _resolve(["train", "--config", str(path), "--out", str(tmp_path / "o")])
     assert cfg.train.lr == 0.005 and sources["settings"]["train.lr"] == "config file"
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGUSR1"), reason="no SIGUSR1 on this platform")
+def test_sigusr1_prints_every_threads_stack_and_the_run_goes_on(tmp_path):
+    """`kill -USR1` on a stuck-looking run (e.g. a torchrun worker) shows where it is without stopping it."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "medivae", "train", "--data", "phantoms:400", "--out", str(out), "--image-size", "32",
+            "--model-arg", "latent_dim=4", "--model-arg", "base_width=4", "--model-arg", "max_width=16",
+            "--epochs", "30", "--batch-size", "8", "--precision", "fp32", "--threads", "1", "--no-progress"]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() and p.poll() is None and time.monotonic() < end:
+        time.sleep(0.05)  # the handler is registered before any training: epoch 1 written means it is in place
+    assert p.poll() is None, p.communicate()[1][-2000:]
+    os.kill(p.pid, signal.SIGUSR1)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-2000:]
+    assert "most recent call first" in err and "medivae" in err.split("most recent call first", 1)[1]
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, 31))

@@ -54,7 +54,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, compare:
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     start_idle_probe()  # measured while the data loads (train/device.py)
-    preload_in_background("torch._dynamo")
+    if not distributed.env_info().enabled:  # under torchrun, no import on a thread beside the process group
+        preload_in_background("torch._dynamo")
     seed_everything(t.seed)
     splits = load_dataset(cfg.data, t.seed, progress)
     names = tuple(splits["train"].label_names)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
+import signal
 import sys
 import warnings
 
@@ -42,6 +44,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
+    if argv is None and hasattr(signal, "SIGUSR1"):  # a process of its own (not called from Python)
+        # `kill -USR1 PID` prints where every thread of a stuck run is (e.g. a torchrun worker) and goes on
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         parser = build_parser()
         argv = sys.argv[1:] if argv is None else list(argv)
