@@ -144,12 +144,18 @@ def test_duplicates_in_the_real_set_still_count_at_radius_zero():
     assert sq.density_coverage(real, blank[:6])["coverage"] == 8 / 28  # was 0.0
 
 
-def test_frechet_distance_refuses_a_large_imaginary_square_root(monkeypatch):
-    rng = np.random.default_rng(1)
-    a, b = rng.normal(size=(50, 3)), rng.normal(size=(50, 3))
-    monkeypatch.setattr(sq.linalg, "sqrtm", lambda m: np.eye(3) * (1 + 2j))
-    with pytest.raises(ValueError, match="imaginary"):
-        sq.frechet_distance(a, b)
+@pytest.mark.parametrize("n, m, d", [(400, 300, 8), (10, 12, 32), (50, 7, 16)])
+def test_frechet_distance_equals_the_matrix_square_root_formula(n, m, d):
+    """The singular-value route gives what scipy's matrix square root of S_a S_b gives (the textbook formula)."""
+    from scipy import linalg
+
+    rng = np.random.default_rng(n + m + d)
+    a, b = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)), rng.normal(size=(m, d)) + 0.5
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(s_a @ s_b).real
+    diff = a.mean(0) - b.mean(0)
+    want = diff @ diff + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(root)
+    assert sq.frechet_distance(a, b) == pytest.approx(want, rel=1e-6, abs=1e-6)
 
 
 def test_sample_quality_intervals_contain_the_estimates_and_repeat_with_the_seed():

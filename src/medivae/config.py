@@ -71,6 +71,7 @@ class TrainConfig:
     device: str = "auto"
     max_nan_retries: int = 3
     tensorboard: bool = False  # scalars per epoch to RUN/tensorboard (pip install medivae[tensorboard])
+    augment: str = ""  # e.g. "shift=2,contrast=0.1,brightness=0.05" (train/augment.py); "": none
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -91,6 +92,9 @@ class TrainConfig:
             raise UserError(f"free bits must be >= 0, not {self.free_bits}")
         if self.seed < 0:
             raise UserError(f"seed must be >= 0, not {self.seed}")
+        from medivae.train.augment import parse_augment
+
+        parse_augment(self.augment)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--tensorboard", action="store_true",
                    help="log scalars per epoch to RUN/tensorboard (pip install 'medivae[tensorboard]')")
+    g.add_argument("--augment", default="", metavar="SPEC",
+                   help="random changes of each training image, e.g. shift=2,contrast=0.1,brightness=0.05 "
+                        "(pixels, fractions; default none)")
 
 
 def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -81,6 +84,7 @@ def train_config(args) -> TrainConfig:
         precision=args.precision, device=args.device, kl_schedule=args.kl_schedule,
         warmup_epochs=args.warmup_epochs, free_bits=args.free_bits, grad_clip=args.grad_clip,
         compile=args.compile, num_threads=args.threads, tensorboard=args.tensorboard,
+        augment=getattr(args, "augment", ""),
     )
 
 
@@ -125,7 +129,7 @@ SETTINGS = {
     "precision": ("train.precision",), "device": ("train.device",), "kl_schedule": ("train.kl_schedule",),
     "warmup_epochs": ("train.warmup_epochs",), "free_bits": ("train.free_bits",),
     "grad_clip": ("train.grad_clip",), "compile": ("train.compile",), "threads": ("train.num_threads",),
-    "tensorboard": ("train.tensorboard",),
+    "tensorboard": ("train.tensorboard",), "augment": ("train.augment",),
 }
 
 

@@ -12,10 +12,7 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
-from scipy import linalg
 from sklearn.metrics import pairwise_distances
 
 from medivae.evaluation.bootstrap import DEFAULT_BOOTSTRAP, LEVEL, percentile_interval
@@ -25,29 +22,30 @@ PR_K = 3
 DC_K = 5
 
 
-def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) for features a (N, F), b (M, F)."""
+def _cov_factor(x: np.ndarray) -> np.ndarray:
+    """A factor L (F, k) of the covariance of x (N, F), S = L L^T, with k = min(N, F) columns:
+    the centred rows themselves when there are fewer points than features, else S's symmetric root."""
+    centred = (x - x.mean(0)) / np.sqrt(len(x) - 1)
+    if len(x) <= x.shape[1]:
+        return centred.T
+    w, v = np.linalg.eigh(centred.T @ centred)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) for features a (N, F), b (M, F).
+
+    Tr (S_a S_b)^(1/2) is computed as the sum of the singular values of L_a^T L_b, with S = L L^T (the
+    eigenvalues of S_a S_b are those of (L_a^T L_b)(L_a^T L_b)^T): exact for singular covariances (fewer
+    points than features) without pytorch-fid's diagonal offset, never complex, and ~100x faster than
+    scipy.linalg.sqrtm's Schur method, which made the bootstrap interval of FD most of an evaluation."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if len(a) < 2 or len(b) < 2:
         raise ValueError("the Fréchet distance needs at least two points per set")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    with warnings.catch_warnings():  # fewer points than features: singular, handled just below
-        warnings.simplefilter("ignore")
-        covmean = linalg.sqrtm(s_a @ s_b)
-    if not np.isfinite(covmean).all():  # singular product: regularise, as pytorch-fid does
-        offset = np.eye(len(s_a)) * eps
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            covmean = linalg.sqrtm((s_a + offset) @ (s_b + offset))
-    if np.iscomplexobj(covmean):  # rounding leaves tiny imaginary parts; a large one is a wrong result
-        imag = np.abs(np.diagonal(covmean).imag).max()
-        if imag > 1e-3 * max(1.0, np.abs(np.diagonal(covmean).real).max()):
-            raise ValueError(f"the Fréchet distance is not defined here: the matrix square root has an imaginary "
-                             f"part of {imag:.3g} (too few points for {len(s_a)} features?); use more images")
-        covmean = covmean.real
-    diff = mu_a - mu_b
-    return float(max(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2.0 * np.trace(covmean), 0.0))
+    la, lb = _cov_factor(a), _cov_factor(b)
+    trace_root = np.linalg.svd(la.T @ lb, compute_uv=False).sum()
+    diff = a.mean(0) - b.mean(0)
+    return float(max(diff @ diff + (la * la).sum() + (lb * lb).sum() - 2.0 * trace_root, 0.0))
 
 
 def knn_radii(x: np.ndarray, k: int) -> np.ndarray:

@@ -24,6 +24,7 @@ from medivae.results import METRICS_FILE, read_metrics
 from medivae.seeding import derive_seed, torch_generator
 from medivae.train import checkpoint as ckpt
 from medivae.train import distributed
+from medivae.train.augment import augment, parse_augment
 from medivae.train.device import autocast, autocast_dtype, configure_threads, keep_freed_memory
 
 
@@ -156,6 +157,8 @@ class Trainer:
         n = len(order)
         steps_per_epoch = math.ceil(n / t.batch_size)
         noise = distributed.noise_generator(t.seed, epoch, self.device)  # per-rank; None: global RNG
+        changes = parse_augment(t.augment)  # {} when off: no draws, the run as without augmentation
+        augment_rng = torch_generator(t.seed, "augment", distributed.info().rank, epoch) if changes else None
         sums: dict[str, float] = {}
         bar = tqdm(
             total=n, desc=f"epoch {epoch}/{t.epochs}", unit="img", disable=not (self.progress and self.main),
@@ -164,6 +167,8 @@ class Trainer:
         for step, idx in enumerate(batch_indices(order, t.batch_size)):
             ctx = StepContext(epoch, step, epoch - 1 + step / steps_per_epoch, t, noise)
             x = self._to_device(gather(images, idx))
+            if changes:
+                x = augment(x, changes, augment_rng)
             y = self._labels(train, idx)
             terms: dict[str, torch.Tensor] = {}
             for train_step in self.steps:
