@@ -142,3 +142,30 @@ def test_report_tables_from_results_alone():
     assert "<tr><th>residual</th><td>0.77</td><td>0.31</td><td>0.29</td></tr>" in loc
     assert "σ: synthetic 2" in loc and "lesion phantoms" not in loc  # no phantoms in these results
     assert detection_table({}) == "" and localisation_table({"localisation": {}}) == ""
+
+
+def test_gradient_maps_are_computed_once_and_are_both_the_main_and_the_named_map(scored, tmp_path, monkeypatch):
+    from medivae.evaluation import anomaly as an
+    from medivae.workflows import anomaly_protocol as ap
+
+    real = an.gradient_maps
+    seen: list[int] = []
+
+    def counting(model, x, y=None, seed=0):
+        seen.append(len(x))
+        return real(model, x, y, seed)
+
+    monkeypatch.setattr(an, "gradient_maps", counting)
+    monkeypatch.setattr(ap, "gradient_maps", counting)
+    images = {}
+    for flag in ([], ["--gradient-maps"]):
+        seen.clear()
+        out = tmp_path / ("grad" if flag else "plain")
+        argv = ["anomaly", "score", str(scored), *flag, "--iwae-samples", "2", "--n-maps", "2", "--device", "cpu",
+                "--fpr", "0.2", "--bootstrap", "0", "--out", str(out)]
+        assert main(argv) == 0
+        images[bool(flag)] = sum(seen)
+    # the named "gradient" map exists either way; with --gradient-maps it is also the main map, made once
+    assert images[True] == images[False] > 0
+    z = np.load(tmp_path / "grad" / "maps.npz")
+    np.testing.assert_array_equal(z["maps"], z["gradient"])

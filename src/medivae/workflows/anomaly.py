@@ -255,7 +255,7 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
     }  # fmt: skip
     # issue 21: new scores, the default chosen on validation + synthetic anomalies, baselines, localisation
     result.update(extend_scores(model, cfg, sets, val, scored, codes, dev, run_dir, k, batch_size, precision,
-                                bootstrap))
+                                bootstrap, gradient))
     title = f"normal = {normal_label!r}, {split} split"
     result.update(_write_outputs(out, sets, scored, thr, n_maps, title, bootstrap, cfg.train.seed))
     rank_by = result["protocol"]["default"]

@@ -82,7 +82,7 @@ def _maps(model, images, labels, recon, device, extra=None, seed=0) -> dict[str,
     out = {"residual": (x - recon).abs().mean(1).numpy(),
            "ssim": pad_to((1.0 - ssim_maps(x, recon)).numpy(), x.shape[-1])}
     out.update(extra or {})
-    if has(model, "likelihood"):
+    if has(model, "likelihood") and "gradient" not in out:  # not again when scoring already made them
         parts = []
         for i in range(0, len(x), 128):
             lab = None if labels is None else labels[i : i + 128]
@@ -97,7 +97,7 @@ def _localise(maps: dict, masks: np.ndarray) -> dict:
 
 def extend_scores(model, cfg, sets: dict, val: AnomalyScores, scored: AnomalyScores, train_codes, device,
                   run_dir, k: int = 16, batch_size: int = 128, precision: str = "fp32",
-                  bootstrap: int = 0) -> dict:
+                  bootstrap: int = 0, gradient: bool = False) -> dict:
     """Add the new scores to ``val.scores`` and ``scored.scores`` in place, and every map of the scored split
     to ``scored.named_maps`` (the iterative ones reused, not recomputed); return results.json entries
     "protocol", "trivial_baselines" and "localisation"."""
@@ -155,8 +155,10 @@ def extend_scores(model, cfg, sets: dict, val: AnomalyScores, scored: AnomalySco
     out["localisation"] = {"synthetic": _localise(syn_maps, synth.masks),
                            "synthetic_baseline": blurred_residual_baseline(synth.images, synth.masks,
                                                                            (sets["train"] or v).images)}
-    scored.named_maps = _maps(model, s.images, s.labels, recon["scored"], device,
-                              {k_: m["scored"] for k_, m in extra_maps.items()}, seed)
+    known = {k_: m["scored"] for k_, m in extra_maps.items()}
+    if gradient:  # scored.maps are the gradient maps (score_images(gradient=True)): reuse them
+        known["gradient"] = scored.maps
+    scored.named_maps = _maps(model, s.images, s.labels, recon["scored"], device, known, seed)
     if str(cfg.data.source).startswith("phantoms"):
         out["localisation"]["phantoms"] = phantom_localisation(model, sets["train"].images, device, seed,
                                                                record.get("restoration"), batch_size,
