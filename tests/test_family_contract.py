@@ -46,6 +46,7 @@ from medivae.cli import main
 from medivae.constants import IMAGE_SIZES
 from medivae.errors import UserError
 from medivae.evaluation import anomaly as an
+from medivae.evaluation import anomaly_scores as xs
 from medivae.generate import reconstruct
 from medivae.models.family import (
     CAPABILITIES,
@@ -621,7 +622,7 @@ def anomaly_run(family, tmp_path_factory) -> Path:
     return out
 
 
-def test_anomaly_fit_and_score(anomaly_run, tmp_path, capsys):
+def test_anomaly_fit_and_score(family, anomaly_run, tmp_path, capsys):
     caps = medivae.load(anomaly_run, device="cpu").model.capabilities
     out = tmp_path / "scored"
     # --fpr 0.2: the conformal threshold needs >= 1/FPR - 1 validation normals; the tiny run has ~8
@@ -641,8 +642,17 @@ def test_anomaly_fit_and_score(anomaly_run, tmp_path, capsys):
     assert {row["is_anomaly"] for row in rows} == {"0", "1"}
     assert {row["label"] for row in rows} == {"normal", "lesion"}
     assert all(math.isfinite(float(row["combined"])) for row in rows)
-    maps = np.load(out / "maps.npz")["maps"]
-    assert maps.shape == (len(rows), SIZE, SIZE) and maps.astype(np.float32).max() > 0
+    # every map the family can make, end to end (vq_vae with its trained code prior: prior-guided healing too)
+    model = medivae.load(anomaly_run, device="cpu").model
+    expected = {"residual", "ssim"} | ({"gradient", "restoration"} if "likelihood" in caps else set()) \
+        | ({"vq_healing"} if xs.can_heal(model) else set())
+    assert family != "vq_vae" or "vq_healing" in expected
+    z = np.load(out / "maps.npz")
+    assert set(r["map_names"]) == expected and set(z.files) == {"maps", *expected}
+    for name in z.files:
+        m = z[name].astype(np.float32)
+        assert m.shape == (len(rows), SIZE, SIZE) and np.isfinite(m).all() and m.max() > 0, name
+    assert set(r["localisation"]["synthetic"]) == expected
 
 
 def test_synthesize_writes_images_and_a_memorisation_report(trained, caps, tmp_path):
