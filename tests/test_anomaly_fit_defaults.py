@@ -78,3 +78,39 @@ def test_help_states_the_anomaly_defaults(flag, capsys):
         main(["anomaly", "fit", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert {"--image-size": "at most 64", "--epochs": "default 25", "--batch-size": "default 64"}[flag] in text
+
+
+def test_native_side_of_folders_reads_image_and_dicom_headers(tmp_path):
+    from PIL import Image
+
+    from test_dicom import write_dicom
+
+    rng = np.random.default_rng(0)
+    for cls in ("normal", "tumour"):
+        (tmp_path / "png" / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(tmp_path / "png" / cls / f"{i}.png")
+    (tmp_path / "png" / "normal" / "broken.png").write_bytes(b"not a png")  # skipped; the loader reports it
+    assert native_side(str(tmp_path / "png")) == 28 and auto_image_size(28) == 32
+    Image.fromarray(rng.integers(0, 256, (20, 40), dtype=np.uint8)).save(tmp_path / "png" / "tumour" / "wide.png")
+    assert native_side(str(tmp_path / "png")) == 40  # the longer side of the largest sampled image
+    (tmp_path / "dcm").mkdir()
+    for i in range(3):
+        write_dicom(tmp_path / "dcm" / f"{i}.dcm", rng.integers(0, 4000, (30, 30), dtype=np.uint16))
+    assert native_side(str(tmp_path / "dcm")) == 30
+    (tmp_path / "empty").mkdir()
+    assert native_side(str(tmp_path / "empty")) is None
+
+
+def test_fit_on_a_folder_of_28px_images_trains_at_32(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for cls in ("normal", "lesion"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(40):
+            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(tmp_path / "data" / cls / f"{i}.png")
+    out = tmp_path / "run"
+    assert main(["anomaly", "fit", "--data", str(tmp_path / "data"), "--normal-label", "normal", "--out", str(out),
+                 "--epochs", "1", *TINY]) == 0
+    assert json.loads((out / "config.json").read_text())["data"]["image_size"] == 32

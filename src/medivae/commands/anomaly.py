@@ -29,11 +29,14 @@ def auto_image_size(native: int | None) -> int:
 
 def native_side(source: str) -> int | None:
     """The longer image side of a source when it can be read without decoding the images: ``medmnist:NAME@S``
-    (S, 28 by default) and MedMNIST-layout ``.npz`` files (the header of ``train_images``); None otherwise."""
+    (S, 28 by default), MedMNIST-layout ``.npz`` files (the header of ``train_images``) and folders of 2D
+    images or DICOM files (``folder_side``); None otherwise."""
     import zipfile
 
     import numpy as np
 
+    if Path(source).is_dir():
+        return folder_side(Path(source))
     if source.startswith("medmnist:"):
         from medivae.data.medmnist import parse_spec
 
@@ -48,6 +51,34 @@ def native_side(source: str) -> int | None:
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return None  # the loader reports what is wrong with the file
     return int(max(shape[1:3])) if len(shape) >= 3 else None
+
+
+def folder_side(root: Path, sample: int = 32) -> int | None:
+    """The longest side among up to ``sample`` files spread over a folder, from their headers only (PIL opens
+    lazily; pydicom stops before the pixels). None when the folder holds no such file or other kinds (NIfTI
+    volumes, whose slice size depends on --nifti-axis)."""
+    from medivae.data.folder import list_folder
+
+    files, kinds, _ = list_folder(root)
+    if not files or set(kinds) - {"image", "dicom"}:
+        return None
+    step = max(1, len(files) // sample)
+    sides = []
+    for path, kind in list(zip(files, kinds, strict=True))[::step][:sample]:
+        try:
+            if kind == "image":
+                from PIL import Image
+
+                with Image.open(path) as im:
+                    sides.append(max(im.size))
+            else:
+                import pydicom
+
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                sides.append(max(int(ds.Rows), int(ds.Columns)))
+        except Exception:  # noqa: BLE001  (an unreadable file is the loader's to report)
+            continue
+    return max(sides) if sides else None
 
 
 def apply_fit_defaults(args) -> None:
