@@ -22,30 +22,38 @@ PR_K = 3
 DC_K = 5
 
 
-def _cov_factor(x: np.ndarray) -> np.ndarray:
-    """A factor L (F, k) of the covariance of x (N, F), S = L L^T, with k = min(N, F) columns:
-    the centred rows themselves when there are fewer points than features, else S's symmetric root."""
-    centred = (x - x.mean(0)) / np.sqrt(len(x) - 1)
-    if len(x) <= x.shape[1]:
-        return centred.T
-    w, v = np.linalg.eigh(centred.T @ centred)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+def _trace_sqrt_product(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+    """(Tr S_a, Tr S_b, Tr (S_a S_b)^(1/2)) for the covariances of a (N, F) and b (M, F).
+
+    The eigenvalues of S_a S_b are those of the symmetric R S_b R with R = S_a^(1/2), and, when a set has
+    fewer points than features, those of (A B^T)(A B^T)^T with A, B the centred, scaled rows (S = A^T A):
+    the square roots of their eigenvalues (singular values) sum to the trace wanted. Both are symmetric
+    problems, so the result is never complex and needs no diagonal offset for singular covariances."""
+    ca = (a - a.mean(0)) / np.sqrt(len(a) - 1)
+    cb = (b - b.mean(0)) / np.sqrt(len(b) - 1)
+    if min(len(a), len(b)) <= a.shape[1]:  # fewer points than features: an (N, M) problem
+        root = np.linalg.svd(ca @ cb.T, compute_uv=False).sum()
+        return float((ca * ca).sum()), float((cb * cb).sum()), float(root)
+    s_a, s_b = ca.T @ ca, cb.T @ cb
+    w, v = np.linalg.eigh(s_a)
+    r = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    eig = np.linalg.eigvalsh(r @ s_b @ r)
+    return float(np.trace(s_a)), float(np.trace(s_b)), float(np.sqrt(np.clip(eig, 0.0, None)).sum())
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) for features a (N, F), b (M, F).
 
-    Tr (S_a S_b)^(1/2) is computed as the sum of the singular values of L_a^T L_b, with S = L L^T (the
-    eigenvalues of S_a S_b are those of (L_a^T L_b)(L_a^T L_b)^T): exact for singular covariances (fewer
-    points than features) without pytorch-fid's diagonal offset, never complex, and ~100x faster than
-    scipy.linalg.sqrtm's Schur method, which made the bootstrap interval of FD most of an evaluation."""
+    Tr (S_a S_b)^(1/2) comes from symmetric eigenvalue problems (``_trace_sqrt_product``), not from
+    scipy.linalg.sqrtm's Schur method on the non-symmetric product: exact for singular covariances (fewer
+    points than features) without pytorch-fid's diagonal offset, never complex, and faster. The Schur
+    method made the 2,000 distances of a bootstrap interval most of a small evaluation."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if len(a) < 2 or len(b) < 2:
         raise ValueError("the Fréchet distance needs at least two points per set")
-    la, lb = _cov_factor(a), _cov_factor(b)
-    trace_root = np.linalg.svd(la.T @ lb, compute_uv=False).sum()
+    tr_a, tr_b, tr_root = _trace_sqrt_product(a, b)
     diff = a.mean(0) - b.mean(0)
-    return float(max(diff @ diff + (la * la).sum() + (lb * lb).sum() - 2.0 * trace_root, 0.0))
+    return float(max(diff @ diff + tr_a + tr_b - 2.0 * tr_root, 0.0))
 
 
 def knn_radii(x: np.ndarray, k: int) -> np.ndarray:
