@@ -80,16 +80,25 @@ def test_help_states_the_anomaly_defaults(flag, capsys):
     assert {"--image-size": "at most 64", "--epochs": "default 25", "--batch-size": "default 64"}[flag] in text
 
 
+def _png_folder(root, classes, n: int, side: int = 28, seed: int = 0):
+    """root/<class>/<i>.png: n random side x side gray images per class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for cls in classes:
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (side, side), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    return root
+
+
 def test_native_side_of_folders_reads_image_and_dicom_headers(tmp_path):
     from PIL import Image
 
     from test_dicom import write_dicom
 
     rng = np.random.default_rng(0)
-    for cls in ("normal", "tumour"):
-        (tmp_path / "png" / cls).mkdir(parents=True)
-        for i in range(5):
-            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(tmp_path / "png" / cls / f"{i}.png")
+    _png_folder(tmp_path / "png", ("normal", "tumour"), 5)
     (tmp_path / "png" / "normal" / "broken.png").write_bytes(b"not a png")  # skipped; the loader reports it
     assert native_side(str(tmp_path / "png")) == 28 and auto_image_size(28) == 32
     Image.fromarray(rng.integers(0, 256, (20, 40), dtype=np.uint8)).save(tmp_path / "png" / "tumour" / "wide.png")
@@ -103,13 +112,7 @@ def test_native_side_of_folders_reads_image_and_dicom_headers(tmp_path):
 
 
 def test_fit_on_a_folder_of_28px_images_trains_at_32(tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(1)
-    for cls in ("normal", "lesion"):
-        (tmp_path / "data" / cls).mkdir(parents=True)
-        for i in range(40):
-            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(tmp_path / "data" / cls / f"{i}.png")
+    _png_folder(tmp_path / "data", ("normal", "lesion"), 40, seed=1)
     out = tmp_path / "run"
     assert main(["anomaly", "fit", "--data", str(tmp_path / "data"), "--normal-label", "normal", "--out", str(out),
                  "--epochs", "1", *TINY]) == 0

@@ -178,7 +178,8 @@ def add(sub) -> None:
     add_model_args(f)
     add_train_args(f)
     helps = {"image_size": "32, 64, 128 or 256 (default: the smallest that holds the source's images without "
-                           "downsampling, at most 64, for MedMNIST sources; else 64)",
+                           "downsampling, at most 64, read from the headers of MedMNIST sources and folders of "
+                           "images or DICOM files; else 64)",
              "likelihood": "default gaussian (families with a likelihood)", "epochs": "default 25",
              "batch_size": "default 64"}
     for action in f._actions:

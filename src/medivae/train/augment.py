@@ -60,8 +60,6 @@ def augment(x: torch.Tensor, spec: dict[str, float], generator: torch.Generator)
     u = torch.rand(b, 2, generator=generator)  # contrast, brightness (drawn even when unused: fixed order)
     shift = int(spec.get("shift", 0))
     offsets = torch.randint(0, 2 * shift + 1, (b, 2), generator=generator) if shift else None
-    memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and \
-        not x.is_contiguous() else torch.contiguous_format
     if offsets is not None:
         h, w = x.shape[-2:]
         padded = F.pad(x, (shift, shift, shift, shift), mode="replicate")  # (B, C, H + 2P, W + 2P)
@@ -78,4 +76,4 @@ def augment(x: torch.Tensor, spec: dict[str, float], generator: torch.Generator)
         offset = (brightness * (2 * u[:, 1] - 1))[:, None, None, None]
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = ((x - mean) * scale + mean + offset).clamp(0, 1)
-    return x.contiguous(memory_format=memory_format)
+    return x  # in whatever memory layout the indexing left: the caller lays it out for its model

@@ -168,7 +168,7 @@ class Trainer:
             ctx = StepContext(epoch, step, epoch - 1 + step / steps_per_epoch, t, noise)
             x = self._to_device(gather(images, idx))
             if changes:
-                x = augment(x, changes, augment_rng)
+                x = augment(x, changes, augment_rng).contiguous(memory_format=self.memory_format)
             y = self._labels(train, idx)
             terms: dict[str, torch.Tensor] = {}
             for train_step in self.steps:
