@@ -50,7 +50,7 @@ def seed_summary(anomaly: dict) -> dict:
         "trivial_baselines": anomaly["trivial_baselines"], "localisation": anomaly["localisation"],
         "restoration": anomaly["protocol"].get("restoration"), "latent_gmm": anomaly["protocol"].get("latent_gmm"),
         "prevalence": anomaly.get("prevalence"), "n_normal": anomaly.get("n_normal"),
-        "n_anomalous": anomaly.get("n_anomalous"),
+        "n_anomalous": anomaly.get("n_anomalous"), "normal_shift": anomaly.get("normal_shift"),
     }
 
 
@@ -192,6 +192,14 @@ def markdown(result: dict) -> str:
         for n, ms in rows:
             lines.append(f"| {n} | " + " | ".join(f"{np.mean([m[k_] for m in ms]):.3f}"
                                                    for k_ in ("auroc", "auprc", "best_dice")) + " |")
+    shift = next(iter(seeds.values())).get("normal_shift") or {}
+    found = [(k, shift[k]) for k in ("val", "scored") if k in shift]
+    if found:
+        lines += ["", "Normals against the training normals (classifier two-sample test, first seed; AUROC 0.5 = "
+                  "alike): " + "; ".join(f"{'validation' if k == 'val' else shift.get('scored_split', k)} normals "
+                                         f"{r['auroc']:.3f}" + (f" [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+                                                                 if r.get("ci95") else "")
+                                         + (" (differ)" if r["differ"] else "") for k, r in found)]
     checks = [c for c in sm.get("validation_check", {}).values() if c]
     if checks:
         lines += ["", f"Labelled validation anomalies ({checks[0]['n_normal']} normal, {checks[0]['n_anomalous']} "

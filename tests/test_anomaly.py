@@ -231,6 +231,12 @@ def test_score_cli_end_to_end(normal_run, tmp_path, capsys):
     assert {row["is_anomaly"] for row in rows} == {"0", "1"}
     assert all((out / f).stat().st_size > 0 for f in ("roc.png", "overlays.png", "maps.npz"))
     assert np.load(out / "maps.npz")["maps"].shape == (len(rows), 32, 32)
+    # the calibration and the scored normals, each against the training normals (all from one generator)
+    ns = r["normal_shift"]
+    assert ns["scored_split"] == "test" and ns["scored"]["n_other"] == r["n_normal"]
+    for key in ("val", "scored"):
+        assert not ns[key]["differ"] and ns[key]["ci95"][0] <= ns[key]["auroc"] <= ns[key]["ci95"][1], key
+    assert "normals vs the training normals" in printed and "differ from the training normals" not in printed
 
 
 def test_scored_normals_were_never_trained_on(normal_run):

@@ -110,6 +110,11 @@ def test_report_shows_detection_maps_and_localisation(scored):
         assert f"<tr><th>{name}</th><td>{m['auroc']:.4g}</td><td>{m['auprc']:.4g}</td>" in loc, name
         assert f"<td>{p['auprc']:.4g}</td><td>{p['best_dice']:.4g}</td></tr>" in loc, name
     assert loc.count("baseline:") == 2
+    # the normals check: the calibration and the scored normals against the training normals
+    shift = section[section.index("<table class='grid shift'>") :]
+    shift = shift[: shift.index("</table>")]
+    for key, title in (("val", "validation normals (calibration)"), ("scored", "test normals")):
+        assert f"<tr><th>{title}</th><td>{r['normal_shift'][key]['n_other']}</td>" in shift, key
     # detection: the default marked, the trivial baselines beside it, with their bootstrap intervals
     det = section[section.index("<table class='grid detection'>") :]
     det = det[: det.index("</table>")]
@@ -142,6 +147,21 @@ def test_report_tables_from_results_alone():
     assert "<tr><th>residual</th><td>0.77</td><td>0.31</td><td>0.29</td></tr>" in loc
     assert "σ: synthetic 2" in loc and "lesion phantoms" not in loc  # no phantoms in these results
     assert detection_table({}) == "" and localisation_table({"localisation": {}}) == ""
+
+
+def test_report_shift_table_names_each_set_and_its_verdict():
+    from medivae.report.anomaly import shift_table
+
+    ns = {"scored_split": "test", "method": "classifier two-sample test",
+          "val": {"auroc": 0.49, "ci95": [0.44, 0.54], "p_value": 0.6, "differ": False, "n_reference": 1214,
+                  "n_other": 135},
+          "scored": {"auroc": 0.78, "ci95": [0.75, 0.81], "p_value": 1e-40, "differ": True, "n_reference": 1214,
+                     "n_other": 234}}  # fmt: skip
+    t = shift_table({"normal_shift": ns})
+    assert "<tr><th>validation normals (calibration)</th><td>135</td><td>0.49</td><td>[0.44, 0.54]</td>" in t
+    assert "<tr><th>test normals</th><td>234</td><td>0.78</td><td>[0.75, 0.81]</td>" in t
+    assert t.count("<b>differ</b>") == 1 and "Against 1214 training normals" in t
+    assert shift_table({}) == "" and shift_table({"normal_shift": {"scored_split": "test"}}) == ""
 
 
 def test_gradient_maps_are_computed_once_and_are_both_the_main_and_the_named_map(scored, tmp_path, monkeypatch):

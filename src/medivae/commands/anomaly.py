@@ -158,7 +158,26 @@ def cmd_score(args) -> int:
     if "tpr" in t:
         line += f": {r['split']} FPR {t['fpr']:.3f}, TPR {t['tpr']:.3f}"
     print(line)
+    if shift := shift_line(r.get("normal_shift") or {}):
+        print(shift)
     return 0
+
+
+def shift_line(ns: dict) -> str:
+    """One line: how well a classifier tells the validation and scored normals from the training normals."""
+    from medivae.evaluation.bootstrap import fmt_ci
+
+    names = {"val": "validation normals", "scored": f"{ns.get('scored_split', 'scored')} normals"}
+    parts = [f"{names[k]} {ns[k]['auroc']:.3f}{fmt_ci(ns[k].get('ci95'))}" for k in names if k in ns]
+    if not parts:
+        return ""
+    line = "  normals vs the training normals (classifier two-sample test, AUROC 0.5 = alike): " + "; ".join(parts)
+    differ = [names[k] for k in names if k in ns and ns[k]["differ"]]
+    if differ:
+        line += (f". The {' and the '.join(differ)} differ from the training normals (p < 0.01): the model "
+                 "calls that difference anomalous too, so the AUROCs above also measure it, and the threshold's "
+                 "false-positive bound, which assumes new normals like the validation ones, need not hold there")
+    return line
 
 
 def add(sub) -> None:

@@ -89,6 +89,28 @@ def _verdict(metrics: dict, trivial: dict, default, prevalence) -> str:
     return f"<p class='muted'>{' '.join(parts)}</p>"
 
 
+def shift_table(res: dict) -> str:
+    """The classifier two-sample test of the validation and scored normals against the training normals."""
+    ns = _dict(res.get("normal_shift"))
+    names = {"val": "validation normals (calibration)", "scored": f"{ns.get('scored_split', 'scored')} normals"}
+    rows, n_reference = [], None
+    for key, title in names.items():
+        r = _dict(ns.get(key))
+        if r:
+            n_reference = r.get("n_reference")
+            verdict = "<b>differ</b>" if r.get("differ") else "alike (no evidence of a difference)"
+            rows.append(f"<tr><th>{esc(title)}</th><td>{fmt(r.get('n_other'))}</td><td>{fmt(r.get('auroc'))}</td>"
+                        f"<td>{_ci(r.get('ci95'))}</td><td>{fmt(r.get('p_value'))}</td><td>{verdict}</td></tr>")
+    if not rows:
+        return ""
+    head = "<tr><th>normals</th><th>images</th><th>AUROC</th><th>95 % CI</th><th>p-value</th><th>verdict</th></tr>"
+    text = (f"Against {fmt(n_reference)} training normals; {esc(ns.get('method', ''))}. "
+            "A model fitted on the training normals calls anything unlike them anomalous: where the scored "
+            "normals differ, the detection AUROCs above also measure that difference, and the conformal "
+            "threshold's false-positive bound, which assumes new normals like the validation ones, need not hold.")
+    return f"<table class='grid shift'>{head}{''.join(rows)}</table>" + note(text, "muted")
+
+
 def _pixel_rows(loc: dict) -> dict[str, tuple[dict, dict]]:
     """{set: (map name -> metrics, baseline name -> metrics)} for the sets the results have."""
     out = {}
@@ -156,6 +178,8 @@ def section_body(rep, res, figs: list[Path], roc: str = "") -> str:
     out = ""
     if table := detection_table(res):
         out += "<h3>Detection: model scores beside trivial baselines</h3>" + table
+    if table := shift_table(res):
+        out += "<h3>Are the scored normals like the training normals?</h3>" + table
     maps, figs = map_figures(rep, res, figs)
     if maps:
         out += "<h3>Anomaly maps</h3>" + maps

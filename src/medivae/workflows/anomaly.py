@@ -36,6 +36,7 @@ from medivae.evaluation.anomaly import (
 )
 from medivae.evaluation.anomaly_scores import reconstructions
 from medivae.evaluation.bootstrap import detection_ci
+from medivae.evaluation.shift import normal_shift
 from medivae.io import atomic_write_text
 from medivae.models.family import require
 from medivae.results import RESULTS_FILE, merge_results, read_results
@@ -180,7 +181,19 @@ def scoring_sets(cfg, normal_label: str, data: str | None, split: str) -> dict:
     scored_code = label_code(scored.label_names, normal_label)
     if len(scored) == 0:
         raise UserError(f"split {split!r} of {data or cfg.data.source} is empty")
-    return {"train": normals["train"], "val": normals["val"], "scored": scored, "normal_code": scored_code}
+    return {"train": normals["train"], "val": normals["val"], "scored": scored, "normal_code": scored_code,
+            "same_source": same}
+
+
+def shift_check(sets: dict, split: str, same_source: bool, bootstrap: int, seed: int) -> dict:
+    """``evaluation.shift.normal_shift`` of the validation normals (the calibration set) and of the scored
+    split's normals (when its labels say which they are, and they are not the validation or training normals
+    themselves) against the training normals."""
+    checked = {"val": sets["val"].images}
+    s, code = sets["scored"], sets["normal_code"]
+    if code is not None and not (same_source and split in ("train", "val")):
+        checked["scored"] = s.images[s.labels == code]
+    return {"scored_split": split, **normal_shift(sets["train"].images, checked, seed, bootstrap)}
 
 
 def write_scores_csv(path: Path, scored, scores: dict[str, np.ndarray], is_anomaly, flagged) -> None:
@@ -258,6 +271,7 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
                                 bootstrap, gradient))
     title = f"normal = {normal_label!r}, {split} split"
     result.update(_write_outputs(out, sets, scored, thr, n_maps, title, bootstrap, cfg.train.seed))
+    result["normal_shift"] = shift_check(sets, split, sets["same_source"], bootstrap, cfg.train.seed)
     rank_by = result["protocol"]["default"]
     pick = panel(scored.scores[rank_by], min(n_maps, MAX_GRID_ROWS))
     if len(pick) and scored.named_maps:
