@@ -185,13 +185,13 @@ def scoring_sets(cfg, normal_label: str, data: str | None, split: str) -> dict:
             "same_source": same}
 
 
-def shift_check(sets: dict, split: str, same_source: bool, bootstrap: int, seed: int) -> dict:
+def shift_check(sets: dict, split: str, bootstrap: int, seed: int) -> dict:
     """``evaluation.shift.normal_shift`` of the validation normals (the calibration set) and of the scored
     split's normals (when its labels say which they are, and they are not the validation or training normals
     themselves) against the training normals."""
     checked = {"val": sets["val"].images}
     s, code = sets["scored"], sets["normal_code"]
-    if code is not None and not (same_source and split in ("train", "val")):
+    if code is not None and not (sets["same_source"] and split in ("train", "val")):
         checked["scored"] = s.images[s.labels == code]
     return {"scored_split": split, **normal_shift(sets["train"].images, checked, seed, bootstrap)}
 
@@ -271,7 +271,7 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
                                 bootstrap, gradient))
     title = f"normal = {normal_label!r}, {split} split"
     result.update(_write_outputs(out, sets, scored, thr, n_maps, title, bootstrap, cfg.train.seed))
-    result["normal_shift"] = shift_check(sets, split, sets["same_source"], bootstrap, cfg.train.seed)
+    result["normal_shift"] = shift_check(sets, split, bootstrap, cfg.train.seed)
     rank_by = result["protocol"]["default"]
     pick = panel(scored.scores[rank_by], min(n_maps, MAX_GRID_ROWS))
     if len(pick) and scored.named_maps:
