@@ -216,7 +216,7 @@ def test_score_cli_end_to_end(normal_run, tmp_path, capsys):
     r = json.loads((normal_run / "results.json").read_text())["anomaly"]
     assert r["normal_label"] == "normal" and r["split"] == "test"
     # Bernoulli likelihood (the default): no complexity-corrected score, and combined is SSIM alone
-    new = {"latent_gmm", "feature_res", "restoration", "ensemble"}  # issue 21 (workflows/anomaly_protocol.py)
+    new = {"latent_gmm", "feature_res", "ssim_z", "restoration", "ensemble"}  # issue 21 (workflows/anomaly_protocol.py)
     assert set(r["metrics"]) == {*an.SCORE_NAMES, "combined", *new} - {"iwae_minus_png"}
     assert r["combined"]["components"] == ["ssim"]
     assert all(0.0 <= m["auroc"] <= 1.0 for m in r["metrics"].values())

@@ -40,7 +40,7 @@ def _expected_maps(run) -> set[str]:
 
     model = load_run(run, device="cpu").model
     return (
-        {"residual", "ssim"}
+        {"residual", "ssim", "ssim_z"}
         | ({"gradient", "restoration"} if has(model, "likelihood") else set())
         | ({"vq_healing"} if xs.can_heal(model) else set())
     )
@@ -49,7 +49,7 @@ def _expected_maps(run) -> set[str]:
 def test_maps_npz_holds_every_map_of_the_family_for_every_scored_image(scored):
     r = json.loads((scored / "results.json").read_text())["anomaly"]
     z = np.load(scored / "anomaly" / "maps.npz")
-    assert set(r["map_names"]) == _expected_maps(scored) == {"residual", "ssim", "gradient", "restoration"}
+    assert set(r["map_names"]) == _expected_maps(scored) == {"residual", "ssim", "ssim_z", "gradient", "restoration"}
     assert set(z.files) == {"maps", *r["map_names"]}  # "maps": the key readers had before, kept
     for name in z.files:
         m = z[name]

@@ -101,9 +101,10 @@ def test_every_map_beats_the_blurred_residual_baseline_on_phantoms(phantom_model
     against the mean normal image; SSIM and gradient maps of this small model do not (0.52 and 0.60 against
     0.64 when this was written), which results.json shows beside them."""
     normals = make_phantoms(200, 32, seed=7, lesion_fraction=0.0).images
+    norm = xs.fit_ssim_norm(normals, xs.reconstructions(phantom_model, normals))
     r = ap.phantom_localisation(phantom_model, normals, "cpu", seed=13,
-                                restoration={**ap.RESTORATION, "tv": 0.1}, batch_size=64)
-    assert set(r["maps"]) == {"residual", "ssim", "restoration", "gradient"}
+                                restoration={**ap.RESTORATION, "tv": 0.1}, batch_size=64, ssim_norm=norm)
+    assert set(r["maps"]) == {"residual", "ssim", "ssim_z", "restoration", "gradient"}
     for name, m in r["maps"].items():
         assert m["auprc"] > 2 * r["baseline"]["self_blur"]["auprc"], (name, m, r["baseline"])
     for name in ("residual", "restoration"):
@@ -144,7 +145,7 @@ def test_the_default_does_not_change_when_test_labels_change(scored_run):
     assert a["val_normal_stats"] == b["val_normal_stats"] and set(a["val_auroc"]) <= set(a["val_normal_stats"])
     assert all(sd > 0 for _, sd in a["val_normal_stats"].values())
     assert a["restoration"]["tv"] == b["restoration"]["tv"]
-    for name in ("latent_gmm", "feature_res", "restoration", "ensemble"):
+    for name in ("latent_gmm", "feature_res", "ssim_z", "restoration", "ensemble"):
         np.testing.assert_array_equal(sa[name], sb[name])
 
 
@@ -157,7 +158,7 @@ def test_score_cli_reports_protocol_baselines_and_localisation(scored_run, tmp_p
     assert set(r["trivial_baselines"]) == {"png_size", "mean_intensity", "intensity_std"}
     assert all(b["ci95"] for b in r["trivial_baselines"].values())
     assert {"residual", "restoration"} <= set(r["localisation"]["synthetic"])
-    assert set(r["localisation"]["phantoms"]["maps"]) >= {"residual", "ssim", "restoration", "gradient"}
+    assert set(r["localisation"]["phantoms"]["maps"]) >= {"residual", "ssim", "ssim_z", "restoration", "gradient"}
     assert "restoration" in r["metrics"]
 
 
@@ -182,3 +183,27 @@ def test_vq_healing_replaces_exactly_the_codes_the_prior_finds_unlikely():
         np.testing.assert_array_equal(xs.vq_heal(model, x, threshold=0.005), model.decode_indices(idx).float())
     s, m = xs.healing_scores(model, (x.numpy() * 255).astype(np.uint8), threshold=0.01)
     assert s.shape == (3,) and m.shape == (3, 32, 32) and (s > 0).all()
+
+
+def test_ssim_z_weighs_a_difference_by_how_much_normals_vary_there():
+    """The same local change counts more where normal images are always reconstructed alike than where
+    their reconstructions vary; below-average dissimilarity counts zero."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    normals = rng.integers(60, 200, size=(40, 1, 32, 32)).astype(np.uint8)
+    x = torch.from_numpy(normals.astype(np.float32) / 255.0)
+    recon = x.clone()
+    recon[..., :16] += torch.from_numpy(rng.normal(0, 0.15, size=(40, 1, 32, 16)).astype(np.float32))  # left: varies
+    recon[..., 16:] += 0.01  # right: always nearly the same, small error
+    mean, std = xs.fit_ssim_norm(normals, recon.clamp(0, 1))
+    assert mean.shape == std.shape == (26, 26) and std[:, :5].mean() > 5 * std[:, -5:].mean()
+    image = normals[:1].copy()
+    changed = torch.from_numpy(image.astype(np.float32) / 255.0)
+    changed[..., 8:14, 3:9] = 0.0  # the same square changed in the left half ...
+    changed[..., 8:14, 23:29] = 0.0  # ... and in the right half
+    score, amap = xs.normative_ssim(image, changed, (mean, std))
+    assert amap.shape == (1, 32, 32) and (amap >= 0).all() and score[0] > 0
+    assert amap[0, 8:14, 23:29].mean() > 3 * amap[0, 8:14, 3:9].mean()
+    same, zero = xs.normative_ssim(image, torch.from_numpy(image.astype(np.float32) / 255.0), (mean, std))
+    assert same[0] == 0 and not zero.any()  # a perfect reconstruction is below every normal's dissimilarity

@@ -644,7 +644,7 @@ def test_anomaly_fit_and_score(family, anomaly_run, tmp_path, capsys):
     assert all(math.isfinite(float(row["combined"])) for row in rows)
     # every map the family can make, end to end (vq_vae with its trained code prior: prior-guided healing too)
     model = medivae.load(anomaly_run, device="cpu").model
-    expected = {"residual", "ssim"} | ({"gradient", "restoration"} if "likelihood" in caps else set()) \
+    expected = {"residual", "ssim", "ssim_z"} | ({"gradient", "restoration"} if "likelihood" in caps else set()) \
         | ({"vq_healing"} if xs.can_heal(model) else set())
     assert family != "vq_vae" or "vq_healing" in expected
     z = np.load(out / "maps.npz")

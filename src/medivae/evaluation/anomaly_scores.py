@@ -8,6 +8,10 @@ Per-image scores, higher = more anomalous; maps (N, H, W) where the score has on
   ``restoration``    MAP restoration (Chen et al. 2020, "Unsupervised lesion detection via image restoration
                      with a normative prior"): a few Adam steps on the image that lower -ELBO + lambda TV(x_r - x),
                      the mean |x - x_r| as score and |x - x_r| as map ("likelihood");
+  ``ssim_z``         the SSIM map read against normal variation (normative modelling, cf. Marquand et al. 2016):
+                     per pixel, (1 - local SSIM of x and its reconstruction - mean) / std, mean and std over the
+                     training normals' own maps; the mean of the positive part as score and that part as map.
+                     A pixel where normals are always reconstructed well counts more than one where they vary;
   ``vq_healing``     prior-guided healing (Pinaya et al. 2022): codes unlikely under the VQ-VAE's code prior
                      are replaced by likely ones, decoded; the residual |x - healed| as map and score;
   ``ensemble``       mean of validation-standardised scores over ENSEMBLE_FROM (fixed in advance).
@@ -23,7 +27,8 @@ import torch
 from tqdm import tqdm
 
 from medivae.data.imageset import to_float
-from medivae.evaluation.anomaly import calibrate, combined_score, png_nats
+from medivae.evaluation.anomaly import calibrate, combined_score, png_nats, ssim_maps
+from medivae.evaluation.localisation import pad_to
 from medivae.models.family import has, labels_for
 
 ENSEMBLE_FROM = ("ssim", "rec_error", "latent_gmm", "feature_res", "restoration", "vq_healing", "disc")
@@ -69,6 +74,29 @@ def feature_residual(reference, images: np.ndarray, recon: torch.Tensor) -> np.n
     """||f(x) - f(x_hat)||_2 / sqrt(D) in the reference extractor's feature space, (N,)."""
     fx, fr = reference.features(images), reference.features(recon)
     return np.linalg.norm(fx - fr, axis=1) / math.sqrt(fx.shape[1])
+
+
+# --- SSIM map against normal variation ------------------------------------------------------------------------
+NORM_STD_FLOOR = 1e-3  # SSIM units: a pixel every normal reconstructs identically still has a finite z
+
+
+def dissimilarity_maps(images: np.ndarray, recon: torch.Tensor) -> torch.Tensor:
+    """1 - local SSIM of uint8 images (N, C, H, W) and their reconstructions, (N, H - 6, W - 6)."""
+    return 1.0 - ssim_maps(to_float(images, "cpu").float(), recon.float())
+
+
+def fit_ssim_norm(images: np.ndarray, recon: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel mean and standard deviation (h, w) of the dissimilarity maps of normal images (N >= 2)."""
+    d = dissimilarity_maps(images, recon).double()
+    return d.mean(0).numpy(), d.std(0).numpy() + NORM_STD_FLOOR
+
+
+def normative_ssim(images: np.ndarray, recon: torch.Tensor, norm) -> tuple[np.ndarray, np.ndarray]:
+    """``ssim_z`` score (N,) and map (N, H, W): the positive part of the per-pixel z-score of the dissimilarity
+    map under ``norm`` (from :func:`fit_ssim_norm`), its mean as score, edge-padded to the image size as map."""
+    mean, std = norm
+    z = np.clip((dissimilarity_maps(images, recon).double().numpy() - mean) / std, 0.0, None)
+    return z.reshape(len(z), -1).mean(1), pad_to(z.astype(np.float32), images.shape[-1])
 
 
 # --- MAP restoration (Chen et al. 2020) ----------------------------------------------------------------------
@@ -163,5 +191,5 @@ def trivial_scores(images: np.ndarray, png: np.ndarray | None = None) -> dict[st
 
 def capable(model) -> dict[str, bool]:
     """Which of the new scores this family supports."""
-    return {"latent_gmm": has(model, "gaussian_latent"), "feature_res": True,
+    return {"latent_gmm": has(model, "gaussian_latent"), "feature_res": True, "ssim_z": True,
             "restoration": has(model, "likelihood"), "vq_healing": can_heal(model)}

@@ -126,6 +126,15 @@ def extend_scores(model, cfg, sets: dict, val: AnomalyScores, scored: AnomalySco
         r.scores["feature_res"] = xs.feature_residual(ref, imgs, recon[name])
     record["feature_res"] = {"extractor": ref.name, "folder": str(ref.folder)}
     extra_maps: dict[str, dict] = {}
+    train = sets["train"]
+    norm = None
+    if train is not None and len(train) >= 2:  # the training normals' own SSIM maps: what normal variation is
+        norm = xs.fit_ssim_norm(train.images, xs.reconstructions(model, train.images, train.labels, batch_size,
+                                                                 device))
+        extra_maps["ssim_z"] = {}
+        for name, (imgs, _, r) in sets3.items():
+            r.scores["ssim_z"], extra_maps["ssim_z"][name] = xs.normative_ssim(imgs, recon[name], norm)
+        record["ssim_z"] = {"normals": len(train), "std_floor": xs.NORM_STD_FLOOR}
     if has(model, "likelihood"):
         def restore(i, lab, tv):
             return xs.restoration_scores(model, i, lab, tv=tv, seed=seed, device=device, batch_size=batch_size,
@@ -162,7 +171,7 @@ def extend_scores(model, cfg, sets: dict, val: AnomalyScores, scored: AnomalySco
     if str(cfg.data.source).startswith("phantoms"):
         out["localisation"]["phantoms"] = phantom_localisation(model, sets["train"].images, device, seed,
                                                                record.get("restoration"), batch_size,
-                                                               record.get("vq_healing"))
+                                                               record.get("vq_healing"), norm)
     return out
 
 
@@ -206,9 +215,10 @@ def trivial_baselines(images, labels, normal_code, png, bootstrap: int = 0, seed
 
 
 def phantom_localisation(model, normals, device, seed: int, restoration: dict | None, batch_size: int,
-                         healing: dict | None = None) -> dict:
+                         healing: dict | None = None, ssim_norm=None) -> dict:
     """Pixel AUROC / AUPRC / best Dice of every map on lesion phantoms with known masks, and the best
-    model-free blurred-residual map on the same masks."""
+    model-free blurred-residual map on the same masks. ``ssim_norm``: the training normals' SSIM-map
+    statistics (``anomaly_scores.fit_ssim_norm``), for the ``ssim_z`` map."""
     from medivae.data.phantoms import phantom_with_mask
 
     size = normals.shape[-1]
@@ -224,6 +234,8 @@ def phantom_localisation(model, normals, device, seed: int, restoration: dict | 
     if healing is not None:
         extra["vq_healing"] = xs.healing_scores(model, images, labels, healing["threshold"], batch_size, device)[1]
     recon = xs.reconstructions(model, images, labels, batch_size, device)
+    if ssim_norm is not None:
+        extra["ssim_z"] = xs.normative_ssim(images, recon, ssim_norm)[1]
     maps = _maps(model, images, labels, recon, device, extra, seed)
     return {"maps": _localise(maps, masks), "baseline": blurred_residual_baseline(images, masks, normals),
             "n_images": len(images)}
