@@ -69,10 +69,12 @@ def across(seeds: dict, n_boot: int) -> dict:
 
 def val_check(run_dir: Path, data: str, normal_label: str, seed: int) -> dict | None:
     """AUROC on the source's own labelled VALIDATION anomalies (never test) of the scores that need no
-    fitting beyond the model (``score_images``) and of the trivial baselines: what a user who holds labelled
+    fitting beyond the model (``score_images``, and ``ssim_z`` from the training normals) and of the trivial
+    baselines: what a user who holds labelled
     validation data would see. None when the validation split has no anomalies."""
     from medivae.config import DataConfig
     from medivae.data import load_dataset
+    from medivae.evaluation import anomaly_scores as xs
     from medivae.evaluation.anomaly import detection_metrics, score_images
     from medivae.evaluation.anomaly_scores import trivial_scores
     from medivae.run import load_run
@@ -87,6 +89,10 @@ def val_check(run_dir: Path, data: str, normal_label: str, seed: int) -> dict | 
         return None
     scored = score_images(run.model, images, None, 16, 128, seed, "cpu")
     out = {n: detection_metrics(v, y)["auroc"] for n, v in scored.scores.items()}
+    train = load_dataset(run.config.data, seed, progress=False)["train"]  # the run's own normal training images
+    norm = xs.fit_ssim_norm(train.images, xs.reconstructions(run.model, train.images))
+    out["ssim_z"] = detection_metrics(xs.normative_ssim(images, xs.reconstructions(run.model, images), norm)[0],
+                                      y)["auroc"]
     for n, v in trivial_scores(images).items():
         out[f"baseline: {n}"] = max(detection_metrics(v, y)["auroc"], detection_metrics(-v, y)["auroc"])
     return {"auroc": out, "n_normal": int((~y).sum()), "n_anomalous": int(y.sum())}
