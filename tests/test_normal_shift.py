@@ -76,3 +76,22 @@ def test_large_images_are_area_averaged_to_32_px():
     assert np.all(grid[:, :, :16] == 200) and np.all(grid[:, :, 16:] == 0)
     small = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 1, 28, 28)
     assert np.array_equal(_pooled(small), small.reshape(2, -1).astype(np.float64))  # no resampling below 32 px
+
+
+def test_shift_check_compares_only_sets_that_are_not_the_training_or_validation_normals(normals):
+    from medivae.data.imageset import ImageSet
+    from medivae.workflows.anomaly import shift_check
+
+    ref, other = normals
+    mixed = ImageSet(np.concatenate([other, reframed(other)]), np.r_[np.zeros(120), np.ones(120)].astype(np.int64),
+                     ("normal", "lesion"))
+    sets = {"train": ImageSet(ref, np.zeros(240, np.int64), ("normal",)),
+            "val": ImageSet(other[:60], np.zeros(60, np.int64), ("normal",)),
+            "scored": mixed, "normal_code": 0, "same_source": True}
+    r = shift_check(sets, "test", bootstrap=0, seed=0)
+    assert r["scored_split"] == "test" and r["val"]["n_other"] == 60
+    assert r["scored"]["n_other"] == 120 and not r["scored"]["differ"]  # only the normals are compared
+    for split in ("train", "val"):  # the scored normals are the training or validation normals themselves
+        assert "scored" not in shift_check(sets, split, bootstrap=0, seed=0)
+    assert "scored" in shift_check({**sets, "same_source": False}, "val", bootstrap=0, seed=0)
+    assert "scored" not in shift_check({**sets, "normal_code": None}, "test", bootstrap=0, seed=0)
