@@ -113,7 +113,7 @@ def test_report_shows_detection_maps_and_localisation(scored):
     # the normals check: the calibration and the scored normals against the training normals
     shift = section[section.index("<table class='grid shift'>") :]
     shift = shift[: shift.index("</table>")]
-    for key, title in (("val", "validation normals (calibration)"), ("scored", "test normals")):
+    for key, title in (("val", "validation normals"), ("scored", "test normals")):
         assert f"<tr><th>{title}</th><td>{r['normal_shift'][key]['n_other']}</td>" in shift, key
     # detection: the default marked, the trivial baselines beside it, with their bootstrap intervals
     det = section[section.index("<table class='grid detection'>") :]
@@ -158,7 +158,7 @@ def test_report_shift_table_names_each_set_and_its_verdict():
           "scored": {"auroc": 0.78, "ci95": [0.75, 0.81], "p_value": 1e-40, "differ": True, "n_reference": 1214,
                      "n_other": 234}}  # fmt: skip
     t = shift_table({"normal_shift": ns})
-    assert "<tr><th>validation normals (calibration)</th><td>135</td><td>0.49</td><td>[0.44, 0.54]</td>" in t
+    assert "<tr><th>validation normals</th><td>135</td><td>0.49</td><td>[0.44, 0.54]</td>" in t
     assert "<tr><th>test normals</th><td>234</td><td>0.78</td><td>[0.75, 0.81]</td>" in t
     assert t.count("<b>differ</b>") == 1 and "Against 1214 training normals" in t
     assert shift_table({}) == "" and shift_table({"normal_shift": {"scored_split": "test"}}) == ""

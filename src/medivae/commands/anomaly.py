@@ -130,6 +130,7 @@ def cmd_score(args) -> int:
         device=args.device,
         precision=args.precision,
         bootstrap=args.bootstrap,
+        calibration=args.calibration,
     )
     print(
         f"scored {r['n_scored']} images of {r['data']} ({r['split']}); "
@@ -153,8 +154,10 @@ def cmd_score(args) -> int:
         print(f"  default score, chosen on validation normals vs synthetic anomalies only: {p['default']} "
               f"(validation AUROC {p['val_auroc'][p['default']]:.3f})")
     t = r["threshold"]
+    on = t.get("calibrated_on", "validation normals")
+    on = on if isinstance(on, str) else f"normals of {on['source']}"
     line = (f"  conformal threshold {t['value']:.3f} on {t['score']} (rank {t['rank']} of {t['n_calibration']} "
-            f"validation normals: a new normal is flagged with probability <= {t['target_fpr']:g})")
+            f"{on}: a new normal like them is flagged with probability <= {t['target_fpr']:g})")
     if "tpr" in t:
         line += f": {r['split']} FPR {t['fpr']:.3f}, TPR {t['tpr']:.3f}"
     print(line)
@@ -167,7 +170,8 @@ def shift_line(ns: dict) -> str:
     """One line: how well a classifier tells the validation and scored normals from the training normals."""
     from medivae.evaluation.bootstrap import fmt_ci
 
-    names = {"val": "validation normals", "scored": f"{ns.get('scored_split', 'scored')} normals"}
+    names = {"val": "validation normals", "calibration": "calibration normals",
+             "scored": f"{ns.get('scored_split', 'scored')} normals"}
     parts = [f"{names[k]} {ns[k]['auroc']:.3f}{fmt_ci(ns[k].get('ci95'))}" for k in names if k in ns]
     if not parts:
         return ""
@@ -175,8 +179,9 @@ def shift_line(ns: dict) -> str:
     differ = [names[k] for k in names if k in ns and ns[k]["differ"]]
     if differ:
         line += (f". The {' and the '.join(differ)} differ from the training normals (p < 0.01): the model "
-                 "calls that difference anomalous too, so the AUROCs above also measure it, and the threshold's "
-                 "false-positive bound, which assumes new normals like the validation ones, need not hold there")
+                 "calls that difference anomalous too, so the AUROCs above also measure it, and a threshold set on "
+                 "other normals need not keep its false-positive bound there (--calibration NORMALS sets it on "
+                 "normals from where the scored images come)")
     return line
 
 
@@ -215,6 +220,10 @@ def add(sub) -> None:
     c.add_argument("--fpr", type=float, default=0.05,
                    help="false-positive rate the conformal threshold guarantees (needs >= 1/FPR - 1 validation "
                    "normals)")
+    c.add_argument("--calibration", default=None, metavar="SOURCE",
+                   help="normal images from where the scored images come (a folder, or a source whose images "
+                   "with the normal label are used; every split) to set the threshold on, instead of the run's "
+                   "validation normals: the false-positive bound then holds for normals like them")
     c.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                    help="bootstrap resamples for 95%% intervals of AUROC/AUPRC (default 1000; 0: off)")
     c.add_argument("--iwae-samples", type=int, default=16, help="posterior draws per image (default 16)")

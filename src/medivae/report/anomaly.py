@@ -92,7 +92,8 @@ def _verdict(metrics: dict, trivial: dict, default, prevalence) -> str:
 def shift_table(res: dict) -> str:
     """The classifier two-sample test of the validation and scored normals against the training normals."""
     ns = _dict(res.get("normal_shift"))
-    names = {"val": "validation normals (calibration)", "scored": f"{ns.get('scored_split', 'scored')} normals"}
+    names = {"val": "validation normals", "calibration": "calibration normals (--calibration)",
+             "scored": f"{ns.get('scored_split', 'scored')} normals"}
     rows, n_reference = [], None
     for key, title in names.items():
         r = _dict(ns.get(key))
@@ -107,7 +108,8 @@ def shift_table(res: dict) -> str:
     text = (f"Against {fmt(n_reference)} training normals; {esc(ns.get('method', ''))}. "
             "A model fitted on the training normals calls anything unlike them anomalous: where the scored "
             "normals differ, the detection AUROCs above also measure that difference, and the conformal "
-            "threshold's false-positive bound, which assumes new normals like the validation ones, need not hold.")
+            "threshold's false-positive bound holds only for new normals like those it was set on "
+            "(<code>--calibration</code> sets it on normals from where the scored images come).")
     return f"<table class='grid shift'>{head}{''.join(rows)}</table>" + note(text, "muted")
 
 

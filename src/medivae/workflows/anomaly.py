@@ -185,11 +185,34 @@ def scoring_sets(cfg, normal_label: str, data: str | None, split: str) -> dict:
             "same_source": same}
 
 
+def calibration_set(cfg, normal_label: str, source: str, scored_source: str) -> ImageSet:
+    """The normal images of ``source`` (every split) for the threshold: those with the normal label when the
+    source is labelled, all of them when it is not (a folder of normals from the site being scored)."""
+    if Path(source).expanduser().resolve() == Path(scored_source).expanduser().resolve():
+        raise UserError("--calibration must hold normals that are not scored: pass other images than --data")
+    data = dataclasses.replace(cfg.data, source=source, labels=(), val_fraction=0.0, test_fraction=0.0)
+    parts = [s for s in load_dataset(data, cfg.train.seed, progress=False).values() if len(s)]
+    every = parts[0]
+    for more in parts[1:]:
+        every = _concat(every, more)
+    code = label_code(every.label_names, normal_label)
+    if code is not None and (every.labels == code).any():
+        keep = every.labels == code
+    elif (every.labels < 0).all():
+        keep = np.ones(len(every), dtype=bool)
+    else:
+        raise UserError(f"--calibration {source}: its labels {list(every.label_names)} do not include the normal "
+                        f"label {normal_label!r}; pass a folder of normal images only, or a source with that label")
+    return every.subset(np.flatnonzero(keep))
+
+
 def shift_check(sets: dict, split: str, bootstrap: int, seed: int) -> dict:
     """``evaluation.shift.normal_shift`` of the validation normals (the calibration set) and of the scored
     split's normals (when its labels say which they are, and they are not the validation or training normals
     themselves) against the training normals."""
     checked = {"val": sets["val"].images}
+    if "calibration" in sets:
+        checked["calibration"] = sets["calibration"].images
     s, code = sets["scored"], sets["normal_code"]
     if code is not None and not (sets["same_source"] and split in ("train", "val")):
         checked["scored"] = s.images[s.labels == code]
@@ -217,8 +240,10 @@ def write_scores_csv(path: Path, scored, scores: dict[str, np.ndarray], is_anoma
 
 def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr=0.05, k=16,
               gradient=False, n_maps=16, batch_size=128, device="auto", precision="fp32",
-              bootstrap=1000) -> dict:  # fmt: skip
-    """Score a split with a run fitted on normals; write scores.csv, maps, ROC and results.json["anomaly"]."""
+              bootstrap=1000, calibration=None) -> dict:  # fmt: skip
+    """Score a split with a run fitted on normals; write scores.csv, maps, ROC and results.json["anomaly"].
+    ``calibration``: a source of normal images from where the scored images come (another site, scanner or
+    framing) to set the threshold on, instead of the run's validation normals."""
     read_results(Path(run_dir) / RESULTS_FILE)  # fail now, not after the scoring, if it cannot be merged into
     run = load_run(run_dir, device=device)
     model, cfg, dev = run.model, run.config, run.device
@@ -235,10 +260,15 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
     if gradient:
         require(model, "likelihood", "anomaly score --gradient")
     sets = scoring_sets(cfg, normal_label, data, split)
-    n_val = len(sets["val"])
-    if conformal_rank(n_val, fpr) > n_val:  # before the scoring, not after
-        raise UserError(f"{n_val} validation normals cannot bound the false-positive rate at {fpr:g}: need at "
-                        f"least {min_calibration(fpr)}; refit with a larger --val-fraction or pass a larger --fpr")
+    if calibration is not None:
+        sets["calibration"] = calibration_set(cfg, normal_label, calibration, data or cfg.data.source)
+    if calibration is None:
+        n_cal, what, fix = len(sets["val"]), "validation normals", "refit with a larger --val-fraction"
+    else:
+        n_cal, what, fix = len(sets["calibration"]), f"normals in {calibration}", "add normals to it"
+    if conformal_rank(n_cal, fpr) > n_cal:  # before the scoring, not after
+        raise UserError(f"{n_cal} {what} cannot bound the false-positive rate at {fpr:g}: need at least "
+                        f"{min_calibration(fpr)}; {fix} or pass a larger --fpr")
 
     def run(s, grad=False, draws=k):
         return score_images(model, s.images, s.labels, draws, batch_size, cfg.train.seed, dev, grad, precision)
@@ -246,13 +276,15 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
     # the normal codes' Gaussian needs only the posterior means, so one draw is enough there
     codes = run(sets["train"], draws=1).codes if len(sets["train"]) > 1 else None
     val, scored = run(sets["val"]), run(sets["scored"], gradient)
+    cal = val if calibration is None else run(sets["calibration"])  # the normals the threshold is set on
+    every = (val, scored) if cal is val else (val, scored, cal)
     gauss = fit_latent_gaussian(codes if codes is not None else val.codes)
-    for r in (val, scored):
+    for r in every:
         r.scores["latent"] = mahalanobis(r.codes, gauss)
     calib = calibrate(val.scores)
-    for r in (val, scored):
+    for r in every:
         r.scores["combined"] = combined_score(r.scores, calib)
-    thr = threshold_at_fpr(val.scores["combined"], fpr)
+    thr = threshold_at_fpr(cal.scores["combined"], fpr)
     result = {
         "normal_label": normal_label, "data": data or cfg.data.source, "split": split, "iwae_samples": k,
         "map": "gradient" if gradient else "residual", "n_scored": len(sets["scored"]),
@@ -263,7 +295,9 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
                                    "image likelihood), never chosen on test labels"},
         "threshold": {"score": "combined", "target_fpr": fpr, "value": thr,
                       "val_fpr": float((val.scores["combined"] > thr).mean()),
-                      **conformal_guarantee(len(val.maps), fpr)},
+                      "calibrated_on": ({"source": str(calibration), "normals": len(cal.maps)}
+                                        if calibration is not None else "validation normals"),
+                      **conformal_guarantee(len(cal.maps), fpr)},
         "bootstrap": bootstrap,
     }  # fmt: skip
     # issue 21: new scores, the default chosen on validation + synthetic anomalies, baselines, localisation

@@ -1,0 +1,100 @@
+"""anomaly score --calibration: the threshold set on normals from where the scored images come."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medivae.cli import main
+from medivae.data.phantoms import make_phantoms
+from medivae.evaluation import anomaly as an
+
+from test_anomaly import TINY
+
+SCORE = ["--iwae-samples", "2", "--n-maps", "0", "--device", "cpu", "--fpr", "0.2", "--bootstrap", "0"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny run on lesion phantoms (normal = lesion-free): plumbing, not quality."""
+    out = tmp_path_factory.mktemp("calibration") / "run"
+    argv = ["anomaly", "fit", "--data", "phantoms:200", "--normal-label", "normal", "--out", str(out)]
+    assert main([*argv, "--epochs", "1", "--seed", "7", *TINY]) == 0
+    return out
+
+
+def _folder(root, images: np.ndarray, sub: str | None = None):
+    """PNGs of uint8 images (N, 1, H, W) in root (or root/sub, a class folder)."""
+    where = root / sub if sub else root
+    where.mkdir(parents=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img[0]).save(where / f"{i:03d}.png")
+    return root
+
+
+def _brighter_edges(images: np.ndarray) -> np.ndarray:
+    out = images.astype(np.int16)
+    out[..., :6] += 90
+    out[..., -6:] += 90
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def _score(run, tmp_path, name, *extra):
+    assert main(["anomaly", "score", str(run), "--out", str(tmp_path / name), *SCORE, *extra]) == 0
+    return json.loads((run / "results.json").read_text())["anomaly"]
+
+
+def test_threshold_is_set_on_the_calibration_normals(run, tmp_path, capsys):
+    normals = make_phantoms(40, 32, seed=99, lesion_fraction=0.0).images
+    plain = _score(run, tmp_path, "plain")
+    assert plain["threshold"]["calibrated_on"] == "validation normals"
+    folder = _folder(tmp_path / "site", normals)
+    capsys.readouterr()
+    r = _score(run, tmp_path, "site", "--calibration", str(folder))
+    printed = capsys.readouterr().out
+    t = r["threshold"]
+    assert t["calibrated_on"] == {"source": str(folder), "normals": 40}
+    assert t["n_calibration"] == 40 and t["rank"] == an.conformal_rank(40, 0.2)
+    assert f"of {t['n_calibration']} normals of {folder}" in printed
+    # the calibration normals are also checked against the training normals
+    assert r["normal_shift"]["calibration"]["n_other"] == 40
+    # the scores themselves do not depend on where the threshold was set
+    assert r["metrics"] == plain["metrics"]
+
+
+def test_normals_that_score_higher_raise_the_threshold(run, tmp_path):
+    normals = make_phantoms(40, 32, seed=99, lesion_fraction=0.0).images
+    low = _score(run, tmp_path, "a", "--calibration", str(_folder(tmp_path / "same", normals)))
+    high = _score(run, tmp_path, "b", "--calibration", str(_folder(tmp_path / "edges", _brighter_edges(normals))))
+    assert high["threshold"]["value"] > low["threshold"]["value"]
+    assert high["normal_shift"]["calibration"]["differ"] and not low["normal_shift"]["calibration"]["differ"]
+
+
+def test_a_labelled_source_gives_its_normal_images_only(run, tmp_path):
+    normals = make_phantoms(30, 32, seed=5, lesion_fraction=0.0).images
+    lesions = make_phantoms(30, 32, seed=6, lesion_fraction=1.0).images
+    root = _folder(tmp_path / "labelled", normals, "normal")
+    _folder(root, lesions, "lesion")
+    r = _score(run, tmp_path, "labelled", "--calibration", str(root))
+    assert r["threshold"]["calibrated_on"]["normals"] == 30
+
+
+@pytest.mark.parametrize("case, message", [
+    ("same", "--calibration must hold normals that are not scored"),
+    ("other_labels", "do not include the normal label 'normal'"),
+    ("too_few", "cannot bound the false-positive rate"),
+])  # fmt: skip
+def test_bad_calibration_exits_2_and_writes_nothing(run, tmp_path, capsys, case, message):
+    images = make_phantoms(12, 32, seed=4, lesion_fraction=0.0).images
+    source = {"same": "phantoms:200",
+              "other_labels": str(_folder(tmp_path / "cats", images, "cat")),
+              "too_few": str(_folder(tmp_path / "three", images[:3]))}[case]  # fmt: skip
+    out = tmp_path / "scores"
+    rc = main(["anomaly", "score", str(run), "--out", str(out), *SCORE, "--data", "phantoms:200",
+               "--calibration", source])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("medivae: error:") and message in err and err.count("\n") == 1
+    assert not out.exists()
