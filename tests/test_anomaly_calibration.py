@@ -84,17 +84,18 @@ def test_a_labelled_source_gives_its_normal_images_only(run, tmp_path):
 
 @pytest.mark.parametrize("case, message", [
     ("same", "--calibration must hold normals that are not scored"),
+    ("own", "must not be the run's own source"),
     ("other_labels", "do not include the normal label 'normal'"),
     ("too_few", "cannot bound the false-positive rate"),
 ])  # fmt: skip
 def test_bad_calibration_exits_2_and_writes_nothing(run, tmp_path, capsys, case, message):
     images = make_phantoms(12, 32, seed=4, lesion_fraction=0.0).images
-    source = {"same": "phantoms:200",
+    source = {"same": "phantoms:200", "own": "phantoms:200",
               "other_labels": str(_folder(tmp_path / "cats", images, "cat")),
               "too_few": str(_folder(tmp_path / "three", images[:3]))}[case]  # fmt: skip
     out = tmp_path / "scores"
-    rc = main(["anomaly", "score", str(run), "--out", str(out), *SCORE, "--data", "phantoms:200",
-               "--calibration", source])
+    data = str(_folder(tmp_path / "scored", images)) if case == "own" else "phantoms:200"
+    rc = main(["anomaly", "score", str(run), "--out", str(out), *SCORE, "--data", data, "--calibration", source])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("medivae: error:") and message in err and err.count("\n") == 1
     assert not out.exists()

@@ -188,8 +188,14 @@ def scoring_sets(cfg, normal_label: str, data: str | None, split: str) -> dict:
 def calibration_set(cfg, normal_label: str, source: str, scored_source: str) -> ImageSet:
     """The normal images of ``source`` (every split) for the threshold: those with the normal label when the
     source is labelled, all of them when it is not (a folder of normals from the site being scored)."""
-    if Path(source).expanduser().resolve() == Path(scored_source).expanduser().resolve():
+    def same(a, b):
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+    if same(source, scored_source):
         raise UserError("--calibration must hold normals that are not scored: pass other images than --data")
+    if same(source, cfg.data.source):  # its normals include the ones the model was fitted on
+        raise UserError("--calibration must not be the run's own source (the model was fitted on its normals); "
+                        "the run's validation normals are the default calibration")
     data = dataclasses.replace(cfg.data, source=source, labels=(), val_fraction=0.0, test_fraction=0.0)
     parts = [s for s in load_dataset(data, cfg.train.seed, progress=False).values() if len(s)]
     every = parts[0]
@@ -207,9 +213,9 @@ def calibration_set(cfg, normal_label: str, source: str, scored_source: str) -> 
 
 
 def shift_check(sets: dict, split: str, bootstrap: int, seed: int) -> dict:
-    """``evaluation.shift.normal_shift`` of the validation normals (the calibration set) and of the scored
-    split's normals (when its labels say which they are, and they are not the validation or training normals
-    themselves) against the training normals."""
+    """``evaluation.shift.normal_shift`` against the training normals of: the validation normals, the
+    ``--calibration`` normals when given, and the scored split's normals (when its labels say which they are,
+    and they are not the validation or training normals themselves)."""
     checked = {"val": sets["val"].images}
     if "calibration" in sets:
         checked["calibration"] = sets["calibration"].images
@@ -260,11 +266,10 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
     if gradient:
         require(model, "likelihood", "anomaly score --gradient")
     sets = scoring_sets(cfg, normal_label, data, split)
-    if calibration is not None:
-        sets["calibration"] = calibration_set(cfg, normal_label, calibration, data or cfg.data.source)
     if calibration is None:
         n_cal, what, fix = len(sets["val"]), "validation normals", "refit with a larger --val-fraction"
     else:
+        sets["calibration"] = calibration_set(cfg, normal_label, calibration, data or cfg.data.source)
         n_cal, what, fix = len(sets["calibration"]), f"normals in {calibration}", "add normals to it"
     if conformal_rank(n_cal, fpr) > n_cal:  # before the scoring, not after
         raise UserError(f"{n_cal} {what} cannot bound the false-positive rate at {fpr:g}: need at least "
