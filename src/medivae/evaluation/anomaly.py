@@ -18,7 +18,8 @@ Per-image scores, higher = more anomalous, from one batched pass:
                       ``iwae_minus_png`` where it exists) of (score - mean) / std, mean and std of the
                       validation normals only. Fixed before any test image is seen; never chosen on test.
 The threshold is conformal (Vovk et al. 2005; Bates et al. 2023): the ceil((n+1)(1-alpha))-th smallest of
-n validation-normal scores, so a new normal exchangeable with them is flagged with probability <= alpha.
+n validation-normal scores (or of normals from the scored site, ``anomaly score --calibration``), so a new
+normal exchangeable with them is flagged with probability <= alpha.
 Pixel maps: the reconstruction residual |x - x̂|, or the gradient of the negative ELBO with respect
 to the input (Zimmerer et al. 2019), which points at the pixels that make the image unlikely.
 """
