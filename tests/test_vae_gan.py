@@ -116,7 +116,18 @@ def test_a_pinned_discriminator_rolls_both_networks_back_and_halves_the_learning
     assert state["nan_events"] == 1
 
 
-def test_the_discriminator_is_one_more_anomaly_score():
+def test_the_discriminator_gives_two_more_anomaly_scores(monkeypatch):
     model = _gan().eval()
-    scores = model.anomaly_scores(torch.rand(3, 1, 32, 32))
-    assert scores["disc"].shape == (3,) and torch.isfinite(scores["disc"]).all()
+    x = torch.rand(3, 1, 32, 32)
+    scores = model.anomaly_scores(x)
+    assert scores["disc"].shape == scores["disc_res"].shape == (3,)
+    assert torch.isfinite(scores["disc"]).all() and (scores["disc_res"] > 0).all()
+    # the verdict is on x alone, whatever else is in the discriminator's batch
+    assert torch.allclose(scores["disc"], -model.disc(x)[0].flatten(1).mean(1).double(), atol=1e-5)
+    # disc_res is the feature distance to the reconstruction: none for a perfect one, more for a worse one
+    monkeypatch.setattr(model.vae, "reconstruct", lambda x, y=None: x.clone())
+    assert torch.all(model.anomaly_scores(x)["disc_res"] == 0)
+    monkeypatch.setattr(model.vae, "reconstruct", lambda x, y=None: x.flip(-1))
+    flipped = model.anomaly_scores(x)["disc_res"]
+    monkeypatch.setattr(model.vae, "reconstruct", lambda x, y=None: (x + 0.01).clamp(0, 1))
+    assert torch.all(model.anomaly_scores(x)["disc_res"] < flipped)

@@ -126,8 +126,14 @@ class VAEGAN(nn.Module):
 
     @torch.no_grad()
     def anomaly_scores(self, x, y=None) -> dict[str, torch.Tensor]:
-        """The discriminator's verdict as an anomaly score (B,): minus its mean patch logit ("less real")."""
-        return {"disc": -self.disc(x)[0].flatten(1).mean(1).double()}
+        """Two anomaly scores (B,) from the discriminator: ``disc``, minus its mean patch logit on x ("less
+        real"), and ``disc_res``, the feature-matching distance between x and its reconstruction in the
+        discriminator's feature space, the distance the generator was trained to shrink (Larsen et al. 2016)."""
+        recon = self.vae.reconstruct(x, y).to(x.dtype)
+        logits, feats = self.disc(torch.cat([x, recon]))
+        b = len(x)
+        res = sum((f[:b] - f[b:]).float().pow(2).flatten(1).mean(1) for f in feats)
+        return {"disc": -logits[:b].flatten(1).mean(1).double(), "disc_res": res.double()}
 
     # --- training ---------------------------------------------------------------------------------------
     def optimizers(self, train_cfg, device) -> dict[str, torch.optim.Optimizer]:
