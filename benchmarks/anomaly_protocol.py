@@ -89,8 +89,8 @@ def val_check(run_dir: Path, data: str, normal_label: str, seed: int) -> dict | 
         return None
     scored = score_images(run.model, images, None, 16, 128, seed, "cpu")
     out = {n: detection_metrics(v, y)["auroc"] for n, v in scored.scores.items()}
-    train = load_dataset(run.config.data, seed, progress=False)["train"]  # the run's own normal training images
-    norm = xs.fit_ssim_norm(train.images, xs.reconstructions(run.model, train.images))
+    train = load_dataset(run.config.data, run.config.train.seed, progress=False)["train"]  # the run's own normals
+    norm = xs.fit_ssim_norm(run.model, train.images)
     out["ssim_z"] = detection_metrics(xs.normative_ssim(images, xs.reconstructions(run.model, images), norm)[0],
                                       y)["auroc"]
     for n, v in trivial_scores(images).items():

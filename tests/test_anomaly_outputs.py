@@ -162,6 +162,10 @@ def test_report_shift_table_names_each_set_and_its_verdict():
     assert "<tr><th>test normals</th><td>234</td><td>0.78</td><td>[0.75, 0.81]</td>" in t
     assert t.count("<b>differ</b>") == 1 and "Against 1214 training normals" in t
     assert shift_table({}) == "" and shift_table({"normal_shift": {"scored_split": "test"}}) == ""
+    with_cal = shift_table({"normal_shift": {**ns, "scored_vs_calibration": {
+        "auroc": 0.52, "ci95": [0.4, 0.6], "p_value": 0.4, "differ": False, "n_reference": 117, "n_other": 117}}})
+    assert "<tr><th>test normals against the calibration normals</th><td>117</td><td>0.52</td>" in with_cal
+    assert "Against 1214 training normals (the last row: against the calibration normals)" in with_cal
 
 
 def test_gradient_maps_are_computed_once_and_are_both_the_main_and_the_named_map(scored, tmp_path, monkeypatch):

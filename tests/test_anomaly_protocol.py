@@ -101,7 +101,7 @@ def test_every_map_beats_the_blurred_residual_baseline_on_phantoms(phantom_model
     against the mean normal image; SSIM and gradient maps of this small model do not (0.52 and 0.60 against
     0.64 when this was written), which results.json shows beside them."""
     normals = make_phantoms(200, 32, seed=7, lesion_fraction=0.0).images
-    norm = xs.fit_ssim_norm(normals, xs.reconstructions(phantom_model, normals))
+    norm = xs.fit_ssim_norm(phantom_model, normals)
     r = ap.phantom_localisation(phantom_model, normals, "cpu", seed=13,
                                 restoration={**ap.RESTORATION, "tv": 0.1}, batch_size=64, ssim_norm=norm)
     assert set(r["maps"]) == {"residual", "ssim", "ssim_z", "restoration", "gradient"}
@@ -196,7 +196,18 @@ def test_ssim_z_weighs_a_difference_by_how_much_normals_vary_there():
     recon = x.clone()
     recon[..., :16] += torch.from_numpy(rng.normal(0, 0.15, size=(40, 1, 32, 16)).astype(np.float32))  # left: varies
     recon[..., 16:] += 0.01  # right: always nearly the same, small error
-    mean, std = xs.fit_ssim_norm(normals, recon.clamp(0, 1))
+    recon = recon.clamp(0, 1)
+
+    class Lookup(torch.nn.Module):  # "reconstructs" each normal as above, found by its pixels
+        capabilities = frozenset()
+
+        def reconstruct(self, xb, y=None):
+            return torch.stack([recon[int(torch.argmin((x - v).abs().flatten(1).sum(1)))] for v in xb])
+
+    mean, std = xs.fit_ssim_norm(Lookup(), normals, batch_size=16)  # three batches: the sums add up
+    d = xs.dissimilarity_maps(normals, recon).double()
+    np.testing.assert_allclose(mean, d.mean(0).numpy(), atol=1e-12)
+    np.testing.assert_allclose(std, d.std(0).numpy() + xs.NORM_STD_OFFSET, atol=1e-9)
     assert mean.shape == std.shape == (26, 26) and std[:, :5].mean() > 5 * std[:, -5:].mean()
     image = normals[:1].copy()
     changed = torch.from_numpy(image.astype(np.float32) / 255.0)

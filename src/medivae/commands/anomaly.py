@@ -167,7 +167,8 @@ def cmd_score(args) -> int:
 
 
 def shift_line(ns: dict) -> str:
-    """One line: how well a classifier tells the validation and scored normals from the training normals."""
+    """One line: how well a classifier tells the validation, calibration and scored normals from the training
+    normals, and the scored normals from the calibration normals; what follows when they differ."""
     from medivae.evaluation.bootstrap import fmt_ci
 
     names = {"val": "validation normals", "calibration": "calibration normals",
@@ -176,12 +177,17 @@ def shift_line(ns: dict) -> str:
     if not parts:
         return ""
     line = "  normals vs the training normals (classifier two-sample test, AUROC 0.5 = alike): " + "; ".join(parts)
-    differ = [names[k] for k in names if k in ns and ns[k]["differ"]]
-    if differ:
-        line += (f". The {' and the '.join(differ)} differ from the training normals (p < 0.01): the model "
-                 "calls that difference anomalous too, so the AUROCs above also measure it, and a threshold set on "
-                 "other normals need not keep its false-positive bound there (--calibration NORMALS sets it on "
-                 "normals from where the scored images come)")
+    if ns.get("scored", {}).get("differ"):
+        line += (f". The {names['scored']} differ from the training normals (p < 0.01): the model calls that "
+                 "difference anomalous too, so the AUROCs above also measure it")
+        if "calibration" not in ns:
+            line += (", and the threshold from the validation normals need not keep its false-positive bound "
+                     "there (--calibration NORMALS sets it on normals from where the scored images come)")
+    if cal := ns.get("scored_vs_calibration"):
+        verdict = ("differ (p < 0.01): the threshold's bound need not hold for them" if cal["differ"]
+                   else "no evidence that they differ")
+        line += (f". {names['scored'].capitalize()} vs the calibration normals: {cal['auroc']:.3f}"
+                 f"{fmt_ci(cal.get('ci95'))}, {verdict}")
     return line
 
 

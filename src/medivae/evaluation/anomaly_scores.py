@@ -77,7 +77,7 @@ def feature_residual(reference, images: np.ndarray, recon: torch.Tensor) -> np.n
 
 
 # --- SSIM map against normal variation ------------------------------------------------------------------------
-NORM_STD_FLOOR = 1e-3  # SSIM units: a pixel every normal reconstructs identically still has a finite z
+NORM_STD_OFFSET = 1e-3  # added to each pixel's std (SSIM units): a pixel every normal reconstructs alike keeps a finite z
 
 
 def dissimilarity_maps(images: np.ndarray, recon: torch.Tensor) -> torch.Tensor:
@@ -85,10 +85,20 @@ def dissimilarity_maps(images: np.ndarray, recon: torch.Tensor) -> torch.Tensor:
     return 1.0 - ssim_maps(to_float(images, "cpu").float(), recon.float())
 
 
-def fit_ssim_norm(images: np.ndarray, recon: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pixel mean and standard deviation (h, w) of the dissimilarity maps of normal images (N >= 2)."""
-    d = dissimilarity_maps(images, recon).double()
-    return d.mean(0).numpy(), d.std(0).numpy() + NORM_STD_FLOOR
+def fit_ssim_norm(model, images: np.ndarray, labels=None, batch_size: int = 128,
+                  device="cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel mean and standard deviation (+ NORM_STD_OFFSET), (h, w), of the dissimilarity maps of normal
+    uint8 images (N >= 2) and their reconstructions by ``model``, accumulated batch by batch (float64 sums),
+    so no set is held at full size in memory at once."""
+    n, total, squares = 0, 0.0, 0.0
+    for i in range(0, len(images), batch_size):
+        part = images[i : i + batch_size]
+        lab = None if labels is None else labels[i : i + batch_size]
+        d = dissimilarity_maps(part, reconstructions(model, part, lab, batch_size, device)).double()
+        n, total, squares = n + len(d), total + d.sum(0), squares + d.pow(2).sum(0)
+    mean = total / n
+    var = ((squares - n * mean.pow(2)) / (n - 1)).clamp_min(0.0)
+    return mean.numpy(), var.sqrt().numpy() + NORM_STD_OFFSET
 
 
 def normative_ssim(images: np.ndarray, recon: torch.Tensor, norm) -> tuple[np.ndarray, np.ndarray]:

@@ -90,22 +90,26 @@ def _verdict(metrics: dict, trivial: dict, default, prevalence) -> str:
 
 
 def shift_table(res: dict) -> str:
-    """The classifier two-sample test of the validation and scored normals against the training normals."""
+    """The classifier two-sample test of the validation, calibration and scored normals against the training
+    normals, and of the scored normals against the calibration normals (its last row, when there is one)."""
     ns = _dict(res.get("normal_shift"))
-    names = {"val": "validation normals", "calibration": "calibration normals (--calibration)",
-             "scored": f"{ns.get('scored_split', 'scored')} normals"}
+    scored = f"{ns.get('scored_split', 'scored')} normals"
+    names = {"val": "validation normals", "calibration": "calibration normals (--calibration)", "scored": scored,
+             "scored_vs_calibration": f"{scored} against the calibration normals"}
     rows, n_reference = [], None
     for key, title in names.items():
         r = _dict(ns.get(key))
         if r:
-            n_reference = r.get("n_reference")
+            if key != "scored_vs_calibration":
+                n_reference = r.get("n_reference")
             verdict = "<b>differ</b>" if r.get("differ") else "alike (no evidence of a difference)"
             rows.append(f"<tr><th>{esc(title)}</th><td>{fmt(r.get('n_other'))}</td><td>{fmt(r.get('auroc'))}</td>"
                         f"<td>{_ci(r.get('ci95'))}</td><td>{fmt(r.get('p_value'))}</td><td>{verdict}</td></tr>")
     if not rows:
         return ""
     head = "<tr><th>normals</th><th>images</th><th>AUROC</th><th>95 % CI</th><th>p-value</th><th>verdict</th></tr>"
-    text = (f"Against {fmt(n_reference)} training normals; {esc(ns.get('method', ''))}. "
+    last = " (the last row: against the calibration normals)" if ns.get("scored_vs_calibration") else ""
+    text = (f"Against {fmt(n_reference)} training normals{last}; {esc(ns.get('method', ''))}. "
             "A model fitted on the training normals calls anything unlike them anomalous: where the scored "
             "normals differ, the detection AUROCs above also measure that difference, and the conformal "
             "threshold's false-positive bound holds only for new normals like those it was set on "

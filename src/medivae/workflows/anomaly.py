@@ -36,7 +36,7 @@ from medivae.evaluation.anomaly import (
 )
 from medivae.evaluation.anomaly_scores import reconstructions
 from medivae.evaluation.bootstrap import detection_ci
-from medivae.evaluation.shift import normal_shift
+from medivae.evaluation.shift import normal_shift, two_sample_test
 from medivae.io import atomic_write_text
 from medivae.models.family import require
 from medivae.results import RESULTS_FILE, merge_results, read_results
@@ -185,17 +185,19 @@ def scoring_sets(cfg, normal_label: str, data: str | None, split: str) -> dict:
             "same_source": same}
 
 
-def calibration_set(cfg, normal_label: str, source: str, scored_source: str) -> ImageSet:
+def calibration_set(cfg, normal_label: str, source: str, scored_source: str, sets: dict) -> ImageSet:
     """The normal images of ``source`` (every split) for the threshold: those with the normal label when the
-    source is labelled, all of them when it is not (a folder of normals from the site being scored)."""
+    source is labelled, all of them when it is not (a folder of normals from the site being scored). They carry
+    the run's own label number for the normal class (what a conditional model is given). None of them may be
+    a training, validation or scored image of ``sets`` (``scoring_sets``), compared pixel for pixel."""
     def same(a, b):
         return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
-    if same(source, scored_source):
-        raise UserError("--calibration must hold normals that are not scored: pass other images than --data")
     if same(source, cfg.data.source):  # its normals include the ones the model was fitted on
         raise UserError("--calibration must not be the run's own source (the model was fitted on its normals); "
                         "the run's validation normals are the default calibration")
+    if same(source, scored_source):
+        raise UserError("--calibration must hold normals that are not scored: pass other images than --data")
     data = dataclasses.replace(cfg.data, source=source, labels=(), val_fraction=0.0, test_fraction=0.0)
     parts = [s for s in load_dataset(data, cfg.train.seed, progress=False).values() if len(s)]
     every = parts[0]
@@ -209,20 +211,40 @@ def calibration_set(cfg, normal_label: str, source: str, scored_source: str) -> 
     else:
         raise UserError(f"--calibration {source}: its labels {list(every.label_names)} do not include the normal "
                         f"label {normal_label!r}; pass a folder of normal images only, or a source with that label")
-    return every.subset(np.flatnonzero(keep))
+    cal = every.subset(np.flatnonzero(keep))
+    seen = {_digest(img) for key in ("train", "val", "scored") for img in sets[key].images}
+    shared = sum(_digest(img) in seen for img in cal.images)
+    if shared:
+        raise UserError(f"--calibration {source}: {shared} of its {len(cal)} normal images are also training, "
+                        "validation or scored images; calibrate on other normals")
+    own = label_code(sets["train"].label_names, normal_label)
+    return dataclasses.replace(cal, labels=np.full(len(cal), -1 if own is None else own, dtype=np.int64))
+
+
+def _digest(image: np.ndarray) -> bytes:
+    """A fingerprint of one preprocessed uint8 image: equal images, equal digests."""
+    import hashlib
+
+    return hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
 
 
 def shift_check(sets: dict, split: str, bootstrap: int, seed: int) -> dict:
     """``evaluation.shift.normal_shift`` against the training normals of: the validation normals, the
     ``--calibration`` normals when given, and the scored split's normals (when its labels say which they are,
-    and they are not the validation or training normals themselves)."""
+    and they are not the validation or training normals themselves); with both of the last two, also the
+    scored normals against the calibration normals ("scored_vs_calibration")."""
     checked = {"val": sets["val"].images}
     if "calibration" in sets:
         checked["calibration"] = sets["calibration"].images
     s, code = sets["scored"], sets["normal_code"]
     if code is not None and not (sets["same_source"] and split in ("train", "val")):
         checked["scored"] = s.images[s.labels == code]
-    return {"scored_split": split, **normal_shift(sets["train"].images, checked, seed, bootstrap)}
+    out = {"scored_split": split, **normal_shift(sets["train"].images, checked, seed, bootstrap)}
+    if "calibration" in checked and "scored" in checked:  # what the threshold's bound needs: these two alike
+        test = two_sample_test(checked["calibration"], checked["scored"], seed, bootstrap)
+        if test is not None:
+            out["scored_vs_calibration"] = test
+    return out
 
 
 def write_scores_csv(path: Path, scored, scores: dict[str, np.ndarray], is_anomaly, flagged) -> None:
@@ -269,7 +291,7 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
     if calibration is None:
         n_cal, what, fix = len(sets["val"]), "validation normals", "refit with a larger --val-fraction"
     else:
-        sets["calibration"] = calibration_set(cfg, normal_label, calibration, data or cfg.data.source)
+        sets["calibration"] = calibration_set(cfg, normal_label, calibration, data or cfg.data.source, sets)
         n_cal, what, fix = len(sets["calibration"]), f"normals in {calibration}", "add normals to it"
     if conformal_rank(n_cal, fpr) > n_cal:  # before the scoring, not after
         raise UserError(f"{n_cal} {what} cannot bound the false-positive rate at {fpr:g}: need at least "

@@ -129,12 +129,11 @@ def extend_scores(model, cfg, sets: dict, val: AnomalyScores, scored: AnomalySco
     train = sets["train"]
     norm = None
     if train is not None and len(train) >= 2:  # the training normals' own SSIM maps: what normal variation is
-        norm = xs.fit_ssim_norm(train.images, xs.reconstructions(model, train.images, train.labels, batch_size,
-                                                                 device))
+        norm = xs.fit_ssim_norm(model, train.images, train.labels, batch_size, device)
         extra_maps["ssim_z"] = {}
         for name, (imgs, _, r) in sets3.items():
             r.scores["ssim_z"], extra_maps["ssim_z"][name] = xs.normative_ssim(imgs, recon[name], norm)
-        record["ssim_z"] = {"normals": len(train), "std_floor": xs.NORM_STD_FLOOR}
+        record["ssim_z"] = {"normals": len(train), "std_offset": xs.NORM_STD_OFFSET}
     if has(model, "likelihood"):
         def restore(i, lab, tv):
             return xs.restoration_scores(model, i, lab, tv=tv, seed=seed, device=device, batch_size=batch_size,
