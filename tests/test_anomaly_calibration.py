@@ -13,17 +13,9 @@ from medivae.data.phantoms import make_phantoms
 from medivae.evaluation import anomaly as an
 
 from test_anomaly import TINY
+from test_anomaly import normal_run as run  # noqa: F401  (a fixture: a tiny run on lesion phantoms)
 
 SCORE = ["--iwae-samples", "2", "--n-maps", "0", "--device", "cpu", "--fpr", "0.2", "--bootstrap", "0"]
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny run on lesion phantoms (normal = lesion-free): plumbing, not quality."""
-    out = tmp_path_factory.mktemp("calibration") / "run"
-    argv = ["anomaly", "fit", "--data", "phantoms:200", "--normal-label", "normal", "--out", str(out)]
-    assert main([*argv, "--epochs", "1", "--seed", "7", *TINY]) == 0
-    return out
 
 
 def _folder(root, images: np.ndarray, sub: str | None = None):
