@@ -81,7 +81,8 @@ def main(argv=None) -> int:
     from medivae.data.imageset import label_code
     from medivae.data.medmnist import known_label_names
 
-    names = known_label_names(args.data) or tuple(str(i) for i in range(int(np.load(args.data)["train_labels"].max()) + 1))
+    n_classes = int(np.load(args.data)["train_labels"].max()) + 1
+    names = known_label_names(args.data) or tuple(str(i) for i in range(n_classes))
     code = label_code(names, args.normal_label)
     if code is None:
         p.error(f"--normal-label {args.normal_label!r} is not one of {list(names)}")

@@ -22,6 +22,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def normal_run(tmp_path_factory):
+    """A tiny anomaly run on lesion phantoms through the CLI (normal = lesion-free): the plumbing, not the
+    quality. One per test module, so a module's scoring never meets another's results.json."""
+    from medivae.cli import main
+
+    from tiny import TINY
+
+    run = tmp_path_factory.mktemp("anomaly") / "run"
+    argv = ["anomaly", "fit", "--data", "phantoms:200", "--normal-label", "normal", "--out", str(run)]
+    assert main([*argv, "--epochs", "1", "--seed", "7", *TINY]) == 0
+    return run
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -14,9 +14,7 @@ from medivae.cli import main
 from medivae.evaluation import anomaly as an
 from medivae.workflows.anomaly import scoring_sets
 
-from tiny import tiny_model
-
-TINY = "--image-size 32 --latent-dim 4 --base-width 4 --batch-size 32 --precision fp32 --no-progress".split()
+from tiny import TINY, tiny_model
 
 
 def test_auroc_is_one_on_separable_and_half_on_constant_scores():
@@ -126,15 +124,6 @@ def test_latent_mahalanobis_grows_with_distance_from_normal_codes():
     gauss = an.fit_latent_gaussian(codes)
     near, far = np.array([[0.1, 0.1, 0.1]]), np.array([[0.0, 0.0, 2.0]])  # 4 sd along the thin axis
     assert an.mahalanobis(far, gauss)[0] > 10 * an.mahalanobis(near, gauss)[0]
-
-
-@pytest.fixture(scope="module")
-def normal_run(tmp_path_factory):
-    """A tiny run through the CLI: exercises the plumbing, not the quality."""
-    run = tmp_path_factory.mktemp("anomaly") / "run"
-    argv = ["anomaly", "fit", "--data", "phantoms:200", "--normal-label", "normal", "--out", str(run)]
-    assert main([*argv, "--epochs", "1", "--seed", "7", *TINY]) == 0
-    return run
 
 
 def _fit_on_normal_phantoms(steps: int = 80, seed: int = 7):

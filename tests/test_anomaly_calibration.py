@@ -12,8 +12,7 @@ from medivae.cli import main
 from medivae.data.phantoms import make_phantoms
 from medivae.evaluation import anomaly as an
 
-from test_anomaly import TINY
-from test_anomaly import normal_run as run  # noqa: F401  (a fixture: a tiny run on lesion phantoms)
+from tiny import TINY
 
 SCORE = ["--iwae-samples", "2", "--n-maps", "0", "--device", "cpu", "--fpr", "0.2", "--bootstrap", "0"]
 
@@ -39,7 +38,8 @@ def _score(run, tmp_path, name, *extra):
     return json.loads((run / "results.json").read_text())["anomaly"]
 
 
-def test_threshold_is_set_on_the_calibration_normals(run, tmp_path, capsys):
+def test_threshold_is_set_on_the_calibration_normals(normal_run, tmp_path, capsys):
+    run = normal_run
     normals = make_phantoms(40, 32, seed=99, lesion_fraction=0.0).images
     plain = _score(run, tmp_path, "plain")
     assert plain["threshold"]["calibrated_on"] == "validation normals"
@@ -61,16 +61,19 @@ def test_threshold_is_set_on_the_calibration_normals(run, tmp_path, capsys):
     assert r["metrics"] == plain["metrics"]
 
 
-def test_normals_that_score_higher_raise_the_threshold(run, tmp_path):
+def test_normals_that_score_higher_raise_the_threshold(normal_run, tmp_path):
+    run = normal_run
     normals = make_phantoms(40, 32, seed=99, lesion_fraction=0.0).images
     low = _score(run, tmp_path, "a", "--calibration", str(_folder(tmp_path / "same", normals)))
-    high = _score(run, tmp_path, "b", "--calibration", str(_folder(tmp_path / "edges", _brighter_edges(normals))))
+    edges = _folder(tmp_path / "edges", _brighter_edges(normals))
+    high = _score(run, tmp_path, "b", "--calibration", str(edges))
     assert high["threshold"]["value"] > low["threshold"]["value"]
     assert high["normal_shift"]["calibration"]["differ"] and not low["normal_shift"]["calibration"]["differ"]
     assert high["normal_shift"]["scored_vs_calibration"]["differ"]  # the scored normals are not brighter
 
 
-def test_a_labelled_source_gives_its_normal_images_only(run, tmp_path):
+def test_a_labelled_source_gives_its_normal_images_only(normal_run, tmp_path):
+    run = normal_run
     normals = make_phantoms(30, 32, seed=5, lesion_fraction=0.0).images
     lesions = make_phantoms(30, 32, seed=6, lesion_fraction=1.0).images
     root = _folder(tmp_path / "labelled", normals, "normal")
@@ -101,7 +104,8 @@ def test_a_conditional_model_scores_the_calibration_normals_as_its_normal_class(
     ("other_labels", "do not include the normal label 'normal'"),
     ("too_few", "cannot bound the false-positive rate"),
 ])  # fmt: skip
-def test_bad_calibration_exits_2_and_writes_nothing(run, tmp_path, capsys, case, message):
+def test_bad_calibration_exits_2_and_writes_nothing(normal_run, tmp_path, capsys, case, message):
+    run = normal_run
     from medivae.config import RunConfig
     from medivae.workflows.anomaly import scoring_sets
 
@@ -114,7 +118,8 @@ def test_bad_calibration_exits_2_and_writes_nothing(run, tmp_path, capsys, case,
               "too_few": str(_folder(tmp_path / "three", images[:3]))}[case]  # fmt: skip
     out = tmp_path / "scores"
     data = scored if case == "same" else "phantoms:200"
-    rc = main(["anomaly", "score", str(run), "--out", str(out), *SCORE, "--data", data, "--calibration", source])
+    rc = main(["anomaly", "score", str(run), "--out", str(out), *SCORE, "--data", data,
+               "--calibration", source])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("medivae: error:") and message in err and err.count("\n") == 1
     assert not out.exists()

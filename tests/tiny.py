@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from medivae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
+# the same tiny model through the CLI (``medivae anomaly fit``, ``medivae train``)
+TINY = "--image-size 32 --latent-dim 4 --base-width 4 --batch-size 32 --precision fp32 --no-progress".split()
+
 
 def tiny_model(**kw) -> ModelConfig:
     base = dict(image_size=32, channels=1, latent_dim=4, base_width=4, max_width=16)

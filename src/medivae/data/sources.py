@@ -57,6 +57,14 @@ class Source:
         return h.hexdigest()
 
 
+def same_source(a, b) -> bool:
+    """Whether two source specs name the same data: the same text, or paths to the same existing file/folder."""
+    if str(a) == str(b):
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
 def resolve(spec: str, progress: bool = True) -> Source:
     if spec.lower().startswith("medmnist:"):
         path, names, multi = locate(spec, progress)

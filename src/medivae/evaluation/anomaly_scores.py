@@ -77,7 +77,8 @@ def feature_residual(reference, images: np.ndarray, recon: torch.Tensor) -> np.n
 
 
 # --- SSIM map against normal variation ------------------------------------------------------------------------
-NORM_STD_OFFSET = 1e-3  # added to each pixel's std (SSIM units): a pixel every normal reconstructs alike keeps a finite z
+# added to each pixel's std (SSIM units): a pixel every normal reconstructs alike keeps a finite z
+NORM_STD_OFFSET = 1e-3
 
 
 def dissimilarity_maps(images: np.ndarray, recon: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,7 @@ def normal_shift(train_normals: np.ndarray, checked: dict[str, np.ndarray], seed
     out = {"reference": "training normals", "method": "classifier two-sample test (Lopez-Paz & Oquab 2017): "
            f"logistic regression on up to {COMPONENTS} principal components of the images area-averaged to at "
            f"most {SIDE} px, fitted on a random stratified half and scored on the other; AUROC 0.5 = alike; "
-           f"p-value: one-sided Mann-Whitney test of the held-out predictions; 'differ' when p < {ALPHA:g}"}  # fmt: skip
+           f"p-value: one-sided Mann-Whitney test of the held-out predictions; 'differ' when p < {ALPHA:g}"}
     for name, images in checked.items():
         r = two_sample_test(train_normals, images, seed, n_boot)
         if r is not None:

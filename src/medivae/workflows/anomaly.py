@@ -18,6 +18,7 @@ import numpy as np
 
 from medivae.data import load_dataset
 from medivae.data.imageset import ImageSet, label_code
+from medivae.data.sources import same_source
 from medivae.errors import UserError
 from medivae.evaluation.anomaly import (
     COMBINED_FROM,
@@ -168,7 +169,7 @@ def scoring_sets(cfg, normal_label: str, data: str | None, split: str) -> dict:
         raise UserError(
             "the run has fewer than 2 validation normals to calibrate on; refit with --val-fraction > 0"
         )
-    same = data is None or Path(data).expanduser().resolve() == Path(cfg.data.source).expanduser().resolve()
+    same = data is None or same_source(data, cfg.data.source)
     full = load_dataset(dataclasses.replace(cfg.data, source=data or cfg.data.source, labels=()), seed, False)
     if split not in full:
         raise UserError(f"unknown split {split!r}; choose train, val or test")
@@ -190,13 +191,10 @@ def calibration_set(cfg, normal_label: str, source: str, scored_source: str, set
     source is labelled, all of them when it is not (a folder of normals from the site being scored). They carry
     the run's own label number for the normal class (what a conditional model is given). None of them may be
     a training, validation or scored image of ``sets`` (``scoring_sets``), compared pixel for pixel."""
-    def same(a, b):
-        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
-
-    if same(source, cfg.data.source):  # its normals include the ones the model was fitted on
+    if same_source(source, cfg.data.source):  # its normals include the ones the model was fitted on
         raise UserError("--calibration must not be the run's own source (the model was fitted on its normals); "
                         "the run's validation normals are the default calibration")
-    if same(source, scored_source):
+    if same_source(source, scored_source):
         raise UserError("--calibration must hold normals that are not scored: pass other images than --data")
     data = dataclasses.replace(cfg.data, source=source, labels=(), val_fraction=0.0, test_fraction=0.0)
     parts = [s for s in load_dataset(data, cfg.train.seed, progress=False).values() if len(s)]

@@ -27,7 +27,6 @@ from medivae.evaluation.anomaly import (
     gradient_maps,
     mahalanobis,
     score_images,
-    ssim_maps,
 )
 from medivae.evaluation.bootstrap import detection_ci
 from medivae.evaluation.localisation import blurred_residual_baseline, pad_to, pixel_metrics
@@ -80,7 +79,7 @@ def _maps(model, images, labels, recon, device, extra=None, seed=0) -> dict[str,
     """Every map the family has for uint8 images (N, C, H, W): name -> (N, H, W)."""
     x = torch.from_numpy(np.asarray(images, dtype=np.float32) / 255.0)
     out = {"residual": (x - recon).abs().mean(1).numpy(),
-           "ssim": pad_to((1.0 - ssim_maps(x, recon)).numpy(), x.shape[-1])}
+           "ssim": pad_to(xs.dissimilarity_maps(images, recon).numpy(), x.shape[-1])}
     out.update(extra or {})
     if has(model, "likelihood") and "gradient" not in out:  # not again when scoring already made them
         parts = []

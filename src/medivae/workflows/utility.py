@@ -16,6 +16,7 @@ from medivae.data import load_dataset
 from medivae.data.folder import decode_image, read_csv_list
 from medivae.data.imageset import ImageSet
 from medivae.data.npz import load_npz
+from medivae.data.sources import same_source
 from medivae.errors import UserError
 from medivae.evaluation.utility import tstr
 from medivae.io import atomic_write_text
@@ -88,16 +89,9 @@ def _check_same_data(runs: list, real: str | None) -> None:
         if diff or r.config.train.seed != c0.train.seed:
             raise UserError(f"runs {runs[0].folder} and {r.folder} differ in {diff or ['seed']}; "
                             "utility needs runs trained on the same data and split")
-    if real is not None and not _same_source(real, c0.data.source):
+    if real is not None and not same_source(real, c0.data.source):
         raise UserError(f"--real {real} is not the source the run {runs[0].folder} trained on "
                         f"({c0.data.source}); drop --real to use the run's own data and split")
-
-
-def _same_source(a: str, b: str) -> bool:
-    if str(a) == str(b):
-        return True
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def run_real_splits(runs: list) -> tuple[dict[str, ImageSet], dict]:
