@@ -1,4 +1,5 @@
-"""The anomaly threshold under a shift of the normals, set on validation normals or with ``--calibration``.
+"""The anomaly threshold and AUROC under a shift of the normals: validation threshold, ``--calibration``,
+and ``medivae anomaly adapt``.
 
 A model fitted on one site's normals is scored on images whose normals differ (on PneumoniaMNIST the test
 normals differ from the training ones; ``medivae anomaly score`` reports it). The conformal threshold set on
@@ -7,7 +8,10 @@ splits the scored split's normals at random into two halves: one half is handed 
 folder of PNGs, the other half (with every anomalous image of the split) is scored, once with the threshold
 from the validation normals and once with the threshold from the calibration half. It records the
 false-positive rate on the held-out normals and the true-positive rate at each threshold, and the target.
-Runs are copied first, so their own ``results.json`` is left as it was.
+With ``--adapt`` a third arm hands the same calibration half to ``medivae anomaly adapt`` (defaults: 10 more
+epochs on the training normals plus half of that half; the other half sets the threshold) and scores the
+adapted run on the same images. Every arm records the AUROC of each score and trivial baseline, so the arms
+compare on identical images. Runs are copied first, so their own ``results.json`` is left as it was.
 
     python benchmarks/site_calibration.py --data ../shared/data/pneumoniamnist.npz --normal-label normal \\
         --runs RUNS --seeds 0 1 2 --splits 5 --out benchmarks/results/site_calibration.json
@@ -61,10 +65,19 @@ def score(run: Path, data: Path, out: Path, fpr: float, calibration: Path | None
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     a = json.loads((run / "results.json").read_text())["anomaly"]
     t = a["threshold"]
+    auroc = {n: m["auroc"] for n, m in a["metrics"].items()}
+    auroc.update({f"baseline_{n}": m["auroc"] for n, m in a["trivial_baselines"].items()})
     return {"fpr": t["fpr"], "tpr": t["tpr"], "value": t["value"], "n_calibration": t["n_calibration"],
-            "auroc_combined": a["metrics"]["combined"]["auroc"],
+            "auroc_combined": a["metrics"]["combined"]["auroc"], "default": a["protocol"]["default"],
+            "auroc_default": auroc[a["protocol"]["default"]], "auroc": auroc,
             "calibration_vs_training_normals": (a["normal_shift"].get("calibration") or {}).get("auroc"),
             "scored_vs_training_normals": (a["normal_shift"].get("scored") or {}).get("auroc")}
+
+
+def adapt(run: Path, normals: Path, out: Path) -> None:
+    cmd = [sys.executable, "-m", "medivae", "anomaly", "adapt", str(run), "--normals", str(normals),
+           "--out", str(out), "--no-progress"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
 def main(argv=None) -> int:
@@ -76,6 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--splits", type=int, default=5, help="random halvings of the normals per run")
     p.add_argument("--split", default="test")
     p.add_argument("--fpr", type=float, default=0.05)
+    p.add_argument("--adapt", action="store_true", help="also adapt each run on the calibration half and score it")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "site_calibration.json")
     args = p.parse_args(argv)
     from medivae.data.imageset import label_code
@@ -97,19 +111,35 @@ def main(argv=None) -> int:
                 row = {"seed": seed, "halving": k, "n_calibration_normals": n_cal, "n_held_out_normals": n_held,
                        "validation": score(run, scored, work / "a", args.fpr, None),
                        "calibration": score(run, scored, work / "b", args.fpr, folder)}
+                line = (f"seed {seed} halving {k}: held-out normals FPR {row['validation']['fpr']:.3f} (threshold "
+                        f"from validation normals) -> {row['calibration']['fpr']:.3f} (from {n_cal} calibration "
+                        f"normals); TPR {row['validation']['tpr']:.3f} -> {row['calibration']['tpr']:.3f}")
+                if args.adapt:
+                    adapt(run, folder, work / "adapted")
+                    row["adapted"] = score(work / "adapted", scored, work / "c", args.fpr, None)
+                    v, d = row["validation"], row["adapted"]
+                    line += (f"; adapted: FPR {d['fpr']:.3f} TPR {d['tpr']:.3f} (threshold from "
+                             f"{d['n_calibration']} held-out normals); default-score AUROC {v['default']} "
+                             f"{v['auroc_default']:.3f} -> {d['default']} {d['auroc_default']:.3f}, PNG size "
+                             f"{v['auroc']['baseline_png_size']:.3f}")
                 rows.append(row)
-                print(f"seed {seed} halving {k}: held-out normals FPR {row['validation']['fpr']:.3f} (threshold "
-                      f"from validation normals) -> {row['calibration']['fpr']:.3f} (from {n_cal} calibration "
-                      f"normals); TPR {row['validation']['tpr']:.3f} -> {row['calibration']['tpr']:.3f}", flush=True)
+                print(line, flush=True)
 
     def summary(key):
         v = np.array([r[key]["fpr"] for r in rows]), np.array([r[key]["tpr"] for r in rows])
+        d = np.array([r[key]["auroc_default"] for r in rows])
         return {"fpr_mean": float(v[0].mean()), "fpr_min": float(v[0].min()), "fpr_max": float(v[0].max()),
-                "tpr_mean": float(v[1].mean()), "tpr_min": float(v[1].min()), "tpr_max": float(v[1].max())}
+                "tpr_mean": float(v[1].mean()), "tpr_min": float(v[1].min()), "tpr_max": float(v[1].max()),
+                "auroc_default_mean": float(d.mean()), "auroc_default_min": float(d.min()),
+                "auroc_default_max": float(d.max())}
+
+    arms = ["validation", "calibration"] + (["adapted"] if args.adapt else [])
+    png = np.array([r["validation"]["auroc"]["baseline_png_size"] for r in rows])
 
     result = {"data": str(args.data), "normal_label": args.normal_label, "split": args.split, "target_fpr": args.fpr,
               "runs": str(args.runs), "seeds": args.seeds, "splits": args.splits, "commit": git_commit(),
-              "rows": rows, "summary": {"validation": summary("validation"), "calibration": summary("calibration")}}
+              "rows": rows, "summary": {**{a: summary(a) for a in arms}, "baseline_png_size": {
+                  "auroc_mean": float(png.mean()), "auroc_min": float(png.min()), "auroc_max": float(png.max())}}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["summary"], indent=2))

@@ -280,6 +280,45 @@ def anomaly_fit(cfg: RunConfig, run_dir: str | Path, progress: bool = True) -> P
         return train(cfg, run_dir, progress=progress)  # re-enters the lock this process holds
 
 
+def anomaly_adapt(run_dir, normals: str, out, epochs: int | None = None, hold_out: float | None = None,
+                  device: str = "auto", threads: int | None = None, progress: bool = True) -> Path:
+    """Adapt an anomaly run to the site being scored: train it ``epochs`` more epochs on its training normals
+    plus the normal images of ``normals`` (a folder of normals, or a source's images with the normal label)
+    but a seeded ``hold_out`` share of them, kept to set the threshold on (None: the defaults of
+    medivae.workflows.site, 10 epochs and half); write the adapted run to ``out``
+    (its last epoch is its ``best/``; the validation loss on the run's own normals is logged, not used to
+    choose). ``anomaly_score(out, ...)`` then calibrates on the held-out normals and refuses to score any
+    site normal. See medivae.workflows.site."""
+    from medivae.workflows.site import ADAPTATION_FILE, DEFAULT_EPOCHS, DEFAULT_HOLD_OUT, plan_adaptation
+
+    epochs = DEFAULT_EPOCHS if epochs is None else epochs
+    hold_out = DEFAULT_HOLD_OUT if hold_out is None else hold_out
+    run_dir, out = Path(run_dir), Path(out)
+    if out.resolve() == run_dir.resolve():
+        raise UserError("--out must be a new run folder: the run being adapted is kept as it is")
+    with run_lock(out, "medivae anomaly adapt", create=True):
+        if ckpt.exists(out / "last"):
+            raise UserError(f"{out} already holds a run; choose another --out")
+        with run_lock(run_dir, "medivae anomaly adapt"):  # nothing may rewrite the run while it is read
+            src = load_run(run_dir, device=device)
+            plan = plan_adaptation(run_dir, src.config, src.checkpoint_sha256(), normals, epochs, hold_out)
+        cfg = plan.cfg
+        if threads is not None:
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_threads=threads))
+        seed_everything(cfg.train.seed)
+        trainer = Trainer(cfg, src.model, src.device, out, progress)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.json")
+        _save_data_summary(out, {"train": plan.train, "val": plan.val, "test": plan.test})
+        _record_environment(out, trainer)
+        trainer.fit(plan.train, plan.val)
+        ckpt.link_copy(out / "last", out / "best")  # the adapted model is the last epoch, not the best old-site loss
+        atomic_write_text(out / ADAPTATION_FILE, json.dumps(plan.record, indent=1) + "\n")
+        write_figures(out, src.model, cfg, plan.test if len(plan.test) else plan.val, src.device)
+        write_run_report(out)
+    return out
+
+
 def anomaly_score(run_dir, data: str | None = None, split: str = "test", out=None,
                   normal_label: str | None = None, fpr: float = 0.05, k: int = 16, gradient: bool = False,
                   n_maps: int = 16, batch_size: int = 128, device: str = "auto", precision: str = "fp32",

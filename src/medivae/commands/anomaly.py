@@ -112,6 +112,16 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def cmd_adapt(args) -> int:
+    from medivae import api
+
+    out = api.anomaly_adapt(args.run, args.normals, args.out, epochs=args.epochs, hold_out=args.hold_out,
+                            device=args.device, threads=args.threads, progress=not args.no_progress)
+    print(f"adapted run written to {out}; score it with 'medivae anomaly score {out} --data IMAGES' (the "
+          "threshold is set on the held-out site normals)")
+    return 0
+
+
 def cmd_score(args) -> int:
     from medivae import api
     from medivae.evaluation.bootstrap import fmt_ci
@@ -193,7 +203,7 @@ def shift_line(ns: dict) -> str:
 
 def add(sub) -> None:
     a = sub.add_parser("anomaly", help="anomaly detection with a VAE fitted on normal images only")
-    s = a.add_subparsers(dest="anomaly_command", metavar="{fit,score}", parser_class=type(a))
+    s = a.add_subparsers(dest="anomaly_command", metavar="{fit,adapt,score}", parser_class=type(a))
     a.set_defaults(func=lambda args: a.print_help() or 2)
 
     f = s.add_parser("fit", help="train on the normal images of a source")
@@ -216,6 +226,21 @@ def add(sub) -> None:
         if action.dest in helps:
             action.help, action.default = helps[action.dest], None
     f.set_defaults(func=cmd_fit)
+
+    d = s.add_parser("adapt", help="train a fitted run further with normal images from the site being scored")
+    d.add_argument("run", type=Path, help="a run of 'medivae anomaly fit'")
+    d.add_argument("--normals", required=True, metavar="SOURCE",
+                   help="normal images from the site whose images will be scored: a folder of normals, or a "
+                   "source whose images with the normal label are used (every split)")
+    d.add_argument("--out", required=True, type=Path, help="new run folder to write (the run itself is kept)")
+    d.add_argument("--epochs", type=int, default=None, help="more epochs on training + site normals (default 10)")
+    d.add_argument("--hold-out", type=float, default=None,
+                   help="share of the site normals kept out of training to set the threshold on (default 0.5; "
+                   "'anomaly score' uses them unless --calibration is given)")
+    d.add_argument("--device", default="auto")
+    d.add_argument("--threads", type=int, default=None, help="CPU threads (default: the run's setting)")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_adapt)
 
     c = s.add_parser("score", help="score images; write scores.csv, anomaly maps, ROC and results.json")
     c.add_argument("run", type=Path)

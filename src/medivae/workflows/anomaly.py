@@ -43,6 +43,7 @@ from medivae.models.family import require
 from medivae.results import RESULTS_FILE, merge_results, read_results
 from medivae.run import load_run
 from medivae.workflows.anomaly_protocol import extend_scores
+from medivae.workflows.site import adaptation_sets, concat_sets, shared_images, site_normals
 
 MAX_GRID_ROWS = 8  # maps.png: a few of the most and least anomalous images, one row each
 
@@ -142,15 +143,6 @@ def plot_map_grid(images: np.ndarray, recon: np.ndarray, maps: dict[str, np.ndar
 
 
 # --- run-level: what ``api.anomaly_score`` calls ----------------------------------------------------------
-def _concat(a, b):
-    return ImageSet(
-        np.concatenate([a.images, b.images]),
-        np.concatenate([a.labels, b.labels]),
-        a.label_names,
-        meta={**a.meta, "n": len(a) + len(b)},
-    )
-
-
 def scoring_sets(cfg, normal_label: str, data: str | None, split: str) -> dict:
     """The images to score and the normals to calibrate on, without leaking training images.
 
@@ -176,7 +168,7 @@ def scoring_sets(cfg, normal_label: str, data: str | None, split: str) -> dict:
     s = full[split]
     if same:
         others = s.subset(np.flatnonzero((s.labels != code) & (s.labels >= 0)))
-        scored = _concat(normals[split], others)
+        scored = concat_sets(normals[split], others)
     else:
         scored = s
     scored_code = label_code(scored.label_names, normal_label)
@@ -186,44 +178,32 @@ def scoring_sets(cfg, normal_label: str, data: str | None, split: str) -> dict:
             "same_source": same}
 
 
+def with_adaptation(sets: dict, site: dict) -> None:
+    """Fold an adapted run's site normals into ``sets`` (``scoring_sets``), in place: the adaptation normals
+    join the training normals (the latent and SSIM statistics of what the model was trained on). Refused
+    with one line when a scored image is one of the site normals (adaptation or held-out)."""
+    clash = shared_images(sets["scored"].images, [site["adapt"], site["held_out"]])
+    if clash:
+        raise UserError(f"{clash} of the {len(sets['scored'])} images to score are normals the run was adapted "
+                        f"with ({site['record']['normals']}); score other images")
+    sets["train"] = concat_sets(sets["train"], site["adapt"])
+
+
 def calibration_set(cfg, normal_label: str, source: str, scored_source: str, sets: dict) -> ImageSet:
-    """The normal images of ``source`` (every split) for the threshold: those with the normal label when the
-    source is labelled, all of them when it is not (a folder of normals from the site being scored). They carry
-    the run's own label number for the normal class (what a conditional model is given). None of them may be
-    a training, validation or scored image of ``sets`` (``scoring_sets``), compared pixel for pixel."""
+    """The normal images of ``source`` (``site.site_normals``) for the threshold. None of them may be a
+    training (including adaptation), validation or scored image of ``sets`` (``scoring_sets``), compared
+    pixel for pixel."""
     if same_source(source, cfg.data.source):  # its normals include the ones the model was fitted on
         raise UserError("--calibration must not be the run's own source (the model was fitted on its normals); "
                         "the run's validation normals are the default calibration")
     if same_source(source, scored_source):
         raise UserError("--calibration must hold normals that are not scored: pass other images than --data")
-    data = dataclasses.replace(cfg.data, source=source, labels=(), val_fraction=0.0, test_fraction=0.0)
-    parts = [s for s in load_dataset(data, cfg.train.seed, progress=False).values() if len(s)]
-    every = parts[0]
-    for more in parts[1:]:
-        every = _concat(every, more)
-    code = label_code(every.label_names, normal_label)
-    if code is not None and (every.labels == code).any():
-        keep = every.labels == code
-    elif (every.labels < 0).all():
-        keep = np.ones(len(every), dtype=bool)
-    else:
-        raise UserError(f"--calibration {source}: its labels {list(every.label_names)} do not include the normal "
-                        f"label {normal_label!r}; pass a folder of normal images only, or a source with that label")
-    cal = every.subset(np.flatnonzero(keep))
-    seen = {_digest(img) for key in ("train", "val", "scored") for img in sets[key].images}
-    shared = sum(_digest(img) in seen for img in cal.images)
+    cal = site_normals(cfg, normal_label, source, "--calibration")
+    shared = shared_images(cal.images, [sets[key] for key in ("train", "val", "scored")])
     if shared:
         raise UserError(f"--calibration {source}: {shared} of its {len(cal)} normal images are also training, "
                         "validation or scored images; calibrate on other normals")
-    own = label_code(sets["train"].label_names, normal_label)
-    return dataclasses.replace(cal, labels=np.full(len(cal), -1 if own is None else own, dtype=np.int64))
-
-
-def _digest(image: np.ndarray) -> bytes:
-    """A fingerprint of one preprocessed uint8 image: equal images, equal digests."""
-    import hashlib
-
-    return hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
+    return cal
 
 
 def shift_check(sets: dict, split: str, bootstrap: int, seed: int) -> dict:
@@ -286,11 +266,21 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
     if gradient:
         require(model, "likelihood", "anomaly score --gradient")
     sets = scoring_sets(cfg, normal_label, data, split)
-    if calibration is None:
-        n_cal, what, fix = len(sets["val"]), "validation normals", "refit with a larger --val-fraction"
-    else:
+    site = adaptation_sets(run_dir, cfg)  # None unless `medivae anomaly adapt` wrote this run
+    if site is not None:
+        with_adaptation(sets, site)
+    calibrated_on: str | dict = "validation normals"
+    if calibration is not None:
         sets["calibration"] = calibration_set(cfg, normal_label, calibration, data or cfg.data.source, sets)
         n_cal, what, fix = len(sets["calibration"]), f"normals in {calibration}", "add normals to it"
+        calibrated_on = {"source": str(calibration), "normals": n_cal}
+    elif site is not None and len(site["held_out"]):
+        sets["calibration"] = site["held_out"]
+        src = site["record"]["normals"]
+        n_cal, what, fix = len(site["held_out"]), f"held-out normals of {src}", "adapt again with a larger --hold-out"
+        calibrated_on = {"source": src, "normals": n_cal, "held_out_at_adaptation": True}
+    else:
+        n_cal, what, fix = len(sets["val"]), "validation normals", "refit with a larger --val-fraction"
     if conformal_rank(n_cal, fpr) > n_cal:  # before the scoring, not after
         raise UserError(f"{n_cal} {what} cannot bound the false-positive rate at {fpr:g}: need at least "
                         f"{min_calibration(fpr)}; {fix} or pass a larger --fpr")
@@ -301,7 +291,7 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
     # the normal codes' Gaussian needs only the posterior means, so one draw is enough there
     codes = run(sets["train"], draws=1).codes if len(sets["train"]) > 1 else None
     val, scored = run(sets["val"]), run(sets["scored"], gradient)
-    cal = val if calibration is None else run(sets["calibration"])  # the normals the threshold is set on
+    cal = run(sets["calibration"]) if "calibration" in sets else val  # the normals the threshold is set on
     every = (val, scored) if cal is val else (val, scored, cal)
     gauss = fit_latent_gaussian(codes if codes is not None else val.codes)
     for r in every:
@@ -320,8 +310,7 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
                                    "image likelihood), never chosen on test labels"},
         "threshold": {"score": "combined", "target_fpr": fpr, "value": thr,
                       "val_fpr": float((val.scores["combined"] > thr).mean()),
-                      "calibrated_on": ({"source": str(calibration), "normals": len(cal.maps)}
-                                        if calibration is not None else "validation normals"),
+                      "calibrated_on": calibrated_on,
                       **conformal_guarantee(len(cal.maps), fpr)},
         "bootstrap": bootstrap,
     }  # fmt: skip
@@ -329,6 +318,10 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
     result.update(extend_scores(model, cfg, sets, val, scored, codes, dev, run_dir, k, batch_size, precision,
                                 bootstrap, gradient))
     title = f"normal = {normal_label!r}, {split} split"
+    if site is not None:
+        r = site["record"]
+        result["adaptation"] = {"normals": r["normals"], "n_adapt": len(r["adapt"]), "n_held_out": len(r["held_out"]),
+                                "epochs": r["epochs"], "from_run": r["from_run"]}
     result.update(_write_outputs(out, sets, scored, thr, n_maps, title, bootstrap, cfg.train.seed))
     result["normal_shift"] = shift_check(sets, split, bootstrap, cfg.train.seed)
     rank_by = result["protocol"]["default"]

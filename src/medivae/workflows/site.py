@@ -1,0 +1,171 @@
+"""Normals from the site being scored: ``anomaly score --calibration`` and ``medivae anomaly adapt``.
+
+``site_normals`` reads the normal images of any source for a run; ``shared_images`` / ``fingerprint`` compare
+images pixel for pixel (a calibration or adaptation normal must not also be a training or scored image).
+
+``medivae anomaly adapt``: a run fitted on one site's normals, trained further with normals from another.
+
+When the normals of the images to score differ from the training normals (``medivae anomaly score`` says
+so: the ``normal_shift`` check), the model calls that difference anomalous too. With some normal images
+from the scored site, the run can be adapted: the same model, trained a few more epochs on its training
+normals plus a share of the site normals, while the rest of them are held out to set the conformal
+threshold on (a threshold set on images the model trained on would sit too low). The adapted run is an
+ordinary run folder plus ``adaptation.json``, which names the site normals and which of them were used for
+what, and fingerprints them: ``anomaly score`` reloads them (the latent and SSIM statistics of the
+training normals include the adaptation normals; the threshold defaults to the held-out ones) and refuses
+to score any of them.
+
+This module prepares the data and reads the record; ``medivae.api.anomaly_adapt`` trains and writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from medivae.config import RunConfig
+from medivae.data import load_dataset
+from medivae.data.imageset import ImageSet, label_code
+from medivae.data.sources import same_source
+from medivae.errors import UserError
+from medivae.seeding import numpy_rng
+
+ADAPTATION_FILE = "adaptation.json"
+DEFAULT_EPOCHS = 10  # not tuned: the first value tried (benchmarks/site_calibration.py measures it)
+DEFAULT_HOLD_OUT = 0.5
+
+
+def concat_sets(a: ImageSet, b: ImageSet) -> ImageSet:
+    """The images and labels of ``a`` then ``b`` (``a``'s label names and meta)."""
+    return ImageSet(
+        np.concatenate([a.images, b.images]),
+        np.concatenate([a.labels, b.labels]),
+        a.label_names,
+        meta={**a.meta, "n": len(a) + len(b)},
+    )
+
+
+def site_normals(cfg: RunConfig, normal_label: str, source: str, flag: str) -> ImageSet:
+    """The normal images of ``source`` (every split), preprocessed as the run's: those with the normal label
+    when the source is labelled, all of them when it is not (a folder of normals). They carry the run's own
+    label number for the normal class (what a conditional model is given). ``flag`` names the option in errors."""
+    data = dataclasses.replace(cfg.data, source=source, labels=(), val_fraction=0.0, test_fraction=0.0)
+    parts = [s for s in load_dataset(data, cfg.train.seed, progress=False).values() if len(s)]
+    every = parts[0]
+    for more in parts[1:]:
+        every = concat_sets(every, more)
+    code = label_code(every.label_names, normal_label)
+    if code is not None and (every.labels == code).any():
+        keep = every.labels == code
+    elif (every.labels < 0).all():
+        keep = np.ones(len(every), dtype=bool)
+    else:
+        raise UserError(f"{flag} {source}: its labels {list(every.label_names)} do not include the normal "
+                        f"label {normal_label!r}; pass a folder of normal images only, or a source with that label")
+    normals = every.subset(np.flatnonzero(keep))
+    own = label_code(cfg.label_names, normal_label)
+    return dataclasses.replace(normals, labels=np.full(len(normals), -1 if own is None else own, dtype=np.int64))
+
+
+def _digest(image: np.ndarray) -> bytes:
+    """A fingerprint of one preprocessed uint8 image: equal images, equal digests."""
+    import hashlib
+
+    return hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
+
+
+def shared_images(images: np.ndarray, others) -> int:
+    """How many of ``images`` are equal, pixel for pixel, to an image of one of the ImageSets ``others``."""
+    seen = {_digest(img) for s in others for img in s.images}
+    return sum(_digest(img) in seen for img in images)
+
+
+def fingerprint(images: np.ndarray) -> str:
+    """One hex digest of a set of images in order: a source that still gives these images, in this order."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for img in images:
+        h.update(_digest(img))
+    return h.hexdigest()
+
+
+@dataclasses.dataclass
+class AdaptPlan:
+    """What ``api.anomaly_adapt`` trains: the run's config with the adaptation epochs, the training set
+    (the run's training normals + the adaptation normals), the run's validation normals, its test normals
+    (for the figures) and the record written as ``adaptation.json``."""
+
+    cfg: RunConfig
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    record: dict
+
+
+def plan_adaptation(run_dir: Path, cfg: RunConfig, checkpoint_sha256: str, normals: str, epochs: int,
+                    hold_out: float) -> AdaptPlan:
+    """Check the request and split the site normals (seeded by the run's seed) into adaptation and held-out
+    normals. Refused with one line: a run not fitted on one normal label, an adapted run, the run's own
+    source, site normals that are training or validation images of the run, too few of them (``anomaly score``
+    refuses to score any of them)."""
+    if len(cfg.data.labels) != 1:
+        raise UserError(f"{run_dir} was not fitted on one normal label; adapt a run of 'medivae anomaly fit'")
+    if (run_dir / ADAPTATION_FILE).exists():
+        raise UserError(f"{run_dir} is already an adapted run; adapt the run it came from with all the site "
+                        "normals instead")
+    if epochs < 1 or not 0 <= hold_out < 1:
+        raise UserError(f"need --epochs >= 1 and 0 <= --hold-out < 1 (got {epochs}, {hold_out})")
+    if same_source(normals, cfg.data.source):
+        raise UserError("--normals must come from the site being scored, not the run's own source (the model "
+                        "was fitted on its normals)")
+    normal_label = cfg.data.labels[0]
+    seed = cfg.train.seed
+    own = load_dataset(cfg.data, seed, progress=False)
+    site = site_normals(cfg, normal_label, normals, "--normals")
+    clash = shared_images(site.images, [own["train"], own["val"]])
+    if clash:
+        raise UserError(f"--normals {normals}: {clash} of its {len(site)} normal images are also training or "
+                        "validation images of the run; adapt with other normals")
+    order = numpy_rng(seed, "adapt-hold-out").permutation(len(site))
+    n_held = int(round(hold_out * len(site)))
+    held, used = np.sort(order[:n_held]), np.sort(order[n_held:])
+    if len(used) < 2:
+        raise UserError(f"--normals {normals}: {len(site)} normal images leave {len(used)} to adapt on after "
+                        f"holding out {n_held}; give more normals or a smaller --hold-out")
+    record = {
+        "from_run": str(Path(run_dir).resolve()), "from_checkpoint_sha256": checkpoint_sha256,
+        "normals": str(normals), "n_normals": len(site), "fingerprint": fingerprint(site.images),
+        "adapt": used.tolist(), "held_out": held.tolist(), "epochs": epochs, "hold_out": hold_out,
+        "checkpoint": "last",
+    }  # fmt: skip
+    new = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
+    return AdaptPlan(new, concat_sets(own["train"], site.subset(used)), own["val"], own["test"], record)
+
+
+def read_adaptation(run_dir: Path) -> dict | None:
+    """The run's ``adaptation.json``, or None for a run that was not adapted."""
+    path = Path(run_dir) / ADAPTATION_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e}); adapt the original run again") from None
+
+
+def adaptation_sets(run_dir: Path, cfg: RunConfig) -> dict | None:
+    """{"adapt", "held_out": ImageSets, "record"} of an adapted run, reloaded from the site normals' source
+    and checked against the fingerprint taken when the run was adapted; None for a run that was not."""
+    record = read_adaptation(run_dir)
+    if record is None:
+        return None
+    site = site_normals(cfg, cfg.data.labels[0], record["normals"], "the adaptation normals")
+    if fingerprint(site.images) != record["fingerprint"]:
+        raise UserError(f"the site normals in {record['normals']} have changed since {run_dir} was adapted on "
+                        "them, so which were held out is no longer known; adapt the original run again")
+    return {"adapt": site.subset(np.asarray(record["adapt"], dtype=np.int64)),
+            "held_out": site.subset(np.asarray(record["held_out"], dtype=np.int64)), "record": record}
