@@ -6,24 +6,14 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from medivae.cli import main
 from medivae.data.phantoms import make_phantoms
 from medivae.evaluation import anomaly as an
 
-from tiny import TINY
+from tiny import TINY, png_folder
 
 SCORE = ["--iwae-samples", "2", "--n-maps", "0", "--device", "cpu", "--fpr", "0.2", "--bootstrap", "0"]
-
-
-def _folder(root, images: np.ndarray, sub: str | None = None):
-    """PNGs of uint8 images (N, 1, H, W) in root (or root/sub, a class folder)."""
-    where = root / sub if sub else root
-    where.mkdir(parents=True)
-    for i, img in enumerate(images):
-        Image.fromarray(img[0]).save(where / f"{i:03d}.png")
-    return root
 
 
 def _brighter_edges(images: np.ndarray) -> np.ndarray:
@@ -43,7 +33,7 @@ def test_threshold_is_set_on_the_calibration_normals(normal_run, tmp_path, capsy
     normals = make_phantoms(40, 32, seed=99, lesion_fraction=0.0).images
     plain = _score(run, tmp_path, "plain")
     assert plain["threshold"]["calibrated_on"] == "validation normals"
-    folder = _folder(tmp_path / "site", normals)
+    folder = png_folder(tmp_path / "site", normals)
     capsys.readouterr()
     r = _score(run, tmp_path, "site", "--calibration", str(folder))
     printed = capsys.readouterr().out
@@ -64,8 +54,8 @@ def test_threshold_is_set_on_the_calibration_normals(normal_run, tmp_path, capsy
 def test_normals_that_score_higher_raise_the_threshold(normal_run, tmp_path):
     run = normal_run
     normals = make_phantoms(40, 32, seed=99, lesion_fraction=0.0).images
-    low = _score(run, tmp_path, "a", "--calibration", str(_folder(tmp_path / "same", normals)))
-    edges = _folder(tmp_path / "edges", _brighter_edges(normals))
+    low = _score(run, tmp_path, "a", "--calibration", str(png_folder(tmp_path / "same", normals)))
+    edges = png_folder(tmp_path / "edges", _brighter_edges(normals))
     high = _score(run, tmp_path, "b", "--calibration", str(edges))
     assert high["threshold"]["value"] > low["threshold"]["value"]
     assert high["normal_shift"]["calibration"]["differ"] and not low["normal_shift"]["calibration"]["differ"]
@@ -76,8 +66,8 @@ def test_a_labelled_source_gives_its_normal_images_only(normal_run, tmp_path):
     run = normal_run
     normals = make_phantoms(30, 32, seed=5, lesion_fraction=0.0).images
     lesions = make_phantoms(30, 32, seed=6, lesion_fraction=1.0).images
-    root = _folder(tmp_path / "labelled", normals, "normal")
-    _folder(root, lesions, "lesion")
+    root = png_folder(tmp_path / "labelled", normals, "normal")
+    png_folder(root, lesions, "lesion")
     r = _score(run, tmp_path, "labelled", "--calibration", str(root))
     assert r["threshold"]["calibrated_on"]["normals"] == 30
 
@@ -90,10 +80,10 @@ def test_a_conditional_model_scores_the_calibration_normals_as_its_normal_class(
             "--model", "cvae", "--epochs", "1", "--seed", "3", *TINY]
     assert main(argv) == 0
     normals = make_phantoms(30, 32, seed=21, lesion_fraction=0.0).images
-    labelled = _folder(tmp_path / "labelled", normals, "normal")
-    _folder(labelled, make_phantoms(5, 32, seed=22, lesion_fraction=1.0).images, "lesion")
+    labelled = png_folder(tmp_path / "labelled", normals, "normal")
+    png_folder(labelled, make_phantoms(5, 32, seed=22, lesion_fraction=1.0).images, "lesion")
     a = _score(run, tmp_path, "a", "--calibration", str(labelled))["threshold"]
-    b = _score(run, tmp_path, "b", "--calibration", str(_folder(tmp_path / "plain", normals)))["threshold"]
+    b = _score(run, tmp_path, "b", "--calibration", str(png_folder(tmp_path / "plain", normals)))["threshold"]
     assert a["calibrated_on"]["normals"] == b["calibrated_on"]["normals"] == 30 and a["value"] == b["value"]
 
 
@@ -110,12 +100,12 @@ def test_bad_calibration_exits_2_and_writes_nothing(normal_run, tmp_path, capsys
     from medivae.workflows.anomaly import scoring_sets
 
     images = make_phantoms(12, 32, seed=4, lesion_fraction=0.0).images
-    scored = str(_folder(tmp_path / "scored", images))
+    scored = str(png_folder(tmp_path / "scored", images))
     test_normals = scoring_sets(RunConfig.load(run / "config.json"), "normal", None, "test")["scored"]
     reused = np.concatenate([images[:10], test_normals.images[test_normals.labels == 0][:2]])
-    source = {"same": scored, "own": "phantoms:200", "overlap": str(_folder(tmp_path / "reused", reused)),
-              "other_labels": str(_folder(tmp_path / "cats", images, "cat")),
-              "too_few": str(_folder(tmp_path / "three", images[:3]))}[case]  # fmt: skip
+    source = {"same": scored, "own": "phantoms:200", "overlap": str(png_folder(tmp_path / "reused", reused)),
+              "other_labels": str(png_folder(tmp_path / "cats", images, "cat")),
+              "too_few": str(png_folder(tmp_path / "three", images[:3]))}[case]  # fmt: skip
     out = tmp_path / "scores"
     data = scored if case == "same" else "phantoms:200"
     rc = main(["anomaly", "score", str(run), "--out", str(out), *SCORE, "--data", data,

@@ -49,3 +49,14 @@ def train_killed_after(cfg: RunConfig, run_dir, epoch: int, monkeypatch) -> None
             api.train(cfg, run_dir, progress=False)
     finally:
         monkeypatch.setattr(Trainer, "save", real_save)
+
+
+def png_folder(root, images, sub: str | None = None):
+    """PNGs of uint8 images (N, 1, H, W) in ``root`` (or ``root/sub``, a class folder); returns ``root``."""
+    from PIL import Image
+
+    where = root / sub if sub else root
+    where.mkdir(parents=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img[0]).save(where / f"{i:03d}.png")
+    return root
