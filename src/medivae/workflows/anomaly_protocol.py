@@ -133,6 +133,7 @@ def extend_scores(model, cfg, sets: dict, val: AnomalyScores, scored: AnomalySco
         for name, (imgs, _, r) in sets3.items():
             r.scores["ssim_z"], extra_maps["ssim_z"][name] = xs.normative_ssim(imgs, recon[name], norm)
         record["ssim_z"] = {"normals": len(train), "std_offset": xs.NORM_STD_OFFSET}
+    record["capable"]["ssim_z"] = norm is not None  # the family can, but not without >= 2 training normals
     if has(model, "likelihood"):
         def restore(i, lab, tv):
             return xs.restoration_scores(model, i, lab, tv=tv, seed=seed, device=device, batch_size=batch_size,
