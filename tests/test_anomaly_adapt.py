@@ -161,8 +161,59 @@ def test_bad_adaptation_exits_2_and_writes_nothing(adapted, tmp_path, capsys, ca
         extra = ["--hold-out", "0.5"]
     elif case == "hold_out":
         extra = ["--hold-out", "1"]
-    listing = sorted(p.name for p in done.iterdir())
+    def listing(folder):
+        # every file and its modification time; the lock file is written by every locking command
+        return sorted((str(p.relative_to(folder)), p.stat().st_mtime_ns) for p in folder.rglob("*")
+                      if p.name != ".lock")
+
+    before = listing(done), listing(run)
     rc = main(["anomaly", "adapt", str(source), "--normals", normals, "--out", str(out), *ADAPT, *extra])
     assert message in _one_line_error(capsys, rc)
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
-    assert sorted(p.name for p in done.iterdir()) == listing
+    assert not (tmp_path / "out").exists()
+    assert (listing(done), listing(run)) == before
+
+
+def test_a_killed_adaptation_is_refused_by_score_and_redone_by_adapt(normal_run, tmp_path, capsys, monkeypatch):
+    from medivae.train.trainer import Trainer
+
+    from tiny import Killed
+
+    site = png_folder(tmp_path / "site", _site_normals(12, seed=9))
+    out = tmp_path / "adapted"
+    argv = ["anomaly", "adapt", str(normal_run), "--normals", str(site), "--out", str(out), *ADAPT]
+    real_save = Trainer.save
+
+    def save_then_die(self, name):
+        real_save(self, name)
+        if name == "last" and self.state.epoch == 1:
+            raise Killed
+
+    monkeypatch.setattr(Trainer, "save", save_then_die)
+    with pytest.raises(Killed):
+        main(argv)
+    monkeypatch.setattr(Trainer, "save", real_save)
+    assert (out / "last").exists() and json.loads((out / ADAPTATION_FILE).read_text())["complete"] is False
+    capsys.readouterr()
+    rc = main(["anomaly", "score", str(out), "--data", str(site), "--out", str(tmp_path / "s"), *SCORE])
+    assert "did not finish" in _one_line_error(capsys, rc)
+    rc = main(["train", "--resume", "--data", "phantoms:200", "--out", str(out), "--no-progress"])
+    assert "is an adapted run" in _one_line_error(capsys, rc)
+    assert main(argv) == 0  # the same command again: the unfinished folder is redone, not refused
+    rec = json.loads((out / ADAPTATION_FILE).read_text())
+    assert rec["complete"] is True and [json.loads(line)["epoch"] for line in
+                                        (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_repeated_and_relative_site_normals(normal_run, tmp_path, monkeypatch):
+    """A copy of a site normal is kept once (never both trained on and held out), and a relative --normals
+    path is recorded absolute, so the adapted run scores from another working directory."""
+    images = _site_normals(10, seed=12)
+    png_folder(tmp_path / "site", np.concatenate([images, images[:4]]))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "adapted"
+    assert main(["anomaly", "adapt", str(normal_run), "--normals", "site", "--out", str(out), *ADAPT]) == 0
+    rec = json.loads((out / ADAPTATION_FILE).read_text())
+    assert rec["n_normals"] == 10 and rec["n_repeats_dropped"] == 4 and rec["normals"] == str(tmp_path / "site")
+    monkeypatch.chdir(normal_run)
+    assert main(["anomaly", "score", str(out), "--out", str(tmp_path / "s"), *SCORE, "--fpr", "0.4"]) == 0
+    assert json.loads((out / "results.json").read_text())["anomaly"]["threshold"]["n_calibration"] == 5

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,11 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, compare: set[str] | None,
            sources: dict | None) -> Path:
     if resume:
+        from medivae.workflows.site import ADAPTATION_FILE
+
+        if (run_dir / ADAPTATION_FILE).exists():  # its training set holds site normals this would not load
+            raise UserError(f"{run_dir} is an adapted run ({ADAPTATION_FILE}); --resume would go on without its "
+                            "site normals: adapt the original run again with 'medivae anomaly adapt' instead")
         check_resumable(run_dir)
         saved = RunConfig.load(run_dir / "config.json")
         check_resume_settings(saved, cfg, compare)
@@ -67,18 +73,14 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, compare:
     model = build_model(cfg.model)
     trainer = Trainer(cfg, model, device, run_dir, progress)
     if distributed.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "config.json")
+        _open_run_folder(run_dir, cfg, splits, trainer)
         if sources is not None:
             atomic_write_text(run_dir / "config_sources.json", json.dumps(sources, indent=2) + "\n")
-        _save_data_summary(run_dir, splits)
-        _record_environment(run_dir, trainer)
     if resume and ckpt.exists(run_dir / "last"):  # also last.prev, left by a kill mid-swap
         trainer.resume()
     trainer.fit(splits["train"], splits["val"])
     if distributed.is_main():
-        write_figures(run_dir, model, cfg, splits["test"] if len(splits["test"]) else splits["val"], device)
-        write_run_report(run_dir)
+        _finish_run_folder(run_dir, model, cfg, splits, device)
     if own_group:
         distributed.barrier()  # the other ranks exit once rank 0's figures and report are written
         # DDP's reducer keeps the process group and its gloo work alive, in reference cycles that only the
@@ -88,6 +90,21 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, compare:
         gc.collect()
         distributed.cleanup()
     return run_dir
+
+
+def _open_run_folder(run_dir: Path, cfg: RunConfig, splits: dict[str, ImageSet], trainer: Trainer) -> None:
+    """What a run folder holds before its first epoch: config.json, data.json, environment.json."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.json")
+    _save_data_summary(run_dir, splits)
+    _record_environment(run_dir, trainer)
+
+
+def _finish_run_folder(run_dir: Path, model, cfg: RunConfig, splits: dict[str, ImageSet], device) -> None:
+    """What a run folder holds after its last epoch: the figures (of the test split, else validation) and
+    report.html."""
+    write_figures(run_dir, model, cfg, splits["test"] if len(splits["test"]) else splits["val"], device)
+    write_run_report(run_dir)
 
 
 def _record_environment(run_dir: Path, trainer: Trainer) -> None:
@@ -289,7 +306,14 @@ def anomaly_adapt(run_dir, normals: str, out, epochs: int | None = None, hold_ou
     (its last epoch is its ``best/``; the validation loss on the run's own normals is logged, not used to
     choose). ``anomaly_score(out, ...)`` then calibrates on the held-out normals and refuses to score any
     site normal. See medivae.workflows.site."""
-    from medivae.workflows.site import ADAPTATION_FILE, DEFAULT_EPOCHS, DEFAULT_HOLD_OUT, plan_adaptation
+    from medivae.lock import LOCK_FILE
+    from medivae.workflows.site import (
+        ADAPTATION_FILE,
+        DEFAULT_EPOCHS,
+        DEFAULT_HOLD_OUT,
+        plan_adaptation,
+        read_adaptation,
+    )
 
     epochs = DEFAULT_EPOCHS if epochs is None else epochs
     hold_out = DEFAULT_HOLD_OUT if hold_out is None else hold_out
@@ -297,7 +321,8 @@ def anomaly_adapt(run_dir, normals: str, out, epochs: int | None = None, hold_ou
     if out.resolve() == run_dir.resolve():
         raise UserError("--out must be a new run folder: the run being adapted is kept as it is")
     with run_lock(out, "medivae anomaly adapt", create=True):
-        if ckpt.exists(out / "last"):
+        unfinished = out.is_dir() and (read_adaptation(out, finished=False) or {}).get("complete") is False
+        if not unfinished and (ckpt.exists(out / "last") or (out / "config.json").exists()):
             raise UserError(f"{out} already holds a run; choose another --out")
         with run_lock(run_dir, "medivae anomaly adapt"):  # nothing may rewrite the run while it is read
             src = load_run(run_dir, device=device)
@@ -305,17 +330,23 @@ def anomaly_adapt(run_dir, normals: str, out, epochs: int | None = None, hold_ou
         cfg = plan.cfg
         if threads is not None:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_threads=threads))
+        if unfinished:  # a kill during an earlier adaptation into this folder: its files are ours, start over
+            for p in out.iterdir():
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                elif p.name != LOCK_FILE:
+                    p.unlink()
         seed_everything(cfg.train.seed)
         trainer = Trainer(cfg, src.model, src.device, out, progress)
+        splits = {"train": plan.train, "val": plan.val, "test": plan.test}
         out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "config.json")
-        _save_data_summary(out, {"train": plan.train, "val": plan.val, "test": plan.test})
-        _record_environment(out, trainer)
+        record = json.dumps(plan.record, indent=1) + "\n"
+        atomic_write_text(out / ADAPTATION_FILE, record)  # first: a folder with weights says what they saw
+        _open_run_folder(out, cfg, splits, trainer)
         trainer.fit(plan.train, plan.val)
         ckpt.link_copy(out / "last", out / "best")  # the adapted model is the last epoch, not the best old-site loss
-        atomic_write_text(out / ADAPTATION_FILE, json.dumps(plan.record, indent=1) + "\n")
-        write_figures(out, src.model, cfg, plan.test if len(plan.test) else plan.val, src.device)
-        write_run_report(out)
+        atomic_write_text(out / ADAPTATION_FILE, json.dumps({**plan.record, "complete": True}, indent=1) + "\n")
+        _finish_run_folder(out, src.model, cfg, splits, src.device)
     return out
 
 

@@ -114,11 +114,21 @@ def cmd_fit(args) -> int:
 
 def cmd_adapt(args) -> int:
     from medivae import api
+    from medivae.evaluation.anomaly import min_calibration
+    from medivae.workflows.site import read_adaptation
 
     out = api.anomaly_adapt(args.run, args.normals, args.out, epochs=args.epochs, hold_out=args.hold_out,
                             device=args.device, threads=args.threads, progress=not args.no_progress)
-    print(f"adapted run written to {out}; score it with 'medivae anomaly score {out} --data IMAGES' (the "
-          "threshold is set on the held-out site normals)")
+    r = read_adaptation(out)
+    n_held, need = len(r["held_out"]), min_calibration(0.05)
+    print(f"adapted run written to {out} ({len(r['adapt'])} site normals trained on, {n_held} held out); score "
+          f"it with 'medivae anomaly score {out} --data IMAGES'")
+    if n_held == 0:
+        print("  no site normal was held out: its threshold is set on the run's validation normals unless "
+              "'anomaly score --calibration NORMALS' is given")
+    elif n_held < need:
+        print(f"  {n_held} held-out normals cannot set a threshold at the default --fpr 0.05 (need {need}): "
+              "score with a larger --fpr, or with --calibration NORMALS")
     return 0
 
 
@@ -236,7 +246,7 @@ def add(sub) -> None:
     d.add_argument("--epochs", type=int, default=None, help="more epochs on training + site normals (default 10)")
     d.add_argument("--hold-out", type=float, default=None,
                    help="share of the site normals kept out of training to set the threshold on (default 0.5; "
-                   "'anomaly score' uses them unless --calibration is given)")
+                   "'anomaly score' uses them unless --calibration is given; 0: the run's validation normals)")
     d.add_argument("--device", default="auto")
     d.add_argument("--threads", type=int, default=None, help="CPU threads (default: the run's setting)")
     d.add_argument("--no-progress", action="store_true")

@@ -21,6 +21,7 @@ This module prepares the data and reads the record; ``medivae.api.anomaly_adapt`
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -72,8 +73,6 @@ def site_normals(cfg: RunConfig, normal_label: str, source: str, flag: str) -> I
 
 def _digest(image: np.ndarray) -> bytes:
     """A fingerprint of one preprocessed uint8 image: equal images, equal digests."""
-    import hashlib
-
     return hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
 
 
@@ -85,12 +84,23 @@ def shared_images(images: np.ndarray, others) -> int:
 
 def fingerprint(images: np.ndarray) -> str:
     """One hex digest of a set of images in order: a source that still gives these images, in this order."""
-    import hashlib
-
     h = hashlib.blake2b(digest_size=16)
     for img in images:
         h.update(_digest(img))
     return h.hexdigest()
+
+
+def unique_images(s: ImageSet) -> ImageSet:
+    """``s`` without repeats: the first of each set of pixel-identical images, in order (a copy of a site
+    normal must not be both trained on and held out to set the threshold)."""
+    seen: set[bytes] = set()
+    keep = []
+    for i, img in enumerate(s.images):
+        d = _digest(img)
+        if d not in seen:
+            seen.add(d)
+            keep.append(i)
+    return s if len(keep) == len(s) else s.subset(np.asarray(keep, dtype=np.int64))
 
 
 @dataclasses.dataclass
@@ -125,7 +135,8 @@ def plan_adaptation(run_dir: Path, cfg: RunConfig, checkpoint_sha256: str, norma
     normal_label = cfg.data.labels[0]
     seed = cfg.train.seed
     own = load_dataset(cfg.data, seed, progress=False)
-    site = site_normals(cfg, normal_label, normals, "--normals")
+    every = site_normals(cfg, normal_label, normals, "--normals")
+    site = unique_images(every)
     clash = shared_images(site.images, [own["train"], own["val"]])
     if clash:
         raise UserError(f"--normals {normals}: {clash} of its {len(site)} normal images are also training or "
@@ -136,25 +147,41 @@ def plan_adaptation(run_dir: Path, cfg: RunConfig, checkpoint_sha256: str, norma
     if len(used) < 2:
         raise UserError(f"--normals {normals}: {len(site)} normal images leave {len(used)} to adapt on after "
                         f"holding out {n_held}; give more normals or a smaller --hold-out")
+    where = Path(normals)  # absolute, so the adapted run scores from any working directory
     record = {
-        "from_run": str(Path(run_dir).resolve()), "from_checkpoint_sha256": checkpoint_sha256,
-        "normals": str(normals), "n_normals": len(site), "fingerprint": fingerprint(site.images),
+        "from_run": str(Path(run_dir).resolve()), "from_checkpoint": "best",
+        "from_checkpoint_sha256": checkpoint_sha256,
+        "normals": str(where.resolve()) if where.exists() else str(normals), "n_normals": len(site),
+        "n_repeats_dropped": len(every) - len(site), "fingerprint": fingerprint(site.images),
         "adapt": used.tolist(), "held_out": held.tolist(), "epochs": epochs, "hold_out": hold_out,
-        "checkpoint": "last",
+        "best_is": "last epoch", "complete": False,
     }  # fmt: skip
-    new = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
+    # β at its full value from the first adaptation epoch: a KL warm-up would restart from zero
+    train = dataclasses.replace(cfg.train, epochs=epochs, kl_schedule="constant", warmup_epochs=0.0)
+    new = dataclasses.replace(cfg, train=train)
     return AdaptPlan(new, concat_sets(own["train"], site.subset(used)), own["val"], own["test"], record)
 
 
-def read_adaptation(run_dir: Path) -> dict | None:
-    """The run's ``adaptation.json``, or None for a run that was not adapted."""
+RECORD_KEYS = ("normals", "fingerprint", "adapt", "held_out", "epochs", "complete")
+
+
+def read_adaptation(run_dir: Path, finished: bool = True) -> dict | None:
+    """The run's ``adaptation.json``, or None for a run that was not adapted. ``finished``: refuse a record
+    whose adaptation did not finish (a kill during training)."""
     path = Path(run_dir) / ADAPTATION_FILE
     if not path.exists():
         return None
+    again = f"adapt the original run again with --out {run_dir}"
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable ({e}); adapt the original run again") from None
+        raise UserError(f"{path}: unreadable ({e}); {again}") from None
+    missing = [k for k in RECORD_KEYS if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise UserError(f"{path}: not an adaptation record (no {', '.join(missing)}); {again}")
+    if finished and not record["complete"]:
+        raise UserError(f"the adaptation that writes {run_dir} did not finish; {again}")
+    return record
 
 
 def adaptation_sets(run_dir: Path, cfg: RunConfig) -> dict | None:
@@ -163,9 +190,13 @@ def adaptation_sets(run_dir: Path, cfg: RunConfig) -> dict | None:
     record = read_adaptation(run_dir)
     if record is None:
         return None
-    site = site_normals(cfg, cfg.data.labels[0], record["normals"], "the adaptation normals")
+    try:
+        site = unique_images(site_normals(cfg, cfg.data.labels[0], record["normals"], "the adaptation normals"))
+    except UserError as e:
+        raise UserError(f"the site normals that {run_dir / ADAPTATION_FILE} names cannot be read: {e}") from None
     if fingerprint(site.images) != record["fingerprint"]:
         raise UserError(f"the site normals in {record['normals']} have changed since {run_dir} was adapted on "
-                        "them, so which were held out is no longer known; adapt the original run again")
+                        "them, so which were held out is no longer known; adapt the original run again into a "
+                        "new --out")
     return {"adapt": site.subset(np.asarray(record["adapt"], dtype=np.int64)),
             "held_out": site.subset(np.asarray(record["held_out"], dtype=np.int64)), "record": record}
