@@ -95,3 +95,19 @@ def test_shift_check_compares_only_sets_that_are_not_the_training_or_validation_
         assert "scored" not in shift_check(sets, split, bootstrap=0, seed=0)
     assert "scored" in shift_check({**sets, "same_source": False}, "val", bootstrap=0, seed=0)
     assert "scored" not in shift_check({**sets, "normal_code": None}, "test", bootstrap=0, seed=0)
+
+
+def test_the_shift_line_names_the_remedies_only_when_the_scored_normals_differ():
+    from medivae.commands.anomaly import shift_line
+
+    def entry(differ):
+        return {"auroc": 0.8 if differ else 0.5, "ci95": None, "differ": differ}
+
+    alike = shift_line({"scored_split": "test", "val": entry(False), "scored": entry(False)})
+    shifted = shift_line({"scored_split": "test", "val": entry(False), "scored": entry(True)})
+    assert "--calibration" not in alike and "anomaly adapt" not in alike
+    assert "differ from the training normals" in shifted
+    assert "--calibration NORMALS" in shifted and "medivae anomaly adapt RUN --normals NORMALS" in shifted
+    calibrated = shift_line({"scored_split": "test", "val": entry(False), "scored": entry(True),
+                             "calibration": entry(True)})
+    assert "threshold from the validation normals" not in calibrated and "anomaly adapt" in calibrated

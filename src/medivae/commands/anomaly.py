@@ -203,6 +203,8 @@ def shift_line(ns: dict) -> str:
         if "calibration" not in ns:
             line += (", and the threshold from the validation normals need not keep its false-positive bound "
                      "there (--calibration NORMALS sets it on normals from where the scored images come)")
+        line += ("; with normals from that site, 'medivae anomaly adapt RUN --normals NORMALS --out NEW' trains "
+                 "the model on some of them and sets the threshold on the rest")
     if cal := ns.get("scored_vs_calibration"):
         verdict = ("differ (p < 0.01): the threshold's bound need not hold for them" if cal["differ"]
                    else "no evidence that they differ")

@@ -113,7 +113,8 @@ def shift_table(res: dict) -> str:
             "A model fitted on the training normals calls anything unlike them anomalous: where the scored "
             "normals differ, the detection AUROCs above also measure that difference, and the conformal "
             "threshold's false-positive bound holds only for new normals like those it was set on "
-            "(<code>--calibration</code> sets it on normals from where the scored images come).")
+            "(<code>--calibration</code> sets it on normals from where the scored images come; "
+            "<code>medivae anomaly adapt</code> trains the model on some of them and sets it on the rest).")
     return f"<table class='grid shift'>{head}{''.join(rows)}</table>" + note(text, "muted")
 
 
