@@ -96,6 +96,10 @@ def test_score_calibrates_on_the_held_out_site_normals(adapted, tmp_path, capsys
     # the training normals' statistics include the adaptation normals (the two-sample test's reference)
     n_train = json.loads((run / "data.json").read_text())["train"]["n"]
     assert a["normal_shift"]["val"]["n_reference"] == n_train + 12
+    # the report says what the run was adapted on and where its threshold was set
+    assert main(["report", str(out)]) == 0
+    html = (out / "report.html").read_text()
+    assert "This run was adapted to the scored site" in html and "on 12 site normals held out of the adaptation" in html
     # --calibration still wins over the held-out normals
     other = png_folder(tmp_path / "other", _site_normals(20, seed=5))
     assert main(["anomaly", "score", str(out), "--out", str(tmp_path / "o"), *SCORE, "--calibration", str(other)]) == 0

@@ -94,7 +94,7 @@ def shift_table(res: dict) -> str:
     normals, and of the scored normals against the calibration normals (its last row, when there is one)."""
     ns = _dict(res.get("normal_shift"))
     scored = f"{ns.get('scored_split', 'scored')} normals"
-    names = {"val": "validation normals", "calibration": "calibration normals (--calibration)", "scored": scored,
+    names = {"val": "validation normals", "calibration": "calibration normals (the threshold's)", "scored": scored,
              "scored_vs_calibration": f"{scored} against the calibration normals"}
     rows, n_reference = [], None
     for key, title in names.items():
@@ -116,6 +116,22 @@ def shift_table(res: dict) -> str:
             "(<code>--calibration</code> sets it on normals from where the scored images come; "
             "<code>medivae anomaly adapt</code> trains the model on some of them and sets it on the rest).")
     return f"<table class='grid shift'>{head}{''.join(rows)}</table>" + note(text, "muted")
+
+
+def adaptation_note(res: dict) -> str:
+    """One paragraph for a run written by ``medivae anomaly adapt``: what it was adapted on, and where its
+    threshold was set; "" for any other run."""
+    a = _dict(res.get("adaptation"))
+    if not a:
+        return ""
+    on = _dict(_dict(res.get("threshold")).get("calibrated_on"))
+    where = (f"on {fmt(on.get('normals'))} site normals held out of the adaptation" if on.get("held_out_at_adaptation")
+             else f"on {fmt(on.get('normals'))} normals of {esc(on.get('source', ''))}" if on
+             else "on the validation normals of the run it came from")
+    return note(f"This run was adapted to the scored site (<code>medivae anomaly adapt</code>): "
+                f"{fmt(a.get('epochs'))} more epochs of {esc(a.get('from_run', '?'))} on its training normals plus "
+                f"{fmt(a.get('n_adapt'))} normals of {esc(a.get('normals', '?'))}. The conformal threshold was set "
+                f"{where}; no site normal is scored.", "muted")
 
 
 def _pixel_rows(loc: dict) -> dict[str, tuple[dict, dict]]:
@@ -185,6 +201,7 @@ def section_body(rep, res, figs: list[Path], roc: str = "") -> str:
     out = ""
     if table := detection_table(res):
         out += "<h3>Detection: model scores beside trivial baselines</h3>" + table
+    out += adaptation_note(res)
     if table := shift_table(res):
         out += "<h3>Are the scored normals like the training normals?</h3>" + table
     maps, figs = map_figures(rep, res, figs)
