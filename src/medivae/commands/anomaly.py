@@ -245,7 +245,9 @@ def add(sub) -> None:
                    help="normal images from the site whose images will be scored: a folder of normals, or a "
                    "source whose images with the normal label are used (every split)")
     d.add_argument("--out", required=True, type=Path, help="new run folder to write (the run itself is kept)")
-    d.add_argument("--epochs", type=int, default=None, help="more epochs on training + site normals (default 10)")
+    d.add_argument("--epochs", type=int, default=None,
+                   help="more epochs on training + site normals (default 10; a family that trains a prior in its "
+                   "last epochs, such as vq_vae, does so in these too)")
     d.add_argument("--hold-out", type=float, default=None,
                    help="share of the site normals kept out of training to set the threshold on (default 0.5; "
                    "'anomaly score' uses them unless --calibration is given; 0: the run's validation normals)")
