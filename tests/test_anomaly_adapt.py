@@ -221,3 +221,14 @@ def test_repeated_and_relative_site_normals(normal_run, tmp_path, monkeypatch):
     monkeypatch.chdir(normal_run)
     assert main(["anomaly", "score", str(out), "--out", str(tmp_path / "s"), *SCORE, "--fpr", "0.4"]) == 0
     assert json.loads((out / "results.json").read_text())["anomaly"]["threshold"]["n_calibration"] == 5
+
+
+def test_a_labelled_source_gives_its_normal_images_only(normal_run, tmp_path):
+    root = png_folder(tmp_path / "labelled", _site_normals(9, seed=41), "normal")
+    png_folder(root, make_phantoms(7, 32, seed=42, lesion_fraction=1.0).images, "lesion")
+    out = tmp_path / "adapted"
+    assert main(["anomaly", "adapt", str(normal_run), "--normals", str(root), "--out", str(out), *ADAPT]) == 0
+    rec = json.loads((out / ADAPTATION_FILE).read_text())
+    assert rec["n_normals"] == 9 and len(rec["adapt"]) + len(rec["held_out"]) == 9
+    n_train = json.loads((normal_run / "data.json").read_text())["train"]["n"]
+    assert json.loads((out / "data.json").read_text())["train"]["n"] == n_train + len(rec["adapt"])
