@@ -42,7 +42,8 @@ def add(sub) -> None:
     p.add_argument("--n-samples", type=int, default=0,
                    help="generated images for sample quality (0: as many as evaluated images)")
     p.add_argument("--reference-epochs", type=int, default=5,
-                   help="epochs of the reference feature extractor (default 5; cached in RUN/reference)")
+                   help="epochs of the reference feature extractor (default 5; one extractor per dataset, "
+                   "cached in $MEDIVAE_CACHE/reference)")
     p.add_argument("--inception-weights", default=None, metavar="FILE",
                    help="local FID Inception state dict (pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
                         "or .safetensors) for a true FID; nothing is downloaded")
