@@ -18,7 +18,7 @@ from medivae.generate import encode_mean, interpolate, reconstruct, sample_image
 from medivae.io import atomic_write_text
 from medivae.lock import run_lock
 from medivae.models import build_model
-from medivae.models.family import has, labels_for, require
+from medivae.models.family import config_for_data, has, labels_for, require
 from medivae.run import Run, load, load_image, load_run  # noqa: F401  (the notebook API: api.load(...))
 from medivae.seeding import seed_everything, torch_generator
 from medivae.train import checkpoint as ckpt
@@ -66,8 +66,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, compare:
     seed_everything(t.seed)
     splits = load_dataset(cfg.data, t.seed, progress)
     names = tuple(splits["train"].label_names)
-    model_cfg = cfg.model.for_data(names, cfg.data.source) if hasattr(cfg.model, "for_data") else cfg.model
-    cfg = dataclasses.replace(cfg, model=model_cfg, label_names=names)
+    cfg = dataclasses.replace(cfg, model=config_for_data(cfg.model, names, cfg.data.source), label_names=names)
     device = distributed.local_device(pick_device(t.device))  # cuda:LOCAL_RANK under torchrun
     own_group = distributed.setup(device)  # joins torchrun's process group; False without torchrun
     model = build_model(cfg.model)
@@ -157,8 +156,8 @@ def check_resume_settings(saved: RunConfig, cfg: RunConfig, compare: set[str] | 
     if (compare is None or "train.epochs" in compare) and cfg.train.epochs < saved.train.epochs:
         raise UserError(f"--resume: --epochs may only grow; this run is set for {saved.train.epochs} epochs "
                         f"(train.epochs), not {cfg.train.epochs}")
-    if hasattr(cfg.model, "for_data"):  # what the model config became when the run met its data
-        cfg = dataclasses.replace(cfg, model=cfg.model.for_data(saved.label_names, saved.data.source))
+    # what the model config became when the run met its data
+    cfg = dataclasses.replace(cfg, model=config_for_data(cfg.model, saved.label_names, saved.data.source))
     old, new = flat_settings(saved.to_dict()), flat_settings(cfg.to_dict())
     skip = {"train.epochs", "label_names", "medivae_version"}
     keys = (set(old) | set(new)) if compare is None else set(compare)

@@ -259,6 +259,13 @@ def labels_for(model, labels, device) -> torch.Tensor | None:
     return torch.as_tensor(labels).long().clamp(min=0).to(device)
 
 
+def config_for_data(cfg, label_names: tuple[str, ...], source: str):
+    """A family config as it becomes when a run meets its data (its optional ``for_data`` hook, e.g. the class
+    count of a conditional model); unchanged for a family without the hook."""
+    hook = getattr(cfg, "for_data", None)
+    return cfg if hook is None else hook(label_names, source)
+
+
 def classes_for_data(cfg, label_names: tuple[str, ...], source: str):
     """``cfg`` for a data set, for configs with a ``num_classes`` field: 0 stays unconditional; otherwise
     (e.g. -1, "as many as the data has labels") one class per label, and a source without labels is an error."""
