@@ -187,9 +187,9 @@ def test_a_killed_adaptation_is_refused_by_score_and_redone_by_adapt(normal_run,
     argv = ["anomaly", "adapt", str(normal_run), "--normals", str(site), "--out", str(out), *ADAPT]
     real_save = Trainer.save
 
-    def save_then_die(self, name):
+    def save_then_die(self, name):  # killed right after the first adaptation epoch's checkpoint
         real_save(self, name)
-        if name == "last" and self.state.epoch == 1:
+        if name == "last":
             raise Killed
 
     monkeypatch.setattr(Trainer, "save", save_then_die)
@@ -204,8 +204,10 @@ def test_a_killed_adaptation_is_refused_by_score_and_redone_by_adapt(normal_run,
     assert "is an adapted run" in _one_line_error(capsys, rc)
     assert main(argv) == 0  # the same command again: the unfinished folder is redone, not refused
     rec = json.loads((out / ADAPTATION_FILE).read_text())
-    assert rec["complete"] is True and [json.loads(line)["epoch"] for line in
-                                        (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    done = rec["continued_from_epoch"]  # the epoch count of the run's best/ checkpoint, which it goes on from
+    assert done == json.loads((normal_run / "best" / "state.json").read_text())["epoch"] >= 1
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rec["complete"] is True and epochs == [done + 1, done + 2]
 
 
 def test_repeated_and_relative_site_normals(normal_run, tmp_path, monkeypatch):
@@ -232,3 +234,48 @@ def test_a_labelled_source_gives_its_normal_images_only(normal_run, tmp_path):
     assert rec["n_normals"] == 9 and len(rec["adapt"]) + len(rec["held_out"]) == 9
     n_train = json.loads((normal_run / "data.json").read_text())["train"]["n"]
     assert json.loads((out / "data.json").read_text())["train"]["n"] == n_train + len(rec["adapt"])
+
+
+def _moments(optimizers) -> list:
+    """Adam's first moments in the order of the parameters (None where a parameter has no state: frozen)."""
+    out = []
+    for opt in optimizers.values():
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    m = opt.state.get(p, {}).get("exp_avg")
+                    out.append(None if m is None else m.clone())
+    return out
+
+
+def test_adaptation_goes_on_from_the_runs_optimizer_state_and_epoch_count(normal_run, tmp_path, monkeypatch):
+    """Warm-ups and staged schedules (KL warm-up, a VAE-GAN's adversarial start) go on where the run left
+    them: the trainer starts at the run's epoch count with its Adam moments, not from zero."""
+    from medivae.train.checkpoint import load_checkpoint
+    from medivae.train.trainer import Trainer
+
+    seen = {}
+    real_fit = Trainer.fit
+
+    def fit(self, train, val):
+        seen.update(epoch=self.state.epoch, epochs=self.cfg.train.epochs, moments=_moments(self.optimizers))
+        return real_fit(self, train, val)
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    site = png_folder(tmp_path / "site", _site_normals(8, seed=2))
+    out = tmp_path / "adapted"
+    assert main(["anomaly", "adapt", str(normal_run), "--normals", str(site), "--out", str(out), *ADAPT]) == 0
+    done = json.loads((normal_run / "best" / "state.json").read_text())["epoch"]
+    assert (seen["epoch"], seen["epochs"]) == (done, done + 2)
+    assert json.loads((out / "config.json").read_text())["train"]["epochs"] == done + 2
+    # the moments are the run's own (a fresh Adam has none before its first step)
+    from medivae.config import RunConfig
+    from medivae.models import build_model
+
+    cfg = RunConfig.load(normal_run / "config.json")
+    model = build_model(cfg.model)
+    fresh = Trainer(cfg, model, torch.device("cpu"), tmp_path / "unused", progress=False)
+    load_checkpoint(normal_run / "best", model, fresh.optimizers)
+    saved = _moments(fresh.optimizers)
+    assert len(saved) == len(seen["moments"]) > 0 and not any(m is None for m in saved)
+    assert all(torch.equal(a, b) for a, b in zip(saved, seen["moments"], strict=True))

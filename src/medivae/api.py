@@ -19,7 +19,7 @@ from medivae.io import atomic_write_text
 from medivae.lock import run_lock
 from medivae.models import build_model
 from medivae.models.family import config_for_data, has, labels_for, require
-from medivae.run import Run, load, load_image, load_run  # noqa: F401  (the notebook API: api.load(...))
+from medivae.run import Run, checkpoint_folder, load, load_image, load_run  # noqa: F401  (the notebook API: api.load(...))
 from medivae.seeding import seed_everything, torch_generator
 from medivae.train import checkpoint as ckpt
 from medivae.train import distributed
@@ -298,7 +298,8 @@ def anomaly_fit(cfg: RunConfig, run_dir: str | Path, progress: bool = True) -> P
 
 def anomaly_adapt(run_dir, normals: str, out, epochs: int | None = None, hold_out: float | None = None,
                   device: str = "auto", threads: int | None = None, progress: bool = True) -> Path:
-    """Adapt an anomaly run to the site being scored: train it ``epochs`` more epochs on its training normals
+    """Adapt an anomaly run to the site being scored: train it ``epochs`` more epochs (going on from its
+    ``best/`` checkpoint's optimizer state and epoch count, see ``Trainer.continue_from``) on its training normals
     plus the normal images of ``normals`` (a folder of normals, or a source's images with the normal label)
     but a seeded ``hold_out`` share of them, kept to set the threshold on (None: the defaults of
     medivae.workflows.site, 10 epochs and half); write the adapted run to ``out``
@@ -326,17 +327,20 @@ def anomaly_adapt(run_dir, normals: str, out, epochs: int | None = None, hold_ou
         with run_lock(run_dir, "medivae anomaly adapt"):  # nothing may rewrite the run while it is read
             src = load_run(run_dir, device=device)
             plan = plan_adaptation(run_dir, src.config, src.checkpoint_sha256(), normals, epochs, hold_out)
-        cfg = plan.cfg
-        if threads is not None:
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_threads=threads))
-        if unfinished:  # a kill during an earlier adaptation into this folder: its files are ours, start over
-            for p in out.iterdir():
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p)
-                elif p.name != LOCK_FILE:
-                    p.unlink()
-        seed_everything(cfg.train.seed)
-        trainer = Trainer(cfg, src.model, src.device, out, progress)
+            cfg = plan.cfg
+            if threads is not None:
+                cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_threads=threads))
+            if unfinished:  # a kill during an earlier adaptation into this folder: its files are ours, start over
+                for p in out.iterdir():
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p)
+                    elif p.name != LOCK_FILE:
+                        p.unlink()
+            seed_everything(cfg.train.seed)
+            trainer = Trainer(cfg, src.model, src.device, out, progress)
+            trainer.continue_from(checkpoint_folder(run_dir, src.checkpoint), epochs)  # optimizers, schedules go on
+        cfg = trainer.cfg
+        plan.record["continued_from_epoch"] = trainer.state.epoch
         splits = {"train": plan.train, "val": plan.val, "test": plan.test}
         out.mkdir(parents=True, exist_ok=True)
         record = json.dumps(plan.record, indent=1) + "\n"

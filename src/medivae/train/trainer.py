@@ -4,6 +4,7 @@ the loss terms they report -- comes from the family contract (models/family.py).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -368,6 +369,23 @@ class Trainer:
         best = _state_epochs(self.run_dir / "best")
         if best is None or best[0] != last[0]:
             ckpt.link_copy(self.run_dir / "last", self.run_dir / "best")
+
+    def continue_from(self, folder: Path, more_epochs: int) -> None:
+        """Go on from another run's checkpoint ``folder`` for ``more_epochs`` epochs (``medivae anomaly
+        adapt``): its weights, optimizer moments, learning rate and epoch count, so warm-ups and staged
+        schedules (KL warm-up, a VAE-GAN's adversarial start, a cosine rate) go on where they were instead
+        of starting again; ``cfg.train.epochs`` becomes that epoch count + ``more_epochs``. The best-so-far
+        starts afresh, and the random state is this run's own."""
+        state = ckpt.load_checkpoint(folder, self.model, self.optimizers)
+        state.pop("rng", None)
+        for opt in self.optimizers.values():
+            match_optimizer_layout(opt)
+        _set_base_lrs(self.optimizers)
+        done = int(state.get("epoch", 0))
+        self.state = TrainState(epoch=done, lr=float(state.get("lr", self.cfg.train.lr)))
+        train = dataclasses.replace(self.cfg.train, epochs=done + more_epochs)
+        self.cfg = dataclasses.replace(self.cfg, train=train)
+        self.model.to(device=self.device, memory_format=self.memory_format)
 
     def resume(self) -> None:
         if self.main:  # finish a checkpoint swap that a kill interrupted (also when no epoch is left to run)

@@ -156,9 +156,8 @@ def plan_adaptation(run_dir: Path, cfg: RunConfig, checkpoint_sha256: str, norma
         "adapt": used.tolist(), "held_out": held.tolist(), "epochs": epochs, "hold_out": hold_out,
         "best_is": "last epoch", "complete": False,
     }  # fmt: skip
-    # β at its full value from the first adaptation epoch: a KL warm-up would restart from zero
-    train = dataclasses.replace(cfg.train, epochs=epochs, kl_schedule="constant", warmup_epochs=0.0)
-    new = dataclasses.replace(cfg, train=train)
+    # the run's own settings; the trainer goes on from its epoch count (api.anomaly_adapt)
+    new = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
     return AdaptPlan(new, concat_sets(own["train"], site.subset(used)), own["val"], own["test"], record)
 
 
