@@ -54,6 +54,27 @@ class ImageSet:
         return out
 
 
+def concat(sets: list[ImageSet], names: tuple[str, ...] | None = None) -> ImageSet:
+    """The images and labels of ``sets`` in order, under ``names`` (default: the first set's label names) and
+    with the first set's meta; empty sets are left out (their placeholder shapes may differ)."""
+    if names is None:
+        names = sets[0].label_names if sets else ()
+    meta = {**sets[0].meta} if sets else {}
+    full = [s for s in sets if len(s)]
+    if not full:
+        return ImageSet(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64), tuple(names), meta=meta)
+    images = np.concatenate([np.asarray(s.images) for s in full])
+    meta["n"] = len(images)
+    return ImageSet(images, np.concatenate([s.labels for s in full]), tuple(names), meta=meta)
+
+
+def image_hashes(images: np.ndarray) -> np.ndarray:
+    """A content hash per uint8 image (N, C, H, W): equal pixels, equal hash."""
+    import hashlib
+
+    return np.array([hashlib.sha1(np.ascontiguousarray(im).tobytes()).hexdigest() for im in images])
+
+
 def label_code(names: tuple[str, ...] | list[str], label: str) -> int | None:
     """The class index of ``label``: a class name, or the class's index written as a number
     (so ``--labels 0`` keeps working when a source names its classes, e.g. normal/pneumonia)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from medivae.data import load_dataset
-from medivae.data.imageset import ImageSet, label_code
+from medivae.data.imageset import ImageSet, concat, label_code
 from medivae.data.sources import same_source
 from medivae.errors import UserError
 from medivae.evaluation.anomaly import (
@@ -43,7 +43,7 @@ from medivae.models.family import require
 from medivae.results import RESULTS_FILE, merge_results, read_results
 from medivae.run import load_run
 from medivae.workflows.anomaly_protocol import extend_scores
-from medivae.workflows.site import adaptation_sets, concat_sets, shared_images, site_normals
+from medivae.workflows.site import adaptation_sets, shared_images, site_normals
 
 MAX_GRID_ROWS = 8  # maps.png: a few of the most and least anomalous images, one row each
 
@@ -168,7 +168,7 @@ def scoring_sets(cfg, normal_label: str, data: str | None, split: str) -> dict:
     s = full[split]
     if same:
         others = s.subset(np.flatnonzero((s.labels != code) & (s.labels >= 0)))
-        scored = concat_sets(normals[split], others)
+        scored = concat([normals[split], others])
     else:
         scored = s
     scored_code = label_code(scored.label_names, normal_label)
@@ -186,7 +186,7 @@ def with_adaptation(sets: dict, site: dict) -> None:
     if clash:
         raise UserError(f"{clash} of the {len(sets['scored'])} images to score are normals the run was adapted "
                         f"with ({site['record']['normals']}); score other images")
-    sets["train"] = concat_sets(sets["train"], site["adapt"])
+    sets["train"] = concat([sets["train"], site["adapt"]])
 
 
 def calibration_set(cfg, normal_label: str, source: str, scored_source: str, sets: dict) -> ImageSet:

@@ -279,7 +279,7 @@ def intervals(per_image: dict[str, np.ndarray], n_boot: int, seed: int) -> dict[
 def save_per_image(run_dir, s: ImageSet, per_image: dict[str, np.ndarray]) -> Path:
     """RUN/eval_per_image.npz: each metric per evaluated image, with the image's content hash, so
     ``medivae compare`` can pair the images two runs share."""
-    from medivae.workflows.utility import image_hashes
+    from medivae.data.imageset import image_hashes
 
     path = Path(run_dir) / PER_IMAGE_FILE
     buf = io.BytesIO()

@@ -29,7 +29,7 @@ import numpy as np
 
 from medivae.config import RunConfig
 from medivae.data import load_dataset
-from medivae.data.imageset import ImageSet, label_code
+from medivae.data.imageset import ImageSet, concat, image_hashes, label_code
 from medivae.data.sources import same_source
 from medivae.errors import UserError
 from medivae.seeding import numpy_rng
@@ -39,25 +39,12 @@ DEFAULT_EPOCHS = 10  # not tuned: the first value tried (benchmarks/site_calibra
 DEFAULT_HOLD_OUT = 0.5
 
 
-def concat_sets(a: ImageSet, b: ImageSet) -> ImageSet:
-    """The images and labels of ``a`` then ``b`` (``a``'s label names and meta)."""
-    return ImageSet(
-        np.concatenate([a.images, b.images]),
-        np.concatenate([a.labels, b.labels]),
-        a.label_names,
-        meta={**a.meta, "n": len(a) + len(b)},
-    )
-
-
 def site_normals(cfg: RunConfig, normal_label: str, source: str, flag: str) -> ImageSet:
     """The normal images of ``source`` (every split), preprocessed as the run's: those with the normal label
     when the source is labelled, all of them when it is not (a folder of normals). They carry the run's own
     label number for the normal class (what a conditional model is given). ``flag`` names the option in errors."""
     data = dataclasses.replace(cfg.data, source=source, labels=(), val_fraction=0.0, test_fraction=0.0)
-    parts = [s for s in load_dataset(data, cfg.train.seed, progress=False).values() if len(s)]
-    every = parts[0]
-    for more in parts[1:]:
-        every = concat_sets(every, more)
+    every = concat(list(load_dataset(data, cfg.train.seed, progress=False).values()))
     code = label_code(every.label_names, normal_label)
     if code is not None and (every.labels == code).any():
         keep = every.labels == code
@@ -71,36 +58,22 @@ def site_normals(cfg: RunConfig, normal_label: str, source: str, flag: str) -> I
     return dataclasses.replace(normals, labels=np.full(len(normals), -1 if own is None else own, dtype=np.int64))
 
 
-def _digest(image: np.ndarray) -> bytes:
-    """A fingerprint of one preprocessed uint8 image: equal images, equal digests."""
-    return hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
-
-
 def shared_images(images: np.ndarray, others) -> int:
     """How many of ``images`` are equal, pixel for pixel, to an image of one of the ImageSets ``others``."""
-    seen = {_digest(img) for s in others for img in s.images}
-    return sum(_digest(img) in seen for img in images)
+    seen = {h for s in others for h in image_hashes(s.images)}
+    return sum(h in seen for h in image_hashes(images))
 
 
 def fingerprint(images: np.ndarray) -> str:
     """One hex digest of a set of images in order: a source that still gives these images, in this order."""
-    h = hashlib.blake2b(digest_size=16)
-    for img in images:
-        h.update(_digest(img))
-    return h.hexdigest()
+    return hashlib.blake2b("".join(image_hashes(images)).encode(), digest_size=16).hexdigest()
 
 
 def unique_images(s: ImageSet) -> ImageSet:
     """``s`` without repeats: the first of each set of pixel-identical images, in order (a copy of a site
     normal must not be both trained on and held out to set the threshold)."""
-    seen: set[bytes] = set()
-    keep = []
-    for i, img in enumerate(s.images):
-        d = _digest(img)
-        if d not in seen:
-            seen.add(d)
-            keep.append(i)
-    return s if len(keep) == len(s) else s.subset(np.asarray(keep, dtype=np.int64))
+    _, first = np.unique(image_hashes(s.images), return_index=True)
+    return s if len(first) == len(s) else s.subset(np.sort(first))
 
 
 @dataclasses.dataclass
@@ -158,7 +131,7 @@ def plan_adaptation(run_dir: Path, cfg: RunConfig, checkpoint_sha256: str, norma
     }  # fmt: skip
     # the run's own settings; the trainer goes on from its epoch count (api.anomaly_adapt)
     new = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
-    return AdaptPlan(new, concat_sets(own["train"], site.subset(used)), own["val"], own["test"], record)
+    return AdaptPlan(new, concat([own["train"], site.subset(used)]), own["val"], own["test"], record)
 
 
 RECORD_KEYS = ("normals", "fingerprint", "adapt", "held_out", "epochs", "complete")

@@ -14,7 +14,7 @@ from medivae.config import DataConfig
 from medivae.constants import IMAGE_SIZES
 from medivae.data import load_dataset
 from medivae.data.folder import decode_image, read_csv_list
-from medivae.data.imageset import ImageSet
+from medivae.data.imageset import ImageSet, concat, image_hashes
 from medivae.data.npz import load_npz
 from medivae.data.sources import same_source
 from medivae.errors import UserError
@@ -75,13 +75,6 @@ _SAME_DATA = ("source", "image_size", "channels", "resize_mode", "window", "norm
               "val_fraction", "test_fraction")
 
 
-def image_hashes(images: np.ndarray) -> np.ndarray:
-    """A content hash per uint8 image (N, C, H, W): equal pixels, equal hash."""
-    import hashlib
-
-    return np.array([hashlib.sha1(np.ascontiguousarray(im).tobytes()).hexdigest() for im in images])
-
-
 def _check_same_data(runs: list, real: str | None) -> None:
     c0 = runs[0].config
     for r in runs[1:]:
@@ -118,7 +111,7 @@ def run_real_splits(runs: list) -> tuple[dict[str, ImageSet], dict]:
         other = load_dataset(dataclasses.replace(cfg.data, labels=tuple(rest)), cfg.train.seed, progress=False)
         for k in parts:
             parts[k].append(other[k])
-    out = {k: _concat(v, names) for k, v in parts.items()}
+    out = {k: concat(v, names) for k, v in parts.items()}
     seen = set(np.concatenate([image_hashes(t) for t in trained]).tolist())
     clean = np.flatnonzero([h not in seen for h in image_hashes(out["test"].images)])
     info = {"runs": [str(r.folder) for r in runs], "source": cfg.data.source, "seed": cfg.train.seed,
@@ -126,14 +119,6 @@ def run_real_splits(runs: list) -> tuple[dict[str, ImageSet], dict]:
             "n_test_dropped_as_training_duplicates": int(len(out["test"]) - len(clean))}
     out["test"] = out["test"].subset(clean)
     return out, info
-
-
-def _concat(sets: list[ImageSet], names) -> ImageSet:
-    sets = [s for s in sets if len(s)]
-    if not sets:
-        return ImageSet(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64), names)
-    return ImageSet(np.concatenate([np.asarray(s.images) for s in sets]),
-                    np.concatenate([s.labels for s in sets]), names)
 
 
 def _source_splits(real: str, size: int, channels: int, seed: int | None, val_fraction: float,
