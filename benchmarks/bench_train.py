@@ -379,6 +379,62 @@ def short_runs(args, tar: Path, work: Path) -> dict:
     }
 
 
+# --- what the CPU can do at most ---------------------------------------------------------------------
+def roofline_worker(gemm_n: int) -> None:
+    """Prints one JSON line: dense GEMM GFLOP/s in fp32 and bf16 at this process's thread count (median of
+    7 products of two ``gemm_n`` x ``gemm_n`` matrices, after warm-up), and the training FLOPs per image of
+    the article's network at 64 px (forward + backward of a batch of 128, counted by
+    ``torch.utils.flop_counter.FlopCounterMode``; the loss and Adam, a few per cent, are not counted)."""
+    import importlib.util
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gemm = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(gemm_n, gemm_n, dtype=dtype), torch.randn(gemm_n, gemm_n, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        times = []
+        for _ in range(7):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        gemm[name] = round(2 * gemm_n**3 / float(np.median(times)) / 1e9, 1)
+    spec = importlib.util.spec_from_file_location("seed_article_vae", BASELINE)
+    article = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(article)  # defines the model; its training runs only under __main__
+    model, x = article.VAE(), torch.rand(128, 1, 64, 64)
+    with FlopCounterMode(display=False) as counter:
+        recon, mu, logvar = model(x)
+        article.loss_function(recon, x, mu, logvar)[0].backward()
+    print(json.dumps({"threads": torch.get_num_threads(), "gemm_gflops": gemm,
+                      "train_flops_per_image": counter.get_total_flops() / len(x)}))
+
+
+def roofline(threads: int, arms: dict[str, list[dict]], gemm_n: int = 2048) -> dict:
+    """How near each arm runs to this CPU's dense-GEMM speed in its precision (medivae: bf16 where native,
+    the article's code: fp32): achieved GFLOP/s = images/s x training FLOPs per image. Measured in a child
+    with the runs' thread setting. ``ratio_if_at_gemm_peak``: the throughput ratio medivae would reach if
+    its training ran at the bf16 GEMM speed and the article's code as measured, a ceiling for the same
+    network that no per-layer tuning can pass."""
+    from medivae.train.device import cpu_has_native_bf16
+
+    r = run_measured([__file__, "--roofline-worker", str(gemm_n)], child_env(threads))
+    out = json.loads(r["stdout"].strip().splitlines()[-1])
+    flops = out["train_flops_per_image"]
+    precision = {"baseline": "fp32", "medivae": "bf16" if cpu_has_native_bf16() else "fp32", "medivae_fp32": "fp32"}
+    out["arms"] = {}
+    for arm, runs in arms.items():
+        ips = float(np.median([x["images_per_s"] for x in runs]))
+        achieved = ips * flops / 1e9
+        peak = out["gemm_gflops"][precision[arm]]
+        out["arms"][arm] = {"precision": precision[arm], "images_per_s_median": ips,
+                            "achieved_gflops": round(achieved, 1), "fraction_of_gemm_peak": round(achieved / peak, 3)}
+    base = out["arms"]["baseline"]["images_per_s_median"]
+    out["ratio_if_at_gemm_peak"] = round(out["gemm_gflops"][precision["medivae"]] * 1e9 / flops / base, 2)
+    return out
+
+
 def machine() -> dict:
     from medivae.train.device import cpu_has_native_bf16
 
@@ -410,6 +466,7 @@ def parse_args(argv):
     p.add_argument("--tar", type=Path, default=MEDNIST, help="MedNIST.tar.gz")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train.json")
     p.add_argument("--scaling-worker", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--roofline-worker", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.repeats, args.n_images, args.n_test, args.scaling_n = 1, 1, 512, 256, 128
@@ -422,6 +479,9 @@ def main(argv=None) -> int:
     if args.scaling_worker:
         npy, size, storage, epochs = args.scaling_worker
         scaling_worker(npy, int(size), storage, int(epochs))
+        return 0
+    if args.roofline_worker:
+        roofline_worker(args.roofline_worker)
         return 0
     for path in (BASELINE, args.tar):
         if not path.exists():
@@ -443,6 +503,7 @@ def main(argv=None) -> int:
         result["data"] = {"source": "MedNIST.tar.gz (64x64), seeded stratified 80/10/10 split", **split}
         result["runs"] = run_arms(args, npz, split["train"], work)
         result |= compare(result["runs"])
+        result["roofline"] = roofline(args.threads, result["runs"], 512 if args.quick else 2048)
         n_inf = min(split["test"], 512 if args.quick else 4096)
         result["inference"] = inference_speed(work / "medivae_0", npz, n_inf)
         if not args.no_scaling:
@@ -452,6 +513,11 @@ def main(argv=None) -> int:
             result["scaling"] = scaling_table(x64, work, sizes, counts, args.threads, 1)
     print(f"ratio {result['throughput_ratio']} (pairs {result['paired_ratios']}), test -ELBO rel. diff "
           f"{result['test_neg_elbo_rel_diff']:+.2%}")
+    roof = result["roofline"]
+    print(f"GEMM GFLOP/s fp32 {roof['gemm_gflops']['fp32']}, bf16 {roof['gemm_gflops']['bf16']}; "
+          + ", ".join(f"{a} {v['achieved_gflops']} ({v['fraction_of_gemm_peak']:.0%} of its GEMM speed)"
+                      for a, v in roof["arms"].items())
+          + f"; ratio at the bf16 GEMM speed {roof['ratio_if_at_gemm_peak']}")
     return _write(args, result)
 
 

@@ -46,6 +46,16 @@ def test_bench_train_quick_writes_complete_json(shared_data, tmp_path):
     assert {s for s, _, _ in rows} == {32, 64} and {st for _, _, st in rows} == {"ram", "memmap"}
     assert all(row["images_per_s"] > 0 and row["seconds_per_epoch"] > 0 for row in r["scaling"])
     assert r["data"]["train"] > 0 and r["data"]["test"] > 0
+    roof = r["roofline"]
+    # the article's network: 4 convolutions + 4 transposed convolutions + 3 linear layers at 64 px; a
+    # forward pass is ~103 MFLOP per image and training ~3x that (FlopCounterMode), whatever the machine
+    assert 2.5e8 < roof["train_flops_per_image"] < 3.5e8
+    assert roof["gemm_gflops"]["fp32"] > 0 and roof["gemm_gflops"]["bf16"] > 0
+    for arm in ("baseline", "medivae"):
+        a = roof["arms"][arm]
+        assert a["achieved_gflops"] == pytest.approx(
+            r["runs"][arm][0]["images_per_s"] * roof["train_flops_per_image"] / 1e9, rel=0.01)
+    assert roof["arms"]["baseline"]["precision"] == "fp32"
 
 
 @pytest.mark.slow
