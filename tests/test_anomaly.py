@@ -172,7 +172,7 @@ def test_bf16_scoring_ranks_images_as_fp32_does():
     images = make_phantoms(64, 32, seed=5, lesion_fraction=0.5).images
     exact = an.score_images(model, images, k=4, seed=3, precision="fp32").scores
     fast = an.score_images(model, images, k=4, seed=3, precision="bf16").scores
-    for name in ("neg_elbo", "iwae", "rec_error"):
+    for name in ("neg_elbo", "iwae", "rec_error", "ssim"):
         assert not np.array_equal(exact[name], fast[name]), name  # bf16 really ran
         np.testing.assert_allclose(fast[name], exact[name], rtol=0.02, err_msg=name)
         assert spearmanr(fast[name], exact[name]).statistic > 0.98, name
@@ -200,8 +200,11 @@ def test_score_cli_end_to_end(normal_run, tmp_path, capsys):
         ]
     )
     assert rc == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "AUROC" in printed and "prevalence" in printed and "conformal threshold" in printed
+    # progress bars by default, on stderr: every scoring pass, the iterative restoration too
+    assert "scoring scored images" in captured.err and "MAP restoration (tv" in captured.err
     r = json.loads((normal_run / "results.json").read_text())["anomaly"]
     assert r["normal_label"] == "normal" and r["split"] == "test"
     # Bernoulli likelihood (the default): no complexity-corrected score, and combined is SSIM alone

@@ -15,7 +15,7 @@ from medivae.workflows.site import ADAPTATION_FILE
 
 from tiny import png_folder
 
-SCORE = ["--iwae-samples", "2", "--n-maps", "0", "--device", "cpu", "--fpr", "0.2", "--bootstrap", "0"]
+SCORE = ["--iwae-samples", "2", "--n-maps", "0", "--device", "cpu", "--fpr", "0.2", "--bootstrap", "0", "--no-progress"]
 ADAPT = ["--epochs", "2", "--no-progress", "--device", "cpu"]
 
 

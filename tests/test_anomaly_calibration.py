@@ -13,7 +13,8 @@ from medivae.evaluation import anomaly as an
 
 from tiny import TINY, png_folder
 
-SCORE = ["--iwae-samples", "2", "--n-maps", "0", "--device", "cpu", "--fpr", "0.2", "--bootstrap", "0"]
+SCORE = ["--iwae-samples", "2", "--n-maps", "0", "--device", "cpu", "--fpr", "0.2", "--bootstrap", "0",
+         "--no-progress"]
 
 
 def _brighter_edges(images: np.ndarray) -> np.ndarray:
@@ -32,6 +33,7 @@ def test_threshold_is_set_on_the_calibration_normals(normal_run, tmp_path, capsy
     run = normal_run
     normals = make_phantoms(40, 32, seed=99, lesion_fraction=0.0).images
     plain = _score(run, tmp_path, "plain")
+    assert "scoring" not in capsys.readouterr().err  # --no-progress: no bars
     assert plain["threshold"]["calibrated_on"] == "validation normals"
     folder = png_folder(tmp_path / "site", normals)
     capsys.readouterr()

@@ -218,3 +218,24 @@ def test_ssim_z_weighs_a_difference_by_how_much_normals_vary_there():
     assert amap[0, 8:14, 23:29].mean() > 3 * amap[0, 8:14, 3:9].mean()
     same, zero = xs.normative_ssim(image, torch.from_numpy(image.astype(np.float32) / 255.0), (mean, std))
     assert same[0] == 0 and not zero.any()  # a perfect reconstruction is below every normal's dissimilarity
+
+
+
+def test_bf16_healing_heals_as_fp32_does():
+    """`--precision auto` runs VQ healing's encoder, prior and decoder in bf16 where native; the prior's
+    probabilities are compared in fp32, so the healed images are those of fp32 up to rounding."""
+    import torch
+
+    from medivae.models import build_model
+    from medivae.models.family import families
+
+    cfg = families()["vq_vae"].make_config(image_size=32, codebook_size=16, code_dim=8, width=16, res_width=8,
+                                           res_blocks=1, prior_width=16, prior_layers=1, prior_heads=2,
+                                           prior_epochs=1, num_classes=0)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    images = make_phantoms(16, 32, seed=5, lesion_fraction=0.5).images
+    exact, _ = xs.healing_scores(model, images, threshold=0.05, precision="fp32")
+    fast, _ = xs.healing_scores(model, images, threshold=0.05, precision="bf16")
+    assert not np.array_equal(exact, fast)  # bf16 really ran
+    np.testing.assert_allclose(fast, exact, rtol=0.05)

@@ -356,18 +356,19 @@ def anomaly_adapt(run_dir, normals: str, out, epochs: int | None = None, hold_ou
 def anomaly_score(run_dir, data: str | None = None, split: str = "test", out=None,
                   normal_label: str | None = None, fpr: float = 0.05, k: int = 16, gradient: bool = False,
                   n_maps: int = 16, batch_size: int = 128, device: str = "auto", precision: str = "fp32",
-                  bootstrap: int = 1000, calibration: str | None = None) -> dict:
+                  bootstrap: int = 1000, calibration: str | None = None, progress: bool = True) -> dict:
     """Per-image anomaly scores, maps, AUROC/AUPRC (``bootstrap`` resamples for 95 % intervals) and a
     conformal threshold at ``fpr`` from validation normals, or from the normal images of ``calibration`` (a
     source from the site being scored);
     files in ``out`` (default RUN/anomaly), summary merged into RUN/results.json["anomaly"].
-    ``precision="auto"`` scores through the bf16 fast path where the CPU/GPU has it (fp32: exact)."""
+    ``precision="auto"`` scores through the bf16 fast path where the CPU/GPU has it (fp32: exact), VQ healing
+    included; the MAP restoration stays fp32. ``progress``: bars on stderr over the scoring passes."""
     from medivae.workflows.anomaly import score_run
 
     with run_lock(run_dir, "medivae anomaly score"):  # writes RUN/results.json["anomaly"], wherever out is
         return score_run(
             run_dir, data, split, out, normal_label, fpr, k, gradient, n_maps, batch_size, device, precision,
-            bootstrap, calibration,
+            bootstrap, calibration, progress,
         )
 
 

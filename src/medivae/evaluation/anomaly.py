@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from medivae.data.imageset import to_float
 from medivae.models.family import has, labels_for
@@ -80,19 +81,24 @@ def ssim_maps(x: torch.Tensor, y: torch.Tensor, win: int = 7, data_range: float 
 
     Uniform ``win`` x ``win`` window and sample covariances, as scikit-image's ``structural_similarity``
     defaults, so the mean over the map equals its score; batched instead of one image at a time.
+    Always in fp32, also inside a bf16 autocast region (``score_images(precision="auto")``): the variances
+    are differences of local means, which bf16's 8-bit mantissa cancels away (it cut the `ssim` test AUROC
+    of a PneumoniaMNIST run from 0.877 to 0.795).
     """
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    x, y = x.float(), y.float()
     ch = x.shape[1]
     kernel = torch.full((ch, 1, win, win), 1.0 / win**2, dtype=x.dtype, device=x.device)
 
     def mean(t):
         return torch.nn.functional.conv2d(t, kernel, groups=ch)
 
-    mx, my = mean(x), mean(y)
-    unbias = win**2 / (win**2 - 1)
-    vx, vy = unbias * (mean(x * x) - mx * mx), unbias * (mean(y * y) - my * my)
-    vxy = unbias * (mean(x * y) - mx * my)
-    s = (2 * mx * my + c1) * (2 * vxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    with torch.autocast(x.device.type, enabled=False):
+        mx, my = mean(x), mean(y)
+        unbias = win**2 / (win**2 - 1)
+        vx, vy = unbias * (mean(x * x) - mx * mx), unbias * (mean(y * y) - my * my)
+        vxy = unbias * (mean(x * y) - mx * my)
+        s = (2 * mx * my + c1) * (2 * vxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return s.mean(1)
 
 
@@ -133,10 +139,13 @@ def score_images(
     device: str | torch.device = "cpu",
     gradient: bool = False,
     precision: str = "fp32",
+    progress: bool = False,
+    desc: str = "scoring",
 ) -> AnomalyScores:
     """Score uint8 images (N, C, H, W); ``labels`` only for conditional models. Batched, no per-image loop.
     ``precision``: "fp32" (exact, the default for evaluation) or "auto" for generate.fast_inference's
-    bf16 path where the hardware has it (scores keep fp32 sums; the networks run in bf16)."""
+    bf16 path where the hardware has it (scores keep fp32 sums; the networks run in bf16). ``progress``: a
+    bar over the batches, labelled ``desc``."""
     from medivae.generate import fast_inference
 
     if k < 1:
@@ -146,7 +155,7 @@ def score_images(
     parts: dict[str, list[torch.Tensor]] = {}
     maps = []
     with fast_inference(model, precision):
-        for i in range(0, len(images), batch_size):
+        for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
             x = to_float(images[i : i + batch_size], device).contiguous(memory_format=torch.channels_last)
             y = labels_for(model, None if labels is None else labels[i : i + batch_size], device)
             s, m = _score_batch(model, x, y, k, gen)

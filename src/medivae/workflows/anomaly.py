@@ -246,10 +246,11 @@ def write_scores_csv(path: Path, scored, scores: dict[str, np.ndarray], is_anoma
 
 def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr=0.05, k=16,
               gradient=False, n_maps=16, batch_size=128, device="auto", precision="fp32",
-              bootstrap=1000, calibration=None) -> dict:  # fmt: skip
+              bootstrap=1000, calibration=None, progress=False) -> dict:  # fmt: skip
     """Score a split with a run fitted on normals; write scores.csv, maps, ROC and results.json["anomaly"].
     ``calibration``: a source of normal images from where the scored images come (another site, scanner or
-    framing) to set the threshold on, instead of the run's validation normals."""
+    framing) to set the threshold on, instead of the run's validation normals. ``progress``: bars (stderr)
+    over every scoring pass, the iterative restoration / healing passes included."""
     read_results(Path(run_dir) / RESULTS_FILE)  # fail now, not after the scoring, if it cannot be merged into
     run = load_run(run_dir, device=device)
     model, cfg, dev = run.model, run.config, run.device
@@ -285,13 +286,15 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
         raise UserError(f"{n_cal} {what} cannot bound the false-positive rate at {fpr:g}: need at least "
                         f"{min_calibration(fpr)}; {fix} or pass a larger --fpr")
 
-    def run(s, grad=False, draws=k):
-        return score_images(model, s.images, s.labels, draws, batch_size, cfg.train.seed, dev, grad, precision)
+    def run(name, grad=False, draws=k):
+        s = sets[name]
+        return score_images(model, s.images, s.labels, draws, batch_size, cfg.train.seed, dev, grad, precision,
+                            progress, f"scoring {name} images")
 
     # the normal codes' Gaussian needs only the posterior means, so one draw is enough there
-    codes = run(sets["train"], draws=1).codes if len(sets["train"]) > 1 else None
-    val, scored = run(sets["val"]), run(sets["scored"], gradient)
-    cal = run(sets["calibration"]) if "calibration" in sets else val  # the normals the threshold is set on
+    codes = run("train", draws=1).codes if len(sets["train"]) > 1 else None
+    val, scored = run("val"), run("scored", gradient)
+    cal = run("calibration") if "calibration" in sets else val  # the normals the threshold is set on
     every = (val, scored) if cal is val else (val, scored, cal)
     gauss = fit_latent_gaussian(codes if codes is not None else val.codes)
     for r in every:
@@ -316,7 +319,7 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
     }  # fmt: skip
     # issue 21: new scores, the default chosen on validation + synthetic anomalies, baselines, localisation
     result.update(extend_scores(model, cfg, sets, val, scored, codes, dev, run_dir, k, batch_size, precision,
-                                bootstrap, gradient))
+                                bootstrap, gradient, progress))
     title = f"normal = {normal_label!r}, {split} split"
     if site is not None:
         r = site["record"]

@@ -96,16 +96,18 @@ def _localise(maps: dict, masks: np.ndarray) -> dict:
 
 def extend_scores(model, cfg, sets: dict, val: AnomalyScores, scored: AnomalyScores, train_codes, device,
                   run_dir, k: int = 16, batch_size: int = 128, precision: str = "fp32",
-                  bootstrap: int = 0, gradient: bool = False) -> dict:
+                  bootstrap: int = 0, gradient: bool = False, progress: bool = False) -> dict:
     """Add the new scores to ``val.scores`` and ``scored.scores`` in place, and every map of the scored split
     to ``scored.named_maps`` (the iterative ones reused, not recomputed); return results.json entries
-    "protocol", "trivial_baselines" and "localisation"."""
+    "protocol", "trivial_baselines" and "localisation". ``precision`` applies to every network pass but the
+    MAP restoration's (exact only, see ``restoration_scores``); ``progress``: bars over the passes."""
     from medivae.evaluation.features import load_or_fit_reference
 
     seed = cfg.train.seed
     v, s = sets["val"], sets["scored"]
     synth = foreign_patch(v.images, seed)
-    syn = score_images(model, synth.images, v.labels, k, batch_size, seed, device, False, precision)
+    syn = score_images(model, synth.images, v.labels, k, batch_size, seed, device, False, precision, progress,
+                       "scoring synthetic anomalies")
     codes = train_codes if train_codes is not None else val.codes
     syn.scores["latent"] = mahalanobis(syn.codes, fit_latent_gaussian(codes))
     syn.scores["combined"] = combined_score(syn.scores, calibrate(val.scores))
@@ -118,7 +120,7 @@ def extend_scores(model, cfg, sets: dict, val: AnomalyScores, scored: AnomalySco
             r.scores["latent_gmm"] = xs.latent_gmm_score(r.codes, gmm)
     ref = load_or_fit_reference(run_dir / "reference", sets["train"], {"purpose": "anomaly feature residual",
                                 "source": str(cfg.data.source), "image_size": cfg.data.image_size}, seed,
-                                progress=False, device=device)
+                                progress=progress, device=device)
     recon = {}
     for name, (imgs, labs, r) in sets3.items():
         recon[name] = xs.reconstructions(model, imgs, labs, batch_size, device)
@@ -137,12 +139,13 @@ def extend_scores(model, cfg, sets: dict, val: AnomalyScores, scored: AnomalySco
     if has(model, "likelihood"):
         def restore(i, lab, tv):
             return xs.restoration_scores(model, i, lab, tv=tv, seed=seed, device=device, batch_size=batch_size,
-                                         **RESTORATION)
+                                         progress=progress, **RESTORATION)  # fp32 always: see there
         extra_maps["restoration"] = _tuned("restoration", "tv", RESTORATION_TV, restore, sets3, record)
         record["restoration"].update(RESTORATION)
     if xs.can_heal(model):
         extra_maps["vq_healing"] = _tuned("vq_healing", "threshold", HEALING_THRESHOLDS, lambda i, lab, t:
-                                          xs.healing_scores(model, i, lab, t, batch_size, device), sets3, record)
+                                          xs.healing_scores(model, i, lab, t, batch_size, device, progress,
+                                                            precision), sets3, record)
     for _, _, r in sets3.values():
         r.scores["ensemble"], used = xs.ensemble(val.scores, r.scores)
     record["ensemble"] = {"components": used, "definition": "mean over components of (score - mean) / std, "
@@ -170,7 +173,7 @@ def extend_scores(model, cfg, sets: dict, val: AnomalyScores, scored: AnomalySco
     if str(cfg.data.source).startswith("phantoms"):
         out["localisation"]["phantoms"] = phantom_localisation(model, sets["train"].images, device, seed,
                                                                record.get("restoration"), batch_size,
-                                                               record.get("vq_healing"), norm)
+                                                               record.get("vq_healing"), norm, precision)
     return out
 
 
@@ -214,7 +217,7 @@ def trivial_baselines(images, labels, normal_code, png, bootstrap: int = 0, seed
 
 
 def phantom_localisation(model, normals, device, seed: int, restoration: dict | None, batch_size: int,
-                         healing: dict | None = None, ssim_norm=None) -> dict:
+                         healing: dict | None = None, ssim_norm=None, precision: str = "fp32") -> dict:
     """Pixel AUROC / AUPRC / best Dice of every map on lesion phantoms with known masks, and the best
     model-free blurred-residual map on the same masks. ``ssim_norm``: the training normals' SSIM-map
     statistics (``anomaly_scores.fit_ssim_norm``), for the ``ssim_z`` map."""
@@ -231,7 +234,8 @@ def phantom_localisation(model, normals, device, seed: int, restoration: dict | 
                                                      restoration["lr"], restoration["tv"], batch_size, seed,
                                                      device)[1]
     if healing is not None:
-        extra["vq_healing"] = xs.healing_scores(model, images, labels, healing["threshold"], batch_size, device)[1]
+        extra["vq_healing"] = xs.healing_scores(model, images, labels, healing["threshold"], batch_size, device,
+                                                precision=precision)[1]
     recon = xs.reconstructions(model, images, labels, batch_size, device)
     if ssim_norm is not None:
         extra["ssim_z"] = xs.normative_ssim(images, recon, ssim_norm)[1]
