@@ -253,7 +253,7 @@ def main(argv=None) -> int:
             commands.append(_medivae("anomaly", "fit", "--data", args.data, "--normal-label", args.normal_label,
                                      "--out", run, "--seed", seed, "--no-progress", *extra))
         if args.rescore or not (run / "anomaly" / "scores.csv").exists():
-            commands.append(_medivae("anomaly", "score", run, "--bootstrap", args.bootstrap))
+            commands.append(_medivae("anomaly", "score", run, "--bootstrap", args.bootstrap, "--no-progress"))
         seeds[seed] = seed_summary(json.loads((run / "results.json").read_text())["anomaly"])
     from medivae.evaluation.anomaly import detection_metrics
     from medivae.evaluation.bootstrap import detection_ci

@@ -107,7 +107,7 @@ def steps(args, anomaly_flags: list[str], cvae_flags: list[str]) -> dict[str, li
             *seed,
             "--resume",
         ],
-        "anomaly_score": ["anomaly", "score", str(r / "anomaly"), *boot],
+        "anomaly_score": ["anomaly", "score", str(r / "anomaly"), *boot, "--no-progress"],
         "cvae": ["train", "--data", args.data, "--model", "cvae", "--out", str(r / "cvae"), *cvae_flags, *seed],
         "cvae_resume": [
             "train",

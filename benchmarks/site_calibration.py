@@ -59,7 +59,7 @@ def halves(data: Path, normal_code: int, split: str, seed: int, work: Path) -> t
 
 def score(run: Path, data: Path, out: Path, fpr: float, calibration: Path | None) -> dict:
     cmd = [sys.executable, "-m", "medivae", "anomaly", "score", str(run), "--data", str(data), "--out", str(out),
-           "--fpr", str(fpr), "--bootstrap", "0", "--n-maps", "0"]
+           "--fpr", str(fpr), "--bootstrap", "0", "--n-maps", "0", "--no-progress"]
     if calibration is not None:
         cmd += ["--calibration", str(calibration)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

@@ -234,8 +234,14 @@ def test_bf16_healing_heals_as_fp32_does():
                                            prior_epochs=1, num_classes=0)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
+    with torch.no_grad():  # an untrained head gives every code p = 1/16; spread it so some fall below 0.05
+        model.prior.head.weight.normal_(0.0, 1.0)
     images = make_phantoms(16, 32, seed=5, lesion_fraction=0.5).images
+    x = torch.from_numpy(images / 255.0).float()
+    with torch.no_grad():
+        plain = (x - model.reconstruct(x)).abs().mean((1, 2, 3)).numpy()
     exact, _ = xs.healing_scores(model, images, threshold=0.05, precision="fp32")
     fast, _ = xs.healing_scores(model, images, threshold=0.05, precision="bf16")
+    assert np.abs(exact - plain).max() > 1e-3  # codes were healed, not just reconstructed
     assert not np.array_equal(exact, fast)  # bf16 really ran
     np.testing.assert_allclose(fast, exact, rtol=0.05)

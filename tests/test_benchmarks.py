@@ -55,7 +55,11 @@ def test_bench_train_quick_writes_complete_json(shared_data, tmp_path):
         a = roof["arms"][arm]
         assert a["achieved_gflops"] == pytest.approx(
             r["runs"][arm][0]["images_per_s"] * roof["train_flops_per_image"] / 1e9, rel=0.01)
-    assert roof["arms"]["baseline"]["precision"] == "fp32"
+    assert roof["arms"]["baseline"]["precision"] == "fp32" and roof["arms"]["medivae"]["precision"] in ("bf16", "fp32")
+    peak = roof["gemm_gflops"][roof["arms"]["medivae"]["precision"]]
+    assert roof["ratio_if_at_gemm_peak"] == pytest.approx(
+        peak * 1e9 / roof["train_flops_per_image"] / roof["arms"]["baseline"]["images_per_s_median"], abs=0.01)
+    assert len(r["commit"]) == 40
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from medivae.data.imageset import to_float
 from medivae.models.family import has, labels_for
+from medivae.train.device import full_precision
 
 SCORE_NAMES = ("neg_elbo", "iwae", "rec_error", "ssim", "kl", "iwae_minus_png", "latent")
 COMBINED_FROM = ("ssim", "iwae_minus_png")
@@ -93,7 +94,7 @@ def ssim_maps(x: torch.Tensor, y: torch.Tensor, win: int = 7, data_range: float 
     def mean(t):
         return torch.nn.functional.conv2d(t, kernel, groups=ch)
 
-    with torch.autocast(x.device.type, enabled=False):
+    with full_precision(x.device.type):
         mx, my = mean(x), mean(y)
         unbias = win**2 / (win**2 - 1)
         vx, vy = unbias * (mean(x * x) - mx * mx), unbias * (mean(y * y) - my * my)

@@ -30,6 +30,7 @@ from medivae.data.imageset import to_float
 from medivae.evaluation.anomaly import calibrate, combined_score, png_nats, ssim_maps
 from medivae.evaluation.localisation import pad_to
 from medivae.models.family import has, labels_for
+from medivae.train.device import full_precision
 
 ENSEMBLE_FROM = ("ssim", "rec_error", "latent_gmm", "feature_res", "restoration", "vq_healing", "disc")
 
@@ -143,14 +144,15 @@ def restoration_scores(model, images: np.ndarray, labels=None, steps: int = 20, 
     Always fp32: with the network in bf16 the image gradients are rounded, Adam's normalised steps follow
     their noise: on 24 lesion phantoms (the test suite's phantom model, tv 0.1) the scores came out 1.57x
     larger and in another order (Spearman correlation with fp32 -0.42), so `--precision auto` leaves this
-    score exact."""
+    score exact, also when called inside an autocast region."""
     model.eval()
     scores, maps = [], []
     for i in tqdm(range(0, len(images), batch_size), desc=f"MAP restoration (tv {tv:g})", disable=not progress,
                   leave=False):
         x = to_float(images[i : i + batch_size], device)
         y = labels_for(model, None if labels is None else labels[i : i + batch_size], device)
-        m = (x - map_restore(model, x, y, steps, lr, tv, seed)).abs().mean(1)
+        with full_precision(x.device.type):
+            m = (x - map_restore(model, x, y, steps, lr, tv, seed)).abs().mean(1)
         maps.append(m.float().cpu())
         scores.append(m.flatten(1).mean(1).double().cpu())
     return torch.cat(scores).numpy(), torch.cat(maps).numpy()

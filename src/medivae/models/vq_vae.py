@@ -46,6 +46,7 @@ from medivae.models.distributions import Gaussian
 from medivae.models.family import Family, StepContext, StepOutput, TrainStep, adam, classes_for_data
 from medivae.models.vq_prior import CodePrior
 from medivae.train import distributed
+from medivae.train.device import full_precision
 
 LABELS_FROM_DATA = -1  # num_classes placeholder: one class per label of the training data
 PRIORS = ("transformer",)
@@ -145,7 +146,7 @@ class EMACodebook(nn.Module):
 
     def nearest(self, rows: torch.Tensor) -> torch.Tensor:
         """rows: float32 (N, D) -> int64 (N,) index of the nearest code (squared Euclidean, in fp32)."""
-        with torch.autocast(rows.device.type, enabled=False):
+        with full_precision(rows.device.type):
             e = self.embedding
             dist = rows.pow(2).sum(1, keepdim=True) - 2 * rows @ e.t() + e.pow(2).sum(1)  # (N, K)
             return dist.argmin(1)

@@ -69,6 +69,16 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def full_precision(device_type: str):
+    """A region that computes in the tensors' own dtype even inside an autocast region (for math that bf16
+    breaks: variances as differences of means, distances to pick a code, an optimisation on the image).
+    Only CPU and CUDA have autocast to turn off here: torch < 2.5 refuses ``torch.autocast("mps", ...)``
+    even with enabled=False, and never autocasts there (medivae's own autocast is CPU / CUDA only)."""
+    if device_type in ("cpu", "cuda"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _cpu_snapshot() -> tuple[float, float, float]:
     """(idle + iowait ticks of the machine, all its ticks, this process's own CPU seconds)."""
     ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]

@@ -99,8 +99,9 @@ def extend_scores(model, cfg, sets: dict, val: AnomalyScores, scored: AnomalySco
                   bootstrap: int = 0, gradient: bool = False, progress: bool = False) -> dict:
     """Add the new scores to ``val.scores`` and ``scored.scores`` in place, and every map of the scored split
     to ``scored.named_maps`` (the iterative ones reused, not recomputed); return results.json entries
-    "protocol", "trivial_baselines" and "localisation". ``precision`` applies to every network pass but the
-    MAP restoration's (exact only, see ``restoration_scores``); ``progress``: bars over the passes."""
+    "protocol", "trivial_baselines" and "localisation". ``precision`` applies to ``score_images`` (the
+    synthetic anomalies') and VQ healing; reconstructions, SSIM statistics, features and the MAP restoration
+    are fp32. ``progress``: bars over the passes."""
     from medivae.evaluation.features import load_or_fit_reference
 
     seed = cfg.train.seed
@@ -173,7 +174,8 @@ def extend_scores(model, cfg, sets: dict, val: AnomalyScores, scored: AnomalySco
     if str(cfg.data.source).startswith("phantoms"):
         out["localisation"]["phantoms"] = phantom_localisation(model, sets["train"].images, device, seed,
                                                                record.get("restoration"), batch_size,
-                                                               record.get("vq_healing"), norm, precision)
+                                                               record.get("vq_healing"), norm, precision,
+                                                               progress)
     return out
 
 
@@ -217,7 +219,8 @@ def trivial_baselines(images, labels, normal_code, png, bootstrap: int = 0, seed
 
 
 def phantom_localisation(model, normals, device, seed: int, restoration: dict | None, batch_size: int,
-                         healing: dict | None = None, ssim_norm=None, precision: str = "fp32") -> dict:
+                         healing: dict | None = None, ssim_norm=None, precision: str = "fp32",
+                         progress: bool = False) -> dict:
     """Pixel AUROC / AUPRC / best Dice of every map on lesion phantoms with known masks, and the best
     model-free blurred-residual map on the same masks. ``ssim_norm``: the training normals' SSIM-map
     statistics (``anomaly_scores.fit_ssim_norm``), for the ``ssim_z`` map."""
@@ -232,10 +235,10 @@ def phantom_localisation(model, normals, device, seed: int, restoration: dict | 
     if restoration is not None:
         extra["restoration"] = xs.restoration_scores(model, images, labels, restoration["steps"],
                                                      restoration["lr"], restoration["tv"], batch_size, seed,
-                                                     device)[1]
+                                                     device, progress)[1]
     if healing is not None:
         extra["vq_healing"] = xs.healing_scores(model, images, labels, healing["threshold"], batch_size, device,
-                                                precision=precision)[1]
+                                                progress, precision)[1]
     recon = xs.reconstructions(model, images, labels, batch_size, device)
     if ssim_norm is not None:
         extra["ssim_z"] = xs.normative_ssim(images, recon, ssim_norm)[1]
