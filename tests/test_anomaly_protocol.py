@@ -220,7 +220,6 @@ def test_ssim_z_weighs_a_difference_by_how_much_normals_vary_there():
     assert same[0] == 0 and not zero.any()  # a perfect reconstruction is below every normal's dissimilarity
 
 
-
 def test_bf16_healing_heals_as_fp32_does():
     """`--precision auto` runs VQ healing's encoder, prior and decoder in bf16 where native; the prior's
     probabilities are compared in fp32, so the healed images are those of fp32 up to rounding."""

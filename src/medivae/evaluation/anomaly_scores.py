@@ -84,7 +84,7 @@ NORM_STD_OFFSET = 1e-3
 
 def dissimilarity_maps(images: np.ndarray, recon: torch.Tensor) -> torch.Tensor:
     """1 - local SSIM of uint8 images (N, C, H, W) and their reconstructions, (N, H - 6, W - 6)."""
-    return 1.0 - ssim_maps(to_float(images, "cpu").float(), recon.float())
+    return 1.0 - ssim_maps(to_float(images, "cpu"), recon)  # ssim_maps computes in fp32 itself
 
 
 def fit_ssim_norm(model, images: np.ndarray, labels=None, batch_size: int = 128,
