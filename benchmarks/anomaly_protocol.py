@@ -72,12 +72,12 @@ def val_check(run_dir: Path, data: str, normal_label: str, seed: int) -> dict | 
     fitting beyond the model (``score_images``, and ``ssim_z`` from the training normals) and of the trivial
     baselines: what a user who holds labelled
     validation data would see. None when the validation split has no anomalies."""
-    from medivae.config import DataConfig
     from medivae.data import load_dataset
     from medivae.evaluation import anomaly_scores as xs
     from medivae.evaluation.anomaly import detection_metrics, score_images
     from medivae.evaluation.anomaly_scores import trivial_scores
-    from medivae.run import load_run
+    from medivae.runfolder.config import DataConfig
+    from medivae.runfolder.run import load_run
 
     run = load_run(run_dir, device="cpu")
     val = load_dataset(DataConfig(source=data, image_size=run.config.data.image_size), seed, progress=False)["val"]

@@ -327,7 +327,7 @@ def main(argv=None) -> int:
     if not args.data:
         p.error("--data is required (unless --markdown)")
 
-    from medivae.io import atomic_write_text
+    from medivae.runtime.io import atomic_write_text
 
     anomaly_flags, cvae_flags = (TINY_ANOMALY, TINY_CVAE) if args.tiny else (ANOMALY_FLAGS, CVAE_FLAGS)
     cmds = steps(args, anomaly_flags, cvae_flags)

@@ -56,8 +56,8 @@ def _folder_bytes(root: Path) -> int:
 
 
 def run(args) -> dict:
-    from medivae.config import DataConfig
     from medivae.data import load_dataset, load_source
+    from medivae.runfolder.config import DataConfig
 
     cfg = DataConfig(source=str(args.source), image_size=args.image_size)
     first, t_first = timed(lambda: load_source(cfg, SEED, progress=False))

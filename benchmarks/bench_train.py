@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medivae.io import atomic_write_text
-from medivae.seeding import DEFAULT_SEED, numpy_rng
+from medivae.runtime.io import atomic_write_text
+from medivae.runtime.seeding import DEFAULT_SEED, numpy_rng
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported by speed_ablation.py
 from common import git_commit  # noqa: E402
@@ -160,7 +160,7 @@ def run_baseline(npz: Path, epochs: int, threads: int) -> dict:
 
 
 def run_medivae(npz: Path, epochs: int, threads: int, run_dir: Path, extra: list[str]) -> dict:
-    from medivae.results import read_metrics
+    from medivae.train.metrics import read_metrics
 
     cmd = [
         "-m", "medivae", "train", "--data", str(npz), "--out", str(run_dir), "--no-cache",
@@ -194,8 +194,8 @@ def test_neg_elbo(run_dir: Path, npz: Path, batch: int = 256) -> float:
     """The baseline's number for a medivae run: eval mode, one posterior sample per image, fp32."""
     from medivae.api import load_run
     from medivae.data import to_float
-    from medivae.losses import neg_elbo
-    from medivae.seeding import torch_generator
+    from medivae.models.losses import neg_elbo
+    from medivae.runtime.seeding import torch_generator
 
     run = load_run(run_dir, which="last", device="cpu")
     model, dev = run.model, run.device
@@ -226,13 +226,13 @@ def _seconds(fn) -> float:
 def inference_speed(run_dir: Path, npz: Path, n_images: int) -> dict:
     """images/s of prior sampling, reconstruction, per-image negative-ELBO scoring and anomaly scoring
     (16 draws per image; batched, no grad),
-    through medivae.generate's fast path ("auto": bf16 where native + channels_last) and in fp32."""
+    through medivae.models.inference's fast path ("auto": bf16 where native + channels_last) and in fp32."""
     from medivae.api import load_run
     from medivae.data import to_float
     from medivae.evaluation.anomaly import score_images
-    from medivae.generate import fast_inference, reconstruct, sample_images
-    from medivae.losses import neg_elbo
-    from medivae.seeding import torch_generator
+    from medivae.models.inference import fast_inference, reconstruct, sample_images
+    from medivae.models.losses import neg_elbo
+    from medivae.runtime.seeding import torch_generator
 
     run = load_run(run_dir, which="last", device="cpu")
     model, dev = run.model, run.device
@@ -266,10 +266,10 @@ def inference_speed(run_dir: Path, npz: Path, n_images: int) -> dict:
 def scaling_worker(npy: str, size: int, storage: str, epochs: int) -> None:
     """One training epoch (after a one-batch warm-up) of the article's model at ``size``, through the
     trainer's own data path; prints one JSON line. Runs in its own process for a clean peak RSS."""
-    from medivae.config import ModelConfig, RunConfig, TrainConfig
     from medivae.data import ImageSet
     from medivae.models import build_model
-    from medivae.train.device import pick_device
+    from medivae.runfolder.config import ModelConfig, RunConfig, TrainConfig
+    from medivae.runtime.device import pick_device
     from medivae.train.trainer import Trainer, batch_source
 
     # read-only: batches go through trainer.gather's sorted NumPy reads (a copy-on-write map, as
@@ -422,7 +422,7 @@ def roofline(threads: int, arms: dict[str, list[dict]], gemm_n: int = 2048) -> d
     with the runs' thread setting. ``ratio_if_at_gemm_peak``: the throughput ratio medivae would reach if
     its whole training step ran at the measured bf16 GEMM speed and the article's code as measured (a
     reference, not a bound: the fastest convolution kernels run at about that speed)."""
-    from medivae.train.device import cpu_has_native_bf16
+    from medivae.runtime.device import cpu_has_native_bf16
 
     load = round(os.getloadavg()[0], 2)
     r = run_measured([__file__, "--roofline-worker", str(gemm_n)], child_env(threads))
@@ -443,7 +443,7 @@ def roofline(threads: int, arms: dict[str, list[dict]], gemm_n: int = 2048) -> d
 
 
 def machine() -> dict:
-    from medivae.train.device import cpu_has_native_bf16
+    from medivae.runtime.device import cpu_has_native_bf16
 
     cpu = ""
     if Path("/proc/cpuinfo").exists():

@@ -123,8 +123,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from medivae import api
-    from medivae.io import atomic_write_text
     from medivae.report.compare import to_markdown
+    from medivae.runtime.io import atomic_write_text
 
     executed = [c for m in MODELS for c in train_and_evaluate(args, m)]
     runs = [args.runs / m for m in MODELS]

@@ -78,7 +78,7 @@ def group_active_units(run: Path, n_images: int) -> list[str]:
 
     import medivae as mv
     from medivae.evaluation.collapse import active_units
-    from medivae.seeding import numpy_rng
+    from medivae.runtime.seeding import numpy_rng
 
     r = mv.load(run, device="cpu")
     s = r.split("test")

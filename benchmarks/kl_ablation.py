@@ -20,14 +20,14 @@ import numpy as np
 import torch
 
 from medivae import api
-from medivae.config import DataConfig, RunConfig, TrainConfig
 from medivae.data import load_dataset, to_float
 from medivae.evaluation.collapse import collapse_metrics
-from medivae.io import atomic_write_text
-from medivae.losses import neg_elbo
 from medivae.models import model_config
-from medivae.results import read_metrics
-from medivae.seeding import torch_generator
+from medivae.models.losses import neg_elbo
+from medivae.runfolder.config import DataConfig, RunConfig, TrainConfig
+from medivae.runtime.io import atomic_write_text
+from medivae.runtime.seeding import torch_generator
+from medivae.train.metrics import read_metrics
 
 BETAS = (0.5, 1.0, 4.0)
 WARMUPS = (0.0, 5.0)  # epochs of linear warm-up; 0 = none

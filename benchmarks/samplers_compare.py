@@ -307,8 +307,8 @@ def main(argv=None) -> int:
     epochs = {n: int(plain[-1]) if plain else 5 for n in data} | {
         n: int(e) for n, e in parse_pairs([e for e in args.epochs if "=" in e], "--epochs").items()
     }
-    from medivae.io import atomic_write_text
-    from medivae.seeding import DEFAULT_SEED
+    from medivae.runtime.io import atomic_write_text
+    from medivae.runtime.seeding import DEFAULT_SEED
 
     args.seed = DEFAULT_SEED if args.seed is None else args.seed
     args.work.mkdir(parents=True, exist_ok=True)

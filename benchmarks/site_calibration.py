@@ -39,7 +39,7 @@ def halves(data: Path, normal_code: int, split: str, seed: int, work: Path) -> t
     n_held_out). The .npz keeps the source's other splits, so it loads as the same kind of source."""
     from PIL import Image
 
-    from medivae.seeding import numpy_rng
+    from medivae.runtime.seeding import numpy_rng
 
     z = dict(np.load(data))
     images, labels = z[f"{split}_images"], z[f"{split}_labels"].reshape(-1)

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medivae.io import atomic_write_text
-from medivae.seeding import DEFAULT_SEED
+from medivae.runtime.io import atomic_write_text
+from medivae.runtime.seeding import DEFAULT_SEED
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the worker runs under bench_train's launcher
 from bench_train import MEDNIST, ROOT, build_npz, child_env, machine, run_measured  # noqa: E402
@@ -67,12 +67,12 @@ def worker(npy: str, variant: str) -> None:
     """One timed training epoch of ``variant``; prints one JSON line."""
     import torch
 
-    from medivae.config import ModelConfig, RunConfig, TrainConfig
     from medivae.data import ImageSet
     from medivae.models import build_model
     from medivae.models.cpu_conv import DownConv, UpConv
+    from medivae.runfolder.config import ModelConfig, RunConfig, TrainConfig
+    from medivae.runtime.device import pick_device
     from medivae.train import trainer as trainer_mod
-    from medivae.train.device import pick_device
 
     off = OFF[variant]
     if "malloc" in off:

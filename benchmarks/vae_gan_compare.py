@@ -47,8 +47,8 @@ def measure(run_dir: Path, reference, n_samples: int) -> dict:
     from medivae.evaluation.bootstrap import mean_ci
     from medivae.evaluation.reconstruction import per_image_metrics
     from medivae.evaluation.sharpness import hf_power_ratio, sharpness_ratio
-    from medivae.results import read_metrics
-    from medivae.run import load_run
+    from medivae.runfolder.run import load_run
+    from medivae.train.metrics import read_metrics
 
     run = load_run(run_dir, device="cpu")
     splits = run.splits()
@@ -87,13 +87,13 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=Path, default=ROOT / "docs" / "images")
     args = p.parse_args(argv)
 
-    from medivae.config import DataConfig
     from medivae.data import load_dataset
     from medivae.evaluation.features import load_or_fit_reference
-    from medivae.generate import save_grid
-    from medivae.io import atomic_write_text
-    from medivae.run import load_run
-    from medivae.seeding import DEFAULT_SEED
+    from medivae.runfolder.config import DataConfig
+    from medivae.runfolder.run import load_run
+    from medivae.runtime.images import save_grid
+    from medivae.runtime.io import atomic_write_text
+    from medivae.runtime.seeding import DEFAULT_SEED
 
     data_cfg = DataConfig(source=args.data, image_size=args.image_size)
     train_set = load_dataset(data_cfg, DEFAULT_SEED, progress=False)["train"]

@@ -132,8 +132,8 @@ def _fit_on_normal_phantoms(steps: int = 80, seed: int = 7):
 
     from medivae.data.imageset import to_float
     from medivae.data.phantoms import make_phantoms
-    from medivae.losses import neg_elbo
     from medivae.models import build_model
+    from medivae.models.losses import neg_elbo
 
     torch.manual_seed(seed)
     x = to_float(make_phantoms(300, 32, seed, lesion_fraction=0.0).images)
@@ -232,7 +232,7 @@ def test_score_cli_end_to_end(normal_run, tmp_path, capsys):
 
 
 def test_scored_normals_were_never_trained_on(normal_run):
-    from medivae.config import RunConfig
+    from medivae.runfolder.config import RunConfig
 
     cfg = RunConfig.load(normal_run / "config.json")
     sets = scoring_sets(cfg, "normal", None, "test")

@@ -71,7 +71,7 @@ def test_adaptation_lowers_the_scores_of_the_site_normals(adapted, tmp_path):
     from medivae.data.imageset import to_float
     from medivae.evaluation.anomaly import ssim_maps
     from medivae.evaluation.anomaly_scores import reconstructions
-    from medivae.run import load_run
+    from medivae.runfolder.run import load_run
 
     run, _, _, out = adapted
     unseen = _site_normals(16, seed=77)
@@ -144,8 +144,8 @@ def test_changed_site_normals_are_refused_at_scoring(normal_run, tmp_path, capsy
     ("hold_out", "0 <= --hold-out < 1"),
 ])  # fmt: skip
 def test_bad_adaptation_exits_2_and_writes_nothing(adapted, tmp_path, capsys, case, message):
-    from medivae.config import RunConfig
     from medivae.data import load_dataset
+    from medivae.runfolder.config import RunConfig
 
     run, _, site, done = adapted
     cfg = RunConfig.load(run / "config.json")
@@ -269,8 +269,8 @@ def test_adaptation_goes_on_from_the_runs_optimizer_state_and_epoch_count(normal
     assert (seen["epoch"], seen["epochs"]) == (done, done + 2)
     assert json.loads((out / "config.json").read_text())["train"]["epochs"] == done + 2
     # the moments are the run's own (a fresh Adam has none before its first step)
-    from medivae.config import RunConfig
     from medivae.models import build_model
+    from medivae.runfolder.config import RunConfig
 
     cfg = RunConfig.load(normal_run / "config.json")
     model = build_model(cfg.model)

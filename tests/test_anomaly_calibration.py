@@ -99,7 +99,7 @@ def test_a_conditional_model_scores_the_calibration_normals_as_its_normal_class(
 ])  # fmt: skip
 def test_bad_calibration_exits_2_and_writes_nothing(normal_run, tmp_path, capsys, case, message):
     run = normal_run
-    from medivae.config import RunConfig
+    from medivae.runfolder.config import RunConfig
     from medivae.workflows.anomaly import scoring_sets
 
     images = make_phantoms(12, 32, seed=4, lesion_fraction=0.0).images

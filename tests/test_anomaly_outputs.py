@@ -36,7 +36,7 @@ def scored(tmp_path_factory):
 def _expected_maps(run) -> set[str]:
     from medivae.evaluation import anomaly_scores as xs
     from medivae.models.family import has
-    from medivae.run import load_run
+    from medivae.runfolder.run import load_run
 
     model = load_run(run, device="cpu").model
     return (

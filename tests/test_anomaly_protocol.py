@@ -120,7 +120,7 @@ def scored_run(tmp_path_factory):
 
 
 def _protocol(run, flip_test_labels: bool):
-    from medivae.run import load_run
+    from medivae.runfolder.run import load_run
     from medivae.workflows.anomaly import scoring_sets
 
     r = load_run(run, device="cpu")

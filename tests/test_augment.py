@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 
 from medivae import api
 from medivae.cli import main
-from medivae.config import TrainConfig
-from medivae.errors import UserError
-from medivae.seeding import torch_generator
+from medivae.runfolder.config import TrainConfig
+from medivae.runtime.errors import UserError
+from medivae.runtime.seeding import torch_generator
 from medivae.train.augment import augment, parse_augment
 
 from tiny import tiny_run, train_killed_after

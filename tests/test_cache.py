@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 import medivae.data.sources as sources
-from medivae.config import DataConfig, replace
 from medivae.data import load_dataset, load_source
+from medivae.runfolder.config import DataConfig, replace
 
 
 @pytest.fixture(autouse=True)

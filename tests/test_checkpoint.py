@@ -17,10 +17,10 @@ import torch
 
 from medivae import api
 from medivae.cli import main
-from medivae.errors import UserError
 from medivae.models import build_model
-from medivae.results import read_metrics
+from medivae.runtime.errors import UserError
 from medivae.train import checkpoint as ckpt
+from medivae.train.metrics import read_metrics
 
 from tiny import tiny_model, tiny_run
 

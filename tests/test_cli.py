@@ -11,7 +11,7 @@ from PIL import Image
 
 from medivae import api
 from medivae.cli import main
-from medivae.generate import reconstruct
+from medivae.models.inference import reconstruct
 
 from tiny import tiny_run
 

@@ -10,9 +10,9 @@ import torch
 
 from medivae import api
 from medivae.cli import main
-from medivae.errors import UserError
 from medivae.models import build_model, model_config
-from medivae.run import load_run
+from medivae.runfolder.run import load_run
+from medivae.runtime.errors import UserError
 from medivae.train import checkpoint as ckpt
 
 from tiny import tiny_run

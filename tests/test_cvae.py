@@ -11,10 +11,10 @@ from PIL import Image
 
 from medivae import api
 from medivae.cli import main
-from medivae.config import replace
-from medivae.losses import neg_elbo
 from medivae.models import REGISTRY, build_model, model_config
 from medivae.models.conv_vae import ConvVAE as CVAE
+from medivae.models.losses import neg_elbo
+from medivae.runfolder.config import replace
 
 from tiny import tiny_model, tiny_run
 

@@ -18,9 +18,9 @@ from PIL import Image
 
 import medivae.data.medmnist as medmnist
 from medivae.cli import main
-from medivae.config import DataConfig
 from medivae.data import load_dataset, load_source
-from medivae.errors import UserError
+from medivae.runfolder.config import DataConfig
+from medivae.runtime.errors import UserError
 
 FORMATS = ("png", "jpeg", "tif", "bmp")
 

@@ -13,12 +13,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from medivae.cli import main
-from medivae.config import DataConfig
 from medivae.data import load_dataset, load_source
 from medivae.data.dicom import read_dicom
 from medivae.data.readers import UnreadableFile
 from medivae.data.windowing import PRESETS, Window, apply_window, parse_normalize, parse_window
-from medivae.errors import UserError
+from medivae.runfolder.config import DataConfig
+from medivae.runtime.errors import UserError
 
 NORM = parse_normalize("percentile")
 

@@ -27,14 +27,14 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from medivae import api
-from medivae.config import RunConfig
 from medivae.data import ImageSet, to_float
-from medivae.errors import UserError
-from medivae.losses import neg_elbo
 from medivae.models import build_model
+from medivae.models.losses import neg_elbo
 from medivae.models.outputs import VAEOutput
-from medivae.seeding import numpy_rng
-from medivae.train import distributed
+from medivae.runfolder.config import RunConfig
+from medivae.runtime import distributed
+from medivae.runtime.errors import UserError
+from medivae.runtime.seeding import numpy_rng
 from medivae.train.trainer import Trainer, epoch_order, gather
 
 from tiny import tiny_run

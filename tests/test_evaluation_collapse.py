@@ -12,7 +12,7 @@ from torch import nn
 from medivae.data.imageset import ImageSet
 from medivae.evaluation.collapse import active_units, collapse_metrics, kl_per_dimension, mutual_information
 from medivae.models.distributions import Bernoulli, DiagonalGaussian
-from medivae.seeding import numpy_rng, torch_generator
+from medivae.runtime.seeding import numpy_rng, torch_generator
 from medivae.workflows.evaluate import posterior_and_reconstruction
 
 

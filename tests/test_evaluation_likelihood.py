@@ -14,7 +14,7 @@ from medivae.data.phantoms import make_phantoms
 from medivae.evaluation.likelihood import iwae_from_log_weights, ks_for, likelihood_bounds
 from medivae.models import build_model
 from medivae.models.distributions import DiagonalGaussian, DiscretizedLogistic, gaussian_log_weights
-from medivae.seeding import torch_generator
+from medivae.runtime.seeding import torch_generator
 
 from tiny import tiny_model
 

@@ -9,9 +9,9 @@ import torch
 
 from medivae.data.imageset import ImageSet
 from medivae.data.phantoms import make_phantoms
-from medivae.errors import UserError
 from medivae.evaluation import sample_quality as sq
 from medivae.evaluation.features import load_or_fit_reference
+from medivae.runtime.errors import UserError
 
 
 def _gauss(n, d=8, seed=0, shift=0.0):

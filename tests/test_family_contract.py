@@ -43,11 +43,8 @@ from torch import nn
 
 import medivae
 from medivae.cli import main
-from medivae.constants import IMAGE_SIZES
-from medivae.errors import UserError
 from medivae.evaluation import anomaly as an
 from medivae.evaluation import anomaly_scores as xs
-from medivae.generate import reconstruct
 from medivae.models.family import (
     CAPABILITIES,
     MISSING,
@@ -61,6 +58,9 @@ from medivae.models.family import (
     labels_for,
     register,
 )
+from medivae.models.inference import reconstruct
+from medivae.runtime.constants import IMAGE_SIZES
+from medivae.runtime.errors import UserError
 
 
 # --- a family defined outside src/ -----------------------------------------------------------------------

@@ -19,9 +19,9 @@ from PIL import Image
 
 from medivae import cli
 from medivae.commands import train as train_cmd
-from medivae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from medivae.data import load_dataset
-from medivae.errors import UserError
+from medivae.runfolder.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from medivae.runtime.errors import UserError
 
 FUZZ = settings(
     max_examples=60, deadline=None, derandomize=True, database=None,

@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from medivae.config import TrainConfig
-from medivae.errors import UserError
 from medivae.models import build_model, model_config
 from medivae.models.family import StepContext
 from medivae.models.hierarchical_vae import balanced_kl
+from medivae.runfolder.config import TrainConfig
+from medivae.runtime.errors import UserError
 
 SIZE = 32
 
@@ -189,8 +189,8 @@ def test_kl_balancing_weights_average_one_and_favour_small_informative_groups():
 
 def test_trainer_skips_updates_whose_gradient_norm_explodes(tmp_path):
     """skip_threshold tiny: every update is skipped (weights unchanged) and counted; 0: none is."""
-    from medivae.config import DataConfig, RunConfig
     from medivae.data import ImageSet
+    from medivae.runfolder.config import DataConfig, RunConfig
     from medivae.train.trainer import Trainer
 
     def fit(threshold):

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from medivae.config import RunConfig, TrainConfig, replace
 from medivae.data import ImageSet
-from medivae.errors import UserError
-from medivae.losses import free_bits_kl, kl_weight, neg_elbo
 from medivae.models import build_model
+from medivae.models.losses import free_bits_kl, kl_weight, neg_elbo
+from medivae.runfolder.config import RunConfig, TrainConfig, replace
+from medivae.runtime.errors import UserError
 from medivae.train.trainer import Trainer
 
 from tiny import tiny_model, tiny_run

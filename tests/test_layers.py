@@ -48,7 +48,7 @@ def _imported(node: ast.AST, module: str, modules: dict[str, Path]) -> set[str]:
     """Package modules one import statement brings in, with the parent packages Python runs first.
     A parent package that contains ``module`` is not an edge (it is already being imported when
     ``module`` runs; otherwise every ``__init__`` that imports a submodule would be a cycle), but one
-    outside it is: ``medivae.losses`` importing ``medivae.models.outputs`` runs ``models/__init__.py``."""
+    outside it is: ``medivae.models.losses`` importing ``medivae.models.outputs`` runs ``models/__init__.py``."""
     if isinstance(node, ast.Import):
         names = [alias.name for alias in node.names]
     elif isinstance(node, ast.ImportFrom):
@@ -121,50 +121,96 @@ def test_data_imports_are_acyclic():
     assert cycle is None, "import cycle in medivae.data: " + " -> ".join(cycle or [])
 
 
-# --- the whole package -------------------------------------------------------------------------------
-# Layers, lowest first: data -> models -> losses -> train -> run -> evaluation -> workflows -> api ->
-# commands/cli. ``config`` may import ``models`` (lazily, to build a family's config), never the reverse:
-# what both check against (image sizes, likelihoods) lives in ``constants``. ``report`` renders files
-# and never imports torch, so it reads them only through ``results``, ``errors``, ``io`` and ``version``.
-UPWARD = {  # importer layers -> layers they must never import
-    ("medivae.evaluation",): ("medivae.api", "medivae.workflows", "medivae.commands", "medivae.cli"),
-    ("medivae.run", "medivae.train", "medivae.models", "medivae.data"):
-        ("medivae.evaluation", "medivae.workflows", "medivae.api", "medivae.commands", "medivae.cli"),
-    ("medivae.workflows",): ("medivae.api", "medivae.commands", "medivae.cli"),
-    ("medivae.api",): ("medivae.commands", "medivae.cli"),
-    ("medivae.models",): ("medivae.config",),
-}
-REPORT_MAY_IMPORT = ("medivae.report", "medivae.results", "medivae.errors", "medivae.io", "medivae.version")
+# --- the whole package: folders are layers ------------------------------------------------------------
+# Lowest first. A module may import its own layer and the ones below it, never one above, so the graph of
+# layers has no cycle however the files inside them import each other. ``report`` renders files and never
+# imports torch: it reads them through ``runfolder.results``, ``train.metrics`` and three runtime modules.
+LAYERS = (
+    ("runtime", ("medivae.runtime",)),
+    ("data", ("medivae.data",)),
+    ("models", ("medivae.models",)),
+    ("train", ("medivae.train",)),
+    ("runfolder", ("medivae.runfolder",)),
+    ("evaluation", ("medivae.evaluation",)),
+    ("report", ("medivae.report",)),
+    ("workflows", ("medivae.workflows",)),
+    ("api", ("medivae.api", "medivae")),  # the package itself is the notebook facade (medivae.load)
+    ("cli", ("medivae.commands", "medivae.cli", "medivae.__main__")),
+)
+REPORT_MAY_IMPORT = ("medivae.report", "medivae.runfolder.results", "medivae.train.metrics",
+                     "medivae.runtime.errors", "medivae.runtime.io", "medivae.runtime.version")
+TORCH_FREE_PACKAGES = ("medivae.runfolder", "medivae.train", "medivae.runtime")  # their __init__ imports nothing
 
 
-def _in(module: str, layers: tuple[str, ...]) -> bool:
-    return any(_inside(module, p) for p in layers)
+def layer_of(module: str) -> int | None:
+    """Index in LAYERS of the layer that holds ``module`` (the longest matching prefix), or None."""
+    best = None
+    for rank, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            hit = module == prefix if prefix == "medivae" else _inside(module, prefix)
+            if hit and (best is None or len(prefix) > best[1]):
+                best = (rank, len(prefix))
+    return None if best is None else best[0]
+
+
+def _dynamic_imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """Modules ``importlib.import_module("medivae.x")`` or ``import_module(f"medivae.commands.{name}")``
+    can bring in: every package module under the literal prefix of the argument."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not (isinstance(node, ast.Call) and node.args and getattr(node.func, "attr", getattr(node.func, "id", ""))
+                == "import_module"):
+            continue
+        arg = node.args[0]
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+            prefix = arg.value
+        elif isinstance(arg, ast.JoinedStr) and arg.values and isinstance(arg.values[0], ast.Constant):
+            prefix = str(arg.values[0].value)
+        else:
+            continue
+        found |= {m for m in modules if m.startswith(prefix) and m != prefix.rstrip(".")}
+    return found
 
 
 def _package_graph() -> dict[str, set[str]]:
     graph = _import_graph(SRC / "medivae", "medivae")
+    modules = _module_names(SRC / "medivae", "medivae")
+    for module, path in modules.items():
+        graph[module] |= _dynamic_imports(path, modules) - {module}
     # function-level imports count: api reaches workflows only inside its functions
     assert "medivae.workflows.evaluate" in graph["medivae.api"], "the parser missed a function-level import"
+    assert "medivae.commands.train" in graph["medivae.cli"], "the parser missed cli's importlib imports"
     return graph
 
 
-def test_package_layers_import_one_way():
-    graph = _package_graph()
-    wrong = sorted(
-        f"{m} -> {t}"
-        for importers, forbidden in UPWARD.items()
-        for m, targets in graph.items() if _in(m, importers)
-        for t in targets if _in(t, forbidden)
-    )
-    assert not wrong, "imports that run back up a layer: " + "; ".join(wrong)
+def folder_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every module without a layer, and every import that runs up a layer."""
+    unplaced = [f"{m} has no layer" for m in sorted(graph) if layer_of(m) is None]
+    upward = [f"{m} ({LAYERS[layer_of(m)][0]}) -> {t} ({LAYERS[layer_of(t)][0]})"
+              for m in sorted(graph) if layer_of(m) is not None
+              for t in sorted(graph[m]) if layer_of(t) is not None and layer_of(t) > layer_of(m)]
+    return unplaced + upward
+
+
+def test_the_layer_check_sees_upward_imports_and_unplaced_modules():
+    graph = {"medivae.models.a": {"medivae.train.b"}, "medivae.train.b": set(), "medivae.stray": set()}
+    assert folder_violations(graph) == ["medivae.stray has no layer",
+                                        "medivae.models.a (models) -> medivae.train.b (train)"]
+
+
+def test_every_module_sits_in_a_layer_and_imports_only_downward():
+    wrong = folder_violations(_package_graph())
+    assert not wrong, "layer violations: " + "; ".join(wrong)
 
 
 def test_report_and_results_stay_free_of_torch_layers():
     graph = _package_graph()
-    wrong = sorted(f"{m} -> {t}" for m, targets in graph.items() if _in(m, ("medivae.report",))
-                   for t in targets if not _in(t, REPORT_MAY_IMPORT))
-    assert not wrong, "report imports beyond results/errors/io/version: " + "; ".join(wrong)
-    assert graph["medivae.results"] <= {"medivae.errors", "medivae.io"}
+    wrong = sorted(f"{m} -> {t}" for m, targets in graph.items() if _inside(m, "medivae.report")
+                   for t in targets if not any(_inside(t, p) for p in REPORT_MAY_IMPORT) and t not in TORCH_FREE_PACKAGES)
+    for package in TORCH_FREE_PACKAGES:
+        assert not graph[package], f"{package}/__init__.py imports {graph[package]}: the report would pull them in"
+    assert not wrong, "report imports beyond results/metrics/errors/io/version: " + "; ".join(wrong)
+    assert graph["medivae.runfolder.results"] <= {"medivae.runtime.errors", "medivae.runtime.io", "medivae.runtime"}
 
 
 def test_package_imports_are_acyclic():

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from medivae import api
-from medivae.config import TrainConfig
-from medivae.errors import UserError
 from medivae.models import build_model, model_config
 from medivae.models.family import StepContext
-from medivae.results import read_metrics
+from medivae.runfolder.config import TrainConfig
+from medivae.runtime.errors import UserError
+from medivae.train.metrics import read_metrics
 from medivae.train.trainer import Trainer, lr_factor
 
 from tiny import tiny_run, train_killed_after

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medivae.losses import neg_elbo
 from medivae.models import REGISTRY, build_model, model_config
 from medivae.models.conv_vae import ConvVAE
 from medivae.models.distributions import DiagonalGaussian
+from medivae.models.losses import neg_elbo
 
 from tiny import tiny_model
 
@@ -105,7 +105,7 @@ def test_per_sample_loss_is_sum_over_pixels_and_latents():
 
 
 def test_unknown_model_lists_valid_ones():
-    from medivae.errors import UserError
+    from medivae.runtime.errors import UserError
 
     with pytest.raises(UserError, match="conv_vae"):
         model_config("no_such_model")

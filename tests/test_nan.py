@@ -13,8 +13,8 @@ from medivae.cli import main
 from medivae.data import load_dataset
 from medivae.models import build_model
 from medivae.models.conv_vae import ConvVAE
-from medivae.results import read_metrics
-from medivae.seeding import seed_everything
+from medivae.runtime.seeding import seed_everything
+from medivae.train.metrics import read_metrics
 from medivae.train.trainer import Trainer
 
 from tiny import tiny_run
@@ -114,7 +114,7 @@ def test_persistent_nans_stop_with_one_line_and_keep_the_last_good_epoch(tmp_pat
 
 
 def test_zero_retries_stops_at_the_first_nan(tmp_path, monkeypatch):
-    from medivae.errors import UserError
+    from medivae.runtime.errors import UserError
 
     _nan_on_training_calls(monkeypatch, lambda i: i == 0)
     t, splits = _trainer(tmp_path / "run", max_nan_retries=0)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from medivae.cli import main
-from medivae.config import DataConfig
 from medivae.data import load_dataset, load_source
 from medivae.data.nifti import read_nifti
 from medivae.data.windowing import Window, parse_normalize
-from medivae.errors import UserError
+from medivae.runfolder.config import DataConfig
+from medivae.runtime.errors import UserError
 
 PCT = parse_normalize("percentile")
 NIBABEL_DATA = Path(os.path.dirname(nib.__file__)) / "tests" / "data"

@@ -17,11 +17,11 @@ import torch
 
 from medivae.data import to_float
 from medivae.data.phantoms import make_phantoms
-from medivae.losses import neg_elbo
 from medivae.models import build_model
-from medivae.seeding import torch_generator
-from medivae.train import device as device_mod
-from medivae.train.device import autocast, autocast_dtype
+from medivae.models.losses import neg_elbo
+from medivae.runtime import device as device_mod
+from medivae.runtime.device import autocast, autocast_dtype
+from medivae.runtime.seeding import torch_generator
 from medivae.train.trainer import Trainer, batch_source, redundant_biases
 
 from tiny import tiny_run

@@ -169,8 +169,8 @@ def test_an_unreadable_results_json_is_refused_before_sampling(one_class_run, tm
 
 
 def test_label_plan_balances_conditional_runs_and_names_one_class_runs():
-    from medivae.config import DataConfig, ModelConfig, RunConfig
-    from medivae.errors import UserError
+    from medivae.runfolder.config import DataConfig, ModelConfig, RunConfig
+    from medivae.runtime.errors import UserError
 
     names = ("normal", "lesion")
     cvae = RunConfig(model=ModelConfig(name="cvae", num_classes=2), label_names=names)

@@ -21,9 +21,9 @@ from PIL import Image
 
 from medivae import api
 from medivae.cli import main
-from medivae.errors import UserError
 from medivae.report import build_report, plots, write_report
 from medivae.report.html import png_size
+from medivae.runtime.errors import UserError
 
 from tiny import tiny_run
 

@@ -9,8 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from medivae.errors import UserError
-from medivae.results import merge_results, read_metrics, read_results
+from medivae.runfolder.results import merge_results, read_results
+from medivae.runtime.errors import UserError
+from medivae.train.metrics import read_metrics
 
 
 @pytest.mark.parametrize("content", [b"{broken", b"[1, 2]", b"\xff\xfe not utf-8"])
@@ -58,6 +59,6 @@ def test_read_metrics_skips_bad_lines_says_so_and_sorts_by_epoch(tmp_path):
 
 
 def test_results_module_never_imports_torch():
-    code = "import sys, medivae.results; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
+    code = "import sys, medivae.runfolder.results; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -18,10 +18,10 @@ from PIL import Image
 
 from medivae.cli import build_parser, main
 from medivae.commands.train import config_from_file
-from medivae.config import DataConfig
 from medivae.data import load_source
-from medivae.errors import UserError
-from medivae.lock import LOCK_FILE, RunInUse, run_lock
+from medivae.runfolder.config import DataConfig
+from medivae.runfolder.lock import LOCK_FILE, RunInUse, run_lock
+from medivae.runtime.errors import UserError
 
 TRAIN = [
     "train", "--data", "phantoms:80", "--image-size", "32", "--model-arg", "base_width=4",
@@ -30,7 +30,7 @@ TRAIN = [
 ]
 HOLD = """
 import sys, time
-from medivae.lock import run_lock
+from medivae.runfolder.lock import run_lock
 with run_lock(sys.argv[1], sys.argv[2], create=True):
     print("held", flush=True)
     time.sleep(600)
@@ -119,7 +119,7 @@ def test_the_lock_is_reentrant_in_one_process_and_exclusive_across_processes(tmp
             pass
         holder = json.loads((run / LOCK_FILE).read_text())
         assert holder["command"] == "medivae train"
-        probe = "import sys; from medivae.lock import run_lock\nwith run_lock(sys.argv[1], 'x'): pass"
+        probe = "import sys; from medivae.runfolder.lock import run_lock\nwith run_lock(sys.argv[1], 'x'): pass"
         r = subprocess.run([sys.executable, "-c", probe, str(run)], capture_output=True, text=True)
         assert r.returncode != 0 and f"in use by pid {holder['pid']} (medivae train" in r.stderr
     with run_lock(run, "medivae evaluate"):  # free again

@@ -1,4 +1,4 @@
-"""Post-hoc latent samplers (medivae.samplers) and the VampPrior (models/conv_vae.py, prior="vamp").
+"""Post-hoc latent samplers (medivae.models.samplers) and the VampPrior (models/conv_vae.py, prior="vamp").
 
 Analytic cases: a known two-component mixture for the GMM and the flow; the VampPrior's density against
 an independent mixture of torch.distributions; its Monte Carlo KL against a large independent Monte Carlo
@@ -22,10 +22,10 @@ from torch import distributions as D
 
 import medivae
 from medivae.cli import main
-from medivae.errors import UserError
 from medivae.models import model_config
 from medivae.models.conv_vae import ConvVAE
-from medivae.samplers import Coupling, fit, fit_flow, fit_gmm, load_sampler, save_sampler
+from medivae.models.samplers import Coupling, fit, fit_flow, fit_gmm, load_sampler, save_sampler
+from medivae.runtime.errors import UserError
 
 WEIGHTS = np.array([0.3, 0.7])
 MEANS = np.array([[-3.0, 0.0], [2.0, 1.0]])
@@ -197,8 +197,8 @@ def test_normal_prior_has_no_new_parameters_and_vamp_refuses_conditional():
 
 
 def test_vamp_training_step_gives_the_pseudo_inputs_a_gradient():
-    from medivae.config import TrainConfig
     from medivae.models.family import StepContext
+    from medivae.runfolder.config import TrainConfig
 
     model = tiny_vamp().float().train()
     x = torch.rand(4, 1, 32, 32)

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from medivae import api
-from medivae.errors import UserError
-from medivae.results import read_metrics
-from medivae.seeding import DEFAULT_SEED, seed_everything
+from medivae.runtime.errors import UserError
+from medivae.runtime.seeding import DEFAULT_SEED, seed_everything
+from medivae.train.metrics import read_metrics
 
 from tiny import tiny_run
 

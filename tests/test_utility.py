@@ -121,8 +121,8 @@ def _run_on(source: str, labels: tuple[str, ...], folder):
 
     import torch
 
-    from medivae.run import Run
-    from medivae.seeding import DEFAULT_SEED
+    from medivae.runfolder.run import Run
+    from medivae.runtime.seeding import DEFAULT_SEED
 
     from tiny import tiny_run
 
@@ -159,7 +159,7 @@ def test_two_one_class_runs_share_no_image_between_any_training_set_and_the_test
 
 
 def test_a_real_source_that_is_not_the_runs_is_refused(tmp_path):
-    from medivae.errors import UserError
+    from medivae.runtime.errors import UserError
     from medivae.workflows.utility import _check_same_data
 
     run = _run_on("phantoms:600", ("lesion",), tmp_path / "lesion")

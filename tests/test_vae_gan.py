@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from medivae.config import TrainConfig
 from medivae.models import build_model, model_config
 from medivae.models.family import Diverged, StepContext
+from medivae.runfolder.config import TrainConfig
 
 TINY = dict(image_size=32, latent_dim=4, base_width=4, max_width=16, disc_width=4, disc_layers=2)
 
@@ -93,7 +93,7 @@ def test_a_discriminator_that_is_never_wrong_for_an_epoch_counts_as_divergence()
 def test_a_pinned_discriminator_rolls_both_networks_back_and_halves_the_learning_rate(tmp_path, monkeypatch):
     from medivae import api
     from medivae.models.vae_gan import VAEGAN
-    from medivae.results import read_metrics
+    from medivae.train.metrics import read_metrics
 
     from tiny import tiny_run
 

@@ -19,10 +19,10 @@ from safetensors.torch import load_file, save_file
 
 from medivae import api
 from medivae.cli import main
-from medivae.config import DataConfig, RunConfig, TrainConfig
-from medivae.errors import UserError
 from medivae.models import build_model, model_config
 from medivae.models.family import StepContext
+from medivae.runfolder.config import DataConfig, RunConfig, TrainConfig
+from medivae.runtime.errors import UserError
 
 from tiny import train_killed_after
 

@@ -3,14 +3,14 @@
 Nothing heavy runs at import; the Python API lives in :mod:`medivae.api`.
 """
 
-from medivae.version import __version__
+from medivae.runtime.version import __version__
 
 __all__ = ["__version__", "load"]
 
 
 def load(run_dir, which: str = "best", device: str = "auto"):
     """Open a run folder for notebooks: ``run.encode/decode/sample/reconstruct`` return tensors
-    (:class:`medivae.run.Run`)."""
-    from medivae.run import load_run
+    (:class:`medivae.runfolder.run.Run`)."""
+    from medivae.runfolder.run import load_run
 
     return load_run(run_dir, which, device)

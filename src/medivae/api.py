@@ -11,19 +11,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medivae.config import DataConfig, RunConfig, TrainConfig, flat_settings
 from medivae.data import ImageSet, load_dataset, to_float
-from medivae.errors import UserError
-from medivae.generate import encode_mean, interpolate, reconstruct, sample_images, save_grid
-from medivae.io import atomic_write_text
-from medivae.lock import run_lock
 from medivae.models import build_model
 from medivae.models.family import config_for_data, has, labels_for, require
-from medivae.run import Run, checkpoint_folder, load, load_image, load_run  # noqa: F401  (the notebook API: api.load(...))
-from medivae.seeding import seed_everything, torch_generator
+from medivae.models.inference import encode_mean, interpolate, reconstruct, sample_images
+from medivae.runfolder.config import DataConfig, RunConfig, TrainConfig, flat_settings
+from medivae.runfolder.lock import run_lock
+from medivae.runfolder.run import Run, checkpoint_folder, load, load_image, load_run  # noqa: F401  (the notebook API: api.load(...))
+from medivae.runtime import distributed
+from medivae.runtime.device import pick_device, preload_in_background, start_idle_probe
+from medivae.runtime.errors import UserError
+from medivae.runtime.images import save_grid
+from medivae.runtime.io import atomic_write_text
+from medivae.runtime.seeding import seed_everything, torch_generator
 from medivae.train import checkpoint as ckpt
-from medivae.train import distributed
-from medivae.train.device import pick_device, preload_in_background, start_idle_probe
 from medivae.train.trainer import Trainer, check_resumable
 
 
@@ -34,7 +35,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
     ``resume``: continue ``run_dir``. Every setting of ``cfg`` (or only the dotted names in ``compare``,
     e.g. {"train.lr"}: what a user typed) must equal the run's; only ``train.epochs`` may grow.
     ``sources``: where each setting came from (``medivae train --config``), saved as RUN/config_sources.json.
-    The run folder is locked first (medivae.lock): a second writer is refused before anything is written."""
+    The run folder is locked first (medivae.runfolder.lock): a second writer is refused before anything is written."""
     run_dir = Path(run_dir)
     command = "medivae train --resume" if resume else "medivae train"
     with run_lock(run_dir, command, create=True, enabled=distributed.is_main()):
@@ -252,7 +253,7 @@ def encode(run_dir, out, data: str | None = None, split: str = "test", device: s
     ``mean``, ``logvar``) plus ``labels`` (N,) and ``label_names``; returns {name: shape}."""
     import io
 
-    from medivae.io import atomic_write_bytes
+    from medivae.runtime.io import atomic_write_bytes
 
     run = load_run(run_dir, device=device)
     s = run.split(split, data)
@@ -306,7 +307,7 @@ def anomaly_adapt(run_dir, normals: str, out, epochs: int | None = None, hold_ou
     (its last epoch is its ``best/``; the validation loss on the run's own normals is logged, not used to
     choose). ``anomaly_score(out, ...)`` then calibrates on the held-out normals and refuses to score any
     site normal. See medivae.workflows.site."""
-    from medivae.lock import LOCK_FILE
+    from medivae.runfolder.lock import LOCK_FILE
     from medivae.workflows.site import (
         ADAPTATION_FILE,
         DEFAULT_EPOCHS,
@@ -399,8 +400,8 @@ def utility(real: str | None, synthetic, out=None, epochs: int = 10, seed: int |
 
 def compare(runs, out=None, force: bool = False, bootstrap: int = 1000) -> dict:
     """Runs evaluated on the same test split side by side (medivae.workflows.compare); ``out``: .html or .md."""
-    from medivae.io import atomic_write_text
     from medivae.report.compare import to_html, to_markdown
+    from medivae.runtime.io import atomic_write_text
     from medivae.workflows.compare import compare_runs
 
     if out is not None and Path(out).suffix.lower() not in (".html", ".md"):

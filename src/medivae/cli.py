@@ -9,8 +9,8 @@ import signal
 import sys
 import warnings
 
-from medivae.errors import UserError
-from medivae.version import __version__
+from medivae.runtime.errors import UserError
+from medivae.runtime.version import __version__
 
 # one module per command group under medivae.commands, each with add(subparsers)
 COMMAND_MODULES = (

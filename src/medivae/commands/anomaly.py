@@ -20,7 +20,7 @@ def auto_image_size(native: int | None) -> int:
     """The model size for images whose longer side is ``native`` pixels: the smallest supported size that
     holds it without downsampling, at most LARGEST_AUTO_SIZE (unknown: LARGEST_AUTO_SIZE). Upsampling
     invents pixels a residual score then has to explain: 28-px MedMNIST goes to 32, not 64."""
-    from medivae.constants import IMAGE_SIZES
+    from medivae.runtime.constants import IMAGE_SIZES
 
     if native is None:
         return LARGEST_AUTO_SIZE

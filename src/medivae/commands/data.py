@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medivae.errors import UserError
-from medivae.seeding import DEFAULT_SEED
+from medivae.runtime.errors import UserError
+from medivae.runtime.seeding import DEFAULT_SEED
 
 
 def cmd_inspect(args) -> int:

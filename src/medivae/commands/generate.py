@@ -37,7 +37,7 @@ def cmd_interpolate(args) -> int:
     from medivae import api
 
     if args.mode not in ("linear", "slerp"):
-        from medivae.errors import UserError
+        from medivae.runtime.errors import UserError
 
         raise UserError(f"--mode must be linear or slerp, not {args.mode!r}")
     out = api.interpolate_run(

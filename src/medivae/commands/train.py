@@ -6,9 +6,9 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from medivae.config import DataConfig, RunConfig, TrainConfig, flat_settings, read_config_file
-from medivae.errors import UserError
-from medivae.seeding import DEFAULT_SEED
+from medivae.runfolder.config import DataConfig, RunConfig, TrainConfig, flat_settings, read_config_file
+from medivae.runtime.errors import UserError
+from medivae.runtime.seeding import DEFAULT_SEED
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -201,7 +201,7 @@ def config_sources(path, cfg: RunConfig, typed: set[str], given: set[str], prese
 
 def cmd_train(args) -> int:
     from medivae import api
-    from medivae.train.distributed import is_main
+    from medivae.runtime.distributed import is_main
 
     if args.config is not None:
         cfg, sources, given = config_from_file(args)

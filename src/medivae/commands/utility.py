@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medivae.seeding import DEFAULT_SEED
+from medivae.runtime.seeding import DEFAULT_SEED
 
 
 def cmd_utility(args) -> int:

@@ -13,7 +13,7 @@ from medivae.data.phantoms import make_phantoms
 from medivae.data.preprocess import prepare
 from medivae.data.sources import SOURCE_HELP, build, resolve
 from medivae.data.split import split_indices
-from medivae.errors import UserError
+from medivae.runtime.errors import UserError
 
 __all__ = ["ImageSet", "to_float", "load_dataset", "load_source", "SOURCE_HELP"]
 

@@ -26,8 +26,8 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from medivae.data.collect import Built, MemorySink, NpyFileSink
-from medivae.errors import UserError
-from medivae.io import atomic_write_text, fsync_dir
+from medivae.runtime.errors import UserError
+from medivae.runtime.io import atomic_write_text, fsync_dir
 
 CACHE_VERSION = 1
 STALE_SECONDS = 24 * 3600  # temporary folders older than this were left by a killed process

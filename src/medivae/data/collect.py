@@ -20,7 +20,7 @@ from numpy.lib import format as npy_format
 
 from medivae.data.imageset import ImageSet
 from medivae.data.preprocess import prepare
-from medivae.errors import UserError
+from medivae.runtime.errors import UserError
 
 BATCH = 512  # frames preprocessed together
 MAX_LISTED = 20  # skipped files named in meta

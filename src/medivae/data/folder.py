@@ -16,7 +16,7 @@ import numpy as np
 from medivae.data.decode import IMAGE_SUFFIXES, UnreadableFile, read_image
 from medivae.data.preprocess import prepare
 from medivae.data.readers import file_kind
-from medivae.errors import UserError
+from medivae.runtime.errors import UserError
 
 __all__ = ["IMAGE_SUFFIXES", "list_folder", "read_csv_list", "read_image", "decode_image"]
 

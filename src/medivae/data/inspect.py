@@ -45,7 +45,7 @@ def preview_images(s: ImageSet, per_class: int = 8, max_classes: int = 8) -> np.
 
 
 def summarize(cfg, seed: int, preview: Path | None = None, progress: bool = True) -> dict[str, Any]:
-    from medivae.generate import save_grid
+    from medivae.runtime.images import save_grid
 
     splits = load_dataset(cfg, seed, progress)
     first = splits["train"]

@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 from medivae.data.cache import cache_root
-from medivae.errors import UserError
+from medivae.runtime.errors import UserError
 
 SIZES = (28, 64, 128, 224)
 URL = "https://zenodo.org/records/10519652/files/{file}?download=1"

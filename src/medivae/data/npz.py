@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from medivae.data.imageset import ImageSet
-from medivae.errors import UserError
+from medivae.runtime.errors import UserError
 
 SPLITS = ("train", "val", "test")
 MAX_CLASSES = 10_000  # a guard: a corrupt label column must not make us name 2**63 classes

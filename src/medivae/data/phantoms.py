@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from medivae.data.imageset import ImageSet
-from medivae.seeding import numpy_rng
+from medivae.runtime.seeding import numpy_rng
 
 LABEL_NAMES = ("normal", "lesion")
 

@@ -21,7 +21,7 @@ from medivae.data.folder import list_folder, read_csv_list
 from medivae.data.medmnist import known_label_names, locate
 from medivae.data.npz import load_npz
 from medivae.data.readers import IMAGE_SUFFIXES, ReadOptions, UnreadableFile, file_kind, read_file
-from medivae.errors import UserError
+from medivae.runtime.errors import UserError
 
 SOURCE_HELP = (
     "'phantoms[:N]', FILE.npz (MedMNIST layout), medmnist:NAME[@SIZE], a folder of PNG/JPEG/TIFF/BMP, "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from medivae.seeding import numpy_rng
+from medivae.runtime.seeding import numpy_rng
 
 
 def split_indices(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medivae.errors import UserError
+from medivae.runtime.errors import UserError
 
 
 @dataclass(frozen=True)

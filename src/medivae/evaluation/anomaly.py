@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from medivae.data.imageset import to_float
 from medivae.models.family import has, labels_for
-from medivae.train.device import full_precision
+from medivae.runtime.device import full_precision
 
 SCORE_NAMES = ("neg_elbo", "iwae", "rec_error", "ssim", "kl", "iwae_minus_png", "latent")
 COMBINED_FROM = ("ssim", "iwae_minus_png")
@@ -147,7 +147,7 @@ def score_images(
     ``precision``: "fp32" (exact, the default for evaluation) or "auto" for generate.fast_inference's
     bf16 path where the hardware has it (scores keep fp32 sums; the networks run in bf16). ``progress``: a
     bar over the batches, labelled ``desc``."""
-    from medivae.generate import fast_inference
+    from medivae.models.inference import fast_inference
 
     if k < 1:
         raise ValueError(f"k must be >= 1, not {k}")

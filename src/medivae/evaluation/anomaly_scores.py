@@ -30,7 +30,7 @@ from medivae.data.imageset import to_float
 from medivae.evaluation.anomaly import calibrate, combined_score, png_nats, ssim_maps
 from medivae.evaluation.localisation import pad_to
 from medivae.models.family import has, labels_for
-from medivae.train.device import full_precision
+from medivae.runtime.device import full_precision
 
 ENSEMBLE_FROM = ("ssim", "rec_error", "latent_gmm", "feature_res", "restoration", "vq_healing", "disc")
 
@@ -183,7 +183,7 @@ def healing_scores(model, images: np.ndarray, labels=None, threshold: float = 0.
                    device="cpu", progress: bool = False, precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
     """VQ healing score (N,) (mean |x - healed|) and map (N, H, W), batched. ``precision="auto"``: encoder,
     prior and decoder in bf16 where native (the prior's probabilities are compared in fp32); "fp32" is exact."""
-    from medivae.generate import fast_inference
+    from medivae.models.inference import fast_inference
 
     model.eval()
     scores, maps = [], []

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from medivae.seeding import numpy_rng
+from medivae.runtime.seeding import numpy_rng
 
 DEFAULT_BOOTSTRAP = 1000
 LEVEL = 0.95

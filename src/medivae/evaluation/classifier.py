@@ -18,8 +18,8 @@ from torch import nn
 from tqdm import tqdm
 
 from medivae.data.imageset import as_tensor, to_float
-from medivae.errors import UserError
-from medivae.seeding import torch_generator
+from medivae.runtime.errors import UserError
+from medivae.runtime.seeding import torch_generator
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def embed(
 
 
 def save_classifier(model: SmallCNN, folder: str | Path) -> None:
-    from medivae.io import atomic_write_text
+    from medivae.runtime.io import atomic_write_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

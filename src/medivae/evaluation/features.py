@@ -22,11 +22,11 @@ from torch import nn
 from tqdm import tqdm
 
 from medivae.data.imageset import ImageSet, as_tensor, to_float
-from medivae.errors import UserError
 from medivae.evaluation import classifier as clf
-from medivae.io import atomic_write_text
 from medivae.models.blocks import decoder_trunk, encoder_trunk, widths_for
-from medivae.seeding import numpy_rng, torch_generator
+from medivae.runtime.errors import UserError
+from medivae.runtime.io import atomic_write_text
+from medivae.runtime.seeding import numpy_rng, torch_generator
 
 MAX_TRAIN_IMAGES = 20000  # a random subset above this: the extractor need not see every image
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medivae.errors import UserError
+from medivae.runtime.errors import UserError
 
 WEIGHTS_HELP = (
     "pass the FID Inception state dict of pytorch-fid (pt_inception-2015-12-05-6726825d.pth) "

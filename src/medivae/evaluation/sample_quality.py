@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.metrics import pairwise_distances
 
 from medivae.evaluation.bootstrap import DEFAULT_BOOTSTRAP, LEVEL, percentile_interval
-from medivae.seeding import numpy_rng
+from medivae.runtime.seeding import numpy_rng
 
 PR_K = 3
 DC_K = 5

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from medivae.seeding import numpy_rng
+from medivae.runtime.seeding import numpy_rng
 
 SIDE = 32  # images are area-averaged to at most this many pixels a side
 MAX_REFERENCE = 5000  # a random subset of the training normals above this: the test needs no more

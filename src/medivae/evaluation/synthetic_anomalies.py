@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medivae.seeding import numpy_rng
+from medivae.runtime.seeding import numpy_rng
 
 
 @dataclass

@@ -31,9 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medivae.constants import IMAGE_SIZES, LIKELIHOODS
-from medivae.errors import UserError
-from medivae.losses import kl_weight, neg_elbo
 from medivae.models.blocks import decoder_trunk, encoder_trunk, widths_for
 from medivae.models.distributions import (
     DiagonalGaussian,
@@ -43,7 +40,10 @@ from medivae.models.distributions import (
     standard_normal_log_prob,
 )
 from medivae.models.family import Family, LogWeights, StepContext, StepOutput, TrainStep, adam, classes_for_data
+from medivae.models.losses import kl_weight, neg_elbo
 from medivae.models.outputs import VAEOutput, encode_decode
+from medivae.runtime.constants import IMAGE_SIZES, LIKELIHOODS
+from medivae.runtime.errors import UserError
 
 LABELS_FROM_DATA = -1  # num_classes placeholder: one class per label of the training data
 PRIORS = ("normal", "vamp")

@@ -52,7 +52,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from medivae.errors import UserError
+from medivae.runtime.errors import UserError
 
 CAPABILITIES = {
     "sample": "draws new images",

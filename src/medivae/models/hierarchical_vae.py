@@ -35,13 +35,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from medivae.constants import IMAGE_SIZES, LIKELIHOODS
-from medivae.errors import UserError
-from medivae.losses import kl_weight
 from medivae.models.cpu_conv import DownConv, UpConv
 from medivae.models.distributions import make_likelihood
 from medivae.models.family import Family, LogWeights, StepContext, StepOutput, TrainStep
 from medivae.models.hierarchical_blocks import Gaussian, ResCell, TopDownGroup, upsample
+from medivae.models.losses import kl_weight
+from medivae.runtime.constants import IMAGE_SIZES, LIKELIHOODS
+from medivae.runtime.errors import UserError
 
 
 @dataclass(frozen=True)

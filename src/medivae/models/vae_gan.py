@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from medivae.errors import UserError
-from medivae.losses import kl_weight, neg_elbo
 from medivae.models.conv_vae import ConvVAE, ConvVAEConfig
 from medivae.models.family import Diverged, Family, StepContext, StepOutput, TrainStep, adam
+from medivae.models.losses import kl_weight, neg_elbo
+from medivae.runtime.errors import UserError
 
 ADV_LOSSES = ("hinge", "lsgan")
 MAX_ADAPTIVE = 1e4  # VQGAN's clamp of the adaptive weight

@@ -39,14 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medivae.constants import IMAGE_SIZES
-from medivae.errors import UserError
 from medivae.models.cpu_conv import DownConv, UpConv
 from medivae.models.distributions import Gaussian
 from medivae.models.family import Family, StepContext, StepOutput, TrainStep, adam, classes_for_data
 from medivae.models.vq_prior import CodePrior
-from medivae.train import distributed
-from medivae.train.device import full_precision
+from medivae.runtime import distributed
+from medivae.runtime.constants import IMAGE_SIZES
+from medivae.runtime.device import full_precision
+from medivae.runtime.errors import UserError
 
 LABELS_FROM_DATA = -1  # num_classes placeholder: one class per label of the training data
 PRIORS = ("transformer",)

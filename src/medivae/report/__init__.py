@@ -17,7 +17,7 @@ def build_report(run_dir: str | Path) -> str:
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the report of ``run_dir`` to ``out`` (default ``run_dir/report.html``) atomically."""
-    from medivae.io import atomic_write_text
+    from medivae.runtime.io import atomic_write_text
 
     out = Path(run_dir) / "report.html" if out is None else Path(out)
     atomic_write_text(out, build_report(run_dir))

@@ -7,8 +7,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medivae.errors import UserError
-from medivae.results import RESULTS_FILE, read_metrics, read_results
+from medivae.runfolder.results import RESULTS_FILE, read_results
+from medivae.runtime.errors import UserError
+from medivae.train.metrics import read_metrics
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SKIP_DIRS = ("last", "best", "last.prev", "best.prev", "tensorboard")

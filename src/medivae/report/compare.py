@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from medivae.report.html import esc, page, section
-from medivae.version import __version__
+from medivae.runtime.version import __version__
 
 
 def _num(v) -> str:

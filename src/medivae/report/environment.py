@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from medivae.io import atomic_write_text
+from medivae.runtime.io import atomic_write_text
 
 # versions read from package metadata, so recording them never imports torch
 PACKAGES = ("medivae", "torch", "numpy", "scipy", "scikit-learn", "scikit-image", "matplotlib", "pillow")

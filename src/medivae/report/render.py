@@ -18,7 +18,7 @@ from pathlib import Path
 from medivae.report import anomaly, plots
 from medivae.report.collect import RunFiles, find_key, is_numbers, read_run
 from medivae.report.html import blocks, command, esc, fmt, image, note, page, section
-from medivae.version import __version__
+from medivae.runtime.version import __version__
 
 KNOWN_RESULTS = ("evaluation", "anomaly", "privacy", "utility", "benchmark", "benchmarks")
 MAX_IMAGES_PER_SECTION = 24

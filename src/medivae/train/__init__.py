@@ -1,1 +1,1 @@
-"""Training: the loop (trainer), checkpoint folders, devices and precision, distributed helpers."""
+"""Training: the loop (trainer), its epoch log (metrics), checkpoint folders and augmentation."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from medivae.errors import UserError
+from medivae.runtime.errors import UserError
 
 KEYS = {"shift": int, "contrast": float, "brightness": float}
 

@@ -31,8 +31,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensor_bytes
 from safetensors.torch import save as tensor_bytes
 
-from medivae.errors import UserError
-from medivae.io import fsync_dir
+from medivae.runtime.errors import UserError
+from medivae.runtime.io import fsync_dir
 
 MANIFEST = "manifest.json"
 REQUIRED = ("config.json", "model.safetensors")

@@ -16,17 +16,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from medivae.config import RunConfig
 from medivae.data import ImageSet, to_float
-from medivae.errors import UserError
-from medivae.io import atomic_write_text
 from medivae.models.family import Diverged, StepContext, labels_for
-from medivae.results import METRICS_FILE, read_metrics
-from medivae.seeding import derive_seed, torch_generator
+from medivae.runtime import distributed
+from medivae.runtime.device import autocast, autocast_dtype, configure_threads, keep_freed_memory
+from medivae.runtime.errors import UserError
+from medivae.runtime.io import atomic_write_text
+from medivae.runtime.seeding import derive_seed, torch_generator
 from medivae.train import checkpoint as ckpt
-from medivae.train import distributed
 from medivae.train.augment import augment, parse_augment
-from medivae.train.device import autocast, autocast_dtype, configure_threads, keep_freed_memory
+from medivae.train.metrics import METRICS_FILE, read_metrics
 
 
 @dataclass
@@ -92,9 +91,11 @@ class NonFiniteError(Diverged):
 
 
 class Trainer:
-    """Fits one model on one ImageSet train/val pair, writing ``last/``, ``best/`` and ``metrics.jsonl``."""
+    """Fits one model on one ImageSet train/val pair, writing ``last/``, ``best/`` and ``metrics.jsonl``.
+    ``cfg`` is a run's config (:class:`medivae.runfolder.config.RunConfig`: the trainer reads its ``train``,
+    ``data`` and ``seed`` and saves ``to_dict()`` with each checkpoint; it is not imported here, a layer up)."""
 
-    def __init__(self, cfg: RunConfig, model, device: torch.device, run_dir: Path, progress: bool = True):
+    def __init__(self, cfg, model, device: torch.device, run_dir: Path, progress: bool = True):
         self.cfg, self.model, self.device, self.run_dir = cfg, model, device, Path(run_dir)
         self.progress = progress  # progress bars
         self.verbose = True  # one summary line per epoch, even without bars

@@ -1,6 +1,6 @@
 """``medivae anomaly score``: score a split with a run fitted on normals, then save and render.
 
-Opens the run (:mod:`medivae.run`), picks the images to score and the normals to calibrate on,
+Opens the run (:mod:`medivae.runfolder.run`), picks the images to score and the normals to calibrate on,
 calls the pure scores of :mod:`medivae.evaluation.anomaly`, and writes scores.csv, maps.npz (every map
 the family has, one float16 array (N, H, W) per map name, plus the legacy "maps" key), overlays.png,
 maps.png (input, reconstruction and every map of the most and least anomalous images), roc.png and
@@ -19,7 +19,6 @@ import numpy as np
 from medivae.data import load_dataset
 from medivae.data.imageset import ImageSet, concat, label_code
 from medivae.data.sources import same_source
-from medivae.errors import UserError
 from medivae.evaluation.anomaly import (
     COMBINED_FROM,
     AnomalyScores,
@@ -38,10 +37,11 @@ from medivae.evaluation.anomaly import (
 from medivae.evaluation.anomaly_scores import reconstructions
 from medivae.evaluation.bootstrap import detection_ci
 from medivae.evaluation.shift import normal_shift, two_sample_test
-from medivae.io import atomic_write_text
 from medivae.models.family import require
-from medivae.results import RESULTS_FILE, merge_results, read_results
-from medivae.run import load_run
+from medivae.runfolder.results import RESULTS_FILE, merge_results, read_results
+from medivae.runfolder.run import load_run
+from medivae.runtime.errors import UserError
+from medivae.runtime.io import atomic_write_text
 from medivae.workflows.anomaly_protocol import extend_scores
 from medivae.workflows.site import adaptation_sets, shared_images, site_normals
 

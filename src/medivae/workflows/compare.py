@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from medivae.errors import UserError
 from medivae.evaluation.bootstrap import mean_ci, paired_difference
-from medivae.results import RESULTS_FILE, read_metrics, read_results
+from medivae.runfolder.results import RESULTS_FILE, read_results
+from medivae.runtime.errors import UserError
+from medivae.train.metrics import read_metrics
 
 PER_IMAGE_FILE = "eval_per_image.npz"
 # (row label, per-image key in eval_per_image.npz or None, where the value sits in results["evaluation"])

@@ -2,7 +2,7 @@
 
 Opens the run, loads its data and calls the pure metric functions of :mod:`medivae.evaluation`.
 results.json is shared: other tools write other top-level keys; this module replaces only
-``"evaluation"`` (through :func:`medivae.results.merge_results`). Its keys (all numbers are plain floats/ints; nats
+``"evaluation"`` (through :func:`medivae.runfolder.results.merge_results`). Its keys (all numbers are plain floats/ints; nats
 are per image; ``null`` where a number would be dishonest):
 
     evaluation:
@@ -42,19 +42,19 @@ import torch
 from tqdm import tqdm
 
 from medivae.data import ImageSet, load_dataset, to_float
-from medivae.errors import UserError
 from medivae.evaluation import sample_quality as sq
 from medivae.evaluation.bootstrap import mean_ci
 from medivae.evaluation.collapse import collapse_metrics
 from medivae.evaluation.features import load_or_fit_reference
 from medivae.evaluation.likelihood import likelihood_bounds
 from medivae.evaluation.reconstruction import FOREGROUND_MASKS, mean_over_images, per_image_metrics
-from medivae.generate import reconstruct, sample_images
-from medivae.io import atomic_write_bytes
 from medivae.models.family import MISSING, has, labels_for
-from medivae.results import RESULTS_FILE, merge_results, read_results
-from medivae.run import load_run
-from medivae.seeding import numpy_rng, torch_generator
+from medivae.models.inference import reconstruct, sample_images
+from medivae.runfolder.results import RESULTS_FILE, merge_results, read_results
+from medivae.runfolder.run import load_run
+from medivae.runtime.errors import UserError
+from medivae.runtime.io import atomic_write_bytes
+from medivae.runtime.seeding import numpy_rng, torch_generator
 
 MAX_REFERENCE = 3000  # real training images in the reference set (k-NN distances are O(N^2) in memory)
 

@@ -1,4 +1,4 @@
-"""``medivae fit-sampler``: a post-hoc latent sampler (:mod:`medivae.samplers`) fitted on a run's
+"""``medivae fit-sampler``: a post-hoc latent sampler (:mod:`medivae.models.samplers`) fitted on a run's
 training posterior means, selected/early-stopped on its validation means; per class for a conditional
 run. Writes RUN/samplers/<kind>.safetensors + <kind>.json (with the checkpoint's manifest hash),
 RUN/samplers/samples_<kind>.png (64 draws, shown in the report) and ``results.json["samplers"][kind]``.
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from medivae.errors import UserError
-from medivae.generate import save_grid
 from medivae.models.family import has, require
-from medivae.results import RESULTS_FILE, merge_results, read_results
-from medivae.run import Run, load_run
-from medivae.samplers import KINDS, fit, save_sampler
+from medivae.models.samplers import KINDS, fit, save_sampler
+from medivae.runfolder.results import RESULTS_FILE, merge_results, read_results
+from medivae.runfolder.run import Run, load_run
+from medivae.runtime.errors import UserError
+from medivae.runtime.images import save_grid
 
 
 def posterior_means(run: Run, images, labels) -> tuple[np.ndarray, np.ndarray | None]:

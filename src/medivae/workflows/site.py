@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from medivae.config import RunConfig
 from medivae.data import load_dataset
 from medivae.data.imageset import ImageSet, concat, image_hashes, label_code
 from medivae.data.sources import same_source
-from medivae.errors import UserError
-from medivae.seeding import numpy_rng
+from medivae.runfolder.config import RunConfig
+from medivae.runtime.errors import UserError
+from medivae.runtime.seeding import numpy_rng
 
 ADAPTATION_FILE = "adaptation.json"
 DEFAULT_EPOCHS = 10  # not tuned: the first value tried (benchmarks/site_calibration.py measures it)

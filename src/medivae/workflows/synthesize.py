@@ -1,6 +1,6 @@
 """``medivae synthesize``: sample a run, drop the samples that look memorised, write the rest.
 
-Opens the run (:mod:`medivae.run`), samples its family, applies the nearest-neighbour filter of
+Opens the run (:mod:`medivae.runfolder.run`), samples its family, applies the nearest-neighbour filter of
 :mod:`medivae.evaluation.privacy` in pixel and reference-feature space, and writes the kept images
 (PNG + labels.csv, or .npz), nearest-pair PNGs, memorisation.json and ``results.json["privacy"]``.
 """
@@ -17,7 +17,6 @@ import torch
 
 from medivae.data import load_dataset
 from medivae.data.imageset import label_code
-from medivae.errors import UserError
 from medivae.evaluation.anomaly import score_images
 from medivae.evaluation.bootstrap import mean_ci
 from medivae.evaluation.features import load_or_fit_reference
@@ -29,12 +28,14 @@ from medivae.evaluation.privacy import (
     nearest,
     pixel_vectors,
 )
-from medivae.generate import grid, sample_images, save_png
-from medivae.io import atomic_write_bytes, atomic_write_text
 from medivae.models.family import has, require
-from medivae.results import RESULTS_FILE, merge_results, read_results
-from medivae.run import load_run
-from medivae.seeding import numpy_rng, torch_generator
+from medivae.models.inference import sample_images
+from medivae.runfolder.results import RESULTS_FILE, merge_results, read_results
+from medivae.runfolder.run import load_run
+from medivae.runtime.errors import UserError
+from medivae.runtime.images import grid, save_png
+from medivae.runtime.io import atomic_write_bytes, atomic_write_text
+from medivae.runtime.seeding import numpy_rng, torch_generator
 from medivae.workflows.evaluate import reference_description, reference_root
 
 
@@ -62,7 +63,7 @@ def _label_plan(model, cfg, label: str | None, n: int) -> tuple[np.ndarray | Non
 
 def generate_uint8(model, codes: np.ndarray | None, n: int, seed: int, latent_sampler=None) -> np.ndarray:
     """n samples of the family, uint8 (n, C, H, W), each conditioned on codes[i] when given; from
-    ``latent_sampler`` (a post-hoc sampler, medivae.samplers) instead of the prior when given."""
+    ``latent_sampler`` (a post-hoc sampler, medivae.models.samplers) instead of the prior when given."""
     y = None if codes is None else torch.as_tensor(codes).long()
     img = sample_images(model, n, torch_generator(seed, "synthesize"), y, precision="fp32",
                         latent_sampler=latent_sampler)

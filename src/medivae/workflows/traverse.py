@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from medivae.data import to_float
-from medivae.errors import UserError
-from medivae.generate import save_grid
 from medivae.models.family import has, require
-from medivae.run import load_image, load_run
+from medivae.runfolder.run import load_image, load_run
+from medivae.runtime.errors import UserError
+from medivae.runtime.images import save_grid
 
 
 @dataclass

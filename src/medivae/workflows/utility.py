@@ -10,18 +10,18 @@ from pathlib import Path
 
 import numpy as np
 
-from medivae.config import DataConfig
-from medivae.constants import IMAGE_SIZES
 from medivae.data import load_dataset
 from medivae.data.folder import decode_image, read_csv_list
 from medivae.data.imageset import ImageSet, concat, image_hashes
 from medivae.data.npz import load_npz
 from medivae.data.sources import same_source
-from medivae.errors import UserError
 from medivae.evaluation.utility import tstr
-from medivae.io import atomic_write_text
-from medivae.seeding import DEFAULT_SEED
-from medivae.train.device import pick_device
+from medivae.runfolder.config import DataConfig
+from medivae.runtime.constants import IMAGE_SIZES
+from medivae.runtime.device import pick_device
+from medivae.runtime.errors import UserError
+from medivae.runtime.io import atomic_write_text
+from medivae.runtime.seeding import DEFAULT_SEED
 
 
 # --- reading what ``medivae synthesize`` wrote --------------------------------------------------------------
@@ -163,7 +163,7 @@ def utility_run(
     if size not in IMAGE_SIZES:
         raise UserError(f"synthetic images are {size}x{size}; medivae sizes are {list(IMAGE_SIZES)}")
     if runs:
-        from medivae.run import load_run
+        from medivae.runfolder.run import load_run
 
         opened = [load_run(r, device="cpu") for r in runs]
         _check_same_data(opened, real)

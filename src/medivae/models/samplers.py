@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from medivae.errors import UserError
-from medivae.io import atomic_write_bytes, atomic_write_text
+from medivae.runtime.errors import UserError
+from medivae.runtime.io import atomic_write_bytes, atomic_write_text
 
 KINDS = ("gmm", "flow")
 UNCONDITIONAL = -1

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from medivae.errors import UserError
+from medivae.runtime.errors import UserError
 
 
 def pick_device(pref: str = "auto") -> torch.device:

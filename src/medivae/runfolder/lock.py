@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
-from medivae.errors import UserError
+from medivae.runtime.errors import UserError
 
 LOCK_FILE = ".lock"
 _held: dict[str, int] = {}  # resolved run folder -> nesting depth, in this process

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medivae.constants import IMAGE_SIZES
-from medivae.errors import UserError
-from medivae.seeding import DEFAULT_SEED
+from medivae.runtime.constants import IMAGE_SIZES
+from medivae.runtime.errors import UserError
+from medivae.runtime.seeding import DEFAULT_SEED
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 KL_SCHEDULES = ("constant", "linear", "cyclical")
@@ -105,7 +105,7 @@ class RunConfig:
     label_names: tuple[str, ...] = ()  # filled from the data source when the run starts
 
     def to_dict(self) -> dict[str, Any]:
-        from medivae.version import __version__
+        from medivae.runtime.version import __version__
 
         return {**dataclasses.asdict(self), "medivae_version": __version__}
 
@@ -133,7 +133,7 @@ class RunConfig:
             raise UserError(f"invalid run configuration: {e}") from None
 
     def save(self, path: str | Path) -> None:
-        from medivae.io import atomic_write_text
+        from medivae.runtime.io import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 

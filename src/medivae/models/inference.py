@@ -1,16 +1,9 @@
 """Generation through the family contract, batched and without gradients: samples, latent interpolation,
-encodings, reconstructions; and PNG grids."""
+encodings, reconstructions. PNG grids are in :mod:`medivae.runtime.images`."""
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
-import numpy as np
 import torch
-from PIL import Image
-
-from medivae.io import atomic_write_bytes
 
 
 def fast_inference(model, precision: str = "auto"):
@@ -18,7 +11,7 @@ def fast_inference(model, precision: str = "auto"):
     values are untouched) and, for ``precision="auto"``, bf16 autocast where the hardware does it natively,
     as in training. About 3x the fp32 images/s of sampling and reconstruction on an AVX-512 BF16 CPU
     (benchmarks/bench_train.py); ``precision="fp32"`` gives the exact fp32 numbers."""
-    from medivae.train.device import autocast, autocast_dtype
+    from medivae.runtime.device import autocast, autocast_dtype
 
     device = next(model.parameters(), torch.empty(0)).device  # a parameterless model runs on the CPU
     model.to(memory_format=torch.channels_last)
@@ -49,7 +42,7 @@ def sample_images(
 ) -> torch.Tensor:
     """n images from the family's ``sample``, in batches: float (n, C, H, W) in [0, 1] on the CPU.
     ``label``: one class index, (n,) indices, or None (a conditional family then gets equal class blocks).
-    ``latent_sampler``: a post-hoc sampler (:mod:`medivae.samplers`) drawn from instead of the prior."""
+    ``latent_sampler``: a post-hoc sampler (:mod:`medivae.models.samplers`) drawn from instead of the prior."""
     from medivae.models.family import has
 
     model.eval()
@@ -132,37 +125,3 @@ def reconstruct(
             xi = x[i : i + batch].contiguous(memory_format=torch.channels_last)
             outs.append(model.reconstruct(xi, yi).float().cpu())
     return torch.cat(outs)
-
-
-def grid(images: torch.Tensor | np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
-    """(N, C, H, W) float in [0, 1] -> uint8 (rows*H, cols*W[, 3]) mosaic with a white gutter."""
-    a = images.detach().cpu().float().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    if a.dtype != np.uint8:
-        a = np.clip(np.round(a * 255), 0, 255).astype(np.uint8)
-    n, c, h, w = a.shape
-    cols = nrow or int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    out = np.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=np.uint8)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        out[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = a[i]
-    return out[0] if c == 1 else out.transpose(1, 2, 0)
-
-
-def save_png(array: np.ndarray, path: str | Path, min_side: int = 0) -> Path:
-    """Write a uint8 image atomically; upscale (nearest) small mosaics so they are viewable."""
-    import io
-
-    img = Image.fromarray(array)
-    if min_side and min(img.size) < min_side:
-        k = int(math.ceil(min_side / min(img.size)))
-        img = img.resize((img.width * k, img.height * k), Image.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    path = Path(path)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
-def save_grid(images, path: str | Path, nrow: int | None = None) -> Path:
-    return save_png(grid(images, nrow), path)

@@ -20,16 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medivae.config import RunConfig
 from medivae.data import ImageSet, load_dataset, to_float
 from medivae.data.imageset import label_code
-from medivae.errors import UserError
-from medivae.generate import decode_latents, encode_arrays, reconstruct, sample_images
 from medivae.models.family import build_model, has, labels_for, require
-from medivae.samplers import KINDS, LatentSampler, load_sampler
-from medivae.seeding import torch_generator
+from medivae.models.inference import decode_latents, encode_arrays, reconstruct, sample_images
+from medivae.models.samplers import KINDS, LatentSampler, load_sampler
+from medivae.runfolder.config import RunConfig
+from medivae.runtime.device import pick_device
+from medivae.runtime.errors import UserError
+from medivae.runtime.seeding import torch_generator
 from medivae.train import checkpoint as ckpt
-from medivae.train.device import pick_device
 
 
 @dataclass
@@ -120,7 +120,7 @@ class Run:
         return sample_images(self.model, n, g, self.label_index(label), temperature, precision,
                              latent_sampler=latent)
 
-    # --- post-hoc latent samplers (medivae.samplers) -------------------------------------------------------
+    # --- post-hoc latent samplers (medivae.models.samplers) -------------------------------------------------------
     def checkpoint_sha256(self) -> str:
         """SHA-256 of the loaded checkpoint's manifest.json: names these exact weights."""
         manifest = ckpt.resolve(checkpoint_folder(self.folder, self.checkpoint)) / ckpt.MANIFEST

@@ -50,8 +50,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from medivae.errors import UserError
-from medivae.seeding import torch_generator
+from medivae.runtime.errors import UserError
+from medivae.runtime.seeding import torch_generator
 
 
 @dataclass(frozen=True)
