@@ -36,6 +36,7 @@ from medivae.runtime import distributed
 from medivae.runtime.errors import UserError
 from medivae.runtime.seeding import numpy_rng
 from medivae.train.trainer import Trainer, epoch_order, gather
+from medivae.workflows import train as train_workflow
 
 from tiny import tiny_run
 
@@ -98,7 +99,7 @@ def _collectives(rank: int, out: Path) -> None:
 
 
 def _train_and_resume(out: Path) -> None:
-    api.write_run_report = lambda run_dir: None  # matplotlib time; the torchrun test writes a real report
+    train_workflow.write_run_report = lambda run_dir: None  # matplotlib time; the torchrun test writes a real report
     api.train(tiny_run("phantoms:40", epochs=2, batch_size=8), out / "resumed", progress=False)
     api.train(tiny_run("phantoms:40", epochs=3, batch_size=8), out / "resumed", resume=True, progress=False)
     api.train(tiny_run("phantoms:40", epochs=3, batch_size=8), out / "straight", progress=False)

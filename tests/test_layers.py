@@ -206,7 +206,8 @@ def test_every_module_sits_in_a_layer_and_imports_only_downward():
 def test_report_and_results_stay_free_of_torch_layers():
     graph = _package_graph()
     wrong = sorted(f"{m} -> {t}" for m, targets in graph.items() if _inside(m, "medivae.report")
-                   for t in targets if not any(_inside(t, p) for p in REPORT_MAY_IMPORT) and t not in TORCH_FREE_PACKAGES)
+                   for t in targets
+                   if not any(_inside(t, p) for p in REPORT_MAY_IMPORT) and t not in TORCH_FREE_PACKAGES)
     for package in TORCH_FREE_PACKAGES:
         assert not graph[package], f"{package}/__init__.py imports {graph[package]}: the report would pull them in"
     assert not wrong, "report imports beyond results/metrics/errors/io/version: " + "; ".join(wrong)

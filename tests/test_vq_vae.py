@@ -23,6 +23,7 @@ from medivae.models import build_model, model_config
 from medivae.models.family import StepContext
 from medivae.runfolder.config import DataConfig, RunConfig, TrainConfig
 from medivae.runtime.errors import UserError
+from medivae.workflows import train as train_workflow
 
 from tiny import train_killed_after
 
@@ -353,7 +354,7 @@ def _worker(rank: int, port: int, out: str) -> None:
                   str(folder / f"codebook{rank}.safetensors"))
         (folder / f"stats{rank}.json").write_text(json.dumps(model.epoch_end(ctx())))
         # the trainer under DDP: one DDP module per optimizer, both stages
-        api.write_run_report = lambda run_dir: None
+        train_workflow.write_run_report = lambda run_dir: None
         api.train(tiny_run(epochs=2, source="phantoms:40"), folder / "ddp", progress=False)
     finally:
         dist.destroy_process_group()

@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-import gc
-import json
-import shutil
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from medivae.data import ImageSet, load_dataset, to_float
-from medivae.models import build_model
-from medivae.models.family import config_for_data, has, labels_for, require
-from medivae.models.inference import encode_mean, interpolate, reconstruct, sample_images
-from medivae.runfolder.config import DataConfig, RunConfig, TrainConfig, flat_settings
+from medivae.runfolder.config import DataConfig, RunConfig, TrainConfig
 from medivae.runfolder.lock import run_lock
-from medivae.runfolder.run import Run, checkpoint_folder, load, load_image, load_run  # noqa: F401  (the notebook API: api.load(...))
+from medivae.runfolder.run import Run, load, load_image, load_run  # noqa: F401  (the notebook API: api.load(...))
 from medivae.runtime import distributed
-from medivae.runtime.device import pick_device, preload_in_background, start_idle_probe
 from medivae.runtime.errors import UserError
 from medivae.runtime.images import save_grid
-from medivae.runtime.io import atomic_write_text
-from medivae.runtime.seeding import seed_everything, torch_generator
-from medivae.train import checkpoint as ckpt
-from medivae.train.trainer import Trainer, check_resumable
+from medivae.workflows.train import report_run, train_run, write_run_report  # noqa: F401  (write_run_report: the CLI's)
 
 
 def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
@@ -39,155 +24,12 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
     run_dir = Path(run_dir)
     command = "medivae train --resume" if resume else "medivae train"
     with run_lock(run_dir, command, create=True, enabled=distributed.is_main()):
-        return _train(cfg, run_dir, resume, progress, compare, sources)
-
-
-def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, compare: set[str] | None,
-           sources: dict | None) -> Path:
-    if resume:
-        from medivae.workflows.site import ADAPTATION_FILE
-
-        if (run_dir / ADAPTATION_FILE).exists():  # its training set holds site normals this would not load
-            raise UserError(f"{run_dir} is an adapted run ({ADAPTATION_FILE}); --resume would go on without its "
-                            "site normals: adapt the original run again with 'medivae anomaly adapt' instead")
-        check_resumable(run_dir)
-        saved = RunConfig.load(run_dir / "config.json")
-        check_resume_settings(saved, cfg, compare)
-        epochs = cfg.train.epochs if compare is None or "train.epochs" in compare else saved.train.epochs
-        cfg = dataclasses.replace(saved, train=dataclasses.replace(saved.train, epochs=epochs))
-    elif ckpt.exists(run_dir / "last"):
-        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    t = cfg.train
-    progress = progress and distributed.is_main()  # under torchrun only rank 0 talks and writes
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
-    start_idle_probe()  # measured while the data loads (train/device.py)
-    if not distributed.env_info().enabled:  # under torchrun, no import on a thread beside the process group
-        preload_in_background("torch._dynamo")
-    seed_everything(t.seed)
-    splits = load_dataset(cfg.data, t.seed, progress)
-    names = tuple(splits["train"].label_names)
-    cfg = dataclasses.replace(cfg, model=config_for_data(cfg.model, names, cfg.data.source), label_names=names)
-    device = distributed.local_device(pick_device(t.device))  # cuda:LOCAL_RANK under torchrun
-    own_group = distributed.setup(device)  # joins torchrun's process group; False without torchrun
-    model = build_model(cfg.model)
-    trainer = Trainer(cfg, model, device, run_dir, progress)
-    if distributed.is_main():
-        _open_run_folder(run_dir, cfg, splits, trainer)
-        if sources is not None:
-            atomic_write_text(run_dir / "config_sources.json", json.dumps(sources, indent=2) + "\n")
-    if resume and ckpt.exists(run_dir / "last"):  # also last.prev, left by a kill mid-swap
-        trainer.resume()
-    trainer.fit(splits["train"], splits["val"])
-    if distributed.is_main():
-        _finish_run_folder(run_dir, model, cfg, splits, device)
-    if own_group:
-        distributed.barrier()  # the other ranks exit once rank 0's figures and report are written
-        # DDP's reducer keeps the process group and its gloo work alive, in reference cycles that only the
-        # garbage collector frees; left to interpreter shutdown, a gloo thread then needs the GIL that is
-        # gone, and a worker hung or aborted at exit (~1 run in 30 on a busy 2-core machine)
-        del trainer, model
-        gc.collect()
-        distributed.cleanup()
-    return run_dir
-
-
-def _open_run_folder(run_dir: Path, cfg: RunConfig, splits: dict[str, ImageSet], trainer: Trainer) -> None:
-    """What a run folder holds before its first epoch: config.json, data.json, environment.json."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.json")
-    _save_data_summary(run_dir, splits)
-    _record_environment(run_dir, trainer)
-
-
-def _finish_run_folder(run_dir: Path, model, cfg: RunConfig, splits: dict[str, ImageSet], device) -> None:
-    """What a run folder holds after its last epoch: the figures (of the test split, else validation) and
-    report.html."""
-    write_figures(run_dir, model, cfg, splits["test"] if len(splits["test"]) else splits["val"], device)
-    write_run_report(run_dir)
-
-
-def _record_environment(run_dir: Path, trainer: Trainer) -> None:
-    from medivae.report.environment import write_environment
-
-    dev = trainer.device
-    write_environment(
-        run_dir, device=str(dev), seed=trainer.cfg.train.seed, threads=torch.get_num_threads(),
-        model=trainer.cfg.model.name, capabilities=sorted(trainer.model.capabilities),
-        precision=str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp_dtype else "fp32",
-        gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-    )
-
-
-def write_run_report(run_dir: Path) -> Path | None:
-    """RUN/report.html; a broken report only warns, since the run itself is complete and saved."""
-    import warnings
-
-    try:
-        return report(run_dir)
-    except Exception as e:  # the report must never cost the user a finished run
-        why = f"{type(e).__name__}: {e}"
-        warnings.warn(f"report not written ({why}); retry with: medivae report {run_dir}", stacklevel=2)
-        return None
+        return train_run(cfg, run_dir, resume, progress, compare, sources)
 
 
 def report(run_dir, out=None) -> Path:
     """Write RUN/report.html (or ``out``), holding the run's lock when the file goes into the run folder."""
-    from medivae.report import write_report
-
-    run_dir = Path(run_dir)
-    inside = out is None or run_dir.resolve() in Path(out).resolve().parents
-    with run_lock(run_dir, "medivae report", enabled=inside):
-        return write_report(run_dir, out)
-
-
-def _save_data_summary(run_dir: Path, splits: dict[str, ImageSet]) -> None:
-    summary = {k: {"n": len(v), "labels": v.label_counts(), "meta": _public_meta(v.meta)} for k, v in splits.items()}
-    atomic_write_text(run_dir / "data.json", json.dumps(summary, indent=2, default=str) + "\n")
-
-
-def _public_meta(meta: dict) -> dict:
-    """Meta safe to write: drops anything that could identify a patient."""
-    return {k: v for k, v in meta.items() if "patient" not in k.lower() and k not in ("groups", "series")}
-
-
-def check_resume_settings(saved: RunConfig, cfg: RunConfig, compare: set[str] | None = None) -> None:
-    """A one-line UserError naming every setting of ``cfg`` that differs from the run being resumed
-    (only those in ``compare`` when given); ``train.epochs`` may grow, never shrink below the saved run's."""
-    if (compare is None or "train.epochs" in compare) and cfg.train.epochs < saved.train.epochs:
-        raise UserError(f"--resume: --epochs may only grow; this run is set for {saved.train.epochs} epochs "
-                        f"(train.epochs), not {cfg.train.epochs}")
-    # what the model config became when the run met its data
-    cfg = dataclasses.replace(cfg, model=config_for_data(cfg.model, saved.label_names, saved.data.source))
-    old, new = flat_settings(saved.to_dict()), flat_settings(cfg.to_dict())
-    skip = {"train.epochs", "label_names", "medivae_version"}
-    keys = (set(old) | set(new)) if compare is None else set(compare)
-    diffs = [f"{k}: run has {old.get(k)!r}, you gave {new.get(k)!r}" for k in sorted(keys - skip)
-             if k in new and old.get(k) != new.get(k)]
-    if diffs:
-        raise UserError(f"--resume continues the run as it was configured; these differ: {'; '.join(diffs)}. "
-                        "Drop them, or start a new run with another --out")
-
-
-def write_figures(run_dir: Path, model, cfg: RunConfig, split: ImageSet, device, n: int = 64) -> None:
-    """samples.png, interpolation.png and reconstructions.png, each where the family can make it."""
-    seed = cfg.train.seed
-    if has(model, "sample"):
-        save_grid(sample_images(model, n, torch_generator(seed, "samples")), run_dir / "samples.png", nrow=8)
-    if has(model, "latent") and has(model, "sample"):
-        z = model.prior_latents(2, torch_generator(seed, "interpolation"))
-        first = 0 if has(model, "conditional") else None  # a conditional model interpolates within class 0
-        mode = "slerp" if has(model, "gaussian_latent") else "linear"  # the rule `medivae interpolate` applies
-        path = interpolate(model, z[0], z[1], 10, mode, device, first)
-        save_grid(path, run_dir / "interpolation.png", nrow=10)
-    if len(split):
-        k = min(16, len(split))
-        x = to_float(split.images[:k], device)
-        y = labels_for(model, split.labels[:k], device)
-        both = torch.cat([x.cpu(), reconstruct(model, x, y)])
-        save_grid(both, run_dir / "reconstructions.png", nrow=k)
-    for name, images in getattr(model, "figures", dict)().items():  # family figures, e.g. VampPrior pseudo-inputs
-        save_grid(images, run_dir / f"{name}.png")
+    return report_run(run_dir, out)
 
 
 def sample(run_dir, n: int, out, seed: int | None = None, label: str | None = None, device="auto",
@@ -206,30 +48,27 @@ def fit_sampler(run_dir, sampler: str, max_components: int = 10, checkpoint: str
         return fit_sampler_run(run_dir, sampler, max_components, checkpoint, device)
 
 
-def interpolate_run(
-    run_dir, out, steps: int = 8, mode: str = "linear", src=None, dst=None, seed=None, device="auto",
-    label: str | None = None,
-):
-    run = load_run(run_dir, device=device)
-    model, cfg, dev = run.model, run.config, run.device
-    require(model, "latent", "interpolate")
-    if mode == "slerp":
-        require(model, "gaussian_latent", "interpolate --mode slerp")
-    if steps < 2:
-        raise UserError(f"--steps must be >= 2, not {steps}")
-    if (src is None) != (dst is None):
-        raise UserError("give both --from and --to, or neither (then two prior draws are used)")
-    k = run.label_index(label)
-    if has(model, "conditional") and k is None:
-        raise UserError(f"this run is conditional: pass --label, one of {list(cfg.label_names)}")
-    y = None if k is None else torch.tensor([k], device=dev)
-    if src is not None:
-        z0 = encode_mean(model, load_image(src, cfg).to(dev), y)[0]
-        z1 = encode_mean(model, load_image(dst, cfg).to(dev), y)[0]
-    else:
-        require(model, "sample", "interpolate (between prior draws; give --from and --to instead)")
-        z0, z1 = model.prior_latents(2, torch_generator(cfg.train.seed if seed is None else seed, "interpolate"))
-    return save_grid(interpolate(model, z0, z1, steps, mode, dev, k), out, nrow=steps)
+def interpolate_run(run_dir, out, steps: int = 8, mode: str = "linear", src=None, dst=None, seed=None,
+                    device="auto", label: str | None = None) -> Path:
+    """A PNG of ``steps`` images along a latent path between two images' posterior means or two prior draws."""
+    from medivae.workflows.generate import interpolate_run as run
+
+    return run(run_dir, out, steps, mode, src, dst, seed, device, label)
+
+
+def reconstruct_run(run_dir, data: str | None, out, split: str = "test", n: int = 16, device="auto") -> Path:
+    """A PNG of ``n`` images of a split (top row) and their reconstructions (bottom row)."""
+    from medivae.workflows.generate import reconstruct_run as run
+
+    return run(run_dir, data, out, split, n, device)
+
+
+def encode(run_dir, out, data: str | None = None, split: str = "test", device: str = "auto") -> dict:
+    """Every image of a split through the family's encoder -> ``out`` (.npz): the family's arrays (e.g.
+    ``mean``, ``logvar``) plus ``labels`` (N,) and ``label_names``; returns {name: shape}."""
+    from medivae.workflows.generate import encode as run
+
+    return run(run_dir, out, data, split, device)
 
 
 def traverse(run_dir, out, image=None, n_dims: int | None = None, k: float = 3.0, steps: int = 9,
@@ -238,30 +77,6 @@ def traverse(run_dir, out, image=None, n_dims: int | None = None, k: float = 3.0
     from medivae.workflows.traverse import traverse_run
 
     return traverse_run(run_dir, out, image, n_dims, k, steps, label, batch, device)
-
-
-def reconstruct_run(run_dir, data: str | None, out, split: str = "test", n: int = 16, device="auto") -> Path:
-    run = load_run(run_dir, device=device)
-    s = run.split(split, data)
-    k = min(n, len(s))
-    x = to_float(s.images[:k], run.device)
-    return save_grid(torch.cat([x.cpu(), reconstruct(run.model, x, run.labels(s.labels[:k]))]), out, nrow=k)
-
-
-def encode(run_dir, out, data: str | None = None, split: str = "test", device: str = "auto") -> dict:
-    """Every image of a split through the family's encoder -> ``out`` (.npz): the family's arrays (e.g.
-    ``mean``, ``logvar``) plus ``labels`` (N,) and ``label_names``; returns {name: shape}."""
-    import io
-
-    from medivae.runtime.io import atomic_write_bytes
-
-    run = load_run(run_dir, device=device)
-    s = run.split(split, data)
-    arrays = {k: v.numpy() for k, v in run.encode(s.images, labels=s.labels).items()}
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays, labels=np.asarray(s.labels), label_names=np.array(s.label_names, dtype=str))
-    atomic_write_bytes(Path(out), buf.getvalue())
-    return {k: tuple(v.shape) for k, v in arrays.items()}
 
 
 def demo_config(epochs: int = 15, n_images: int = 6000) -> RunConfig:
@@ -299,59 +114,12 @@ def anomaly_fit(cfg: RunConfig, run_dir: str | Path, progress: bool = True) -> P
 
 def anomaly_adapt(run_dir, normals: str, out, epochs: int | None = None, hold_out: float | None = None,
                   device: str = "auto", threads: int | None = None, progress: bool = True) -> Path:
-    """Adapt an anomaly run to the site being scored: train it ``epochs`` more epochs (going on from its
-    ``best/`` checkpoint's optimizer state and epoch count, see ``Trainer.continue_from``) on its training normals
-    plus the normal images of ``normals`` (a folder of normals, or a source's images with the normal label)
-    but a seeded ``hold_out`` share of them, kept to set the threshold on (None: the defaults of
-    medivae.workflows.site, 10 epochs and half); write the adapted run to ``out``
-    (its last epoch is its ``best/``; the validation loss on the run's own normals is logged, not used to
-    choose). ``anomaly_score(out, ...)`` then calibrates on the held-out normals and refuses to score any
-    site normal. See medivae.workflows.site."""
-    from medivae.runfolder.lock import LOCK_FILE
-    from medivae.workflows.site import (
-        ADAPTATION_FILE,
-        DEFAULT_EPOCHS,
-        DEFAULT_HOLD_OUT,
-        plan_adaptation,
-        read_adaptation,
-    )
+    """Adapt an anomaly run to the site being scored: a new run ``out``, trained ``epochs`` more epochs on
+    its training normals plus all but a seeded ``hold_out`` share of the normals in ``normals``, which set
+    the threshold of ``anomaly_score(out)`` (medivae.workflows.site.adapt_run)."""
+    from medivae.workflows.site import adapt_run
 
-    epochs = DEFAULT_EPOCHS if epochs is None else epochs
-    hold_out = DEFAULT_HOLD_OUT if hold_out is None else hold_out
-    run_dir, out = Path(run_dir), Path(out)
-    if out.resolve() == run_dir.resolve():
-        raise UserError("--out must be a new run folder: the run being adapted is kept as it is")
-    with run_lock(out, "medivae anomaly adapt", create=True):
-        unfinished = out.is_dir() and (read_adaptation(out, finished=False) or {}).get("complete") is False
-        if not unfinished and (ckpt.exists(out / "last") or (out / "config.json").exists()):
-            raise UserError(f"{out} already holds a run; choose another --out")
-        with run_lock(run_dir, "medivae anomaly adapt"):  # nothing may rewrite the run while it is read
-            src = load_run(run_dir, device=device)
-            plan = plan_adaptation(run_dir, src.config, src.checkpoint_sha256(), normals, epochs, hold_out)
-            cfg = plan.cfg
-            if threads is not None:
-                cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_threads=threads))
-            if unfinished:  # a kill during an earlier adaptation into this folder: its files are ours, start over
-                for p in out.iterdir():
-                    if p.is_dir() and not p.is_symlink():
-                        shutil.rmtree(p)
-                    elif p.name != LOCK_FILE:
-                        p.unlink()
-            seed_everything(cfg.train.seed)
-            trainer = Trainer(cfg, src.model, src.device, out, progress)
-            trainer.continue_from(checkpoint_folder(run_dir, src.checkpoint), epochs)  # optimizers, schedules go on
-        cfg = trainer.cfg
-        plan.record["continued_from_epoch"] = trainer.state.epoch
-        splits = {"train": plan.train, "val": plan.val, "test": plan.test}
-        out.mkdir(parents=True, exist_ok=True)
-        record = json.dumps(plan.record, indent=1) + "\n"
-        atomic_write_text(out / ADAPTATION_FILE, record)  # first: a folder with weights says what they saw
-        _open_run_folder(out, cfg, splits, trainer)
-        trainer.fit(plan.train, plan.val)
-        ckpt.link_copy(out / "last", out / "best")  # the adapted model is the last epoch, not the best old-site loss
-        atomic_write_text(out / ADAPTATION_FILE, json.dumps({**plan.record, "complete": True}, indent=1) + "\n")
-        _finish_run_folder(out, src.model, cfg, splits, src.device)
-    return out
+    return adapt_run(run_dir, normals, out, epochs, hold_out, device, threads, progress)
 
 
 def anomaly_score(run_dir, data: str | None = None, split: str = "test", out=None,

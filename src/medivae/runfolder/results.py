@@ -18,6 +18,7 @@ from medivae.runtime.errors import UserError
 from medivae.runtime.io import atomic_write_text
 
 RESULTS_FILE = "results.json"
+ADAPTATION_FILE = "adaptation.json"  # an adapted anomaly run: which site normals it trained on (workflows/site.py)
 
 
 def read_results(path: str | Path) -> dict:

@@ -2,7 +2,8 @@
 
 Opens the run, loads its data and calls the pure metric functions of :mod:`medivae.evaluation`.
 results.json is shared: other tools write other top-level keys; this module replaces only
-``"evaluation"`` (through :func:`medivae.runfolder.results.merge_results`). Its keys (all numbers are plain floats/ints; nats
+``"evaluation"`` (through :func:`medivae.runfolder.results.merge_results`). Its keys (all numbers are plain
+floats/ints; nats
 are per image; ``null`` where a number would be dishonest):
 
     evaluation:

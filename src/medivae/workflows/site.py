@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,15 @@ from medivae.data import load_dataset
 from medivae.data.imageset import ImageSet, concat, image_hashes, label_code
 from medivae.data.sources import same_source
 from medivae.runfolder.config import RunConfig
+from medivae.runfolder.lock import LOCK_FILE, run_lock
+from medivae.runfolder.results import ADAPTATION_FILE
+from medivae.runfolder.run import checkpoint_folder, load_run
 from medivae.runtime.errors import UserError
-from medivae.runtime.seeding import numpy_rng
+from medivae.runtime.io import atomic_write_text
+from medivae.runtime.seeding import numpy_rng, seed_everything
+from medivae.train import checkpoint as ckpt
+from medivae.train.trainer import Trainer
 
-ADAPTATION_FILE = "adaptation.json"
 DEFAULT_EPOCHS = 10  # not tuned: the first value tried (benchmarks/site_calibration.py measures it)
 DEFAULT_HOLD_OUT = 0.5
 
@@ -172,3 +178,53 @@ def adaptation_sets(run_dir: Path, cfg: RunConfig) -> dict | None:
                         "new --out")
     return {"adapt": site.subset(np.asarray(record["adapt"], dtype=np.int64)),
             "held_out": site.subset(np.asarray(record["held_out"], dtype=np.int64)), "record": record}
+
+
+def adapt_run(run_dir, normals: str, out, epochs: int | None = None, hold_out: float | None = None,
+                  device: str = "auto", threads: int | None = None, progress: bool = True) -> Path:
+    """Adapt an anomaly run to the site being scored: train it ``epochs`` more epochs (going on from its
+    ``best/`` checkpoint's optimizer state and epoch count, see ``Trainer.continue_from``) on its training normals
+    plus the normal images of ``normals`` (a folder of normals, or a source's images with the normal label)
+    but a seeded ``hold_out`` share of them, kept to set the threshold on (None: the defaults of
+    medivae.workflows.site, 10 epochs and half); write the adapted run to ``out``
+    (its last epoch is its ``best/``; the validation loss on the run's own normals is logged, not used to
+    choose). ``anomaly_score(out, ...)`` then calibrates on the held-out normals and refuses to score any
+    site normal. See medivae.workflows.site."""
+    from medivae.workflows.train import finish_run_folder, open_run_folder
+
+    epochs = DEFAULT_EPOCHS if epochs is None else epochs
+    hold_out = DEFAULT_HOLD_OUT if hold_out is None else hold_out
+    run_dir, out = Path(run_dir), Path(out)
+    if out.resolve() == run_dir.resolve():
+        raise UserError("--out must be a new run folder: the run being adapted is kept as it is")
+    with run_lock(out, "medivae anomaly adapt", create=True):
+        unfinished = out.is_dir() and (read_adaptation(out, finished=False) or {}).get("complete") is False
+        if not unfinished and (ckpt.exists(out / "last") or (out / "config.json").exists()):
+            raise UserError(f"{out} already holds a run; choose another --out")
+        with run_lock(run_dir, "medivae anomaly adapt"):  # nothing may rewrite the run while it is read
+            src = load_run(run_dir, device=device)
+            plan = plan_adaptation(run_dir, src.config, src.checkpoint_sha256(), normals, epochs, hold_out)
+            cfg = plan.cfg
+            if threads is not None:
+                cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_threads=threads))
+            if unfinished:  # a kill during an earlier adaptation into this folder: its files are ours, start over
+                for p in out.iterdir():
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p)
+                    elif p.name != LOCK_FILE:
+                        p.unlink()
+            seed_everything(cfg.train.seed)
+            trainer = Trainer(cfg, src.model, src.device, out, progress)
+            trainer.continue_from(checkpoint_folder(run_dir, src.checkpoint), epochs)  # optimizers, schedules go on
+        cfg = trainer.cfg
+        plan.record["continued_from_epoch"] = trainer.state.epoch
+        splits = {"train": plan.train, "val": plan.val, "test": plan.test}
+        out.mkdir(parents=True, exist_ok=True)
+        record = json.dumps(plan.record, indent=1) + "\n"
+        atomic_write_text(out / ADAPTATION_FILE, record)  # first: a folder with weights says what they saw
+        open_run_folder(out, cfg, splits, trainer)
+        trainer.fit(plan.train, plan.val)
+        ckpt.link_copy(out / "last", out / "best")  # the adapted model is the last epoch, not the best old-site loss
+        atomic_write_text(out / ADAPTATION_FILE, json.dumps({**plan.record, "complete": True}, indent=1) + "\n")
+        finish_run_folder(out, src.model, cfg, splits, src.device)
+    return out

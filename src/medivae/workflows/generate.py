@@ -1,0 +1,68 @@
+"""Images from a trained run for the commands that draw them: interpolation paths, reconstructions, and
+the encoded latents of a split."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medivae.data import to_float
+from medivae.models.family import has, require
+from medivae.models.inference import encode_mean, interpolate, reconstruct
+from medivae.runfolder.run import load_image, load_run
+from medivae.runtime.errors import UserError
+from medivae.runtime.images import save_grid
+from medivae.runtime.io import atomic_write_bytes
+from medivae.runtime.seeding import torch_generator
+
+
+def interpolate_run(
+    run_dir, out, steps: int = 8, mode: str = "linear", src=None, dst=None, seed=None, device="auto",
+    label: str | None = None,
+) -> Path:
+    """A PNG of ``steps`` images along a latent path: between the posterior means of two images (``src``,
+    ``dst``) or two prior draws; ``mode`` linear or slerp (Gaussian latents)."""
+    run = load_run(run_dir, device=device)
+    model, cfg, dev = run.model, run.config, run.device
+    require(model, "latent", "interpolate")
+    if mode == "slerp":
+        require(model, "gaussian_latent", "interpolate --mode slerp")
+    if steps < 2:
+        raise UserError(f"--steps must be >= 2, not {steps}")
+    if (src is None) != (dst is None):
+        raise UserError("give both --from and --to, or neither (then two prior draws are used)")
+    k = run.label_index(label)
+    if has(model, "conditional") and k is None:
+        raise UserError(f"this run is conditional: pass --label, one of {list(cfg.label_names)}")
+    y = None if k is None else torch.tensor([k], device=dev)
+    if src is not None:
+        z0 = encode_mean(model, load_image(src, cfg).to(dev), y)[0]
+        z1 = encode_mean(model, load_image(dst, cfg).to(dev), y)[0]
+    else:
+        require(model, "sample", "interpolate (between prior draws; give --from and --to instead)")
+        z0, z1 = model.prior_latents(2, torch_generator(cfg.train.seed if seed is None else seed, "interpolate"))
+    return save_grid(interpolate(model, z0, z1, steps, mode, dev, k), out, nrow=steps)
+
+
+def reconstruct_run(run_dir, data: str | None, out, split: str = "test", n: int = 16, device="auto") -> Path:
+    """A PNG of ``n`` images of a split (top row) and their reconstructions (bottom row)."""
+    run = load_run(run_dir, device=device)
+    s = run.split(split, data)
+    k = min(n, len(s))
+    x = to_float(s.images[:k], run.device)
+    return save_grid(torch.cat([x.cpu(), reconstruct(run.model, x, run.labels(s.labels[:k]))]), out, nrow=k)
+
+
+def encode(run_dir, out, data: str | None = None, split: str = "test", device: str = "auto") -> dict:
+    """Every image of a split through the family's encoder -> ``out`` (.npz): the family's arrays (e.g.
+    ``mean``, ``logvar``) plus ``labels`` (N,) and ``label_names``; returns {name: shape}."""
+    run = load_run(run_dir, device=device)
+    s = run.split(split, data)
+    arrays = {k: v.numpy() for k, v in run.encode(s.images, labels=s.labels).items()}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays, labels=np.asarray(s.labels), label_names=np.array(s.label_names, dtype=str))
+    atomic_write_bytes(Path(out), buf.getvalue())
+    return {k: tuple(v.shape) for k, v in arrays.items()}
