@@ -109,3 +109,23 @@ def test_unknown_model_lists_valid_ones():
 
     with pytest.raises(UserError, match="conv_vae"):
         model_config("no_such_model")
+
+
+def test_model_facts_come_from_the_family_or_its_hook():
+    from medivae.models.family import ModelFacts, describe, epoch_end, extra_anomaly_scores, figures
+
+    logistic = build_model(tiny_model(latent_dim=5, likelihood="discretized_logistic"))
+    assert describe(logistic) == ModelFacts(likelihood="discretized_logistic", discrete_likelihood=True,
+                                            latent_dim=5, beta=1.0)
+    assert describe(build_model(tiny_model(latent_dim=3))).discrete_likelihood is False  # bernoulli on gray levels
+
+    class Bare(torch.nn.Module):  # a family that defines none of the optional hooks
+        cfg = tiny_model()
+        capabilities = frozenset({"sample"})
+
+    bare = Bare()
+    # no "likelihood" / "gaussian_latent" capability: no likelihood name or latent size, whatever cfg has
+    assert describe(bare) == ModelFacts(likelihood=None, discrete_likelihood=False, latent_dim=None, beta=bare.cfg.beta)
+    assert epoch_end(bare, None) == {} and figures(bare) == {} and extra_anomaly_scores(bare, None, None) == {}
+    bare.describe = lambda: ModelFacts(likelihood="mine", latent_dim=7)
+    assert describe(bare).likelihood == "mine" and describe(bare).latent_dim == 7

@@ -7,13 +7,14 @@ import dataclasses
 from pathlib import Path
 
 from medivae.runfolder.config import DataConfig, RunConfig, TrainConfig, flat_settings, read_config_file
+from medivae.runtime.constants import DEFAULT_FAMILY
 from medivae.runtime.errors import UserError
 from medivae.runtime.seeding import DEFAULT_SEED
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="conv_vae", help="model family (see the README; default conv_vae)")
+    g.add_argument("--model", default=DEFAULT_FAMILY, help=f"model family (see the README; default {DEFAULT_FAMILY})")
     g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="any option of the model family's config, e.g. --model-arg max_width=256 (repeatable)")
     g.add_argument("--image-size", type=int, default=64, help="32, 64, 128 or 256 (default 64)")
@@ -170,8 +171,8 @@ def config_from_file(args) -> tuple[RunConfig, dict, set[str]]:
     flags = {k: v for k, v in flag_settings(args).items() if k in typed}
     sections = {s: dict(d.get(s) or {}) for s in ("data", "model", "train")}
     model = sections["model"]
-    name = flags.get("model.name", model.get("name", "conv_vae"))
-    if name != model.get("name", "conv_vae"):  # another family: only the image geometry carries over
+    name = flags.get("model.name", model.get("name", DEFAULT_FAMILY))
+    if name != model.get("name", DEFAULT_FAMILY):  # another family: only the image geometry carries over
         model = {k: model[k] for k in ("image_size", "channels") if k in model}
     for k in ("image_size", "channels"):  # a hand-written file may give them once, under data
         if k in sections["data"]:

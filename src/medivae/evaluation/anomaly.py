@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from medivae.data.imageset import to_float
-from medivae.models.family import has, labels_for
+from medivae.models.family import describe, extra_anomaly_scores, has, labels_for
 from medivae.runtime.device import full_precision
 
 SCORE_NAMES = ("neg_elbo", "iwae", "rec_error", "ssim", "kl", "iwae_minus_png", "latent")
@@ -72,8 +72,7 @@ def _score_batch(
         scores.update(neg_elbo=lw.neg_elbo(), iwae=-(torch.logsumexp(lw.log_w, 0) - math.log(k)))
         if lw.kl is not None:
             scores["kl"] = lw.kl
-    if hasattr(model, "anomaly_scores"):  # the family's own (e.g. vae_gan's discriminator)
-        scores.update(model.anomaly_scores(x, y))
+    scores.update(extra_anomaly_scores(model, x, y))  # the family's own (e.g. vae_gan's discriminator)
     return scores, (x - recon).abs().mean(1)
 
 
@@ -175,7 +174,7 @@ def score_images(
 
 def is_code_length(model) -> bool:
     """True when -log p(x) is a code length of the 8-bit image (a discrete image likelihood)."""
-    return bool(getattr(getattr(model, "likelihood", None), "is_discrete_image_likelihood", False))
+    return describe(model).discrete_likelihood
 
 
 # --- calibration on normals --------------------------------------------------------------------------------

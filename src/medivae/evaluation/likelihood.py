@@ -19,6 +19,8 @@ import math
 import numpy as np
 import torch
 
+from medivae.models.family import describe
+
 NOT_AN_IMAGE_LIKELIHOOD = (
     "the {name} likelihood is not a probability of 8-bit images: these nats are not an NLL "
     "and no bits/dim are reported (train with --likelihood discretized_logistic for a real NLL)"
@@ -91,8 +93,8 @@ def likelihood_bounds(
             iwae.setdefault(kk, []).append(v)
     by_k = {kk: float(np.concatenate(v).mean()) for kk, v in iwae.items()}
     neg_elbo = float(np.concatenate(elbo).mean())
-    discrete = bool(getattr(model.likelihood, "is_discrete_image_likelihood", False))
-    name = getattr(getattr(model, "cfg", None), "likelihood", type(model.likelihood).__name__.lower())
+    facts = describe(model)
+    discrete, name = facts.discrete_likelihood, facts.likelihood
     ess_all = np.concatenate(ess)
     return {
         "n_images": int(sum(len(e) for e in elbo)),

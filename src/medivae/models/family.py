@@ -29,11 +29,17 @@ and, by capability,
                    ``likelihood`` attribute with ``is_discrete_image_likelihood``
     "conditional"  every call takes class indices y (B,); ``sample(label=...)`` generates one class;
                    ``num_classes`` attribute
-optional hooks: ``epoch_end(ctx) -> {name: float}`` (e.g. codebook usage), logged like the step terms; it may
-raise :class:`Diverged`, which the trainer handles like a NaN (roll back the epoch, lower the learning
-rate); ``anomaly_scores(x, y) -> {name: (B,)}``, extra per-image anomaly scores (higher = more anomalous);
-``figures() -> {name: images (N, C, H, W) in [0, 1]}``, saved as RUN/<name>.png after training (e.g. the
-VampPrior's pseudo-inputs) and shown in the report.
+optional hooks, each asked through the function of the same name here, which gives the default for a family
+that does not define it (nothing outside ``models/`` looks for a model's attributes):
+    ``epoch_end(ctx) -> {name: float}`` (default {}): e.g. codebook usage, logged like the step terms; it may
+        raise :class:`Diverged`, which the trainer handles like a NaN (roll back the epoch, lower the rate)
+    ``anomaly_scores(x, y) -> {name: (B,)}`` (default {}): extra per-image anomaly scores (higher = more
+        anomalous), e.g. a discriminator's
+    ``figures() -> {name: images (N, C, H, W) in [0, 1]}`` (default {}): saved as RUN/<name>.png after
+        training (e.g. the VampPrior's pseudo-inputs) and shown in the report
+    ``describe() -> ModelFacts`` (default: read from the config and the capabilities): the likelihood's name
+        and whether it is discrete, the flat latent size, the KL weight; what evaluation, results.json and
+        the report say about a model.
 
 A family added later (in ``models/``, or outside medivae through :func:`register` in a module named by
 the ``MEDIVAE_PLUGINS`` environment variable or a ``medivae.families`` entry point) gets the trainer,
@@ -47,11 +53,12 @@ import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import nn
 
+from medivae.runtime.constants import DEFAULT_FAMILY
 from medivae.runtime.errors import UserError
 
 CAPABILITIES = {
@@ -146,20 +153,6 @@ class LogWeights:
         return -self.log_px.mean(0) + kl
 
 
-@runtime_checkable
-class FamilyModel(Protocol):
-    cfg: Any
-    capabilities: frozenset
-
-    def optimizers(self, train_cfg, device: torch.device) -> dict[str, torch.optim.Optimizer]: ...
-    def trained_modules(self) -> dict[str, nn.Module]: ...
-    def training_steps(self) -> list[TrainStep]: ...
-    def validation_terms(self, x, y, generator) -> dict[str, torch.Tensor]: ...
-    def encode(self, x, y=None): ...
-    def decode(self, z, y=None) -> torch.Tensor: ...
-    def reconstruct(self, x, y=None) -> torch.Tensor: ...
-
-
 @dataclass(frozen=True)
 class Family:
     """A registry entry: ``config`` is the family's frozen config dataclass (with a ``name`` field),
@@ -232,7 +225,7 @@ def get_family(name: str, written_by: str | None = None) -> Family:
 
 
 def families() -> dict[str, Family]:
-    get_family(next(iter(REGISTRY), "conv_vae"))  # loads built-ins and plugins
+    get_family(next(iter(REGISTRY), DEFAULT_FAMILY))  # loads built-ins and plugins
     return dict(REGISTRY)
 
 
@@ -282,3 +275,53 @@ def adam(params, train_cfg, device: torch.device) -> torch.optim.Adam:
     them (their .grad is None)."""
     fused = device.type in ("cuda", "cpu")
     return torch.optim.Adam(list(params), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, fused=fused)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What may be said about a model without knowing its family (results.json "model", the report).
+
+    likelihood: the image likelihood's name ("bernoulli", "gaussian", ...), None without one;
+    discrete_likelihood: a probability mass on 8-bit images, so -log p(x) is a code length (bits/dim honest);
+    latent_dim: the size of a flat latent, None for spatial or discrete ones; beta: the KL weight, if any."""
+
+    likelihood: str | None = None
+    discrete_likelihood: bool = False
+    latent_dim: int | None = None
+    beta: float | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def describe(model) -> ModelFacts:
+    """The model's ``describe()`` hook, or facts read from its config fields and capabilities."""
+    hook = getattr(model, "describe", None)
+    if hook is not None:
+        return hook()
+    cfg, likelihood = model.cfg, getattr(model, "likelihood", None)
+    return ModelFacts(
+        likelihood=getattr(cfg, "likelihood", None) if has(model, "likelihood") else None,
+        discrete_likelihood=has(model, "likelihood") and bool(getattr(likelihood, "is_discrete_image_likelihood",
+                                                                      False)),
+        latent_dim=getattr(model, "latent_dim", None) if has(model, "gaussian_latent") else None,
+        beta=getattr(cfg, "beta", None),
+    )
+
+
+def epoch_end(model, ctx: StepContext) -> dict[str, float]:
+    """The family's whole-epoch statistics (its ``epoch_end`` hook), {} without one."""
+    hook = getattr(model, "epoch_end", None)
+    return {} if hook is None else hook(ctx)
+
+
+def extra_anomaly_scores(model, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The family's own per-image anomaly scores (its ``anomaly_scores`` hook), {} without one."""
+    hook = getattr(model, "anomaly_scores", None)
+    return {} if hook is None else hook(x, y)
+
+
+def figures(model) -> dict[str, torch.Tensor]:
+    """The family's own figures (its ``figures`` hook), {} without one."""
+    hook = getattr(model, "figures", None)
+    return {} if hook is None else hook()

@@ -144,7 +144,8 @@ def _facts(rep: Report):
     cfg, m = _dict(rep.run.config), rep.run.metrics
     model, data, train = (_dict(cfg.get(k)) for k in ("model", "data", "train"))
     if model:
-        yield "model", esc(_model_fact(model))
+        facts = _dict((rep.run.env or {}).get("model_facts")) or model  # a run from before env.json had facts
+        yield "model", esc(_model_fact({**facts, "name": model.get("name")}))
     if data:
         yield "data", esc(f"{data.get('source')} at {data.get('image_size')}×{data.get('image_size')}")
     if rep.run.data:
@@ -171,7 +172,7 @@ def _facts(rep: Report):
         yield "seed", esc(train["seed"])
 
 
-MODEL_FACTS = (("latent_dim", "latent {}"), ("likelihood", "{} likelihood"), ("beta", "β {}"))
+MODEL_FACTS = (("latent_dim", "latent {}"), ("likelihood", "{} likelihood"), ("beta", "β {}"))  # ModelFacts
 
 
 def _model_fact(model: dict) -> str:

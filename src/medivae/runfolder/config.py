@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medivae.runtime.constants import IMAGE_SIZES
+from medivae.runtime.constants import DEFAULT_FAMILY, IMAGE_SIZES
 from medivae.runtime.errors import UserError
 from medivae.runtime.seeding import DEFAULT_SEED
 
@@ -120,7 +120,7 @@ class RunConfig:
         model = d.get("model", {})
         if not isinstance(model, dict):
             raise UserError(f"invalid model config: expected an object, got {type(model).__name__}")
-        name = model.get("name", "conv_vae")
+        name = model.get("name", DEFAULT_FAMILY)
         family = get_family(name, written_by=d.get("medivae_version", "0.1.0 or earlier"))
         try:
             return cls(
@@ -210,7 +210,7 @@ def _build(klass, values: dict[str, Any]):
 def _default_model():
     from medivae.models import model_config
 
-    return model_config("conv_vae")
+    return model_config(DEFAULT_FAMILY)
 
 
 def __getattr__(name: str):

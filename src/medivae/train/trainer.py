@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from medivae.data import ImageSet, to_float
+from medivae.models import family
 from medivae.models.family import Diverged, StepContext, labels_for
 from medivae.runtime import distributed
 from medivae.runtime.device import autocast, autocast_dtype, configure_threads, keep_freed_memory
@@ -185,8 +186,7 @@ class Trainer:
         bar.close()
         sums = distributed.all_reduce_sum({**sums, "n": n})
         out = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
-        if hasattr(model, "epoch_end"):  # e.g. codebook usage: statistics of the whole epoch
-            out.update(model.epoch_end(ctx))
+        out.update(family.epoch_end(model, ctx))  # e.g. codebook usage: statistics of the whole epoch
         return out
 
     def _optimise(self, train_step, x, y, ctx: StepContext) -> dict[str, torch.Tensor]:

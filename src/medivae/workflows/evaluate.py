@@ -49,7 +49,7 @@ from medivae.evaluation.collapse import collapse_metrics
 from medivae.evaluation.features import load_or_fit_reference
 from medivae.evaluation.likelihood import likelihood_bounds
 from medivae.evaluation.reconstruction import FOREGROUND_MASKS, mean_over_images, per_image_metrics
-from medivae.models.family import MISSING, has, labels_for
+from medivae.models.family import MISSING, describe, has, labels_for
 from medivae.models.inference import reconstruct, sample_images
 from medivae.runfolder.results import RESULTS_FILE, merge_results, read_results
 from medivae.runfolder.run import load_run
@@ -250,8 +250,7 @@ def evaluate_run(run_dir, data: str | None = None, opts: EvalOptions | None = No
     result = {
         "run": str(run_dir), "checkpoint": opts.checkpoint, "data": data_cfg.source, "split": opts.split,
         "n_images": len(s), "seed": seed,
-        "model": {"name": m.name, "likelihood": getattr(m, "likelihood", None),
-                  "latent_dim": getattr(model, "latent_dim", None), "image_size": m.image_size,
+        "model": {"name": m.name, **describe(model).to_dict(), "image_size": m.image_size,
                   "channels": m.channels, "capabilities": sorted(model.capabilities),
                   "parameters": sum(p.numel() for p in model.parameters())},
         "likelihood": lik,

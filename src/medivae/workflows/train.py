@@ -12,7 +12,7 @@ import torch
 
 from medivae.data import ImageSet, load_dataset, to_float
 from medivae.models import build_model
-from medivae.models.family import config_for_data, has, labels_for
+from medivae.models.family import config_for_data, describe, figures, has, labels_for
 from medivae.models.inference import interpolate, reconstruct, sample_images
 from medivae.runfolder.config import RunConfig, flat_settings
 from medivae.runfolder.lock import run_lock
@@ -98,6 +98,7 @@ def _record_environment(run_dir: Path, trainer: Trainer) -> None:
     write_environment(
         run_dir, device=str(dev), seed=trainer.cfg.train.seed, threads=torch.get_num_threads(),
         model=trainer.cfg.model.name, capabilities=sorted(trainer.model.capabilities),
+        model_facts=describe(trainer.model).to_dict(),
         precision=str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp_dtype else "fp32",
         gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
     )
@@ -170,5 +171,5 @@ def write_figures(run_dir: Path, model, cfg: RunConfig, split: ImageSet, device,
         y = labels_for(model, split.labels[:k], device)
         both = torch.cat([x.cpu(), reconstruct(model, x, y)])
         save_grid(both, run_dir / "reconstructions.png", nrow=k)
-    for name, images in getattr(model, "figures", dict)().items():  # family figures, e.g. VampPrior pseudo-inputs
+    for name, images in figures(model).items():  # the family's own, e.g. VampPrior pseudo-inputs
         save_grid(images, run_dir / f"{name}.png")
