@@ -268,7 +268,8 @@ def scaling_worker(npy: str, size: int, storage: str, epochs: int) -> None:
     trainer's own data path; prints one JSON line. Runs in its own process for a clean peak RSS."""
     from medivae.data import ImageSet
     from medivae.models import build_model
-    from medivae.runfolder.config import ModelConfig, RunConfig, TrainConfig
+    from medivae.models.conv_vae import ConvVAEConfig as ModelConfig
+    from medivae.runfolder.config import RunConfig, TrainConfig
     from medivae.runtime.device import pick_device
     from medivae.train.trainer import Trainer, batch_source
 

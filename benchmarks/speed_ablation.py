@@ -69,8 +69,9 @@ def worker(npy: str, variant: str) -> None:
 
     from medivae.data import ImageSet
     from medivae.models import build_model
+    from medivae.models.conv_vae import ConvVAEConfig as ModelConfig
     from medivae.models.cpu_conv import DownConv, UpConv
-    from medivae.runfolder.config import ModelConfig, RunConfig, TrainConfig
+    from medivae.runfolder.config import RunConfig, TrainConfig
     from medivae.runtime.device import pick_device
     from medivae.train import trainer as trainer_mod
 

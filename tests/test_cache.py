@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from PIL import Image
 
 import medivae.data.sources as sources
 from medivae.data import load_dataset, load_source
-from medivae.runfolder.config import DataConfig, replace
+from medivae.runfolder.config import DataConfig
 
 
 @pytest.fixture(autouse=True)
@@ -69,10 +70,10 @@ def test_changing_the_preprocessing_or_the_files_invalidates(folder, cache_dir, 
     cfg = DataConfig(source=str(folder), image_size=32)
     load_source(cfg, 0, progress=False)
     assert len(calls) == 24
-    load_source(replace(cfg, labels=("a",), val_fraction=0.2), 0, progress=False)  # not preprocessing
+    load_source(dataclasses.replace(cfg, labels=("a",), val_fraction=0.2), 0, progress=False)  # not preprocessing
     assert len(calls) == 24
     for change in (dict(image_size=64), dict(resize_mode="crop"), dict(channels=3), dict(window="brain")):
-        load_source(replace(cfg, **change), 0, progress=False)
+        load_source(dataclasses.replace(cfg, **change), 0, progress=False)
     assert len(calls) == 24 * 5
     assert len(entries(cache_dir)) == 5
     f = folder / "a" / "00.png"
@@ -85,7 +86,7 @@ def test_changing_the_preprocessing_or_the_files_invalidates(folder, cache_dir, 
 def test_cache_and_memory_give_identical_splits(folder):
     cfg = DataConfig(source=str(folder), image_size=32, val_fraction=0.2, test_fraction=0.2)
     cached = load_dataset(cfg, 7, progress=False)
-    plain = load_dataset(replace(cfg, cache=False), 7, progress=False)
+    plain = load_dataset(dataclasses.replace(cfg, cache=False), 7, progress=False)
     for name in ("train", "val", "test"):
         assert np.array_equal(np.asarray(cached[name].images), plain[name].images)
         assert np.array_equal(cached[name].labels, plain[name].labels)

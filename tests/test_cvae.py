@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,7 +15,6 @@ from medivae.cli import main
 from medivae.models import REGISTRY, build_model, model_config
 from medivae.models.conv_vae import ConvVAE as CVAE
 from medivae.models.losses import neg_elbo
-from medivae.runfolder.config import replace
 
 from tiny import tiny_model, tiny_run
 
@@ -112,7 +112,7 @@ def test_unknown_model_on_the_command_line_lists_valid_ones(capsys):
 def cvae_run(tmp_path_factory):
     # the preset's class count is a placeholder: training takes it from the data (phantoms: 2 classes)
     cfg = tiny_run("phantoms:80", epochs=1)
-    cfg = replace(cfg, model=replace(cfg.model, name="cvae", num_classes=5))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="cvae", num_classes=5))
     return api.train(cfg, tmp_path_factory.mktemp("cvae") / "run", progress=False)
 
 

@@ -20,7 +20,8 @@ from PIL import Image
 from medivae import cli
 from medivae.commands import train as train_cmd
 from medivae.data import load_dataset
-from medivae.runfolder.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from medivae.models.conv_vae import ConvVAEConfig as ModelConfig
+from medivae.runfolder.config import DataConfig, RunConfig, TrainConfig
 from medivae.runtime.errors import UserError
 
 FUZZ = settings(

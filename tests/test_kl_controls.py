@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch
 from medivae.data import ImageSet
 from medivae.models import build_model
 from medivae.models.losses import free_bits_kl, kl_weight, neg_elbo
-from medivae.runfolder.config import RunConfig, TrainConfig, replace
+from medivae.runfolder.config import RunConfig, TrainConfig
 from medivae.runtime.errors import UserError
 from medivae.train.trainer import Trainer
 
@@ -90,7 +92,7 @@ def test_constant_schedule_is_beta():
 
 def test_settings_are_saved_in_the_run_config():
     cfg = tiny_run(kl_schedule="cyclical", warmup_epochs=2.0, free_bits=0.25)
-    cfg = replace(cfg, model=replace(cfg.model, beta=4.0))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, beta=4.0))
     back = RunConfig.from_dict(cfg.to_dict())
     assert back == cfg and back.model.beta == 4.0 and back.train.free_bits == 0.25
 
@@ -107,7 +109,7 @@ def one_step_weights(tmp_path, beta: float, **train_kw) -> dict[str, torch.Tenso
     rng = np.random.default_rng(0)
     data = ImageSet(rng.integers(0, 256, (16, 1, 32, 32), dtype=np.uint8), np.zeros(16))
     cfg = tiny_run(batch_size=16, **train_kw)
-    cfg = replace(cfg, model=replace(cfg.model, beta=beta))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, beta=beta))
     torch.manual_seed(0)
     model = build_model(cfg.model)
     trainer = Trainer(cfg, model, torch.device("cpu"), tmp_path, progress=False)

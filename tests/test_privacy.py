@@ -169,11 +169,12 @@ def test_an_unreadable_results_json_is_refused_before_sampling(one_class_run, tm
 
 
 def test_label_plan_balances_conditional_runs_and_names_one_class_runs():
-    from medivae.runfolder.config import DataConfig, ModelConfig, RunConfig
+    from medivae.models import model_config
+    from medivae.runfolder.config import DataConfig, RunConfig
     from medivae.runtime.errors import UserError
 
     names = ("normal", "lesion")
-    cvae = RunConfig(model=ModelConfig(name="cvae", num_classes=2), label_names=names)
+    cvae = RunConfig(model=model_config("cvae", num_classes=2), label_names=names)
     conditional = build_model(tiny_model(name="cvae", num_classes=2))
     codes, labels = _label_plan(conditional, cvae, None, 5)
     assert codes.tolist() == [0, 1, 0, 1, 0] and labels[:2] == ["normal", "lesion"]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from medivae.runfolder.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from medivae.models.conv_vae import ConvVAEConfig as ModelConfig
+from medivae.runfolder.config import DataConfig, RunConfig, TrainConfig
 
 # the same tiny model through the CLI (``medivae anomaly fit``, ``medivae train``)
 TINY = "--image-size 32 --latent-dim 4 --base-width 4 --batch-size 32 --precision fp32 --no-progress".split()

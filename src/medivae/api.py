@@ -6,7 +6,7 @@ from pathlib import Path
 
 from medivae.runfolder.config import DataConfig, RunConfig, TrainConfig
 from medivae.runfolder.lock import run_lock
-from medivae.runfolder.run import Run, load, load_image, load_run  # noqa: F401  (the notebook API: api.load(...))
+from medivae.runfolder.run import Run, load_image, load_run  # noqa: F401  (the notebook API: api.load_run(...))
 from medivae.runtime import distributed
 from medivae.runtime.errors import UserError
 from medivae.runtime.images import save_grid

@@ -2,8 +2,8 @@
 
 PSNR and SSIM come from scikit-image with ``data_range=1`` (images in [0, 1]); each metric is
 computed per image, then averaged over images. SSIM uses the standard window of Wang et al. 2004: an
-11x11 Gaussian with sigma 1.5 and population covariances (before issue 20: scikit-image's default 7x7
-uniform window, which gives other numbers).
+11x11 Gaussian with sigma 1.5 and population covariances (scikit-image's default, a 7x7 uniform window,
+gives other numbers).
 
 Optionally (``foreground="otsu"``) PSNR and SSIM are also computed over the foreground only, so a
 reconstruction is not rewarded for an easy black background (CT / MRI slices, phantoms): the mask is

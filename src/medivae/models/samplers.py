@@ -252,8 +252,6 @@ def fit(kind: str, train: np.ndarray, val: np.ndarray, train_labels=None, val_la
     return LatentSampler(kind, densities, info)
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def sampler_paths(folder: Path, name: str) -> tuple[Path, Path]:

@@ -211,16 +211,3 @@ def _default_model():
     from medivae.models import model_config
 
     return model_config(DEFAULT_FAMILY)
-
-
-def __getattr__(name: str):
-    if name == "ModelConfig":  # the conv_vae family's config, under its earlier name
-        from medivae.models.conv_vae import ConvVAEConfig
-
-        return ConvVAEConfig
-    raise AttributeError(name)
-
-
-def replace(cfg, **changes):
-    """``dataclasses.replace`` that keeps validation errors as UserError."""
-    return dataclasses.replace(cfg, **changes)

@@ -170,8 +170,3 @@ def load_run(run_dir: str | Path, which: str = "best", device: str = "auto") -> 
     model = build_model(cfg.model)
     ckpt.load_checkpoint(folder, model)
     return Run(run_dir, cfg, model.to(dev).eval(), dev, which)
-
-
-def load(run_dir: str | Path, which: str = "best", device: str = "auto") -> Run:
-    """``medivae.load``: see the module docstring."""
-    return load_run(run_dir, which, device)

@@ -91,7 +91,7 @@ _probe_start: tuple[float, float, float, float] | None = None  # (wall clock, *_
 
 def start_idle_probe() -> None:
     """Start measuring the cores other processes leave idle, so that ``idle_cores`` can use the time a run
-    spends loading data instead of sleeping for it (a short run's start-up, issue 15)."""
+    spends loading data instead of sleeping for it (a short run's start-up)."""
     global _probe_start
     try:
         _probe_start = (time.monotonic(), *_cpu_snapshot())
@@ -134,7 +134,7 @@ def configure_threads(requested: int, device: torch.device) -> int:
 
     Why: the bf16 oneDNN kernels synchronise their threads hundreds of times per step. When another
     process holds one of the cores, each barrier waits for a descheduled thread: on a busy 2-core node
-    a training step ran ~40x slower with 2 threads than with 1 (issue 7). On an idle machine this
+    a training step ran ~40x slower with 2 threads than with 1. On an idle machine this
     keeps torch's default (all cores)."""
     if requested > 0:
         torch.set_num_threads(requested)
@@ -147,7 +147,7 @@ def preload_in_background(*modules: str) -> None:
     """Import ``modules`` on a daemon thread while the caller goes on (e.g. loads data).
 
     Why: building the first optimizer imports torch._dynamo (torch's ``add_param_group`` is wrapped in
-    ``torch._disable_dynamo``), about 1 s, on a short run's critical path (issue 15). Python's import lock
+    ``torch._disable_dynamo``), about 1 s, on a short run's critical path. Python's import lock
     makes a later import of the same module wait for this one instead of importing it twice. Only modules
     needed before training starts belong here: preloading matplotlib for the report ran on into the first
     epoch and cost ~15 % of its images/s (GIL contention; paired runs, benchmarks/README.md)."""

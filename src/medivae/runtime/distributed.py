@@ -143,9 +143,6 @@ def wrap(model: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Mo
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP (attributes such as ``likelihood`` live there)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def shard(order: torch.Tensor, pad: bool = True) -> torch.Tensor:

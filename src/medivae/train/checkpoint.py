@@ -271,9 +271,6 @@ def read_verified(folder: Path) -> tuple[Path, dict[str, bytes]]:
     return folder, blobs
 
 
-def verify(folder: Path) -> Path:
-    """Check every listed file against the manifest; raise UserError naming the first bad one."""
-    return read_verified(folder)[0]
 
 
 def _json(folder: Path, blobs: dict[str, bytes], name: str) -> Any:
