@@ -299,9 +299,10 @@ def describe(model) -> ModelFacts:
     hook = getattr(model, "describe", None)
     if hook is not None:
         return hook()
-    cfg, likelihood = model.cfg, getattr(model, "likelihood", None)
+    cfg, likelihood = getattr(model, "cfg", None), getattr(model, "likelihood", None)
+    name = getattr(cfg, "likelihood", None) or (type(likelihood).__name__.lower() if likelihood is not None else None)
     return ModelFacts(
-        likelihood=getattr(cfg, "likelihood", None) if has(model, "likelihood") else None,
+        likelihood=name if has(model, "likelihood") else None,
         discrete_likelihood=has(model, "likelihood") and bool(getattr(likelihood, "is_discrete_image_likelihood",
                                                                       False)),
         latent_dim=getattr(model, "latent_dim", None) if has(model, "gaussian_latent") else None,
