@@ -233,3 +233,27 @@ def test_corrupt_dicom_among_good_ones_is_skipped_and_reported(tmp_path):
     assert len(s) == 4
     reasons = " ".join(s.meta["skipped"])
     assert "broken.dcm" in reasons and "without pixel data" in reasons
+
+
+def test_one_dicom_file_for_a_run_is_windowed_as_its_data_was(tmp_path):
+    """``interpolate --from x.dcm`` reads the file as the run's source did: rescale + the run's window."""
+    import dataclasses
+
+    from medivae.runfolder.config import RunConfig
+    from medivae.runfolder.run import load_image
+
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1000, 1000, size=(24, 24))
+    path = write_dicom(tmp_path / "one.dcm", hu + 1024, slope=1, intercept=-1024)
+    cfg = RunConfig()
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=str(tmp_path), image_size=32,
+                                                            window="lung", cache=False))
+    got = load_image(path, cfg)[0, 0].numpy()
+    source = load_source(cfg.data, 0)["all"].images  # the folder source of the same file: uint8 (1, 1, 32, 32)
+    via_source = np.asarray(source[0, 0]).astype(np.float32) / np.float32(255)
+    np.testing.assert_array_equal(got, via_source)
+    # the lung window [-1350, 150] HU: air (-1000 HU) sits near 0.23, bone clips at 1; min-max would give 0..1
+    assert (got == 1).any() and 0.2 < got.min() < 0.3
+    with pytest.raises(UserError, match="holds 3 images"):
+        load_image(write_dicom(tmp_path / "three" / "x.dcm", np.stack([hu + 1024] * 3) + np.arange(3)[:, None, None]),
+                   cfg)

@@ -10,15 +10,12 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import numpy as np
-
 # read_image lives in decode, below readers (which dispatches to it); it is re-exported here for callers
-from medivae.data.decode import IMAGE_SUFFIXES, UnreadableFile, read_image
-from medivae.data.preprocess import prepare
+from medivae.data.decode import IMAGE_SUFFIXES, read_image
 from medivae.data.readers import file_kind
 from medivae.runtime.errors import UserError
 
-__all__ = ["IMAGE_SUFFIXES", "list_folder", "read_csv_list", "read_image", "decode_image"]
+__all__ = ["IMAGE_SUFFIXES", "list_folder", "read_csv_list", "read_image"]
 
 
 def _hidden(rel: Path) -> bool:
@@ -64,12 +61,3 @@ def read_csv_list(csv_path: Path) -> tuple[list[Path], list[str], list[str | Non
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"{csv_path}: not a readable CSV of path,label ({e})") from None
     return files, labels, groups
-
-
-def decode_image(path: Path, size: int, channels: int, mode: str = "pad") -> np.ndarray:
-    """One image file -> model-ready uint8 (channels, size, size). Raises ValueError if unreadable."""
-    try:
-        arr = read_image(path, channels)
-    except UnreadableFile as e:
-        raise ValueError(str(e)) from None
-    return prepare(arr[None], size, channels, mode)[0]

@@ -19,9 +19,10 @@ import numpy as np
 from medivae.data.decode import IMAGE_SUFFIXES, UnreadableFile, read_image
 from medivae.data.dicom import DICOM_SUFFIXES, is_dicom_file, read_dicom
 from medivae.data.nifti import is_nifti_file, read_nifti
+from medivae.data.preprocess import prepare
 from medivae.data.windowing import parse_normalize, parse_window
 
-__all__ = ["IMAGE_SUFFIXES", "UnreadableFile", "ReadOptions", "Frames", "file_kind", "read_file"]
+__all__ = ["IMAGE_SUFFIXES", "UnreadableFile", "ReadOptions", "Frames", "file_kind", "read_file", "read_prepared"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,16 @@ def read_file(src: Path | bytes, name: str, kind: str, opts: ReadOptions) -> Fra
         n = read_nifti(src, name, opts.nifti_axis, opts.window, opts.normalize)
         return Frames(n.frames, None, n.window, n.n_constant)
     raise ValueError(f"unknown file kind {kind!r}")
+
+
+def read_prepared(path: Path, size: int, opts: ReadOptions, resize_mode: str = "pad") -> np.ndarray:
+    """One file of any kind a source folder may hold (image, DICOM with its windowing, NIfTI slices) ->
+    model-ready uint8 (F, C, size, size), as a source of such files would load it. Raises UnreadableFile."""
+    path = Path(path)
+    kind = file_kind(path)
+    if kind is None:
+        raise UnreadableFile("not an image, DICOM or NIfTI file")
+    return prepare(read_file(path, path.name, kind, opts).images, size, opts.channels, resize_mode)
 
 
 def _stream(src: Path | bytes):

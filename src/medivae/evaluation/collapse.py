@@ -17,6 +17,8 @@ import math
 import numpy as np
 import torch
 
+from medivae.models.distributions import LOG_2PI
+
 ACTIVE_UNIT_THRESHOLD = 0.01
 
 
@@ -48,7 +50,7 @@ def mutual_information(
     eps = torch.randn((samples, n, d), generator=generator, dtype=torch.float64)
     z = (mu + torch.exp(0.5 * lv) * eps).reshape(samples * n, d)  # sample-major: row s*N + i is x_i
     inv_var = torch.exp(-lv)  # (N, D)
-    log_norm = -0.5 * (d * math.log(2 * math.pi) + lv.sum(1))  # (N,)
+    log_norm = -0.5 * (d * LOG_2PI + lv.sum(1))  # (N,)
     terms = []
     for i in range(0, len(z), chunk):  # (chunk, N, D) at a time keeps memory bounded
         zi = z[i : i + chunk]

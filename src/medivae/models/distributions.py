@@ -48,10 +48,16 @@ class DiagonalGaussian:
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """log q(z|x) for z (B, D) or (K, B, D) -> (B,) or (K, B)."""
-        return -0.5 * (((z - self.mean) / self.std).pow(2) + self.logvar + LOG_2PI).sum(-1)
+        return gaussian_log_prob(z, self.mean, self.logvar)
+
+
+def gaussian_log_prob(z: torch.Tensor, mean, logvar, dim=-1) -> torch.Tensor:
+    """log N(z; mean, diag(exp(logvar))) summed over ``dim`` (the one Gaussian log-density of medivae)."""
+    return -0.5 * ((z - mean).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI).sum(dim)
 
 
 def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I) summed over the last dimension."""
     return -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
 
 
@@ -169,7 +175,7 @@ def mixture_log_prob(z: torch.Tensor, means: torch.Tensor, logvars: torch.Tensor
     """log (1/K) sum_k N(z; means_k, diag(exp(logvars_k))) for z (..., D), components (K, D) -> (...).
     The VampPrior's density (Tomczak & Welling 2018) when the components are q(z|u_k)."""
     zc = z.unsqueeze(-2)  # (..., 1, D) against (K, D)
-    log_comp = -0.5 * ((zc - means).pow(2) * torch.exp(-logvars) + logvars + LOG_2PI).sum(-1)  # (..., K)
+    log_comp = gaussian_log_prob(zc, means, logvars)  # (..., K)
     return torch.logsumexp(log_comp, dim=-1) - math.log(means.shape[0])
 
 

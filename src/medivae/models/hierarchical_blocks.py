@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOG_2PI = math.log(2 * math.pi)
+from medivae.models.distributions import gaussian_log_prob
 
 
 def soft_clamp(x: torch.Tensor, bound: float = 5.0) -> torch.Tensor:
@@ -72,7 +72,7 @@ class Gaussian:
         return self.mean + temperature * torch.exp(0.5 * self.logvar) * eps
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        return -0.5 * ((z - self.mean).pow(2) * torch.exp(-self.logvar) + self.logvar + LOG_2PI).flatten(1).sum(1)
+        return gaussian_log_prob(z, self.mean, self.logvar, dim=tuple(range(1, z.dim())))
 
     def kl(self, p: Gaussian) -> torch.Tensor:
         """KL(self || p) in closed form, summed over the group: (B,)."""

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medivae.models.distributions import LOG_2PI, standard_normal_log_prob
 from medivae.runtime.errors import UserError
 from medivae.runtime.io import atomic_write_bytes, atomic_write_text
 
@@ -72,7 +73,7 @@ class GaussianMixture:
         sol = torch.linalg.solve_triangular(self.chol, diff, upper=False)[..., 0]  # L^-1 (z - mu): (N, K, D)
         log_det = torch.log(torch.diagonal(self.chol, dim1=-2, dim2=-1)).sum(-1)  # (K,)
         d = z.shape[1]
-        log_comp = -0.5 * sol.pow(2).sum(-1) - log_det - 0.5 * d * math.log(2 * math.pi)
+        log_comp = -0.5 * sol.pow(2).sum(-1) - log_det - 0.5 * d * LOG_2PI
         return torch.logsumexp(log_comp + torch.log(self.weights), dim=1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -146,7 +147,7 @@ class RealNVP(nn.Module):
         for c in self.couplings:
             x, ld = c(x)
             log_det = log_det + ld
-        return -0.5 * (x.pow(2) + math.log(2 * math.pi)).sum(-1) + log_det
+        return standard_normal_log_prob(x) + log_det
 
     @torch.no_grad()
     def sample(self, n: int, generator=None, temperature: float = 1.0) -> torch.Tensor:

@@ -137,17 +137,20 @@ class Run:
 
 
 def load_image(path: str | Path, cfg: RunConfig) -> torch.Tensor:
-    """One image file (PNG/JPEG/...) -> float (1, C, S, S) at the run's size."""
-    from medivae.data.folder import decode_image
+    """One image file (PNG/JPEG/..., or a one-frame DICOM / one-slice NIfTI, windowed as the run's data
+    was) -> float (1, C, S, S) at the run's size."""
+    from medivae.data.readers import ReadOptions, UnreadableFile, read_prepared
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such image file")
     try:
-        arr = decode_image(path, cfg.data.image_size, cfg.data.channels, cfg.data.resize_mode)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise UserError(f"{path}: not a readable image ({type(e).__name__})") from None
-    return to_float(arr[None])
+        arr = read_prepared(path, cfg.data.image_size, ReadOptions.from_config(cfg.data), cfg.data.resize_mode)
+    except (UnreadableFile, OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"{path}: not a readable image ({e or type(e).__name__})") from None
+    if len(arr) != 1:
+        raise UserError(f"{path}: holds {len(arr)} images (frames or slices); give a file with one")
+    return to_float(arr)
 
 
 def checkpoint_folder(run_dir: Path, which: str) -> Path:

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from medivae.data import load_dataset
-from medivae.data.folder import decode_image, read_csv_list
+from medivae.data.folder import read_csv_list
 from medivae.data.imageset import ImageSet, concat, image_hashes
 from medivae.data.npz import load_npz
+from medivae.data.readers import ReadOptions, UnreadableFile, read_prepared
 from medivae.data.sources import same_source
 from medivae.evaluation.utility import tstr
 from medivae.runfolder.config import DataConfig
@@ -47,8 +48,8 @@ def _load_csv(path: Path, channels: int | None) -> tuple[np.ndarray, list[str]]:
         with Image.open(files[0]) as im:
             size, gray = im.size[0], im.mode in ("L", "I;16", "I", "F")
         ch = channels or (1 if gray else 3)
-        images = np.stack([decode_image(f, size, ch, "pad") for f in files])
-    except (OSError, ValueError, SyntaxError) as e:
+        images = np.concatenate([read_prepared(f, size, ReadOptions(channels=ch)) for f in files])
+    except (UnreadableFile, OSError, ValueError, SyntaxError) as e:
         raise UserError(f"{path.parent}: cannot read a synthetic image ({type(e).__name__}: {e})") from None
     return images, labels
 
