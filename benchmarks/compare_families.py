@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="32 px, tiny models: a smoke run only")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compare_cxr.json")
     p.add_argument("--md", type=Path, default=ROOT / "benchmarks" / "results" / "compare_cxr.md")
-    p.add_argument("--html", type=Path, default=ROOT / "docs" / "compare_cxr.html")
+    p.add_argument("--html", type=Path, default=ROOT / "benchmarks" / "results" / "compare_cxr.html")
     args = p.parse_args(argv)
 
     from medivae import api

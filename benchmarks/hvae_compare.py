@@ -15,7 +15,7 @@ hierarchical run (Burda et al.: Var_x E[z|x] > 0.01 over the evaluated images), 
 the hierarchical run at temperatures 1 and 0.7. Run it under the shared lock:
 
     flock /tmp/medivae-heavy.lock python benchmarks/hvae_compare.py --data /tmp/mn/resized/CXR \\
-        --image-size 64 --budget 150 --name cxr64 --grids docs/images
+        --image-size 64 --budget 150 --name cxr64 --grids docs/families/images
 """
 
 from __future__ import annotations

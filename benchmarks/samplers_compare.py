@@ -12,7 +12,7 @@ rows, N(0, I) / GMM / flow (the N(0, I) run) and VampPrior (the vamp run's own p
 - ``medivae synthesize RUN --sampler S -n N``: memorisation rate (samples nearer to a training image
   than reconstructions of held-out images are) with its 95 % bootstrap interval, nearest-neighbour
   distances in pixel and feature space, membership-inference AUROC;
-- ``medivae sample RUN --sampler S``: a sample grid, docs/images/samplers_<NAME>_<row>.png.
+- ``medivae sample RUN --sampler S``: a sample grid, docs/results/images/samplers_<NAME>_<row>.png.
 
 Writes benchmarks/results/samplers.json (commit and exact command recorded); ``--markdown FILE`` prints
 its README table. Run it under the shared lock (MedNIST unpacked first: mkdir -p /tmp/mn && tar -xzf
@@ -294,7 +294,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=Path("/tmp/samplers_compare"))
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "samplers.json")
-    p.add_argument("--images", type=Path, default=ROOT / "docs" / "images")
+    p.add_argument("--images", type=Path, default=ROOT / "docs" / "results" / "images")
     p.add_argument("--markdown", type=Path, help="print the README table of this JSON and exit")
     args = p.parse_args(argv)
     if args.markdown:

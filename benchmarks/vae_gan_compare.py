@@ -84,7 +84,7 @@ def main(argv=None) -> int:
                    help='extra "medivae train" arguments of one model, e.g. vq_vae="--model-arg prior_epochs=3"')
     p.add_argument("--work", type=Path, default=Path("/tmp/vae_gan_compare"))
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "vae_gan.json")
-    p.add_argument("--images", type=Path, default=ROOT / "docs" / "images")
+    p.add_argument("--images", type=Path, default=ROOT / "docs" / "families" / "images")
     args = p.parse_args(argv)
 
     from medivae.data import load_dataset

@@ -4,16 +4,12 @@ and checked in a real headless Chromium (skipped when /usr/bin/chromium is absen
 from __future__ import annotations
 
 import base64
-import fcntl
 import io
 import json
-import os
 import re
-import select
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,9 +21,9 @@ from medivae.report import build_report, plots, write_report
 from medivae.report.html import png_size
 from medivae.runtime.errors import UserError
 
+from chromium import CHROMIUM, IMAGE_CHECK, DevTools, errors
 from tiny import tiny_run
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DATA_URI = re.compile(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'")
 
 
@@ -235,105 +231,15 @@ def test_tensorboard_logs_scalars_per_epoch(tmp_path):
 
 
 # --- the report in a real browser ------------------------------------------------------------------
-class DevTools:
-    """Chrome DevTools protocol over --remote-debugging-pipe (fd 3 in, fd 4 out; NUL-separated JSON)."""
-
-    def __init__(self, profile: Path):
-        to_chrome_r, self._to_chrome = os.pipe()
-        self._from_chrome, from_chrome_w = os.pipe()
-
-        def child_fds():  # move both ends above 4 first, so neither dup2 can clobber the other
-            high_r, high_w = (fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_chrome_r, from_chrome_w))
-            os.dup2(high_r, 3)
-            os.dup2(high_w, 4)
-
-        args = [
-            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--no-first-run", f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank",
-        ]
-        self.proc = subprocess.Popen(
-            args, preexec_fn=child_fds, pass_fds=(3, 4, to_chrome_r, from_chrome_w),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        os.close(to_chrome_r)
-        os.close(from_chrome_w)
-        self._buf, self._next_id, self.events = b"", 0, []
-
-    def send(self, method: str, session: str | None = None, timeout: float = 60, **params) -> dict:
-        self._next_id += 1
-        msg = {"id": self._next_id, "method": method, "params": params}
-        if session:
-            msg["sessionId"] = session
-        os.write(self._to_chrome, json.dumps(msg).encode() + b"\0")
-        reply = self.wait(lambda m: m.get("id") == self._next_id, timeout)
-        assert "error" not in reply, reply
-        return reply["result"]
-
-    def wait(self, match, timeout: float = 60) -> dict:
-        """The first message (reply or event, including events already received) that ``match``es."""
-        for event in self.events:
-            if match(event):
-                return event
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\0" in self._buf:
-                raw, self._buf = self._buf.split(b"\0", 1)
-                msg = json.loads(raw)
-                if "method" in msg:
-                    self.events.append(msg)
-                if match(msg):
-                    return msg
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self._from_chrome], [], [], left)[0]:
-                raise TimeoutError("chromium did not answer in time")
-            chunk = os.read(self._from_chrome, 1 << 16)
-            if not chunk:
-                raise RuntimeError("chromium closed the DevTools pipe")
-            self._buf += chunk
-
-    def close(self) -> None:
-        try:
-            os.write(self._to_chrome, json.dumps({"id": 0, "method": "Browser.close"}).encode() + b"\0")
-            self.proc.wait(timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self._to_chrome)
-        os.close(self._from_chrome)
-
-
-IMAGE_CHECK = "JSON.stringify([...document.images].map(i => [i.alt, i.complete && i.naturalWidth > 0]))"
-
-
 def _open_in_chromium(page: Path, profile: Path) -> tuple[list, list[dict]]:
     """(alt text and decoded flag of every image, DevTools events) after the page's load event."""
     tools = DevTools(profile)
     try:
-        target = tools.send("Target.createTarget", url="about:blank")["targetId"]
-        session = tools.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        for domain in ("Page", "Runtime", "Log", "Network"):
-            tools.send(f"{domain}.enable", session)
-        tools.send("Page.navigate", session, url=page.resolve().as_uri())
-        tools.wait(lambda m: m.get("method") == "Page.loadEventFired")
-        result = tools.send("Runtime.evaluate", session, expression=IMAGE_CHECK, returnByValue=True)
-        return json.loads(result["result"]["value"]), tools.events
+        session = tools.open_tab()
+        events = tools.load(session, page.resolve().as_uri())
+        return json.loads(tools.evaluate(session, IMAGE_CHECK)), events
     finally:
         tools.close()
-
-
-def _errors(events: list[dict]) -> list[dict]:
-    bad = []
-    for e in events:
-        m, p = e["method"], e.get("params", {})
-        if m == "Runtime.exceptionThrown" or m == "Network.loadingFailed":
-            bad.append(e)
-        elif m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-            bad.append(e)
-        elif m == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
-            bad.append(e)
-        elif m == "Network.requestWillBeSent" and not p["request"]["url"].startswith(("file:", "data:")):
-            bad.append(e)  # the report must load nothing from the network
-    return bad
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
@@ -342,7 +248,7 @@ def test_report_opens_in_headless_chromium(full_run_dir, tmp_path):
     assert len(images) == 8
     assert all(ok for _, ok in images), images
     assert any(e["method"] == "Page.loadEventFired" for e in events)
-    assert _errors(events) == []
+    assert errors(events) == []
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
