@@ -177,12 +177,14 @@ class Tables:
     def seeds(self, *columns: str) -> str:
         """Families over seeds (vae_gan_compare.py files): mean ± sd per metric; columns "file:family"."""
         cols = [c.split(":") for c in columns]
-        header = ["metric"] + [f"`{fam}`, {self.R[n]['epochs']} epochs ({len(self.R[n]['runs'][fam])} seeds)"
-                               for n, fam in cols]
+        seeds = [len(self.R[n]["runs"][fam]) for n, fam in cols]
+        header = ["metric"] + [f"`{fam}`, {self.R[n]['epochs']} epochs ({k} seed{'s' * (k > 1)})"
+                               for (n, fam), k in zip(cols, seeds, strict=True)]
         rows = []
         for key, label, digits in SEED_METRICS:
             cells = [self.R[n]["summary"][fam].get(key) for n, fam in cols]
-            rows.append([label] + [pm(c, digits) if c else "–" for c in cells])
+            rows.append([label] + ["–" if not c else pm(c, digits) if k > 1 else f"{c[0]:.{digits}f}"
+                                   for c, k in zip(cells, seeds, strict=True)])
         rows.append(["seeds trained without intervention"] + [
             f"{self.R[n]['summary'][fam]['seeds_without_intervention']} of {len(self.R[n]['runs'][fam])}"
             for n, fam in cols])
@@ -341,6 +343,8 @@ def render(text: str, results_dir: Path = RESULTS, extra: dict | None = None) ->
     context = {"R": R, "T": Tables(R), "cell": lambda *a: compare_cell(R, *a), "pick": pick,
                "mean": statistics.fmean, "min": min, "max": max, "abs": abs, "len": len, "sorted": sorted,
                **(extra or {})}
+    context["families_table"] = lambda base="": environment().from_string(FAMILIES.read_text()).render(
+        **context, base=base).lstrip("\n")
     return environment().from_string(text).render(**context)
 
 
@@ -353,7 +357,7 @@ def update_readme(text: str, results_dir: Path = RESULTS) -> str:
     _, end, tail = rest.partition(README_END)
     if not start or not end:
         raise ValueError(f"README.md lacks the markers {README_START} ... {README_END}")
-    return head + start + "\n" + render(FAMILIES.read_text(), results_dir).lstrip("\n") + end + tail
+    return head + start + "\n" + render('{{ families_table("docs/") }}', results_dir) + end + tail
 
 
 def main(argv=None) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -24,8 +25,9 @@ TUTORIALS = DOCS / "tutorials"
 sys.path.insert(0, str(DOCS))
 
 
-def execute(source: Path, timeout: float) -> float:
-    """Run one tutorial; returns its wall time in seconds. Raises nbclient's CellExecutionError."""
+def execute(source: Path, timeout: float) -> tuple[float, float]:
+    """Run one tutorial; returns its wall time and the kernel's CPU time in seconds (on a shared machine the
+    CPU time says more about its cost). Raises nbclient's CellExecutionError."""
     import jupytext
     import nbformat
     from hooks import source_digest
@@ -34,12 +36,17 @@ def execute(source: Path, timeout: float) -> float:
     nb = jupytext.read(source)
     with tempfile.TemporaryDirectory(prefix=f"medivae-{source.stem}-") as work:
         os.environ["MEDIVAE_CACHE"] = str(Path(work) / "cache")  # the kernel inherits it
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _children_cpu()
         NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": work}}).execute()
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, _children_cpu() - cpu  # the kernel has exited and been reaped
     nb.metadata["medivae"] = {"source_sha256": source_digest(source), "executed": True, "seconds": round(seconds, 1)}
     nbformat.write(nb, source.with_suffix(".ipynb"))
-    return seconds
+    return seconds, cpu
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main(argv=None) -> int:
@@ -57,13 +64,13 @@ def main(argv=None) -> int:
         os.environ["PYTHONPATH"] = os.pathsep.join(str(Path(x).resolve()) for x in paths)
     for source in sources:
         try:
-            seconds = execute(source, a.timeout)
+            seconds, cpu = execute(source, a.timeout)
         except Exception as e:  # noqa: BLE001  (nbclient raises its own errors; say which tutorial)
             print(f"{source.name}: FAILED\n{e}", file=sys.stderr)
             return 1
         finally:
             os.environ.pop("MEDIVAE_CACHE", None) if cache is None else os.environ.update(MEDIVAE_CACHE=cache)
-        print(f"{source.name}: {seconds:.1f} s", flush=True)
+        print(f"{source.name}: {seconds:.1f} s wall, {cpu:.1f} s CPU", flush=True)
     return 0
 
 

@@ -130,7 +130,7 @@ Image(filename=png)
 # real-vs-real floor shows what "as good as real" reads. Small settings keep this quick.
 
 # %%
-res = api.evaluate(run_dir, k=10, max_images=200, bootstrap=100, reference_epochs=1, progress=False)
+res = api.evaluate(run_dir, k=10, max_images=150, bootstrap=100, reference_epochs=1, progress=False)
 lik, rec, col, sq, ci = res["likelihood"], res["reconstruction"], res["collapse"], res["sample_quality"], res["ci95"]
 
 

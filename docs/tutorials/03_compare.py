@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from IPython.display import Markdown
 
+from medivae import api
 from medivae.cli import main
 from medivae.runtime.errors import UserError
 
@@ -36,8 +37,8 @@ def medivae(command: str) -> None:
         raise RuntimeError(f"medivae {command} failed")
 
 
-DATA = "--data phantoms:1000 --image-size 32 --epochs 3 --batch-size 64 --no-progress"
-EVAL = "-k 5 --max-images 150 --bootstrap 200 --reference-epochs 1 --no-progress"
+DATA = "--data phantoms:800 --image-size 32 --epochs 3 --batch-size 64 --no-progress"
+EVAL = "-k 5 --max-images 100 --bootstrap 200 --reference-epochs 1 --no-progress"
 
 # %% [markdown]
 # ## Three families on one split
@@ -66,7 +67,8 @@ Markdown(Path("families.md").read_text())
 #
 # A different seed changes the initialisation, the order of batches, and, for a source without its own
 # splits, the split itself: the runs are then evaluated on different test images and in different
-# reference feature spaces, and `compare` refuses to pair them.
+# reference feature spaces, and `compare` refuses to pair them (here through its Python form, `api.compare`,
+# which raises the error the command prints).
 
 # %%
 for seed in (1, 2):
@@ -74,7 +76,7 @@ for seed in (1, 2):
     medivae(f"evaluate runs/conv_vae_seed{seed} {EVAL}")
 
 try:
-    medivae("compare runs/conv_vae runs/conv_vae_seed1 runs/conv_vae_seed2")
+    api.compare(["runs/conv_vae", "runs/conv_vae_seed1", "runs/conv_vae_seed2"])
 except UserError as e:
     print("refused:", e)
 

@@ -68,11 +68,12 @@ print(sorted(anomaly))
 
 # %%
 protocol = anomaly["protocol"]
-print("default score:", protocol["default"])
-rows = [(name, s["auroc"]) for name, s in anomaly["scores"].items()]
-rows += [(f"baseline: {name}", b["auroc"]) for name, b in protocol["trivial_baselines"].items()]
-for name, auroc in sorted(rows, key=lambda r: -r[1]):
-    print(f"{name:28s} test AUROC {auroc:.3f}   validation AUROC {protocol['val_auroc'].get(name, float('nan')):.3f}")
+print("default score:", protocol["default"], "| validation AUROC against foreign patches, by score:")
+print({name: round(v, 3) for name, v in protocol["val_auroc"].items()})
+rows = [(name, m["auroc"], anomaly["ci95"][name]["auroc"]) for name, m in anomaly["metrics"].items()]
+rows += [(f"baseline: {name}", b["auroc"], b["ci95"]["auroc"]) for name, b in anomaly["trivial_baselines"].items()]
+for name, auroc, (lo, hi) in sorted(rows, key=lambda r: -r[1]):
+    print(f"{name:28s} test AUROC {auroc:.3f} [{lo:.3f}, {hi:.3f}]")
 
 # %%
 Image(filename="runs/anomaly/anomaly/roc.png")
@@ -91,7 +92,7 @@ Image(filename="runs/anomaly/anomaly/maps.png")
 # normal training images (model-free baselines at their best σ).
 
 # %%
-phantoms = protocol["localisation"]["phantoms"]
+phantoms = anomaly["localisation"]["phantoms"]
 for name, m in {**phantoms["maps"], **{f"baseline: {k}": v for k, v in phantoms["baseline"].items()}}.items():
     print(f"{name:28s} pixel AUROC {m['auroc']:.3f}  AUPRC {m['auprc']:.3f}  best Dice {m['best_dice']:.3f}")
 
