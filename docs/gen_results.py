@@ -292,6 +292,7 @@ class Tables:
         rows = []
         for path in sorted(self.R.folder.glob("*.json")):
             res = self.R[path.stem]
+            res = res if isinstance(res, dict) else {}  # a file of another shape still gets its row
             page = PAGES.get(path.stem)
             cmd = res.get("command") or ""
             rows.append([f"`{path.name}`", f"[{page[1]}]({page[0]})" if page else "–", short(res.get("commit")),
