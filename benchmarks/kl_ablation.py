@@ -45,11 +45,9 @@ def run_config(args, beta: float, warmup: float, free_bits: float) -> RunConfig:
     return RunConfig(
         data=DataConfig(source=str(args.data), image_size=args.image_size),
         model=model_config("conv_vae", image_size=args.image_size, latent_dim=args.latent_dim,
-                           base_width=args.base_width, beta=beta),
-        train=TrainConfig(
-            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, num_threads=args.threads,
-            kl_schedule="linear" if warmup > 0 else "constant", warmup_epochs=warmup, free_bits=free_bits,
-        ),
+                           base_width=args.base_width, beta=beta, kl_schedule="linear" if warmup > 0 else "constant",
+                           warmup_epochs=warmup, free_bits=free_bits),
+        train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, num_threads=args.threads),
     )
 
 

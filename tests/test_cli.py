@@ -125,3 +125,41 @@ def test_sample_from_a_folder_that_is_not_a_run(capsys, tmp_path):
 def test_python_dash_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "medivae", "--version"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("medivae ")
+
+
+def test_family_shorthand_flags_come_from_the_family(monkeypatch):
+    """A family declares its own flags (its config's cli_flags()); one without declares none, and a
+    shorthand the chosen family lacks is refused by name."""
+    from dataclasses import dataclass
+
+    from medivae.cli import build_parser
+    from medivae.commands.train import model_flags, run_config
+    from medivae.models.family import REGISTRY, Family
+    from medivae.runtime.errors import UserError
+
+    @dataclass(frozen=True)
+    class WibbleConfig:
+        name: str = "wibbler"
+        image_size: int = 32
+        channels: int = 1
+        wibble: float = 1.0
+
+        @classmethod
+        def cli_flags(cls):
+            return {"wibble": "how much it wibbles"}
+
+    plain = Family("plain", WibbleConfig, lambda cfg: None)
+    assert plain.cli_flags() == {"wibble": "how much it wibbles"}
+    assert Family("bare", type("Bare", (), {}), lambda cfg: None).cli_flags() == {}
+    monkeypatch.setitem(REGISTRY, "wibbler", Family("wibbler", WibbleConfig, lambda cfg: None))
+    parser = build_parser()
+    assert model_flags()["wibble"].families == ("wibbler",) and "conv_vae" in model_flags()["latent_dim"].families
+    args = parser.parse_args(["train", "--data", "phantoms", "--out", "x", "--image-size", "32",
+                              "--model", "wibbler", "--wibble", "3"])
+    assert run_config(args).model.wibble == 3.0
+    args = parser.parse_args(["train", "--data", "phantoms", "--out", "x", "--wibble", "3"])
+    with pytest.raises(UserError, match="wibble"):
+        run_config(args)  # conv_vae has no wibble
+    with pytest.raises(UserError, match="latent_dim"):
+        run_config(parser.parse_args(["train", "--data", "phantoms", "--out", "x", "--model", "wibbler",
+                                      "--latent-dim", "3"]))

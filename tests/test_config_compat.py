@@ -3,6 +3,8 @@ with the version that wrote the run; --resume refuses settings that differ from 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 
 import pytest
@@ -82,3 +84,49 @@ def test_resume_from_python_compares_the_whole_config(tmp_path):
     other = tiny_run("phantoms:80", epochs=2, lr=0.5)
     with pytest.raises(UserError, match="train.lr"):
         api.train(other, tmp_path / "r", resume=True, progress=False)
+
+
+def _legacy(cfg_dict: dict, **train) -> dict:
+    """``cfg_dict`` as versions wrote it that kept the KL settings among every family's training settings."""
+    d = json.loads(json.dumps(cfg_dict))
+    for k in ("kl_schedule", "warmup_epochs", "free_bits"):
+        d["model"].pop(k, None)
+    d["train"].update({"kl_schedule": "constant", "warmup_epochs": 0.0, "free_bits": 0.0, **train})
+    return d
+
+
+def test_kl_settings_written_as_training_settings_move_into_the_family():
+    from medivae.runfolder.config import RunConfig
+
+    conv = tiny_run().to_dict()
+    back = RunConfig.from_dict(_legacy(conv, kl_schedule="cyclical", warmup_epochs=2.0, free_bits=0.25))
+    m = back.model
+    assert (m.kl_schedule, m.warmup_epochs, m.free_bits) == ("cyclical", 2.0, 0.25)
+    assert back.train == RunConfig.from_dict(conv).train  # nothing else changed
+    hv = {**conv, "model": {"name": "hierarchical_vae", "image_size": 32, "channels": 1, "kl_balance": True}}
+    old = RunConfig.from_dict(_legacy(hv)).model  # a constant schedule never balanced: off, as it ran
+    assert (old.kl_schedule, old.kl_balance) == ("constant", False)
+    warm = RunConfig.from_dict(_legacy(hv, kl_schedule="linear", warmup_epochs=0.5)).model
+    assert (warm.kl_schedule, warm.warmup_epochs, warm.kl_balance) == ("linear", 0.5, True)
+    vq = {**conv, "model": {"name": "vq_vae", "image_size": 32, "channels": 1}}
+    assert RunConfig.from_dict(_legacy(vq, free_bits=0.5)).model == model_config("vq_vae", image_size=32)
+
+
+def test_an_old_run_folder_with_training_kl_settings_opens_and_resumes(tmp_path):
+    cfg = tiny_run("phantoms:80", epochs=1)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kl_schedule="linear", warmup_epochs=3.0))
+    run = api.train(cfg, tmp_path / "r", progress=False)
+    for path in [run / "config.json", *run.glob("*/config.json")]:  # as an older version wrote them
+        path.write_text(json.dumps(_legacy(json.loads(path.read_text()), kl_schedule="linear", warmup_epochs=3.0)))
+        manifest = path.parent / ckpt.MANIFEST
+        if manifest.exists():  # a checkpoint's manifest names its config.json's bytes
+            m = json.loads(manifest.read_text())
+            data = path.read_bytes()
+            m["files"]["config.json"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            manifest.write_text(json.dumps(m))
+    assert load_run(run, device="cpu").config.model == api.load(run).config.model
+    assert load_run(run, device="cpu").config.model.warmup_epochs == 3.0
+    assert main(["train", "--config", str(run / "config.json"), "--out", str(run), "--resume", "--epochs", "2",
+                 "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_beta"] < 1.0 for r in rows] == [True, True]  # the warm-up went on (3 epochs long)

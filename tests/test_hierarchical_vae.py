@@ -160,11 +160,10 @@ def test_generation_runs_the_top_down_modules_of_inference():
 
 
 def test_bf16_autocast_forward_backward_is_finite_with_fp32_kl_and_likelihood():
-    m = tiny().train()
+    m = tiny(kl_schedule="linear", warmup_epochs=2.0).train()
     perturb_(m)
     x = images(8)
-    t = TrainConfig(kl_schedule="linear", warmup_epochs=2.0)
-    ctx = StepContext(1, 0, 0.5, t, torch.Generator().manual_seed(0))
+    ctx = StepContext(1, 0, 0.5, TrainConfig(), torch.Generator().manual_seed(0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m.training_steps()[0].run(m.trained_modules(), x, None, ctx)
     out.loss.backward()

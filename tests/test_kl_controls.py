@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from medivae.data import ImageSet
-from medivae.models import build_model
+from medivae.models import build_model, model_config
 from medivae.models.losses import free_bits_kl, kl_weight, neg_elbo
-from medivae.runfolder.config import RunConfig, TrainConfig
+from medivae.runfolder.config import RunConfig
 from medivae.runtime.errors import UserError
 from medivae.train.trainer import Trainer
 
@@ -91,25 +91,30 @@ def test_constant_schedule_is_beta():
 
 
 def test_settings_are_saved_in_the_run_config():
-    cfg = tiny_run(kl_schedule="cyclical", warmup_epochs=2.0, free_bits=0.25)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, beta=4.0))
+    cfg = tiny_run()
+    model = dataclasses.replace(cfg.model, beta=4.0, kl_schedule="cyclical", warmup_epochs=2.0, free_bits=0.25)
+    cfg = dataclasses.replace(cfg, model=model)
     back = RunConfig.from_dict(cfg.to_dict())
-    assert back == cfg and back.model.beta == 4.0 and back.train.free_bits == 0.25
+    assert back == cfg and back.model.beta == 4.0 and back.model.free_bits == 0.25
 
 
 def test_bad_settings_are_user_errors():
     with pytest.raises(UserError, match="warmup"):
-        TrainConfig(kl_schedule="linear")
+        model_config("conv_vae", kl_schedule="linear")
     with pytest.raises(UserError, match="free bits"):
-        TrainConfig(free_bits=-1)
+        model_config("conv_vae", free_bits=-1)
+    with pytest.raises(UserError, match="KL schedule"):
+        model_config("hierarchical_vae", kl_schedule="sawtooth")
+    with pytest.raises(UserError, match="N\\(0, I\\)"):  # the VampPrior's KL has no dimensions to floor
+        model_config("vae_gan", prior="vamp", free_bits=0.5)
 
 
-def one_step_weights(tmp_path, beta: float, **train_kw) -> dict[str, torch.Tensor]:
+def one_step_weights(tmp_path, beta: float, **model_kw) -> dict[str, torch.Tensor]:
     """Weights after the trainer's first step (one batch = the whole set)."""
     rng = np.random.default_rng(0)
     data = ImageSet(rng.integers(0, 256, (16, 1, 32, 32), dtype=np.uint8), np.zeros(16))
-    cfg = tiny_run(batch_size=16, **train_kw)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, beta=beta))
+    cfg = tiny_run(batch_size=16)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, beta=beta, **model_kw))
     torch.manual_seed(0)
     model = build_model(cfg.model)
     trainer = Trainer(cfg, model, torch.device("cpu"), tmp_path, progress=False)
@@ -128,3 +133,45 @@ def test_trainer_starts_warmup_at_zero_and_free_bits_stop_the_kl_gradient(tmp_pa
     # a floor far above any dimension's KL leaves the KL term constant: no gradient from it
     assert same(one_step_weights(tmp_path, 1.0, free_bits=1e4), no_kl)
     assert not same(one_step_weights(tmp_path, 1.0), no_kl)
+
+
+@pytest.mark.parametrize("args", [["--model", "vq_vae", "--free-bits", "0.5"],
+                                  ["--model", "hierarchical_vae", "--free-bits", "0.5"],
+                                  ["--model", "vae_gan", "--prior", "vamp", "--free-bits", "0.1"],
+                                  ["--model", "hierarchical_vae", "--kl-schedule", "constant"]])
+def test_a_kl_setting_the_family_cannot_use_is_one_line(args, tmp_path, capsys):
+    """Refused before anything is written, never silently ignored, never a traceback."""
+    from medivae.cli import main
+
+    out = tmp_path / "r"
+    assert main(["train", "--data", "phantoms:40", "--image-size", "32", "--epochs", "1", "--out", str(out),
+                 "--no-progress", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("medivae: error:") and err.count("\n") == 0
+    assert ("free_bits" in err or "free-bits" in err or "kl_balance" in err) and not out.exists()
+
+
+def test_hierarchical_kl_balancing_acts_with_the_default_schedule():
+    """The default config warms the KL up, and while β < 1 the loss weighs each group by NVAE's balance."""
+    from medivae.models.family import StepContext
+    from medivae.models.hierarchical_vae import balanced_kl
+
+    cfg = model_config("hierarchical_vae", image_size=32, width=8, z_channels=2, num_scales=2)
+    assert cfg.kl_balance and cfg.kl_schedule != "constant"
+    torch.manual_seed(0)
+    m = build_model(cfg).train()
+    with torch.no_grad():  # posteriors away from their priors: groups with different KLs
+        for block in m.groups:
+            block.posterior[-1].weight.add_(0.3 * torch.randn(block.posterior[-1].weight.shape))
+    x = (torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).round() / 255
+    ctx = StepContext(1, 0, 0.5 * cfg.warmup_epochs, tiny_run().train, torch.Generator().manual_seed(3))
+    out = m.training_steps()[0].run(m.trained_modules(), x, None, ctx)
+    assert float(out.terms["beta"]) == 0.5
+    with torch.no_grad():
+        again = m(x, sample=True, generator=torch.Generator().manual_seed(3))  # the same draws
+        rec, kl = -m.likelihood.log_prob(again.recon_params, x), again.kl()
+        balanced = (rec + 0.5 * balanced_kl(kl, m.kl_alpha)).mean() / x[0].numel()
+        plain = (rec + 0.5 * kl.sum(1)).mean() / x[0].numel()
+    tol = 1e-5 * abs(float(plain))  # fp32 sums of a few thousand terms: far below the difference tested
+    assert abs(float(balanced - plain)) > 100 * tol  # the test can tell the two apart
+    assert abs(float(out.loss - balanced)) < tol

@@ -19,12 +19,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="any option of the model family's config, e.g. --model-arg max_width=256 (repeatable)")
     g.add_argument("--image-size", type=int, default=64, help="32, 64, 128 or 256 (default 64)")
     g.add_argument("--channels", type=int, default=1, help="1 gray or 3 RGB (default 1)")
-    g.add_argument("--latent-dim", type=int, default=None, help="latent dimensions (default 32)")
-    g.add_argument("--base-width", type=int, default=None, help="first conv width (default 32)")
-    g.add_argument("--likelihood", default=None, help="bernoulli (default), gaussian, discretized_logistic")
-    g.add_argument("--beta", type=float, default=None, help="KL weight β (default 1: the plain ELBO)")
-    g.add_argument("--prior", default=None, help="normal (default: N(0, I)) or vamp (VampPrior, unconditional only)")
-    g.add_argument("--pseudo-inputs", type=int, default=None, help="VampPrior: learned pseudo-inputs (default 500)")
+    taken = set(p._option_string_actions)
+    for flag in model_flags().values():  # each family's shorthands (Family.cli_flags)
+        option = "--" + flag.field.replace("_", "-")
+        if option not in taken:  # a plugin's field named like a shared flag keeps --model-arg
+            g.add_argument(option, type=_flag_type(flag.type), default=None, metavar=flag.field.upper(),
+                           help=f"{flag.help} [{', '.join(flag.families)}]")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -37,9 +37,6 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=DEFAULT_SEED)
     g.add_argument("--precision", default="auto", help="auto (bf16 where native), fp32, bf16, fp16 (CUDA)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    g.add_argument("--kl-schedule", default="constant", help="constant, linear or cyclical KL warm-up")
-    g.add_argument("--warmup-epochs", type=float, default=0.0, help="warm-up length / cycle length in epochs")
-    g.add_argument("--free-bits", type=float, default=0.0, help="free bits per latent dimension, nats")
     g.add_argument("--grad-clip", type=float, default=0.0)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: the cores idle at start)")
@@ -82,14 +79,35 @@ def data_config(args) -> DataConfig:
 def train_config(args) -> TrainConfig:
     return TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, seed=args.seed,
-        precision=args.precision, device=args.device, kl_schedule=args.kl_schedule,
-        warmup_epochs=args.warmup_epochs, free_bits=args.free_bits, grad_clip=args.grad_clip,
+        precision=args.precision, device=args.device, grad_clip=args.grad_clip,
         compile=args.compile, num_threads=args.threads, tensorboard=args.tensorboard,
         augment=getattr(args, "augment", ""),
     )
 
 
-MODEL_FLAGS = ("latent_dim", "base_width", "likelihood", "beta", "prior", "pseudo_inputs")  # family option shorthands
+def model_flags() -> dict:
+    """{config field: CliFlag} of every family's shorthand flags (models/family.py: Family.cli_flags)."""
+    from medivae.models import family
+
+    return family.cli_flags()
+
+
+def _flag_type(kind: type):
+    """argparse type of a config field: bool reads true/false (argparse's bool() would take any text)."""
+    if kind is not bool:
+        return kind
+
+    def boolean(text: str) -> bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+        return text.lower() in ("true", "1")
+
+    return boolean
+
+
+def family_fields(args) -> dict:
+    """The family shorthand flags given on the command line, {field: value}."""
+    return {k: getattr(args, k) for k in model_flags() if getattr(args, k, None) is not None}
 
 
 def model_args(pairs: list[str]) -> dict:
@@ -112,7 +130,7 @@ def run_config(args) -> RunConfig:
     """The run configuration the flags describe; a model option the family lacks is a one-line error."""
     from medivae.models import model_config
 
-    fields = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k, None) is not None}
+    fields = family_fields(args)
     fields.update(model_args(getattr(args, "model_arg", [])))
     model = model_config(args.model, image_size=args.image_size, channels=args.channels, **fields)
     return RunConfig(data=data_config(args), model=model, train=train_config(args))
@@ -124,11 +142,10 @@ SETTINGS = {
     "test_fraction": ("data.test_fraction",), "resize_mode": ("data.resize_mode",), "window": ("data.window",),
     "normalize": ("data.normalize",), "nifti_axis": ("data.nifti_axis",), "no_cache": ("data.cache",),
     "image_size": ("data.image_size", "model.image_size"), "channels": ("data.channels", "model.channels"),
-    "model": ("model.name",), **{k: (f"model.{k}",) for k in MODEL_FLAGS},
+    "model": ("model.name",),
     "epochs": ("train.epochs",), "batch_size": ("train.batch_size",), "lr": ("train.lr",),
     "lr_schedule": ("train.lr_schedule",), "seed": ("train.seed",),
-    "precision": ("train.precision",), "device": ("train.device",), "kl_schedule": ("train.kl_schedule",),
-    "warmup_epochs": ("train.warmup_epochs",), "free_bits": ("train.free_bits",),
+    "precision": ("train.precision",), "device": ("train.device",),
     "grad_clip": ("train.grad_clip",), "compile": ("train.compile",), "threads": ("train.num_threads",),
     "tensorboard": ("train.tensorboard",), "augment": ("train.augment",),
 }
@@ -141,9 +158,10 @@ def typed_settings(args) -> set[str] | None:
     if parser is None or argv is None:
         return None  # called without the command line: compare every setting
     typed = set()
+    shorthands = model_flags()
     for action in parser._actions:
         if any(tok == o or tok.startswith(o + "=") for tok in argv for o in action.option_strings):
-            typed.update(SETTINGS.get(action.dest, ()))
+            typed.update(SETTINGS.get(action.dest, (f"model.{action.dest}",) if action.dest in shorthands else ()))
     typed.update(f"model.{k}" for k in model_args(getattr(args, "model_arg", [])))
     return typed
 
@@ -151,7 +169,7 @@ def typed_settings(args) -> set[str] | None:
 def flag_settings(args) -> dict:
     """Every setting the flags describe, typed or default, as dotted names: {"train.lr": 0.001, ...}."""
     model = {"name": args.model, "image_size": args.image_size, "channels": args.channels,
-             **{k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k, None) is not None},
+             **family_fields(args),
              **model_args(getattr(args, "model_arg", []))}
     return flat_settings({"data": dataclasses.asdict(data_config(args)), "model": model,
                           "train": dataclasses.asdict(train_config(args))})

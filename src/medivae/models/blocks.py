@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -37,3 +38,21 @@ def decoder_trunk(out_channels: int, widths: list[int]) -> nn.Sequential:
         layers += [UpConv(a, b), nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
     layers.append(UpConv(rev[-1], out_channels))
     return nn.Sequential(*layers)
+
+
+@contextmanager
+def running_batchnorm(module: nn.Module):
+    """Within the block every BatchNorm of ``module`` normalises with its running statistics and leaves
+    them as they are (eval mode), whatever mode the rest of the model is in; gradients still flow. For
+    inputs that are not a training batch (a VampPrior's pseudo-inputs, prior samples in a GAN step),
+    whose own batch statistics would differ from what the network sees at sampling time and would
+    leak into the running averages."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modes = [m.training for m in norms]
+    for m in norms:
+        m.eval()
+    try:
+        yield module
+    finally:
+        for m, mode in zip(norms, modes, strict=True):
+            m.train(mode)

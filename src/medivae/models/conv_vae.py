@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medivae.models.blocks import decoder_trunk, encoder_trunk, widths_for
+from medivae.models.blocks import decoder_trunk, encoder_trunk, running_batchnorm, widths_for
 from medivae.models.distributions import (
     DiagonalGaussian,
     gaussian_log_weights,
@@ -40,7 +40,7 @@ from medivae.models.distributions import (
     standard_normal_log_prob,
 )
 from medivae.models.family import Family, LogWeights, StepContext, StepOutput, TrainStep, adam, classes_for_data
-from medivae.models.losses import kl_weight, neg_elbo
+from medivae.models.losses import KL_FLAGS, check_kl_settings, kl_weight, neg_elbo
 from medivae.models.outputs import VAEOutput, encode_decode
 from medivae.runtime.constants import IMAGE_SIZES, LIKELIHOODS
 from medivae.runtime.errors import UserError
@@ -63,6 +63,9 @@ class ConvVAEConfig:
     beta: float = 1.0
     prior: str = "normal"  # "normal": N(0, I); "vamp": VampPrior over ``pseudo_inputs`` learned inputs
     pseudo_inputs: int = 500  # K of the VampPrior (ignored for prior="normal")
+    kl_schedule: str = "constant"  # β over training: constant, linear warm-up or cyclical (losses.kl_weight)
+    warmup_epochs: float = 0.0  # linear: ramp length; cyclical: cycle length (in epochs)
+    free_bits: float = 0.0  # nats per latent dimension (Kingma et al. 2016); N(0, I) prior only
 
     def __post_init__(self):
         if self.image_size not in IMAGE_SIZES:
@@ -88,6 +91,24 @@ class ConvVAEConfig:
         if self.prior == "vamp" and self.num_classes != 0:
             raise UserError(f"{self.name}: --prior vamp is for unconditional models; for a conditional one "
                             "fit a post-hoc sampler (medivae fit-sampler RUN --sampler gmm)")
+        check_kl_settings(self.kl_schedule, self.warmup_epochs, self.free_bits)
+        if self.prior == "vamp" and self.free_bits > 0:
+            raise UserError(f"{self.name}: --free-bits needs the per-dimension KL of the N(0, I) prior; "
+                            "drop it for --prior vamp")
+
+    @classmethod
+    def cli_flags(cls) -> dict[str, str]:
+        """Command-line shorthands of this config's fields (models/family.py: ``Family.cli_flags``)."""
+        return {
+            "latent_dim": "latent dimensions (default 32)",
+            "base_width": "first conv width (default 32)",
+            "likelihood": "bernoulli (default), gaussian, discretized_logistic",
+            "beta": "KL weight β (default 1: the plain ELBO)",
+            "prior": "normal (default: N(0, I)) or vamp (VampPrior, unconditional only)",
+            "pseudo_inputs": "VampPrior: learned pseudo-inputs (default 500)",
+            **KL_FLAGS,
+            "free_bits": "free bits per latent dimension, nats (default 0; N(0, I) prior only)",
+        }
 
     def for_data(self, label_names: tuple[str, ...], source: str) -> ConvVAEConfig:
         """The config for a data set: a conditional model gets one class per label."""
@@ -154,15 +175,8 @@ class ConvVAE(nn.Module):
 
     def prior_components(self) -> tuple[torch.Tensor, torch.Tensor]:
         """VampPrior components q(z|u_k): means and log-variances (K, D), BatchNorm on running statistics."""
-        norms = [m for m in self.encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        modes = [m.training for m in norms]
-        for m in norms:
-            m.eval()
-        try:
+        with running_batchnorm(self.encoder):
             q = self.encode(self.pseudo_images())
-        finally:
-            for m, mode in zip(norms, modes, strict=True):
-                m.train(mode)
         return q.mean, q.logvar
 
     def log_prior(self):
@@ -226,12 +240,10 @@ class ConvVAE(nn.Module):
 
     def _elbo_step(self, nets, x, y, ctx: StepContext) -> StepOutput:
         """Forward with a reparameterised sample; minimise rec + β·KL (KL schedule and free bits applied)."""
-        t = ctx.train
-        if self.vamp and t.free_bits > 0:
-            raise UserError("--free-bits needs the per-dimension KL of the N(0, I) prior; drop it for --prior vamp")
-        beta = kl_weight(t.kl_schedule, self.cfg.beta, ctx.progress, t.warmup_epochs)
+        cfg = self.cfg
+        beta = kl_weight(cfg.kl_schedule, cfg.beta, ctx.progress, cfg.warmup_epochs)
         out = nets["vae"](x, y, sample=True, generator=ctx.generator)
-        terms = neg_elbo(self.likelihood, out, x, beta=beta, free_bits=t.free_bits)
+        terms = neg_elbo(self.likelihood, out, x, beta=beta, free_bits=cfg.free_bits)
         loss_terms = {"loss": _honest(terms), "rec": terms.rec, "kl": terms.kl, "beta": torch.tensor(beta)}
         return StepOutput(terms.loss.mean(), loss_terms)
 

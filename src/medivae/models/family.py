@@ -40,6 +40,8 @@ that does not define it (nothing outside ``models/`` looks for a model's attribu
     ``describe() -> ModelFacts`` (default: read from the config and the capabilities): the likelihood's name
         and whether it is discrete, the flat latent size, the KL weight; what evaluation, results.json and
         the report say about a model.
+    ``first_best_epoch(train_cfg) -> int`` (default 1): the first epoch that may become ``best/`` (a VAE-GAN's
+        epochs before its adversarial start cannot)
 
 A family added later (in ``models/``, or outside medivae through :func:`register` in a module named by
 the ``MEDIVAE_PLUGINS`` environment variable or a ``medivae.families`` entry point) gets the trainer,
@@ -165,6 +167,24 @@ class Family:
     summary: str = ""
     preset: dict = field(default_factory=dict)
 
+    def cli_flags(self) -> dict[str, str]:
+        """{config field: help}: the fields ``medivae train`` offers as flags of their own (``latent_dim`` ->
+        ``--latent-dim``); the config class's optional ``cli_flags()``, else none (``--model-arg KEY=VALUE``
+        sets any field of any family)."""
+        hook = getattr(self.config, "cli_flags", None)
+        return dict(hook()) if hook is not None else {}
+
+    def upgrade(self, values: dict, legacy: dict) -> dict:
+        """A config.json "model" section as this version reads it. ``legacy``: the settings older versions
+        kept among every family's training settings (LEGACY_TRAIN_SETTINGS, e.g. ``train.kl_schedule``);
+        each moves into the family's config when the family has that field (a value written in the model
+        section wins) and is dropped when it has not (no such family ever used it). The config class's
+        optional ``upgrade(values, legacy)`` then adjusts what else the move changes."""
+        names = {f.name for f in dataclasses.fields(self.config)}
+        values = {**{k: v for k, v in legacy.items() if k in names}, **values}
+        hook = getattr(self.config, "upgrade", None)
+        return hook(values, legacy) if hook is not None and legacy else values
+
     def make_config(self, **fields) -> Any:
         """The config for this entry: preset, then the caller's non-None fields; unknown ones are an error."""
         values = {**self.preset, **{k: v for k, v in fields.items() if v is not None}, "name": self.name}
@@ -184,6 +204,34 @@ def build_config(klass: type, values: dict, family: str) -> Any:
         return klass(**values)
     except TypeError as e:
         raise UserError(f"invalid {family} config: {e}") from None
+
+
+# training settings of every family in older versions, now fields of the families that use them
+LEGACY_TRAIN_SETTINGS = ("kl_schedule", "warmup_epochs", "free_bits")
+
+
+@dataclass(frozen=True)
+class CliFlag:
+    """A family shorthand flag: the config field it sets, its value type, help, and the families having it."""
+
+    field: str
+    type: type
+    help: str
+    families: tuple[str, ...]
+
+
+def cli_flags() -> dict[str, CliFlag]:
+    """Every registered family's shorthand flags, {field: CliFlag}; the first family to declare a field gives
+    its type and help. A flag the chosen family lacks is refused like any unknown option (build_config)."""
+    flags: dict[str, CliFlag] = {}
+    for fam in families().values():
+        defaults = {f.name: f.default for f in dataclasses.fields(fam.config)}
+        for name, text in fam.cli_flags().items():
+            seen = flags.get(name)
+            kind = type(defaults[name]) if seen is None else seen.type
+            flags[name] = CliFlag(name, kind, text if seen is None else seen.help,
+                                  (*(seen.families if seen else ()), fam.name))
+    return flags
 
 
 REGISTRY: dict[str, Family] = {}
@@ -242,6 +290,12 @@ def require(model, capability: str, command: str) -> None:
 
 def has(model, capability: str) -> bool:
     return capability in model.capabilities
+
+
+def first_best_epoch(model, train_cfg) -> int:
+    """The first epoch whose checkpoint may become best/: the optional ``first_best_epoch`` hook, else 1."""
+    hook = getattr(model, "first_best_epoch", None)
+    return 1 if hook is None else int(hook(train_cfg))
 
 
 def labels_for(model, labels, device) -> torch.Tensor | None:

@@ -13,9 +13,10 @@ generation share.
   parameters. The networks that sample are exactly the ones inference trains (tests check it).
 - KL per group in closed form between the two Gaussians (given the groups above, which were sampled);
   their sum is the KL of the whole hierarchy (a single-sample, Rao-Blackwellised-per-group estimate).
-- KL warm-up with the run's ``--kl-schedule``/``--warmup-epochs`` (losses.kl_weight); during warm-up,
-  NVAE's KL balancing (appendix A of the paper) weights each group by its share of the KL over its
-  relative size, so that no group is switched off early (posterior collapse per group).
+- KL warm-up (``kl_schedule``, ``warmup_epochs``; losses.kl_weight; by default β rises linearly over the
+  first epoch, as in NVAE); during warm-up, NVAE's KL balancing (appendix A of the paper) weights each group
+  by its share of the KL over its relative size, so that no group is switched off early (posterior collapse
+  per group). Balancing needs a warm-up: with the constant schedule, ``kl_balance`` must be off.
 - Stabilisers: log-variances are soft-clamped (5 tanh(x/5), NVAE); the optimised loss is per dimension
   (nats / (C H W), VDVAE) and updates whose gradient norm exceeds ``skip_threshold`` are skipped (VDVAE);
   the trainer counts them (``grad_skipped``, fraction of steps; ``grad_norm``). AdamW with β2 = 0.9
@@ -39,7 +40,7 @@ from medivae.models.cpu_conv import DownConv, UpConv
 from medivae.models.distributions import make_likelihood
 from medivae.models.family import Family, LogWeights, StepContext, StepOutput, TrainStep
 from medivae.models.hierarchical_blocks import Gaussian, ResCell, TopDownGroup, upsample
-from medivae.models.losses import kl_weight
+from medivae.models.losses import KL_FLAGS, check_kl_settings, kl_weight
 from medivae.runtime.constants import IMAGE_SIZES, LIKELIHOODS
 from medivae.runtime.errors import UserError
 
@@ -57,7 +58,9 @@ class HierarchicalVAEConfig:
     stem_stride: int = 4  # the finest latent scale is image/stem_stride: 4 (default) or 2 (finer, slower)
     groups_per_scale: int = 2
     enc_blocks: int = 1  # residual cells per scale in the bottom-up path
-    kl_balance: bool = True  # NVAE's per-group KL balancing during warm-up
+    kl_schedule: str = "linear"  # β over training: a linear warm-up (NVAE's), constant or cyclical (losses.kl_weight)
+    warmup_epochs: float = 1.0  # linear: ramp length; cyclical: cycle length (in epochs)
+    kl_balance: bool = True  # NVAE's per-group KL balancing while β < 1 (needs a warm-up: not for "constant")
     skip_threshold: float = 400.0  # skip updates whose gradient norm (of the per-dim loss) exceeds this; 0: never
 
     def __post_init__(self):
@@ -77,6 +80,24 @@ class HierarchicalVAEConfig:
         if self.image_size // self.stem_stride >> (self.num_scales - 1) < 1:
             most = int(math.log2(self.image_size // self.stem_stride)) + 1
             raise UserError(f"num scales {self.num_scales} does not fit image size {self.image_size}: at most {most}")
+        check_kl_settings(self.kl_schedule, self.warmup_epochs)
+        if self.kl_balance and self.kl_schedule == "constant":
+            raise UserError("hierarchical_vae: KL balancing acts only during a KL warm-up, and the constant "
+                            "schedule has none: pass --kl-schedule linear --warmup-epochs E, or turn it off "
+                            "with --model-arg kl_balance=false")
+
+    @classmethod
+    def cli_flags(cls) -> dict[str, str]:
+        """Command-line shorthands of this config's fields (models/family.py: ``Family.cli_flags``)."""
+        return {"likelihood": "discretized_logistic (default), bernoulli, gaussian", **KL_FLAGS}
+
+    @classmethod
+    def upgrade(cls, values: dict, legacy: dict) -> dict:
+        """A config.json of a version that kept the KL schedule in the training settings (``legacy``): its
+        constant schedule never balanced the KL, so the run reproduces with kl_balance off."""
+        if legacy.get("kl_schedule", "constant") == "constant":
+            values = {**values, "kl_balance": False}
+        return values
 
     @property
     def resolutions(self) -> list[int]:
@@ -294,11 +315,11 @@ class HierarchicalVAE(nn.Module):
 
     def _elbo_step(self, nets, x, y, ctx: StepContext) -> StepOutput:
         """rec + β·KL per dimension (β from the KL schedule; KL balancing while β < 1)."""
-        t = ctx.train
-        beta = kl_weight(t.kl_schedule, 1.0, ctx.progress, t.warmup_epochs)
+        cfg = self.cfg
+        beta = kl_weight(cfg.kl_schedule, 1.0, ctx.progress, cfg.warmup_epochs)
         out = nets["hvae"](x, sample=True, generator=ctx.generator)
         rec, kl, terms = self._terms(out, x)
-        kl_total = balanced_kl(kl, self.kl_alpha) if self.cfg.kl_balance and beta < 1 else kl.sum(1)
+        kl_total = balanced_kl(kl, self.kl_alpha) if cfg.kl_balance and beta < 1 else kl.sum(1)
         loss = (rec + beta * kl_total).mean() / x[0].numel()
         return StepOutput(loss, {**terms, "beta": torch.tensor(beta)})
 

@@ -10,6 +10,15 @@ from dataclasses import dataclass
 
 import torch
 
+from medivae.runtime.errors import UserError
+
+KL_SCHEDULES = ("constant", "linear", "cyclical")
+# command-line shorthands of the KL schedule fields, for the families that have them (Family.cli_flags)
+KL_FLAGS = {
+    "kl_schedule": "constant, linear or cyclical KL weight over training (default: the family's; conv_vae constant)",
+    "warmup_epochs": "KL warm-up length / cycle length in epochs",
+}
+
 
 @dataclass
 class ELBOTerms:
@@ -51,6 +60,18 @@ def neg_elbo(likelihood, out, x: torch.Tensor, beta: float = 1.0, free_bits: flo
     kl = kl_per_dim.sum(1)
     loss = rec + beta * free_bits_kl(kl_per_dim, free_bits)
     return ELBOTerms(rec=rec, kl=kl, loss=loss)
+
+
+def check_kl_settings(kl_schedule: str, warmup_epochs: float, free_bits: float = 0.0) -> None:
+    """A one-line UserError for a KL schedule, warm-up or free-bits setting no run could use."""
+    if kl_schedule not in KL_SCHEDULES:
+        raise UserError(f"unknown KL schedule {kl_schedule!r}; choose one of {list(KL_SCHEDULES)}")
+    if warmup_epochs < 0:
+        raise UserError(f"warmup epochs must be >= 0, not {warmup_epochs}")
+    if kl_schedule != "constant" and warmup_epochs <= 0:
+        raise UserError(f"KL schedule {kl_schedule!r} needs --warmup-epochs > 0")
+    if free_bits < 0:
+        raise UserError(f"free bits must be >= 0, not {free_bits}")
 
 
 def kl_weight(schedule: str, beta: float, progress_epochs: float, warmup_epochs: float) -> float:

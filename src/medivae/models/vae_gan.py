@@ -16,6 +16,9 @@ parts later work made reliable, so that the defaults train on a laptop CPU.
   the plain VAE, loss for loss.
 - Two optimizers, "model" (the VAE) and "disc" (the discriminator, learning rate ``disc_lr``), and two
   steps: the generator's, then the discriminator's on the fakes the generator step made (detached).
+  Prior samples pass the decoder with BatchNorm on its running statistics, as sampling decodes them.
+- ``best/`` is chosen among the epochs trained adversarially throughout (from ``adv_start + 1`` on), so its
+  discriminator, which the anomaly scores ``disc`` and ``disc_res`` use, has been trained.
 - Divergence: a discriminator right about every real and fake patch for a whole epoch gives the
   generator no useful gradient; ``epoch_end`` raises :class:`medivae.models.family.Diverged`, and the
   trainer rolls both networks and both optimizers back to the start of the epoch at a lower learning rate,
@@ -24,6 +27,7 @@ parts later work made reliable, so that the defaults train on a laptop CPU.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -31,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from medivae.models.blocks import running_batchnorm
 from medivae.models.conv_vae import ConvVAE, ConvVAEConfig
 from medivae.models.family import Diverged, Family, StepContext, StepOutput, TrainStep, adam
 from medivae.models.losses import kl_weight, neg_elbo
@@ -136,7 +141,17 @@ class VAEGAN(nn.Module):
         return {"disc": -logits[:b].flatten(1).mean(1).double(), "disc_res": res.double()}
 
     # --- training ---------------------------------------------------------------------------------------
+    def first_best_epoch(self, train_cfg) -> int:
+        """The first epoch trained adversarially throughout: earlier ones never become best/ (their
+        discriminator, whose scores anomaly detection uses, would be untrained or half-trained)."""
+        return math.ceil(self.cfg.adv_start) + 1
+
     def optimizers(self, train_cfg, device) -> dict[str, torch.optim.Optimizer]:
+        first = self.first_best_epoch(train_cfg)
+        if train_cfg.epochs < first:
+            raise UserError(f"vae_gan trains adversarially from epoch {self.cfg.adv_start:g} on, and best/ only "
+                            f"holds epochs trained so throughout: --epochs must be at least {first} "
+                            "(or pass --model-arg adv_start=0)")
         disc = torch.optim.Adam(self.disc.parameters(), lr=self.cfg.disc_lr, betas=(0.5, 0.9),
                                 fused=device.type in ("cuda", "cpu"))
         return {"model": adam(self.vae.parameters(), train_cfg, device), "disc": disc}
@@ -152,17 +167,19 @@ class VAEGAN(nn.Module):
                 TrainStep("discriminator", "disc", self._disc_step, self._adversarial)]
 
     def _generator_step(self, nets, x, y, ctx: StepContext) -> StepOutput:
-        t, cfg = ctx.train, self.cfg
+        cfg = self.cfg
         out = nets["vae"](x, y, sample=True, generator=ctx.generator)
-        elbo = neg_elbo(self.likelihood, out, x, beta=kl_weight(t.kl_schedule, cfg.beta, ctx.progress,
-                                                                 t.warmup_epochs), free_bits=t.free_bits)
+        beta = kl_weight(cfg.kl_schedule, cfg.beta, ctx.progress, cfg.warmup_epochs)
+        elbo = neg_elbo(self.likelihood, out, x, beta=beta, free_bits=cfg.free_bits)
         terms = {"loss": elbo.rec.detach().double() + elbo.kl.detach().double(), "rec": elbo.rec, "kl": elbo.kl}
         if not self._adversarial(ctx):
             return StepOutput(elbo.loss.mean(), terms)
         if ctx.step == 0:
             self._acc.zero_()  # also after a rollback mid-epoch
         z = self.prior_latents(len(x), ctx.generator).to(x.device)
-        fakes = torch.cat([self.likelihood.mean(out.recon_params), self.vae.images(self.vae.decode_params(z, y))])
+        with running_batchnorm(self.vae):  # as sampling decodes them: no batch statistics of prior samples
+            samples = self.vae.images(self.vae.decode_params(z, y))
+        fakes = torch.cat([self.likelihood.mean(out.recon_params), samples])
         nets["disc"].eval()  # no power-iteration update: the generator step leaves the discriminator as it was
         try:
             logits, feats = nets["disc"](torch.cat([x, fakes]).to(x.dtype))

@@ -13,7 +13,6 @@ from medivae.runtime.errors import UserError
 from medivae.runtime.seeding import DEFAULT_SEED
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-KL_SCHEDULES = ("constant", "linear", "cyclical")
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -63,9 +62,6 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 where the hardware does it natively, else fp32
     channels_last: bool = True
     compile: bool = False
-    kl_schedule: str = "constant"
-    warmup_epochs: float = 0.0  # linear: ramp length; cyclical: cycle length (in epochs)
-    free_bits: float = 0.0  # nats per latent dimension (Kingma et al. 2016)
     grad_clip: float = 0.0  # 0: off
     num_threads: int = 0  # 0: torch default
     device: str = "auto"
@@ -84,12 +80,6 @@ class TrainConfig:
             raise UserError(f"unknown learning-rate schedule {self.lr_schedule!r}; choose one of {list(LR_SCHEDULES)}")
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)}")
-        if self.kl_schedule not in KL_SCHEDULES:
-            raise UserError(f"unknown KL schedule {self.kl_schedule!r}; choose one of {list(KL_SCHEDULES)}")
-        if self.kl_schedule != "constant" and self.warmup_epochs <= 0:
-            raise UserError(f"KL schedule {self.kl_schedule!r} needs --warmup-epochs > 0")
-        if self.free_bits < 0:
-            raise UserError(f"free bits must be >= 0, not {self.free_bits}")
         if self.seed < 0:
             raise UserError(f"seed must be >= 0, not {self.seed}")
         from medivae.train.augment import parse_augment
@@ -111,8 +101,10 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        """Strict: an unknown key anywhere (or an unknown model family) is a one-line UserError."""
-        from medivae.models.family import build_config, get_family
+        """Strict: an unknown key anywhere (or an unknown model family) is a one-line UserError. Settings
+        that older versions kept among the training settings (``train.kl_schedule``, ...) move into the
+        family's config (:meth:`medivae.models.family.Family.upgrade`), so old run folders open as they ran."""
+        from medivae.models.family import LEGACY_TRAIN_SETTINGS, build_config, get_family
 
         unknown = set(d) - {"data", "model", "train", "label_names", "medivae_version"}
         if unknown:
@@ -122,11 +114,16 @@ class RunConfig:
             raise UserError(f"invalid model config: expected an object, got {type(model).__name__}")
         name = model.get("name", DEFAULT_FAMILY)
         family = get_family(name, written_by=d.get("medivae_version", "0.1.0 or earlier"))
+        train = d.get("train", {})
+        legacy = {}
+        if isinstance(train, dict):
+            legacy = {k: train[k] for k in LEGACY_TRAIN_SETTINGS if k in train}
+            train = {k: v for k, v in train.items() if k not in legacy}
         try:
             return cls(
                 data=_build(DataConfig, d.get("data", {})),
-                model=build_config(family.config, {**model, "name": name}, name),
-                train=_build(TrainConfig, d.get("train", {})),
+                model=build_config(family.config, family.upgrade({**model, "name": name}, legacy), name),
+                train=_build(TrainConfig, train),
                 label_names=tuple(d.get("label_names", ())),
             )
         except TypeError as e:

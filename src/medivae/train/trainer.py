@@ -136,13 +136,14 @@ class Trainer:
         t = self.cfg.train
         images = batch_source(train.images)
         distributed.assert_same(self.state.epoch, "the epoch to resume from")
+        first_best = family.first_best_epoch(self.model, t)
         for epoch in range(self.state.epoch + 1, t.epochs + 1):
             start = time.perf_counter()
             tr = self._train_epoch_guarded(train, images, epoch)
             seconds = time.perf_counter() - start
             va = self.evaluate(val)
             self.state.epoch = epoch
-            improved = va["loss"] < self.state.best_val
+            improved = epoch >= first_best and va["loss"] < self.state.best_val
             if improved:
                 self.state.best_val, self.state.best_epoch = va["loss"], epoch
             if self.main:
