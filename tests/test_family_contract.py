@@ -56,6 +56,7 @@ from medivae.models.family import (
     adam,
     families,
     labels_for,
+    latent_prior,
     register,
 )
 from medivae.models.inference import reconstruct
@@ -606,6 +607,9 @@ def test_evaluate_measures_what_the_family_has_and_says_why_not_the_rest(
         assert lik["iwae_k"] == 2 and math.isfinite(lik["neg_elbo_nats"]) and math.isfinite(lik["neg_iwae_nats"])
     if "gaussian_latent" in caps:
         assert len(ev["collapse"]["kl_per_dim"]) == ev["collapse"]["latent_dim"] == opened.model.latent_dim
+        prior = latent_prior(opened.model)  # the KL is to the model's own prior, and says which
+        assert ev["collapse"]["kl_prior"].startswith("N(0, I)" if prior is None else prior.name)
+        assert ("kl_to_standard_normal_nats" in ev["collapse"]) == (prior is not None)
     if "sample" in caps:
         sq = ev["sample_quality"]
         assert sq["n_generated"] == TEST_N and math.isfinite(sq["model"]["fd"]) and sq["model"]["fd"] >= 0

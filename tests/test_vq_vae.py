@@ -239,6 +239,16 @@ def test_two_stages_and_the_best_checkpoint_follow_the_prior(tmp_path, monkeypat
     assert rows[2]["val_kl"] < uniform and rows[2]["val_rec"] == rows[1]["val_rec"]  # frozen autoencoder
     state = json.loads((run / "best" / "state.json").read_text())
     assert state["best_epoch"] == 3  # the trained prior's checkpoint is the best one
+    # codebook usage is a whole-set number: no per-batch "usage" beside it; on validation images it is the
+    # share of codes the validation images are given
+    assert not any(k.endswith(("_usage", "_perplexity")) and "codebook" not in k for r in rows for k in r)
+    from medivae.runfolder.run import load_run
+
+    opened = load_run(run, which="last", device="cpu")
+    val = opened.split("val")
+    with torch.no_grad():
+        codes = opened.model.encode(opened.images(val.images)).indices
+    assert rows[2]["val_codebook_usage"] == codes.unique().numel() / 16
 
 
 def test_a_crash_in_stage_two_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):

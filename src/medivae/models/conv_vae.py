@@ -34,6 +34,7 @@ from torch import nn
 from medivae.models.blocks import decoder_trunk, encoder_trunk, running_batchnorm, widths_for
 from medivae.models.distributions import (
     DiagonalGaussian,
+    MixturePrior,
     gaussian_log_weights,
     make_likelihood,
     mixture_log_prob,
@@ -178,6 +179,14 @@ class ConvVAE(nn.Module):
         with running_batchnorm(self.encoder):
             q = self.encode(self.pseudo_images())
         return q.mean, q.logvar
+
+    def latent_prior(self) -> MixturePrior | None:
+        """The prior when it is not N(0, I): the VampPrior's components (K, D), detached, on the CPU."""
+        if not self.vamp:
+            return None
+        with torch.no_grad():
+            means, logvars = (t.float().cpu() for t in self.prior_components())
+        return MixturePrior("VampPrior", means, logvars)
 
     def log_prior(self):
         """z (..., D) -> log p(z) (...): N(0, I), or the VampPrior with its components computed once."""

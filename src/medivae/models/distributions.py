@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -177,6 +178,16 @@ def mixture_log_prob(z: torch.Tensor, means: torch.Tensor, logvars: torch.Tensor
     zc = z.unsqueeze(-2)  # (..., 1, D) against (K, D)
     log_comp = gaussian_log_prob(zc, means, logvars)  # (..., K)
     return torch.logsumexp(log_comp, dim=-1) - math.log(means.shape[0])
+
+
+@dataclass(frozen=True)
+class MixturePrior:
+    """A learned prior over a flat latent, p(z) = (1/K) sum_k N(means_k, diag(exp(logvars_k))), (K, D) each
+    (e.g. the VampPrior); ``name`` says which, in reports."""
+
+    name: str
+    means: torch.Tensor
+    logvars: torch.Tensor
 
 
 def make_likelihood(name: str, gaussian_sigma: float = 0.1):

@@ -33,6 +33,8 @@ optional hooks, each asked through the function of the same name here, which giv
 that does not define it (nothing outside ``models/`` looks for a model's attributes):
     ``epoch_end(ctx) -> {name: float}`` (default {}): e.g. codebook usage, logged like the step terms; it may
         raise :class:`Diverged`, which the trainer handles like a NaN (roll back the epoch, lower the rate)
+    ``validation_end() -> {name: float}`` (default {}): statistics of the whole validation pass the family
+        gathered in ``validation_terms`` (e.g. codebook usage on unseen images), logged beside its terms
     ``anomaly_scores(x, y) -> {name: (B,)}`` (default {}): extra per-image anomaly scores (higher = more
         anomalous), e.g. a discriminator's
     ``figures() -> {name: images (N, C, H, W) in [0, 1]}`` (default {}): saved as RUN/<name>.png after
@@ -40,6 +42,8 @@ that does not define it (nothing outside ``models/`` looks for a model's attribu
     ``describe() -> ModelFacts`` (default: read from the config and the capabilities): the likelihood's name
         and whether it is discrete, the flat latent size, the KL weight; what evaluation, results.json and
         the report say about a model.
+    ``latent_prior() -> MixturePrior | None`` (default None: N(0, I)): a "gaussian_latent" family's prior when
+        it learns one (the VampPrior), for the KL to the prior in evaluation
     ``first_best_epoch(train_cfg) -> int`` (default 1): the first epoch that may become ``best/`` (a VAE-GAN's
         epochs before its adversarial start cannot)
 
@@ -292,6 +296,13 @@ def has(model, capability: str) -> bool:
     return capability in model.capabilities
 
 
+def latent_prior(model):
+    """A "gaussian_latent" family's learned prior (its ``latent_prior`` hook: a
+    :class:`medivae.models.distributions.MixturePrior`), or None for the standard normal N(0, I)."""
+    hook = getattr(model, "latent_prior", None)
+    return None if hook is None else hook()
+
+
 def first_best_epoch(model, train_cfg) -> int:
     """The first epoch whose checkpoint may become best/: the optional ``first_best_epoch`` hook, else 1."""
     hook = getattr(model, "first_best_epoch", None)
@@ -368,6 +379,12 @@ def epoch_end(model, ctx: StepContext) -> dict[str, float]:
     """The family's whole-epoch statistics (its ``epoch_end`` hook), {} without one."""
     hook = getattr(model, "epoch_end", None)
     return {} if hook is None else hook(ctx)
+
+
+def validation_end(model) -> dict[str, float]:
+    """The family's whole-validation-pass statistics (its ``validation_end`` hook), {} without one."""
+    hook = getattr(model, "validation_end", None)
+    return {} if hook is None else hook()
 
 
 def extra_anomaly_scores(model, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, torch.Tensor]:

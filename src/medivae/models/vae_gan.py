@@ -126,6 +126,9 @@ class VAEGAN(nn.Module):
     def log_weights(self, x, y=None, k: int = 100, generator=None, max_decode: int = 256):
         return self.vae.log_weights(x, y, k, generator, max_decode)
 
+    def latent_prior(self):
+        return self.vae.latent_prior()
+
     def validation_terms(self, x, y, generator) -> dict[str, torch.Tensor]:
         return self.vae.validation_terms(x, y, generator)
 

@@ -13,8 +13,10 @@ grid back to the image. Encoder and decoder have residual blocks (the paper's la
 - Dead codes: a code whose EMA count falls below ``dead_threshold`` assignments per step is restarted
   at a random encoder output of the current batch (Dhariwal et al. 2020, Jukebox). With zero initial
   counts, the first step therefore initialises the whole codebook from encoder outputs.
-- Codebook usage (fraction of codes used) and perplexity: per batch as step terms, per epoch from
-  :meth:`VQVAE.epoch_end`.
+- Codebook usage (fraction of the K codes assigned at least once) and perplexity, over whole sets only (a
+  batch's fraction says little about the codebook): ``train`` over the epoch's training assignments
+  (:meth:`VQVAE.epoch_end`; restarted dead codes count as used) and ``val`` over the validation images
+  (:meth:`VQVAE.validation_end`), the honest number for unseen data.
 
 Two stages in one run (the prior is :mod:`medivae.models.vq_prior`): the autoencoder trains for the first
 ``epochs - prior_epochs`` epochs, then the prior fits the codes of the frozen encoder for the last
@@ -117,13 +119,11 @@ class VQVAEConfig:
 class Quantized:
     """quantized: (B, D, h, w) codebook vectors, with the straight-through gradient to the encoder output;
     indices: int64 (B, h, w); commitment: float (B,) mean of ||z_e - sg(e)||^2 over the latent elements;
-    perplexity, usage: scalars of this batch (exp of the code entropy; fraction of codes used)."""
+    restarts: dead codes restarted by this step's update."""
 
     quantized: torch.Tensor
     indices: torch.Tensor
     commitment: torch.Tensor
-    perplexity: torch.Tensor
-    usage: torch.Tensor
     restarts: int = 0
 
 
@@ -141,8 +141,10 @@ class EMACodebook(nn.Module):
         self.register_buffer("embedding", torch.randn(size, dim))  # (K, D)
         self.register_buffer("cluster_size", torch.zeros(size))  # EMA of assignments per step, (K,)
         self.register_buffer("embed_sum", self.embedding.clone())  # EMA of assigned vectors' sums, (K, D)
-        # this epoch's assignments on this rank (summed over ranks in epoch_end); not part of a checkpoint
+        # this epoch's training assignments and this validation pass's on this rank (summed over ranks when
+        # read: epoch_stats / validation_stats); not part of a checkpoint
         self.register_buffer("epoch_counts", torch.zeros(size, dtype=torch.float64), persistent=False)
+        self.register_buffer("val_counts", torch.zeros(size, dtype=torch.float64), persistent=False)
 
     def nearest(self, rows: torch.Tensor) -> torch.Tensor:
         """rows: float32 (N, D) -> int64 (N,) index of the nearest code (squared Euclidean, in fp32)."""
@@ -170,9 +172,7 @@ class EMACodebook(nn.Module):
             restarts = self._update(rows.detach(), idx, counts)
         commitment = (z.float() - e).pow(2).flatten(1).mean(1)
         quantized = e.to(z.dtype) + (z - z.detach())  # straight-through: exactly e forward, identity backward
-        p = counts / counts.sum()
-        perplexity = torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum())
-        return Quantized(quantized, indices, commitment, perplexity, (counts > 0).float().mean(), restarts)
+        return Quantized(quantized, indices, commitment, restarts)
 
     @torch.no_grad()
     def _update(self, rows: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> int:
@@ -205,10 +205,19 @@ class EMACodebook(nn.Module):
         return n_dead
 
     def epoch_stats(self) -> dict[str, float]:
-        """Codebook usage (fraction of codes assigned at least once) and perplexity over everything
-        quantised since the last call, summed over ranks; then the counts restart."""
-        counts = distributed.all_reduce_sum_(self.epoch_counts.clone())
-        self.epoch_counts.zero_()
+        """Codebook usage and perplexity of the training assignments since the last call (then they restart)."""
+        return self._usage(self.epoch_counts)
+
+    def validation_stats(self) -> dict[str, float]:
+        """Codebook usage and perplexity of the validation pass since the last call (then it restarts)."""
+        return self._usage(self.val_counts)
+
+    @staticmethod
+    def _usage(buffer: torch.Tensor) -> dict[str, float]:
+        """Codebook usage (fraction of codes assigned at least once) and perplexity (exp of the code entropy)
+        of the assignments counted in ``buffer`` (K,), summed over ranks; then ``buffer`` is zeroed."""
+        counts = distributed.all_reduce_sum_(buffer.clone())
+        buffer.zero_()
         total = counts.sum()
         if total == 0:
             return {}
@@ -405,8 +414,8 @@ class VQVAE(nn.Module):
         out = nets["vqvae"](x, update=True)
         mse = (torch.sigmoid(out.recon_params.float()) - x).pow(2).flatten(1).mean(1)  # (B,)
         loss = mse + self.cfg.commitment * out.vq.commitment
-        terms = {"mse": mse, "psnr": _psnr(mse), "commit": out.vq.commitment, "perplexity": out.vq.perplexity,
-                 "usage": out.vq.usage, "restarts": torch.tensor(float(out.vq.restarts))}
+        terms = {"mse": mse, "psnr": _psnr(mse), "commit": out.vq.commitment,
+                 "restarts": torch.tensor(float(out.vq.restarts))}
         return StepOutput(loss.mean(), terms)
 
     def _prior_step(self, nets, x, y, ctx: StepContext) -> StepOutput:
@@ -421,12 +430,19 @@ class VQVAE(nn.Module):
         return StepOutput(nll.mean() / codes.shape[1], terms)
 
     def epoch_end(self, ctx: StepContext) -> dict[str, float]:
+        """Codebook usage and perplexity of the epoch's training assignments."""
         return self.autoencoder.codebook.epoch_stats()
+
+    def validation_end(self) -> dict[str, float]:
+        """Codebook usage and perplexity of the codes the validation images were given."""
+        return self.autoencoder.codebook.validation_stats()
 
     def validation_terms(self, x, y, generator) -> dict[str, torch.Tensor]:
         """Per image (B,): "loss" = negative ELBO in nats = "rec" (Gaussian, σ fixed) + "kl" (-log p(codes));
         the prior's NLL in bits per code; reconstruction MSE and PSNR (dB)."""
         out = self.autoencoder(x)
+        cb = self.autoencoder.codebook
+        cb.val_counts += torch.bincount(out.vq.indices.flatten(), minlength=cb.size).double()  # validation_end
         rec = -self.likelihood.log_prob(out.recon_params, x)
         kl = self.prior_nll(out.vq.indices, y)
         mse = (torch.sigmoid(out.recon_params.float()) - x).pow(2).flatten(1).mean(1)

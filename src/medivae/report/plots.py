@@ -109,8 +109,8 @@ def _decorate(ax, title: str, best: int | None) -> None:
         ax.legend(fontsize=8)
 
 
-def kl_per_dimension(kl: list[float], threshold: float = 0.01) -> bytes:
-    """Bar chart of KL(q(z_d|x) || p(z_d)) per latent dimension, sorted, on a log scale."""
+def kl_per_dimension(kl: list[float], threshold: float = 0.01, prior: str = "N(0, I)") -> bytes:
+    """Bar chart of KL(q(z_d|x) || p(z_d)) per latent dimension, sorted, on a log scale; ``prior`` names p."""
     order = sorted(range(len(kl)), key=lambda d: -kl[d])
     values = [max(float(kl[d]), 1e-6) for d in order]
     fig = _figure(figsize=(min(11, max(6, 3 + 0.22 * len(kl))), 3.2), layout="constrained")
@@ -121,7 +121,7 @@ def kl_per_dimension(kl: list[float], threshold: float = 0.01) -> bytes:
     ax.set_xticks(range(len(values)), [str(d) for d in order], fontsize=7)
     ax.set_xlabel("latent dimension (sorted by KL)")
     ax.set_ylabel("KL (nats)")
-    ax.set_title(f"KL per latent dimension (gray: ≤ {threshold} nats)", fontsize=10)
+    ax.set_title(f"KL per latent dimension to {prior} (gray: ≤ {threshold} nats)", fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     return _png(fig)
 

@@ -262,7 +262,9 @@ def _collapse(ev: dict) -> str:
         dims = f" of {len(kl[1])}" if kl else ""
         out += f"<p><b>Active units: {fmt(active[1])}{dims}</b> latent dimensions (Burda et al. 2015).</p>"
     if kl is not None:
-        out += image(plots.kl_per_dimension(kl[1]), "KL per latent dimension")
+        prior = _dict(ev.get("collapse")).get("kl_prior", "N(0, I), closed form")
+        out += f"<p>KL to the model's prior: {esc(prior)}.</p>"
+        out += image(plots.kl_per_dimension(kl[1], prior=prior.split(",")[0]), "KL per latent dimension")
     return out or note("The evaluation has no KL per dimension or active-unit count.", "muted")
 
 

@@ -238,7 +238,7 @@ class Trainer:
             for k, v in _batch_sums(terms, len(idx)).items():
                 sums[k] = sums.get(k, 0.0) + v
         sums = distributed.all_reduce_sum(sums)  # each rank saw its shard; all agree on the totals
-        return {k: v / n for k, v in sums.items()}
+        return {**{k: v / n for k, v in sums.items()}, **family.validation_end(self.model)}
 
     # --- non-finite recovery ------------------------------------------------------------------------
     def _train_epoch_guarded(self, train: ImageSet, images, epoch: int) -> dict[str, float]:

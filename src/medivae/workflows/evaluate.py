@@ -16,8 +16,10 @@ are per image; ``null`` where a number would be dishonest):
       reconstruction: {mse, psnr_db, ssim, n_images, foreground (null or "otsu")[, psnr_fg_db, ssim_fg,
                        fg_fraction]}   (posterior mean, per image then averaged; *_fg over the real
                        image's foreground mask, averaged over images whose mask is not empty)
-      collapse: {latent_dim, kl_per_dim [..], kl_total_nats, active_units, active_threshold,
-                 mean_variance_per_dim [..], mutual_information_nats, mi_upper_bound_nats}
+      collapse: {latent_dim, kl_prior, kl_per_dim [..], kl_total_nats, active_units, active_threshold,
+                 mean_variance_per_dim [..], mutual_information_nats, mi_upper_bound_nats
+                 [, kl_to_standard_normal_nats]}   (KL to the model's prior: N(0, I) in closed form, a
+                 learned prior by Monte Carlo, kl_prior says which; evaluation.collapse)
       sample_quality: {sampler ("prior"/"gmm"/"flow"), extractor ("cnn"/"ae"), fd_name ("FD-cnn"/"FD-ae"),
                        reference_folder, reference_hash (the shared extractor's key),
                        n_generated, n_reference, n_held_out, held_out_split, reference_split,
@@ -49,7 +51,7 @@ from medivae.evaluation.collapse import collapse_metrics
 from medivae.evaluation.features import load_or_fit_reference
 from medivae.evaluation.likelihood import likelihood_bounds
 from medivae.evaluation.reconstruction import FOREGROUND_MASKS, mean_over_images, per_image_metrics
-from medivae.models.family import MISSING, describe, has, labels_for
+from medivae.models.family import MISSING, describe, has, labels_for, latent_prior
 from medivae.models.inference import reconstruct, sample_images
 from medivae.runfolder.results import RESULTS_FILE, merge_results, read_results
 from medivae.runfolder.run import load_run
@@ -239,7 +241,8 @@ def evaluate_run(run_dir, data: str | None = None, opts: EvalOptions | None = No
     mean, logvar, rec = timed("posterior", posterior_and_reconstruction, model, s, opts.batch_size, dev, False,
                               opts.foreground)
     if mean is not None:
-        collapse = timed("collapse", collapse_metrics, mean, logvar, torch_generator(seed, "evaluate-mi"))
+        collapse = timed("collapse", collapse_metrics, mean, logvar, torch_generator(seed, "evaluate-mi"),
+                         latent_prior(model))
     per_image = {**(lik.pop("per_image") if lik else {}), **rec}
     quality_ci = {}
     if has(model, "sample"):
