@@ -15,6 +15,7 @@ from medivae.evaluation import anomaly as an
 from medivae.workflows.anomaly import scoring_sets
 
 from tiny import TINY, tiny_model
+from tolerance import assert_same_order, network_bound
 
 
 def test_auroc_is_one_on_separable_and_half_on_constant_scores():
@@ -163,19 +164,19 @@ def test_maps_highlight_an_inserted_lesion():
 
 
 def test_bf16_scoring_ranks_images_as_fp32_does():
-    """The fast path (bf16 networks, fp32 sums) moves scores by rounding only: same order, ~0.1 % apart."""
-    from scipy.stats import spearmanr
-
+    """The fast path (bf16 networks, fp32 sums) moves scores by rounding only: within the network's bf16
+    rounding bound, and every pair of images that fp32 tells apart by more than that keeps its order."""
     from medivae.data.phantoms import make_phantoms
 
     model = _fit_on_normal_phantoms(steps=40)
+    bound = network_bound(model, torch.bfloat16)  # ~7 % for this net: a worst case, not what it moves
     images = make_phantoms(64, 32, seed=5, lesion_fraction=0.5).images
     exact = an.score_images(model, images, k=4, seed=3, precision="fp32").scores
     fast = an.score_images(model, images, k=4, seed=3, precision="bf16").scores
     for name in ("neg_elbo", "iwae", "rec_error", "ssim"):
         assert not np.array_equal(exact[name], fast[name]), name  # bf16 really ran
-        np.testing.assert_allclose(fast[name], exact[name], rtol=0.02, err_msg=name)
-        assert spearmanr(fast[name], exact[name]).statistic > 0.98, name
+        np.testing.assert_allclose(fast[name], exact[name], rtol=bound, err_msg=name)
+        assert_same_order(fast[name], exact[name], bound, name)
 
 
 def test_score_cli_end_to_end(normal_run, tmp_path, capsys):

@@ -7,6 +7,8 @@ import torch
 
 from medivae.models.cpu_conv import DownConv, UpConv
 
+from tolerance import gamma, rel_err, unit_roundoff
+
 
 def twin(layer: torch.nn.Module) -> torch.nn.Module:
     """The plain PyTorch layer with the same weights (strict state_dict load: same keys and shapes)."""
@@ -23,10 +25,6 @@ def run(layer, x, g, bf16: bool):
         y = layer(x)
     grads = torch.autograd.grad(y, [x, layer.weight, layer.bias], g.to(y.dtype))
     return y, [t.float() for t in (y, *grads)]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def make(kind: str, c_in: int, c_out: int, size: int, channels_last: bool, seed: int = 0):
@@ -58,8 +56,9 @@ def test_bf16_paths_match_the_plain_layer_under_autocast(kind, c_in, c_out, size
     _, ref = run(twin(layer), x, g, bf16=True)
     _, exact = run(twin(layer).double(), x.double(), g.double(), bf16=False)
     for name, a, b, e in zip(("output", "grad x", "grad w", "grad b"), ours, ref, exact, strict=True):
-        # bf16 rounding: ours is as close to the float64 answer as oneDNN's bf16 kernel is, give or take
-        assert rel_err(a, e.float()) < 2 * rel_err(b, e.float()) + 1e-2, name
+        # bf16 rounding: ours is as close to the float64 answer as oneDNN's bf16 kernel is, give or take one
+        # rounding of the factors to bf16 (2 u) and of the result (u)
+        assert rel_err(a, e.float()) < 2 * rel_err(b, e.float()) + 3 * unit_roundoff(torch.bfloat16), name
 
 
 def test_thin_output_layer_matches_in_fp32():
@@ -67,10 +66,14 @@ def test_thin_output_layer_matches_in_fp32():
     y, ours = run(layer, x, g, bf16=False)
     assert type(y.grad_fn).__name__.startswith("_ThinConvTransposeBackward")
     _, ref = run(twin(layer), x, g, bf16=False)
-    for a, b in zip(ours, ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    _, exact = run(twin(layer).double(), x.double(), g.double(), bf16=False)
+    # another summation order than oneDNN's: as close to the float64 answer as it, give or take the bound of
+    # an fp32 sum as long as the longest reduction (the weight gradient sums over batch and positions)
+    bound = gamma(x.numel())
+    for name, a, b, e in zip(("output", "grad x", "grad w", "grad b"), ours, ref, exact, strict=True):
+        assert rel_err(a, e.float()) <= 2 * rel_err(b, e.float()) + bound, name
     with torch.no_grad():  # inference takes the same path
-        torch.testing.assert_close(layer(x), twin(layer)(x), rtol=1e-5, atol=1e-5)
+        assert rel_err(layer(x), exact[0].float()) <= 2 * rel_err(twin(layer)(x), exact[0].float()) + bound
 
 
 @pytest.mark.parametrize(

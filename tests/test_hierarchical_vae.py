@@ -15,6 +15,8 @@ from medivae.models.hierarchical_vae import balanced_kl
 from medivae.runfolder.config import TrainConfig
 from medivae.runtime.errors import UserError
 
+from tolerance import network_bound, rel_err
+
 SIZE = 32
 
 
@@ -105,17 +107,25 @@ def test_total_kl_is_the_sum_of_group_kls_and_matches_monte_carlo():
     assert torch.allclose(top[0], top[1]) and torch.allclose(top[0], top[2])
 
 
-def test_importance_weights_bound_the_likelihood():
+def test_importance_weights_estimate_the_elbo_of_the_training_path():
+    """log_weights (chunked, sample-major) against independent draws through another code path: per image,
+    -E[log_ratio] is the closed-form KL of the hierarchy, and -E[log_w] the negative ELBO that the training
+    and validation pass computes (rec + the groups' KLs), each within four standard errors."""
     m = tiny()
     perturb_(m)
-    x = images(3)
+    x, k = images(3), 200
     with torch.no_grad():
-        lw = m.log_weights(x, k=20, generator=torch.Generator().manual_seed(0), max_decode=16)  # chunks of 5
-    assert lw.log_px.shape == lw.log_ratio.shape == (20, 3) and lw.log_px.dtype == torch.float64
-    elbo = lw.log_w.mean(0)
-    iwae = torch.logsumexp(lw.log_w, 0) - math.log(20)
-    assert (iwae >= elbo).all()
-    assert torch.isfinite(lw.neg_elbo()).all()
+        lw = m.log_weights(x, k=k, generator=torch.Generator().manual_seed(0), max_decode=48)  # chunks of 16
+        val = m.validation_terms(x.repeat(k, 1, 1, 1), None, torch.Generator().manual_seed(1))
+    assert lw.log_px.shape == lw.log_ratio.shape == (k, 3) and lw.log_px.dtype == torch.float64
+    ratio, neg_w = -lw.log_ratio, -lw.log_w  # (K, B)
+    loss, kl = val["loss"].view(k, 3).double(), val["kl"].view(k, 3).double()  # (K, B), image i at [:, i]
+    assert (lw.kl > 1.0).all()  # the posteriors differ from the priors: there is something to get wrong
+    se = ratio.std(0) / math.sqrt(k) + kl.std(0) / math.sqrt(k)
+    assert ((ratio.mean(0) - lw.kl).abs() < 4 * se).all()
+    se = torch.sqrt(neg_w.var(0) / k + loss.var(0) / k)
+    assert ((neg_w.mean(0) - loss.mean(0)).abs() < 4 * se).all()
+    assert ((lw.neg_elbo() - loss.mean(0)).abs() < 4 * se).all()
 
 
 def test_sampling_is_deterministic_at_a_fixed_seed_and_temperature():
@@ -129,7 +139,7 @@ def test_sampling_is_deterministic_at_a_fixed_seed_and_temperature():
         z0 = m.prior_latents(3, torch.Generator().manual_seed(5), 1e-6)
     assert a.shape == (3, 1, SIZE, SIZE) and 0 <= a.min() and a.max() <= 1
     assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
-    assert torch.allclose(m.decode(z), a, atol=1e-6)  # prior_latents are what sample decodes
+    assert rel_err(m.decode(z), a) <= network_bound(m)  # prior_latents are what sample decodes (up to rounding)
     # temperature scales every group's prior std: T -> 0 gives the chain of prior means
     assert z0.abs().max() < 5 and not torch.allclose(z, z0)
 

@@ -1,12 +1,12 @@
 """Speed settings keep quality. Mixed precision is a default only where bf16 and fp32 agree on a fixed
 batch; the biases the trainer freezes really cannot change the loss.
 
-Tolerances. bf16 keeps 8 significant bits (relative rounding 2**-9 ~ 0.2 % per value), but oneDNN
-accumulates bf16 convolutions in fp32 and the loss is reduced in fp32 (BCE on float logits), so the
-per-pixel errors have random signs and mostly cancel: on this batch the forward loss and the losses of
-four training epochs differ by ~1e-4 relative. The quality bar (issue 7) is a test negative ELBO
-within 1 % of fp32's. We allow 0.2 % (forward) and 0.5 % (training): ~10x what we measure, so other
-CPUs and oneDNN versions pass, and inside the 1 % bar, so a bf16 path that costs quality fails."""
+Tolerances. The tolerance is the claim: bf16 autocast is the default only where it keeps the negative ELBO
+within 1 % of fp32's (QUALITY_BAR). Rounding analysis cannot promise it: bf16 keeps 8 significant bits
+(unit roundoff 2**-8) and a network's worst-case bound adds that per layer (tests/tolerance.py: ~6 % for
+this one); in practice oneDNN accumulates in fp32, the per-pixel errors have random signs and the loss
+moves by ~1e-4. A CPU or kernel library whose bf16 path moves the loss by more than the bar fails here,
+as it should: bf16 would then cost quality there. Compiled training is held to the same bar."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ from medivae.runtime.seeding import torch_generator
 from medivae.train.trainer import Trainer, batch_source, redundant_biases
 
 from tiny import tiny_run
+from tolerance import network_bound
+
+QUALITY_BAR = 0.01  # relative change of the negative ELBO that bf16 (or --compile) may cost
 
 needs_bf16 = pytest.mark.skipif(
     not device_mod.cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX-512 BF16 / AMX)"
@@ -51,7 +54,7 @@ def test_bf16_forward_loss_matches_fp32():
     model.to(memory_format=torch.channels_last)
     x = to_float(_batch().images).contiguous(memory_format=torch.channels_last)
     fp32, bf16 = _loss(model, x, None), _loss(model, x, torch.bfloat16)
-    assert bf16 == pytest.approx(fp32, rel=2e-3)
+    assert bf16 == pytest.approx(fp32, rel=QUALITY_BAR)
     assert bf16 != fp32  # autocast really ran in bf16 (otherwise this test compares fp32 with itself)
 
 
@@ -70,7 +73,7 @@ def _train_losses(tmp_path, precision: str, epochs: int = 4) -> list[float]:
 def test_bf16_training_steps_track_fp32(tmp_path):
     fp32, bf16 = _train_losses(tmp_path, "fp32"), _train_losses(tmp_path, "bf16")
     assert fp32[-1] < fp32[0] and bf16[-1] < bf16[0]  # both learn
-    assert bf16 == pytest.approx(fp32, rel=5e-3)
+    assert bf16 == pytest.approx(fp32, rel=QUALITY_BAR)
 
 
 def test_auto_precision_is_fp32_without_native_bf16(monkeypatch):
@@ -94,7 +97,7 @@ def test_frozen_biases_cannot_change_the_training_loss(tmp_path):
     with torch.no_grad():
         for b in frozen:
             b.add_(1.0)
-    assert _loss(model, x, None) == pytest.approx(before, rel=1e-5)
+    assert _loss(model, x, None) == pytest.approx(before, rel=network_bound(model))  # rounding only
     with torch.no_grad():
         model.decoder[-1].bias.add_(1.0)  # the output layer's bias: not redundant
     assert _loss(model, x, None) != pytest.approx(before, rel=1e-3)
@@ -112,8 +115,8 @@ def test_frozen_biases_cannot_change_the_training_loss(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision,rel", [("fp32", 1e-3), ("bf16", 1e-2)])
-def test_compiled_training_matches_eager_with_a_partial_last_batch(tmp_path, precision, rel):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_training_matches_eager_with_a_partial_last_batch(tmp_path, precision):
     """--compile (torch.compile) trains the same model: 70 images in batches of 32 end with a batch of 6,
     a second shape, which once failed to trace (randn of a dynamic size). bf16 also traces the CPU
     convolution fast paths (models/cpu_conv.py)."""
@@ -125,4 +128,4 @@ def test_compiled_training_matches_eager_with_a_partial_last_batch(tmp_path, pre
         trainer = Trainer(cfg, build_model(cfg.model), CPU, tmp_path / str(compiled), progress=False)
         torch.manual_seed(1)
         losses[compiled] = trainer.train_epoch(data, batch_source(data.images), 1)["loss"]
-    assert losses[True] == pytest.approx(losses[False], rel=rel)
+    assert losses[True] == pytest.approx(losses[False], rel=QUALITY_BAR)

@@ -26,6 +26,7 @@ from medivae.runtime.errors import UserError
 from medivae.workflows import train as train_workflow
 
 from tiny import train_killed_after
+from tolerance import network_bound
 
 TINY = dict(image_size=32, codebook_size=16, code_dim=8, width=16, res_width=8, res_blocks=1,
             prior_width=16, prior_layers=1, prior_heads=2, prior_epochs=1)
@@ -114,7 +115,10 @@ def test_a_dead_code_is_restarted_at_an_encoder_output():
     z = model.autoencoder.encoder(x).detach().permute(0, 2, 3, 1).reshape(-1, 8)
     out = train_step(model, x)
     assert out.terms["restarts"].item() == 1
-    assert torch.cdist(cb.embedding[3:4], z).min() < 1e-5  # now exactly one of the batch's encoder outputs
+    # now one of the batch's encoder outputs: the same computation on the same input, so equal up to at most
+    # the rounding of another kernel order (differences taken directly: cdist's |a|^2 + |b|^2 - 2ab cancels)
+    nearest = (z - cb.embedding[3]).norm(dim=1).min()
+    assert nearest <= network_bound(model.autoencoder.encoder) * z.norm(dim=1).max()
     assert cb.cluster_size[3] == 1.0
 
 
