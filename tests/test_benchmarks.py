@@ -80,3 +80,33 @@ def test_speed_ablation_turns_each_setting_off(shared_data, tmp_path):
     assert fast["default"] == 8 and fast["plain_convs"] == 0 and fast["none"] == 0  # 4 conv + 4 transposed
     assert all(runs[0]["images_per_s"] > 0 for runs in r["runs"].values())
     assert r["ratio_to_default"]["default"] == 1.0
+
+
+@pytest.mark.slow
+def test_defaults_benchmark_adds_one_record_per_call_and_tabulates_the_claims(tmp_path):
+    """benchmarks/defaults.py on phantoms, two tiny arms for one epoch: each call adds its (data, split, arm,
+    seed) record with the commit, CPU seconds, load average and the claim's metrics; --table compares them."""
+    script, out = ROOT / "benchmarks" / "defaults.py", tmp_path / "d.json"
+    tiny = "--epochs 2 --batch-size 32 --precision fp32 --threads 1"
+    for arm, extra in (("conv_vae", "--latent-dim 4 --base-width 4"), ("vae_gan", "--latent-dim 4 --base-width 4")):
+        subprocess.run([sys.executable, str(script), "--data", "phantoms32", "--arm", arm, "--split", "val",
+                        "--train-args", f"{tiny} {extra}", "--work", str(tmp_path), "--out", str(out),
+                        "--iwae-k", "2", "--n-samples", "16", "--commit", "abc123"],
+                       check=True, capture_output=True, text=True, timeout=900)
+    recs = json.loads(out.read_text())["records"]["phantoms32"]["val"]
+    assert len(recs) == 2
+    for name, by_seed in recs.items():
+        (r,) = by_seed.values()
+        assert r["commit"] == "abc123" and r["cpu_seconds"] > 0 and r["epochs"] == 2, name
+        assert {"load_average_before", "load_average_after", "psnr_db", "hf_power_ratio"} <= set(r), name
+        assert r["neg_iwae_bpd"] is None  # a Bernoulli likelihood has no bits/dim
+    assert r["best_epoch"] == 2  # vae_gan: epoch 1 trains before the adversarial start and cannot be best
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import defaults
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    by_arm = {name.split("+")[0]: v for name, v in recs.items()}  # the arms' records under their plain names
+    text = defaults.table({"records": {"phantoms32": {"val": by_arm}}}, "val")
+    a, b = (next(iter(by_arm[m].values()))["hf_power_ratio"] for m in ("vae_gan", "conv_vae"))
+    assert f"| phantoms32 | vae_gan hf_power_ratio (higher is better) | {a:.3f} | {b:.3f} (conv_vae) | 1 |" in text

@@ -1,0 +1,200 @@
+"""Does each family, with its defaults, win the claim it is there for? Against ``conv_vae`` at equal epochs.
+
+Every arm trains with ``medivae train`` and nothing but the defaults (the same epochs for every arm: the
+default ``--epochs``), on one data set and one seed per call, then is measured on one split of that data
+(``--split val`` to choose defaults, ``test`` for the table). A call adds (or replaces) one
+(data, split, arm, seed) record in ``results/defaults.json``, so seeds are added one run at a time:
+
+    python benchmarks/defaults.py --data pneumonia32 --arm conv_vae --seed-index 0
+    python benchmarks/defaults.py --data pneumonia32 --arm all --seed-index 1    # every arm in turn
+    python benchmarks/defaults.py --table                                       # the claims, as markdown
+
+Each record holds the commit it ran at, the CPU seconds of the training process (user + system, of
+the child), wall seconds and the load average before and after (a busy machine slows a run, not its
+numbers), the arm's exact ``medivae train`` arguments and what it measured:
+
+- ``psnr_db``: mean PSNR of the split's reconstructions (posterior mean, fp32);
+- ``neg_iwae_bpd`` / ``neg_elbo_bpd``: IWAE (K = ``--iwae-k``) and ELBO bits/dim of the split (families
+  with a discrete image likelihood only; :mod:`medivae.evaluation.likelihood`);
+- ``hf_power_ratio``: mean power above 0.25 cycles/pixel of ``--n-samples`` prior samples over that of
+  the split's real images (:mod:`medivae.evaluation.sharpness`; 1: as much fine detail as real images).
+
+The claims (``CLAIMS``): vq_vae reconstructs better (PSNR) than conv_vae; hierarchical_vae and the
+VampPrior have a better likelihood (IWAE bits/dim) than conv_vae with the same discretized-logistic
+likelihood; vae_gan's samples have more high-frequency power than conv_vae's.
+
+Data (``../shared/data``; see its README): PneumoniaMNIST at 32 px (its own split), MedNIST CXR and
+HeadCT at 64 px (one class of the MedNIST archive, split by medivae).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+from common import git_commit, trained_epochs  # noqa: E402  (benchmarks/ is on sys.path)
+
+# ../shared/data beside the checkout (or beside the folder of worktrees it sits in)
+SHARED = next((p / "shared" / "data" for p in ROOT.parents[:2] if (p / "shared" / "data").is_dir()),
+              ROOT.parent / "shared" / "data")
+MEDNIST = SHARED / "mednist" / "MedNIST.tar.gz"
+DATA = {  # name -> medivae train data arguments
+    "pneumonia32": ["--data", str(SHARED / "pneumoniamnist.npz"), "--image-size", "32"],
+    "cxr64": ["--data", str(MEDNIST), "--labels", "CXR", "--image-size", "64"],
+    "headct64": ["--data", str(MEDNIST), "--labels", "HeadCT", "--image-size", "64"],
+    "phantoms32": ["--data", "phantoms:200", "--image-size", "32"],  # the smoke test's (tests/test_benchmarks.py)
+}
+DL = ["--likelihood", "discretized_logistic"]
+ARMS = {  # name -> medivae train model arguments: the family's defaults (and the likelihood a claim needs)
+    "conv_vae": ["--model", "conv_vae"],
+    "conv_vae_dl": ["--model", "conv_vae", *DL],
+    "vq_vae": ["--model", "vq_vae"],
+    "hierarchical_vae": ["--model", "hierarchical_vae"],
+    "vamp_vae": ["--model", "vamp_vae", *DL],  # bits/dim need a discrete likelihood; the prior is the claim
+    "vae_gan": ["--model", "vae_gan"],
+}
+# family arm, baseline arm, metric, "higher" or "lower" is better
+CLAIMS = [
+    ("vq_vae", "conv_vae", "psnr_db", "higher"),
+    ("hierarchical_vae", "conv_vae_dl", "neg_iwae_bpd", "lower"),
+    ("vamp_vae", "conv_vae_dl", "neg_iwae_bpd", "lower"),
+    ("vae_gan", "conv_vae", "hf_power_ratio", "higher"),
+]
+SEED0 = 1767661200070  # the article's seed (medivae's default); seed i is SEED0 + i
+
+
+def train(arm: str, data: str, seed: int, out: Path, extra: list[str]) -> dict:
+    """Train one arm (or finish an interrupted run); its arguments, CPU and wall seconds, load average."""
+    args = [*DATA[data], *ARMS[arm], "--seed", str(seed), "--out", str(out), "--no-progress", *extra]
+    if trained_epochs(out) > 0:
+        args.append("--resume")
+    before, load0, start = resource.getrusage(resource.RUSAGE_CHILDREN), os.getloadavg(), time.perf_counter()
+    subprocess.run([sys.executable, "-m", "medivae", "train", *args], check=True, stdout=subprocess.DEVNULL)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"train_args": shlex.join(args), "cpu_seconds": round(cpu, 1),
+            "wall_seconds": round(time.perf_counter() - start, 1),
+            "load_average_before": round(load0[0], 2), "load_average_after": round(os.getloadavg()[0], 2)}
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether a run holds all the epochs its config asks for."""
+    cfg = Path(run_dir) / "config.json"
+    return cfg.exists() and trained_epochs(run_dir) == json.loads(cfg.read_text())["train"]["epochs"]
+
+
+def measure(run_dir: Path, split: str, iwae_k: int, n_samples: int) -> dict:
+    """The split's PSNR, bits/dim (discrete likelihoods only) and the samples' high-frequency power ratio."""
+    import torch
+
+    from medivae.evaluation.likelihood import likelihood_bounds
+    from medivae.evaluation.reconstruction import per_image_metrics
+    from medivae.evaluation.sharpness import hf_power_ratio
+    from medivae.models.family import has, labels_for
+    from medivae.runfolder.run import load_run
+    from medivae.runtime.seeding import torch_generator
+
+    run = load_run(run_dir, device="cpu")
+    s = run.split(split)
+    x01 = s.images.astype(np.float64) / 255
+    recon = run.reconstruct(s.images, labels=s.labels, precision="fp32").numpy()
+    out = {"split": split, "n_images": len(s), "psnr_db": float(per_image_metrics(x01, recon)["psnr_db"].mean())}
+    model = run.model.eval()
+    if has(model, "likelihood"):
+        batches = ((torch.as_tensor(x01[i : i + 64], dtype=torch.float32),
+                    labels_for(model, s.labels[i : i + 64], torch.device("cpu"))) for i in range(0, len(s), 64))
+        lik = likelihood_bounds(model, batches, iwae_k, torch_generator(run.config.train.seed, "defaults-iwae"))
+        out.update({k: lik.get(k) for k in ("neg_iwae_bpd", "neg_elbo_bpd", "neg_iwae_nats", "iwae_k")})
+    if has(model, "sample"):
+        fake = (run.sample(n_samples, seed=run.config.train.seed, precision="fp32") * 255).round().numpy()
+        out["hf_power_ratio"] = hf_power_ratio(fake.astype(np.uint8), s.images)
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    best = json.loads((Path(run_dir) / "best" / "state.json").read_text())
+    out.update({"epochs": rows[-1]["epoch"], "best_epoch": best.get("best_epoch"),
+                "rollbacks": max(r.get("nan_events", 0) for r in rows)})
+    return out
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"records": {}}
+
+
+def save(path: Path, result: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def mean_of(records: dict, data: str, split: str, arm: str, metric: str) -> tuple[float | None, int]:
+    vals = [r[metric] for r in records.get(data, {}).get(split, {}).get(arm, {}).values()
+            if r.get(metric) is not None]
+    return (float(np.mean(vals)) if vals else None), len(vals)
+
+
+def table(result: dict, split: str) -> str:
+    """Markdown: per data set and claim, the family's and the baseline's mean over seeds, and who wins."""
+    rows = ["| data | claim | family | conv_vae | seeds | wins |", "|---|---|---|---|---|---|"]
+    recs = result["records"]
+    for data in recs:
+        for arm, base, metric, better in CLAIMS:
+            a, na = mean_of(recs, data, split, arm, metric)
+            b, nb = mean_of(recs, data, split, base, metric)
+            if a is None or b is None:
+                continue
+            wins = a > b if better == "higher" else a < b
+            rows.append(f"| {data} | {arm} {metric} ({better} is better) | {a:.3f} | {b:.3f} ({base}) | "
+                        f"{min(na, nb)} | {'yes' if wins else '**no**'} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", choices=sorted(DATA), default="pneumonia32")
+    p.add_argument("--arm", default="all", help=f"one of {', '.join(ARMS)}, a comma list, or all")
+    p.add_argument("--seed-index", type=int, default=0, help="seed = the article's seed + this")
+    p.add_argument("--split", default="test", choices=("val", "test"), help="val to choose defaults")
+    p.add_argument("--iwae-k", type=int, default=100)
+    p.add_argument("--n-samples", type=int, default=1000)
+    p.add_argument("--train-args", default="", help="extra medivae train arguments (a tuning experiment); "
+                   "recorded under the arm name ARM+ARGS")
+    p.add_argument("--work", type=Path, default=Path("/tmp/medivae_defaults"))
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "defaults.json")
+    p.add_argument("--commit", default=None, help="the commit the code under test is at (default: HEAD here)")
+    p.add_argument("--table", action="store_true", help="print the claims table of --out and stop")
+    args = p.parse_args(argv)
+    if args.table:
+        print(table(load(args.out), args.split))
+        return 0
+    arms = list(ARMS) if args.arm == "all" else args.arm.split(",")
+    extra = shlex.split(args.train_args)
+    seed = SEED0 + args.seed_index
+    for arm in arms:
+        name = f"{arm}+{args.train_args}" if extra else arm
+        out = args.work / f"{args.data}_{name.replace(' ', '_')}_{args.seed_index}"
+        result = load(args.out)
+        result["records"].setdefault(args.data, {})
+        done = [r for split in result["records"][args.data].values() for r in split.get(name, {}).values()
+                if r["seed"] == seed and r.get("run") == str(out) and finished(out)]
+        # a finished run measured on another split keeps its training record (commit, CPU seconds)
+        record = dict(done[0]) if done else {"commit": args.commit or git_commit(), "seed": seed, "run": str(out),
+                                             **train(arm, args.data, seed, out, extra)}
+        record.update(measure(out, args.split, args.iwae_k, args.n_samples))
+        result = load(args.out)  # again: another call may have added a record meanwhile
+        result["records"].setdefault(args.data, {}).setdefault(args.split, {}).setdefault(name, {})[str(seed)] = record
+        save(args.out, result)
+        print(args.data, args.split, name, seed, json.dumps(record), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
