@@ -135,25 +135,25 @@ def save(path: Path, result: dict) -> None:
     tmp.replace(path)
 
 
-def mean_of(records: dict, data: str, split: str, arm: str, metric: str) -> tuple[float | None, int]:
-    vals = [r[metric] for r in records.get(data, {}).get(split, {}).get(arm, {}).values()
-            if r.get(metric) is not None]
-    return (float(np.mean(vals)) if vals else None), len(vals)
+def mean_of(records: dict, data: str, split: str, arm: str, metric: str) -> tuple[float | None, int, set]:
+    """(mean over seeds, seeds, the commits they ran at) of one arm's metric."""
+    rs = [r for r in records.get(data, {}).get(split, {}).get(arm, {}).values() if r.get(metric) is not None]
+    return (float(np.mean([r[metric] for r in rs])) if rs else None), len(rs), {r["commit"][:7] for r in rs}
 
 
 def table(result: dict, split: str) -> str:
     """Markdown: per data set and claim, the family's and the baseline's mean over seeds, and who wins."""
-    rows = ["| data | claim | family | conv_vae | seeds | wins |", "|---|---|---|---|---|---|"]
+    rows = ["| data | claim | family | conv_vae | seeds | wins | commits |", "|---|---|---|---|---|---|---|"]
     recs = result["records"]
     for data in recs:
         for arm, base, metric, better in CLAIMS:
-            a, na = mean_of(recs, data, split, arm, metric)
-            b, nb = mean_of(recs, data, split, base, metric)
+            a, na, ca = mean_of(recs, data, split, arm, metric)
+            b, nb, cb = mean_of(recs, data, split, base, metric)
             if a is None or b is None:
                 continue
             wins = a > b if better == "higher" else a < b
             rows.append(f"| {data} | {arm} {metric} ({better} is better) | {a:.3f} | {b:.3f} ({base}) | "
-                        f"{min(na, nb)} | {'yes' if wins else '**no**'} |")
+                        f"{min(na, nb)} | {'yes' if wins else '**no**'} | {', '.join(sorted(ca | cb))} |")
     return "\n".join(rows)
 
 
