@@ -122,6 +122,9 @@ def test_the_iwae_of_a_conv_vae_is_importance_sampling_with_its_own_distribution
     on those independent draws L_50 is above the ELBO by more than their noise (the gap is real)."""
     torch.manual_seed(0)
     model = build_model(tiny_model()).eval()
+    with torch.no_grad():  # an untrained decoder hardly reads z: make it, so that every draw counts
+        model.decoder_input.weight.mul_(5.0)
+        model.fc_mu.bias.add_(1.0)  # and a posterior away from the prior
     x = torch.from_numpy(make_phantoms(8, 32, seed=3).images).float() / 255
     res = likelihood_bounds(model, [(x, None)], k=50, generator=torch_generator(1, "t"))
     got = batch_bounds(model, x, k=50, generator=torch_generator(1, "t"))  # the per-image bounds of the same draws
