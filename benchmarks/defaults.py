@@ -182,15 +182,18 @@ def main(argv=None) -> int:
     arms = list(ARMS) if args.arm == "all" else args.arm.split(",")
     extra = shlex.split(args.train_args)
     seed = SEED0 + args.seed_index
+    commit = args.commit or git_commit()
     for arm in arms:
         name = f"{arm}+{args.train_args}" if extra else arm
-        out = args.work / f"{args.data}_{name.replace(' ', '_')}_{args.seed_index}"
+        # one folder per code version: a finished run is measured again on another split, never reused by
+        # code whose defaults may differ
+        out = args.work / f"{args.data}_{name.replace(' ', '_')}_{args.seed_index}_{commit[:7]}"
         result = load(args.out)
         result["records"].setdefault(args.data, {})
         done = [r for split in result["records"][args.data].values() for r in split.get(name, {}).values()
                 if r["seed"] == seed and r.get("run") == str(out) and finished(out)]
         # a finished run measured on another split keeps its training record (commit, CPU seconds)
-        record = dict(done[0]) if done else {"commit": args.commit or git_commit(), "seed": seed, "run": str(out),
+        record = dict(done[0]) if done else {"commit": commit, "seed": seed, "run": str(out),
                                              **train(arm, args.data, seed, out, extra)}
         record.update(measure(out, args.split, args.iwae_k, args.n_samples))
         result = load(args.out)  # again: another call may have added a record meanwhile
