@@ -160,6 +160,24 @@ def table(result: dict, split: str) -> str:
     return "\n".join(rows)
 
 
+def runs_table(result: dict, split: str) -> str:
+    """Markdown: every record of ``split``, one row per (data, arm, seed)."""
+    rows = ["| data | arm | seed | PSNR dB | IWAE bits/dim (K) | HF power ratio | best epoch | CPU s | load | commit |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def num(v, digits=3):
+        return "–" if v is None else f"{v:.{digits}f}"
+
+    for data, splits in result["records"].items():
+        for arm, seeds in splits.get(split, {}).items():
+            for seed, r in seeds.items():
+                bpd = f"{num(r.get('neg_iwae_bpd'))} ({r.get('iwae_k')})" if r.get("neg_iwae_bpd") else "–"
+                rows.append(f"| {data} | {arm} | {seed} | {num(r['psnr_db'], 2)} | {bpd} | "
+                            f"{num(r.get('hf_power_ratio'))} | {r['best_epoch']} | {r['cpu_seconds']:.0f} | "
+                            f"{r['load_average_before']:.1f}–{r['load_average_after']:.1f} | {r['commit'][:7]} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", choices=sorted(DATA), default="pneumonia32")
@@ -177,7 +195,7 @@ def main(argv=None) -> int:
     p.add_argument("--table", action="store_true", help="print the claims table of --out and stop")
     args = p.parse_args(argv)
     if args.table:
-        print(table(load(args.out), args.split))
+        print(table(load(args.out), args.split) + "\n\n" + runs_table(load(args.out), args.split))
         return 0
     arms = list(ARMS) if args.arm == "all" else args.arm.split(",")
     extra = shlex.split(args.train_args)

@@ -137,6 +137,7 @@ PAGES = {  # result file -> (results page, its title), for the index of every re
     "applications": ("applications.md", "Applications"), "train": ("speed.md", "Speed"),
     "train_short": ("speed.md#short-runs", "Speed"), "speed_ablation": ("speed.md#what-each-setting-is-worth", "Speed"),
     "data": ("../data/index.md#what-every-source-shares", "Data sources"),
+    "defaults": ("defaults.md", "Defaults against conv_vae"),
 }
 
 SEED_METRICS = (  # (key in a vae_gan_compare.py summary, label, digits)
@@ -173,6 +174,14 @@ class Tables:
 
     def kl_ablation(self) -> str:
         return _bench("kl_ablation").table(self.R.kl_ablation["runs"])
+
+    def defaults(self, split: str = "test") -> str:
+        """Each family's defaults against conv_vae on its claim (benchmarks/defaults.py)."""
+        return _bench("defaults").table(self.R.defaults, split)
+
+    def defaults_runs(self, split: str = "test") -> str:
+        """Every record of one split: data, arm, seed, the claim metrics, CPU seconds, load, commit."""
+        return _bench("defaults").runs_table(self.R.defaults, split)
 
     def seeds(self, *columns: str) -> str:
         """Families over seeds (vae_gan_compare.py files): mean ± sd per metric; columns "file:family"."""
