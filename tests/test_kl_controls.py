@@ -138,7 +138,7 @@ def test_trainer_starts_warmup_at_zero_and_free_bits_stop_the_kl_gradient(tmp_pa
 @pytest.mark.parametrize("args", [["--model", "vq_vae", "--free-bits", "0.5"],
                                   ["--model", "hierarchical_vae", "--free-bits", "0.5"],
                                   ["--model", "vae_gan", "--prior", "vamp", "--free-bits", "0.1"],
-                                  ["--model", "hierarchical_vae", "--kl-schedule", "constant"]])
+                                  ["--model", "hierarchical_vae", "--model-arg", "kl_balance=true"]])
 def test_a_kl_setting_the_family_cannot_use_is_one_line(args, tmp_path, capsys):
     """Refused before anything is written, never silently ignored, never a traceback."""
     from medivae.cli import main
@@ -151,13 +151,16 @@ def test_a_kl_setting_the_family_cannot_use_is_one_line(args, tmp_path, capsys):
     assert ("free_bits" in err or "free-bits" in err or "kl_balance" in err) and not out.exists()
 
 
-def test_hierarchical_kl_balancing_acts_with_the_default_schedule():
-    """The default config warms the KL up, and while β < 1 the loss weighs each group by NVAE's balance."""
+def test_hierarchical_kl_balancing_acts_during_a_warm_up_by_default():
+    """With a warm-up and kl_balance left unset, the loss weighs each group by NVAE's balance while β < 1;
+    without a warm-up it balances nothing, and asking it to is refused (above)."""
     from medivae.models.family import StepContext
     from medivae.models.hierarchical_vae import balanced_kl
 
-    cfg = model_config("hierarchical_vae", image_size=32, width=8, z_channels=2, num_scales=2)
-    assert cfg.kl_balance and cfg.kl_schedule != "constant"
+    assert not model_config("hierarchical_vae").balances_kl  # the default: no warm-up, nothing to balance
+    cfg = model_config("hierarchical_vae", image_size=32, width=8, z_channels=2, num_scales=2,
+                       kl_schedule="linear", warmup_epochs=1.0)
+    assert cfg.kl_balance is None and cfg.balances_kl
     torch.manual_seed(0)
     m = build_model(cfg).train()
     with torch.no_grad():  # posteriors away from their priors: groups with different KLs
