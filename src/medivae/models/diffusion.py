@@ -383,17 +383,18 @@ def _check(schedule: NoiseSchedule, steps: int, y, guidance: float, spec: Diffus
 @torch.no_grad()
 def ddim_sample(denoiser: nn.Module, schedule: NoiseSchedule, n: int, y: torch.Tensor | None = None,
                 guidance: float = 0.0, steps: int = 50, generator: torch.Generator | None = None,
-                progress: bool = False, batch: int = 1024) -> torch.Tensor:
+                progress: bool = False, batch: int = 1024, temperature: float = 1.0) -> torch.Tensor:
     """n standardised latents (n, *latent_shape) float32 on the denoiser's device, by deterministic DDIM
-    from z_T ~ N(0, I) drawn with ``generator``. y long (n,) or None; w = ``guidance`` (see module doc).
-    Runs in the caller's autocast, if any (the update itself is float32). Progress bar on stderr."""
+    from z_T ~ N(0, temperature² I) drawn with ``generator``. y long (n,) or None; w = ``guidance`` (see
+    the module doc). Runs in the caller's autocast, if any (the update itself is float32). Progress bar
+    on stderr."""
     from tqdm import tqdm
 
     spec = denoiser.spec
     _check(schedule, steps, y, guidance, spec)
     device = next(denoiser.parameters()).device
     ts = ddim_timesteps(schedule.timesteps, steps)
-    zs = _randn((n, *spec.latent_shape), generator, device)
+    zs = temperature * _randn((n, *spec.latent_shape), generator, device)
     chunks = list(range(0, n, batch))
     out = []
     with tqdm(total=len(chunks) * (len(ts) - 1), desc="diffusion sampling", unit="step", disable=not progress,

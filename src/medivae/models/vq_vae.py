@@ -345,6 +345,14 @@ class VQVAE(nn.Module):
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.likelihood.mean(self.autoencoder(x).recon_params)
 
+    def sampler_latents(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """What a post-hoc sampler models: the continuous pre-quantisation grid (B, D, h, w)."""
+        return self.encode(x, y).mode()
+
+    def decode_sampler_latents(self, z, y=None, generator=None, temperature: float = 1.0) -> torch.Tensor:
+        """A sampled pre-quantisation grid (B, D, h, w) -> its nearest codes -> images (B, C, H, W) in [0, 1]."""
+        return self.decode(z, y)
+
     def _require_prior(self) -> CodePrior:
         if self.prior is None:
             raise UserError(f"{self.cfg.name} was trained with prior_epochs=0: it has no prior to sample from")

@@ -1,6 +1,9 @@
 """``medivae fit-sampler``: a post-hoc latent sampler (:mod:`medivae.models.samplers`) fitted on a run's
-training posterior means, selected/early-stopped on its validation means; per class for a conditional
-run. Writes RUN/samplers/<kind>.safetensors + <kind>.json (with the checkpoint's manifest hash),
+training latents, selected/early-stopped on its validation latents. gmm and flow model the posterior means of
+a Gaussian-latent family, per class for a conditional run; diffusion models the family's
+``sampler_latents`` (models/family.py: posterior means, the pre-quantisation grid of vq_vae, the top
+groups of hierarchical_vae), one model for every class with classifier-free guidance. Writes
+RUN/samplers/<kind>.safetensors + <kind>.json (with the checkpoint's manifest hash),
 RUN/samplers/samples_<kind>.png (64 draws, shown in the report) and ``results.json["samplers"][kind]``.
 """
 
@@ -10,13 +13,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from medivae.models.family import has, require
-from medivae.models.samplers import KINDS, fit, save_sampler
+from medivae.data import to_float
+from medivae.models.family import has, labels_for, require, require_sampler_latents
+from medivae.models.inference import encode_sampler_latents
+from medivae.models.samplers import KINDS, DiffusionFit, fit, fit_diffusion, save_sampler
 from medivae.runfolder.results import RESULTS_FILE, merge_results, read_results
 from medivae.runfolder.run import Run, load_run
 from medivae.runtime.errors import UserError
 from medivae.runtime.images import save_grid
+from medivae.runtime.seeding import derive_seed
 
 
 def posterior_means(run: Run, images, labels) -> tuple[np.ndarray, np.ndarray | None]:
@@ -26,9 +33,21 @@ def posterior_means(run: Run, images, labels) -> tuple[np.ndarray, np.ndarray | 
     return mean, y
 
 
+def sampler_latents(run: Run, images, labels, batch: int = 256) -> tuple[torch.Tensor, np.ndarray | None]:
+    """(the family's sampler latents (N, ...) float32, class indices (N,) or None), encoded in batches."""
+    y = labels_for(run.model, labels, run.device)
+    parts = []
+    for i in range(0, len(images), batch):
+        x = to_float(np.asarray(images[i : i + batch]), run.device)
+        parts.append(encode_sampler_latents(run.model, x, None if y is None else y[i : i + batch]))
+    z = torch.cat(parts) if parts else torch.empty(0)
+    return z, None if y is None else y.cpu().numpy()
+
+
 def fit_sampler_run(run_dir, kind: str, max_components: int = 10, checkpoint: str = "best",
-                    device: str = "auto") -> dict:
-    """Fit, save and record one sampler; returns its JSON description (``<kind>.json``)."""
+                    device: str = "auto", diffusion: DiffusionFit | None = None, progress: bool = False) -> dict:
+    """Fit, save and record one sampler; returns its JSON description (``<kind>.json``).
+    ``diffusion``: how the diffusion sampler trains (default :class:`DiffusionFit`)."""
     if kind not in KINDS:
         raise UserError(f"unknown sampler {kind!r}; choose one of {list(KINDS)}")
     if max_components < 1:
@@ -37,12 +56,23 @@ def fit_sampler_run(run_dir, kind: str, max_components: int = 10, checkpoint: st
     read_results(results_path)  # fail now, not after the fit, if it cannot be merged into
     start = time.perf_counter()
     run = load_run(run_dir, which=checkpoint, device=device)
-    require(run.model, "gaussian_latent", "fit-sampler")
+    if kind == "diffusion":
+        require_sampler_latents(run.model, "fit-sampler --sampler diffusion")
+    else:
+        require(run.model, "gaussian_latent", f"fit-sampler --sampler {kind}")
     splits = run.splits()
     train, val = splits["train"], splits["val"] if len(splits["val"]) else splits["train"]
-    zt, yt = posterior_means(run, train.images, train.labels)
-    zv, yv = posterior_means(run, val.images, val.labels)
-    sampler = fit(kind, zt, zv, yt, yv, max_components, run.config.train.seed)
+    seed = run.config.train.seed
+    if kind == "diffusion":
+        zt, yt = sampler_latents(run, train.images, train.labels)
+        zv, yv = sampler_latents(run, val.images, val.labels)
+        classes = run.model.num_classes if has(run.model, "conditional") else 0
+        sampler = fit_diffusion(zt, zv, yt, yv, classes, derive_seed(seed, "fit-sampler-diffusion"), diffusion,
+                                progress)
+    else:
+        zt, yt = posterior_means(run, train.images, train.labels)
+        zv, yv = posterior_means(run, val.images, val.labels)
+        sampler = fit(kind, zt, zv, yt, yv, max_components, seed)
     extra = {"checkpoint": checkpoint, "n_train": len(zt), "n_val": len(zv),
              "label_names": list(run.config.label_names) if yt is not None else None,
              "seconds": round(time.perf_counter() - start, 1)}
@@ -56,8 +86,12 @@ def fit_sampler_run(run_dir, kind: str, max_components: int = 10, checkpoint: st
 
 
 def _fit_summary(kind: str, info: dict) -> dict:
-    """Per class: the chosen number of components (gmm) or the early-stopping epoch and validation NLL (flow)."""
+    """Per class: the chosen number of components (gmm) or the early-stopping epoch and validation NLL (flow);
+    the diffusion sampler's epochs, width and validation ε-MSE."""
     if kind == "gmm":
         return {"components": {c: i["components"] for c, i in info.items()}}
+    if kind == "diffusion":
+        keep = ("latent_shape", "num_classes", "width", "epochs", "best_epoch")
+        return {**{k: info[k] for k in keep}, "val_eps_mse": round(info["val_eps_mse"], 5)}
     return {"best_epoch": {c: i["best_epoch"] for c, i in info.items()},
             "val_nll_nats": {c: round(i["val_nll"], 3) for c, i in info.items()}}
