@@ -422,7 +422,13 @@ def heal(denoiser: nn.Module, schedule: NoiseSchedule, z0: torch.Tensor, t_start
 
 def ema_model(denoiser: nn.Module, decay: float = 0.999) -> nn.Module:
     """An exponential moving average of ``denoiser``'s weights (torch.optim.swa_utils.AveragedModel); call
-    ``.update_parameters(denoiser)`` after each optimiser step and use ``.module`` for sampling."""
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    ``.update_parameters(denoiser)`` after each optimiser step and use ``.module`` for sampling. The decay
+    warms up as min(decay, (1 + n) / (10 + n)) after n updates (as TensorFlow's ExponentialMovingAverage
+    with num_updates), so that a short fit is not dominated by its random initial weights."""
+    from torch.optim.swa_utils import AveragedModel
 
-    return AveragedModel(denoiser, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    def average(avg: torch.Tensor, new: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1 + float(n)) / (10 + float(n)))
+        return d * avg + (1 - d) * new
+
+    return AveragedModel(denoiser, avg_fn=average, use_buffers=True)
