@@ -1,9 +1,10 @@
-"""N(0, I) prior vs post-hoc GMM / flow latent samplers vs VampPrior, per data set (issue 19).
+"""N(0, I) prior vs post-hoc GMM / flow / diffusion latent samplers vs VampPrior, per data set.
 
-For each ``--data NAME=SOURCE``: ``medivae train`` one conv_vae with the N(0, I) prior and one with
-``--prior vamp --pseudo-inputs K``, same image size, epochs and seed (a finished run is kept, an
-interrupted one resumed from last/); ``medivae fit-sampler`` gmm and flow on the N(0, I) run. Then four
-rows, N(0, I) / GMM / flow (the N(0, I) run) and VampPrior (the vamp run's own prior):
+For each ``--data NAME=SOURCE``: ``medivae train`` one conv_vae with the N(0, I) prior and (for the vamp
+row) one with ``--prior vamp --pseudo-inputs K``, same image size, epochs and seed (a finished run is kept,
+an interrupted one resumed from last/); ``medivae fit-sampler`` gmm, flow and diffusion on the N(0, I) run.
+Then the ``--rows`` (default all five): N(0, I) / GMM / flow / diffusion (the N(0, I) run) and VampPrior
+(the vamp run's own prior):
 
 - ``medivae evaluate RUN --sampler S``: FD / precision / recall / density / coverage of generated
   images against held-out real images, in the feature space of the per-data-set reference extractor
@@ -28,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import subprocess
 import sys
 import time
@@ -37,11 +40,13 @@ ROOT = Path(__file__).resolve().parents[1]
 from common import git_commit, trained_epochs  # noqa: E402  (benchmarks/ is on sys.path)
 
 # row -> (which run, --sampler): the post-hoc samplers are fitted on the N(0, I) run
-ROWS = {"prior": ("normal", "prior"), "gmm": ("normal", "gmm"), "flow": ("normal", "flow"), "vamp": ("vamp", "prior")}
+ROWS = {"prior": ("normal", "prior"), "gmm": ("normal", "gmm"), "flow": ("normal", "flow"),
+        "diffusion": ("normal", "diffusion"), "vamp": ("vamp", "prior")}
 ROW_NAMES = {
     "prior": "N(0, I) prior",
     "gmm": "GMM (post hoc)",
     "flow": "flow (post hoc)",
+    "diffusion": "diffusion (post hoc, DDIM 50 steps)",
     "vamp": "VampPrior",
     "floor": "real held-out (floor)",
 }
@@ -175,7 +180,7 @@ def synthesize_row(run: Path, sampler: str, out: Path, args) -> dict:
 
 
 def sample_grid(run: Path, sampler: str, path: Path, n: int, args) -> dict:
-    medivae("sample", run, "--sampler", sampler, "-n", n, "--seed", args.seed, "--out", path)
+    medivae("sample", run, "--sampler", sampler, "-n", n, "--seed", args.seed, "--out", path, "--no-progress")
     if path.stat().st_size > MAX_GRID_BYTES:
         print(f"warning: {path} is {path.stat().st_size // 1000} KB; use --grid 16 for the README", flush=True)
     return {"file": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path), "bytes": path.stat().st_size}
@@ -193,13 +198,15 @@ def one_reference(rows: dict, name: str) -> str:
 
 
 def run_dataset(name: str, source: str, epochs: int, args) -> dict:
-    runs = {"normal": args.work / f"{name}_normal", "vamp": args.work / f"{name}_vamp"}
+    wanted = {ROWS[r][0] for r in args.rows}
+    runs = {k: args.work / f"{name}_{k}" for k in ("normal", "vamp") if k in wanted}
     priors = {"normal": [], "vamp": ["--prior", "vamp", "--pseudo-inputs", args.pseudo_inputs]}
     train_s = {k: train(runs[k], source, epochs, priors[k], args) for k in runs}
-    fit_s = {s: medivae("fit-sampler", runs["normal"], "--sampler", s) for s in ("gmm", "flow")}
-    fitted = json.loads((runs["normal"] / "results.json").read_text())["samplers"]
+    posthoc = [r for r in args.rows if r in ("gmm", "flow", "diffusion")]
+    fit_s = {s: medivae("fit-sampler", runs["normal"], "--sampler", s, "--no-progress") for s in posthoc}
+    fitted = json.loads((runs["normal"] / "results.json").read_text()).get("samplers", {}) if posthoc else {}
     rows = {}
-    for row, (which, sampler) in ROWS.items():
+    for row, (which, sampler) in ((r, ROWS[r]) for r in args.rows):
         rows[row] = {
             "run": str(runs[which]),
             "sampler": sampler,
@@ -221,7 +228,7 @@ def run_dataset(name: str, source: str, epochs: int, args) -> dict:
         "epochs": epochs,
         "train_wall_s": train_s,
         "fit_sampler_wall_s": fit_s,
-        "samplers": {s: {k: v for k, v in fitted[s].items() if k not in ("file",)} for s in ("gmm", "flow")},
+        "samplers": {s: {k: v for k, v in fitted[s].items() if k not in ("file",)} for s in posthoc},
         "reference_hash": one_reference(rows, name),
         "rows": rows,
     }
@@ -295,8 +302,12 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/samplers_compare"))
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "samplers.json")
     p.add_argument("--images", type=Path, default=ROOT / "docs" / "results" / "images")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows (default {','.join(ROWS)})")
     p.add_argument("--markdown", type=Path, help="print the README table of this JSON and exit")
     args = p.parse_args(argv)
+    args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if not args.rows or set(args.rows) - set(ROWS):
+        p.error(f"--rows takes a comma-separated subset of {', '.join(ROWS)}, not {','.join(args.rows)!r}")
     if args.markdown:
         print(markdown(json.loads(args.markdown.read_text())))
         return 0
@@ -319,13 +330,16 @@ def main(argv=None) -> int:
         "model": "conv_vae",
         "settings": {
             k: getattr(args, k)
-            for k in ("image_size", "pseudo_inputs", "seed", "k", "max_images", "n_samples", "n_synth", "grid")
+            for k in ("image_size", "pseudo_inputs", "seed", "k", "max_images", "n_samples", "n_synth", "grid", "rows")
         }
         | {"epochs": epochs},
         "datasets": {},
     }
     for name, source in data.items():
+        load_before = os.getloadavg()
         result["datasets"][name] = run_dataset(name, source, epochs[name], args)
+        result["datasets"][name]["load_average_1_5_15"] = {"start": load_before, "end": os.getloadavg()}
+    result["cpu_seconds_of_commands"] = round(sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2]), 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(markdown(result))
