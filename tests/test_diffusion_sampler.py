@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -107,6 +108,28 @@ def test_sample_evaluate_synthesize_with_the_diffusion_sampler(conv_run, tmp_pat
     assert report["sampler"] == "diffusion" and "nearest_synthetic_pixel" in report["membership_inference"]
 
 
+def test_fit_to_posterior_draws(conv_run, tmp_path):
+    """--posterior-draws K: K draws of q(z|x) per image, spread like the posterior (mean ± std), seeded."""
+    from medivae.workflows.fit_sampler import posterior_means
+
+    run = medivae.load(conv_run)
+    train = run.splits()["train"]
+    q = run.encode(train.images)
+    z, y = posterior_means(run, train.images, train.labels, draws=3, seed=5)
+    assert z.shape == (3 * len(train), 8) and y is None
+    eps = (z.reshape(len(train), 3, 8) - q["mean"].double().numpy()[:, None]) / np.exp(
+        0.5 * q["logvar"].double().numpy())[:, None]
+    n = eps.size  # standardised draws: mean 0 and variance 1 within 5 standard errors
+    assert abs(eps.mean()) < 5 / np.sqrt(n) and abs(eps.var() - 1) < 5 * np.sqrt(2 / n)
+    assert np.array_equal(z, posterior_means(run, train.images, train.labels, draws=3, seed=5)[0])
+    copy = tmp_path / "run"
+    shutil.copytree(conv_run, copy)
+    assert main(["fit-sampler", str(copy), "--sampler", "diffusion", "--posterior-draws", "2", "--no-progress",
+                 "--epochs", "2", "--width", "32"]) == 0
+    summary = json.loads((copy / "results.json").read_text())["samplers"]["diffusion"]
+    assert summary["n_train"] == 2 * len(train) and summary["latents"] == "2 posterior draws per image"
+
+
 def test_refusals_are_one_line(conv_run, tmp_path, capsys):
     out = str(tmp_path / "x.png")
     sample = ["sample", str(conv_run), "--out", out]
@@ -159,6 +182,7 @@ def test_vq_vae_gets_a_u_net_over_its_pre_quantisation_grid(tmp_path):
                  "--width", "8"]) == 0
     meta = json.loads((run / "samplers" / "diffusion.json").read_text())
     assert meta["spec"]["latent_shape"] == [4, 8, 8]  # code_dim x (32 / downsample 4)^2
+    assert main(["fit-sampler", str(run), "--sampler", "diffusion", "--posterior-draws", "2", "--no-progress"]) == 2
     r = medivae.load(run)
     x = r.sample(3, seed=0, sampler="diffusion", sampling_steps=3)
     assert x.shape == (3, 1, 32, 32) and float(x.min()) >= 0 and float(x.max()) <= 1

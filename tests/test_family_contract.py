@@ -54,9 +54,12 @@ from medivae.models.family import (
     StepOutput,
     TrainStep,
     adam,
+    decode_sampler_latents,
     families,
+    has_sampler_latents,
     labels_for,
     register,
+    sampler_latents,
 )
 from medivae.models.inference import reconstruct
 from medivae.runtime.constants import IMAGE_SIZES
@@ -424,6 +427,25 @@ def test_load_returns_tensors_of_the_right_shapes(opened, caps, test_split):
     else:
         with pytest.raises(UserError, match="cannot draw samples"):
             opened.sample(4)
+
+
+def test_post_hoc_sampler_latents_decode_to_images_or_diffusion_is_refused(trained, opened, test_split, caps,
+                                                                         tmp_path, capsys):
+    """The sampler-latent hooks (models/family.py): a family with them maps images to a latent and latents
+    back to images; a family without them refuses ``fit-sampler --sampler diffusion`` in one line."""
+    if not has_sampler_latents(opened.model):
+        capsys.readouterr()
+        assert main(["fit-sampler", str(trained), "--sampler", "diffusion", "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "no continuous latent" in err and err.count("\n") == 0
+        return
+    x = torch.from_numpy(test_split.images[:3]).float() / 255
+    y = opened.labels(test_split.labels[:3])
+    with torch.no_grad():
+        z = sampler_latents(opened.model, x, y)
+        assert z.shape[0] == 3 and z.dim() in (2, 4) and bool(torch.isfinite(z).all())
+        img = decode_sampler_latents(opened.model, z, y, torch.Generator().manual_seed(0))
+    assert img.shape == x.shape and float(img.min()) >= 0 and float(img.max()) <= 1
 
 
 # --- generation commands ---------------------------------------------------------------------------------

@@ -43,13 +43,15 @@ def sample(run_dir, n: int, out, seed: int | None = None, label: str | None = No
 
 
 def fit_sampler(run_dir, sampler: str, max_components: int = 10, checkpoint: str = "best",
-                device: str = "auto", diffusion=None, progress: bool = True) -> dict:
+                device: str = "auto", diffusion=None, progress: bool = True, posterior_draws: int = 0) -> dict:
     """Fit a post-hoc latent sampler (gmm, flow, diffusion) on the run's training latents -> RUN/samplers/.
-    ``diffusion``: a :class:`medivae.models.samplers.DiffusionFit` (epochs, patience, width, time budget)."""
+    ``diffusion``: a :class:`medivae.models.samplers.DiffusionFit` (epochs, patience, width, time budget);
+    ``posterior_draws`` > 0: fit to that many draws of q(z | x) per image instead of the posterior means."""
     from medivae.workflows.fit_sampler import fit_sampler_run
 
     with run_lock(run_dir, "medivae fit-sampler"):  # writes RUN/samplers/
-        return fit_sampler_run(run_dir, sampler, max_components, checkpoint, device, diffusion, progress)
+        return fit_sampler_run(run_dir, sampler, max_components, checkpoint, device, diffusion, progress,
+                               posterior_draws)
 
 
 def interpolate_run(run_dir, out, steps: int = 8, mode: str = "linear", src=None, dst=None, seed=None,

@@ -37,15 +37,17 @@ def cmd_fit_sampler(args) -> int:
     opts = DiffusionFit(**{k: v for k, v in (("max_epochs", args.epochs), ("patience", args.patience),
                                              ("width", args.width), ("time_budget", args.time_budget)) if v})
     r = api.fit_sampler(args.run, args.sampler, max_components=args.max_components, checkpoint=args.checkpoint,
-                        device=args.device, diffusion=opts, progress=not args.no_progress)
+                        device=args.device, diffusion=opts, progress=not args.no_progress,
+                        posterior_draws=args.posterior_draws)
     if args.sampler == "diffusion":
         fitted = (f"latent {tuple(r['latent_shape'])}, width {r['width']}, best epoch {r['best_epoch']} of "
                   f"{r['epochs']}, validation eps-MSE {r['val_eps_mse']}")
     else:
         per = r.get("components") or r.get("val_nll_nats")
         fitted = f"{'components' if 'components' in r else 'validation NLL, nats'} per class: {per}"
-    print(f"{args.sampler} sampler fitted on {r['n_train']} training latents in {r['seconds']} s ({fitted}); "
-          f"written to {r['json']}; draw with: medivae sample {args.run} --sampler {args.sampler} --out FILE")
+    print(f"{args.sampler} sampler fitted on {r['n_train']} training latents ({r['latents']}) in {r['seconds']} s "
+          f"({fitted}); written to {r['json']}; draw with: "
+          f"medivae sample {args.run} --sampler {args.sampler} --out FILE")
     return 0
 
 
@@ -105,6 +107,9 @@ def add(sub) -> None:
                    help="diffusion: denoiser width (default: 4 x latent dim in [128, 1024]; U-Net 64 channels)")
     f.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="diffusion: stop training after this many seconds (default: none)")
+    f.add_argument("--posterior-draws", type=int, default=0, metavar="K",
+                   help="fit to K draws of q(z|x) per training image instead of the posterior means "
+                        "(Gaussian-latent families; default 0: means)")
     f.add_argument("--checkpoint", default="best", help="best (default) or last")
     f.add_argument("--device", default="auto")
     f.add_argument("--no-progress", action="store_true")
