@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -41,12 +42,17 @@ from common import git_commit, trained_epochs  # noqa: E402  (benchmarks/ is on 
 
 # row -> (which run, --sampler): the post-hoc samplers are fitted on the N(0, I) run
 ROWS = {"prior": ("normal", "prior"), "gmm": ("normal", "gmm"), "flow": ("normal", "flow"),
-        "diffusion": ("normal", "diffusion"), "vamp": ("vamp", "prior")}
+        "diffusion": ("normal", "diffusion"), "diffusion_draws": ("draws", "diffusion"), "vamp": ("vamp", "prior")}
+# row -> the fit-sampler arguments; "draws" is a copy of the N(0, I) run (same weights) whose diffusion sampler
+# is fitted to posterior draws instead of posterior means
+POSTHOC = {"gmm": ["--sampler", "gmm"], "flow": ["--sampler", "flow"], "diffusion": ["--sampler", "diffusion"],
+           "diffusion_draws": ["--sampler", "diffusion", "--posterior-draws", "4"]}
 ROW_NAMES = {
     "prior": "N(0, I) prior",
     "gmm": "GMM (post hoc)",
     "flow": "flow (post hoc)",
     "diffusion": "diffusion (post hoc, DDIM 50 steps)",
+    "diffusion_draws": "diffusion on 4 posterior draws per image",
     "vamp": "VampPrior",
     "floor": "real held-out (floor)",
 }
@@ -198,13 +204,15 @@ def one_reference(rows: dict, name: str) -> str:
 
 
 def run_dataset(name: str, source: str, epochs: int, args) -> dict:
-    wanted = {ROWS[r][0] for r in args.rows}
-    runs = {k: args.work / f"{name}_{k}" for k in ("normal", "vamp") if k in wanted}
+    wanted = {ROWS[r][0] for r in args.rows} | ({"normal"} if any(ROWS[r][0] == "draws" for r in args.rows) else set())
+    runs = {k: args.work / f"{name}_{k}" for k in ("normal", "vamp", "draws") if k in wanted}
     priors = {"normal": [], "vamp": ["--prior", "vamp", "--pseudo-inputs", args.pseudo_inputs]}
-    train_s = {k: train(runs[k], source, epochs, priors[k], args) for k in runs}
-    posthoc = [r for r in args.rows if r in ("gmm", "flow", "diffusion")]
-    fit_s = {s: medivae("fit-sampler", runs["normal"], "--sampler", s, "--no-progress") for s in posthoc}
-    fitted = json.loads((runs["normal"] / "results.json").read_text()).get("samplers", {}) if posthoc else {}
+    train_s = {k: train(runs[k], source, epochs, priors[k], args) for k in runs if k != "draws"}
+    if "draws" in runs and not runs["draws"].exists():
+        shutil.copytree(runs["normal"], runs["draws"])
+    posthoc = [r for r in args.rows if r in POSTHOC]
+    fit_s = {r: medivae("fit-sampler", runs[ROWS[r][0]], *POSTHOC[r], "--no-progress") for r in posthoc}
+    fitted = {r: json.loads((runs[ROWS[r][0]] / "results.json").read_text())["samplers"][ROWS[r][1]] for r in posthoc}
     rows = {}
     for row, (which, sampler) in ((r, ROWS[r]) for r in args.rows):
         rows[row] = {
@@ -228,7 +236,7 @@ def run_dataset(name: str, source: str, epochs: int, args) -> dict:
         "epochs": epochs,
         "train_wall_s": train_s,
         "fit_sampler_wall_s": fit_s,
-        "samplers": {s: {k: v for k, v in fitted[s].items() if k not in ("file",)} for s in posthoc},
+        "samplers": {r: {k: v for k, v in fitted[r].items() if k not in ("file",)} for r in posthoc},
         "reference_hash": one_reference(rows, name),
         "rows": rows,
     }
@@ -276,6 +284,22 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def appended(old: dict, new: dict) -> dict:
+    """``old`` with ``new``'s rows (and their fits and timings) added to its data sets; each invocation's
+    command, commit, rows and CPU seconds kept under "stages". The rows must share one reference extractor."""
+    stage = {k: new[k] for k in ("command", "commit", "cpu_seconds_of_commands")} | {"rows": new["settings"]["rows"]}
+    out = {**old, "stages": [*old.get("stages", [{k: old.get(k) for k in stage}]), stage]}
+    for name, d in new["datasets"].items():
+        if name not in out["datasets"]:
+            out["datasets"][name] = d
+            continue
+        o = out["datasets"][name]
+        for key in ("rows", "train_wall_s", "fit_sampler_wall_s", "samplers"):
+            o[key] = {**o.get(key, {}), **d[key]}
+        o["reference_hash"] = one_reference(o["rows"], name)
+    return out
+
+
 def parse_pairs(items: list[str], what: str) -> dict[str, str]:
     out = {}
     for item in items:
@@ -303,6 +327,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "samplers.json")
     p.add_argument("--images", type=Path, default=ROOT / "docs" / "results" / "images")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows (default {','.join(ROWS)})")
+    p.add_argument("--append", action="store_true",
+                   help="add this invocation's rows to --out's data sets instead of replacing the file")
     p.add_argument("--markdown", type=Path, help="print the README table of this JSON and exit")
     args = p.parse_args(argv)
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -340,6 +366,8 @@ def main(argv=None) -> int:
         result["datasets"][name] = run_dataset(name, source, epochs[name], args)
         result["datasets"][name]["load_average_1_5_15"] = {"start": load_before, "end": os.getloadavg()}
     result["cpu_seconds_of_commands"] = round(sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2]), 1)
+    if args.append and args.out.exists():
+        result = appended(json.loads(args.out.read_text()), result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(markdown(result))
