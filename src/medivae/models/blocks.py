@@ -1,10 +1,14 @@
-"""Convolutional trunks shared by the model families (the seed article's layout, generalised)."""
+"""Networks shared by the model families: the convolutional trunks (the seed article's layout, generalised),
+the residual block of VQ-VAE (van den Oord et al. 2017) and the spectral-norm PatchGAN discriminator
+(Isola et al. 2017; Miyato et al. 2018) of the adversarial families."""
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
 
 from medivae.models.cpu_conv import DownConv, UpConv
 
@@ -37,3 +41,39 @@ def decoder_trunk(out_channels: int, widths: list[int]) -> nn.Sequential:
         layers += [UpConv(a, b), nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
     layers.append(UpConv(rev[-1], out_channels))
     return nn.Sequential(*layers)
+
+
+class Residual(nn.Module):
+    """x + conv1x1(relu(conv3x3(relu(x)))): VQ-VAE's residual block, (B, width, H, W) -> the same shape."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(width, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, width, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class PatchDiscriminator(nn.Module):
+    """(B, C, H, W) in [0, 1] -> patch logits (B, H / 2^L, W / 2^L) and the features of every layer: 4x4
+    stride-2 convolutions with spectral normalisation and LeakyReLU, no BatchNorm (its statistics would mix
+    real and fake batches)."""
+
+    def __init__(self, channels: int, width: int, layers: int):
+        super().__init__()
+        blocks, c = [], channels
+        for i in range(layers):
+            w = width * 2 ** min(i, 3)
+            blocks.append(nn.Sequential(spectral_norm(nn.Conv2d(c, w, 4, 2, 1)), nn.LeakyReLU(0.2)))
+            c = w
+        self.blocks = nn.ModuleList(blocks)
+        self.head = spectral_norm(nn.Conv2d(c, 1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        feats, h = [], x * 2.0 - 1.0
+        for block in self.blocks:
+            h = block(h)
+            feats.append(h)
+        return self.head(h)[:, 0].float(), feats

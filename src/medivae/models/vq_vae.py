@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medivae.models.blocks import Residual
 from medivae.models.cpu_conv import DownConv, UpConv
 from medivae.models.distributions import Gaussian
 from medivae.models.family import Family, StepContext, StepOutput, TrainStep, adam, classes_for_data
@@ -218,19 +219,6 @@ class EMACodebook(nn.Module):
 
 
 # --- the networks --------------------------------------------------------------------------------------
-class _Residual(nn.Module):
-    """x + conv1x1(relu(conv3x3(relu(x)))): the paper's residual block."""
-
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.ReLU(), nn.Conv2d(width, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, width, 1)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
-
-
 def _stage_widths(cfg: VQVAEConfig) -> list[int]:
     """Channels after each stride-2 stage, from the image side: e.g. downsample 4, width 64 -> [32, 64]."""
     stages = int(math.log2(cfg.downsample))
@@ -245,7 +233,7 @@ def _encoder(cfg: VQVAEConfig) -> nn.Sequential:
         layers += [DownConv(c, w), nn.ReLU()]
         c = w
     layers.append(nn.Conv2d(c, cfg.width, 3, padding=1))
-    layers += [_Residual(cfg.width, cfg.res_width) for _ in range(cfg.res_blocks)]
+    layers += [Residual(cfg.width, cfg.res_width) for _ in range(cfg.res_blocks)]
     layers += [nn.ReLU(), nn.Conv2d(cfg.width, cfg.code_dim, 1)]
     return nn.Sequential(*layers)
 
@@ -253,7 +241,7 @@ def _encoder(cfg: VQVAEConfig) -> nn.Sequential:
 def _decoder(cfg: VQVAEConfig) -> nn.Sequential:
     """(B, D, h, w) -> logits (B, C, H, W): the mirror of the encoder, 4x4 stride-2 transposed convs."""
     layers: list[nn.Module] = [nn.Conv2d(cfg.code_dim, cfg.width, 3, padding=1)]
-    layers += [_Residual(cfg.width, cfg.res_width) for _ in range(cfg.res_blocks)]
+    layers += [Residual(cfg.width, cfg.res_width) for _ in range(cfg.res_blocks)]
     layers.append(nn.ReLU())
     widths = _stage_widths(cfg)[::-1]  # [width, ..., smallest]
     c = cfg.width
