@@ -177,8 +177,13 @@ MODEL_ARGS: dict[str, list[str]] = {  # family -> its own KEY=VALUE list, when T
     "vamp_vae": [*(f"{k}={v}" for k, v in TINY.items() if k != "width"), "pseudo_inputs=4"],
     "vq_vae": ["codebook_size=16", "code_dim=4", "width=8", "res_blocks=1", "res_width=4", "prior_epochs=1",
                "prior_width=8", "prior_layers=1", "prior_heads=2"],
+    # the discriminator trains from the start and the prior in the second epoch: SIGKILL + resume and torchrun
+    # cover all three optimizers
+    "ldm": ["width=8", "res_blocks=1", "res_width=4", "latent_channels=2", "disc_width=4", "disc_layers=2",
+            "adv_start=0", "prior_epochs=1", "prior_width=8", "prior_updates=2", "sampling_steps=4"],
 }
-EPOCHS = {"vq_vae": 2}  # family -> epochs of its shared run, when 1 is too few (vq_vae: autoencoder, then prior)
+# family -> epochs of its shared run, when 1 is too few (vq_vae, ldm: autoencoder, then prior)
+EPOCHS = {"vq_vae": 2, "ldm": 2}
 FAMILY_NAMES = sorted(families())
 if PLUGIN not in {s.strip() for s in os.environ.get("MEDIVAE_PLUGINS", "").split(",")}:
     # imported by pytest, not as a plugin: out of the registry again until this module's tests run (fixture
