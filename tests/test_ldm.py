@@ -86,7 +86,7 @@ def test_the_autoencoder_stage_leaves_the_prior_untouched_and_the_prior_stage_th
     assert set(terms) == {"prior", "prior_mse"} and terms["prior"].shape == (6,)
     assert _same(ae1, _state(model.autoencoder)) and _same(disc1, _state(model.disc))
     assert not _same(prior0, _state(model.prior))
-    assert model.prior_ready and int(model.ema_updates) == 2  # one per update: prior_updates = 2 per batch
+    assert model.prior_ready and int(model.prior_ema.n_averaged) == 2  # one per update: prior_updates = 2
 
 
 def test_the_prior_learns_the_latents_standardised_per_channel():
@@ -112,21 +112,28 @@ def test_the_prior_updates_split_the_batch_and_log_every_image_once(batch, logge
     terms = _train_batch(model, opts, torch.rand(batch, 1, 32, 32), None, _ctx(epoch=3))
     assert terms["prior_mse"].shape == (logged,) and torch.isfinite(terms["prior"]).all()
     torch.testing.assert_close(terms["prior"], terms["prior_mse"] * 2 * 8 * 8)
-    assert int(model.ema_updates) == 4
+    assert int(model.prior_ema.n_averaged) == 4
 
 
-def test_the_moving_average_copies_first_then_follows_with_its_warm_up():
+def test_samples_come_from_the_moving_average_of_the_prior():
     model = _ldm(prior_ema=0.999)
-    model._update_ema()
-    assert _same(_state(model.prior), _state(model.prior_ema))
-    before = [p.detach().clone() for p in model.prior_ema.parameters()]
+    opts = model.optimizers(TRAIN, torch.device("cpu"))
+    x = torch.rand(6, 1, 32, 32)
+    _train_batch(model, opts, x, None, _ctx(epoch=3))  # two updates: the average is the weights after one
+    _train_batch(model, opts, x, None, _ctx(epoch=3, step=1))
+    assert int(model.prior_ema.n_averaged) == 4
+    ema, raw = model.prior_ema.module, model.prior
+    assert not _same(_state(ema), _state(raw))
+    assert model._require_prior() is ema
     with torch.no_grad():
-        for p in model.prior.parameters():
-            p.add_(1.0)
-    model._update_ema()  # n = 1: decay (1 + 1) / (10 + 1)
-    decay = 2 / 11
-    for b, p, e in zip(before, model.prior.parameters(), model.prior_ema.parameters(), strict=True):
-        torch.testing.assert_close(e, decay * b + (1 - decay) * p.detach())
+        for p in ema.out.parameters():  # the zero output layer ignores everything else
+            p.normal_(0, 0.1)
+    a = model.sample(2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.mul_(0.5)
+    assert not torch.equal(a, model.sample(2, generator=torch.Generator().manual_seed(0)))
+    assert _ldm(prior_ema=0.0)._require_prior() is not None
 
 
 def test_the_adversarial_terms_start_at_their_epoch():
@@ -148,7 +155,7 @@ def test_the_adversarial_terms_start_at_their_epoch():
 def test_samples_are_deterministic_for_a_generator_and_follow_the_label():
     model = _ldm(num_classes=2, guidance=1.0).eval()
     with torch.no_grad():  # an untrained prior predicts the same noise for every class (zero output layer)
-        for p in model.prior_ema.out.parameters():
+        for p in model.prior_ema.module.out.parameters():
             p.normal_(0, 0.1)
 
     def draw(label, seed=0):
@@ -160,6 +167,8 @@ def test_samples_are_deterministic_for_a_generator_and_follow_the_label():
     assert not torch.equal(a, draw(0, seed=1))
     assert not torch.equal(a, draw(1))
     assert not torch.equal(a, draw(None))  # unconditional: the null class
+    cooler = model.sample(3, label=0, generator=torch.Generator().manual_seed(0), temperature=0.5)
+    assert not torch.equal(a, cooler)  # DDIM starts from N(0, T^2 I)
     z = model.prior_latents(2, torch.Generator().manual_seed(0))
     assert z.shape == (2, 2, 8, 8) and z.device.type == "cpu"
 
@@ -192,8 +201,6 @@ def test_capabilities_follow_the_config_and_the_data():
     assert no_prior.num_classes == 0 and build_model(no_prior).capabilities == {"latent"}
     with pytest.raises(UserError, match="no prior to sample from"):
         build_model(no_prior).sample(2)
-    with pytest.raises(UserError, match="temperature"):
-        _ldm().sample(2, temperature=0.7)
     with pytest.raises(UserError, match="--epochs must exceed"):
         _ldm(prior_epochs=3).optimizers(TRAIN, torch.device("cpu"))
 

@@ -24,8 +24,9 @@ Nichol & Dhariwal 2021) learns posterior draws of the training images' latents, 
 (the mean and std of the first stage-2 batch over every rank, kept in buffers so a checkpoint carries
 them). Each batch's latents are split into ``prior_updates`` parts, one optimizer step each: a diffusion
 model needs many more steps than the batches of a short run, and small batches give them at the same cost.
-The weights sampled from are an exponential moving average of the trained ones (decay ``prior_ema``, with
-the warm-up (1 + n) / (10 + n) after n updates), which a short diffusion training needs most. Sampling is
+The weights sampled from are an exponential moving average of the trained ones (``diffusion.ema_model``:
+decay ``prior_ema``, warmed up as (1 + n) / (10 + n) after n updates), which a short diffusion training
+needs most. Sampling is
 deterministic DDIM (Song et al. 2021) in ``sampling_steps`` steps, then the decoder.
 
 Class-conditional when the data has two or more labels (``num_classes = -1``, the default; 0 turns it off):
@@ -39,15 +40,15 @@ L1 + kl_weight · KL + "prior", the prior's ε-MSE summed over latent elements (
 Before stage 2 the prior counts as one that predicts no noise (E ||ε||² = the number of latent elements);
 in stage 2 the autoencoder terms are constant, so "loss" falls with the prior's error.
 
+Temperature T draws DDIM's starting noise from N(0, T² I).
+
 What it has not: an image likelihood (L1 and adversarial training define none, and the diffusion bound is
 not computed): no "likelihood" capability. The latent is spatial and its prior learned, not N(0, I): no
-"gaussian_latent" (no traversals, KL per dimension or post-hoc latent samplers). DDIM starts from N(0, I)
-noise, so sampling has no temperature other than 1.
+"gaussian_latent" (no traversals, KL per dimension or post-hoc latent samplers).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import math
@@ -64,9 +65,18 @@ from medivae.models.diffusion import (
     build_denoiser,
     ddim_sample,
     diffusion_loss,
+    ema_model,
 )
 from medivae.models.distributions import DiagonalGaussian
-from medivae.models.family import Family, StepContext, StepOutput, TrainStep, adam, classes_for_data
+from medivae.models.family import (
+    Family,
+    ModelFacts,
+    StepContext,
+    StepOutput,
+    TrainStep,
+    adam,
+    classes_for_data,
+)
 from medivae.models.losses import (
     ADV_LOSSES,
     DiscriminatorWatch,
@@ -247,8 +257,7 @@ class LDM(nn.Module):
         self.prior = build_denoiser(cfg.diffusion_spec()) if cfg.prior_epochs else None
         self.prior_ema = None  # the moving average of the prior's weights: what samples
         if self.prior is not None and cfg.prior_ema:
-            self.prior_ema = copy.deepcopy(self.prior).requires_grad_(False)
-        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+            self.prior_ema = ema_model(self.prior, cfg.prior_ema).requires_grad_(False)
         self.schedule = NoiseSchedule(cfg.timesteps)
         c = cfg.latent_channels
         # per-channel standardisation of the latents the prior sees; set at the first stage-2 step
@@ -276,6 +285,10 @@ class LDM(nn.Module):
         """The decoded posterior mean: float (B, C, H, W) in [0, 1]."""
         return self.decode(self.encode(x).mode())
 
+    def describe(self) -> ModelFacts:
+        """No image likelihood, no flat latent; the KL weight is ``kl_weight``."""
+        return ModelFacts(beta=self.cfg.kl_weight)
+
     def standardiser(self) -> LatentStandardiser:
         """Latent (B, c, h, w) <-> the standardised latent the prior models."""
         return LatentStandardiser(self.latent_mean, self.latent_std)
@@ -284,18 +297,16 @@ class LDM(nn.Module):
         """The denoiser that samples: the moving average of the prior's weights, when kept."""
         if self.prior is None:
             raise UserError(f"{self.cfg.name} was trained with prior_epochs=0: it has no prior to sample from")
-        return self.prior_ema if self.prior_ema is not None else self.prior
+        return self.prior_ema.module if self.prior_ema is not None else self.prior
 
     def draw_latents(self, n: int, y: torch.Tensor | None = None, generator=None, temperature: float = 1.0,
                      progress: bool = False) -> torch.Tensor:
         """n latents (n, c, h, w) float32 on the model's device, drawn by DDIM from the prior (y: (n,) class
-        indices, guided by ``cfg.guidance``; None: the unconditional prior)."""
+        indices, guided by ``cfg.guidance``; None: the unconditional prior) from noise N(0, T² I)."""
         prior = self._require_prior()
-        if temperature != 1.0:
-            raise UserError(f"{self.cfg.name} samples by DDIM from N(0, I) noise: it has no temperature "
-                            f"but 1, not {temperature}")
         guidance = self.cfg.guidance if y is not None else 0.0
-        u = ddim_sample(prior, self.schedule, n, y, guidance, self.cfg.sampling_steps, generator, progress)
+        u = ddim_sample(prior, self.schedule, n, y, guidance, self.cfg.sampling_steps, generator, progress,
+                        temperature=temperature)
         return self.standardiser().decode(u.float())
 
     def prior_latents(self, n: int, generator=None, temperature: float = 1.0) -> torch.Tensor:
@@ -409,17 +420,10 @@ class LDM(nn.Module):
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        """Move the moving average towards the prior's current weights (the previous update's result): decay
-        min(prior_ema, (1 + n) / (10 + n)) after n updates, so that early weights are forgotten quickly."""
-        if self.prior_ema is None:
-            return
-        n = int(self.ema_updates)
-        decay = min(self.cfg.prior_ema, (1 + n) / (10 + n)) if n else 0.0  # the first call copies
-        ema, now = list(self.prior_ema.parameters()), [p.detach() for p in self.prior.parameters()]
-        torch._foreach_lerp_(ema, now, 1.0 - decay)
-        for a, b in zip(self.prior_ema.buffers(), self.prior.buffers(), strict=True):
-            a.copy_(b)
-        self.ema_updates += 1
+        """Move the moving average to the prior's current weights: those of the previous update, since the
+        trainer steps the optimizer after a step returns (so the very last update is left out of it)."""
+        if self.prior_ema is not None:
+            self.prior_ema.update_parameters(self.prior)
 
     @torch.no_grad()
     def _fit_standardiser(self, z: torch.Tensor) -> None:
