@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import json
 import math
+import socket
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
 
 from medivae.models import build_model, model_config
 from medivae.models.diffusion import LatentStandardiser
@@ -216,6 +221,7 @@ def test_impossible_options_are_errors_that_name_the_value(field, value, says):
         LDMConfig(image_size=32, **{field: value})
 
 
+@pytest.mark.slow
 def test_two_stages_in_one_run_and_the_best_checkpoint_follows_the_prior(tmp_path):
     from medivae import api
     from medivae.runfolder.config import DataConfig, RunConfig
@@ -236,3 +242,40 @@ def test_two_stages_in_one_run_and_the_best_checkpoint_follows_the_prior(tmp_pat
     saved = json.loads((run / "config.json").read_text())["model"]
     assert saved["num_classes"] == 2  # phantoms: normal, lesion
     assert math.isfinite(rows[2]["val_loss"])
+
+
+# --- two gloo ranks: one standardisation -------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _batch(rank: int) -> torch.Tensor:
+    return torch.rand(5, 1, 32, 32, generator=torch.Generator().manual_seed(40 + rank))
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = _ldm()  # the same weights on both ranks
+        prior_step = next(s for s in model.training_steps() if s.name == "prior")
+        prior_step.run(model.trained_modules(), _batch(rank), None, _ctx(epoch=3, seed=rank))
+        save_file({"mean": model.latent_mean.contiguous(), "std": model.latent_std.contiguous()},
+                  str(Path(out) / f"stats{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_standardise_by_the_statistics_of_both_batches(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    a, b = (load_file(str(tmp_path / f"stats{r}.safetensors")) for r in range(2))
+    assert torch.equal(a["mean"], b["mean"]) and torch.equal(a["std"], b["std"])
+    model = _ldm()
+    z = torch.cat([model.encode(_batch(r)).sample(torch.Generator().manual_seed(r)) for r in range(2)])
+    both = LatentStandardiser.fit(z)  # pooled over the 10 images of the two ranks
+    torch.testing.assert_close(a["mean"], both.mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a["std"], both.std, rtol=1e-5, atol=1e-6)
+    alone = LatentStandardiser.fit(z[:5])
+    assert not torch.allclose(a["mean"], alone.mean, rtol=1e-3, atol=1e-4)  # not rank 0's batch alone
