@@ -100,26 +100,26 @@ class LDMConfig:
     image_size: int = 64
     channels: int = 1
     # the autoencoder
-    latent_channels: int = 4
+    latent_channels: int = 4  # channels of the spatial latent
     downsample: int = 0  # latent side = image side / downsample (a power of 2); 0: 4 at 32 px, 8 above
     width: int = 64  # channels of the residual stack (the stride-2 stages halve it towards the image)
-    res_blocks: int = 2
-    res_width: int = 32
+    res_blocks: int = 2  # residual blocks in the encoder and in the decoder
+    res_width: int = 32  # hidden channels of a residual block
     kl_weight: float = 1e-6  # on per-element sums: L1 summed over pixels, KL summed over latent elements
     # the adversarial terms (as vae_gan's)
-    disc_width: int = 32
-    disc_layers: int = 3
-    adv_loss: str = "hinge"
+    disc_width: int = 32  # channels of the discriminator's first layer
+    disc_layers: int = 3  # its stride-2 convolutions: 32 px -> 4x4 patches
+    adv_loss: str = "hinge"  # or "lsgan"
     adv_weight: float = 0.5  # multiplies VQGAN's adaptive weight
-    feature_weight: float = 1.0
+    feature_weight: float = 1.0  # feature matching in the discriminator's layers
     adv_start: float = 2.0  # epochs of plain autoencoder training before the adversarial terms start
-    disc_lr: float = 2e-4
+    disc_lr: float = 2e-4  # the discriminator's learning rate
     # the diffusion prior
     prior_epochs: int = 4  # the last epochs train the prior; 0: no prior (no sampling)
     prior_width: int = 64  # base channels of the U-Net
     prior_updates: int = 4  # optimizer steps of the prior per batch, each on 1/prior_updates of it
     prior_ema: float = 0.999  # decay of the moving average of the prior's weights that samples (0: none)
-    timesteps: int = 1000
+    timesteps: int = 1000  # diffusion steps T of the forward process
     sampling_steps: int = 50  # DDIM steps per sample
     guidance: float = 1.0  # classifier-free guidance weight w of class-conditional samples (0: none)
     p_uncond: float = 0.1  # fraction of training labels replaced by the null class
