@@ -1,9 +1,10 @@
-"""N(0, I) prior vs post-hoc GMM / flow latent samplers vs VampPrior, per data set (issue 19).
+"""N(0, I) prior vs post-hoc GMM / flow / diffusion latent samplers vs VampPrior, per data set.
 
-For each ``--data NAME=SOURCE``: ``medivae train`` one conv_vae with the N(0, I) prior and one with
-``--prior vamp --pseudo-inputs K``, same image size, epochs and seed (a finished run is kept, an
-interrupted one resumed from last/); ``medivae fit-sampler`` gmm and flow on the N(0, I) run. Then four
-rows, N(0, I) / GMM / flow (the N(0, I) run) and VampPrior (the vamp run's own prior):
+For each ``--data NAME=SOURCE``: ``medivae train`` one conv_vae with the N(0, I) prior and (for the vamp
+row) one with ``--prior vamp --pseudo-inputs K``, same image size, epochs and seed (a finished run is kept,
+an interrupted one resumed from last/); ``medivae fit-sampler`` gmm, flow and diffusion on the N(0, I) run.
+Then the ``--rows`` (default all five): N(0, I) / GMM / flow / diffusion (the N(0, I) run) and VampPrior
+(the vamp run's own prior):
 
 - ``medivae evaluate RUN --sampler S``: FD / precision / recall / density / coverage of generated
   images against held-out real images, in the feature space of the per-data-set reference extractor
@@ -28,6 +29,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -37,11 +41,18 @@ ROOT = Path(__file__).resolve().parents[1]
 from common import git_commit, trained_epochs  # noqa: E402  (benchmarks/ is on sys.path)
 
 # row -> (which run, --sampler): the post-hoc samplers are fitted on the N(0, I) run
-ROWS = {"prior": ("normal", "prior"), "gmm": ("normal", "gmm"), "flow": ("normal", "flow"), "vamp": ("vamp", "prior")}
+ROWS = {"prior": ("normal", "prior"), "gmm": ("normal", "gmm"), "flow": ("normal", "flow"),
+        "diffusion": ("normal", "diffusion"), "diffusion_draws": ("draws", "diffusion"), "vamp": ("vamp", "prior")}
+# row -> the fit-sampler arguments; "draws" is a copy of the N(0, I) run (same weights) whose diffusion sampler
+# is fitted to posterior draws instead of posterior means
+POSTHOC = {"gmm": ["--sampler", "gmm"], "flow": ["--sampler", "flow"], "diffusion": ["--sampler", "diffusion"],
+           "diffusion_draws": ["--sampler", "diffusion", "--posterior-draws", "4"]}
 ROW_NAMES = {
     "prior": "N(0, I) prior",
     "gmm": "GMM (post hoc)",
     "flow": "flow (post hoc)",
+    "diffusion": "diffusion (post hoc, DDIM 50 steps)",
+    "diffusion_draws": "diffusion on 4 posterior draws per image",
     "vamp": "VampPrior",
     "floor": "real held-out (floor)",
 }
@@ -175,7 +186,7 @@ def synthesize_row(run: Path, sampler: str, out: Path, args) -> dict:
 
 
 def sample_grid(run: Path, sampler: str, path: Path, n: int, args) -> dict:
-    medivae("sample", run, "--sampler", sampler, "-n", n, "--seed", args.seed, "--out", path)
+    medivae("sample", run, "--sampler", sampler, "-n", n, "--seed", args.seed, "--out", path, "--no-progress")
     if path.stat().st_size > MAX_GRID_BYTES:
         print(f"warning: {path} is {path.stat().st_size // 1000} KB; use --grid 16 for the README", flush=True)
     return {"file": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path), "bytes": path.stat().st_size}
@@ -193,13 +204,17 @@ def one_reference(rows: dict, name: str) -> str:
 
 
 def run_dataset(name: str, source: str, epochs: int, args) -> dict:
-    runs = {"normal": args.work / f"{name}_normal", "vamp": args.work / f"{name}_vamp"}
+    wanted = {ROWS[r][0] for r in args.rows} | ({"normal"} if any(ROWS[r][0] == "draws" for r in args.rows) else set())
+    runs = {k: args.work / f"{name}_{k}" for k in ("normal", "vamp", "draws") if k in wanted}
     priors = {"normal": [], "vamp": ["--prior", "vamp", "--pseudo-inputs", args.pseudo_inputs]}
-    train_s = {k: train(runs[k], source, epochs, priors[k], args) for k in runs}
-    fit_s = {s: medivae("fit-sampler", runs["normal"], "--sampler", s) for s in ("gmm", "flow")}
-    fitted = json.loads((runs["normal"] / "results.json").read_text())["samplers"]
+    train_s = {k: train(runs[k], source, epochs, priors[k], args) for k in runs if k != "draws"}
+    if "draws" in runs and not runs["draws"].exists():
+        shutil.copytree(runs["normal"], runs["draws"])
+    posthoc = [r for r in args.rows if r in POSTHOC]
+    fit_s = {r: medivae("fit-sampler", runs[ROWS[r][0]], *POSTHOC[r], "--no-progress") for r in posthoc}
+    fitted = {r: json.loads((runs[ROWS[r][0]] / "results.json").read_text())["samplers"][ROWS[r][1]] for r in posthoc}
     rows = {}
-    for row, (which, sampler) in ROWS.items():
+    for row, (which, sampler) in ((r, ROWS[r]) for r in args.rows):
         rows[row] = {
             "run": str(runs[which]),
             "sampler": sampler,
@@ -221,7 +236,7 @@ def run_dataset(name: str, source: str, epochs: int, args) -> dict:
         "epochs": epochs,
         "train_wall_s": train_s,
         "fit_sampler_wall_s": fit_s,
-        "samplers": {s: {k: v for k, v in fitted[s].items() if k not in ("file",)} for s in ("gmm", "flow")},
+        "samplers": {r: {k: v for k, v in fitted[r].items() if k not in ("file",)} for r in posthoc},
         "reference_hash": one_reference(rows, name),
         "rows": rows,
     }
@@ -269,6 +284,22 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def appended(old: dict, new: dict) -> dict:
+    """``old`` with ``new``'s rows (and their fits and timings) added to its data sets; each invocation's
+    command, commit, rows and CPU seconds kept under "stages". The rows must share one reference extractor."""
+    stage = {k: new[k] for k in ("command", "commit", "cpu_seconds_of_commands")} | {"rows": new["settings"]["rows"]}
+    out = {**old, "stages": [*old.get("stages", [{k: old.get(k) for k in stage}]), stage]}
+    for name, d in new["datasets"].items():
+        if name not in out["datasets"]:
+            out["datasets"][name] = d
+            continue
+        o = out["datasets"][name]
+        for key in ("rows", "train_wall_s", "fit_sampler_wall_s", "samplers"):
+            o[key] = {**o.get(key, {}), **d[key]}
+        o["reference_hash"] = one_reference(o["rows"], name)
+    return out
+
+
 def parse_pairs(items: list[str], what: str) -> dict[str, str]:
     out = {}
     for item in items:
@@ -295,8 +326,14 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/samplers_compare"))
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "samplers.json")
     p.add_argument("--images", type=Path, default=ROOT / "docs" / "results" / "images")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows (default {','.join(ROWS)})")
+    p.add_argument("--append", action="store_true",
+                   help="add this invocation's rows to --out's data sets instead of replacing the file")
     p.add_argument("--markdown", type=Path, help="print the README table of this JSON and exit")
     args = p.parse_args(argv)
+    args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if not args.rows or set(args.rows) - set(ROWS):
+        p.error(f"--rows takes a comma-separated subset of {', '.join(ROWS)}, not {','.join(args.rows)!r}")
     if args.markdown:
         print(markdown(json.loads(args.markdown.read_text())))
         return 0
@@ -319,13 +356,18 @@ def main(argv=None) -> int:
         "model": "conv_vae",
         "settings": {
             k: getattr(args, k)
-            for k in ("image_size", "pseudo_inputs", "seed", "k", "max_images", "n_samples", "n_synth", "grid")
+            for k in ("image_size", "pseudo_inputs", "seed", "k", "max_images", "n_samples", "n_synth", "grid", "rows")
         }
         | {"epochs": epochs},
         "datasets": {},
     }
     for name, source in data.items():
+        load_before = os.getloadavg()
         result["datasets"][name] = run_dataset(name, source, epochs[name], args)
+        result["datasets"][name]["load_average_1_5_15"] = {"start": load_before, "end": os.getloadavg()}
+    result["cpu_seconds_of_commands"] = round(sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2]), 1)
+    if args.append and args.out.exists():
+        result = appended(json.loads(args.out.read_text()), result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(markdown(result))

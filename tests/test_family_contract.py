@@ -54,10 +54,13 @@ from medivae.models.family import (
     StepOutput,
     TrainStep,
     adam,
+    decode_sampler_latents,
     families,
+    has_sampler_latents,
     labels_for,
     latent_prior,
     register,
+    sampler_latents,
 )
 from medivae.models.inference import reconstruct
 from medivae.runtime.constants import IMAGE_SIZES
@@ -177,8 +180,13 @@ MODEL_ARGS: dict[str, list[str]] = {  # family -> its own KEY=VALUE list, when T
     "vamp_vae": [*(f"{k}={v}" for k, v in TINY.items() if k != "width"), "pseudo_inputs=4"],
     "vq_vae": ["codebook_size=16", "code_dim=4", "width=8", "res_blocks=1", "res_width=4", "prior_epochs=1",
                "prior_width=8", "prior_layers=1", "prior_heads=2"],
+    # the discriminator trains from the start and the prior in the second epoch: SIGKILL + resume and torchrun
+    # cover all three optimizers
+    "ldm": ["width=8", "res_blocks=1", "res_width=4", "latent_channels=2", "disc_width=4", "disc_layers=2",
+            "adv_start=0", "prior_epochs=1", "prior_width=8", "prior_updates=2", "sampling_steps=4"],
 }
-EPOCHS = {"vq_vae": 2}  # family -> epochs of its shared run, when 1 is too few (vq_vae: autoencoder, then prior)
+# family -> epochs of its shared run, when 1 is too few (vq_vae, ldm: autoencoder, then prior)
+EPOCHS = {"vq_vae": 2, "ldm": 2}
 FAMILY_NAMES = sorted(families())
 if PLUGIN not in {s.strip() for s in os.environ.get("MEDIVAE_PLUGINS", "").split(",")}:
     # imported by pytest, not as a plugin: out of the registry again until this module's tests run (fixture
@@ -427,6 +435,25 @@ def test_load_returns_tensors_of_the_right_shapes(opened, caps, test_split):
     else:
         with pytest.raises(UserError, match="cannot draw samples"):
             opened.sample(4)
+
+
+def test_post_hoc_sampler_latents_decode_to_images_or_diffusion_is_refused(trained, opened, test_split, caps,
+                                                                         tmp_path, capsys):
+    """The sampler-latent hooks (models/family.py): a family with them maps images to a latent and latents
+    back to images; a family without them refuses ``fit-sampler --sampler diffusion`` in one line."""
+    if not has_sampler_latents(opened.model):
+        capsys.readouterr()
+        assert main(["fit-sampler", str(trained), "--sampler", "diffusion", "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "no continuous latent" in err and err.count("\n") == 0
+        return
+    x = torch.from_numpy(test_split.images[:3]).float() / 255
+    y = opened.labels(test_split.labels[:3])
+    with torch.no_grad():
+        z = sampler_latents(opened.model, x, y)
+        assert z.shape[0] == 3 and z.dim() in (2, 4) and bool(torch.isfinite(z).all())
+        img = decode_sampler_latents(opened.model, z, y, torch.Generator().manual_seed(0))
+    assert img.shape == x.shape and float(img.min()) >= 0 and float(img.max()) <= 1
 
 
 # --- generation commands ---------------------------------------------------------------------------------

@@ -156,10 +156,10 @@ def test_before_the_warm_up_ends_only_the_vae_trains():
 
 def test_a_discriminator_that_is_never_wrong_for_an_epoch_counts_as_divergence():
     model = _gan()
-    model._acc[:] = torch.tensor([40.0, 40.0], dtype=torch.float64)  # 40 batches, all 100 % right
+    model._watch.acc[:] = torch.tensor([40.0, 40.0], dtype=torch.float64)  # 40 batches, all 100 % right
     with pytest.raises(Diverged, match="pinned at 100 %"):
         model.epoch_end(_ctx())
-    model._acc[:] = torch.tensor([30.0, 40.0], dtype=torch.float64)
+    model._watch.acc[:] = torch.tensor([30.0, 40.0], dtype=torch.float64)
     assert model.epoch_end(_ctx()) == {"disc_acc_epoch": 0.75}
 
 

@@ -33,19 +33,25 @@ def report(run_dir, out=None) -> Path:
 
 
 def sample(run_dir, n: int, out, seed: int | None = None, label: str | None = None, device="auto",
-           temperature: float = 1.0, sampler: str = "prior") -> Path:
-    """A PNG grid of n samples; ``sampler``: "prior" or a fitted post-hoc sampler ("gmm", "flow")."""
+           temperature: float = 1.0, sampler: str = "prior", guidance: float = 0.0,
+           sampling_steps: int | None = None, progress: bool = True) -> Path:
+    """A PNG grid of n samples; ``sampler``: "prior" or a fitted post-hoc sampler ("gmm", "flow",
+    "diffusion"; ``guidance`` and ``sampling_steps`` are the diffusion sampler's)."""
     run = load_run(run_dir, device=device)
-    return save_grid(run.sample(n, label, seed, temperature, sampler=sampler), out)
+    return save_grid(run.sample(n, label, seed, temperature, sampler=sampler, guidance=guidance,
+                                sampling_steps=sampling_steps, progress=progress), out)
 
 
 def fit_sampler(run_dir, sampler: str, max_components: int = 10, checkpoint: str = "best",
-                device: str = "auto") -> dict:
-    """Fit a post-hoc latent sampler (gmm, flow) on the run's training posterior means -> RUN/samplers/."""
+                device: str = "auto", diffusion=None, progress: bool = True, posterior_draws: int = 0) -> dict:
+    """Fit a post-hoc latent sampler (gmm, flow, diffusion) on the run's training latents -> RUN/samplers/.
+    ``diffusion``: a :class:`medivae.models.samplers.DiffusionFit` (epochs, patience, width, time budget);
+    ``posterior_draws`` > 0: fit to that many draws of q(z | x) per image instead of the posterior means."""
     from medivae.workflows.fit_sampler import fit_sampler_run
 
     with run_lock(run_dir, "medivae fit-sampler"):  # writes RUN/samplers/
-        return fit_sampler_run(run_dir, sampler, max_components, checkpoint, device)
+        return fit_sampler_run(run_dir, sampler, max_components, checkpoint, device, diffusion, progress,
+                               posterior_draws)
 
 
 def interpolate_run(run_dir, out, steps: int = 8, mode: str = "linear", src=None, dst=None, seed=None,
@@ -91,14 +97,15 @@ def evaluate(run_dir, data: str | None = None, split: str = "test", k: int = 100
              max_images: int = 0, n_samples: int = 0, reference_epochs: int = 5,
              inception_weights: str | None = None, checkpoint: str = "best", device: str = "auto",
              progress: bool = True, sampler: str = "prior", bootstrap: int = 1000,
-             foreground: str | None = None) -> dict:
+             foreground: str | None = None, guidance: float = 0.0, sampling_steps: int | None = None) -> dict:
     """Likelihood bounds, reconstruction, posterior collapse and sample quality of a run on one split;
     merged into RUN/results.json under "evaluation" (keys: medivae.workflows.evaluate) and returned."""
     from medivae.workflows.evaluate import EvalOptions, evaluate_run
 
     opts = EvalOptions(split=split, k=k, batch_size=batch_size, max_images=max_images, n_samples=n_samples,
                        reference_epochs=reference_epochs, inception_weights=inception_weights,
-                       checkpoint=checkpoint, sampler=sampler, bootstrap=bootstrap, foreground=foreground)
+                       checkpoint=checkpoint, sampler=sampler, bootstrap=bootstrap, foreground=foreground,
+                       guidance=guidance, sampling_steps=sampling_steps)
     with run_lock(run_dir, "medivae evaluate"):
         return evaluate_run(run_dir, data, opts, device=device, progress=progress)
 
@@ -143,14 +150,16 @@ def anomaly_score(run_dir, data: str | None = None, split: str = "test", out=Non
 
 def synthesize(run_dir, n: int, out, label: str | None = None, percentile: float = 1.0, fmt: str = "png",
                seed: int | None = None, n_pairs: int = 8, reference_epochs: int = 5, device: str = "auto",
-               progress: bool = True, sampler: str = "prior", bootstrap: int = 1000) -> dict:
+               progress: bool = True, sampler: str = "prior", bootstrap: int = 1000, guidance: float = 0.0,
+               sampling_steps: int | None = None) -> dict:
     """n synthetic images minus those nearer a training image than ``percentile`` % of real test images
     are; writes images + labels, memorisation.json and nearest-pair PNGs to ``out``."""
     from medivae.workflows.synthesize import synthesize_run
 
     with run_lock(run_dir, "medivae synthesize"):  # writes RUN/results.json["privacy"]
         return synthesize_run(run_dir, n, out, label, percentile, fmt, seed, n_pairs, reference_epochs,
-                              device, progress, sampler, bootstrap=bootstrap)
+                              device, progress, sampler, bootstrap=bootstrap, guidance=guidance,
+                              sampling_steps=sampling_steps)
 
 
 def utility(real: str | None, synthetic, out=None, epochs: int = 10, seed: int | None = None, width: int = 32,

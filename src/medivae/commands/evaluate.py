@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medivae.commands.generate import add_sampler_options
+
 
 def cmd_evaluate(args) -> int:
     from medivae import api
@@ -18,7 +20,7 @@ def cmd_evaluate(args) -> int:
         max_images=args.max_images, n_samples=args.n_samples, reference_epochs=args.reference_epochs,
         inception_weights=args.inception_weights, checkpoint=args.checkpoint, device=args.device,
         progress=not args.no_progress, sampler=args.sampler, bootstrap=args.bootstrap,
-        foreground=args.foreground,
+        foreground=args.foreground, guidance=args.guidance, sampling_steps=args.sampling_steps,
     )
     print(format_table(ev))
     print(f"\nwritten to {Path(args.run) / 'results.json'} (key \"evaluation\")")
@@ -48,8 +50,7 @@ def add(sub) -> None:
                    help="local FID Inception state dict (pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
                         "or .safetensors) for a true FID; nothing is downloaded")
     p.add_argument("--checkpoint", default="best", help="best (default) or last")
-    p.add_argument("--sampler", default="prior",
-                   help="latents for sample quality: prior (default), or gmm / flow from medivae fit-sampler")
+    add_sampler_options(p)
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                    help="bootstrap resamples of the evaluated images for 95%% intervals (default 1000; 0: off)")
     p.add_argument("--foreground", default=None, metavar="MASK",

@@ -4,24 +4,50 @@ from __future__ import annotations
 
 from pathlib import Path
 
+SAMPLER_HELP = "prior (default), or gmm / flow / diffusion fitted with medivae fit-sampler"
+
+
+def add_sampler_options(p) -> None:
+    """--sampler and the diffusion sampler's --guidance / --sampling-steps (sample, evaluate, synthesize)."""
+    p.add_argument("--sampler", default="prior", help=SAMPLER_HELP)
+    p.add_argument("--guidance", type=float, default=0.0, metavar="W",
+                   help="diffusion sampler, class-conditional run: classifier-free guidance w, "
+                        "eps = eps_uncond + (1 + w)(eps_cond - eps_uncond) (default 0: the conditional model)")
+    p.add_argument("--sampling-steps", type=int, default=None, metavar="N",
+                   help="diffusion sampler: deterministic DDIM steps (default 50)")
+
 
 def cmd_sample(args) -> int:
     from medivae import api
 
     print(api.sample(args.run, args.n, args.out, seed=args.seed, label=args.label, device=args.device,
-                     temperature=args.temperature, sampler=args.sampler))
+                     temperature=args.temperature, sampler=args.sampler, guidance=args.guidance,
+                     sampling_steps=args.sampling_steps, progress=not args.no_progress))
     return 0
 
 
 def cmd_fit_sampler(args) -> int:
     from medivae import api
+    from medivae.models.samplers import DiffusionFit
 
+    if args.sampler != "diffusion" and (args.epochs or args.patience or args.width or args.time_budget):
+        from medivae.runtime.errors import UserError
+
+        raise UserError("--epochs, --patience, --width and --time-budget are options of --sampler diffusion")
+    opts = DiffusionFit(**{k: v for k, v in (("max_epochs", args.epochs), ("patience", args.patience),
+                                             ("width", args.width), ("time_budget", args.time_budget)) if v})
     r = api.fit_sampler(args.run, args.sampler, max_components=args.max_components, checkpoint=args.checkpoint,
-                        device=args.device)
-    fitted = r.get("components") or r.get("val_nll_nats")
-    print(f"{args.sampler} sampler fitted on {r['n_train']} training means in {r['seconds']} s "
-          f"({'components' if 'components' in r else 'validation NLL, nats'} per class: {fitted}); "
-          f"written to {r['json']}; draw with: medivae sample {args.run} --sampler {args.sampler} --out FILE")
+                        device=args.device, diffusion=opts, progress=not args.no_progress,
+                        posterior_draws=args.posterior_draws)
+    if args.sampler == "diffusion":
+        fitted = (f"latent {tuple(r['latent_shape'])}, width {r['width']}, best epoch {r['best_epoch']} of "
+                  f"{r['epochs']}, validation eps-MSE {r['val_eps_mse']}")
+    else:
+        per = r.get("components") or r.get("val_nll_nats")
+        fitted = f"{'components' if 'components' in r else 'validation NLL, nats'} per class: {per}"
+    print(f"{args.sampler} sampler fitted on {r['n_train']} training latents ({r['latents']}) in {r['seconds']} s "
+          f"({fitted}); written to {r['json']}; draw with: "
+          f"medivae sample {args.run} --sampler {args.sampler} --out FILE")
     return 0
 
 
@@ -63,17 +89,30 @@ def add(sub) -> None:
     s.add_argument("--label", default=None, help="class name (conditional models)")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--temperature", type=float, default=1.0, help="prior temperature (default 1)")
-    s.add_argument("--sampler", default="prior",
-                   help="prior (default), or gmm / flow fitted with medivae fit-sampler")
+    add_sampler_options(s)
     s.add_argument("--device", default="auto")
+    s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_sample)
 
-    f = sub.add_parser("fit-sampler", help="fit a latent sampler (GMM or RealNVP) on the training posterior means")
+    f = sub.add_parser("fit-sampler", help="fit a latent sampler (GMM, RealNVP or diffusion) on the training latents")
     f.add_argument("run", type=Path)
-    f.add_argument("--sampler", required=True, help="gmm (components by validation BIC) or flow (RealNVP)")
+    f.add_argument("--sampler", required=True,
+                   help="gmm (components by validation BIC), flow (RealNVP) or diffusion (DDPM/DDIM; also for "
+                        "vq_vae and hierarchical_vae)")
     f.add_argument("--max-components", type=int, default=10, help="gmm: most components tried (default 10)")
+    f.add_argument("--epochs", type=int, default=None, help="diffusion: most epochs (default 400)")
+    f.add_argument("--patience", type=int, default=None,
+                   help="diffusion: stop this many epochs after the best validation loss (default 40)")
+    f.add_argument("--width", type=int, default=None,
+                   help="diffusion: denoiser width (default: 4 x latent dim in [128, 1024]; U-Net 64 channels)")
+    f.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="diffusion: stop training after this many seconds (default: none)")
+    f.add_argument("--posterior-draws", type=int, default=0, metavar="K",
+                   help="fit to K draws of q(z|x) per training image instead of the posterior means "
+                        "(Gaussian-latent families; default 0: means)")
     f.add_argument("--checkpoint", default="best", help="best (default) or last")
     f.add_argument("--device", default="auto")
+    f.add_argument("--no-progress", action="store_true")
     f.set_defaults(func=cmd_fit_sampler)
 
     e = sub.add_parser("encode", help="the family's representation of every image of a split -> .npz")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medivae.commands.generate import add_sampler_options
+
 
 def cmd_synthesize(args) -> int:
     from medivae import api
@@ -23,6 +25,8 @@ def cmd_synthesize(args) -> int:
         progress=not args.no_progress,
         bootstrap=args.bootstrap,
         sampler=args.sampler,
+        guidance=args.guidance,
+        sampling_steps=args.sampling_steps,
     )
     print(
         f"{r['n_written']} of {r['n_synthetic']} images written to {args.out}; {r['n_rejected']} rejected as "
@@ -62,7 +66,7 @@ def add(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                    help="bootstrap resamples for 95%% intervals (default 1000; 0: off)")
-    p.add_argument("--sampler", default="prior", help="prior (default), or gmm / flow from medivae fit-sampler")
+    add_sampler_options(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_synthesize)

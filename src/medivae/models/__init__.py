@@ -3,7 +3,7 @@ the contract every family meets is in :mod:`medivae.models.family`."""
 
 from __future__ import annotations
 
-from medivae.models import conv_vae, hierarchical_vae, vae_gan, vq_vae
+from medivae.models import conv_vae, hierarchical_vae, ldm, vae_gan, vq_vae
 from medivae.models.family import REGISTRY, Family, build_model, families, get_family, register
 
 for _family in conv_vae.FAMILIES:
@@ -11,6 +11,7 @@ for _family in conv_vae.FAMILIES:
 register(vq_vae.FAMILY)
 register(vae_gan.FAMILY)
 register(hierarchical_vae.FAMILY)
+register(ldm.FAMILY)
 
 
 def model_config(name: str, **fields):

@@ -46,6 +46,11 @@ that does not define it (nothing outside ``models/`` looks for a model's attribu
         it learns one (the VampPrior), for the KL to the prior in evaluation
     ``first_best_epoch(train_cfg) -> int`` (default 1): the first epoch that may become ``best/`` (a VAE-GAN's
         epochs before its adversarial start cannot)
+    ``sampler_latents(x, y) -> (B, ...)`` and ``decode_sampler_latents(z, y, generator, temperature) -> images
+        (B, C, H, W) in [0, 1]`` (default, for a "gaussian_latent" family: the posterior means and ``decode``):
+        the continuous latent a post-hoc sampler (``medivae fit-sampler``, e.g. the diffusion sampler) models
+        and how its draws become images; a family with neither hook nor Gaussian latent has no post-hoc
+        sampler (:func:`require_sampler_latents`).
 
 A family added later (in ``models/``, or outside medivae through :func:`register` in a module named by
 the ``MEDIVAE_PLUGINS`` environment variable or a ``medivae.families`` entry point) gets the trainer,
@@ -315,6 +320,37 @@ def labels_for(model, labels, device) -> torch.Tensor | None:
     if not has(model, "conditional") or labels is None:
         return None
     return torch.as_tensor(labels).long().clamp(min=0).to(device)
+
+
+def has_sampler_latents(model) -> bool:
+    """Whether a post-hoc latent sampler can be fitted to ``model`` (see the module docstring)."""
+    return hasattr(model, "sampler_latents") or has(model, "gaussian_latent")
+
+
+def require_sampler_latents(model, command: str) -> None:
+    if not has_sampler_latents(model):
+        raise UserError(f"medivae {command}: {model.cfg.name} has no continuous latent to fit a sampler to")
+
+
+def sampler_latents(model, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """The latent a post-hoc sampler models, for images x (B, C, H, W): the family's hook, else the
+    posterior means (B, D) of a Gaussian-latent family."""
+    hook = getattr(model, "sampler_latents", None)
+    if hook is not None:
+        return hook(x, y)
+    require_sampler_latents(model, "fit-sampler")
+    return model.encode(x, y).mode()
+
+
+def decode_sampler_latents(model, z: torch.Tensor, y: torch.Tensor | None = None, generator=None,
+                           temperature: float = 1.0) -> torch.Tensor:
+    """Images float (B, C, H, W) in [0, 1] of latents a post-hoc sampler drew (:func:`sampler_latents`'s
+    kind): the family's hook, else ``decode``. ``generator``/``temperature``: for whatever the family draws
+    itself on the way (e.g. the lower groups of a hierarchy)."""
+    hook = getattr(model, "decode_sampler_latents", None)
+    if hook is not None:
+        return hook(z, y, generator, temperature)
+    return model.decode(z, y)
 
 
 def config_for_data(cfg, label_names: tuple[str, ...], source: str):

@@ -222,7 +222,8 @@ class HierarchicalVAE(nn.Module):
     def top_down(self, n: int, acts=None, zs=None, sample: bool = True, temperature: float = 1.0,
                  generator=None, head: bool = True) -> HVAEOutput:
         """The shared top-down pass over n images. Each group's z is, in this order of precedence, the given
-        ``zs[g]``; with ``acts`` (bottom-up activations: inference) a draw from q (``sample``) or its mean;
+        ``zs[g]`` (``zs`` may stop early: the groups below it are then drawn); with ``acts`` (bottom-up
+        activations: inference) a draw from q (``sample``) or its mean;
         else a draw from p with its std times ``temperature`` (``sample``) or its mean."""
         device = self.h0.device
         h = self.h0.expand(n, -1, -1, -1)
@@ -235,7 +236,7 @@ class HierarchicalVAE(nn.Module):
                 p, feature = block.prior_of(h)
                 q = None if acts is None else block.posterior_of(h, acts[s], p)
                 dist, t = (p, temperature) if q is None else (q, 1.0)
-                if zs is not None:
+                if zs is not None and g < len(zs):
                     z = zs[g]
                 elif sample:
                     z = dist.sample(_noise(p.mean.shape, generator, device), t)
@@ -273,6 +274,21 @@ class HierarchicalVAE(nn.Module):
         """n draws of the whole hierarchy from the prior (std times ``temperature``): (n, D) on the CPU."""
         draws = self.top_down(n, temperature=temperature, generator=generator, head=False).groups
         return torch.cat([d.z.flatten(1) for d in draws], 1).cpu()
+
+    def sampler_latents(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """What a post-hoc sampler models: the posterior means of the coarsest scale's groups, stacked on the
+        channel axis (B, groups_per_scale * z_channels, r0, r0). The finer groups come from the model's own
+        conditional prior (:meth:`decode_sampler_latents`): the top carries the global layout that the prior
+        N(0, I) gets wrong, the lower groups local detail that p(z_g | z_<g) already models given the top."""
+        k = self.cfg.groups_per_scale
+        return torch.cat([g.q.mean for g in self.encode(x, y).groups[:k]], 1)
+
+    def decode_sampler_latents(self, z, y=None, generator=None, temperature: float = 1.0) -> torch.Tensor:
+        """Top groups z (B, groups_per_scale * z_channels, r0, r0) -> images (B, C, H, W) in [0, 1]; the finer
+        groups drawn from p(z_g | z_<g) with their std times ``temperature``."""
+        zs = list(z.float().split(self.cfg.z_channels, dim=1))
+        out = self.top_down(len(z), zs=zs, temperature=temperature, generator=generator)
+        return self.likelihood.mean(out.recon_params).float()
 
     def sample(self, n: int, label=None, generator=None, temperature: float = 1.0) -> torch.Tensor:
         """n images from the prior: float (n, C, H, W) in [0, 1] (the likelihood's mean)."""

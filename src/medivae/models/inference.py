@@ -35,14 +35,47 @@ def class_blocks(num_classes: int, n: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(per)[:n]
 
 
+def decode_sampled(model, z: torch.Tensor, y=None, generator=None, temperature: float = 1.0, batch: int = 256,
+                   precision: str = "auto") -> torch.Tensor:
+    """The family's ``decode_sampler_latents`` of latents z (N, ...) a post-hoc sampler drew, in batches:
+    float (N, C, H, W) in [0, 1] on the CPU."""
+    from medivae.models.family import decode_sampler_latents
+
+    device = next(model.parameters()).device
+    outs = []
+    model.eval()
+    with torch.no_grad(), fast_inference(model, precision):
+        for i in range(0, len(z), batch):
+            yi = None if y is None else y[i : i + batch].to(device)
+            zi = z[i : i + batch].to(device)
+            outs.append(decode_sampler_latents(model, zi, yi, generator, temperature).float().cpu())
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def encode_sampler_latents(model, x: torch.Tensor, y: torch.Tensor | None = None, batch: int = 256) -> torch.Tensor:
+    """The latents a post-hoc sampler models (the family's ``sampler_latents``) of images x (N, C, H, W), in
+    batches, fp32: (N, ...) on the CPU."""
+    from medivae.models.family import sampler_latents
+
+    model.eval()
+    outs = []
+    for i in range(0, len(x), batch):
+        yi = None if y is None else y[i : i + batch]
+        outs.append(sampler_latents(model, x[i : i + batch], yi).float().cpu())
+    return torch.cat(outs)
+
+
 @torch.no_grad()
 def sample_images(
     model, n: int, generator: torch.Generator, label=None, temperature: float = 1.0, precision: str = "auto",
-    batch: int = 256, latent_sampler=None,
+    batch: int = 256, latent_sampler=None, guidance: float = 0.0, sampling_steps: int | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """n images from the family's ``sample``, in batches: float (n, C, H, W) in [0, 1] on the CPU.
     ``label``: one class index, (n,) indices, or None (a conditional family then gets equal class blocks).
-    ``latent_sampler``: a post-hoc sampler (:mod:`medivae.models.samplers`) drawn from instead of the prior."""
+    ``latent_sampler``: a post-hoc sampler (:mod:`medivae.models.samplers`) drawn from instead of the prior;
+    ``guidance``, ``sampling_steps``, ``progress``: the diffusion sampler's options."""
     from medivae.models.family import has
 
     model.eval()
@@ -50,9 +83,10 @@ def sample_images(
         label = class_blocks(model.num_classes, n)
     if latent_sampler is not None:
         y = None if label is None else torch.as_tensor(label).long().expand(n)
-        z = latent_sampler.sample(n, generator, y, temperature)
         device = next(model.parameters()).device
-        return decode_latents(model, z.to(device), None if y is None else y.to(device), batch, precision)
+        z = latent_sampler.sample(n, generator, y, temperature, guidance=guidance, steps=sampling_steps,
+                                  progress=progress, precision=precision, device=device)
+        return decode_sampled(model, z, y, generator, temperature, batch, precision)
     outs = []
     with fast_inference(model, precision):
         for i in range(0, n, batch):

@@ -1,6 +1,10 @@
 """Losses as pure functions, one value per sample (summed over pixels and latent dimensions).
 
 The caller averages over the batch. The same terms serve training, evaluation and anomaly scores.
+
+The adversarial terms of the GAN-trained families (VAE-GAN, the LDM autoencoder): the hinge loss (Lim & Ye
+2017) or least squares (Mao et al. 2017) on patch logits, feature matching (Larsen et al. 2016) and the
+adaptive weight of VQGAN (Esser et al. 2021).
 """
 
 from __future__ import annotations
@@ -88,3 +92,72 @@ def kl_weight(schedule: str, beta: float, progress_epochs: float, warmup_epochs:
         phase = math.fmod(progress_epochs, warmup_epochs) / warmup_epochs
         return beta * min(1.0, phase / 0.5)
     raise ValueError(f"unknown KL schedule {schedule!r}")
+
+
+ADV_LOSSES = ("hinge", "lsgan")
+MAX_ADAPTIVE = 1e4  # VQGAN's clamp of the adaptive weight
+
+
+def generator_adv_loss(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """The generator's adversarial loss per image (N,) from the discriminator's patch logits of its fakes (N, h, w)."""
+    per_patch = -logits if kind == "hinge" else (logits - 1.0).pow(2)
+    return per_patch.flatten(1).mean(1)
+
+
+def discriminator_loss(real: torch.Tensor, fake: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The discriminator's loss per image on real (B, h, w) and fake (N, h, w) patch logits: ((B,), (N,))."""
+    if kind == "hinge":
+        loss_real, loss_fake = torch.relu(1.0 - real), torch.relu(1.0 + fake)
+    else:
+        loss_real, loss_fake = (real - 1.0).pow(2), fake.pow(2)
+    return loss_real.flatten(1).mean(1), loss_fake.flatten(1).mean(1)
+
+
+def discriminator_accuracy(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """The fraction of patches the discriminator gets right, real and fake weighted alike (a scalar)."""
+    return 0.5 * ((real > 0).float().mean() + (fake < 0).float().mean())
+
+
+def feature_matching(feats: list[torch.Tensor], b: int) -> torch.Tensor:
+    """Per image (B,): the mean squared distance between the discriminator's features of the real images
+    (rows :b, detached) and of their reconstructions (rows b:2b), summed over layers (Larsen et al. 2016)."""
+    return sum((f[:b].detach() - f[b : 2 * b]).float().pow(2).flatten(1).mean(1) for f in feats)
+
+
+def adaptive_weight(rec: torch.Tensor, adv: torch.Tensor, last_layer: torch.Tensor, scale: float) -> torch.Tensor:
+    """λ = scale · ||∇_w rec|| / ||∇_w adv|| at the decoder's last weight w (VQGAN), detached and clamped, so
+    the adversarial term neither drowns nor vanishes whatever the reconstruction loss's scale. Scalars in."""
+    g_rec = torch.autograd.grad(rec, last_layer, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(adv, last_layer, retain_graph=True)[0]
+    lam = g_rec.float().norm() / (g_adv.float().norm() + 1e-4)
+    return (scale * lam.clamp(0.0, MAX_ADAPTIVE)).detach()
+
+
+class DiscriminatorWatch:
+    """The discriminator's accuracy over an epoch. A discriminator right about every patch for a whole epoch
+    gives the generator no useful gradient: :meth:`epoch_end` raises ``Diverged`` then, and the trainer rolls
+    every network back to the start of the epoch at a lower learning rate."""
+
+    def __init__(self):
+        self.acc = torch.zeros(2, dtype=torch.float64)  # (sum of batch accuracies, batches) this epoch
+
+    def add(self, acc: torch.Tensor) -> None:
+        self.acc += torch.tensor([acc.item(), 1.0], dtype=torch.float64)
+
+    def reset(self) -> None:
+        self.acc.zero_()
+
+    def epoch_end(self, epoch: int) -> dict[str, float]:
+        from medivae.models.family import Diverged
+
+        acc = self.acc.clone()
+        self.acc.zero_()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(acc)  # every rank decides alike (gloo on CPU: float64 is fine)
+        if acc[1] == 0:
+            return {}
+        mean = float(acc[0] / acc[1])
+        if mean >= 0.9999:
+            raise Diverged(f"discriminator accuracy pinned at 100 % over epoch {epoch}: the generator "
+                           "gets no useful adversarial gradient")
+        return {"disc_acc_epoch": mean}

@@ -31,18 +31,23 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.parametrizations import spectral_norm
 
-from medivae.models.blocks import running_batchnorm
+from medivae.models.blocks import PatchDiscriminator, running_batchnorm
 from medivae.models.conv_vae import ConvVAE, ConvVAEConfig
-from medivae.models.family import Diverged, Family, StepContext, StepOutput, TrainStep, adam
-from medivae.models.losses import kl_weight, neg_elbo
+from medivae.models.family import Family, StepContext, StepOutput, TrainStep, adam
+from medivae.models.losses import (
+    ADV_LOSSES,
+    DiscriminatorWatch,
+    adaptive_weight,
+    discriminator_accuracy,
+    discriminator_loss,
+    feature_matching,
+    generator_adv_loss,
+    kl_weight,
+    neg_elbo,
+)
 from medivae.runtime.errors import UserError
-
-ADV_LOSSES = ("hinge", "lsgan")
-MAX_ADAPTIVE = 1e4  # VQGAN's clamp of the adaptive weight
 
 
 @dataclass(frozen=True)
@@ -75,27 +80,6 @@ class VAEGANConfig(ConvVAEConfig):
         return ConvVAEConfig(**{f.name: getattr(self, f.name) for f in fields(ConvVAEConfig)})
 
 
-class PatchDiscriminator(nn.Module):
-    """(B, C, H, W) in [0, 1] -> patch logits (B, H / 2^L, W / 2^L) and the features of every layer."""
-
-    def __init__(self, channels: int, width: int, layers: int):
-        super().__init__()
-        blocks, c = [], channels
-        for i in range(layers):
-            w = width * 2 ** min(i, 3)
-            blocks.append(nn.Sequential(spectral_norm(nn.Conv2d(c, w, 4, 2, 1)), nn.LeakyReLU(0.2)))
-            c = w
-        self.blocks = nn.ModuleList(blocks)
-        self.head = spectral_norm(nn.Conv2d(c, 1, 3, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        feats, h = [], x * 2.0 - 1.0
-        for block in self.blocks:
-            h = block(h)
-            feats.append(h)
-        return self.head(h)[:, 0].float(), feats
-
-
 class VAEGAN(nn.Module):
     def __init__(self, cfg: VAEGANConfig):
         super().__init__()
@@ -105,7 +89,7 @@ class VAEGAN(nn.Module):
         self.latent_dim, self.num_classes, self.likelihood = cfg.latent_dim, cfg.num_classes, self.vae.likelihood
         self.capabilities = self.vae.capabilities
         self._fakes: torch.Tensor | None = None  # the generator step's images, for the discriminator step
-        self._acc = torch.zeros(2, dtype=torch.float64)  # (sum of discriminator accuracies, batches) this epoch
+        self._watch = DiscriminatorWatch()  # the discriminator's accuracy this epoch
 
     # --- the generative model is the VAE's --------------------------------------------------------------
     def encode(self, x, y=None):
@@ -178,7 +162,7 @@ class VAEGAN(nn.Module):
         if not self._adversarial(ctx):
             return StepOutput(elbo.loss.mean(), terms)
         if ctx.step == 0:
-            self._acc.zero_()  # also after a rollback mid-epoch
+            self._watch.reset()  # also after a rollback mid-epoch
         z = self.prior_latents(len(x), ctx.generator).to(x.device)
         with running_batchnorm(self.vae):  # as sampling decodes them: no batch statistics of prior samples
             samples = self.vae.images(self.vae.decode_params(z, y))
@@ -189,58 +173,34 @@ class VAEGAN(nn.Module):
         finally:
             nets["disc"].train()
         b = len(x)
-        adv = self._g_loss(logits[b:]).view(2, b).mean(0)  # (B,): reconstructions and prior samples
-        fm = sum((fr.detach() - fk).float().pow(2).flatten(1).mean(1) for fr, fk in
-                 zip((f[:b] for f in feats), (f[b : 2 * b] for f in feats), strict=True))
+        adv = generator_adv_loss(logits[b:], cfg.adv_loss).view(2, b).mean(0)  # (B,): reconstructions, samples
+        fm = feature_matching(feats, b)
         lam = self._adaptive_weight(elbo.loss.mean(), adv.mean())
         self._fakes = fakes.detach()
         loss = elbo.loss + lam * adv + cfg.feature_weight * fm
         terms.update(adv=adv, fm=fm, adv_weight=lam.detach())
         return StepOutput(loss.mean(), terms)
 
-    def _g_loss(self, logits: torch.Tensor) -> torch.Tensor:
-        """Generator's adversarial loss per image (N,) from patch logits (N, h, w)."""
-        per_patch = -logits if self.cfg.adv_loss == "hinge" else (logits - 1.0).pow(2)
-        return per_patch.flatten(1).mean(1)
-
     def _adaptive_weight(self, rec: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
-        """λ = adv_weight · ||∇_w rec|| / ||∇_w adv|| at the decoder's last layer (detached, clamped)."""
+        """λ: adaptive (losses.adaptive_weight at the decoder's last layer), or ``adv_weight`` itself."""
         if not self.cfg.adaptive:
             return torch.tensor(self.cfg.adv_weight, device=rec.device)
-        w = self.vae.decoder[-1].weight
-        g_rec = torch.autograd.grad(rec, w, retain_graph=True)[0]
-        g_adv = torch.autograd.grad(adv, w, retain_graph=True)[0]
-        lam = g_rec.float().norm() / (g_adv.float().norm() + 1e-4)
-        return (self.cfg.adv_weight * lam.clamp(0.0, MAX_ADAPTIVE)).detach()
+        return adaptive_weight(rec, adv, self.vae.decoder[-1].weight, self.cfg.adv_weight)
 
     def _disc_step(self, nets, x, y, ctx: StepContext) -> StepOutput:
         """The discriminator on real images and the generator step's fakes (reconstructions, samples)."""
         fakes, b = self._fakes, len(x)
         logits, _ = nets["disc"](torch.cat([x, fakes]).to(x.dtype))
         real, fake = logits[:b], logits[b:]
-        if self.cfg.adv_loss == "hinge":
-            loss_real, loss_fake = F.relu(1.0 - real), F.relu(1.0 + fake)
-        else:
-            loss_real, loss_fake = (real - 1.0).pow(2), fake.pow(2)
-        disc = loss_real.flatten(1).mean(1) + loss_fake.flatten(1).mean(1).view(2, b).mean(0)  # (B,)
-        acc = 0.5 * ((real > 0).float().mean() + (fake < 0).float().mean())
-        self._acc += torch.tensor([acc.item(), 1.0], dtype=torch.float64)
+        loss_real, loss_fake = discriminator_loss(real, fake, self.cfg.adv_loss)
+        disc = loss_real + loss_fake.view(2, b).mean(0)  # (B,)
+        acc = discriminator_accuracy(real, fake)
+        self._watch.add(acc)
         return StepOutput(disc.mean(), {"disc": disc, "disc_acc": acc.detach()})
 
     def epoch_end(self, ctx: StepContext) -> dict[str, float]:
-        """Discriminator accuracy over the epoch; a discriminator never wrong for a whole epoch has
-        beaten the generator, which the trainer treats like a NaN: roll back and lower the learning rate."""
-        acc = self._acc.clone()
-        self._acc.zero_()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(acc)  # every rank decides alike (gloo on CPU: float64 is fine)
-        if acc[1] == 0:
-            return {}
-        mean = float(acc[0] / acc[1])
-        if mean >= 0.9999:
-            raise Diverged(f"discriminator accuracy pinned at 100 % over epoch {ctx.epoch}: the generator "
-                           "gets no useful adversarial gradient")
-        return {"disc_acc_epoch": mean}
+        """Discriminator accuracy over the epoch; pinned at 100 % it raises Diverged (losses.DiscriminatorWatch)."""
+        return self._watch.epoch_end(ctx.epoch)
 
 
 FAMILY = Family("vae_gan", VAEGANConfig, VAEGAN, "VAE-GAN: the article's VAE + a spectral-norm PatchGAN")

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medivae.models.cpu_conv import DownConv, UpConv
+from medivae.models.blocks import residual_decoder, residual_encoder
 from medivae.models.distributions import Gaussian
 from medivae.models.family import Family, StepContext, StepOutput, TrainStep, adam, classes_for_data
 from medivae.models.vq_prior import CodePrior
@@ -227,52 +227,6 @@ class EMACodebook(nn.Module):
 
 
 # --- the networks --------------------------------------------------------------------------------------
-class _Residual(nn.Module):
-    """x + conv1x1(relu(conv3x3(relu(x)))): the paper's residual block."""
-
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.ReLU(), nn.Conv2d(width, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, width, 1)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
-
-
-def _stage_widths(cfg: VQVAEConfig) -> list[int]:
-    """Channels after each stride-2 stage, from the image side: e.g. downsample 4, width 64 -> [32, 64]."""
-    stages = int(math.log2(cfg.downsample))
-    return [max(cfg.width // 2 ** (stages - 1 - i), 8) for i in range(stages)]
-
-
-def _encoder(cfg: VQVAEConfig) -> nn.Sequential:
-    """(B, C, H, W) -> (B, D, H/d, W/d): 4x4 stride-2 convs, a 3x3 conv, residual blocks, a 1x1 conv to D."""
-    layers: list[nn.Module] = []
-    c = cfg.channels
-    for w in _stage_widths(cfg):
-        layers += [DownConv(c, w), nn.ReLU()]
-        c = w
-    layers.append(nn.Conv2d(c, cfg.width, 3, padding=1))
-    layers += [_Residual(cfg.width, cfg.res_width) for _ in range(cfg.res_blocks)]
-    layers += [nn.ReLU(), nn.Conv2d(cfg.width, cfg.code_dim, 1)]
-    return nn.Sequential(*layers)
-
-
-def _decoder(cfg: VQVAEConfig) -> nn.Sequential:
-    """(B, D, h, w) -> logits (B, C, H, W): the mirror of the encoder, 4x4 stride-2 transposed convs."""
-    layers: list[nn.Module] = [nn.Conv2d(cfg.code_dim, cfg.width, 3, padding=1)]
-    layers += [_Residual(cfg.width, cfg.res_width) for _ in range(cfg.res_blocks)]
-    layers.append(nn.ReLU())
-    widths = _stage_widths(cfg)[::-1]  # [width, ..., smallest]
-    c = cfg.width
-    for w in widths[1:]:
-        layers += [UpConv(c, w), nn.ReLU()]
-        c = w
-    layers.append(UpConv(c, cfg.channels))
-    return nn.Sequential(*layers)
-
-
 @dataclass
 class VQOutput:
     """What :meth:`VQAutoencoder.forward` returns. recon_params: logits (B, C, H, W) of the decoded image
@@ -288,9 +242,11 @@ class VQAutoencoder(nn.Module):
 
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
-        self.encoder = _encoder(cfg)
+        self.encoder = residual_encoder(cfg.channels, cfg.code_dim, cfg.downsample, cfg.width, cfg.res_blocks,
+                                        cfg.res_width)
         self.codebook = EMACodebook(cfg.codebook_size, cfg.code_dim, cfg.ema_decay, cfg.dead_threshold)
-        self.decoder = _decoder(cfg)
+        self.decoder = residual_decoder(cfg.code_dim, cfg.channels, cfg.downsample, cfg.width, cfg.res_blocks,
+                                        cfg.res_width)
 
     def forward(self, x: torch.Tensor, update: bool = False) -> VQOutput:
         """x: float (B, C, H, W) in [0, 1]. ``update``: EMA-update the codebook (the training step)."""
@@ -353,6 +309,14 @@ class VQVAE(nn.Module):
 
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.likelihood.mean(self.autoencoder(x).recon_params)
+
+    def sampler_latents(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """What a post-hoc sampler models: the continuous pre-quantisation grid (B, D, h, w)."""
+        return self.encode(x, y).mode()
+
+    def decode_sampler_latents(self, z, y=None, generator=None, temperature: float = 1.0) -> torch.Tensor:
+        """A sampled pre-quantisation grid (B, D, h, w) -> its nearest codes -> images (B, C, H, W) in [0, 1]."""
+        return self.decode(z, y)
 
     def _require_prior(self) -> CodePrior:
         if self.prior is None:

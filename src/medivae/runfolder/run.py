@@ -8,6 +8,7 @@ exact split it was trained on. The one module that does this, below ``workflows`
     x = run.decode(run.encode(images)["mean"])
     samples = run.sample(16, label="normal")  # float (16, C, H, W) in [0, 1]
     samples = run.sample(16, sampler="gmm")     # from RUN/samplers/gmm.* (medivae fit-sampler)
+    samples = run.sample(16, sampler="diffusion", sampling_steps=25)
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import torch
 
 from medivae.data import ImageSet, load_dataset, to_float
 from medivae.data.imageset import label_code
-from medivae.models.family import build_model, has, labels_for, require
+from medivae.models.family import build_model, has, labels_for, require, require_sampler_latents
 from medivae.models.inference import decode_latents, encode_arrays, reconstruct, sample_images
-from medivae.models.samplers import KINDS, LatentSampler, load_sampler
+from medivae.models.samplers import KINDS, DiffusionSampler, LatentSampler, check_options, load_sampler
 from medivae.runfolder.config import RunConfig
 from medivae.runtime.device import pick_device
 from medivae.runtime.errors import UserError
@@ -106,19 +107,24 @@ class Run:
         return reconstruct(self.model, x, self._y(len(x), labels, label), precision=precision)
 
     def sample(self, n: int, label=None, seed: int | None = None, temperature: float = 1.0,
-               precision: str = "auto", sampler: str = "prior") -> torch.Tensor:
+               precision: str = "auto", sampler: str = "prior", guidance: float = 0.0,
+               sampling_steps: int | None = None, progress: bool = False) -> torch.Tensor:
         """n new images, float (n, C, H, W) in [0, 1] on the CPU; a conditional run without ``label``
         gives an equal block of rows per class, in label order. ``sampler``: "prior", or a post-hoc
-        latent sampler fitted with ``medivae fit-sampler`` ("gmm", "flow")."""
-        require(self.model, "sample", "sample")
+        latent sampler fitted with ``medivae fit-sampler`` ("gmm", "flow", "diffusion"); ``guidance``
+        (classifier-free, w) and ``sampling_steps`` (DDIM, default 50) are the diffusion sampler's."""
+        if sampler == "prior":
+            require(self.model, "sample", "sample")
         if n < 1:
             raise UserError(f"-n must be >= 1, not {n}")
         if not temperature > 0:
             raise UserError(f"--temperature must be > 0, not {temperature}")
+        check_options(sampler, guidance, sampling_steps, has(self.model, "conditional"))
         latent = self.latent_sampler(sampler)
         g = torch_generator(self.config.train.seed if seed is None else seed, "sample")
         return sample_images(self.model, n, g, self.label_index(label), temperature, precision,
-                             latent_sampler=latent)
+                             latent_sampler=latent, guidance=guidance, sampling_steps=sampling_steps,
+                             progress=progress)
 
     # --- post-hoc latent samplers (medivae.models.samplers) -------------------------------------------------------
     def checkpoint_sha256(self) -> str:
@@ -126,13 +132,16 @@ class Run:
         manifest = ckpt.resolve(checkpoint_folder(self.folder, self.checkpoint)) / ckpt.MANIFEST
         return hashlib.sha256(manifest.read_bytes()).hexdigest()
 
-    def latent_sampler(self, name: str) -> LatentSampler | None:
+    def latent_sampler(self, name: str) -> LatentSampler | DiffusionSampler | None:
         """None for "prior"; else RUN/samplers/<name>.*, refused unless fitted to this checkpoint."""
         if name == "prior":
             return None
         if name not in KINDS:
             raise UserError(f"unknown sampler {name!r}; choose prior or one of {list(KINDS)}")
-        require(self.model, "gaussian_latent", f"sample --sampler {name}")
+        if name == "diffusion":
+            require_sampler_latents(self.model, f"sample --sampler {name}")
+        else:
+            require(self.model, "gaussian_latent", f"sample --sampler {name}")
         return load_sampler(self.folder / "samplers", name, self.checkpoint_sha256(), str(self.folder))
 
 

@@ -53,6 +53,7 @@ from medivae.evaluation.likelihood import likelihood_bounds
 from medivae.evaluation.reconstruction import FOREGROUND_MASKS, mean_over_images, per_image_metrics
 from medivae.models.family import MISSING, describe, has, labels_for, latent_prior
 from medivae.models.inference import reconstruct, sample_images
+from medivae.models.samplers import DEFAULT_SAMPLING_STEPS, check_options
 from medivae.runfolder.results import RESULTS_FILE, merge_results, read_results
 from medivae.runfolder.run import load_run
 from medivae.runtime.errors import UserError
@@ -72,7 +73,9 @@ class EvalOptions:
     reference_epochs: int = 5
     inception_weights: str | None = None
     checkpoint: str = "best"
-    sampler: str = "prior"  # or a post-hoc latent sampler of the run (medivae fit-sampler): gmm, flow
+    sampler: str = "prior"  # or a post-hoc latent sampler of the run (medivae fit-sampler): gmm, flow, diffusion
+    guidance: float = 0.0  # the diffusion sampler's classifier-free guidance w
+    sampling_steps: int | None = None  # the diffusion sampler's DDIM steps (None: its default)
     bootstrap: int = 1000  # resamples of the evaluated images for 95 % intervals; 0: none
     foreground: str | None = None  # "otsu": PSNR / SSIM also over the real images' foreground
 
@@ -125,7 +128,8 @@ def posterior_and_reconstruction(model, s: ImageSet, batch_size, device, progres
 
 
 @torch.no_grad()
-def generate_images(model, n: int, labels: np.ndarray, seed: int, latent_sampler=None):
+def generate_images(model, n: int, labels: np.ndarray, seed: int, latent_sampler=None, guidance: float = 0.0,
+                    sampling_steps: int | None = None, progress: bool = False):
     """n samples of the family as float (n, C, H, W), as ``medivae sample`` shows them, quantised to
     8 bits like the real images they are compared with. A conditional family draws its labels with
     the held-out split's frequencies."""
@@ -134,7 +138,9 @@ def generate_images(model, n: int, labels: np.ndarray, seed: int, latent_sampler
     if has(model, "conditional") and len(labels):
         y = torch.as_tensor(labels[numpy_rng(seed, "evaluate-sample-labels").integers(0, len(labels), n)])
         y = y.long().clamp(min=0)
-    return (sample_images(model, n, g, y, precision="fp32", latent_sampler=latent_sampler) * 255).round() / 255
+    img = sample_images(model, n, g, y, precision="fp32", latent_sampler=latent_sampler, guidance=guidance,
+                        sampling_steps=sampling_steps, progress=progress)
+    return (img * 255).round() / 255
 
 
 def source_fingerprint(source: str) -> str:
@@ -183,9 +189,12 @@ def sample_quality_block(model, cfg, data_cfg, splits, held_out: ImageSet, opts,
     ref_split = reference_split(splits, opts.split)
     real = _subset(splits[ref_split], MAX_REFERENCE, seed, "evaluate-reference")
     n_gen = opts.n_samples or len(held_out)
-    fake = generate_images(model, n_gen, held_out.labels, seed, latent_sampler)
+    fake = generate_images(model, n_gen, held_out.labels, seed, latent_sampler, opts.guidance, opts.sampling_steps,
+                           progress)
     block = {
         "sampler": opts.sampler,
+        **({"guidance": opts.guidance, "sampling_steps": opts.sampling_steps or DEFAULT_SAMPLING_STEPS}
+           if opts.sampler == "diffusion" else {}),
         "extractor": ref.name, "fd_name": f"FD-{ref.name}", "reference_folder": str(ref.folder),
         "reference_hash": ref.folder.name,
         "n_generated": n_gen, "n_reference": len(real), "n_held_out": len(held_out),
@@ -230,6 +239,7 @@ def evaluate_run(run_dir, data: str | None = None, opts: EvalOptions | None = No
     inception = _load_inception(opts.inception_weights)
     run = load_run(run_dir, which=opts.checkpoint, device=device)
     model, cfg, dev = run.model, run.config, run.device
+    check_options(opts.sampler, opts.guidance, opts.sampling_steps, has(model, "conditional"))
     latent = run.latent_sampler(opts.sampler)  # refused now, before any work, if it does not match the run
     seed, m = cfg.train.seed, cfg.model
     data_cfg, splits, s = timed("load", load_split, cfg, data, opts.split, progress)
@@ -245,7 +255,7 @@ def evaluate_run(run_dir, data: str | None = None, opts: EvalOptions | None = No
                          latent_prior(model))
     per_image = {**(lik.pop("per_image") if lik else {}), **rec}
     quality_ci = {}
-    if has(model, "sample"):
+    if has(model, "sample") or latent is not None:
         quality, quality_ci, (real, fake) = timed("sample_quality", sample_quality_block, model, cfg, data_cfg,
                                                   splits, s, opts, run_dir, dev, progress, latent)
         if inception is not None:

@@ -30,6 +30,7 @@ from medivae.evaluation.privacy import (
 )
 from medivae.models.family import has, require
 from medivae.models.inference import sample_images
+from medivae.models.samplers import DEFAULT_SAMPLING_STEPS, check_options
 from medivae.runfolder.results import RESULTS_FILE, merge_results, read_results
 from medivae.runfolder.run import load_run
 from medivae.runtime.errors import UserError
@@ -61,12 +62,15 @@ def _label_plan(model, cfg, label: str | None, n: int) -> tuple[np.ndarray | Non
     )
 
 
-def generate_uint8(model, codes: np.ndarray | None, n: int, seed: int, latent_sampler=None) -> np.ndarray:
+def generate_uint8(model, codes: np.ndarray | None, n: int, seed: int, latent_sampler=None, guidance: float = 0.0,
+                   sampling_steps: int | None = None, progress: bool = False) -> np.ndarray:
     """n samples of the family, uint8 (n, C, H, W), each conditioned on codes[i] when given; from
-    ``latent_sampler`` (a post-hoc sampler, medivae.models.samplers) instead of the prior when given."""
+    ``latent_sampler`` (a post-hoc sampler, medivae.models.samplers) instead of the prior when given, with
+    the diffusion sampler's ``guidance`` and ``sampling_steps``."""
     y = None if codes is None else torch.as_tensor(codes).long()
     img = sample_images(model, n, torch_generator(seed, "synthesize"), y, precision="fp32",
-                        latent_sampler=latent_sampler)
+                        latent_sampler=latent_sampler, guidance=guidance, sampling_steps=sampling_steps,
+                        progress=progress)
     return (img * 255).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
@@ -121,10 +125,13 @@ def synthesize_run(
     progress: bool = True,
     sampler: str = "prior",
     bootstrap: int = 1000,
+    guidance: float = 0.0,
+    sampling_steps: int | None = None,
 ) -> dict:
     """Sample n images, reject those closer to the training set than reconstructions of held-out images
     are, write the rest; a membership-inference AUROC and (``bootstrap`` > 0) 95 % intervals.
-    ``sampler``: "prior", or a post-hoc latent sampler of the run (medivae fit-sampler)."""
+    ``sampler``: "prior", or a post-hoc latent sampler of the run (medivae fit-sampler); ``guidance`` and
+    ``sampling_steps``: the diffusion sampler's."""
     if n < 1 or not 0 <= percentile <= 100 or fmt not in ("png", "npz") or n_pairs < 0 or bootstrap < 0:
         raise UserError(
             f"need -n >= 1, 0 <= --percentile <= 100, --format png|npz (got {n}, {percentile}, {fmt})"
@@ -132,10 +139,13 @@ def synthesize_run(
     read_results(Path(run_dir) / RESULTS_FILE)  # fail now, not after sampling, if it cannot be merged into
     run = load_run(run_dir, device=device)
     model, cfg, dev = run.model, run.config, run.device
-    require(model, "sample", "synthesize")
+    if sampler == "prior":
+        require(model, "sample", "synthesize")
+    check_options(sampler, guidance, sampling_steps, has(model, "conditional"))
     latent = run.latent_sampler(sampler)
     codes, names = _label_plan(model, cfg, label, n)
-    fake = generate_uint8(model, codes, n, cfg.train.seed if seed is None else seed, latent)
+    fake = generate_uint8(model, codes, n, cfg.train.seed if seed is None else seed, latent, guidance,
+                          sampling_steps, progress)
     splits = load_dataset(cfg.data, cfg.train.seed, progress=False)
     train, held = splits["train"], splits["test"] if len(splits["test"]) else splits["val"]
     ref = _reference(run_dir, cfg, reference_epochs, progress, dev)
@@ -156,6 +166,8 @@ def synthesize_run(
     report.update(
         run=str(run_dir),
         sampler=sampler,
+        **({"guidance": guidance, "sampling_steps": sampling_steps or DEFAULT_SAMPLING_STEPS}
+           if sampler == "diffusion" else {}),
         label=label,
         n_written=len(keep),
         reference_folder=str(ref.folder),

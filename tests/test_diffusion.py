@@ -1,0 +1,277 @@
+"""The latent diffusion core (medivae.models.diffusion): schedule, forward process, denoisers, DDIM,
+guidance, healing, standardisation, save/load and refusals. Tiny widths and few steps throughout."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from medivae.models.diffusion import (
+    NULL_CLASS,
+    DiffusionSpec,
+    LatentStandardiser,
+    NoiseSchedule,
+    build_denoiser,
+    ddim_sample,
+    ddim_timesteps,
+    diffusion_loss,
+    ema_model,
+    guided_noise,
+    heal,
+)
+from medivae.models.samplers import one_thread
+from medivae.runtime.errors import UserError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: torch's threads only cost time on a busy machine."""
+    with one_thread():
+        yield
+
+
+def test_cosine_schedule_is_strictly_decreasing_and_in_the_open_unit_interval():
+    ab = NoiseSchedule(1000).alpha_bar
+    assert ab.shape == (1001,) and ab[0] == 1.0
+    assert bool((ab[1:] < ab[:-1]).all())
+    assert bool((ab[1:] > 0).all()) and bool((ab[1:] < 1).all())
+    # the cosine form: half the signal variance is gone close to t = T/2 (Nichol & Dhariwal's fig. 3)
+    assert 0.45 < float(ab[500]) < 0.55
+
+
+def test_q_sample_has_the_forward_process_mean_and_variance():
+    sched, n, c = NoiseSchedule(100), 40_000, 2.0
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.full((n, 1), c)
+    for step in (0, 10, 50, 100):
+        t = torch.full((n,), step, dtype=torch.long)
+        zt = sched.q_sample(z0, t, torch.randn(n, 1, generator=g))[:, 0].double()
+        ab = float(sched.alpha_bar[step])
+        var = 1 - ab
+        if step == 0:
+            assert torch.equal(zt.float(), z0[:, 0])
+            continue
+        # 5 standard errors of a sample mean (σ²/n) and of a sample variance (2σ⁴/n)
+        assert abs(float(zt.mean()) - math.sqrt(ab) * c) < 5 * math.sqrt(var / n)
+        assert abs(float(zt.var()) - var) < 5 * math.sqrt(2 / n) * var
+
+
+@pytest.mark.parametrize("shape", [(6,), (4, 16, 16), (2, 5, 7), (3, 8, 8)])
+def test_denoiser_maps_latents_to_noise_of_the_same_shape_with_and_without_classes(shape):
+    spec = DiffusionSpec(shape, num_classes=3, width=16)
+    den = build_denoiser(spec)
+    z = torch.randn(4, *shape)
+    t = torch.tensor([1, 2, 500, 1000])
+    for y in (None, torch.tensor([0, 1, 2, NULL_CLASS])):
+        out = den(z, t, y)
+        assert out.shape == z.shape and bool(torch.isfinite(out).all())
+
+
+def test_null_class_is_the_same_as_no_class():
+    den = build_denoiser(DiffusionSpec((5,), num_classes=2, width=16))
+    torch.nn.init.normal_(den.out[-1].weight)  # a non-zero output layer, so the classes matter
+    z, t = torch.randn(3, 5), torch.tensor([3, 40, 900])
+    assert torch.equal(den(z, t, None), den(z, t, torch.full((3,), NULL_CLASS)))
+    assert not torch.equal(den(z, t, None), den(z, t, torch.zeros(3, dtype=torch.long)))
+
+
+def test_loss_is_per_sample_and_one_step_changes_the_weights():
+    spec = DiffusionSpec((2, 8, 8), num_classes=2, width=8, timesteps=50)
+    den, sched = build_denoiser(spec), NoiseSchedule(50)
+    z0, y = torch.randn(5, 2, 8, 8), torch.tensor([0, 1, 0, 1, 1])
+    loss = diffusion_loss(den, sched, z0, y, torch.Generator().manual_seed(0))
+    assert loss.shape == (5,) and bool((loss > 0).all())
+    before = [p.detach().clone() for p in den.parameters()]
+    opt = torch.optim.SGD(den.parameters(), lr=0.1)
+    loss.mean().backward()
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, den.parameters(), strict=True))
+
+
+def test_loss_draws_depend_only_on_the_generator():
+    spec = DiffusionSpec((4,), width=16, timesteps=20)
+    den, sched, z0 = build_denoiser(spec), NoiseSchedule(20), torch.randn(8, 4)
+    a = diffusion_loss(den, sched, z0, generator=torch.Generator().manual_seed(3))
+    b = diffusion_loss(den, sched, z0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_ddim_update_on_the_untrained_denoiser_is_a_product_of_cosines():
+    """Zero output layer -> v = 0 -> ε = b_t z_t and ẑ0 = a_t z_t (a = cos θ, b = sin θ): one DDIM step from
+    t to s gives a_s a_t z + b_s b_t z = cos(θ_t - θ_s) z, so the whole chain scales z_T by Π cos(Δθ)."""
+    den, sched = build_denoiser(DiffusionSpec((3,), width=8, timesteps=100)), NoiseSchedule(100)
+    z = ddim_sample(den, sched, 7, steps=10, generator=torch.Generator().manual_seed(0))
+    zT = torch.randn(7, 3, generator=torch.Generator().manual_seed(0))
+    theta = torch.arccos(sched.alpha_bar.sqrt())
+    ts = ddim_timesteps(100, 10)
+    scale = math.prod(math.cos(float(theta[t] - theta[s])) for t, s in zip(ts[:-1], ts[1:], strict=True))
+    assert 0.5 < scale < 0.99  # a real shrink, so the check below tells the steps apart
+    torch.testing.assert_close(z, scale * zT, rtol=1e-5, atol=1e-6)
+
+
+# --- a denoiser fitted to a two-point latent distribution ------------------------------------------------
+POINTS = torch.tensor([[1.5, -0.5], [-1.0, 2.0]])
+P_FIRST = 0.3
+
+
+def _train_two_point(conditional: bool, seed: int = 0, steps: int = 500):
+    g = torch.Generator().manual_seed(seed)
+    n = 2048
+    y = (torch.rand(n, generator=g) > P_FIRST).long()  # class 0: the first point, probability 0.3
+    z = POINTS[y]
+    std = LatentStandardiser.fit(z)
+    u = std.encode(z)
+    torch.manual_seed(seed)
+    spec = DiffusionSpec((2,), num_classes=2 if conditional else 0, width=32, timesteps=200)
+    den, sched = build_denoiser(spec), NoiseSchedule(200)
+    ema = ema_model(den, decay=0.99)
+    opt = torch.optim.Adam(den.parameters(), lr=2e-3)
+    with one_thread():  # module fixtures start before the autouse one
+        for _ in range(steps):
+            idx = torch.randint(0, n, (128,), generator=g)
+            loss = diffusion_loss(den, sched, u[idx], y[idx] if conditional else None, g).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            ema.update_parameters(den)
+    return ema.module.eval(), sched, std
+
+
+@pytest.fixture(scope="module")
+def two_point():
+    return _train_two_point(conditional=False)
+
+
+@pytest.fixture(scope="module")
+def two_point_conditional():
+    return _train_two_point(conditional=True)
+
+
+def _nearest(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index of the nearest point (n,), distance to it (n,))."""
+    d = torch.cdist(z, POINTS)
+    return d.argmin(1), d.min(1).values
+
+
+def test_ddim_reproduces_a_two_point_distribution(two_point):
+    den, sched, std = two_point
+    n = 2000
+    z = std.decode(ddim_sample(den, sched, n, steps=50, generator=torch.Generator().manual_seed(1)))
+    which, dist = _nearest(z)
+    spread = float(POINTS.diff(dim=0).norm())
+    assert float((dist < 0.1 * spread).float().mean()) > 0.95  # almost every draw lands on a point
+    # the first point's share: Binomial(n, 0.3) plus the training set's own Binomial(2048, 0.3) error
+    se = math.sqrt(P_FIRST * (1 - P_FIRST) * (1 / n + 1 / 2048))
+    assert abs(float((which == 0).float().mean()) - P_FIRST) < 5 * se
+    # hence the mean and variance of the distribution
+    mean = P_FIRST * POINTS[0] + (1 - P_FIRST) * POINTS[1]
+    var = P_FIRST * (1 - P_FIRST) * (POINTS[0] - POINTS[1]) ** 2
+    torch.testing.assert_close(z.mean(0), mean, atol=float(5 * se * spread + 0.05), rtol=0)
+    torch.testing.assert_close(z.var(0), var, rtol=0.15, atol=0.05)
+
+
+def test_ddim_with_a_fixed_generator_is_deterministic_and_batching_does_not_matter(two_point):
+    den, sched, _ = two_point
+    a = ddim_sample(den, sched, 50, steps=8, generator=torch.Generator().manual_seed(5))
+    b = ddim_sample(den, sched, 50, steps=8, generator=torch.Generator().manual_seed(5))
+    c = ddim_sample(den, sched, 50, steps=8, generator=torch.Generator().manual_seed(6))
+    d = ddim_sample(den, sched, 50, steps=8, generator=torch.Generator().manual_seed(5), batch=7)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.testing.assert_close(a, d, rtol=1e-4, atol=1e-4)  # other batch shapes may round differently
+
+
+def test_classes_pick_their_point_and_guidance_zero_is_the_conditional_model(two_point_conditional):
+    den, sched, std = two_point_conditional
+    n = 400
+    y = torch.arange(2).repeat_interleave(n // 2)
+    for w in (0.0, 2.0):
+        z = std.decode(ddim_sample(den, sched, n, y=y, guidance=w, steps=25,
+                                   generator=torch.Generator().manual_seed(2)))
+        assert float((_nearest(z)[0] == y).float().mean()) > 0.97
+    zt, t = torch.randn(6, 2), torch.tensor([5, 50, 100, 150, 199, 200])
+    yc = torch.tensor([0, 1, 0, 1, 0, 1])
+    assert torch.equal(guided_noise(den, zt, t, yc, 0.0), den(zt, t, yc).float())
+    cond, uncond = den(zt, t, yc), den(zt, t, None)
+    torch.testing.assert_close(guided_noise(den, zt, t, yc, 1.5), uncond + 2.5 * (cond - uncond),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_heal_from_zero_is_the_identity_and_from_a_little_noise_stays_close(two_point):
+    den, sched, std = two_point
+    u = std.encode(POINTS[[0, 1, 1, 0]])
+    assert torch.equal(heal(den, sched, u, 0), u)
+    healed = heal(den, sched, u, 20, steps=5, generator=torch.Generator().manual_seed(0))
+    assert healed.shape == u.shape
+    assert float((std.decode(healed) - POINTS[[0, 1, 1, 0]]).norm(dim=1).max()) < 0.3
+    with pytest.raises(UserError, match="t_start"):
+        heal(den, sched, u, 201)
+
+
+# --- standardisation, save/load, refusals ----------------------------------------------------------------
+def test_standardiser_is_per_dimension_or_per_channel_and_inverts():
+    g = torch.Generator().manual_seed(0)
+    flat = torch.randn(500, 3, generator=g) * torch.tensor([1.0, 5.0, 0.1]) + torch.tensor([2.0, -1.0, 0.0])
+    s = LatentStandardiser.fit(flat)
+    u = s.encode(flat)
+    torch.testing.assert_close(u.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(u.std(0), torch.ones(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(s.decode(u), flat, atol=1e-5, rtol=1e-5)
+    grid = torch.randn(20, 2, 4, 4, generator=g) * torch.tensor([3.0, 0.5])[:, None, None]
+    sg = LatentStandardiser.fit(grid)
+    assert sg.mean.shape == (2, 1, 1)
+    torch.testing.assert_close(sg.encode(grid).transpose(0, 1).reshape(2, -1).std(1), torch.ones(2),
+                               atol=1e-5, rtol=0)
+    back = LatentStandardiser.from_tensors(sg.tensors())
+    assert torch.equal(back.encode(grid), sg.encode(grid))
+
+
+@pytest.mark.parametrize("shape", [(4,), (2, 8, 8)])
+def test_save_load_round_trip_gives_the_same_samples(shape):
+    spec = DiffusionSpec(shape, num_classes=2, width=8, timesteps=30)
+    den = build_denoiser(spec)
+    for p in den.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    spec2 = DiffusionSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert spec2 == spec
+    den2 = build_denoiser(spec2)
+    den2.load_state_dict(den.state_dict())
+    y = torch.tensor([0, 1, 1])
+    a = ddim_sample(den, NoiseSchedule(30), 3, y=y, guidance=1.0, steps=4, generator=torch.Generator().manual_seed(0))
+    b = ddim_sample(den2, NoiseSchedule(30), 3, y=y, guidance=1.0, steps=4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+
+
+def test_refusals():
+    with pytest.raises(UserError, match="latent_shape"):
+        DiffusionSpec((3, 4))
+    with pytest.raises(UserError, match="timesteps"):
+        DiffusionSpec((3,), timesteps=1)
+    with pytest.raises(UserError, match="expected keys"):
+        DiffusionSpec.from_dict({"latent_shape": [3], "depth": 2})
+    den, sched = build_denoiser(DiffusionSpec((3,), width=8, timesteps=10)), NoiseSchedule(10)
+    with pytest.raises(UserError, match="sampling-steps"):
+        ddim_sample(den, sched, 2, steps=0)
+    with pytest.raises(UserError, match="guidance"):
+        ddim_sample(den, sched, 2, guidance=1.0)
+    with pytest.raises(UserError, match="unconditional"):
+        ddim_sample(den, sched, 2, y=torch.tensor([0, 1]))
+
+
+def test_ddim_timesteps_are_descending_and_end_at_zero():
+    assert ddim_timesteps(1000, 4) == [1000, 750, 500, 250, 0]
+    assert ddim_timesteps(3, 50) == [3, 2, 1, 0]
+    assert ddim_timesteps(10, 1) == [10, 0]
+
+
+def test_bf16_autocast_sampling_is_close_to_fp32(two_point):
+    """The DDIM update stays fp32; only the denoiser runs in bf16 (8 mantissa bits: relative error ~ 2^-8
+    per layer), so draws agree to a few bf16 epsilons times the latent scale."""
+    den, sched, _ = two_point
+    a = ddim_sample(den, sched, 64, steps=10, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        b = ddim_sample(den, sched, 64, steps=10, generator=torch.Generator().manual_seed(0))
+    assert b.dtype == torch.float32
+    assert float((a - b).abs().median()) < 16 * 2**-8 * float(a.abs().max())
