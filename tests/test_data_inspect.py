@@ -39,7 +39,9 @@ def test_inspect_prints_counts_and_writes_a_preview(tmp_path, capsys):
     assert "lesion 8, normal 8" in text
     img = np.asarray(Image.open(out))
     assert img.shape == (2 + 2 * 34, 2 + 8 * 34)  # two classes × 8 images of 32 px, 2 px gutters
-    assert main([*argv, "--json"]) == 0
+    assert main([*argv, "--json"]) == 2  # the preview exists: replaced only with --force
+    capsys.readouterr()
+    assert main([*argv, "--json", "--force"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["splits"]["train"]["labels"] == {"lesion": 8, "normal": 8}
     assert summary["meta"]["cache"] == "hit"

@@ -105,7 +105,7 @@ def test_foreground_psnr_and_ssim_with_intervals(run_dir, capsys):
     "extra, message",
     [
         (["--split", "holdout"], "unknown split"),
-        (["-k", "0"], "k must be >= 1"),
+        (["-k", "0"], "--iwae-k: must be >= 1"),
         (["--data", "/no/such/folder"], "no such file"),
         (["--checkpoint", "middle"], "best or last"),
         (["--inception-weights", "/no/such.pth"], "no such Inception weights file"),

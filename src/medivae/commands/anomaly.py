@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from medivae.commands.common import BOOTSTRAP, DEVICE, FORCE, PROGRESS, number, path_arg, whole
 from medivae.commands.train import add_model_args, add_train_args
+from medivae.runtime.constants import MAX_ROW_IMAGES
 
 # What `anomaly fit` uses when the flag is not given (issue 21). On PneumoniaMNIST (28 px) a Gaussian
 # likelihood trained 25 epochs at 32 px separated validation normals from foreign-patch anomalies made from
@@ -152,6 +154,7 @@ def cmd_score(args) -> int:
         bootstrap=args.bootstrap,
         calibration=args.calibration,
         progress=not args.no_progress,
+        force=args.force,
     )
     print(
         f"scored {r['n_scored']} images of {r['data']} ({r['split']}); "
@@ -219,7 +222,7 @@ def add(sub) -> None:
     s = a.add_subparsers(dest="anomaly_command", metavar="{fit,adapt,score}", parser_class=type(a))
     a.set_defaults(func=lambda args: a.print_help() or 2)
 
-    f = s.add_parser("fit", help="train on the normal images of a source")
+    f = s.add_parser("fit", help="train on the normal images of a source", parents=[DEVICE, PROGRESS])
     g = f.add_argument_group("data")
     g.add_argument("--data", required=True, metavar="SOURCE", help="phantoms | FILE.npz | FOLDER | FILE.csv")
     g.add_argument("--normal-label", required=True, help="the class name of normal images, e.g. 0 or normal")
@@ -227,7 +230,7 @@ def add(sub) -> None:
     g.add_argument("--test-fraction", type=float, default=0.1)
     g.add_argument("--resize-mode", default="pad", help="non-square images: pad (default) or crop")
     g.add_argument("--window", default=None, help="DICOM window: CENTER,WIDTH or a preset")
-    f.add_argument("--out", required=True, type=Path, help="run folder to write")
+    f.add_argument("--out", required=True, type=path_arg, help="run folder to write (absent or empty)")
     add_model_args(f)
     add_train_args(f)
     helps = {"image_size": "32, 64, 128 or 256 (default: the smallest that holds the source's images without "
@@ -240,50 +243,47 @@ def add(sub) -> None:
             action.help, action.default = helps[action.dest], None
     f.set_defaults(func=cmd_fit)
 
-    d = s.add_parser("adapt", help="train a fitted run further with normal images from the site being scored")
-    d.add_argument("run", type=Path, help="a run of 'medivae anomaly fit'")
+    d = s.add_parser("adapt", help="train a fitted run further with normal images from the site being scored",
+                     parents=[DEVICE, PROGRESS])
+    d.add_argument("run", type=path_arg, help="a run of 'medivae anomaly fit'")
     d.add_argument("--normals", required=True, metavar="SOURCE",
                    help="normal images from the site whose images will be scored: a folder of normals, or a "
                    "source whose images with the normal label are used (every split)")
-    d.add_argument("--out", required=True, type=Path, help="new run folder to write (the run itself is kept)")
-    d.add_argument("--epochs", type=int, default=None,
+    d.add_argument("--out", required=True, type=path_arg, help="new run folder to write (the run itself is kept)")
+    d.add_argument("--epochs", type=whole(1), default=None,
                    help="more epochs on training + site normals (default 10; a family that trains a prior in its "
                    "last epochs, such as vq_vae, does so in these too)")
-    d.add_argument("--hold-out", type=float, default=None,
+    d.add_argument("--hold-out", type=number(0, 0.9), default=None,
                    help="share of the site normals kept out of training to set the threshold on (default 0.5; "
                    "'anomaly score' uses them unless --calibration is given; 0: the run's validation normals)")
-    d.add_argument("--device", default="auto")
-    d.add_argument("--threads", type=int, default=None, help="CPU threads (default: the run's setting)")
-    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--threads", type=whole(0), default=None, help="CPU threads (default: the run's setting)")
     d.set_defaults(func=cmd_adapt)
 
-    c = s.add_parser("score", help="score images; write scores.csv, anomaly maps, ROC and results.json")
-    c.add_argument("run", type=Path)
+    c = s.add_parser("score", help="score images; write scores.csv, anomaly maps, ROC and results.json",
+                     parents=[DEVICE, PROGRESS, BOOTSTRAP, FORCE])
+    c.add_argument("run", type=path_arg)
     c.add_argument("--data", default=None, metavar="SOURCE", help="default: the run's own source")
     c.add_argument("--split", default="test", help="train, val or test (default test)")
-    c.add_argument("--out", type=Path, default=None, help="output folder (default RUN/anomaly)")
+    c.add_argument("--out", type=path_arg, default=None,
+                   help="output folder (default RUN/anomaly); another one must be absent or empty")
     c.add_argument("--normal-label", default=None, help="default: the label the run was fitted on")
-    c.add_argument("--fpr", type=float, default=0.05,
+    c.add_argument("--fpr", type=number(0, 1, low_open=True), default=0.05,
                    help="false-positive rate the conformal threshold guarantees (needs >= 1/FPR - 1 validation "
                    "normals)")
     c.add_argument("--calibration", default=None, metavar="SOURCE",
                    help="normal images from where the scored images come (a folder, or a source whose images "
                    "with the normal label are used; every split) to set the threshold on, instead of the run's "
                    "validation normals: the false-positive bound then holds for normals like them")
-    c.add_argument("--bootstrap", type=int, default=1000, metavar="N",
-                   help="bootstrap resamples for 95%% intervals of AUROC/AUPRC (default 1000; 0: off)")
-    c.add_argument("--iwae-samples", type=int, default=16, help="posterior draws per image (default 16)")
+    c.add_argument("--iwae-samples", type=whole(1, 10_000), default=16, help="posterior draws per image (default 16)")
     c.add_argument(
         "--gradient-maps", action="store_true", help="maps from |d(-ELBO)/dx| instead of residuals"
     )
-    c.add_argument("--n-maps", type=int, default=16,
+    c.add_argument("--n-maps", type=whole(0, MAX_ROW_IMAGES), default=16,
                    help="images drawn in overlays.png (default 16); maps.png shows at most 8 of them, with every map")
-    c.add_argument("--batch-size", type=int, default=128)
-    c.add_argument("--device", default="auto")
+    c.add_argument("--batch-size", type=whole(1), default=128)
     c.add_argument(
         "--precision", choices=("fp32", "auto"), default="fp32",
         help="fp32 (default: exact scores) or auto: bf16 networks where native, ~1.8x faster on AVX-512 BF16 "
         "(VQ healing included; the MAP restoration stays fp32: its gradient steps are not safe in bf16)",
     )
-    c.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     c.set_defaults(func=cmd_score)

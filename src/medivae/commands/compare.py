@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from medivae.commands.common import BOOTSTRAP, path_arg
 
 
 def cmd_compare(args) -> int:
@@ -17,10 +17,11 @@ def cmd_compare(args) -> int:
 
 
 def add(sub) -> None:
-    p = sub.add_parser("compare", help="runs evaluated on the same test split, side by side, with 95%% intervals")
-    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders evaluated by 'medivae evaluate'")
-    p.add_argument("--out", type=Path, default=None, help="FILE.html (self-contained) or FILE.md")
-    p.add_argument("--force", action="store_true", help="compare runs evaluated on different data or splits")
-    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
-                   help="bootstrap resamples for intervals and paired p-values (default 1000)")
+    p = sub.add_parser("compare", help="runs evaluated on the same test split, side by side, with 95%% intervals",
+                       parents=[BOOTSTRAP])
+    p.add_argument("runs", nargs="+", type=path_arg, metavar="RUN", help="run folders evaluated by 'medivae evaluate'")
+    p.add_argument("--out", type=path_arg, default=None, help="FILE.html (self-contained) or FILE.md")
+    p.add_argument("--force", action="store_true",
+                   help="compare anyway what cannot be compared (other data or split, an evaluation of weights no "
+                   "longer there, one run twice), and replace an existing --out file")
     p.set_defaults(func=cmd_compare)

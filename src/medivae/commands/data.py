@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from medivae.commands.common import FORCE, PROGRESS, path_arg, whole
 from medivae.runtime.errors import UserError
 from medivae.runtime.seeding import DEFAULT_SEED
 
@@ -16,7 +17,9 @@ def cmd_inspect(args) -> int:
     args.data = args.source or args.data
     if not args.data:
         raise UserError("give a SOURCE: medivae data inspect SOURCE (anything --data accepts)")
-    out = summarize(data_config(args), args.seed, args.out, progress=not args.no_progress)
+    # the default preview.png is this command's own file, replaced on every run; a named --out needs --force
+    out = summarize(data_config(args), args.seed, args.out or Path("preview.png"), progress=not args.no_progress,
+                    force=args.force or args.out is None)
     print(json.dumps(out, indent=2) if args.json else format_summary(out))
     return 0
 
@@ -66,14 +69,15 @@ def add(sub) -> None:
     p = sub.add_parser("data", help="inspect a data source")
     p.set_defaults(func=_need_action)
     actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=type(p))
-    i = actions.add_parser("inspect", help="counts, shapes, label histogram, intensities and a preview grid")
+    i = actions.add_parser("inspect", help="counts, shapes, label histogram, intensities and a preview grid",
+                           parents=[PROGRESS, FORCE])
     i.add_argument("source", metavar="SOURCE", nargs="?", help="anything --data accepts (or give --data)")
     add_data_args(i, required=False)
     i.add_argument("--image-size", type=int, default=64, help="32, 64, 128 or 256 (default 64)")
     i.add_argument("--channels", type=int, default=1, help="1 gray or 3 RGB (default 1)")
-    i.add_argument("--seed", type=int, default=DEFAULT_SEED, help="split seed (as for training)")
-    i.add_argument("--out", type=Path, default=Path("preview.png"), help="preview grid (default preview.png)")
+    i.add_argument("--seed", type=whole(0, 2**64 - 1), default=DEFAULT_SEED, help="split seed (as for training)")
+    i.add_argument("--out", type=path_arg, default=None,
+                   help="preview grid, .png or .jpg (default preview.png, replaced on every run)")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
-    i.add_argument("--no-progress", action="store_true")
     i.set_defaults(func=cmd_inspect)
 

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from medivae.commands.common import DEVICE, FORCE, PROGRESS, choice, number, path_arg, whole
+from medivae.runtime.constants import CHECKPOINTS, MAX_GRID_IMAGES, MAX_ROW_IMAGES, MAX_SAMPLES
 
+SPLITS = ("train", "val", "test")
 SAMPLER_HELP = "prior (default), or gmm / flow / diffusion fitted with medivae fit-sampler"
 
 
 def add_sampler_options(p) -> None:
     """--sampler and the diffusion sampler's --guidance / --sampling-steps (sample, evaluate, synthesize)."""
     p.add_argument("--sampler", default="prior", help=SAMPLER_HELP)
-    p.add_argument("--guidance", type=float, default=0.0, metavar="W",
+    p.add_argument("--guidance", type=number(), default=0.0, metavar="W",
                    help="diffusion sampler, class-conditional run: classifier-free guidance w, "
                         "eps = eps_uncond + (1 + w)(eps_cond - eps_uncond) (default 0: the conditional model)")
-    p.add_argument("--sampling-steps", type=int, default=None, metavar="N",
+    p.add_argument("--sampling-steps", type=whole(1, 10_000), default=None, metavar="N",
                    help="diffusion sampler: deterministic DDIM steps (default 50)")
 
 
@@ -22,7 +24,7 @@ def cmd_sample(args) -> int:
 
     print(api.sample(args.run, args.n, args.out, seed=args.seed, label=args.label, device=args.device,
                      temperature=args.temperature, sampler=args.sampler, guidance=args.guidance,
-                     sampling_steps=args.sampling_steps, progress=not args.no_progress))
+                     sampling_steps=args.sampling_steps, progress=not args.no_progress, force=args.force))
     return 0
 
 
@@ -54,7 +56,7 @@ def cmd_fit_sampler(args) -> int:
 def cmd_encode(args) -> int:
     from medivae import api
 
-    shapes = api.encode(args.run, args.out, data=args.data, split=args.split, device=args.device)
+    shapes = api.encode(args.run, args.out, data=args.data, split=args.split, device=args.device, force=args.force)
     print(f"{args.out}: " + ", ".join(f"{k} {v}" for k, v in shapes.items()) + " + labels, label_names")
     return 0
 
@@ -62,13 +64,9 @@ def cmd_encode(args) -> int:
 def cmd_interpolate(args) -> int:
     from medivae import api
 
-    if args.mode not in ("linear", "slerp"):
-        from medivae.runtime.errors import UserError
-
-        raise UserError(f"--mode must be linear or slerp, not {args.mode!r}")
     out = api.interpolate_run(
         args.run, args.out, steps=args.steps, mode=args.mode, src=args.src, dst=args.dst,
-        seed=args.seed, device=args.device, label=args.label,
+        seed=args.seed, device=args.device, label=args.label, force=args.force,
     )
     print(out)
     return 0
@@ -77,69 +75,73 @@ def cmd_interpolate(args) -> int:
 def cmd_reconstruct(args) -> int:
     from medivae import api
 
-    print(api.reconstruct_run(args.run, args.data, args.out, split=args.split, n=args.n, device=args.device))
+    print(api.reconstruct_run(args.run, args.data, args.out, split=args.split, n=args.n, device=args.device,
+                              force=args.force))
     return 0
 
 
 def add(sub) -> None:
-    s = sub.add_parser("sample", help="decode draws from the prior into a PNG grid")
-    s.add_argument("run", type=Path)
-    s.add_argument("-n", type=int, default=64)
-    s.add_argument("--out", type=Path, required=True)
+    seed = whole(0, 2**64 - 1)
+    s = sub.add_parser("sample", help="decode draws from the prior into a PNG/JPEG grid, or a folder of PNGs",
+                       parents=[DEVICE, PROGRESS, FORCE])
+    s.add_argument("run", type=path_arg)
+    s.add_argument("-n", type=whole(1, MAX_SAMPLES), default=64,
+                   help=f"images (default 64); a grid holds at most {MAX_GRID_IMAGES}, a folder {MAX_SAMPLES}")
+    s.add_argument("--out", type=path_arg, required=True,
+                   help="FILE.png or FILE.jpg: one grid; a name without a suffix: a folder of one PNG per image")
     s.add_argument("--label", default=None, help="class name (conditional models)")
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--temperature", type=float, default=1.0, help="prior temperature (default 1)")
+    s.add_argument("--seed", type=seed, default=None)
+    s.add_argument("--temperature", type=number(0, 100, low_open=True), default=1.0,
+                   help="prior temperature (default 1)")
     add_sampler_options(s)
-    s.add_argument("--device", default="auto")
-    s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_sample)
 
-    f = sub.add_parser("fit-sampler", help="fit a latent sampler (GMM, RealNVP or diffusion) on the training latents")
-    f.add_argument("run", type=Path)
+    f = sub.add_parser("fit-sampler", help="fit a latent sampler (GMM, RealNVP or diffusion) on the training latents",
+                       parents=[DEVICE, PROGRESS])
+    f.add_argument("run", type=path_arg)
     f.add_argument("--sampler", required=True,
                    help="gmm (components by validation BIC), flow (RealNVP) or diffusion (DDPM/DDIM; also for "
                         "vq_vae and hierarchical_vae)")
-    f.add_argument("--max-components", type=int, default=10, help="gmm: most components tried (default 10)")
-    f.add_argument("--epochs", type=int, default=None, help="diffusion: most epochs (default 400)")
-    f.add_argument("--patience", type=int, default=None,
+    f.add_argument("--max-components", type=whole(1, 1000), default=10,
+                   help="gmm: most components tried (default 10)")
+    f.add_argument("--epochs", type=whole(1, 100_000), default=None, help="diffusion: most epochs (default 400)")
+    f.add_argument("--patience", type=whole(1, 100_000), default=None,
                    help="diffusion: stop this many epochs after the best validation loss (default 40)")
-    f.add_argument("--width", type=int, default=None,
+    f.add_argument("--width", type=whole(1, 65_536), default=None,
                    help="diffusion: denoiser width (default: 4 x latent dim in [128, 1024]; U-Net 64 channels)")
-    f.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+    f.add_argument("--time-budget", type=number(0), default=None, metavar="SECONDS",
                    help="diffusion: stop training after this many seconds (default: none)")
-    f.add_argument("--posterior-draws", type=int, default=0, metavar="K",
+    f.add_argument("--posterior-draws", type=whole(0, 1000), default=0, metavar="K",
                    help="fit to K draws of q(z|x) per training image instead of the posterior means "
                         "(Gaussian-latent families; default 0: means)")
-    f.add_argument("--checkpoint", default="best", help="best (default) or last")
-    f.add_argument("--device", default="auto")
-    f.add_argument("--no-progress", action="store_true")
+    f.add_argument("--checkpoint", default="best", type=choice(*CHECKPOINTS), help="best (default) or last")
     f.set_defaults(func=cmd_fit_sampler)
 
-    e = sub.add_parser("encode", help="the family's representation of every image of a split -> .npz")
-    e.add_argument("run", type=Path)
+    e = sub.add_parser("encode", help="the family's representation of every image of a split -> .npz",
+                       parents=[DEVICE, FORCE])
+    e.add_argument("run", type=path_arg)
     e.add_argument("--data", default=None, help="data source (default: the run's own, with its split)")
-    e.add_argument("--split", default="test")
-    e.add_argument("--out", type=Path, required=True, help=".npz to write")
-    e.add_argument("--device", default="auto")
+    e.add_argument("--split", default="test", choices=SPLITS)
+    e.add_argument("--out", type=path_arg, required=True, help=".npz to write")
     e.set_defaults(func=cmd_encode)
 
-    i = sub.add_parser("interpolate", help="decode a latent path between two prior draws or two images")
-    i.add_argument("run", type=Path)
-    i.add_argument("--from", dest="src", default=None, help="first image file")
-    i.add_argument("--to", dest="dst", default=None, help="second image file")
-    i.add_argument("--steps", type=int, default=8)
-    i.add_argument("--mode", default="linear", help="linear or slerp")
+    i = sub.add_parser("interpolate", help="decode a latent path between two prior draws or two images",
+                       parents=[DEVICE, FORCE])
+    i.add_argument("run", type=path_arg)
+    i.add_argument("--from", dest="src", type=path_arg, default=None, help="first image file")
+    i.add_argument("--to", dest="dst", type=path_arg, default=None, help="second image file")
+    i.add_argument("--steps", type=whole(2, MAX_ROW_IMAGES), default=8)
+    i.add_argument("--mode", default="linear", choices=("linear", "slerp"), help="linear or slerp")
     i.add_argument("--label", default=None, help="class name (conditional models)")
-    i.add_argument("--out", type=Path, required=True)
-    i.add_argument("--seed", type=int, default=None)
-    i.add_argument("--device", default="auto")
+    i.add_argument("--out", type=path_arg, required=True, help="PNG or JPEG to write")
+    i.add_argument("--seed", type=seed, default=None)
     i.set_defaults(func=cmd_interpolate)
 
-    r = sub.add_parser("reconstruct", help="images and their reconstructions (posterior mean) in a grid")
-    r.add_argument("run", type=Path)
+    r = sub.add_parser("reconstruct", help="images and their reconstructions (posterior mean) in a grid",
+                       parents=[DEVICE, FORCE])
+    r.add_argument("run", type=path_arg)
     r.add_argument("--data", default=None, help="data source (default: the run's own)")
-    r.add_argument("--split", default="test")
-    r.add_argument("-n", type=int, default=16)
-    r.add_argument("--out", type=Path, required=True)
-    r.add_argument("--device", default="auto")
+    r.add_argument("--split", default="test", choices=SPLITS)
+    r.add_argument("-n", type=whole(1, MAX_ROW_IMAGES), default=16, help=f"images, at most {MAX_ROW_IMAGES}")
+    r.add_argument("--out", type=path_arg, required=True, help="PNG or JPEG to write")
     r.set_defaults(func=cmd_reconstruct)

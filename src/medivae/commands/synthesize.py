@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from medivae.commands.common import BOOTSTRAP, DEVICE, PROGRESS, number, path_arg, whole
 from medivae.commands.generate import add_sampler_options
+from medivae.runtime.constants import MAX_ROW_IMAGES, MAX_SAMPLES
 
 
 def cmd_synthesize(args) -> int:
@@ -27,6 +27,7 @@ def cmd_synthesize(args) -> int:
         sampler=args.sampler,
         guidance=args.guidance,
         sampling_steps=args.sampling_steps,
+        force=args.force,
     )
     print(
         f"{r['n_written']} of {r['n_synthetic']} images written to {args.out}; {r['n_rejected']} rejected as "
@@ -44,29 +45,29 @@ def cmd_synthesize(args) -> int:
 
 def add(sub) -> None:
     p = sub.add_parser(
-        "synthesize", help="write synthetic images + labels, with a memorisation (privacy) filter"
+        "synthesize", help="write synthetic images + labels, with a memorisation (privacy) filter",
+        parents=[DEVICE, PROGRESS, BOOTSTRAP],
     )
-    p.add_argument("run", type=Path)
-    p.add_argument("-n", type=int, required=True, help="images to draw (rejected ones are not written)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("run", type=path_arg)
+    p.add_argument("-n", type=whole(1, MAX_SAMPLES), required=True,
+                   help=f"images to draw, at most {MAX_SAMPLES} (rejected ones are not written)")
+    p.add_argument("--out", type=path_arg, required=True, help="output folder (absent or empty)")
+    p.add_argument("--force", action="store_true", help="write over an earlier output of synthesize in --out")
     p.add_argument(
         "--label", default=None, help="class to draw (conditional run) or to write (one-class run)"
     )
     p.add_argument(
         "--percentile",
-        type=float,
+        type=number(0, 100),
         default=1.0,
         help="reject images nearer to a training image than this percentile of reconstructed held-out images",
     )
-    p.add_argument("--format", default="png", help="png (images/ + labels.csv, default) or npz")
-    p.add_argument("--pairs", type=int, default=8, help="nearest (synthetic, training) pairs drawn per space")
+    p.add_argument("--format", default="png", choices=("png", "npz"), help="png (images/ + labels.csv, default) or npz")
+    p.add_argument("--pairs", type=whole(0, MAX_ROW_IMAGES), default=8,
+                   help="nearest (synthetic, training) pairs drawn per space")
     p.add_argument(
-        "--reference-epochs", type=int, default=5, help="epochs of the reference feature extractor"
+        "--reference-epochs", type=whole(1, 1000), default=5, help="epochs of the reference feature extractor"
     )
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
-                   help="bootstrap resamples for 95%% intervals (default 1000; 0: off)")
+    p.add_argument("--seed", type=whole(0, 2**64 - 1), default=None)
     add_sampler_options(p)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_synthesize)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
+from medivae.commands.common import DEVICE, PROGRESS, path_arg
 from medivae.runfolder.config import DataConfig, RunConfig, TrainConfig, flat_settings, read_config_file
 from medivae.runtime.constants import DEFAULT_FAMILY
 from medivae.runtime.errors import UserError
+from medivae.runtime.schema import build
 from medivae.runtime.seeding import DEFAULT_SEED
 
 
@@ -36,11 +37,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="constant (default) or cosine: decay to 0 over --epochs (Loshchilov & Hutter 2017)")
     g.add_argument("--seed", type=int, default=DEFAULT_SEED)
     g.add_argument("--precision", default="auto", help="auto (bf16 where native), fp32, bf16, fp16 (CUDA)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     g.add_argument("--grad-clip", type=float, default=0.0)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: the cores idle at start)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--tensorboard", action="store_true",
                    help="log scalars per epoch to RUN/tensorboard (pip install 'medivae[tensorboard]')")
     g.add_argument("--augment", default="", metavar="SPEC",
@@ -65,10 +64,11 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--no-cache", action="store_true", help="decode in memory; do not use $MEDIVAE_CACHE")
 
 
-def data_config(args) -> DataConfig:
-    labels = tuple(s.strip() for s in args.labels.split(",") if s.strip())
-    return DataConfig(
-        source=args.data, image_size=args.image_size, channels=args.channels, labels=labels,
+def data_values(args) -> dict:
+    """The data settings the flags give, as a dict of DataConfig fields (checked when the config is built)."""
+    return dict(
+        source=args.data, image_size=args.image_size, channels=args.channels,
+        labels=tuple(s.strip() for s in args.labels.split(",") if s.strip()),
         val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         resize_mode=args.resize_mode, window=args.window,
         normalize=getattr(args, "normalize", "percentile"), nifti_axis=getattr(args, "nifti_axis", "axial"),
@@ -76,13 +76,22 @@ def data_config(args) -> DataConfig:
     )
 
 
-def train_config(args) -> TrainConfig:
-    return TrainConfig(
+def train_values(args) -> dict:
+    """The training settings the flags give, as a dict of TrainConfig fields (checked when the config is built)."""
+    return dict(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, seed=args.seed,
         precision=args.precision, device=args.device, grad_clip=args.grad_clip,
         compile=args.compile, num_threads=args.threads, tensorboard=args.tensorboard,
         augment=getattr(args, "augment", ""),
     )
+
+
+def data_config(args) -> DataConfig:
+    return build(DataConfig, data_values(args), "data")
+
+
+def train_config(args) -> TrainConfig:
+    return build(TrainConfig, train_values(args), "train")
 
 
 def model_flags() -> dict:
@@ -171,8 +180,7 @@ def flag_settings(args) -> dict:
     model = {"name": args.model, "image_size": args.image_size, "channels": args.channels,
              **family_fields(args),
              **model_args(getattr(args, "model_arg", []))}
-    return flat_settings({"data": dataclasses.asdict(data_config(args)), "model": model,
-                          "train": dataclasses.asdict(train_config(args))})
+    return flat_settings({"data": data_values(args), "model": model, "train": train_values(args)})
 
 
 def config_from_file(args) -> tuple[RunConfig, dict, set[str]]:
@@ -250,18 +258,19 @@ def cmd_demo(args) -> int:
 
 
 def add(sub) -> None:
-    p = sub.add_parser("train", help="train a model on a data source")
+    p = sub.add_parser("train", help="train a model on a data source", parents=[DEVICE, PROGRESS])
     add_data_args(p, required=False)  # required unless --config gives it (cmd_train checks)
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="start from a run's config.json (or a JSON/YAML file with its keys); flags override it")
-    p.add_argument("--out", required=True, type=Path, help="run folder to write")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from last/")
+    p.add_argument("--out", required=True, type=path_arg, help="run folder to write (absent or empty)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from last/, with the run's own settings (typed flags must agree)")
     add_model_args(p)
     add_train_args(p)
     p.set_defaults(func=cmd_train, _parser=p)
 
-    d = sub.add_parser("demo", help="train the article's VAE on built-in phantoms (1–3 min on 2 CPU cores)")
-    d.add_argument("--out", type=Path, default=Path("runs/demo"))
+    d = sub.add_parser("demo", help="train the article's VAE on built-in phantoms (1–3 min on 2 CPU cores)",
+                       parents=[PROGRESS])
+    d.add_argument("--out", type=path_arg, default=Path("runs/demo"))
     d.add_argument("--epochs", type=int, default=15)
-    d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)

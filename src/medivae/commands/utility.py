@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from medivae.commands.common import BOOTSTRAP, DEVICE, PROGRESS, number, path_arg, whole
 from medivae.runtime.seeding import DEFAULT_SEED
 
 
@@ -25,6 +24,7 @@ def cmd_utility(args) -> int:
         batch_size=args.batch_size,
         runs=args.run,
         bootstrap=args.bootstrap,
+        force=args.force,
     )
     print(f"real test set of {r['real']}: {r['real_only']['n_test']} images; results in {r['file']}")
     for name in ("synthetic_only", "real_plus_synthetic", "real_only"):
@@ -39,10 +39,11 @@ def cmd_utility(args) -> int:
 
 def add(sub) -> None:
     p = sub.add_parser(
-        "utility", help="is synthetic data useful? TSTR vs real-only classifiers on real test data"
+        "utility", help="is synthetic data useful? TSTR vs real-only classifiers on real test data",
+        parents=[DEVICE, PROGRESS, BOOTSTRAP],
     )
     p.add_argument(
-        "--run", nargs="+", type=Path, default=None, metavar="RUN",
+        "--run", nargs="+", type=path_arg, default=None, metavar="RUN",
         help="the VAE run(s) the synthetic images came from: the real data is their source with their exact "
         "split and labels, so no image a VAE trained on is tested on (recommended)",
     )
@@ -54,19 +55,19 @@ def add(sub) -> None:
         "--synthetic",
         required=True,
         nargs="+",
-        type=Path,
+        type=path_arg,
         metavar="DIR",
         help="one or more 'medivae synthesize' folders (e.g. one per class)",
     )
-    p.add_argument("--out", type=Path, default=None, help="JSON file (default: first DIR/utility.json)")
-    p.add_argument("--epochs", type=int, default=10, help="classifier epochs (default 10)")
-    p.add_argument("--width", type=int, default=32, help="classifier width (default 32)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--test-fraction", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=None, help=f"default: the run's seed, else {DEFAULT_SEED}")
-    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
-                   help="bootstrap resamples of the real test images for 95%% intervals (default 1000; 0: off)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", type=path_arg, default=None, help="JSON file (default: first DIR/utility.json)")
+    p.add_argument("--force", action="store_true",
+                   help="use synthetic sets utility would refuse (one class, another run's images, a folder given "
+                   "twice) and replace an existing --out file")
+    p.add_argument("--epochs", type=whole(1, 10_000), default=10, help="classifier epochs (default 10)")
+    p.add_argument("--width", type=whole(1, 4096), default=32, help="classifier width (default 32)")
+    p.add_argument("--batch-size", type=whole(1), default=128)
+    p.add_argument("--val-fraction", type=number(0, 0.49), default=0.1)
+    p.add_argument("--test-fraction", type=number(0, 0.49), default=0.1)
+    p.add_argument("--seed", type=whole(0, 2**64 - 1), default=None,
+                   help=f"default: the run's seed, else {DEFAULT_SEED}")
     p.set_defaults(func=cmd_utility)

@@ -12,9 +12,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from medivae.runtime.constants import BOOTSTRAP_RESAMPLES
 from medivae.runtime.seeding import numpy_rng
 
-DEFAULT_BOOTSTRAP = 1000
+DEFAULT_BOOTSTRAP = BOOTSTRAP_RESAMPLES
 LEVEL = 0.95
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from medivae.runtime.constants import BOOTSTRAP_RESAMPLES
 from medivae.runtime.seeding import numpy_rng
 
 SIDE = 32  # images are area-averaged to at most this many pixels a side
@@ -44,7 +45,8 @@ def _pooled(images: np.ndarray, side: int = SIDE, chunk: int = 512) -> np.ndarra
     return np.concatenate(out)
 
 
-def two_sample_test(reference: np.ndarray, other: np.ndarray, seed: int = 0, n_boot: int = 1000) -> dict | None:
+def two_sample_test(reference: np.ndarray, other: np.ndarray, seed: int = 0,
+                    n_boot: int = BOOTSTRAP_RESAMPLES) -> dict | None:
     """Can a linear classifier tell ``other`` images (N, C, H, W) from ``reference`` ones? Returns
     {"auroc", "ci95" (bootstrap over images, or None), "p_value", "differ", "n_reference", "n_other"}, or
     None when either set has fewer than 2 images. Deterministic given ``seed``."""
@@ -79,7 +81,7 @@ def two_sample_test(reference: np.ndarray, other: np.ndarray, seed: int = 0, n_b
 
 
 def normal_shift(train_normals: np.ndarray, checked: dict[str, np.ndarray], seed: int = 0,
-                 n_boot: int = 1000) -> dict:
+                 n_boot: int = BOOTSTRAP_RESAMPLES) -> dict:
     """The two-sample test of each named set of normal images in ``checked`` (e.g. {"val": ..., "test": ...})
     against the training normals; names whose set is too small are left out."""
     out = {"reference": "training normals", "method": "classifier two-sample test (Lopez-Paz & Oquab 2017): "

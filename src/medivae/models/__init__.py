@@ -14,7 +14,7 @@ register(hierarchical_vae.FAMILY)
 register(ldm.FAMILY)
 
 
-def model_config(name: str, **fields):
+def model_config(name: str, /, **fields):
     """The config of registry entry ``name``: its preset, then the caller's non-None fields on top.
     A field the family does not have is a one-line UserError."""
     return get_family(name).make_config(**fields)

@@ -45,6 +45,7 @@ from medivae.models.losses import KL_FLAGS, check_kl_settings, kl_weight, neg_el
 from medivae.models.outputs import VAEOutput, encode_decode
 from medivae.runtime.constants import IMAGE_SIZES, LIKELIHOODS
 from medivae.runtime.errors import UserError
+from medivae.runtime.schema import check_fields
 
 LABELS_FROM_DATA = -1  # num_classes placeholder: one class per label of the training data
 PRIORS = ("normal", "vamp")
@@ -69,6 +70,7 @@ class ConvVAEConfig:
     free_bits: float = 0.0  # nats per latent dimension (Kingma et al. 2016); N(0, I) prior only
 
     def __post_init__(self):
+        check_fields(self, "model")
         if self.image_size not in IMAGE_SIZES:
             raise UserError(f"image size {self.image_size} is not supported; use one of {list(IMAGE_SIZES)}")
         if self.channels not in (1, 3):
@@ -77,6 +79,8 @@ class ConvVAEConfig:
             raise UserError(f"latent dim must be >= 1, not {self.latent_dim}")
         if self.base_width < 1:
             raise UserError(f"base width must be >= 1, not {self.base_width}")
+        if self.max_width < 1:
+            raise UserError(f"max width must be >= 1, not {self.max_width}")
         if self.likelihood not in LIKELIHOODS:
             raise UserError(f"unknown likelihood {self.likelihood!r}; choose one of {list(LIKELIHOODS)}")
         if self.gaussian_sigma <= 0:

@@ -195,24 +195,24 @@ class Family:
         return hook(values, legacy) if hook is not None and legacy else values
 
     def make_config(self, **fields) -> Any:
-        """The config for this entry: preset, then the caller's non-None fields; unknown ones are an error."""
+        """The config for this entry: preset, then the caller's non-None fields; unknown ones are an error,
+        and so is a ``name`` other than this entry's (the family is chosen by name, e.g. ``--model``)."""
+        if fields.get("name") not in (None, self.name):
+            raise UserError(f"model option name={fields['name']!r} would change the family of {self.name!r}; "
+                            f"choose the family with --model {fields['name']} instead")
         values = {**self.preset, **{k: v for k, v in fields.items() if v is not None}, "name": self.name}
         return build_config(self.config, values, self.name)
 
 
 def build_config(klass: type, values: dict, family: str) -> Any:
-    """``klass(**values)``; a key the family does not have is a one-line error naming it and the valid ones."""
-    if not isinstance(values, dict):
-        raise UserError(f"invalid {family} config: expected an object, got {type(values).__name__}")
-    names = {f.name for f in dataclasses.fields(klass)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        valid = ", ".join(sorted(names - {"name"}))
-        raise UserError(f"model {family!r} has no option(s) {', '.join(unknown)}; its options: {valid}")
-    try:
-        return klass(**values)
-    except TypeError as e:
-        raise UserError(f"invalid {family} config: {e}") from None
+    """``klass(**values)`` through :func:`medivae.runtime.schema.build` (every value checked against its field's
+    type); a key the family does not have is a one-line error naming it and the valid ones."""
+    from medivae.runtime.schema import build
+
+    def unknown(names: list[str], valid: list[str]) -> str:
+        return f"model {family!r} has no option(s) {', '.join(names)}; its options: {', '.join(valid)}"
+
+    return build(klass, values, "model", unknown)
 
 
 # training settings of every family in older versions, now fields of the families that use them

@@ -45,6 +45,7 @@ from medivae.models.hierarchical_blocks import Gaussian, ResCell, TopDownGroup, 
 from medivae.models.losses import KL_FLAGS, check_kl_settings, kl_weight
 from medivae.runtime.constants import IMAGE_SIZES, LIKELIHOODS
 from medivae.runtime.errors import UserError
+from medivae.runtime.schema import check_fields
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class HierarchicalVAEConfig:
     skip_threshold: float = 400.0  # skip updates whose gradient norm (of the per-dim loss) exceeds this; 0: never
 
     def __post_init__(self):
+        check_fields(self, "model")
         if self.image_size not in IMAGE_SIZES:
             raise UserError(f"image size {self.image_size} is not supported; use one of {list(IMAGE_SIZES)}")
         if self.channels not in (1, 3):

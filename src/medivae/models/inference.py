@@ -66,7 +66,6 @@ def encode_sampler_latents(model, x: torch.Tensor, y: torch.Tensor | None = None
     return torch.cat(outs)
 
 
-@torch.no_grad()
 def sample_images(
     model, n: int, generator: torch.Generator, label=None, temperature: float = 1.0, precision: str = "auto",
     batch: int = 256, latent_sampler=None, guidance: float = 0.0, sampling_steps: int | None = None,
@@ -76,6 +75,17 @@ def sample_images(
     ``label``: one class index, (n,) indices, or None (a conditional family then gets equal class blocks).
     ``latent_sampler``: a post-hoc sampler (:mod:`medivae.models.samplers`) drawn from instead of the prior;
     ``guidance``, ``sampling_steps``, ``progress``: the diffusion sampler's options."""
+    return torch.cat(list(sample_batches(model, n, generator, label, temperature, precision, batch, latent_sampler,
+                                         guidance, sampling_steps, progress)))
+
+
+def sample_batches(
+    model, n: int, generator: torch.Generator, label=None, temperature: float = 1.0, precision: str = "auto",
+    batch: int = 256, latent_sampler=None, guidance: float = 0.0, sampling_steps: int | None = None,
+    progress: bool = False,
+):
+    """:func:`sample_images` one batch (b, C, H, W) at a time: the same draws in the same order, and memory for
+    one batch of images however large ``n`` is (a post-hoc sampler's latents, far smaller, are drawn at once)."""
     from medivae.models.family import has
 
     model.eval()
@@ -84,16 +94,18 @@ def sample_images(
     if latent_sampler is not None:
         y = None if label is None else torch.as_tensor(label).long().expand(n)
         device = next(model.parameters()).device
-        z = latent_sampler.sample(n, generator, y, temperature, guidance=guidance, steps=sampling_steps,
-                                  progress=progress, precision=precision, device=device)
-        return decode_sampled(model, z, y, generator, temperature, batch, precision)
-    outs = []
-    with fast_inference(model, precision):
+        with torch.no_grad():
+            z = latent_sampler.sample(n, generator, y, temperature, guidance=guidance, steps=sampling_steps,
+                                      progress=progress, precision=precision, device=device)
         for i in range(0, n, batch):
-            m = min(batch, n - i)
-            li = label if label is None or isinstance(label, int) else torch.as_tensor(label)[i : i + m]
-            outs.append(model.sample(m, li, generator, temperature).float().cpu())
-    return torch.cat(outs)
+            yi = None if y is None else y[i : i + batch]
+            yield decode_sampled(model, z[i : i + batch], yi, generator, temperature, batch, precision)
+        return
+    for i in range(0, n, batch):
+        m = min(batch, n - i)
+        li = label if label is None or isinstance(label, int) else torch.as_tensor(label)[i : i + m]
+        with torch.no_grad(), fast_inference(model, precision):
+            yield model.sample(m, li, generator, temperature).float().cpu()
 
 
 def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ from medivae.runtime import distributed
 from medivae.runtime.constants import IMAGE_SIZES
 from medivae.runtime.device import full_precision
 from medivae.runtime.errors import UserError
+from medivae.runtime.schema import check_fields
 
 LABELS_FROM_DATA = -1  # num_classes placeholder: one class per label of the training data
 PRIORS = ("transformer",)
@@ -77,6 +78,7 @@ class VQVAEConfig:
     num_classes: int = 0  # > 0: class-conditional prior; -1: as many classes as the data has labels
 
     def __post_init__(self):
+        check_fields(self, "model")
         if self.image_size not in IMAGE_SIZES:
             raise UserError(f"image size {self.image_size} is not supported; use one of {list(IMAGE_SIZES)}")
         if self.channels not in (1, 3):

@@ -10,6 +10,7 @@ from typing import Any
 
 from medivae.runtime.constants import DEFAULT_FAMILY, IMAGE_SIZES
 from medivae.runtime.errors import UserError
+from medivae.runtime.schema import build, check_fields, convert
 from medivae.runtime.seeding import DEFAULT_SEED
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -31,6 +32,7 @@ class DataConfig:
     normalize: str = "percentile"  # DICOM/NIfTI without a window: percentile[:LO,HI] or range:LO,HI
 
     def __post_init__(self):
+        check_fields(self, "data")
         if self.image_size not in IMAGE_SIZES:
             raise UserError(f"image size {self.image_size} is not supported; use one of {list(IMAGE_SIZES)}")
         if self.channels not in (1, 3):
@@ -41,7 +43,8 @@ class DataConfig:
             v = getattr(self, name)
             if not 0.0 <= v < 0.5:
                 raise UserError(f"{name.replace('_', ' ')} must be in [0, 0.5), not {v}")
-        object.__setattr__(self, "labels", tuple(self.labels))
+        if not self.source.strip():
+            raise UserError("data source is empty; give --data SOURCE")
         from medivae.data.nifti import SLICE_AXES
         from medivae.data.windowing import parse_normalize, parse_window
 
@@ -70,20 +73,25 @@ class TrainConfig:
     augment: str = ""  # e.g. "shift=2,contrast=0.1,brightness=0.05" (train/augment.py); "": none
 
     def __post_init__(self):
-        if self.epochs < 1:
-            raise UserError(f"epochs must be >= 1, not {self.epochs}")
-        if self.batch_size < 1:
-            raise UserError(f"batch size must be >= 1, not {self.batch_size}")
+        check_fields(self, "train")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("num_threads", 0), ("max_nan_retries", 0)):
+            if getattr(self, name) < low:
+                raise UserError(f"train.{name} must be >= {low}, not {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise UserError(f"train.{name} must be >= 0, not {getattr(self, name)}")
         if not self.lr > 0:
             raise UserError(f"learning rate must be > 0, not {self.lr}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise UserError(f"unknown learning-rate schedule {self.lr_schedule!r}; choose one of {list(LR_SCHEDULES)}")
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)}")
-        if self.seed < 0:
-            raise UserError(f"seed must be >= 0, not {self.seed}")
+        if not 0 <= self.seed < 2**64:
+            raise UserError(f"seed must be in [0, 2**64), not {self.seed}")
+        from medivae.runtime.device import check_device_name
         from medivae.train.augment import parse_augment
 
+        check_device_name(self.device)
         parse_augment(self.augment)
 
 
@@ -106,28 +114,29 @@ class RunConfig:
         family's config (:meth:`medivae.models.family.Family.upgrade`), so old run folders open as they ran."""
         from medivae.models.family import LEGACY_TRAIN_SETTINGS, build_config, get_family
 
+        if not isinstance(d, dict):
+            raise UserError(f"a run configuration is an object of data/model/train settings, not {type(d).__name__}")
         unknown = set(d) - {"data", "model", "train", "label_names", "medivae_version"}
         if unknown:
-            raise UserError(f"unknown run configuration key(s): {sorted(unknown)}")
+            raise UserError(f"unknown run configuration key(s): {sorted(map(str, unknown))}")
         model = d.get("model", {})
         if not isinstance(model, dict):
             raise UserError(f"invalid model config: expected an object, got {type(model).__name__}")
         name = model.get("name", DEFAULT_FAMILY)
-        family = get_family(name, written_by=d.get("medivae_version", "0.1.0 or earlier"))
+        if not isinstance(name, str):
+            raise UserError(f"model.name = {name!r} is not allowed; expected the name of a model family")
+        family = get_family(name, written_by=str(d.get("medivae_version", "0.1.0 or earlier")))
         train = d.get("train", {})
         legacy = {}
         if isinstance(train, dict):
             legacy = {k: train[k] for k in LEGACY_TRAIN_SETTINGS if k in train}
             train = {k: v for k, v in train.items() if k not in legacy}
-        try:
-            return cls(
-                data=_build(DataConfig, d.get("data", {})),
-                model=build_config(family.config, family.upgrade({**model, "name": name}, legacy), name),
-                train=_build(TrainConfig, train),
-                label_names=tuple(d.get("label_names", ())),
-            )
-        except TypeError as e:
-            raise UserError(f"invalid run configuration: {e}") from None
+        return cls(
+            data=build(DataConfig, d.get("data", {}), "data"),
+            model=build_config(family.config, family.upgrade({**model, "name": name}, legacy), name),
+            train=build(TrainConfig, train, "train"),
+            label_names=convert("label_names", d.get("label_names", ()), tuple[str, ...]),
+        )
 
     def save(self, path: str | Path) -> None:
         from medivae.runtime.io import atomic_write_text
@@ -192,16 +201,6 @@ def flat_settings(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
     return out
-
-
-def _build(klass, values: dict[str, Any]):
-    if not isinstance(values, dict):
-        raise UserError(f"invalid {klass.__name__}: expected an object, got {type(values).__name__}")
-    names = {f.name for f in dataclasses.fields(klass)}
-    unknown = set(values) - names
-    if unknown:
-        raise UserError(f"unknown {klass.__name__} field(s): {sorted(unknown)}; valid: {sorted(names)}")
-    return klass(**values)
 
 
 def _default_model():

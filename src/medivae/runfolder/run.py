@@ -24,11 +24,13 @@ import torch
 from medivae.data import ImageSet, load_dataset, to_float
 from medivae.data.imageset import label_code
 from medivae.models.family import build_model, has, labels_for, require, require_sampler_latents
-from medivae.models.inference import decode_latents, encode_arrays, reconstruct, sample_images
+from medivae.models.inference import decode_latents, encode_arrays, reconstruct, sample_batches
 from medivae.models.samplers import KINDS, DiffusionSampler, LatentSampler, check_options, load_sampler
 from medivae.runfolder.config import RunConfig
+from medivae.runtime.constants import CHECKPOINTS, MAX_SAMPLES
 from medivae.runtime.device import pick_device
 from medivae.runtime.errors import UserError
+from medivae.runtime.schema import finite_number, one_of, whole_number
 from medivae.runtime.seeding import torch_generator
 from medivae.train import checkpoint as ckpt
 
@@ -113,18 +115,23 @@ class Run:
         gives an equal block of rows per class, in label order. ``sampler``: "prior", or a post-hoc
         latent sampler fitted with ``medivae fit-sampler`` ("gmm", "flow", "diffusion"); ``guidance``
         (classifier-free, w) and ``sampling_steps`` (DDIM, default 50) are the diffusion sampler's."""
+        return torch.cat(list(self.sample_batches(n, label, seed, temperature, precision, sampler, guidance,
+                                                  sampling_steps, progress)))
+
+    def sample_batches(self, n: int, label=None, seed: int | None = None, temperature: float = 1.0,
+                       precision: str = "auto", sampler: str = "prior", guidance: float = 0.0,
+                       sampling_steps: int | None = None, progress: bool = False, batch: int = 256):
+        """:meth:`sample`'s images one batch (b, C, H, W) at a time, so memory stays at one batch for any
+        ``n`` up to MAX_SAMPLES. Everything is checked before the first batch is drawn."""
         if sampler == "prior":
             require(self.model, "sample", "sample")
-        if n < 1:
-            raise UserError(f"-n must be >= 1, not {n}")
-        if not temperature > 0:
-            raise UserError(f"--temperature must be > 0, not {temperature}")
+        whole_number("-n", n, 1, MAX_SAMPLES)
+        finite_number("--temperature", temperature, 0, low_open=True)
         check_options(sampler, guidance, sampling_steps, has(self.model, "conditional"))
         latent = self.latent_sampler(sampler)
         g = torch_generator(self.config.train.seed if seed is None else seed, "sample")
-        return sample_images(self.model, n, g, self.label_index(label), temperature, precision,
-                             latent_sampler=latent, guidance=guidance, sampling_steps=sampling_steps,
-                             progress=progress)
+        return sample_batches(self.model, n, g, self.label_index(label), temperature, precision, batch, latent,
+                              guidance, sampling_steps, progress)
 
     # --- post-hoc latent samplers (medivae.models.samplers) -------------------------------------------------------
     def checkpoint_sha256(self) -> str:
@@ -171,8 +178,15 @@ def checkpoint_folder(run_dir: Path, which: str) -> Path:
     return folder
 
 
+def check_checkpoint_name(which) -> str:
+    """``which`` if it names a checkpoint of a run folder (best or last); a UserError otherwise (a free-text
+    name such as ../other/best would read another run's weights)."""
+    return one_of("--checkpoint", which, CHECKPOINTS)
+
+
 def load_run(run_dir: str | Path, which: str = "best", device: str = "auto") -> Run:
     """The run in ``run_dir`` from its ``best/`` (or ``last/``) checkpoint, in eval mode on ``device``."""
+    check_checkpoint_name(which)
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run folder")

@@ -7,6 +7,7 @@ import ctypes
 import functools
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -14,8 +15,19 @@ import torch
 
 from medivae.runtime.errors import UserError
 
+DEVICE_NAMES = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")
+
+
+def check_device_name(pref) -> str:
+    """``pref`` if it is auto, cpu, cuda, cuda:N or mps (whether the device exists is :func:`pick_device`'s to say);
+    checked where a command reads its flags, before any work."""
+    if not isinstance(pref, str) or not DEVICE_NAMES.fullmatch(pref):
+        raise UserError(f"unknown device {pref!r}; use auto, cpu, cuda, cuda:N or mps")
+    return pref
+
 
 def pick_device(pref: str = "auto") -> torch.device:
+    check_device_name(pref)
     if pref == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -28,6 +40,10 @@ def pick_device(pref: str = "auto") -> torch.device:
         raise UserError(f"unknown device {pref!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' requested but CUDA is not available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device {pref!r}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("device 'mps' requested but MPS is not available; use --device cpu")
     return dev
 
 

@@ -27,17 +27,22 @@ def grid(images: torch.Tensor | np.ndarray, nrow: int | None = None, pad: int = 
     return out[0] if c == 1 else out.transpose(1, 2, 0)
 
 
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # what an image --out may be named
+
+
 def save_png(array: np.ndarray, path: str | Path, min_side: int = 0) -> Path:
-    """Write a uint8 image atomically; upscale (nearest) small mosaics so they are viewable."""
+    """Write a uint8 image atomically, as JPEG when ``path`` ends in .jpg/.jpeg and as PNG otherwise; upscale
+    (nearest) small mosaics so they are viewable."""
     import io
 
     img = Image.fromarray(array)
     if min_side and min(img.size) < min_side:
         k = int(math.ceil(min_side / min(img.size)))
         img = img.resize((img.width * k, img.height * k), Image.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
     path = Path(path)
+    fmt = IMAGE_FORMATS.get(path.suffix.lower(), "PNG")
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
     atomic_write_bytes(path, buf.getvalue())
     return path
 

@@ -40,6 +40,7 @@ from medivae.evaluation.shift import normal_shift, two_sample_test
 from medivae.models.family import require
 from medivae.runfolder.results import RESULTS_FILE, merge_results, read_results
 from medivae.runfolder.run import load_run
+from medivae.runtime.constants import BOOTSTRAP_RESAMPLES
 from medivae.runtime.errors import UserError
 from medivae.runtime.io import atomic_write_text
 from medivae.workflows.anomaly_protocol import extend_scores
@@ -246,7 +247,7 @@ def write_scores_csv(path: Path, scored, scores: dict[str, np.ndarray], is_anoma
 
 def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr=0.05, k=16,
               gradient=False, n_maps=16, batch_size=128, device="auto", precision="fp32",
-              bootstrap=1000, calibration=None, progress=False) -> dict:  # fmt: skip
+              bootstrap=BOOTSTRAP_RESAMPLES, calibration=None, progress=False) -> dict:  # fmt: skip
     """Score a split with a run fitted on normals; write scores.csv, maps, ROC and results.json["anomaly"].
     ``calibration``: a source of normal images from where the scored images come (another site, scanner or
     framing) to set the threshold on, instead of the run's validation normals. ``progress``: bars (stderr)

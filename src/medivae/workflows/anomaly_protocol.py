@@ -32,6 +32,7 @@ from medivae.evaluation.bootstrap import detection_ci
 from medivae.evaluation.localisation import blurred_residual_baseline, pad_to, pixel_metrics
 from medivae.evaluation.synthetic_anomalies import foreign_patch
 from medivae.models.family import has, labels_for
+from medivae.runtime.constants import BOOTSTRAP_RESAMPLES
 
 RESTORATION = {"steps": 20, "lr": 0.02}
 RESTORATION_TV = (0.02, 0.1, 0.5)  # candidates, chosen on validation normals + synthetic anomalies
@@ -40,7 +41,7 @@ N_PHANTOM_LESIONS = 48
 
 
 PRIOR_DEFAULT = "ssim"  # the score every family has, kept unless another one is clearly better
-SELECTION_BOOT = 1000
+SELECTION_BOOT = BOOTSTRAP_RESAMPLES
 
 
 def synthetic_auroc(val: np.ndarray, synthetic: np.ndarray) -> float:

@@ -16,6 +16,7 @@ import numpy as np
 
 from medivae.evaluation.bootstrap import mean_ci, paired_difference
 from medivae.runfolder.results import RESULTS_FILE, read_results
+from medivae.runtime.constants import BOOTSTRAP_RESAMPLES
 from medivae.runtime.errors import UserError
 from medivae.train.metrics import read_metrics
 
@@ -109,7 +110,7 @@ def _anomaly(results: dict) -> dict:
             "auprc_ci95": ci.get("auprc"), "prevalence": an.get("prevalence")}
 
 
-def compare_runs(runs: list, force: bool = False, n_boot: int = 1000, seed: int = 0) -> dict:
+def compare_runs(runs: list, force: bool = False, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
     """{"runs": [...], "rows": [{"metric", "values": [{"value", "ci95", "vs_first"}...]}], ...}."""
     if len(runs) < 2:
         raise UserError("compare needs at least two run folders")

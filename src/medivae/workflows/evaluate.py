@@ -3,8 +3,7 @@
 Opens the run, loads its data and calls the pure metric functions of :mod:`medivae.evaluation`.
 results.json is shared: other tools write other top-level keys; this module replaces only
 ``"evaluation"`` (through :func:`medivae.runfolder.results.merge_results`). Its keys (all numbers are plain
-floats/ints; nats
-are per image; ``null`` where a number would be dishonest):
+floats/ints; nats are per image; ``null`` where a number would be dishonest):
 
     evaluation:
       run, checkpoint ("best"/"last"), data (source), split, n_images, seed, seconds,
@@ -56,6 +55,7 @@ from medivae.models.inference import reconstruct, sample_images
 from medivae.models.samplers import DEFAULT_SAMPLING_STEPS, check_options
 from medivae.runfolder.results import RESULTS_FILE, merge_results, read_results
 from medivae.runfolder.run import load_run
+from medivae.runtime.constants import BOOTSTRAP_RESAMPLES
 from medivae.runtime.errors import UserError
 from medivae.runtime.io import atomic_write_bytes
 from medivae.runtime.seeding import numpy_rng, torch_generator
@@ -76,7 +76,7 @@ class EvalOptions:
     sampler: str = "prior"  # or a post-hoc latent sampler of the run (medivae fit-sampler): gmm, flow, diffusion
     guidance: float = 0.0  # the diffusion sampler's classifier-free guidance w
     sampling_steps: int | None = None  # the diffusion sampler's DDIM steps (None: its default)
-    bootstrap: int = 1000  # resamples of the evaluated images for 95 % intervals; 0: none
+    bootstrap: int = BOOTSTRAP_RESAMPLES  # resamples of the evaluated images for 95 % intervals; 0: none
     foreground: str | None = None  # "otsu": PSNR / SSIM also over the real images' foreground
 
     def __post_init__(self):

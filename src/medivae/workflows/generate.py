@@ -1,5 +1,5 @@
-"""Images from a trained run for the commands that draw them: interpolation paths, reconstructions, and
-the encoded latents of a split."""
+"""Images from a trained run for the commands that draw them: samples, interpolation paths, reconstructions,
+and the encoded latents of a split."""
 
 from __future__ import annotations
 
@@ -13,10 +13,45 @@ from medivae.data import to_float
 from medivae.models.family import has, require
 from medivae.models.inference import encode_mean, interpolate, reconstruct
 from medivae.runfolder.run import load_image, load_run
+from medivae.runtime.constants import MAX_GRID_IMAGES, MAX_SAMPLES
 from medivae.runtime.errors import UserError
-from medivae.runtime.images import save_grid
+from medivae.runtime.images import IMAGE_FORMATS, save_grid, save_png
 from medivae.runtime.io import atomic_write_bytes
+from medivae.runtime.paths import check_output_file, check_output_folder, given
+from medivae.runtime.schema import whole_number
 from medivae.runtime.seeding import torch_generator
+
+
+def sample_target(out, n: int, force: bool = False) -> Path:
+    """Where ``sample`` writes n images: a PNG/JPEG grid for at most MAX_GRID_IMAGES, a folder (a name without a
+    suffix) for up to MAX_SAMPLES; refused as :mod:`medivae.runtime.paths` says, before any work."""
+    whole_number("-n", n, 1, MAX_SAMPLES)
+    out = given(out)
+    if not out.suffix:
+        return check_output_folder(out)
+    if n > MAX_GRID_IMAGES:
+        raise UserError(f"-n {n}: a grid holds at most {MAX_GRID_IMAGES} images; give --out a folder name without "
+                        "a suffix to write one PNG per image")
+    return check_output_file(out, force=force, suffixes=tuple(IMAGE_FORMATS))
+
+
+def sample_run(run_dir, n: int, out: Path, seed: int | None = None, label: str | None = None, device="auto",
+               temperature: float = 1.0, sampler: str = "prior", guidance: float = 0.0,
+               sampling_steps: int | None = None, progress: bool = True) -> Path:
+    """n samples into ``out`` (checked by :func:`sample_target`): one grid, or one PNG per image in a folder,
+    drawn and written a batch at a time so memory stays at one batch."""
+    run = load_run(run_dir, device=device)
+    batches = run.sample_batches(n, label, seed, temperature, sampler=sampler, guidance=guidance,
+                                 sampling_steps=sampling_steps, progress=progress)  # checked before any draw
+    if out.suffix:
+        return save_grid(torch.cat(list(batches)), out)
+    out.mkdir(parents=True, exist_ok=True)
+    i = 0
+    for batch in batches:
+        for img in (batch * 255).round().clamp(0, 255).to(torch.uint8).numpy():  # (C, H, W)
+            save_png(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), out / f"{i:06d}.png")
+            i += 1
+    return out
 
 
 def interpolate_run(
@@ -30,8 +65,6 @@ def interpolate_run(
     require(model, "latent", "interpolate")
     if mode == "slerp":
         require(model, "gaussian_latent", "interpolate --mode slerp")
-    if steps < 2:
-        raise UserError(f"--steps must be >= 2, not {steps}")
     if (src is None) != (dst is None):
         raise UserError("give both --from and --to, or neither (then two prior draws are used)")
     k = run.label_index(label)

@@ -7,9 +7,11 @@ Opens the run (:mod:`medivae.runfolder.run`), samples its family, applies the ne
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +35,15 @@ from medivae.models.inference import sample_images
 from medivae.models.samplers import DEFAULT_SAMPLING_STEPS, check_options
 from medivae.runfolder.results import RESULTS_FILE, merge_results, read_results
 from medivae.runfolder.run import load_run
+from medivae.runtime.constants import BOOTSTRAP_RESAMPLES
 from medivae.runtime.errors import UserError
 from medivae.runtime.images import grid, save_png
 from medivae.runtime.io import atomic_write_bytes, atomic_write_text
 from medivae.runtime.seeding import numpy_rng, torch_generator
 from medivae.workflows.evaluate import reference_description, reference_root
+
+MEMORISATION_FILE = "memorisation.json"  # written last: a folder holding it is a complete synthesize output
+IMAGE_NAME = re.compile(r"\d{6}\.png")
 
 
 def _label_plan(model, cfg, label: str | None, n: int) -> tuple[np.ndarray | None, list[str]]:
@@ -92,12 +98,18 @@ def write_synthetic(
         )
         atomic_write_bytes(folder / "synthetic.npz", buf.getvalue())
         return {"images": str(folder / "synthetic.npz")}
-    rows = ["path,label"]
+    old = folder / "images"  # an earlier output written over (--force): its images beyond this one's go
+    for p in old.iterdir() if old.is_dir() else ():
+        if IMAGE_NAME.fullmatch(p.name) and int(p.stem) >= len(images):
+            p.unlink()
+    buf = io.StringIO()
+    rows = csv.writer(buf, lineterminator="\n")  # quotes a label holding a comma or a quote
+    rows.writerow(["path", "label"])
     for i, (img, lab) in enumerate(zip(images, label_names, strict=True)):
         rel = f"images/{i:06d}.png"
         save_png(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), folder / rel)
-        rows.append(f"{rel},{lab}")
-    atomic_write_text(folder / "labels.csv", "\n".join(rows) + "\n")
+        rows.writerow([rel, lab])
+    atomic_write_text(folder / "labels.csv", buf.getvalue())
     return {"images": str(folder / "images"), "labels": str(folder / "labels.csv")}
 
 
@@ -124,7 +136,7 @@ def synthesize_run(
     device: str = "auto",
     progress: bool = True,
     sampler: str = "prior",
-    bootstrap: int = 1000,
+    bootstrap: int = BOOTSTRAP_RESAMPLES,
     guidance: float = 0.0,
     sampling_steps: int | None = None,
 ) -> dict:
@@ -176,7 +188,7 @@ def synthesize_run(
         n_held_out=len(held),
         files=files,
     )
-    atomic_write_text(out / "memorisation.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / MEMORISATION_FILE, json.dumps(report, indent=2) + "\n")
     merge_results(Path(run_dir) / RESULTS_FILE, "privacy", report)
     return report
 

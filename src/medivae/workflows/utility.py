@@ -18,7 +18,7 @@ from medivae.data.readers import ReadOptions, UnreadableFile, read_prepared
 from medivae.data.sources import same_source
 from medivae.evaluation.utility import tstr
 from medivae.runfolder.config import DataConfig
-from medivae.runtime.constants import IMAGE_SIZES
+from medivae.runtime.constants import BOOTSTRAP_RESAMPLES, IMAGE_SIZES
 from medivae.runtime.device import pick_device
 from medivae.runtime.errors import UserError
 from medivae.runtime.io import atomic_write_text
@@ -147,7 +147,8 @@ def utility_run(
     progress: bool = True,
     batch_size: int = 128,
     runs: list | None = None,
-    bootstrap: int = 1000,
+    bootstrap: int = BOOTSTRAP_RESAMPLES,
+    force: bool = False,
 ) -> dict:
     """TSTR / real+synthetic / real-only on a real test split no VAE trained on; written to ``out`` (JSON).
     ``runs``: the VAE run folders the synthetic images came from (their split and labels are used)."""
