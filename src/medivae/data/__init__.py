@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -109,4 +110,19 @@ def load_dataset(cfg, seed: int, progress: bool = True) -> dict[str, ImageSet]:
         s.meta = {**s.meta, "split": name, "n": len(s)}
     if len(out["train"]) == 0:
         raise UserError(f"{cfg.source}: no training images left after filtering/splitting")
+    _check_carved(cfg, raw, out)
     return out
+
+
+def _check_carved(cfg, raw: dict[str, ImageSet], out: dict[str, ImageSet]) -> None:
+    """A validation or test split carved out of the source's images by a fraction > 0 must not come out empty:
+    a run would pick its best checkpoint on nothing ("val loss nan") and commands that need held-out images
+    would fail later. Splits the source brings itself are taken as they are."""
+    for name, fraction in (("val", cfg.val_fraction), ("test", cfg.test_fraction)):
+        if name not in raw and fraction > 0 and len(out[name]) == 0:
+            n = sum(len(s) for s in out.values())
+            flag = f"--{name}-fraction"
+            raise UserError(f"{cfg.source}: {n} image{' is' if n == 1 else 's are'} too few for the splits: {flag} "
+                            f"{fraction:g} leaves the {'validation' if name == 'val' else 'test'} split empty; "
+                            f"give more images (about {math.ceil(0.5 / fraction) + 1} per class), a larger "
+                            f"{flag}, or {flag} 0")

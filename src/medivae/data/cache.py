@@ -29,7 +29,7 @@ from medivae.data.collect import Built, MemorySink, NpyFileSink
 from medivae.runtime.errors import UserError
 from medivae.runtime.io import atomic_write_text, fsync_dir
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: float sources with NaN/inf or out-of-range values are refused, not stored
 STALE_SECONDS = 24 * 3600  # temporary folders older than this were left by a killed process
 
 

@@ -28,6 +28,8 @@ def read_image(src: Path | BinaryIO, channels: int) -> np.ndarray:
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 a = np.asarray(im, dtype=np.float64)
+                if not np.isfinite(a).all():
+                    raise UnreadableFile("holds NaN or infinite pixel values")
                 lo, hi = float(a.min()), float(a.max())
                 a = np.zeros_like(a) if hi <= lo else (a - lo) / (hi - lo) * 255.0
                 return a.round().astype(np.uint8)[None]

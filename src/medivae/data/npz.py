@@ -25,11 +25,29 @@ def _as_nchw(arr: np.ndarray, path: Path, key: str) -> np.ndarray:
         raise UserError(f"{path}: {key} has shape {arr.shape}; expected (N, H, W) or (N, H, W, C) 2D images")
     if arr.dtype.kind not in "biuf" or 0 in arr.shape[2:]:
         raise UserError(f"{path}: {key} is {arr.dtype} {arr.shape}; expected numeric images, >= 1x1")
-    if arr.dtype != np.uint8:
-        if np.issubdtype(arr.dtype, np.floating) and arr.size and arr.max() <= 1.0:
-            arr = arr * 255.0
-        arr = np.clip(np.round(arr), 0, 255).astype(np.uint8)
-    return arr
+    return arr if arr.dtype == np.uint8 else _to_uint8(arr, path, key)
+
+
+def _to_uint8(arr: np.ndarray, path: Path, key: str) -> np.ndarray:
+    """Numeric images (N, C, H, W) -> uint8. Floats in [0, 1] are scaled by 255, floats and integers in [0, 255]
+    are taken as they are; NaN/inf, or values outside both ranges, are refused: clipping them would train on
+    images that are not the user's (a NaN pixel once made a [0, 1] file skip its scaling, all near-black)."""
+    if arr.size == 0:
+        return arr.astype(np.uint8)
+    if arr.dtype.kind == "f":
+        finite = np.isfinite(arr).reshape(len(arr), -1).all(1)
+        if not finite.all():
+            raise UserError(f"{path}: {key} holds NaN or infinite values in {int((~finite).sum())} of {len(arr)} "
+                            "images; replace them (or drop those images) before using the file")
+    lo, hi = float(arr.min()), float(arr.max())
+    if arr.dtype.kind == "f" and lo >= 0 and hi <= 1.0:
+        arr = arr * 255.0
+    elif lo < 0 or hi > 255:
+        kind = "float" if arr.dtype.kind == "f" else "integer"
+        allowed = "[0, 1] or [0, 255]" if kind == "float" else "0..255"
+        raise UserError(f"{path}: {key} holds {kind} values from {lo:g} to {hi:g}; medivae reads {kind} images in "
+                        f"{allowed}: rescale them to that range first")
+    return np.round(arr).astype(np.uint8)
 
 
 def _read(data, key: str, path: Path) -> np.ndarray:
