@@ -37,7 +37,8 @@ def _header(cmp: dict) -> list[str]:
 
 
 def _legend(cmp: dict) -> str:
-    return (f"{cmp['split']} split of {cmp['data']} ({cmp['n_images']} images). Brackets: 95 % percentile "
+    notes = "".join(f"Note: {n}. " for n in cmp.get("notes") or ())
+    return notes + (f"{cmp['split']} split of {cmp['data']} ({cmp['n_images']} images). Brackets: 95 % percentile "
             f"bootstrap interval ({cmp['bootstrap']} resamples of the test images; for FD / precision / recall / "
             "density / coverage, the interval medivae evaluate saved, real and generated feature rows resampled). "
             "Δ, p: paired bootstrap of the per-image difference from the first run over the images both scored "

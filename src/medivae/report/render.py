@@ -18,6 +18,7 @@ from pathlib import Path
 from medivae.report import anomaly, plots
 from medivae.report.collect import RunFiles, find_key, is_numbers, read_run
 from medivae.report.html import blocks, command, esc, fmt, image, note, page, section
+from medivae.runfolder.results import stale_evaluation
 from medivae.runtime.version import __version__
 
 KNOWN_RESULTS = ("evaluation", "anomaly", "privacy", "utility", "benchmark", "benchmarks")
@@ -231,6 +232,8 @@ def evaluation_section(rep: Report, figures: list[Path]) -> str:
         out = rep.lack("No evaluation yet", "evaluate RUN --data SOURCE")
         return rep.section("evaluation", "Evaluation", out + rep.figures(figures))
     out = "".join(_absent_notes(ev))
+    if stale := stale_evaluation(rep.run.run_dir, ev):
+        out = note(esc(f"This evaluation is out of date: {stale}. Rerun it: {rep.cmd('evaluate RUN')}")) + out
     if ev.get("collapse", True) is not None:  # older blocks may keep collapse numbers elsewhere
         out += "<h3>Posterior collapse: KL per latent dimension and active units</h3>" + _collapse(ev)
     out += "<h3>All evaluation results</h3>" + blocks(_present(ev)) + rep.figures(figures)

@@ -10,6 +10,7 @@ never replaces a file it cannot read. :func:`read_results` is strict in the same
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -58,3 +59,49 @@ def _plain(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+# --- the evaluation's two files, and the weights it was computed from ---------------------------------------
+PER_IMAGE_FILE = "eval_per_image.npz"  # each metric per evaluated image; results.json names its SHA-256
+STAGED_PER_IMAGE = ".eval_per_image.npz.staged"  # the next one, until results.json names it (evaluate)
+MANIFEST = "manifest.json"  # a checkpoint folder's list of its files and their hashes (train/checkpoint.py)
+
+
+def file_sha256(path: str | Path) -> str | None:
+    """SHA-256 of a file's bytes, or None when it cannot be read."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def checkpoint_manifest(run_dir: str | Path, which: str) -> Path | None:
+    """RUN/<which>/manifest.json as a reader opens it: the folder or its .prev twin (a kill between the two
+    renames of a checkpoint swap), RUN/last/ when the run has no <which> at all; None without a checkpoint."""
+    run_dir = Path(run_dir)
+    for name in dict.fromkeys((which, "last")):
+        folder, prev = run_dir / name, run_dir / f"{name}.prev"
+        if folder.exists() or prev.exists():
+            return next((f / MANIFEST for f in (folder, prev) if (f / MANIFEST).is_file()), None)
+    return None
+
+
+def checkpoint_sha256(run_dir: str | Path, which: str) -> str | None:
+    """SHA-256 of the manifest of the run's ``which`` checkpoint: names those exact weights (None: no checkpoint)."""
+    manifest = checkpoint_manifest(run_dir, which)
+    return None if manifest is None else file_sha256(manifest)
+
+
+def stale_evaluation(run_dir: str | Path, ev: dict) -> str | None:
+    """Why results.json["evaluation"] no longer describes the run's weights (its checkpoint changed or is gone
+    since, e.g. after ``train --resume``, or it has no record of them), or None when it does."""
+    which = ev.get("checkpoint") if ev.get("checkpoint") in ("best", "last") else "best"
+    recorded = ev.get("checkpoint_sha256")
+    if not isinstance(recorded, str):
+        return "it does not record which weights it evaluated (an evaluation by an earlier medivae)"
+    now = checkpoint_sha256(run_dir, which)
+    if now is None:
+        return f"the {which}/ checkpoint it evaluated is gone"
+    if now != recorded:
+        return f"the {which}/ checkpoint has changed since (trained further?)"
+    return None

@@ -14,7 +14,6 @@ exact split it was trained on. The one module that does this, below ``workflows`
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from medivae.models.family import build_model, has, labels_for, require, require
 from medivae.models.inference import decode_latents, encode_arrays, reconstruct, sample_batches
 from medivae.models.samplers import KINDS, DiffusionSampler, LatentSampler, check_options, load_sampler
 from medivae.runfolder.config import RunConfig
+from medivae.runfolder.results import checkpoint_sha256
 from medivae.runtime.constants import CHECKPOINTS, MAX_SAMPLES
 from medivae.runtime.device import pick_device
 from medivae.runtime.errors import UserError
@@ -136,8 +136,10 @@ class Run:
     # --- post-hoc latent samplers (medivae.models.samplers) -------------------------------------------------------
     def checkpoint_sha256(self) -> str:
         """SHA-256 of the loaded checkpoint's manifest.json: names these exact weights."""
-        manifest = ckpt.resolve(checkpoint_folder(self.folder, self.checkpoint)) / ckpt.MANIFEST
-        return hashlib.sha256(manifest.read_bytes()).hexdigest()
+        sha = checkpoint_sha256(self.folder, self.checkpoint)
+        if sha is None:
+            raise UserError(f"{self.folder}: its {self.checkpoint}/ checkpoint is gone")
+        return sha
 
     def latent_sampler(self, name: str) -> LatentSampler | DiffusionSampler | None:
         """None for "prior"; else RUN/samplers/<name>.*, refused unless fitted to this checkpoint."""

@@ -5,22 +5,33 @@ block when present, and metrics.jsonl; computes nothing with a model. Per-image 
 percentile-bootstrap interval and, against the first run, a paired bootstrap p-value over the test
 images both runs scored (matched by content hash). FD / precision / recall / density / coverage show
 the intervals evaluate saved (no p-value: their samples are not paired images). Runs evaluated on
-other data or another split are refused unless ``force``.
+other data or another split, one run given twice, and evaluations of weights no longer in their run folder
+(results.json records the checkpoint's manifest hash) are refused unless ``force``, which shows them as notes.
+Runs whose image likelihoods differ still compare, with their nats rows blank and a note.
 """
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from medivae.evaluation.bootstrap import mean_ci, paired_difference
-from medivae.runfolder.results import RESULTS_FILE, read_results
+from medivae.runfolder.results import (
+    PER_IMAGE_FILE,
+    RESULTS_FILE,
+    STAGED_PER_IMAGE,
+    file_sha256,
+    read_results,
+    stale_evaluation,
+)
 from medivae.runtime.constants import BOOTSTRAP_RESAMPLES
 from medivae.runtime.errors import UserError
+from medivae.runtime.paths import check_run_folder
 from medivae.train.metrics import read_metrics
 
-PER_IMAGE_FILE = "eval_per_image.npz"
 # (row label, per-image key in eval_per_image.npz or None, where the value sits in results["evaluation"])
 ROWS = [
     ("-ELBO (nats/image)", "neg_elbo", ("likelihood", "neg_elbo_nats")),
@@ -50,33 +61,90 @@ def _get(tree, path):
 
 
 def _open(run: Path) -> dict:
-    ev = read_results(run / RESULTS_FILE).get("evaluation")
-    if not ev:
+    """A run's evaluation, per-image metrics, results and training log; a one-line UserError when it is not a
+    run, has no evaluation, or its per-image file is missing, damaged or of another evaluation."""
+    check_run_folder(run, "medivae compare", write=False)
+    results = read_results(run / RESULTS_FILE)
+    ev = results.get("evaluation")
+    if not isinstance(ev, dict) or not ev:
         raise UserError(f"{run}: no evaluation in results.json; run 'medivae evaluate {run}' first")
-    per_path = run / PER_IMAGE_FILE
-    if not per_path.is_file():
+    return {"run": run, "ev": ev, "per": read_per_image(run, ev), "results": results, "metrics": read_metrics(run),
+            "stale": stale_evaluation(run, ev)}
+
+
+def read_per_image(run: Path, ev: dict) -> dict[str, np.ndarray]:
+    """RUN/eval_per_image.npz as {metric: (N,)}, the file results.json names by its SHA-256 (the staged one
+    when an evaluation was killed between publishing its results and renaming it into place)."""
+    final, staged = run / PER_IMAGE_FILE, run / STAGED_PER_IMAGE
+    if not final.is_file() and not staged.is_file():
         raise UserError(f"{run}: no {PER_IMAGE_FILE}; rerun 'medivae evaluate {run}' with this version")
-    with np.load(per_path, allow_pickle=False) as d:
-        per = {k: d[k] for k in d.files}
-    return {"run": run, "ev": ev, "per": per, "results": read_results(run / RESULTS_FILE),
-            "metrics": read_metrics(run)}
+    want = ev.get("per_image_sha256")
+    path = final
+    if isinstance(want, str):
+        path = next((p for p in (final, staged) if file_sha256(p) == want), None)
+        if path is None:
+            raise UserError(f"{run}: {PER_IMAGE_FILE} is not the one results.json describes (an evaluation was "
+                            f"interrupted, or the file was replaced); rerun 'medivae evaluate {run}'")
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            per = {k: d[k] for k in d.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise UserError(f"{path}: not a readable per-image file ({type(e).__name__}); rerun 'medivae evaluate "
+                        f"{run}'") from None
+    lengths = {len(v) for v in per.values() if v.ndim == 1}
+    if "image_hash" not in per or len(lengths) != 1 or any(v.ndim != 1 for v in per.values()):
+        raise UserError(f"{path}: not a per-image file of 'medivae evaluate'; rerun 'medivae evaluate {run}'")
+    return per
 
 
-def _same_test_set(opened: list[dict], force: bool) -> None:
-    a = opened[0]
+def _refusals(opened: list[dict]) -> list[str]:
+    """Why these runs cannot be compared as they are, beyond their test sets (:func:`_same_test_set`): one run
+    given twice, or an evaluation of weights no longer in its run folder."""
+    why, seen = [], {}
+    for o in opened:
+        key = o["run"].resolve()
+        if key in seen:
+            why.append(f"{seen[key]} and {o['run']} are the same run")
+        seen.setdefault(key, o["run"])
+        if o["stale"]:
+            why.append(f"the evaluation in {o['run']} is out of date: {o['stale']}; rerun 'medivae evaluate "
+                       f"{o['run']}'")
+    return why
+
+
+def _test_set_differences(opened: list[dict]) -> list[str]:
+    """How each run's evaluation differs from the first's in what it was evaluated on."""
+    a, why = opened[0], []
     for b in opened[1:]:
-        why = []
-        for key in ("data", "split"):
-            if a["ev"].get(key) != b["ev"].get(key):
-                why.append(f"{key} {a['ev'].get(key)!r} vs {b['ev'].get(key)!r}")
+        diff = [f"{key} {a['ev'].get(key)!r} vs {b['ev'].get(key)!r}" for key in ("data", "split")
+                if a["ev"].get(key) != b["ev"].get(key)]
         if set(a["per"]["image_hash"].tolist()) != set(b["per"]["image_hash"].tolist()):
-            why.append("different test images")
+            diff.append("different test images")
         ref_a, ref_b = (_get(o["ev"], ("sample_quality", "reference_hash")) for o in (a, b))
         if ref_a != ref_b:
-            why.append("different reference extractors")
-        if why and not force:
-            raise UserError(f"{a['run']} and {b['run']} were not evaluated on the same test set "
-                            f"({'; '.join(why)}); pass --force to compare anyway")
+            diff.append("different reference extractors")
+        if diff:
+            why.append(f"{a['run']} and {b['run']} were not evaluated on the same test set ({'; '.join(diff)})")
+    return why
+
+
+def _check_comparable(opened: list[dict], force: bool) -> list[str]:
+    """Everything that makes these runs incomparable as one line (a UserError), unless ``force``: then the
+    reasons are returned and shown as notes under the table."""
+    why = _refusals(opened) + _test_set_differences(opened)
+    if why and not force:
+        raise UserError(f"{'; '.join(why)}; pass --force to compare anyway")
+    return why
+
+
+def _likelihood_note(opened: list[dict]) -> str | None:
+    """Nats of different image likelihoods (a Bernoulli's and a Gaussian's log-density of the same images) are
+    not on one scale: a note, and those rows stay blank."""
+    names = [_get(o["ev"], ("model", "likelihood")) for o in opened]
+    if len(set(names)) <= 1:
+        return None
+    runs = ", ".join(f"{o['run']} {n or 'none'}" for o, n in zip(opened, names, strict=True))
+    return f"the runs' image likelihoods differ ({runs}): their nats and bits/dim are not comparable and are left blank"
 
 
 def _paired(a: dict, b: dict, key: str, n_boot: int, seed: int) -> dict | None:
@@ -115,10 +183,15 @@ def compare_runs(runs: list, force: bool = False, n_boot: int = BOOTSTRAP_RESAMP
     if len(runs) < 2:
         raise UserError("compare needs at least two run folders")
     opened = [_open(Path(r)) for r in runs]
-    _same_test_set(opened, force)
+    notes = _check_comparable(opened, force)
+    blank_nats = _likelihood_note(opened)
+    notes += [blank_nats] if blank_nats else []
     rows = []
     for label, key, path in ROWS:
         values = []
+        if blank_nats and path[0] == "likelihood":
+            rows.append({"metric": label, "values": [{"value": None} for _ in opened]})
+            continue
         for o in opened:
             v = _get(o["ev"], path)
             cell = {"value": v}
@@ -142,4 +215,4 @@ def compare_runs(runs: list, force: bool = False, n_boot: int = BOOTSTRAP_RESAMP
     return {"runs": [str(o["run"]) for o in opened],
             "models": [_get(o["ev"], ("model", "name")) for o in opened],
             "data": first.get("data"), "split": first.get("split"), "n_images": first.get("n_images"),
-            "bootstrap": n_boot, "rows": rows}
+            "bootstrap": n_boot, "rows": rows, "notes": notes}

@@ -28,14 +28,17 @@ floats/ints; nats are per image; ``null`` where a number would be dishonest):
       ci95: {neg_elbo_nats, neg_iwae_nats, mse, psnr_db, ssim[, psnr_fg_db, ssim_fg]: [lo, hi]}  95 % bootstrap
             of the means over images; {fd, precision, recall, density, coverage, floor_fd, floor_precision, ...:
             [lo, hi]} real and generated feature rows resampled (evaluation.sample_quality.compare_ci)
-      per_image_file: RUN/eval_per_image.npz (each metric per image, with image_hash)
+      per_image_file: RUN/eval_per_image.npz (each metric per image, with image_hash); per_image_sha256: its hash
+      checkpoint_sha256: SHA-256 of the evaluated checkpoint's manifest.json (compare/report flag a changed one)
       fid: null | {weights, model, floor}                      (only with --inception-weights)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
+import os
 import time
 from pathlib import Path
 
@@ -53,11 +56,17 @@ from medivae.evaluation.reconstruction import FOREGROUND_MASKS, mean_over_images
 from medivae.models.family import MISSING, describe, has, labels_for, latent_prior
 from medivae.models.inference import reconstruct, sample_images
 from medivae.models.samplers import DEFAULT_SAMPLING_STEPS, check_options
-from medivae.runfolder.results import RESULTS_FILE, merge_results, read_results
+from medivae.runfolder.results import (
+    PER_IMAGE_FILE,
+    RESULTS_FILE,
+    STAGED_PER_IMAGE,
+    merge_results,
+    read_results,
+)
 from medivae.runfolder.run import load_run
 from medivae.runtime.constants import BOOTSTRAP_RESAMPLES
 from medivae.runtime.errors import UserError
-from medivae.runtime.io import atomic_write_bytes
+from medivae.runtime.io import atomic_write_bytes, fsync_dir
 from medivae.runtime.seeding import numpy_rng, torch_generator
 
 MAX_REFERENCE = 3000  # real training images in the reference set (k-NN distances are O(N^2) in memory)
@@ -238,6 +247,7 @@ def evaluate_run(run_dir, data: str | None = None, opts: EvalOptions | None = No
     read_results(results_path)  # fail now, not after minutes of work, if it cannot be merged into
     inception = _load_inception(opts.inception_weights)
     run = load_run(run_dir, which=opts.checkpoint, device=device)
+    weights = run.checkpoint_sha256()  # these exact weights: compare and report flag a changed checkpoint
     model, cfg, dev = run.model, run.config, run.device
     check_options(opts.sampler, opts.guidance, opts.sampling_steps, has(model, "conditional"))
     latent = run.latent_sampler(opts.sampler)  # refused now, before any work, if it does not match the run
@@ -272,15 +282,12 @@ def evaluate_run(run_dir, data: str | None = None, opts: EvalOptions | None = No
         "sample_quality": quality,
         "fid": fid,
         "ci95": {**intervals(per_image, opts.bootstrap, seed), **quality_ci},
-        "per_image_file": str(save_per_image(run_dir, s, per_image)),
+        "checkpoint_sha256": weights,
         "absent": absent_sections(model),
         "seconds": timed.total(),
         "seconds_by_part": timed.parts,
     }
-    return merge_results(results_path, "evaluation", result)
-
-
-PER_IMAGE_FILE = "eval_per_image.npz"
+    return publish(Path(run_dir), result, per_image_bytes(s, per_image))
 
 
 def intervals(per_image: dict[str, np.ndarray], n_boot: int, seed: int) -> dict[str, list[float] | None]:
@@ -289,16 +296,33 @@ def intervals(per_image: dict[str, np.ndarray], n_boot: int, seed: int) -> dict[
     return {names.get(k, k): mean_ci(v, n_boot, seed) for k, v in per_image.items()} if n_boot else {}
 
 
-def save_per_image(run_dir, s: ImageSet, per_image: dict[str, np.ndarray]) -> Path:
-    """RUN/eval_per_image.npz: each metric per evaluated image, with the image's content hash, so
+def per_image_bytes(s: ImageSet, per_image: dict[str, np.ndarray]) -> bytes:
+    """RUN/eval_per_image.npz's bytes: each metric per evaluated image, with the image's content hash, so
     ``medivae compare`` can pair the images two runs share."""
     from medivae.data.imageset import image_hashes
 
-    path = Path(run_dir) / PER_IMAGE_FILE
     buf = io.BytesIO()
     np.savez_compressed(buf, image_hash=image_hashes(np.asarray(s.images)), **per_image)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return buf.getvalue()
+
+
+def publish(run_dir: Path, result: dict, per_image: bytes) -> dict:
+    """Make results.json["evaluation"] and eval_per_image.npz visible together. The new per-image file is
+    staged under another name, results.json (naming its SHA-256) replaced, then the staged file renamed into
+    place: a failure before the results are written leaves the earlier pair as it was; a kill between the last
+    two steps leaves results.json naming the staged file, which readers take (:func:`medivae.workflows.compare
+    .read_per_image`) and the next evaluation replaces."""
+    staged, final = run_dir / STAGED_PER_IMAGE, run_dir / PER_IMAGE_FILE
+    atomic_write_bytes(staged, per_image)
+    block = {**result, "per_image_file": str(final), "per_image_sha256": hashlib.sha256(per_image).hexdigest()}
+    try:
+        written = merge_results(run_dir / RESULTS_FILE, "evaluation", block)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    os.replace(staged, final)
+    fsync_dir(run_dir)
+    return written
 
 
 SECTION_NEEDS = {"likelihood": "likelihood", "collapse": "gaussian_latent", "sample_quality": "sample"}
