@@ -148,7 +148,7 @@ def test_synthesize_npz_is_a_medivae_source(one_class_run, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["-n", "0"], "-n >= 1"),
+        (["-n", "0"], "argument -n: must be >= 1"),
         (["-n", "4", "--label", "lesion"], "unconditional run"),
         (["-n", "4", "--format", "tiff"], "--format"),
     ],

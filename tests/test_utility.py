@@ -192,5 +192,5 @@ def test_utility_cli_with_a_run(tmp_path, capsys):
     lo, hi = r["real_only"]["ci95"]["accuracy"]
     assert lo <= r["real_only"]["accuracy"] <= hi
     assert " [" in capsys.readouterr().out
-    assert main([*argv, "--real", "phantoms:150", *tail]) == 2
+    assert main([*argv, "--real", "phantoms:150", "--force", *tail]) == 2  # u.json exists
     assert "not the source the run" in capsys.readouterr().err

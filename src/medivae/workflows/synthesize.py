@@ -177,6 +177,7 @@ def synthesize_run(
             files[f"nearest_{c.name}"] = str(out / f"nearest_{c.name}.png")
     report.update(
         run=str(run_dir),
+        run_absolute=str(Path(run_dir).resolve()),  # utility checks it against its --run, from any folder
         sampler=sampler,
         **({"guidance": guidance, "sampling_steps": sampling_steps or DEFAULT_SAMPLING_STEPS}
            if sampler == "diffusion" else {}),

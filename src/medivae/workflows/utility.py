@@ -71,6 +71,42 @@ def as_imageset(images: np.ndarray, label_names: list[str], names: tuple[str, ..
     return ImageSet(images, np.array([names.index(s) for s in label_names], dtype=np.int64), names)
 
 
+def _check_synthetic(synthetic: list, parts: list, runs: list | None, force: bool) -> list[str]:
+    """What makes these synthetic sets unfit for the comparison, as one line (a UserError) unless ``force``
+    (then returned as notes): a folder given twice (its images would count double), a single class (TSTR has
+    nothing to tell apart), a folder whose memorisation.json names a run not among ``runs``."""
+    why, seen = [], {}
+    for folder in map(Path, synthetic):
+        key = folder.resolve()
+        if key in seen:
+            why.append(f"--synthetic names {seen[key]} twice ({folder})")
+        seen.setdefault(key, folder)
+    classes = sorted({s for _, labels in parts for s in labels})
+    if len(classes) < 2:
+        why.append(f"the synthetic images hold one class only ({classes[0] if classes else 'unlabelled'!r}); "
+                   "synthesize every class (one folder per class, or a conditional run)")
+    if runs:
+        ours = {Path(r).resolve() for r in runs}
+        for folder in map(Path, synthetic):
+            made_by = _synthesized_by(folder)
+            if made_by is not None and made_by.resolve() not in ours:
+                why.append(f"{folder} was synthesized by {made_by}, which is not among --run")
+    if why and not force:
+        raise UserError(f"{'; '.join(why)}; pass --force to use them anyway")
+    return why
+
+
+def _synthesized_by(folder: Path) -> Path | None:
+    """The run a synthesize folder's memorisation.json names (None when it names none or cannot be read)."""
+    path = (folder if folder.is_dir() else folder.parent) / "memorisation.json"
+    try:
+        record = json.loads(path.read_text())
+        run = record.get("run_absolute") or record.get("run")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(run) if isinstance(run, str) and run else None
+
+
 # --- the real data: the VAE runs' own split -----------------------------------------------------------------
 _SAME_DATA = ("source", "image_size", "channels", "resize_mode", "window", "normalize", "nifti_axis",
               "val_fraction", "test_fraction")
@@ -158,6 +194,7 @@ def utility_run(
     if real is None and not runs:
         raise UserError("pass --run RUN (the VAE run the synthetic images came from) or --real SOURCE")
     parts = [load_synthetic(d) for d in synthetic]
+    notes = _check_synthetic(synthetic, parts, runs, force)
     shapes = {p[0].shape[1:] for p in parts}
     if len(shapes) != 1:
         raise UserError(f"the synthetic folders hold images of different shapes {sorted(shapes)}")
@@ -201,6 +238,7 @@ def utility_run(
         "seed": seed,
         "classifier_width": width,
         "bootstrap": bootstrap,
+        "notes": notes,
         **tstr(train, syn, test, epochs, seed, width, progress, pick_device(device), batch_size, bootstrap),
     }
     out = Path(out) if out is not None else Path(synthetic[0]) / "utility.json"
