@@ -230,6 +230,11 @@ def cmd_train(args) -> int:
     from medivae import api
     from medivae.runtime.distributed import is_main
 
+    if args.config is None and args.data is None and args.resume:  # the run's own settings, typed flags on top
+        from medivae.train.trainer import check_resumable
+
+        check_resumable(args.out)
+        args.config = args.out / "config.json"
     if args.config is not None:
         cfg, sources, given = config_from_file(args)
     elif args.data is None:

@@ -46,7 +46,7 @@ def resize(images: np.ndarray, size: int, chunk: int = 2048) -> np.ndarray:
         return np.ascontiguousarray(images)
     out = np.empty((len(images), images.shape[1], size, size), dtype=np.uint8)
     for i in range(0, len(images), chunk):
-        x = torch.from_numpy(np.ascontiguousarray(images[i : i + chunk])).float()
+        x = torch.tensor(images[i : i + chunk], dtype=torch.float32)  # a copy: PIL's arrays are read-only
         y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         out[i : i + chunk] = y.round_().clamp_(0, 255).to(torch.uint8).numpy()
     return out
