@@ -36,6 +36,20 @@ def normal_run(tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="session")
+def evaluated_run(tmp_path_factory) -> Path:
+    """A tiny run trained and evaluated through the CLI, shared by the whole session. Read it, never write into
+    it: copy it first (shutil.copytree) to change it."""
+    from medivae.cli import main
+
+    from tiny import TINY_EVALUATE, TINY_TRAIN
+
+    run = tmp_path_factory.mktemp("evaluated") / "run"
+    assert main([*TINY_TRAIN, "--out", str(run)]) == 0
+    assert main(["evaluate", str(run), *TINY_EVALUATE]) == 0
+    return run
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -7,6 +7,11 @@ from medivae.runfolder.config import DataConfig, RunConfig, TrainConfig
 
 # the same tiny model through the CLI (``medivae anomaly fit``, ``medivae train``)
 TINY = "--image-size 32 --latent-dim 4 --base-width 4 --batch-size 32 --precision fp32 --no-progress".split()
+# the smallest run `medivae train` makes (80 phantoms at 32 px, 1 epoch) and a quick `evaluate` of it
+TINY_TRAIN = ["train", "--data", "phantoms:80", "--image-size", "32", "--model-arg", "base_width=4",
+              "--model-arg", "max_width=16", "--latent-dim", "4", "--precision", "fp32", "--epochs", "1",
+              "--batch-size", "32", "--device", "cpu", "--threads", "1", "--no-progress", "--seed", "7"]
+TINY_EVALUATE = ["-k", "2", "--reference-epochs", "1", "--bootstrap", "20", "--no-progress", "--device", "cpu"]
 
 
 def tiny_model(**kw) -> ModelConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import faulthandler
 import importlib
 import signal
@@ -17,6 +18,9 @@ COMMAND_MODULES = (
     "train", "generate", "traverse", "report", "evaluate", "anomaly", "synthesize", "utility", "data",
     "compare",
 )
+
+
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}  # the environment's, not medivae's
 
 
 class Parser(argparse.ArgumentParser):
@@ -59,6 +63,15 @@ def main(argv: list[str] | None = None) -> int:
         return int(result or 0)
     except UserError as e:
         print(f"medivae: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        # a full disk, a file-size limit or a read-only mount met while writing: every writer is atomic
+        # (runtime/io.py, train/checkpoint.py), so no file is left half-written
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"medivae: error: cannot write{where}: {e.strerror or e}; free some space or write elsewhere, "
+              "then run the command again (each file is written whole or not at all)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("medivae: interrupted; the last completed checkpoint is kept", file=sys.stderr)

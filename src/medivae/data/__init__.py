@@ -14,6 +14,7 @@ from medivae.data.phantoms import make_phantoms
 from medivae.data.preprocess import prepare
 from medivae.data.sources import SOURCE_HELP, build, resolve
 from medivae.data.split import split_indices
+from medivae.runtime.constants import MAX_PHANTOMS
 from medivae.runtime.errors import UserError
 
 __all__ = ["ImageSet", "to_float", "load_dataset", "load_source", "SOURCE_HELP"]
@@ -42,8 +43,9 @@ def _phantoms(spec: str, cfg, seed: int) -> ImageSet:
             n = int(spec.split(":", 1)[1])
         except ValueError:
             raise UserError(f"bad source {spec!r}: write phantoms:N with N a whole number") from None
-        if n < 10:
-            raise UserError(f"bad source {spec!r}: need at least 10 phantom images")
+        if not 10 <= n <= MAX_PHANTOMS:
+            raise UserError(f"bad source {spec!r}: phantoms:N takes 10 to {MAX_PHANTOMS} images (N x size^2 bytes "
+                            "are made in memory)")
     full = make_phantoms(n, cfg.image_size, seed)
     full.images = prepare(full.images, cfg.image_size, cfg.channels)
     return full

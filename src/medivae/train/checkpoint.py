@@ -304,8 +304,13 @@ def load_checkpoint(
     """Load weights (and optimizers: one, or {name: optimizer}) in place after verifying hashes;
     returns state.json (+ rng tensors)."""
     folder, blobs = read_verified(folder)
+    weights = _tensors(folder, blobs, "model.safetensors")
+    bad = next((k for k, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:  # a hash proves the bytes are the ones written, not that they are weights
+        raise UserError(f"{folder}: weight {bad} holds NaN or infinite values (a damaged or edited checkpoint); "
+                        "use the run's other checkpoint or train again")
     try:
-        model.load_state_dict(_tensors(folder, blobs, "model.safetensors"))
+        model.load_state_dict(weights)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"{folder}: weights do not fit this model ({first})") from None

@@ -38,6 +38,31 @@ class TrainState:
     nan_events: int = 0
 
 
+def train_state(state: dict, folder) -> TrainState:
+    """A checkpoint's state.json as a TrainState, each value checked: an edited file whose manifest was hashed
+    again ({"epoch": "x"}) is one line, not a TypeError deep in the loop. Unknown keys (rng) are left out."""
+    def bad(key):
+        return UserError(f"{folder}/state.json: {key} = {state[key]!r} is not valid; the checkpoint is damaged "
+                         "or was edited")
+
+    out = TrainState()
+    for key in ("epoch", "best_epoch", "nan_events"):
+        if key in state:
+            v = state[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise bad(key)
+            setattr(out, key, v)
+    for key in ("best_val", "lr"):  # best_val is +inf until a validation loss improves on it
+        if key in state:
+            v = state[key]
+            if not isinstance(v, int | float) or isinstance(v, bool) or math.isnan(v) or v == -math.inf:
+                raise bad(key)
+            if key == "lr" and not (math.isfinite(v) and v >= 0):
+                raise bad(key)
+            setattr(out, key, float(v))
+    return out
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffled order of epoch ``epoch``: depends on (seed, epoch) only, so resuming is exact."""
     return torch.randperm(n, generator=torch_generator(seed, "shuffle", epoch))
@@ -383,8 +408,9 @@ class Trainer:
         for opt in self.optimizers.values():
             match_optimizer_layout(opt)
         _set_base_lrs(self.optimizers)
-        done = int(state.get("epoch", 0))
-        self.state = TrainState(epoch=done, lr=float(state.get("lr", self.cfg.train.lr)))
+        saved = train_state(state, folder)
+        done = saved.epoch
+        self.state = TrainState(epoch=done, lr=saved.lr if "lr" in state else self.cfg.train.lr)
         train = dataclasses.replace(self.cfg.train, epochs=done + more_epochs)
         self.cfg = dataclasses.replace(self.cfg, train=train)
         self.model.to(device=self.device, memory_format=self.memory_format)
@@ -406,8 +432,7 @@ class Trainer:
         for opt in self.optimizers.values():
             match_optimizer_layout(opt)
         _set_base_lrs(self.optimizers)  # checkpoints before the schedule existed: the lr was the base
-        known = set(vars(TrainState()))
-        self.state = TrainState(**{k: v for k, v in state.items() if k in known})
+        self.state = train_state(state, self.run_dir / "last")
         self.model.to(device=self.device, memory_format=self.memory_format)
 
 

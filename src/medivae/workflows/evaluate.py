@@ -254,6 +254,11 @@ def evaluate_run(run_dir, data: str | None = None, opts: EvalOptions | None = No
     seed, m = cfg.train.seed, cfg.model
     data_cfg, splits, s = timed("load", load_split, cfg, data, opts.split, progress)
     s = _subset(s, opts.max_images, seed, "evaluate-subset")
+    need = max(sq.PR_K, sq.DC_K) + 1  # the k-NN metrics of sample quality compare sets of more than k points
+    if has(model, "sample") and min(len(s), opts.n_samples or len(s)) < need:
+        raise UserError(f"sample quality needs at least {need} evaluated and {need} generated images, not "
+                        f"{len(s)} and {opts.n_samples or len(s)}: raise --max-images / --n-samples (or use a "
+                        "larger split)")
     lik = collapse = quality = fid = None
     if has(model, "likelihood"):
         batches = _batches(s, model, opts.batch_size, dev, f"IWAE K={opts.k}", progress)
