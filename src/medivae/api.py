@@ -115,6 +115,8 @@ def traverse(run_dir, out, image=None, n_dims: int | None = None, k: float = 3.0
         whole_number("--dims", n_dims, 1)
     whole_number("--steps", steps, 2, MAX_ROW_IMAGES)
     finite_number("--range", k, 0, low_open=True)
+    if image is not None and not given(image, "--image").is_file():
+        raise UserError(f"--image {image}: no such image file")
     run_dir = check_run_folder(run_dir, "medivae traverse", write=False)
     return traverse_run(run_dir, out, image, n_dims, k, steps, label, batch, device)
 
@@ -186,7 +188,8 @@ def anomaly_score(run_dir, data: str | None = None, split: str = "test", out=Non
     from medivae.workflows.anomaly import score_run
 
     run_dir = check_run_folder(run_dir, "medivae anomaly score")
-    if out is not None and Path(out).resolve() != (run_dir / "anomaly").resolve():  # the run's own folder is ours
+    out = None if out is None else given(out)
+    if out is not None and out.resolve() != (run_dir / "anomaly").resolve():  # the run's own folder is ours
         out = check_output_folder(out, force=force, marker="scores.csv")
     with run_lock(run_dir, "medivae anomaly score"):  # writes RUN/results.json["anomaly"], wherever out is
         return score_run(
@@ -219,8 +222,9 @@ def utility(real: str | None, synthetic, out=None, epochs: int = 10, seed: int |
     ``runs``: the VAE run folders the synthetic images came from, whose exact split and labels are used."""
     from medivae.workflows.utility import utility_run
 
-    synthetic = [synthetic] if isinstance(synthetic, (str, Path)) else list(synthetic)
+    synthetic = [given(s, "--synthetic") for s in ([synthetic] if isinstance(synthetic, (str, Path)) else synthetic)]
     runs = [runs] if isinstance(runs, (str, Path)) else runs
+    runs = None if runs is None else [check_run_folder(r, "medivae utility", write=False) for r in runs]
     if out is not None:
         out = check_output_file(out, force=force, suffixes=(".json",))
     return utility_run(real, synthetic, out, epochs, seed, width, val_fraction, test_fraction, device,

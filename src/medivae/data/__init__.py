@@ -10,6 +10,7 @@ import numpy as np
 from medivae.data.cache import load_cached, take
 from medivae.data.collect import MemorySink
 from medivae.data.imageset import ImageSet, label_code, to_float
+from medivae.data.phantoms import LABEL_NAMES as PHANTOM_LABELS
 from medivae.data.phantoms import make_phantoms
 from medivae.data.preprocess import prepare
 from medivae.data.sources import SOURCE_HELP, build, resolve
@@ -24,7 +25,7 @@ def load_source(cfg, seed: int, progress: bool = True) -> dict[str, ImageSet]:
     """Read ``cfg.source`` at the model size, with the splits it provides itself ("all" if none).
     File sources go through the decoded cache (``cfg.cache``), so their images are memmaps."""
     spec = cfg.source
-    if spec == "phantoms" or spec.startswith("phantoms:"):
+    if _is_phantoms(spec):
         return {"all": _phantoms(spec, cfg, seed)}
     src = resolve(spec, progress)
     if cfg.cache:
@@ -34,6 +35,10 @@ def load_source(cfg, seed: int, progress: bool = True) -> dict[str, ImageSet]:
         built.meta["cache"] = "off"
     _report(built.meta)
     return built.imagesets()
+
+
+def _is_phantoms(spec: str) -> bool:
+    return spec == "phantoms" or spec.startswith("phantoms:")
 
 
 def _phantoms(spec: str, cfg, seed: int) -> ImageSet:
@@ -93,6 +98,8 @@ def _take(s: ImageSet, idx: np.ndarray, tag: str) -> ImageSet:
 def load_dataset(cfg, seed: int, progress: bool = True) -> dict[str, ImageSet]:
     """train/val/test splits at the model size; a source without its own splits gets a seeded,
     stratified split in which a group (patient, volume) never straddles two splits."""
+    if _is_phantoms(cfg.source):  # their class names are known before thousands of them are drawn
+        _label_indices(ImageSet(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0), PHANTOM_LABELS), cfg.labels)
     raw = load_source(cfg, seed, progress)
     keep = {k: _label_indices(v, cfg.labels) for k, v in raw.items()}
     if "all" in raw:

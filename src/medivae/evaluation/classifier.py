@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from tqdm import tqdm
 
@@ -120,15 +120,19 @@ def embed(
     return torch.cat(out).numpy() if out else np.zeros((0, model.cfg.feature_dim))
 
 
-def save_classifier(model: SmallCNN, folder: str | Path) -> None:
-    from medivae.runtime.io import atomic_write_text
+def save_network(model, folder: str | Path) -> None:
+    """A small network's weights.safetensors and config.json (its ``cfg`` dataclass), each written atomically:
+    serialised in memory first, so a full disk is an OSError here and never a half-written file."""
+    from medivae.runtime.io import atomic_write_bytes, atomic_write_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "weights.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(folder / "weights.safetensors")
+    atomic_write_bytes(folder / "weights.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
     atomic_write_text(folder / "config.json", json.dumps(asdict(model.cfg), indent=2))
+
+
+def save_classifier(model: SmallCNN, folder: str | Path) -> None:
+    save_network(model, folder)
 
 
 def load_classifier(folder: str | Path) -> SmallCNN:

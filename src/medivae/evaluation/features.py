@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
@@ -103,11 +103,7 @@ def reference_key(description: dict) -> str:
 
 
 def _save_ae(model: SmallAE, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "weights.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(folder / "weights.safetensors")
-    atomic_write_text(folder / "config.json", json.dumps(asdict(model.cfg), indent=2))
+    clf.save_network(model, folder)
 
 
 def _load_ae(folder: Path) -> SmallAE:

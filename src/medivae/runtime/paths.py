@@ -29,10 +29,18 @@ RUN_START_FILES = {"config.json", "data.json", "env.json", "environment.json", "
 
 
 def given(path, flag: str = "--out") -> Path:
-    """``path`` as a Path; an empty string (which Path would read as the current folder) is refused."""
+    """``path`` as a Path; an empty string (which Path would read as the current folder), a NUL byte and a name
+    too long for the file system are refused."""
     if path is None or (isinstance(path, str) and not path.strip()):
         raise UserError(f"{flag}: an empty path; name a file or folder")
-    return Path(path).expanduser()
+    if "\x00" in str(path):
+        raise UserError(f"{flag}: a path with a NUL byte; name a file or folder")
+    try:
+        p = Path(path).expanduser()
+        p.exists()  # raises for a name the file system cannot hold
+    except (OSError, RuntimeError) as e:  # RuntimeError: ~nobody, a user that does not exist
+        raise UserError(f"{flag} {str(path)[:80]}: not a usable path ({getattr(e, 'strerror', None) or e})") from None
+    return p
 
 
 def probe_writable(folder: Path, what: str) -> None:

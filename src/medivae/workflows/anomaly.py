@@ -262,6 +262,8 @@ def score_run(run_dir, data=None, split="test", out=None, normal_label=None, fpr
         raise UserError(
             "this run was not fitted on one label; pass --normal-label or use 'medivae anomaly fit'"
         )
+    if cfg.label_names and label_code(cfg.label_names, normal_label) is None:  # before any image is read
+        raise UserError(f"normal label {normal_label!r} is not one of the run's labels {list(cfg.label_names)}")
     if not 0 < fpr < 1 or k < 1 or n_maps < 0 or bootstrap < 0:
         raise UserError(f"need 0 < --fpr < 1, --iwae-samples >= 1, --n-maps >= 0, --bootstrap >= 0 "
                         f"(got {fpr}, {k}, {n_maps}, {bootstrap})")
