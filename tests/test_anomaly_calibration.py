@@ -25,7 +25,7 @@ def _brighter_edges(images: np.ndarray) -> np.ndarray:
 
 
 def _score(run, tmp_path, name, *extra):
-    assert main(["anomaly", "score", str(run), "--out", str(tmp_path / name), *SCORE, *extra]) == 0
+    assert main(["anomaly", "score", str(run), "--out", str(tmp_path / "scored" / name), *SCORE, *extra]) == 0
     return json.loads((run / "results.json").read_text())["anomaly"]
 
 

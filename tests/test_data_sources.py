@@ -152,11 +152,11 @@ def test_training_goes_on_past_a_corrupt_file(tmp_path):
 
 def test_npz_file_and_multilabel_npz(tmp_path):
     rng = np.random.default_rng(0)
-    imgs = rng.integers(0, 256, (10, 28, 28), dtype=np.uint8)
-    np.savez(tmp_path / "a.npz", train_images=imgs, train_labels=np.arange(10)[:, None] % 2)
+    imgs = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)  # 10 a class: one for validation, one for test
+    np.savez(tmp_path / "a.npz", train_images=imgs, train_labels=np.arange(20)[:, None] % 2)
     splits = load_dataset(cfg(tmp_path / "a.npz"), 0, progress=False)
-    assert sum(len(s) for s in splits.values()) == 10 and splits["train"].label_names == ("0", "1")
-    np.savez(tmp_path / "m.npz", train_images=imgs, train_labels=rng.integers(0, 2, (10, 14)))
+    assert sum(len(s) for s in splits.values()) == 20 and splits["train"].label_names == ("0", "1")
+    np.savez(tmp_path / "m.npz", train_images=imgs, train_labels=rng.integers(0, 2, (20, 14)))
     with pytest.warns(UserWarning, match="multi-label"):
         s = load_source(cfg(tmp_path / "m.npz"), 0, progress=False)["train"]
     assert (s.labels == -1).all()

@@ -165,10 +165,14 @@ def anomaly_adapt(run_dir, normals: str, out, epochs: int | None = None, hold_ou
     from medivae.workflows.site import ADAPTATION_FILE, DEFAULT_EPOCHS, DEFAULT_HOLD_OUT, adapt_run
 
     epochs = whole_number("--epochs", DEFAULT_EPOCHS if epochs is None else epochs, 1)
-    hold_out = finite_number("--hold-out", DEFAULT_HOLD_OUT if hold_out is None else hold_out, 0, 0.9)
+    hold_out = finite_number("--hold-out", DEFAULT_HOLD_OUT if hold_out is None else hold_out, 0, 1)
+    if hold_out == 1:
+        raise UserError("need 0 <= --hold-out < 1: some site normals must be left to adapt on")
     if threads is not None:
         whole_number("--threads", threads, 0)
     run_dir, out = check_run_folder(run_dir, "medivae anomaly adapt", write=False), given(out)
+    if out.resolve() == run_dir.resolve():
+        raise UserError("--out must be a new run folder: the run being adapted is kept as it is")
     if not (out / ADAPTATION_FILE).is_file():  # an unfinished adaptation into ``out`` is started again
         check_new_run_folder(out)
     return adapt_run(run_dir, normals, out, epochs, hold_out, device, threads, progress)

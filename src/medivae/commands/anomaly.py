@@ -253,7 +253,7 @@ def add(sub) -> None:
     d.add_argument("--epochs", type=whole(1), default=None,
                    help="more epochs on training + site normals (default 10; a family that trains a prior in its "
                    "last epochs, such as vq_vae, does so in these too)")
-    d.add_argument("--hold-out", type=number(0, 0.9), default=None,
+    d.add_argument("--hold-out", type=number(0, 1), default=None,
                    help="share of the site normals kept out of training to set the threshold on (default 0.5; "
                    "'anomaly score' uses them unless --calibration is given; 0: the run's validation normals)")
     d.add_argument("--threads", type=whole(0), default=None, help="CPU threads (default: the run's setting)")
