@@ -312,7 +312,7 @@ def test_cli_train_then_sample_encode_reconstruct_interpolate(cli_run, tmp_path)
     for name, value in (("x.png", 30), ("y.png", 220)):
         Image.fromarray(np.full((40, 50), value, dtype=np.uint8)).save(tmp_path / name)
     assert main(["interpolate", str(cli_run), "--from", str(tmp_path / "x.png"), "--to", str(tmp_path / "y.png"),
-                 "--steps", "4", "--out", str(inter)]) == 0
+                 "--steps", "4", "--out", str(inter), "--force"]) == 0  # i.png exists: replaced with --force
     _grid(inter, 4, 4)
 
 
