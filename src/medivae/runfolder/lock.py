@@ -23,8 +23,8 @@ from datetime import datetime
 from pathlib import Path
 
 from medivae.runtime.errors import UserError
+from medivae.runtime.paths import LOCK_FILE
 
-LOCK_FILE = ".lock"
 _held: dict[str, int] = {}  # resolved run folder -> nesting depth, in this process
 
 try:

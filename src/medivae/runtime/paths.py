@@ -23,7 +23,8 @@ from pathlib import Path
 
 from medivae.runtime.errors import UserError
 
-LOCK_FILE = ".lock"  # runfolder/lock.py's file; an otherwise empty folder holding it counts as empty
+PROBE = ".medivae-write-test-"  # the prefix of the file probe_writable makes and removes at once
+LOCK_FILE = ".lock"  # runfolder/lock.py's; a folder holding nothing else counts as empty
 # what a run folder holds before its first checkpoint (api._open_run_folder): such a run can start again
 RUN_START_FILES = {"config.json", "data.json", "env.json", "environment.json", "config_sources.json", LOCK_FILE}
 
@@ -46,7 +47,7 @@ def given(path, flag: str = "--out") -> Path:
 def probe_writable(folder: Path, what: str) -> None:
     """A UserError unless a file can be created in the existing folder ``folder``."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".medivae-write-test-", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=PROBE, dir=folder)
     except OSError as e:
         raise UserError(f"{what}: cannot write in {folder} ({e.strerror or e}); choose a folder you can write "
                         "to") from None
@@ -91,8 +92,10 @@ def check_output_file(path, flag: str = "--out", force: bool = False, suffixes=N
 
 
 def _entries(folder: Path) -> set[str]:
+    """What ``folder`` holds, without the lock file and the write probes of another process checking it (every
+    torchrun rank checks the run folder)."""
     try:
-        return {e.name for e in os.scandir(folder)} - {LOCK_FILE}
+        return {e.name for e in os.scandir(folder) if not e.name.startswith(PROBE)} - {LOCK_FILE}
     except OSError as e:
         raise UserError(f"{folder}: cannot be read ({e.strerror or e})") from None
 
