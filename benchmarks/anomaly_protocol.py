@@ -69,13 +69,14 @@ def across(seeds: dict, n_boot: int) -> dict:
 
 def val_check(run_dir: Path, data: str, normal_label: str, seed: int) -> dict | None:
     """AUROC on the source's own labelled VALIDATION anomalies (never test) of the scores that need no
-    fitting beyond the model (``score_images``, and ``ssim_z`` from the training normals) and of the trivial
-    baselines: what a user who holds labelled
-    validation data would see. None when the validation split has no anomalies."""
+    statistics of the normals beyond the model, of ``ssim_z`` (from the training normals) and of the trivial
+    baselines: what a user who holds labelled validation data would see. None when the validation split has
+    no anomalies."""
     from medivae.data import load_dataset
-    from medivae.evaluation import anomaly_scores as xs
-    from medivae.evaluation.anomaly import detection_metrics, score_images
-    from medivae.evaluation.anomaly_scores import trivial_scores
+    from medivae.evaluation.anomaly.detection import detection_metrics, trivial_scores
+    from medivae.evaluation.anomaly.normative import fit_ssim_norm, normative_ssim
+    from medivae.evaluation.anomaly.passes import ImagePass, Scoring
+    from medivae.evaluation.anomaly.scorers import score_pass
     from medivae.runfolder.config import DataConfig
     from medivae.runfolder.run import load_run
 
@@ -87,12 +88,12 @@ def val_check(run_dir: Path, data: str, normal_label: str, seed: int) -> dict | 
     images, y = val.images[keep], val.labels[keep] != code
     if y.all() or not y.any():
         return None
-    scored = score_images(run.model, images, None, 16, 128, seed, "cpu")
-    out = {n: detection_metrics(v, y)["auroc"] for n, v in scored.scores.items()}
+    ctx = Scoring(run.model, "cpu", k=16, seed=seed)
+    p = ImagePass(ctx, images, None, "validation images")
+    out = {n: detection_metrics(v, y)["auroc"] for n, v in score_pass(p, None, {}, maps=False)[0].items()}
     train = load_dataset(run.config.data, run.config.train.seed, progress=False)["train"]  # the run's own normals
-    norm = xs.fit_ssim_norm(run.model, train.images)
-    out["ssim_z"] = detection_metrics(xs.normative_ssim(images, xs.reconstructions(run.model, images), norm)[0],
-                                      y)["auroc"]
+    norm = fit_ssim_norm([ImagePass(ctx, train.images, None, "training normals").ssim[1]])
+    out["ssim_z"] = detection_metrics(normative_ssim(p.ssim[1], norm)[0], y)["auroc"]
     for n, v in trivial_scores(images).items():
         out[f"baseline: {n}"] = max(detection_metrics(v, y)["auroc"], detection_metrics(-v, y)["auroc"])
     return {"auroc": out, "n_normal": int((~y).sum()), "n_anomalous": int(y.sum())}
@@ -112,7 +113,7 @@ def family_ensemble(results: list[Path], n_boot: int) -> dict:
     """The ensemble over seeds and families: the mean over every run (family x seed) of its validation-chosen
     default score, each z-scored on its own validation normals. Fixed in advance: no weight, member or
     threshold is chosen, so no test label can change it. Also each family's own seed ensemble on that scale."""
-    from medivae.evaluation.anomaly import detection_metrics
+    from medivae.evaluation.anomaly.detection import detection_metrics
     from medivae.evaluation.bootstrap import detection_ci
 
     members, per_family, allz, y = [], {}, [], None
@@ -255,7 +256,7 @@ def main(argv=None) -> int:
         if args.rescore or not (run / "anomaly" / "scores.csv").exists():
             commands.append(_medivae("anomaly", "score", run, "--bootstrap", args.bootstrap, "--no-progress"))
         seeds[seed] = seed_summary(json.loads((run / "results.json").read_text())["anomaly"])
-    from medivae.evaluation.anomaly import detection_metrics
+    from medivae.evaluation.anomaly.detection import detection_metrics
     from medivae.evaluation.bootstrap import detection_ci
 
     summary = across(seeds, args.bootstrap)

@@ -1,4 +1,4 @@
-"""Issue 21, localisation in the user's outputs: every map of the scored split in maps.npz, the map figure, and
+"""Localisation in the user's outputs: every map of the scored split in maps.npz, the map figure, and
 the report's Anomaly section (detection beside trivial baselines, the map figure, pixel localisation)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from PIL import Image
 from medivae.cli import main
 from medivae.report import build_report
 from medivae.report.anomaly import detection_table, localisation_table
-from medivae.workflows.anomaly import MAX_GRID_ROWS, panel
+from medivae.workflows.anomaly.outputs import MAX_GRID_ROWS, panel
 from test_anomaly import TINY
 
 N_MAPS = 4
@@ -34,7 +34,6 @@ def scored(tmp_path_factory):
 
 
 def _expected_maps(run) -> set[str]:
-    from medivae.evaluation import anomaly_scores as xs
     from medivae.models.family import has
     from medivae.runfolder.run import load_run
 
@@ -42,7 +41,7 @@ def _expected_maps(run) -> set[str]:
     return (
         {"residual", "ssim", "ssim_z"}
         | ({"gradient", "restoration"} if has(model, "likelihood") else set())
-        | ({"vq_healing"} if xs.can_heal(model) else set())
+        | ({"vq_healing"} if has(model, "heal") else set())
     )
 
 
@@ -169,18 +168,17 @@ def test_report_shift_table_names_each_set_and_its_verdict():
 
 
 def test_gradient_maps_are_computed_once_and_are_both_the_main_and_the_named_map(scored, tmp_path, monkeypatch):
-    from medivae.evaluation import anomaly as an
-    from medivae.workflows import anomaly_protocol as ap
+    from medivae.evaluation.anomaly import maps
+    from medivae.workflows.anomaly import protocol
 
-    real = an.gradient_maps
+    real = maps.gradient_maps
     seen: list[int] = []
 
-    def counting(model, x, y=None, seed=0):
-        seen.append(len(x))
-        return real(model, x, y, seed)
+    def counting(p):
+        seen.append(len(p))
+        return real(p)
 
-    monkeypatch.setattr(an, "gradient_maps", counting)
-    monkeypatch.setattr(ap, "gradient_maps", counting)
+    monkeypatch.setattr(protocol, "gradient_maps", counting)
     images = {}
     for flag in ([], ["--gradient-maps"]):
         seen.clear()

@@ -27,63 +27,10 @@ def auto_image_size(native: int | None) -> int:
     return min([s for s in IMAGE_SIZES if s >= native] + [LARGEST_AUTO_SIZE])
 
 
-def native_side(source: str) -> int | None:
-    """The longer image side of a source when it can be read without decoding the images: ``medmnist:NAME@S``
-    (S, 28 by default), MedMNIST-layout ``.npz`` files (the header of ``train_images``) and folders of 2D
-    images or DICOM files (``folder_side``); None otherwise."""
-    import zipfile
-
-    import numpy as np
-
-    if Path(source).is_dir():
-        return folder_side(Path(source))
-    if source.startswith("medmnist:"):
-        from medivae.data.medmnist import parse_spec
-
-        return parse_spec(source)[1]
-    if not source.lower().endswith(".npz"):
-        return None
-    try:
-        with zipfile.ZipFile(source) as z, z.open("train_images.npy") as f:
-            fmt = np.lib.format
-            read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(fmt.read_magic(f))
-            shape = read(f)[0] if read else ()
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return None  # the loader reports what is wrong with the file
-    return int(max(shape[1:3])) if len(shape) >= 3 else None
-
-
-def folder_side(root: Path, sample: int = 32) -> int | None:
-    """The longest side among up to ``sample`` files spread over a folder, from their headers only (PIL opens
-    lazily; pydicom stops before the pixels). None when the folder holds no such file or other kinds (NIfTI
-    volumes, whose slice size depends on --nifti-axis)."""
-    from medivae.data.folder import list_folder
-
-    files, kinds, _ = list_folder(root)
-    if not files or set(kinds) - {"image", "dicom"}:
-        return None
-    step = max(1, len(files) // sample)
-    sides = []
-    for path, kind in list(zip(files, kinds, strict=True))[::step][:sample]:
-        try:
-            if kind == "image":
-                from PIL import Image
-
-                with Image.open(path) as im:
-                    sides.append(max(im.size))
-            else:
-                import pydicom
-
-                ds = pydicom.dcmread(path, stop_before_pixels=True)
-                sides.append(max(int(ds.Rows), int(ds.Columns)))
-        except Exception:  # noqa: BLE001  (an unreadable file is the loader's to report)
-            continue
-    return max(sides) if sides else None
-
-
 def apply_fit_defaults(args) -> None:
     """Fill the flags the user left out with FIT_DEFAULTS and the automatic image size, in place; the
     likelihood only for a family that has one (vq_vae has none)."""
+    from medivae.data.inspect import native_side
     from medivae.models import get_family
 
     if args.image_size is None:
@@ -114,7 +61,7 @@ def cmd_fit(args) -> int:
 
 def cmd_adapt(args) -> int:
     from medivae import api
-    from medivae.evaluation.anomaly import min_calibration
+    from medivae.evaluation.anomaly.calibration import min_calibration
     from medivae.workflows.site import read_adaptation
 
     out = api.anomaly_adapt(args.run, args.normals, args.out, epochs=args.epochs, hold_out=args.hold_out,

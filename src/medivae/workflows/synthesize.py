@@ -17,7 +17,7 @@ import torch
 
 from medivae.data import load_dataset
 from medivae.data.imageset import label_code
-from medivae.evaluation.anomaly import score_images
+from medivae.evaluation.anomaly.passes import ImagePass, Scoring
 from medivae.evaluation.bootstrap import mean_ci
 from medivae.evaluation.features import load_or_fit_reference
 from medivae.evaluation.privacy import (
@@ -201,8 +201,8 @@ def membership_inference(run, train, held, fake: np.ndarray, n_boot: int, seed: 
     members = train.subset(np.sort(numpy_rng(seed, "membership").choice(len(train), m, replace=False)))
     out: dict = {"note": "AUROC of telling training from held-out images; 0.5: indistinguishable"}
     if has(run.model, "likelihood"):
-        elbo = [-score_images(run.model, s.images, s.labels, k=1, seed=seed, device=run.device).scores["neg_elbo"]
-                for s in (members, held)]
+        ctx = Scoring(run.model, run.device, k=1, seed=seed)
+        elbo = [-ImagePass(ctx, s.images, s.labels).bounds["neg_elbo"] for s in (members, held)]
         out["elbo"] = membership_auroc(*elbo, n_boot=n_boot, seed=seed)
     d = [nearest(pixel_vectors(s.images), pixel_vectors(fake))[0] for s in (members, held)]
     out["nearest_synthetic_pixel"] = membership_auroc(-d[0], -d[1], n_boot=n_boot, seed=seed)
