@@ -88,11 +88,12 @@ def val_check(run_dir: Path, data: str, normal_label: str, seed: int) -> dict | 
     images, y = val.images[keep], val.labels[keep] != code
     if y.all() or not y.any():
         return None
-    ctx = Scoring(run.model, "cpu", k=16, seed=seed)
-    p = ImagePass(ctx, images, None, "validation images")
+    ctx = Scoring(run.model, "cpu", k=16, seed=seed, normal_class=run.config.label_names.index(normal_label)
+                  if normal_label in run.config.label_names else None)
+    p = ImagePass(ctx, images, "validation images")
     out = {n: detection_metrics(v, y)["auroc"] for n, v in score_pass(p, None, {}, maps=False)[0].items()}
     train = load_dataset(run.config.data, run.config.train.seed, progress=False)["train"]  # the run's own normals
-    norm = fit_ssim_norm([ImagePass(ctx, train.images, None, "training normals").ssim[1]])
+    norm = fit_ssim_norm([ImagePass(ctx, train.images, "training normals").ssim[1]])
     out["ssim_z"] = detection_metrics(normative_ssim(p.ssim[1], norm)[0], y)["auroc"]
     for n, v in trivial_scores(images).items():
         out[f"baseline: {n}"] = max(detection_metrics(v, y)["auroc"], detection_metrics(-v, y)["auroc"])

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from medivae.cli import main
 from medivae.data.imageset import ImageSet
@@ -127,6 +128,16 @@ def scored_run(tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="module")
+def conditional_run(tmp_path_factory):
+    """A cvae fitted on normal phantoms: its decoder takes a class, so feeding it a scored image's own label
+    would change that image's scores."""
+    run = tmp_path_factory.mktemp("cvae") / "run"
+    argv = ["anomaly", "fit", "--data", "phantoms:200", "--normal-label", "normal", "--out", str(run)]
+    assert main([*argv, "--model", "cvae", "--epochs", "2", "--seed", "7", *TINY]) == 0
+    return run
+
+
 def _protocol(run, flip_test_labels: bool):
     from medivae.runfolder.run import load_run
     from medivae.workflows.anomaly.sets import scoring_sets
@@ -136,20 +147,51 @@ def _protocol(run, flip_test_labels: bool):
     if flip_test_labels:
         s = sets["scored"]
         sets["scored"] = dataclasses.replace(s, labels=np.where(s.labels == 0, 1, 0)[::-1].copy())
-    ctx = Scoring(r.model, k=2, seed=r.config.train.seed)
+    ctx = Scoring(r.model, k=2, seed=r.config.train.seed, normal_class=0)
     out = ap.run_protocol(ctx, sets, None)
     return out.record, out.scores["scored"]
 
 
-def test_the_default_does_not_change_when_test_labels_change(scored_run):
-    a, sa = _protocol(scored_run, False)
-    b, sb = _protocol(scored_run, True)
+def test_the_default_does_not_change_when_test_labels_change(conditional_run):
+    """A conditional family sees every scored image as the normal class: test labels reach no score, no map
+    and no choice."""
+    a, sa = _protocol(conditional_run, False)
+    b, sb = _protocol(conditional_run, True)
     assert a["default"] == b["default"] and a["val_auroc"] == b["val_auroc"]
     assert a["val_normal_stats"] == b["val_normal_stats"] and set(a["val_auroc"]) <= set(a["val_normal_stats"])
     assert all(sd > 0 for _, sd in a["val_normal_stats"].values())
     assert a["restoration"]["tv"] == b["restoration"]["tv"]
-    for name in ("latent_gmm", "ssim_z", "restoration", "ensemble"):
-        np.testing.assert_array_equal(sa[name], sb[name])
+    assert set(sa) == set(sb) and {"rec_error", "neg_elbo", "restoration", "ensemble"} <= set(sa)
+    for name in sa:
+        np.testing.assert_array_equal(sa[name], sb[name], err_msg=name)
+
+
+def test_a_conditional_model_scores_every_image_as_the_normal_class(conditional_run, tmp_path):
+    """rec_error (and its AUROC) is that of reconstructions decoded as the normal class, whatever the image's
+    label; decoded as their own class the lesion images would score otherwise."""
+    import csv
+
+    from medivae.evaluation.anomaly.detection import detection_metrics
+    from medivae.runfolder.run import load_run
+    from medivae.workflows.anomaly.sets import scoring_sets
+
+    argv = ["anomaly", "score", str(conditional_run), "--out", str(tmp_path / "a"), "--iwae-samples", "2",
+            "--n-maps", "0", "--fpr", "0.2", "--bootstrap", "0", "--no-progress"]
+    assert main(argv) == 0
+    r = json.loads((conditional_run / "results.json").read_text())["anomaly"]
+    rows = list(csv.DictReader((tmp_path / "a" / "scores.csv").open()))
+    run = load_run(conditional_run, device="cpu")
+    s = scoring_sets(run.config, "normal", None, "test")["scored"]
+    x = torch.from_numpy(s.images / 255.0).float()
+
+    def mse(**given):
+        return (run.reconstruct(s.images, **given) - x).pow(2).flatten(1).mean(1).double().numpy()
+
+    as_normal, as_labelled = mse(label="normal"), mse(labels=s.labels)
+    assert np.abs(as_normal - as_labelled)[s.labels != 0].max() > 1e-3 * as_normal.max()  # the label matters
+    np.testing.assert_allclose([float(row["rec_error"]) for row in rows], as_normal, rtol=1e-5)
+    y = s.labels != 0
+    assert r["metrics"]["rec_error"]["auroc"] == pytest.approx(detection_metrics(as_normal, y)["auroc"], abs=1e-12)
 
 
 def test_score_cli_reports_protocol_baselines_and_localisation(scored_run, tmp_path, capsys):

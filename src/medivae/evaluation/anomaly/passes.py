@@ -27,7 +27,9 @@ from medivae.models.inference import map_batches
 class Scoring:
     """How images are scored. ``precision``: "fp32" (exact) or "auto" (bf16 networks where the hardware has
     them, :func:`medivae.models.inference.fast_inference`). ``k``: posterior draws per image for the likelihood
-    bounds. ``progress``: bars on stderr over every pass."""
+    bounds. ``progress``: bars on stderr over every pass. ``normal_class``: the class a conditional family is
+    given for *every* image, anomalous or not: the normal class it was fitted on (an image's own label would
+    let the label, not the image, decide its score)."""
 
     model: torch.nn.Module
     device: torch.device | str = "cpu"
@@ -36,6 +38,7 @@ class Scoring:
     k: int = 16
     seed: int = 0
     progress: bool = False
+    normal_class: int | None = None
 
     def batches(self, fn, x: torch.Tensor, y=None, desc: str = "scoring", precision: str | None = None):
         """``fn(x_batch, y_batch)`` over x in batches of ``batch_size`` (:func:`map_batches`)."""
@@ -45,10 +48,10 @@ class Scoring:
 
 class ImagePass:
     """One set of uint8 images (N, C, H, W) under a model; each property is computed once, on first use.
-    ``labels`` (N,): the classes a conditional family is given (ignored by the others)."""
+    A conditional family sees every image as ``ctx.normal_class``: labels never reach a score."""
 
-    def __init__(self, ctx: Scoring, images: np.ndarray, labels=None, name: str = "images"):
-        self.ctx, self.images, self.labels, self.name = ctx, np.asarray(images), labels, name
+    def __init__(self, ctx: Scoring, images: np.ndarray, name: str = "images"):
+        self.ctx, self.images, self.name = ctx, np.asarray(images), name
 
     def __len__(self) -> int:
         return len(self.images)
@@ -60,7 +63,12 @@ class ImagePass:
 
     @cached_property
     def y(self) -> torch.Tensor | None:
-        return labels_for(self.ctx.model, self.labels, self.ctx.device)
+        """(N,) the normal class, for a conditional family; None for the others."""
+        if not has(self.ctx.model, "conditional"):
+            return None
+        if self.ctx.normal_class is None:
+            raise ValueError("a conditional family is scored as its normal class: set Scoring.normal_class")
+        return labels_for(self.ctx.model, np.full(len(self), self.ctx.normal_class), self.ctx.device)
 
     @cached_property
     def recon(self) -> torch.Tensor:

@@ -52,7 +52,7 @@ def fit_normals(ctx: Scoring, train, val: ImagePass, reference) -> nm.Normals:
     ``reference``: the feature extractor of ``feature_res`` (None: no such score)."""
     codes, dissimilarity = [], []
     for i in range(0, len(train), TRAIN_CHUNK):
-        p = ImagePass(ctx, train.images[i : i + TRAIN_CHUNK], train.labels[i : i + TRAIN_CHUNK], "training normals")
+        p = ImagePass(ctx, train.images[i : i + TRAIN_CHUNK], "training normals")
         codes.append(p.codes)
         dissimilarity.append(p.ssim[1])
     codes = np.concatenate(codes) if codes else val.codes
@@ -99,18 +99,18 @@ def run_protocol(ctx: Scoring, sets: dict, reference, gradient: bool = False, ph
     """Everything of :mod:`this module <medivae.workflows.anomaly.protocol>` for ``sets``
     (``sets.scoring_sets``, with "calibration" when the threshold is set on other normals)."""
     v = sets["val"]
-    passes = {"val": ImagePass(ctx, v.images, v.labels, "validation normals")}
+    passes = {"val": ImagePass(ctx, v.images, "validation normals")}
     normals = fit_normals(ctx, sets["train"], passes["val"], reference)
     synth = foreign_patch(v.images, ctx.seed)
-    passes["synthetic"] = ImagePass(ctx, synth.images, v.labels, "synthetic anomalies")
-    passes["scored"] = ImagePass(ctx, sets["scored"].images, sets["scored"].labels, "scored images")
+    passes["synthetic"] = ImagePass(ctx, synth.images, "synthetic anomalies")
+    passes["scored"] = ImagePass(ctx, sets["scored"].images, "scored images")
     params, tuned = tune_scorers(normals, passes["val"], passes["synthetic"])
     scores, maps = {}, {}
     for name, p in passes.items():
         scores[name], maps[name] = score_pass(p, normals, params)
     if "calibration" in sets:
         c = sets["calibration"]
-        passes["calibration"] = ImagePass(ctx, c.images, c.labels, "calibration normals")
+        passes["calibration"] = ImagePass(ctx, c.images, "calibration normals")
         scores["calibration"] = score_pass(passes["calibration"], normals, params, only=COMBINED_FROM, maps=False)[0]
     z_score = calibrate(scores["val"], COMBINED_FROM)
     standardise(scores, scores["val"], COMBINED_FROM, "combined")
@@ -158,7 +158,7 @@ def phantom_localisation(ctx: Scoring, normals: nm.Normals, params: dict, train_
     pairs = [phantom_with_mask(size, ctx.seed, i) for i in range(N_PHANTOM_LESIONS)]
     images = np.stack([p[0] for p in pairs])[:, None]  # (N, 1, H, W)
     masks = np.stack([p[1] for p in pairs])
-    p = ImagePass(ctx, images, np.zeros(len(images), dtype=np.int64), "lesion phantoms")
+    p = ImagePass(ctx, images, "lesion phantoms")
     maps = score_pass(p, normals, params)[1]
     if has(ctx.model, "likelihood"):
         maps["gradient"] = gradient_maps(p)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medivae.data.imageset import label_code
 from medivae.evaluation.anomaly.calibration import (
     conformal_guarantee,
     conformal_rank,
@@ -115,7 +116,8 @@ def compute(plan: ScoringPlan, opts: ScoreOptions, progress: bool) -> tuple[Prot
     from medivae.evaluation.features import load_or_fit_reference
 
     run, cfg = plan.run, plan.run.config
-    ctx = Scoring(run.model, run.device, opts.batch_size, opts.precision, opts.k, cfg.train.seed, progress)
+    ctx = Scoring(run.model, run.device, opts.batch_size, opts.precision, opts.k, cfg.train.seed, progress,
+                  normal_class=label_code(cfg.label_names, plan.normal_label))
     reference = load_or_fit_reference(run.folder / "reference", plan.sets["train"],
                                       {"purpose": "anomaly feature residual", "source": str(cfg.data.source),
                                        "image_size": cfg.data.image_size}, cfg.train.seed, progress=progress,
@@ -180,7 +182,7 @@ def write(plan: ScoringPlan, opts: ScoreOptions, proto: Protocol, thr: float, ct
     entry: dict = {"n_flagged": int((combined > thr).sum()), "files": files, "map_names": list(maps)}
     pick = panel(scores[proto.record["default"]], min(opts.n_maps, MAX_GRID_ROWS))
     if len(pick) and maps:
-        recon = ImagePass(ctx, s.images[pick], s.labels[pick], "map figure").recon.numpy()
+        recon = ImagePass(ctx, s.images[pick], "map figure").recon.numpy()
         files["map_grid"] = str(write_map_grid(plan.out / "maps.png", s, scores[proto.record["default"]],
                                                proto.record["default"], maps, pick, recon))
     if is_anomaly is not None:
