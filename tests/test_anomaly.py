@@ -66,6 +66,51 @@ def test_conformal_threshold_keeps_the_expected_test_fpr_at_the_target(n):
         assert (test > old[:, None]).mean() > fpr + 0.01
 
 
+@pytest.mark.parametrize("n", [19, 39])
+def test_a_combined_score_standardised_on_other_normals_keeps_the_bound(n):
+    """Simulation of ``combined`` (the mean z-score of two parts) with the conformal threshold on n calibration
+    normals: standardised with the mean and std of the calibration normals themselves, a new normal is
+    flagged more often than the target (6 % at n = 19 for 5 %); standardised with other normals (the
+    training normals in ``anomaly score``), the expected rate is the conformal bound."""
+    rng = np.random.default_rng(n)
+    draws, n_test, fpr, names = 20000, 50, 0.05, ("a", "b")
+
+    def normals(size):  # two parts on different scales, one skewed
+        return {"a": rng.normal(3.0, 2.0, size), "b": rng.exponential(1.0, size)}
+
+    own, other = [], []
+    for _ in range(draws):
+        cal_set, std_set, test = normals(n), normals(n), normals(n_test)
+        for out, on in ((own, cal_set), (other, std_set)):
+            z = cal.calibrate(on, names)
+            thr = cal.threshold_at_fpr(cal.combined_score(cal_set, z), fpr)
+            out.append((cal.combined_score(test, z) > thr).mean())
+    bound = cal.conformal_guarantee(n, fpr)["expected_fpr_bound"]
+    assert abs(np.mean(other) - bound) < 0.002  # the conformal rate itself, not only below it
+    assert np.mean(own) > bound + 0.002  # 6.0 % at n = 19, 5.3 % at n = 39
+
+
+def test_combined_is_standardised_on_training_normals_not_on_the_calibration_normals(normal_run, tmp_path):
+    from medivae.runfolder.run import load_run
+
+    argv = ["anomaly", "score", str(normal_run), "--out", str(tmp_path / "a"), "--iwae-samples", "2",
+            "--n-maps", "0", "--fpr", "0.2", "--bootstrap", "0", "--no-progress"]
+    assert main(argv) == 0
+    r = json.loads((normal_run / "results.json").read_text())["anomaly"]
+    run = load_run(normal_run, device="cpu")
+    sets = scoring_sets(run.config, "normal", None, "test")
+    ctx = Scoring(run.model, k=2, seed=run.config.train.seed)
+    mean, std = r["calibration"]["z_score"]["ssim"]
+    val = ImagePass(ctx, sets["val"].images).ssim[0]
+    assert abs(mean - val.mean()) > 1e-6 * abs(val.mean())  # not the normals the threshold is set on
+    from medivae.workflows.anomaly.protocol import standardisation_normals
+
+    on = ImagePass(ctx, standardisation_normals(sets["train"], ctx.seed)).ssim[0]
+    assert len(on) == r["calibration"]["normals"] and not set(map(bytes, sets["val"].images)) & set(
+        map(bytes, standardisation_normals(sets["train"], ctx.seed)))
+    assert (mean, std) == pytest.approx((on.mean(), on.std()), rel=1e-9)
+
+
 def test_conformal_threshold_refuses_too_few_normals():
     assert cal.min_calibration(0.05) == 19 and cal.min_calibration(0.2) == 4
     cal.threshold_at_fpr(np.arange(19.0), 0.05)  # k = ceil(20 * 0.95) = 19: the largest

@@ -27,22 +27,26 @@ from medivae.evaluation.anomaly.scorers import COMBINED_FROM, ENSEMBLE_FROM, SCO
 from medivae.evaluation.anomaly.selection import PRIOR_DEFAULT, select_default, tune
 from medivae.evaluation.anomaly.synthetic import foreign_patch
 from medivae.models.family import has
+from medivae.runtime.seeding import numpy_rng
 
 N_PHANTOM_LESIONS = 48
 TRAIN_CHUNK = 1024  # training normals are read this many at a time (statistics summed, never all held)
+MAX_STANDARDISATION = 256  # training normals scored by every scorer to put the scores on one scale
 
 
 @dataclass
 class Protocol:
     """scores: set name ("val", "synthetic", "scored"[, "calibration"]) -> {score name: (N,)}; maps: set name ->
     {map name: (N, H, W)} (scored and synthetic sets); png: set name -> PNG sizes (N,) in nats; record:
-    results.json["anomaly"]["protocol"]; z_score: the standardisation of ``combined``; localisation."""
+    results.json["anomaly"]["protocol"]; z_score: the standardisation of ``combined``, from n_standardisation
+    training normals; localisation."""
 
     scores: dict[str, dict[str, np.ndarray]]
     maps: dict[str, dict[str, np.ndarray]]
     png: dict[str, np.ndarray]
     record: dict
     z_score: dict
+    n_standardisation: int
     localisation: dict = field(default_factory=dict)
 
 
@@ -86,6 +90,16 @@ def tune_scorers(normals: nm.Normals, val: ImagePass, synthetic: ImagePass) -> t
     return params, records
 
 
+def standardisation_normals(train, seed: int) -> np.ndarray:
+    """uint8 images of at most MAX_STANDARDISATION training normals (a seeded subset): the normals whose mean and
+    std put the scores on one scale for ``combined`` and ``ensemble``. Not the calibration normals: a threshold
+    set on scores standardised with the statistics of its own calibration set is no longer conformal."""
+    if len(train) <= MAX_STANDARDISATION:
+        return train.images
+    return train.images[np.sort(numpy_rng(seed, "standardisation").choice(len(train), MAX_STANDARDISATION,
+                                                                          replace=False))]
+
+
 def standardise(scores: dict, on: dict, names, key: str) -> list[str]:
     """Add ``key`` (the mean z-score over ``names``, mean and std of the set ``on``) to every set of ``scores``
     in place; returns the names used."""
@@ -112,10 +126,11 @@ def run_protocol(ctx: Scoring, sets: dict, reference, gradient: bool = False, ph
         c = sets["calibration"]
         passes["calibration"] = ImagePass(ctx, c.images, "calibration normals")
         scores["calibration"] = score_pass(passes["calibration"], normals, params, only=COMBINED_FROM, maps=False)[0]
-    z_score = calibrate(scores["val"], COMBINED_FROM)
-    standardise(scores, scores["val"], COMBINED_FROM, "combined")
-    used = standardise({k: s for k, s in scores.items() if k != "calibration"}, scores["val"], ENSEMBLE_FROM,
-                       "ensemble")
+    std_images = standardisation_normals(sets["train"], ctx.seed)
+    on = score_pass(ImagePass(ctx, std_images, "standardisation normals"), normals, params, maps=False)[0]
+    z_score = calibrate(on, COMBINED_FROM)
+    standardise(scores, on, COMBINED_FROM, "combined")
+    used = standardise({k: s for k, s in scores.items() if k != "calibration"}, on, ENSEMBLE_FROM, "ensemble")
     record = protocol_record(ctx, normals, tuned, scores, used, len(v))
     for name in ("synthetic", "scored"):
         if has(ctx.model, "likelihood"):
@@ -125,7 +140,7 @@ def run_protocol(ctx: Scoring, sets: dict, reference, gradient: bool = False, ph
     if phantoms:
         localisation["phantoms"] = phantom_localisation(ctx, normals, params, sets["train"].images)
     png = {name: p.png_nats for name, p in passes.items()}
-    return Protocol(scores, maps, png, record, z_score, localisation)
+    return Protocol(scores, maps, png, record, z_score, len(std_images), localisation)
 
 
 def protocol_record(ctx: Scoring, normals: nm.Normals, tuned: dict, scores: dict, ensemble: list, n_val: int) -> dict:
@@ -137,7 +152,7 @@ def protocol_record(ctx: Scoring, normals: nm.Normals, tuned: dict, scores: dict
     chosen = select_default(scores["val"], scores["synthetic"], seed=ctx.seed)
     return {"capable": capable, **normals.records, **tuned,
             "ensemble": {"components": ensemble, "definition": "mean over components of (score - mean) / std, "
-                         "mean and std of the validation normals; components fixed in advance"},
+                         "mean and std of training normals; components fixed in advance"},
             # every score's validation-normal mean and std: runs of other seeds and families can be put on one
             # scale (z-scores) and averaged without reading a test label
             "val_normal_stats": calibrate(scores["val"], tuple(scores["val"])), **chosen,

@@ -150,11 +150,13 @@ def summary(plan: ScoringPlan, opts: ScoreOptions, proto: Protocol) -> dict:
     result = {
         "normal_label": plan.normal_label, "data": plan.data, "split": opts.split, "iwae_samples": opts.k,
         "map": "gradient" if opts.gradient else "residual", "n_scored": len(plan.sets["scored"]),
-        "calibration": {"normals": len(val["combined"]), "z_score": proto.z_score},
+        "calibration": {"normals": proto.n_standardisation, "z_score": proto.z_score,
+                        "standardised_on": "training normals"},
         "combined": {"components": list(proto.z_score), "candidates": list(COMBINED_FROM),
-                     "definition": "mean over components of (score - mean) / std, mean and std of the validation "
-                                   "normals; components fixed in advance (iwae_minus_png only under a discrete "
-                                   "image likelihood), never chosen on test labels"},
+                     "definition": "mean over components of (score - mean) / std, mean and std of training normals "
+                                   "(not of the normals the threshold is set on, so it stays conformal); components "
+                                   "fixed in advance (iwae_minus_png only under a discrete image likelihood), never "
+                                   "chosen on test labels"},
         "threshold": {"score": "combined", "target_fpr": opts.fpr, "value": thr,
                       "val_fpr": float((val["combined"] > thr).mean()), "calibrated_on": plan.calibrated_on,
                       **conformal_guarantee(len(cal["combined"]), opts.fpr)},
