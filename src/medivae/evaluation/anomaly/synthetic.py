@@ -19,8 +19,8 @@ from medivae.runtime.seeding import numpy_rng
 
 @dataclass
 class SyntheticAnomalies:
-    """images: uint8 (N, C, H, W); masks: bool (N, H, W), True where the image may differ from its
-    source normal; factors: (N,) interpolation factor a; sources: (N,) index of the foreign image."""
+    """images: uint8 (N, C, H, W); masks: bool (N, H, W), True exactly where the image differs from its
+    normal; factors: (N,) interpolation factor a; sources: (N,) index of the foreign image."""
 
     images: np.ndarray
     masks: np.ndarray
@@ -45,8 +45,8 @@ def random_mask(rng: np.random.Generator, size: int, min_frac: float, max_frac: 
 def foreign_patch(normals: np.ndarray, seed: int, min_frac: float = 0.15, max_frac: float = 0.5,
                   factor: tuple[float, float] = (0.3, 1.0)) -> SyntheticAnomalies:
     """One synthetic anomaly per normal uint8 image (N, C, H, W), N >= 2: a random elliptic region blended
-    with the same region of another random normal at a factor drawn from ``factor``. Pixels outside the
-    mask are the input's, bit for bit. Deterministic given ``seed``."""
+    with the same region of another random normal at a factor drawn from ``factor``. The mask is the pixels the
+    blend changed; the others are the input's, bit for bit. Deterministic given ``seed``."""
     n, _, h, w = normals.shape
     if n < 2:
         raise ValueError(f"foreign-patch interpolation needs at least 2 normal images, got {n}")
@@ -63,5 +63,5 @@ def foreign_patch(normals: np.ndarray, seed: int, min_frac: float = 0.15, max_fr
         a = factors[i]
         blend = (1 - a) * normals[i][:, m].astype(np.float64) + a * normals[sources[i]][:, m]
         out[i][:, m] = np.clip(np.round(blend), 0, 255).astype(np.uint8)
-        masks[i] = m
+        masks[i] = (out[i] != normals[i]).any(0)  # a blend of equal pixels changes nothing: not anomalous there
     return SyntheticAnomalies(out, masks, factors, sources)
