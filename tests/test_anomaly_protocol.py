@@ -13,7 +13,6 @@ from medivae.cli import main
 from medivae.data.imageset import ImageSet
 from medivae.data.phantoms import make_phantoms
 from medivae.evaluation.anomaly import normative as nm
-from medivae.evaluation.anomaly import selection as sel
 from medivae.evaluation.anomaly.localisation import best_dice, pixel_metrics
 from medivae.evaluation.anomaly.passes import ImagePass, Scoring
 from medivae.evaluation.anomaly.restoration import map_restore
@@ -33,7 +32,8 @@ def test_foreign_patch_masks_are_exactly_the_changed_pixels():
     changed = (s.images != normals).any(1)
     np.testing.assert_array_equal(s.masks, changed)  # outside: the input bit for bit; inside: every pixel differs
     assert changed.any(axis=(1, 2)).mean() > 0.9  # it does change
-    assert (s.sources != np.arange(40)).all() and ((s.factors >= 0.3) & (s.factors <= 1.0)).all()
+    f = s.params["factor"]
+    assert (s.params["source"] != np.arange(40)).all() and ((f >= 0.3) & (f <= 1.0)).all()
     np.testing.assert_array_equal(foreign_patch(normals, seed=5).images, s.images)  # deterministic
     assert not np.array_equal(foreign_patch(normals, seed=6).masks, s.masks)
 
@@ -46,29 +46,6 @@ def test_pixel_metrics_on_analytic_maps():
     assert pixel_metrics(np.ones(masks.shape), masks)["auroc"] == 0.5
     assert best_dice(np.r_[3.0, 2, 1, 0], np.array([1, 0, 1, 0], bool)) == pytest.approx(0.8)  # top 3: 2 * 2 / (2 + 3)
     assert pixel_metrics(np.zeros((1, 4, 4)), np.zeros((1, 4, 4), bool)) is None
-
-
-def test_select_default_reads_validation_only():
-    rng = np.random.default_rng(0)
-    val = {"a": rng.normal(size=50), "b": rng.normal(size=50)}
-    syn = {"a": rng.normal(size=50) + 3, "b": rng.normal(size=50) + 0.5}
-    r = sel.select_default(val, syn)
-    assert r["default"] == "a" and r["val_auroc"]["a"] > r["val_auroc"]["b"]
-
-
-def test_select_default_keeps_ssim_unless_another_score_is_clearly_better():
-    rng = np.random.default_rng(0)
-    base_v, base_s = rng.normal(size=150), rng.normal(size=150) + 0.4
-    # "latent" = ssim plus a little noise: it may lead by chance, never clearly
-    val = {"ssim": base_v, "latent": base_v + rng.normal(0, 0.3, 150)}
-    syn = {"ssim": base_s, "latent": base_s + rng.normal(0, 0.3, 150) + 0.05}
-    r = sel.select_default(val, syn)
-    assert r["best"] == "latent" and r["val_auroc"]["latent"] > r["val_auroc"]["ssim"]
-    assert r["default"] == "ssim" and r["lead_over_prior"]["ci95"][0] <= 0
-    syn_clear = {"ssim": base_s, "latent": base_s + 2.0}
-    r = sel.select_default(val, syn_clear)
-    assert r["default"] == "latent" and r["lead_over_prior"]["ci95"][0] > 0
-    assert sel.select_default(val, syn, prior=None)["default"] == "latent"  # no prior: the plain maximum
 
 
 def test_latent_gmm_finds_the_components_and_scores_outliers_higher():

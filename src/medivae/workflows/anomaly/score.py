@@ -144,8 +144,7 @@ def score_run(run_dir, data: str | None = None, opts: ScoreOptions | None = None
 
 def summary(plan: ScoringPlan, opts: ScoreOptions, proto: Protocol) -> dict:
     """The results.json entries that need no labels: the settings, the threshold and how it was set."""
-    val = proto.scores["val"]
-    cal = proto.scores.get("calibration", val)  # the normals the threshold is set on
+    val, cal = proto.scores["val_all"], proto.scores["calibration"]  # cal: the normals the threshold is set on
     thr = threshold_at_fpr(cal["combined"], opts.fpr)
     result = {
         "normal_label": plan.normal_label, "data": plan.data, "split": opts.split, "iwae_samples": opts.k,
@@ -164,7 +163,7 @@ def summary(plan: ScoringPlan, opts: ScoreOptions, proto: Protocol) -> dict:
     }  # fmt: skip
     s = plan.sets["scored"]
     result["trivial_baselines"] = trivial_baselines(s.images, s.labels, plan.sets["normal_code"],
-                                                    proto.png["scored"], opts.bootstrap, plan.run.config.train.seed)
+                                                    proto.png, opts.bootstrap, plan.run.config.train.seed)
     if plan.site is not None:
         r = plan.site["record"]
         result["adaptation"] = {"normals": r["normals"], "n_adapt": len(r["adapt"]), "n_held_out": len(r["held_out"]),
@@ -188,7 +187,7 @@ def write(plan: ScoringPlan, opts: ScoreOptions, proto: Protocol, thr: float, ct
         files["map_grid"] = str(write_map_grid(plan.out / "maps.png", s, scores[proto.record["default"]],
                                                proto.record["default"], maps, pick, recon))
     if is_anomaly is not None:
-        entry.update(labelled_metrics(s.labels, is_anomaly, scores, proto.png["scored"], thr, opts.bootstrap,
+        entry.update(labelled_metrics(s.labels, is_anomaly, scores, proto.png, thr, opts.bootstrap,
                                       ctx.seed))
     return entry
 
