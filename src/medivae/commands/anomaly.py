@@ -100,10 +100,8 @@ def cmd_score(args) -> int:
         calibration=args.calibration,
         progress=not args.no_progress,
     )
-    print(
-        f"scored {r['n_scored']} images of {r['data']} ({r['split']}); "
-        f"files in {Path(r['files']['scores']).parent}"
-    )
+    print(f"scored {r['n_scored']} images of {r['data']} ({r['split']}); files in "
+          f"{Path(r['files']['scores']).parent}{beaten_note(r)}")
     if "prevalence" in r:
         print(f"  {r['n_anomalous']} anomalous of {r['n_normal'] + r['n_anomalous']} labelled images "
               f"(prevalence {r['prevalence']:.3f}: the AUPRC of a random score); 95% bootstrap intervals")
@@ -117,10 +115,14 @@ def cmd_score(args) -> int:
         ci = m.get("ci95") or {}
         print(f"  baseline {name} ({m['direction']} = anomalous, no model): AUROC {m['auroc']:.3f}"
               f"{fmt_ci(ci.get('auroc'))}  AUPRC {m['auprc']:.3f}{fmt_ci(ci.get('auprc'))}")
+    if r.get("trivial_baselines"):
+        fixed = next(iter(r["trivial_baselines"].values())).get("direction_fixed_on", "validation data")
+        print(f"  (each baseline's direction was fixed on {fixed}, not on these labels)")
     if "protocol" in r:
         p = r["protocol"]
-        print(f"  default score, chosen on validation normals vs synthetic anomalies only: {p['default']} "
-              f"(validation AUROC {p['val_auroc'][p['default']]:.3f})")
+        kinds = len(p.get("val_auroc_by_kind", {})) or 1
+        print(f"  default score, chosen on validation normals vs {kinds} kinds of synthetic anomaly only: "
+              f"{p['default']} (validation AUROC {p['val_auroc'][p['default']]:.3f}, mean over kinds)")
     t = r["threshold"]
     on = t.get("calibrated_on", "validation normals")
     on = on if isinstance(on, str) else f"normals of {on['source']}"
@@ -132,6 +134,17 @@ def cmd_score(args) -> int:
     if shift := shift_line(r.get("normal_shift") or {}):
         print(shift)
     return 0
+
+
+def beaten_note(r: dict) -> str:
+    """"; the default score X (AUROC a) is beaten by a trivial baseline: ..." when one is, else ""."""
+    beaten = r.get("default_beaten_by")
+    if not beaten:
+        return ""
+    d = r["protocol"]["default"]
+    names = ", ".join(f"{n} (AUROC {a:.3f})" for n, a in sorted(beaten.items(), key=lambda x: -x[1]))
+    return (f"; the default score {d} (AUROC {r['metrics'][d]['auroc']:.3f}) is beaten on this split by a trivial "
+            f"baseline with no model: {names}")
 
 
 def shift_line(ns: dict) -> str:

@@ -22,7 +22,7 @@ from medivae.data.phantoms import phantom_with_mask
 from medivae.evaluation.anomaly import normative as nm
 from medivae.evaluation.anomaly import selection as sel
 from medivae.evaluation.anomaly.calibration import calibrate, combined_score
-from medivae.evaluation.anomaly.detection import trivial_scores
+from medivae.evaluation.anomaly.detection import baseline_directions, trivial_scores
 from medivae.evaluation.anomaly.localisation import blurred_residual_baseline, pixel_metrics
 from medivae.evaluation.anomaly.maps import gradient_maps
 from medivae.evaluation.anomaly.passes import ImagePass, Scoring
@@ -197,12 +197,20 @@ def protocol_record(ctx: Scoring, normals: nm.Normals, tuned: dict, scores: dict
             "val_normal_stats": calibrate(scores["val"], tuple(scores["val"])),
             **sel.select_default(scores["val"], synthetic, seed=ctx.seed),
             "leave_one_kind_out": sel.leave_one_kind_out(scores["val"], synthetic, val_trivial, syn_trivial),
+            "trivial_directions": synthetic_directions(val_trivial, syn_trivial),
             "selection": "the best mean rank over kinds of synthetic anomaly of the AUROC of validation normals "
                          "against the anomalies made from them, on the half of the validation normals no "
                          "hyperparameter was tuned on; no test image or label is read",
             "n_val": len(selection.val),
             "synthetic": {"kinds": list(selection.synthetic), "per_kind": len(selection.val),
                           "method": "medivae.evaluation.anomaly.synthetic"}}
+
+
+def synthetic_directions(val_trivial: dict, syn_trivial: dict[str, dict]) -> dict[str, str]:
+    """Each trivial baseline's direction on validation normals against every kind of synthetic anomaly."""
+    pooled = {t: np.r_[v, *(s[t] for s in syn_trivial.values())] for t, v in val_trivial.items()}
+    n = len(next(iter(val_trivial.values())))
+    return baseline_directions(pooled, np.arange(len(next(iter(pooled.values())))) >= n)
 
 
 def synthetic_localisation(selection: Half, maps: dict, normals: np.ndarray) -> dict:

@@ -6,7 +6,8 @@ maps.npz["maps"] is), n_scored, calibration {normals, z_score}, combined {compon
 threshold {score, target_fpr, value, val_fpr, calibrated_on, method, n_calibration, rank, expected_fpr_bound,
 guarantee, n_flagged[, fpr, tpr]}, bootstrap, protocol, trivial_baselines, localisation, files, map_names,
 normal_shift[, adaptation]; with labels also n_normal, n_anomalous, prevalence, metrics {score: {auroc, auprc}},
-baselines, ci95.
+baselines, ci95, and default_beaten_by {trivial baseline: its AUROC} (every trivial baseline, its direction
+fixed on validation data, whose AUROC is above the default score's; {} when none is).
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from medivae.evaluation.anomaly.calibration import (
     min_calibration,
     threshold_at_fpr,
 )
-from medivae.evaluation.anomaly.detection import detection_metrics, rates_at, trivial_scores
+from medivae.evaluation.anomaly.detection import (
+    baseline_directions,
+    default_beaten_by,
+    detection_metrics,
+    rates_at,
+    signed,
+    trivial_scores,
+)
 from medivae.evaluation.anomaly.passes import ImagePass, Scoring
 from medivae.evaluation.anomaly.scorers import COMBINED_FROM
 from medivae.evaluation.bootstrap import DEFAULT_BOOTSTRAP, detection_ci
@@ -161,9 +169,6 @@ def summary(plan: ScoringPlan, opts: ScoreOptions, proto: Protocol) -> dict:
                       **conformal_guarantee(len(cal["combined"]), opts.fpr)},
         "bootstrap": opts.bootstrap, "protocol": proto.record, "localisation": proto.localisation,
     }  # fmt: skip
-    s = plan.sets["scored"]
-    result["trivial_baselines"] = trivial_baselines(s.images, s.labels, plan.sets["normal_code"],
-                                                    proto.png, opts.bootstrap, plan.run.config.train.seed)
     if plan.site is not None:
         r = plan.site["record"]
         result["adaptation"] = {"normals": r["normals"], "n_adapt": len(r["adapt"]), "n_held_out": len(r["held_out"]),
@@ -186,9 +191,15 @@ def write(plan: ScoringPlan, opts: ScoreOptions, proto: Protocol, thr: float, ct
         recon = ImagePass(ctx, s.images[pick], "map figure").recon.numpy()
         files["map_grid"] = str(write_map_grid(plan.out / "maps.png", s, scores[proto.record["default"]],
                                                proto.record["default"], maps, pick, recon))
+    entry["trivial_baselines"] = {}
     if is_anomaly is not None:
-        entry.update(labelled_metrics(s.labels, is_anomaly, scores, proto.png, thr, opts.bootstrap,
-                                      ctx.seed))
+        entry.update(labelled_metrics(s.labels, is_anomaly, scores, proto.png, thr, opts.bootstrap, ctx.seed))
+        entry["trivial_baselines"] = trivial_baselines(s, is_anomaly, proto.png, plan.sets, proto, opts.bootstrap,
+                                                       ctx.seed)
+        default = proto.record["default"]
+        if default in entry.get("metrics", {}):  # the honest line: a baseline with no model does better
+            entry["default_beaten_by"] = default_beaten_by(entry["metrics"][default]["auroc"],
+                                                           entry["trivial_baselines"])
     return entry
 
 
@@ -211,21 +222,24 @@ def labelled_metrics(labels, is_anomaly, scores: dict, png: np.ndarray, thr: flo
     return entry
 
 
-def trivial_baselines(images, labels, normal_code, png, bootstrap: int = 0, seed: int = 0) -> dict:
-    """name -> {"direction", "auroc", "auprc", "ci95"} on the scored split; the direction (anomalous =
-    higher or lower) is the better one on these very labels, so the baseline is never handicapped."""
-    if normal_code is None:
-        return {}
-    keep = labels >= 0
-    y = labels[keep] != normal_code
+def trivial_baselines(s, is_anomaly, png: np.ndarray, sets: dict, proto: Protocol, bootstrap: int,
+                      seed: int) -> dict:
+    """name -> {"direction", "direction_fixed_on", "auroc", "auprc", "ci95"} of each trivial baseline on the
+    labelled images of the scored split ``s``. The direction (anomalous = higher or lower) is fixed before these
+    labels are read: on the scored source's labelled validation split when it has both classes, else on the
+    validation normals against the synthetic anomalies."""
+    if sets["val_labelled"] is not None:
+        images, y_val = sets["val_labelled"]
+        directions, fixed_on = baseline_directions(trivial_scores(images), y_val), "labelled validation images"
+    else:
+        directions, fixed_on = proto.record["trivial_directions"], "validation normals vs synthetic anomalies"
+    keep = s.labels >= 0
+    y = is_anomaly[keep]
     out = {}
-    for name, v in trivial_scores(images[keep], png[keep]).items():
-        best = None
-        for direction, sign in (("higher", 1.0), ("lower", -1.0)):
-            m = detection_metrics(sign * v, y)
-            if m is not None and (best is None or m["auroc"] > best["auroc"]):
-                best = {"direction": direction, **m, "ci95": detection_ci(y, sign * v, bootstrap, seed)}
-        if best is not None:
-            out[name] = best
+    for name, v in trivial_scores(s.images[keep], png[keep]).items():
+        v = signed(v, directions[name])
+        m = detection_metrics(v, y)
+        if m is not None:
+            out[name] = {"direction": directions[name], "direction_fixed_on": fixed_on, **m,
+                         "ci95": detection_ci(y, v, bootstrap, seed)}
     return out
-

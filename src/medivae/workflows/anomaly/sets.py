@@ -26,8 +26,9 @@ def scoring_sets(cfg, normal_label: str, data: str | None, split: str) -> dict:
     On the run's own source the scored split is that split's normals *as the run split them* plus
     the split's other-label images, so no normal the model trained on is ever scored as a test normal.
     Returns {"train", "val": normal ImageSets, "scored": ImageSet, "normal_code": int | None (the normal
-    label's number among the scored split's labels), "same_source": bool, "val_labelled": the scored source's
-    validation split with every label (or None)}.
+    label's number among the scored split's labels), "same_source": bool, "val_labelled": (uint8 images,
+    is_anomaly) of the scored source's validation split when it holds normal and other labelled images and is
+    not the scored split (what the trivial baselines' directions are fixed on), else None}.
     """
     seed = cfg.train.seed
     own = load_dataset(cfg.data, seed, progress=False)
@@ -52,7 +53,17 @@ def scoring_sets(cfg, normal_label: str, data: str | None, split: str) -> dict:
         raise UserError(f"split {split!r} of {data or cfg.data.source} is empty")
     return {"train": normals["train"], "val": normals["val"], "scored": scored,
             "normal_code": label_code(scored.label_names, normal_label), "same_source": same,
-            "val_labelled": full.get("val") if split != "val" else None}
+            "val_labelled": labelled(full["val"], normal_label) if split != "val" else None}
+
+
+def labelled(s: ImageSet, normal_label: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(uint8 images, is_anomaly) of the labelled images of ``s`` when both normal and other ones are there."""
+    code = label_code(s.label_names, normal_label)
+    if code is None:
+        return None
+    keep = s.labels >= 0
+    y = s.labels[keep] != code
+    return (s.images[keep], y) if y.any() and not y.all() else None
 
 
 def with_adaptation(sets: dict, site: dict) -> None:
