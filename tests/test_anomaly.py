@@ -47,13 +47,13 @@ def test_threshold_keeps_false_positives_at_the_target_rate():
     assert r["fpr"] <= 0.05 and r["tpr"] == 1.0
 
 
-def _in_sample_quantile(normals, fpr):  # the threshold before issue 20: not conformal
+def _in_sample_quantile(normals, fpr):  # an in-sample quantile: not conformal
     return float(np.quantile(normals, 1.0 - fpr, method="higher"))
 
 
 @pytest.mark.parametrize("n", [19, 41, 100])
 def test_conformal_threshold_keeps_the_expected_test_fpr_at_the_target(n):
-    """Simulation: many validation draws of n normals, each with fresh test normals (issue 20, bug 2)."""
+    """Simulation: many validation draws of n normals, each with fresh test normals."""
     rng = np.random.default_rng(n)
     draws, n_test, fpr = 4000, 200, 0.05
     val, test = rng.normal(size=(draws, n)), rng.normal(size=(draws, n_test))
@@ -156,7 +156,7 @@ class _PerfectBernoulli(torch.nn.Module):
 
 def test_perfectly_reconstructed_uniform_images_are_not_ranked_by_brightness():
     """Under a Bernoulli "likelihood" a uniform image at 128 costs ~2,839 nats and at 0 costs 0: the
-    complexity-corrected score ranked by brightness (issue 20, bug 3)."""
+    complexity-corrected score would rank by brightness."""
     images = np.stack([np.full((1, 64, 64), v, np.uint8) for v in (0, 128, 0, 128, 255, 64)])
     _, s = score(_PerfectBernoulli(), images, k=2)
     assert s["iwae"][1] - s["iwae"][0] > 2000  # the Bernoulli "NLL" is brightness
@@ -268,16 +268,15 @@ def test_score_cli_end_to_end(normal_run, tmp_path, capsys):
     names = {s.name for s in SCORERS} - {"iwae_minus_png", "vq_healing"}
     assert set(r["metrics"]) == {*names, "combined", "ensemble"}
     assert r["combined"]["components"] == ["ssim"]
-    assert all(0.0 <= m["auroc"] <= 1.0 for m in r["metrics"].values())
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert_metrics_match_the_scores(r, rows)
     t = r["threshold"]
     assert t["method"] == "conformal" and t["expected_fpr_bound"] <= 0.2 and "exchangeable" in t["guarantee"]
     assert t["rank"] == cal.conformal_rank(t["n_calibration"], 0.2)
     assert 0 < r["prevalence"] < 1
     for name, ci in r["ci95"].items():
         assert ci["auroc"][0] <= r["metrics"][name]["auroc"] <= ci["auroc"][1], name
-    rows = list(csv.DictReader((out / "scores.csv").open()))
     assert len(rows) == r["n_scored"] == r["n_normal"] + r["n_anomalous"]
-    assert {row["is_anomaly"] for row in rows} == {"0", "1"}
     assert all((out / f).stat().st_size > 0 for f in ("roc.png", "overlays.png", "maps.npz"))
     assert np.load(out / "maps.npz")["maps"].shape == (len(rows), 32, 32)
     # the calibration and the scored normals, each against the training normals (all from one generator)
@@ -286,6 +285,24 @@ def test_score_cli_end_to_end(normal_run, tmp_path, capsys):
     for key in ("val", "scored"):
         assert not ns[key]["differ"] and ns[key]["ci95"][0] <= ns[key]["auroc"] <= ns[key]["ci95"][1], key
     assert "normals vs the training normals" in printed and "differ from the training normals" not in printed
+
+
+def assert_metrics_match_the_scores(r: dict, rows: list[dict]) -> None:
+    """Every AUROC in results.json is the one of scores.csv's column against its labels, and the labels are the
+    images' classes (normal = 0); the flagged column is the threshold on ``combined``; default_beaten_by lists
+    exactly the trivial baselines above the default."""
+    from medivae.evaluation.bootstrap import auroc
+
+    y = np.array([row["is_anomaly"] == "1" for row in rows])
+    assert y.any() and not y.all()
+    assert all((row["label"] != r["normal_label"]) == a for row, a in zip(rows, y, strict=True))
+    one_tie = 0.5 / (y.sum() * (~y).sum())  # scores.csv keeps 6 digits: two close scores may tie there
+    for name, m in r["metrics"].items():
+        assert m["auroc"] == pytest.approx(auroc(y, np.array([float(row[name]) for row in rows])), abs=one_tie), name
+    flagged = np.array([row["flagged"] == "1" for row in rows])
+    np.testing.assert_array_equal(flagged, np.array([float(row["combined"]) for row in rows]) > r["threshold"]["value"])
+    default = r["metrics"][r["protocol"]["default"]]["auroc"]
+    assert r["default_beaten_by"] == {n: b["auroc"] for n, b in r["trivial_baselines"].items() if b["auroc"] > default}
 
 
 def test_scored_normals_were_never_trained_on(normal_run):

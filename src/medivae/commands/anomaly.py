@@ -7,7 +7,7 @@ from pathlib import Path
 
 from medivae.commands.train import add_model_args, add_train_args
 
-# What `anomaly fit` uses when the flag is not given (issue 21). On PneumoniaMNIST (28 px) a Gaussian
+# What `anomaly fit` uses when the flag is not given. On PneumoniaMNIST (28 px) a Gaussian
 # likelihood trained 25 epochs at 32 px separated validation normals from foreign-patch anomalies made from
 # them better than the training defaults (Bernoulli, 10 epochs, 64 px), and so did the labelled validation
 # pneumonia images (AUROC of `ssim` 0.962 against 0.942 at 64 px and 0.946 with Bernoulli / 10 epochs);
