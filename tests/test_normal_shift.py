@@ -1,4 +1,4 @@
-"""The classifier two-sample test of scored normals against training normals (evaluation/shift.py)."""
+"""The classifier two-sample test of scored normals against training normals (evaluation/anomaly/shift.py)."""
 
 from __future__ import annotations
 
