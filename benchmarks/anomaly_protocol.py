@@ -1,4 +1,4 @@
-"""Anomaly detection on a source with a normal class, several seeds, every score vs trivial baselines (issue 21).
+"""Anomaly detection on a source with a normal class, several seeds, every score vs trivial baselines.
 
 For each seed: ``medivae anomaly fit`` on the normal training images (skipped when the run exists), then
 ``medivae anomaly score`` (default options, bootstrap intervals). Collects, per seed, the AUROC / AUPRC
@@ -51,6 +51,9 @@ def seed_summary(anomaly: dict) -> dict:
         "restoration": anomaly["protocol"].get("restoration"), "latent_gmm": anomaly["protocol"].get("latent_gmm"),
         "prevalence": anomaly.get("prevalence"), "n_normal": anomaly.get("n_normal"),
         "n_anomalous": anomaly.get("n_anomalous"), "normal_shift": anomaly.get("normal_shift"),
+        "val_auroc_by_kind": anomaly["protocol"].get("val_auroc_by_kind"),
+        "leave_one_kind_out": anomaly["protocol"].get("leave_one_kind_out"),
+        "default_beaten_by": anomaly.get("default_beaten_by"),
     }
 
 
@@ -69,13 +72,14 @@ def across(seeds: dict, n_boot: int) -> dict:
 
 def val_check(run_dir: Path, data: str, normal_label: str, seed: int) -> dict | None:
     """AUROC on the source's own labelled VALIDATION anomalies (never test) of the scores that need no
-    fitting beyond the model (``score_images``, and ``ssim_z`` from the training normals) and of the trivial
-    baselines: what a user who holds labelled
-    validation data would see. None when the validation split has no anomalies."""
+    statistics of the normals beyond the model, of ``ssim_z`` (from the training normals) and of the trivial
+    baselines: what a user who holds labelled validation data would see. None when the validation split has
+    no anomalies."""
     from medivae.data import load_dataset
-    from medivae.evaluation import anomaly_scores as xs
-    from medivae.evaluation.anomaly import detection_metrics, score_images
-    from medivae.evaluation.anomaly_scores import trivial_scores
+    from medivae.evaluation.anomaly.detection import detection_metrics, trivial_scores
+    from medivae.evaluation.anomaly.normative import fit_ssim_norm, normative_ssim
+    from medivae.evaluation.anomaly.passes import ImagePass, Scoring
+    from medivae.evaluation.anomaly.scorers import score_pass
     from medivae.runfolder.config import DataConfig
     from medivae.runfolder.run import load_run
 
@@ -87,12 +91,13 @@ def val_check(run_dir: Path, data: str, normal_label: str, seed: int) -> dict | 
     images, y = val.images[keep], val.labels[keep] != code
     if y.all() or not y.any():
         return None
-    scored = score_images(run.model, images, None, 16, 128, seed, "cpu")
-    out = {n: detection_metrics(v, y)["auroc"] for n, v in scored.scores.items()}
+    ctx = Scoring(run.model, "cpu", k=16, seed=seed, normal_class=run.config.label_names.index(normal_label)
+                  if normal_label in run.config.label_names else None)
+    p = ImagePass(ctx, images, "validation images")
+    out = {n: detection_metrics(v, y)["auroc"] for n, v in score_pass(p, None, {}, maps=False)[0].items()}
     train = load_dataset(run.config.data, run.config.train.seed, progress=False)["train"]  # the run's own normals
-    norm = xs.fit_ssim_norm(run.model, train.images)
-    out["ssim_z"] = detection_metrics(xs.normative_ssim(images, xs.reconstructions(run.model, images), norm)[0],
-                                      y)["auroc"]
+    norm = fit_ssim_norm([ImagePass(ctx, train.images, "training normals").ssim[1]])
+    out["ssim_z"] = detection_metrics(normative_ssim(p.ssim[1], norm)[0], y)["auroc"]
     for n, v in trivial_scores(images).items():
         out[f"baseline: {n}"] = max(detection_metrics(v, y)["auroc"], detection_metrics(-v, y)["auroc"])
     return {"auroc": out, "n_normal": int((~y).sum()), "n_anomalous": int(y.sum())}
@@ -112,7 +117,7 @@ def family_ensemble(results: list[Path], n_boot: int) -> dict:
     """The ensemble over seeds and families: the mean over every run (family x seed) of its validation-chosen
     default score, each z-scored on its own validation normals. Fixed in advance: no weight, member or
     threshold is chosen, so no test label can change it. Also each family's own seed ensemble on that scale."""
-    from medivae.evaluation.anomaly import detection_metrics
+    from medivae.evaluation.anomaly.detection import detection_metrics
     from medivae.evaluation.bootstrap import detection_ci
 
     members, per_family, allz, y = [], {}, [], None
@@ -206,6 +211,7 @@ def markdown(result: dict) -> str:
                                          f"{r['auroc']:.3f}" + (f" [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
                                                                  if r.get("ci95") else "")
                                          + (" (differ)" if r["differ"] else "") for k, r in found)]
+    lines += kind_markdown(seeds)
     checks = [c for c in sm.get("validation_check", {}).values() if c]
     if checks:
         lines += ["", f"Labelled validation anomalies ({checks[0]['n_normal']} normal, {checks[0]['n_anomalous']} "
@@ -215,6 +221,21 @@ def markdown(result: dict) -> str:
             v = [c["auroc"][n] for c in checks]
             lines.append(f"| {n} | {fmt([np.mean(v), np.min(v), np.max(v)])} |")
     return "\n".join(lines)
+
+
+def kind_markdown(seeds: dict) -> list[str]:
+    """The leave-one-kind-out rows of every seed: the default chosen without a kind, its validation AUROC on
+    that kind, and the best trivial baseline's (direction fixed on the other kinds)."""
+    rows = [(seed, k, e) for seed, s in seeds.items() for k, e in (s.get("leave_one_kind_out") or {}).items()]
+    if not rows:
+        return []
+    out = ["", "Leave one kind of synthetic anomaly out (validation normals, selection half):", "",
+           "| seed | kind left out | default chosen without it | its AUROC on the kind | best trivial baseline "
+           "| its AUROC | margin |", "|---|---|---|---|---|---|---|"]
+    for seed, k, e in rows:
+        out.append(f"| {seed} | {k} | {e['default']} | {e['auroc']:.3f} | {e['best_baseline']} "
+                   f"({e['baseline_direction']}) | {e['baseline_auroc']:.3f} | {e['margin']:+.3f} |")
+    return out
 
 
 def main(argv=None) -> int:
@@ -255,7 +276,7 @@ def main(argv=None) -> int:
         if args.rescore or not (run / "anomaly" / "scores.csv").exists():
             commands.append(_medivae("anomaly", "score", run, "--bootstrap", args.bootstrap, "--no-progress"))
         seeds[seed] = seed_summary(json.loads((run / "results.json").read_text())["anomaly"])
-    from medivae.evaluation.anomaly import detection_metrics
+    from medivae.evaluation.anomaly.detection import detection_metrics
     from medivae.evaluation.bootstrap import detection_ci
 
     summary = across(seeds, args.bootstrap)

@@ -229,7 +229,8 @@ def inference_speed(run_dir: Path, npz: Path, n_images: int) -> dict:
     through medivae.models.inference's fast path ("auto": bf16 where native + channels_last) and in fp32."""
     from medivae.api import load_run
     from medivae.data import to_float
-    from medivae.evaluation.anomaly import score_images
+    from medivae.evaluation.anomaly.passes import ImagePass, Scoring
+    from medivae.evaluation.anomaly.scorers import score_pass
     from medivae.models.inference import fast_inference, reconstruct, sample_images
     from medivae.models.losses import neg_elbo
     from medivae.runtime.seeding import torch_generator
@@ -257,7 +258,7 @@ def inference_speed(run_dir: Path, npz: Path, n_images: int) -> dict:
         out[f"reconstruct_images_per_s{sfx}"] = timed(lambda p=p: reconstruct(model, x, precision=p), n)
         out[f"score_neg_elbo_images_per_s{sfx}"] = timed(lambda p=p: score(p), n)
         # medivae anomaly score's scorer: 16 posterior draws per image, IWAE, SSIM, residual maps
-        anomaly = lambda p=p: score_images(model, u8, k=16, batch_size=128, precision=p)  # noqa: E731
+        anomaly = lambda p=p: score_pass(ImagePass(Scoring(model, k=16, precision=p), u8), None, {})  # noqa: E731
         out[f"anomaly_score_images_per_s{sfx}"] = timed(anomaly, n)
     return out
 

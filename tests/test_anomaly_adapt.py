@@ -68,18 +68,14 @@ def test_adapt_holds_out_a_seeded_share_and_keeps_the_run(adapted, tmp_path):
 def test_adaptation_lowers_the_scores_of_the_site_normals(adapted, tmp_path):
     """The brighter borders are what the adapted model has seen: other normals of that site reconstruct
     better (lower SSIM dissimilarity) than with the run it came from."""
-    from medivae.data.imageset import to_float
-    from medivae.evaluation.anomaly import ssim_maps
-    from medivae.evaluation.anomaly_scores import reconstructions
+    from medivae.evaluation.anomaly.passes import ImagePass, Scoring
     from medivae.runfolder.run import load_run
 
     run, _, _, out = adapted
     unseen = _site_normals(16, seed=77)
 
     def dissimilarity(folder):
-        model = load_run(folder, device="cpu").model
-        x = to_float(unseen, "cpu").float()
-        return float((1 - ssim_maps(x, reconstructions(model, unseen))).mean())
+        return float(ImagePass(Scoring(load_run(folder, device="cpu").model), unseen).ssim[0].mean())
 
     assert dissimilarity(out) < dissimilarity(run)
 

@@ -9,7 +9,7 @@ import pytest
 
 from medivae.cli import main
 from medivae.data.phantoms import make_phantoms
-from medivae.evaluation import anomaly as an
+from medivae.evaluation.anomaly.calibration import conformal_rank
 
 from tiny import TINY, png_folder
 
@@ -42,7 +42,7 @@ def test_threshold_is_set_on_the_calibration_normals(normal_run, tmp_path, capsy
     printed = capsys.readouterr().out
     t = r["threshold"]
     assert t["calibrated_on"] == {"source": str(folder), "normals": 40}
-    assert t["n_calibration"] == 40 and t["rank"] == an.conformal_rank(40, 0.2)
+    assert t["n_calibration"] == 40 and t["rank"] == conformal_rank(40, 0.2)
     assert f"of {t['n_calibration']} normals of {folder}" in printed
     # the calibration normals are also checked against the training normals
     assert r["normal_shift"]["calibration"]["n_other"] == 40
@@ -100,7 +100,7 @@ def test_a_conditional_model_scores_the_calibration_normals_as_its_normal_class(
 def test_bad_calibration_exits_2_and_writes_nothing(normal_run, tmp_path, capsys, case, message):
     run = normal_run
     from medivae.runfolder.config import RunConfig
-    from medivae.workflows.anomaly import scoring_sets
+    from medivae.workflows.anomaly.sets import scoring_sets
 
     images = make_phantoms(12, 32, seed=4, lesion_fraction=0.0).images
     scored = str(png_folder(tmp_path / "scored", images))

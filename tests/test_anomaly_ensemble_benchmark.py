@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import anomaly_protocol as ap  # noqa: E402
 
-from medivae.evaluation.anomaly import detection_metrics  # noqa: E402
+from medivae.evaluation.anomaly.detection import detection_metrics  # noqa: E402
 
 
 def _run(folder: Path, default: str, scores: np.ndarray, y: np.ndarray, mu: float, sd: float) -> None:

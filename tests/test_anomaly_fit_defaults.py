@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from medivae.cli import build_parser, main
-from medivae.commands.anomaly import FIT_DEFAULTS, apply_fit_defaults, auto_image_size, native_side
+from medivae.commands.anomaly import FIT_DEFAULTS, apply_fit_defaults, auto_image_size
+from medivae.data.inspect import native_side
 
 TINY = "--latent-dim 4 --base-width 4 --precision fp32 --no-progress --threads 1".split()
 

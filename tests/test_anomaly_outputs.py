@@ -1,4 +1,4 @@
-"""Issue 21, localisation in the user's outputs: every map of the scored split in maps.npz, the map figure, and
+"""Localisation in the user's outputs: every map of the scored split in maps.npz, the map figure, and
 the report's Anomaly section (detection beside trivial baselines, the map figure, pixel localisation)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from PIL import Image
 from medivae.cli import main
 from medivae.report import build_report
 from medivae.report.anomaly import detection_table, localisation_table
-from medivae.workflows.anomaly import MAX_GRID_ROWS, panel
+from medivae.workflows.anomaly.outputs import MAX_GRID_ROWS, panel
 from test_anomaly import TINY
 
 N_MAPS = 4
@@ -34,7 +34,6 @@ def scored(tmp_path_factory):
 
 
 def _expected_maps(run) -> set[str]:
-    from medivae.evaluation import anomaly_scores as xs
     from medivae.models.family import has
     from medivae.runfolder.run import load_run
 
@@ -42,7 +41,7 @@ def _expected_maps(run) -> set[str]:
     return (
         {"residual", "ssim", "ssim_z"}
         | ({"gradient", "restoration"} if has(model, "likelihood") else set())
-        | ({"vq_healing"} if xs.can_heal(model) else set())
+        | ({"vq_healing"} if has(model, "heal") else set())
     )
 
 
@@ -147,6 +146,31 @@ def test_report_tables_from_results_alone():
     assert "<tr><th>residual</th><td>0.77</td><td>0.31</td><td>0.29</td></tr>" in loc
     assert "σ: synthetic 2" in loc and "lesion phantoms" not in loc  # no phantoms in these results
     assert detection_table({}) == "" and localisation_table({"localisation": {}}) == ""
+    assert "beats the default score" not in det and "on these very labels" in det  # an older run's results
+
+
+def test_report_says_when_a_baseline_beats_the_default_and_shows_the_leave_one_kind_out_check():
+    from medivae.report.anomaly import kind_table
+
+    res = {
+        "metrics": {"ssim": {"auroc": 0.46, "auprc": 0.4}},
+        "protocol": {"default": "ssim", "val_auroc": {"ssim": 0.59}, "val_auroc_by_kind": {"blob": {"ssim": 0.59}},
+                     "synthetic": {"kinds": ["foreign_patch", "blob"]},
+                     "leave_one_kind_out": {"blob": {"default": "ssim", "auroc": 0.59, "best_baseline": "png_size",
+                                                     "baseline_direction": "lower", "baseline_auroc": 0.62,
+                                                     "margin": -0.03}}},
+        "trivial_baselines": {"png_size": {"direction": "lower", "direction_fixed_on": "labelled validation images",
+                                           "auroc": 0.65, "auprc": 0.6, "ci95": None}},
+        "default_beaten_by": {"png_size": 0.65},
+        "localisation": {"synthetic": {"residual": {"auroc": 0.7, "auprc": 0.2, "best_dice": 0.3}}},
+    }  # fmt: skip
+    det = detection_table(res)
+    assert "beats the default score on this split:</b> png_size (AUROC 0.65) against ssim (AUROC 0.46)" in det
+    assert "fixed on labelled validation images, not on these labels" in det and "mean over kinds" in det
+    kinds = kind_table(res)
+    assert ("<tr><th>blob</th><td>ssim</td><td>0.59</td><td>png_size (lower = anomalous)</td><td>0.62</td>"
+            "<td>-0.03</td></tr>") in kinds
+    assert "foreign_patch, blob" in localisation_table(res) and kind_table({}) == ""
 
 
 def test_report_shift_table_names_each_set_and_its_verdict():
@@ -169,18 +193,17 @@ def test_report_shift_table_names_each_set_and_its_verdict():
 
 
 def test_gradient_maps_are_computed_once_and_are_both_the_main_and_the_named_map(scored, tmp_path, monkeypatch):
-    from medivae.evaluation import anomaly as an
-    from medivae.workflows import anomaly_protocol as ap
+    from medivae.evaluation.anomaly import maps
+    from medivae.workflows.anomaly import protocol
 
-    real = an.gradient_maps
+    real = maps.gradient_maps
     seen: list[int] = []
 
-    def counting(model, x, y=None, seed=0):
-        seen.append(len(x))
-        return real(model, x, y, seed)
+    def counting(p):
+        seen.append(len(p))
+        return real(p)
 
-    monkeypatch.setattr(an, "gradient_maps", counting)
-    monkeypatch.setattr(ap, "gradient_maps", counting)
+    monkeypatch.setattr(protocol, "gradient_maps", counting)
     images = {}
     for flag in ([], ["--gradient-maps"]):
         seen.clear()
@@ -193,3 +216,39 @@ def test_gradient_maps_are_computed_once_and_are_both_the_main_and_the_named_map
     assert images[True] == images[False] > 0
     z = np.load(tmp_path / "grad" / "maps.npz")
     np.testing.assert_array_equal(z["maps"], z["gradient"])
+
+
+def test_a_trivial_baseline_that_beats_the_default_is_said_so(tmp_path, capsys):
+    """Normal phantoms against blurred phantoms: a VAE reconstructs a blurred image well, so its scores call
+    them normal, while every blurred image is a smaller PNG. The summary line, results.json and the report say
+    that a trivial baseline beats the default; its direction was fixed on the source's labelled validation
+    split."""
+    from scipy.ndimage import gaussian_filter
+
+    from medivae.data.phantoms import make_phantoms
+
+    from tiny import png_folder
+
+    run = tmp_path / "run"
+    argv = ["anomaly", "fit", "--data", "phantoms:200", "--normal-label", "normal", "--out", str(run)]
+    assert main([*argv, "--epochs", "1", "--seed", "7", *TINY]) == 0
+    normals = make_phantoms(60, 32, seed=31, lesion_fraction=0.0).images
+    blurred = np.round(gaussian_filter(normals.astype(np.float64), sigma=(0, 0, 2, 2))).astype(np.uint8)
+    source = png_folder(tmp_path / "site", normals, "normal")
+    png_folder(source, blurred, "blurred")
+    capsys.readouterr()
+    argv = ["anomaly", "score", str(run), "--data", str(source), "--out", str(tmp_path / "a"), "--iwae-samples", "2",
+            "--n-maps", "0", "--fpr", "0.2", "--bootstrap", "0", "--no-progress"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    r = json.loads((run / "results.json").read_text())["anomaly"]
+    default = r["protocol"]["default"]
+    png = r["trivial_baselines"]["png_size"]
+    assert png["direction"] == "lower" and png["direction_fixed_on"] == "labelled validation images"
+    assert png["auroc"] == 1.0 > r["metrics"][default]["auroc"]
+    assert r["default_beaten_by"] == {n: b["auroc"] for n, b in r["trivial_baselines"].items()
+                                      if b["auroc"] > r["metrics"][default]["auroc"]}
+    assert f"the default score {default}" in first and "png_size (AUROC 1.000)" in first
+    html = build_report(run)
+    assert "A trivial baseline with no model beats the default score on this split" in html
+    assert "png_size (AUROC 1)" in html and "fixed on labelled validation images" in html

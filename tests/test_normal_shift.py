@@ -1,4 +1,4 @@
-"""The classifier two-sample test of scored normals against training normals (evaluation/shift.py)."""
+"""The classifier two-sample test of scored normals against training normals (evaluation/anomaly/shift.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from medivae.data.phantoms import make_phantoms
-from medivae.evaluation.shift import _pooled, normal_shift, two_sample_test
+from medivae.evaluation.anomaly.shift import _pooled, normal_shift, two_sample_test
 
 ARTICLE_SEED = 1767661200070
 
@@ -80,7 +80,7 @@ def test_large_images_are_area_averaged_to_32_px():
 
 def test_shift_check_compares_only_sets_that_are_not_the_training_or_validation_normals(normals):
     from medivae.data.imageset import ImageSet
-    from medivae.workflows.anomaly import shift_check
+    from medivae.workflows.anomaly.sets import shift_check
 
     ref, other = normals
     mixed = ImageSet(np.concatenate([other, reframed(other)]), np.r_[np.zeros(120), np.ones(120)].astype(np.int64),

@@ -185,7 +185,7 @@ def test_cached_prior_sampling_equals_recomputing_the_causal_forward():
 def test_class_conditional_prior_samples_the_label():
     torch.manual_seed(0)
     model = tiny(num_classes=2)
-    assert {"sample", "conditional", "latent"} == model.capabilities
+    assert {"sample", "conditional", "latent", "heal"} == model.capabilities
     with torch.no_grad():  # make the two start tokens far apart so the label visibly matters
         model.prior.head.weight.normal_()
         model.prior.start.weight.mul_(100)
@@ -213,7 +213,7 @@ def test_bf16_autocast_step_is_finite_with_fp32_codebook():
 
 
 def test_capabilities_and_config_errors():
-    assert tiny().capabilities == {"latent", "sample"}
+    assert tiny().capabilities == {"latent", "sample", "heal"}
     assert tiny(prior_epochs=0).capabilities == {"latent"}
     assert tiny(prior_epochs=0).prior is None
     for bad, match in [({"downsample": 16}, "downsample 16 does not fit image size 32"),

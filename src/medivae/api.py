@@ -189,17 +189,17 @@ def anomaly_score(run_dir, data: str | None = None, split: str = "test", out=Non
     files in ``out`` (default RUN/anomaly), summary merged into RUN/results.json["anomaly"].
     ``precision="auto"`` scores through the bf16 fast path where the CPU/GPU has it (fp32: exact), VQ healing
     included; the MAP restoration stays fp32. ``progress``: bars on stderr over the scoring passes."""
-    from medivae.workflows.anomaly import score_run
+    from medivae.workflows.anomaly.score import ScoreOptions, score_run
 
     run_dir = check_run_folder(run_dir, "medivae anomaly score")
     out = None if out is None else given(out)
     if out is not None and out.resolve() != (run_dir / "anomaly").resolve():  # the run's own folder is ours
         out = check_output_folder(out, force=force, marker="scores.csv")
+    opts = ScoreOptions(split=split, out=out, normal_label=normal_label, fpr=fpr, k=k, gradient=gradient,
+                        n_maps=n_maps, batch_size=batch_size, precision=precision, bootstrap=bootstrap,
+                        calibration=calibration)
     with run_lock(run_dir, "medivae anomaly score"):  # writes RUN/results.json["anomaly"], wherever out is
-        return score_run(
-            run_dir, data, split, out, normal_label, fpr, k, gradient, n_maps, batch_size, device, precision,
-            bootstrap, calibration, progress,
-        )
+        return score_run(run_dir, data, opts, device, progress)
 
 
 def synthesize(run_dir, n: int, out, label: str | None = None, percentile: float = 1.0, fmt: str = "png",

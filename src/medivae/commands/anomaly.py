@@ -9,7 +9,7 @@ from medivae.commands.common import BOOTSTRAP, DEVICE, FORCE, PROGRESS, number, 
 from medivae.commands.train import add_model_args, add_train_args
 from medivae.runtime.constants import MAX_ROW_IMAGES
 
-# What `anomaly fit` uses when the flag is not given (issue 21). On PneumoniaMNIST (28 px) a Gaussian
+# What `anomaly fit` uses when the flag is not given. On PneumoniaMNIST (28 px) a Gaussian
 # likelihood trained 25 epochs at 32 px separated validation normals from foreign-patch anomalies made from
 # them better than the training defaults (Bernoulli, 10 epochs, 64 px), and so did the labelled validation
 # pneumonia images (AUROC of `ssim` 0.962 against 0.942 at 64 px and 0.946 with Bernoulli / 10 epochs);
@@ -29,63 +29,10 @@ def auto_image_size(native: int | None) -> int:
     return min([s for s in IMAGE_SIZES if s >= native] + [LARGEST_AUTO_SIZE])
 
 
-def native_side(source: str) -> int | None:
-    """The longer image side of a source when it can be read without decoding the images: ``medmnist:NAME@S``
-    (S, 28 by default), MedMNIST-layout ``.npz`` files (the header of ``train_images``) and folders of 2D
-    images or DICOM files (``folder_side``); None otherwise."""
-    import zipfile
-
-    import numpy as np
-
-    if Path(source).is_dir():
-        return folder_side(Path(source))
-    if source.startswith("medmnist:"):
-        from medivae.data.medmnist import parse_spec
-
-        return parse_spec(source)[1]
-    if not source.lower().endswith(".npz"):
-        return None
-    try:
-        with zipfile.ZipFile(source) as z, z.open("train_images.npy") as f:
-            fmt = np.lib.format
-            read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(fmt.read_magic(f))
-            shape = read(f)[0] if read else ()
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return None  # the loader reports what is wrong with the file
-    return int(max(shape[1:3])) if len(shape) >= 3 else None
-
-
-def folder_side(root: Path, sample: int = 32) -> int | None:
-    """The longest side among up to ``sample`` files spread over a folder, from their headers only (PIL opens
-    lazily; pydicom stops before the pixels). None when the folder holds no such file or other kinds (NIfTI
-    volumes, whose slice size depends on --nifti-axis)."""
-    from medivae.data.folder import list_folder
-
-    files, kinds, _ = list_folder(root)
-    if not files or set(kinds) - {"image", "dicom"}:
-        return None
-    step = max(1, len(files) // sample)
-    sides = []
-    for path, kind in list(zip(files, kinds, strict=True))[::step][:sample]:
-        try:
-            if kind == "image":
-                from PIL import Image
-
-                with Image.open(path) as im:
-                    sides.append(max(im.size))
-            else:
-                import pydicom
-
-                ds = pydicom.dcmread(path, stop_before_pixels=True)
-                sides.append(max(int(ds.Rows), int(ds.Columns)))
-        except Exception:  # noqa: BLE001  (an unreadable file is the loader's to report)
-            continue
-    return max(sides) if sides else None
-
-
 def apply_fit_defaults(args) -> None:
     """Fill the flags the user left out with FIT_DEFAULTS and the automatic image size, in place; the
     likelihood only for a family that has one (vq_vae has none)."""
+    from medivae.data.inspect import native_side
     from medivae.models import get_family
 
     if args.image_size is None:
@@ -116,7 +63,7 @@ def cmd_fit(args) -> int:
 
 def cmd_adapt(args) -> int:
     from medivae import api
-    from medivae.evaluation.anomaly import min_calibration
+    from medivae.evaluation.anomaly.calibration import min_calibration
     from medivae.workflows.site import read_adaptation
 
     out = api.anomaly_adapt(args.run, args.normals, args.out, epochs=args.epochs, hold_out=args.hold_out,
@@ -156,10 +103,8 @@ def cmd_score(args) -> int:
         progress=not args.no_progress,
         force=args.force,
     )
-    print(
-        f"scored {r['n_scored']} images of {r['data']} ({r['split']}); "
-        f"files in {Path(r['files']['scores']).parent}"
-    )
+    print(f"scored {r['n_scored']} images of {r['data']} ({r['split']}); files in "
+          f"{Path(r['files']['scores']).parent}{beaten_note(r)}")
     if "prevalence" in r:
         print(f"  {r['n_anomalous']} anomalous of {r['n_normal'] + r['n_anomalous']} labelled images "
               f"(prevalence {r['prevalence']:.3f}: the AUPRC of a random score); 95% bootstrap intervals")
@@ -173,10 +118,14 @@ def cmd_score(args) -> int:
         ci = m.get("ci95") or {}
         print(f"  baseline {name} ({m['direction']} = anomalous, no model): AUROC {m['auroc']:.3f}"
               f"{fmt_ci(ci.get('auroc'))}  AUPRC {m['auprc']:.3f}{fmt_ci(ci.get('auprc'))}")
+    if r.get("trivial_baselines"):
+        fixed = next(iter(r["trivial_baselines"].values())).get("direction_fixed_on", "validation data")
+        print(f"  (each baseline's direction was fixed on {fixed}, not on these labels)")
     if "protocol" in r:
         p = r["protocol"]
-        print(f"  default score, chosen on validation normals vs synthetic anomalies only: {p['default']} "
-              f"(validation AUROC {p['val_auroc'][p['default']]:.3f})")
+        kinds = len(p.get("val_auroc_by_kind", {})) or 1
+        print(f"  default score, chosen on validation normals vs {kinds} kinds of synthetic anomaly only: "
+              f"{p['default']} (validation AUROC {p['val_auroc'][p['default']]:.3f}, mean over kinds)")
     t = r["threshold"]
     on = t.get("calibrated_on", "validation normals")
     on = on if isinstance(on, str) else f"normals of {on['source']}"
@@ -188,6 +137,17 @@ def cmd_score(args) -> int:
     if shift := shift_line(r.get("normal_shift") or {}):
         print(shift)
     return 0
+
+
+def beaten_note(r: dict) -> str:
+    """"; the default score X (AUROC a) is beaten by a trivial baseline: ..." when one is, else ""."""
+    beaten = r.get("default_beaten_by")
+    if not beaten:
+        return ""
+    d = r["protocol"]["default"]
+    names = ", ".join(f"{n} (AUROC {a:.3f})" for n, a in sorted(beaten.items(), key=lambda x: -x[1]))
+    return (f"; the default score {d} (AUROC {r['metrics'][d]['auroc']:.3f}) is beaten on this split by a trivial "
+            f"baseline with no model: {names}")
 
 
 def shift_line(ns: dict) -> str:

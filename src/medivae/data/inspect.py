@@ -75,3 +75,55 @@ def summarize(cfg, seed: int, preview: Path | None = None, progress: bool = True
         nrow = 8 if first.label_names else None
         out["preview"] = str(save_grid(preview_images(first), preview, nrow=nrow))
     return out
+
+
+def native_side(source: str) -> int | None:
+    """The longer image side of a source when it can be read without decoding the images: ``medmnist:NAME@S``
+    (S, 28 by default), MedMNIST-layout ``.npz`` files (the header of ``train_images``) and folders of 2D
+    images or DICOM files (``folder_side``); None otherwise."""
+    import zipfile
+
+    if Path(source).is_dir():
+        return folder_side(Path(source))
+    if source.startswith("medmnist:"):
+        from medivae.data.medmnist import parse_spec
+
+        return parse_spec(source)[1]
+    if not source.lower().endswith(".npz"):
+        return None
+    try:
+        with zipfile.ZipFile(source) as z, z.open("train_images.npy") as f:
+            fmt = np.lib.format
+            read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(fmt.read_magic(f))
+            shape = read(f)[0] if read else ()
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None  # the loader reports what is wrong with the file
+    return int(max(shape[1:3])) if len(shape) >= 3 else None
+
+
+def folder_side(root: Path, sample: int = 32) -> int | None:
+    """The longest side among up to ``sample`` files spread over a folder, from their headers only (PIL opens
+    lazily; pydicom stops before the pixels). None when the folder holds no such file or other kinds (NIfTI
+    volumes, whose slice size depends on --nifti-axis)."""
+    from medivae.data.folder import list_folder
+
+    files, kinds, _ = list_folder(root)
+    if not files or set(kinds) - {"image", "dicom"}:
+        return None
+    step = max(1, len(files) // sample)
+    sides = []
+    for path, kind in list(zip(files, kinds, strict=True))[::step][:sample]:
+        try:
+            if kind == "image":
+                from PIL import Image
+
+                with Image.open(path) as im:
+                    sides.append(max(im.size))
+            else:
+                import pydicom
+
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                sides.append(max(int(ds.Rows), int(ds.Columns)))
+        except Exception:  # noqa: BLE001  (an unreadable file is the loader's to report)
+            continue
+    return max(sides) if sides else None

@@ -15,7 +15,6 @@ import numpy as np
 from medivae.runtime.constants import BOOTSTRAP_RESAMPLES
 from medivae.runtime.seeding import numpy_rng
 
-DEFAULT_BOOTSTRAP = BOOTSTRAP_RESAMPLES
 LEVEL = 0.95
 
 
@@ -37,7 +36,7 @@ def percentile_interval(stats, level: float = LEVEL) -> list[float] | None:
     return _percentiles(np.asarray(stats, dtype=np.float64), level)
 
 
-def mean_ci(values, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, level: float = LEVEL) -> list[float] | None:
+def mean_ci(values, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0, level: float = LEVEL) -> list[float] | None:
     """[lo, hi] of the mean of per-image ``values`` (N,); None when off (n_boot 0) or fewer than 2 values."""
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
@@ -79,7 +78,7 @@ def average_precision(y: np.ndarray, s: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def detection_ci(is_anomaly, scores, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0,
+def detection_ci(is_anomaly, scores, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
                  level: float = LEVEL) -> dict[str, list[float]] | None:
     """{"auroc": [lo, hi], "auprc": [lo, hi]}: anomalous and normal images resampled separately."""
     y = np.asarray(is_anomaly, dtype=bool)
@@ -95,7 +94,7 @@ def detection_ci(is_anomaly, scores, n_boot: int = DEFAULT_BOOTSTRAP, seed: int 
     return {"auroc": _percentiles(roc, level), "auprc": _percentiles(prc, level)}
 
 
-def statistic_ci(fn: Callable[..., float | None], *arrays, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0,
+def statistic_ci(fn: Callable[..., float | None], *arrays, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
                  level: float = LEVEL) -> list[float] | None:
     """[lo, hi] of ``fn(*arrays)`` with the rows of every array resampled together; a resample on which
     ``fn`` returns None (e.g. one class only) is skipped."""
@@ -111,7 +110,7 @@ def statistic_ci(fn: Callable[..., float | None], *arrays, n_boot: int = DEFAULT
     return _percentiles(np.asarray(stats, dtype=np.float64), level)
 
 
-def paired_difference(a, b, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0,
+def paired_difference(a, b, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
                       level: float = LEVEL) -> dict | None:
     """Paired bootstrap of mean(a - b) over the same images (N,): {"mean_difference", "ci95", "p_value",
     "n_boot"}, p two-sided (twice the smaller tail of the resampled differences around 0, at most 1; 0 means

@@ -2,8 +2,8 @@
 
 PSNR and SSIM come from scikit-image with ``data_range=1`` (images in [0, 1]); each metric is
 computed per image, then averaged over images. SSIM uses the standard window of Wang et al. 2004: an
-11x11 Gaussian with sigma 1.5 and population covariances (scikit-image's default, a 7x7 uniform window,
-gives other numbers).
+11x11 Gaussian with sigma 1.5 and population covariances. :func:`ssim_maps` is the one SSIM of medivae:
+these metrics and the anomaly scores and maps (:mod:`medivae.evaluation.anomaly`) all read it.
 
 Optionally (``foreground="otsu"``) PSNR and SSIM are also computed over the foreground only, so a
 reconstruction is not rewarded for an easy black background (CT / MRI slices, phantoms): the mask is
@@ -36,15 +36,39 @@ def foreground_mask(image: np.ndarray, method: str = "otsu") -> np.ndarray:
     return dilation(mask, disk(max(1, round(min(gray.shape) / 32))))
 
 
-def _foreground_psnr_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray, win: int) -> tuple[float, float]:
-    """a, b: (H, W, C); mask (H, W) -> (PSNR, SSIM) over the masked pixels; NaN for an empty mask."""
+def ssim_window(side: int) -> int:
+    """11 (Wang et al. 2004's window), or the largest odd window an image of ``side`` pixels holds."""
+    return min(11, side if side % 2 else side - 1)
+
+
+def ssim_image(a: np.ndarray, b: np.ndarray) -> tuple[float, np.ndarray]:
+    """SSIM of two float images (H, W, C) in [0, 1]: (mean over the pixels at least half a window from the
+    border, as scikit-image reports it; the map (H, W), channel mean, every pixel)."""
+    score, smap = structural_similarity(a, b, data_range=1.0, channel_axis=2, gaussian_weights=True, sigma=1.5,
+                                        use_sample_covariance=False, win_size=ssim_window(min(a.shape[:2])),
+                                        full=True)
+    return float(score), smap.mean(2)
+
+
+def ssim_maps(x: np.ndarray, x_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """SSIM of float images x (N, C, H, W) and x_hat in [0, 1] (computed in float64, whatever the inputs):
+    scores (N,) and maps (N, H, W) (:func:`ssim_image` per image)."""
+    x = np.asarray(x, dtype=np.float64)
+    x_hat = np.clip(np.asarray(x_hat, dtype=np.float64), 0.0, 1.0)
+    scores, maps = np.empty(len(x)), np.empty((len(x), *x.shape[2:]))
+    for i in range(len(x)):
+        scores[i], maps[i] = ssim_image(x[i].transpose(1, 2, 0), x_hat[i].transpose(1, 2, 0))
+    return scores, maps
+
+
+def _foreground_psnr_ssim(a: np.ndarray, b: np.ndarray, smap: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """a, b: (H, W, C); their SSIM map and a mask (H, W) -> (PSNR, SSIM) over the masked pixels; NaN for an
+    empty mask."""
     if not mask.any():
         return float("nan"), float("nan")
     mse = ((a - b) ** 2)[mask].mean()
     psnr = PSNR_CAP_DB if mse == 0 else min(10 * np.log10(1.0 / mse), PSNR_CAP_DB)
-    _, smap = structural_similarity(a, b, data_range=1.0, channel_axis=2, gaussian_weights=True, sigma=1.5,
-                                    use_sample_covariance=False, win_size=win, full=True)
-    return float(psnr), float(smap.mean(2)[mask].mean())
+    return float(psnr), float(smap[mask].mean())
 
 
 def per_image_metrics(x: np.ndarray, x_hat: np.ndarray, foreground: str | None = None) -> dict[str, np.ndarray]:
@@ -58,17 +82,14 @@ def per_image_metrics(x: np.ndarray, x_hat: np.ndarray, foreground: str | None =
     psnr = np.empty(len(x))
     ssim = np.empty(len(x))
     fg = np.full((3, len(x)), np.nan) if foreground else None  # psnr_fg_db, ssim_fg, fg_fraction
-    side = min(x.shape[2:])
-    win = min(11, side if side % 2 else side - 1)  # 11x11, or the largest odd window an image smaller than that holds
     for i in range(len(x)):
         a, b = x[i].transpose(1, 2, 0), x_hat[i].transpose(1, 2, 0)  # (H, W, C)
         with np.errstate(divide="ignore"):
             psnr[i] = min(peak_signal_noise_ratio(a, b, data_range=1.0), PSNR_CAP_DB)
-        ssim[i] = structural_similarity(a, b, data_range=1.0, channel_axis=2, gaussian_weights=True, sigma=1.5,
-                                        use_sample_covariance=False, win_size=win)
+        ssim[i], smap = ssim_image(a, b)
         if foreground:
             mask = foreground_mask(x[i], foreground)
-            fg[0, i], fg[1, i] = _foreground_psnr_ssim(a, b, mask, win)
+            fg[0, i], fg[1, i] = _foreground_psnr_ssim(a, b, smap, mask)
             fg[2, i] = mask.mean()
     out = {"mse": mse, "psnr_db": psnr, "ssim": ssim}
     if foreground:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import pairwise_distances
 
-from medivae.evaluation.bootstrap import DEFAULT_BOOTSTRAP, LEVEL, percentile_interval
+from medivae.evaluation.bootstrap import LEVEL, percentile_interval
+from medivae.runtime.constants import BOOTSTRAP_RESAMPLES
 from medivae.runtime.seeding import numpy_rng
 
 PR_K = 3
@@ -111,7 +112,7 @@ def per_point(real: np.ndarray, other: np.ndarray) -> dict[str, np.ndarray]:
             "coverage": in_real_dc.any(1).astype(np.float64)}
 
 
-def compare_ci(real: np.ndarray, other: np.ndarray, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0,
+def compare_ci(real: np.ndarray, other: np.ndarray, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
                level: float = LEVEL) -> dict[str, list[float] | None]:
     """{fd, precision, recall, density, coverage: [lo, hi]}: 95 % bootstrap intervals of ``compare``, the
     rows of ``real`` (N, F) and ``other`` (M, F) resampled independently with replacement; {} when off.

@@ -29,6 +29,9 @@ and, by capability,
                    ``likelihood`` attribute with ``is_discrete_image_likelihood``
     "conditional"  every call takes class indices y (B,); ``sample(label=...)`` generates one class;
                    ``num_classes`` attribute
+    "heal"         heal(x, y, threshold) -> images (B, C, H, W) in [0, 1]: the image with what its prior finds
+                   unlikely replaced by what it finds likely (prior-guided healing, e.g. a VQ-VAE's code prior),
+                   for anomaly maps; :func:`heal` is None for a family without it
 optional hooks, each asked through the function of the same name here, which gives the default for a family
 that does not define it (nothing outside ``models/`` looks for a model's attributes):
     ``epoch_end(ctx) -> {name: float}`` (default {}): e.g. codebook usage, logged like the step terms; it may
@@ -78,6 +81,7 @@ CAPABILITIES = {
     "gaussian_latent": "has a continuous Gaussian latent",
     "likelihood": "has an image likelihood (IWAE, bits/dim)",
     "conditional": "is class-conditional",
+    "heal": "heals an image with its prior (prior-guided anomaly maps)",
 }
 
 # what a command says when the run's family lacks what it needs: "medivae traverse: vq_vae has no ..."
@@ -87,6 +91,7 @@ MISSING = {
     "gaussian_latent": "has no continuous Gaussian latent to traverse",
     "likelihood": "defines no image likelihood",
     "conditional": "is not conditional, so it takes no --label",
+    "heal": "has no prior to heal images with",
 }
 
 
@@ -312,6 +317,11 @@ def first_best_epoch(model, train_cfg) -> int:
     """The first epoch whose checkpoint may become best/: the optional ``first_best_epoch`` hook, else 1."""
     hook = getattr(model, "first_best_epoch", None)
     return 1 if hook is None else int(hook(train_cfg))
+
+
+def heal(model, x: torch.Tensor, y=None, threshold: float = 0.01) -> torch.Tensor | None:
+    """Prior-guided healing of images x (B, C, H, W) (the "heal" capability); None for a family without it."""
+    return model.heal(x, y, threshold) if has(model, "heal") else None
 
 
 def labels_for(model, labels, device) -> torch.Tensor | None:

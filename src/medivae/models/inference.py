@@ -171,3 +171,23 @@ def reconstruct(
             xi = x[i : i + batch].contiguous(memory_format=torch.channels_last)
             outs.append(model.reconstruct(xi, yi).float().cpu())
     return torch.cat(outs)
+
+
+
+@torch.no_grad()
+def map_batches(model, fn, x: torch.Tensor, y: torch.Tensor | None = None, batch: int = 256,
+                precision: str = "fp32", desc: str | None = None):
+    """``fn(x_batch, y_batch)`` over images x (N, C, H, W) in batches, in eval mode under :func:`fast_inference`
+    of ``model``: its tensor outputs (one tensor, or a dict of them) concatenated along the first axis, on the
+    CPU. No gradients unless ``fn`` asks for them (``torch.enable_grad()``). ``desc``: a progress bar (stderr)."""
+    from tqdm import tqdm
+
+    model.eval()
+    parts: list = []
+    with fast_inference(model, precision):
+        for i in tqdm(range(0, len(x), batch), desc=desc, disable=desc is None, leave=False):
+            xi = x[i : i + batch].contiguous(memory_format=torch.channels_last)
+            parts.append(fn(xi, None if y is None else y[i : i + batch]))
+    if parts and isinstance(parts[0], dict):
+        return {k: torch.cat([p[k].detach().cpu() for p in parts]) for k in parts[0]}
+    return torch.cat([p.detach().cpu() for p in parts])

@@ -288,7 +288,7 @@ class VQVAE(nn.Module):
         if cfg.prior_epochs:
             self.prior = CodePrior(cfg.codebook_size, cfg.grid**2, cfg.prior_width, cfg.prior_layers,
                                    cfg.prior_heads, cfg.num_classes)
-        caps = {"latent"} | ({"sample"} if self.prior else set())
+        caps = {"latent"} | ({"sample", "heal"} if self.prior else set())
         self.capabilities = frozenset(caps | ({"conditional"} if self.prior and cfg.num_classes else set()))
         self.likelihood = Gaussian(cfg.gaussian_sigma)  # of the reported negative ELBO only
 
@@ -341,6 +341,22 @@ class VQVAE(nn.Module):
     def sample(self, n: int, label=None, generator=None, temperature: float = 1.0) -> torch.Tensor:
         """n images float (n, C, H, W) in [0, 1] decoded from prior-drawn codes."""
         return self.decode_indices(self.sample_indices(n, label, generator, temperature)).float()
+
+    @torch.no_grad()
+    def heal(self, x: torch.Tensor, y: torch.Tensor | None = None, threshold: float = 0.01) -> torch.Tensor:
+        """Prior-guided healing (Pinaya et al. 2022, "Unsupervised brain imaging 3D anomaly detection and
+        segmentation with transformers"): in raster order, a code whose probability under the prior, given the
+        healed codes before it, is below ``threshold`` is replaced by the prior's most likely code there (the
+        mode, not a draw, so a score is reproducible). x (B, C, H, W) -> decoded healed codes, float (B, C, H, W).
+        One prior pass per position: position i's logits depend on codes < i only (the prior is causal)."""
+        prior = self._require_prior()
+        idx = self.encode(x, y).indices  # (B, h, w)
+        codes = idx.flatten(1).clone()  # (B, L) raster order, as the prior reads them
+        for i in range(codes.shape[1]):
+            p = torch.softmax(prior(codes, y)[:, i].float(), dim=-1)  # (B, K), compared in fp32
+            low = p.gather(1, codes[:, i : i + 1])[:, 0] < threshold
+            codes[low, i] = p[low].argmax(1)
+        return self.decode_indices(codes.view_as(idx)).float()
 
     def prior_nll(self, indices: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """-log p(codes | y) in nats, float (B,); the uniform L·log K without a prior."""

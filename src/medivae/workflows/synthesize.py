@@ -19,7 +19,6 @@ import torch
 
 from medivae.data import load_dataset
 from medivae.data.imageset import label_code
-from medivae.evaluation.anomaly import score_images
 from medivae.evaluation.bootstrap import mean_ci
 from medivae.evaluation.features import load_or_fit_reference
 from medivae.evaluation.privacy import (
@@ -31,7 +30,7 @@ from medivae.evaluation.privacy import (
     pixel_vectors,
 )
 from medivae.models.family import has, require
-from medivae.models.inference import sample_batches
+from medivae.models.inference import map_batches, sample_batches
 from medivae.models.samplers import DEFAULT_SAMPLING_STEPS, check_options
 from medivae.runfolder.results import RESULTS_FILE, merge_results, read_results
 from medivae.runfolder.run import load_run
@@ -214,12 +213,19 @@ def membership_inference(run, train, held, fake: np.ndarray, n_boot: int, seed: 
     members = train.subset(np.sort(numpy_rng(seed, "membership").choice(len(train), m, replace=False)))
     out: dict = {"note": "AUROC of telling training from held-out images; 0.5: indistinguishable"}
     if has(run.model, "likelihood"):
-        elbo = [-score_images(run.model, s.images, s.labels, k=1, seed=seed, device=run.device).scores["neg_elbo"]
-                for s in (members, held)]
+        elbo = [-neg_elbo(run, s, seed) for s in (members, held)]
         out["elbo"] = membership_auroc(*elbo, n_boot=n_boot, seed=seed)
     d = [nearest(pixel_vectors(s.images), pixel_vectors(fake))[0] for s in (members, held)]
     out["nearest_synthetic_pixel"] = membership_auroc(-d[0], -d[1], n_boot=n_boot, seed=seed)
     return out
+
+
+def neg_elbo(run, s, seed: int) -> np.ndarray:
+    """-ELBO in nats of each image of ``s`` (one posterior draw; a conditional family given each image's own
+    label), float64 (N,)."""
+    model, gen = run.model, torch.Generator().manual_seed(seed)
+    return map_batches(model, lambda x, y: model.log_weights(x, y, 1, gen).neg_elbo(), run.images(s.images),
+                       run.labels(s.labels)).double().numpy()
 
 
 def pair_figure(synthetic: np.ndarray, train: np.ndarray, check: SpaceCheck, path, n: int = 8) -> None:

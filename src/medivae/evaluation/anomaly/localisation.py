@@ -41,12 +41,6 @@ def pixel_metrics(maps: np.ndarray, masks: np.ndarray) -> dict[str, float] | Non
             "lesion_fraction": float(y.mean())}
 
 
-def pad_to(maps: np.ndarray, size: int) -> np.ndarray:
-    """Edge-pad maps (N, h, w) centred to (N, size, size): SSIM maps lose (win - 1) border pixels."""
-    dh, dw = size - maps.shape[1], size - maps.shape[2]
-    return np.pad(maps, ((0, 0), (dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2)), mode="edge")
-
-
 def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
     """Blur each (H, W) plane of float images (..., H, W) with a Gaussian of ``sigma`` pixels."""
     from scipy.ndimage import gaussian_filter
