@@ -80,7 +80,8 @@ def val_check(run_dir: Path, data: str, normal_label: str, seed: int) -> dict | 
     from medivae.runfolder.run import load_run
 
     run = load_run(run_dir, device="cpu")
-    val = load_dataset(DataConfig(source=data, image_size=run.config.data.image_size), seed, progress=False)["val"]
+    val = load_dataset(DataConfig(source=data, image_size=run.config.data.image_size, split_seed=seed),
+                       progress=False)["val"]
     names = list(val.label_names)
     code = names.index(normal_label) if normal_label in names else int(normal_label)
     keep = val.labels >= 0
@@ -89,7 +90,7 @@ def val_check(run_dir: Path, data: str, normal_label: str, seed: int) -> dict | 
         return None
     scored = score_images(run.model, images, None, 16, 128, seed, "cpu")
     out = {n: detection_metrics(v, y)["auroc"] for n, v in scored.scores.items()}
-    train = load_dataset(run.config.data, run.config.train.seed, progress=False)["train"]  # the run's own normals
+    train = load_dataset(run.config.data, progress=False)["train"]  # the run's own normals
     norm = xs.fit_ssim_norm(run.model, train.images)
     out["ssim_z"] = detection_metrics(xs.normative_ssim(images, xs.reconstructions(run.model, images), norm)[0],
                                       y)["auroc"]

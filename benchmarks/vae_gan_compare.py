@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     from medivae.runtime.seeding import DEFAULT_SEED
 
     data_cfg = DataConfig(source=args.data, image_size=args.image_size)
-    train_set = load_dataset(data_cfg, DEFAULT_SEED, progress=False)["train"]
+    train_set = load_dataset(data_cfg, progress=False)["train"]
     reference = load_or_fit_reference(args.work / "reference", train_set, {"source": args.data,
                                       "image_size": args.image_size}, DEFAULT_SEED, progress=False)
     result = {"command": " ".join(["python benchmarks/vae_gan_compare.py", *(argv or sys.argv[1:])]),

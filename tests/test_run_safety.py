@@ -189,7 +189,7 @@ def never_read_big(monkeypatch):
 
 def _load(path: Path):
     with pytest.warns(UserWarning, match="skipped 1 of 9 files"):  # reported like any unreadable file
-        return load_source(DataConfig(source=str(path), image_size=32, cache=False), 0, progress=False)["all"]
+        return load_source(DataConfig(source=str(path), image_size=32, cache=False), progress=False)["all"]
 
 
 @pytest.mark.parametrize("make, suffix", [(_zip, ".zip"), (_tar, ".tar.gz")])
@@ -215,7 +215,7 @@ def test_a_zip_bomb_member_is_skipped_by_its_ratio_unread(tmp_path, never_read_b
 def test_a_bad_cap_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDIVAE_MAX_MEMBER_MB", "lots")
     with pytest.raises(UserError, match="MEDIVAE_MAX_MEMBER_MB must be a positive number"):
-        load_source(DataConfig(source=str(_zip(tmp_path / "d.zip", b"x")), image_size=32), 0, progress=False)
+        load_source(DataConfig(source=str(_zip(tmp_path / "d.zip", b"x")), image_size=32), progress=False)
 
 
 # --- medivae train --config -----------------------------------------------------------------------------

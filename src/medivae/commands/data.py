@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ def cmd_inspect(args) -> int:
     args.data = args.source or args.data
     if not args.data:
         raise UserError("give a SOURCE: medivae data inspect SOURCE (anything --data accepts)")
-    out = summarize(data_config(args), args.seed, args.out, progress=not args.no_progress)
+    out = summarize(data_config(args), args.out, progress=not args.no_progress)
     print(json.dumps(out, indent=2) if args.json else format_summary(out))
     return 0
 
@@ -71,7 +72,7 @@ def add(sub) -> None:
     add_data_args(i, required=False)
     i.add_argument("--image-size", type=int, default=64, help="32, 64, 128 or 256 (default 64)")
     i.add_argument("--channels", type=int, default=1, help="1 gray or 3 RGB (default 1)")
-    i.add_argument("--seed", type=int, default=DEFAULT_SEED, help="split seed (as for training)")
+    i.add_argument("--seed", dest="split_seed", type=int, default=DEFAULT_SEED, help=argparse.SUPPRESS)  # --split-seed
     i.add_argument("--out", type=Path, default=Path("preview.png"), help="preview grid (default preview.png)")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.add_argument("--no-progress", action="store_true")

@@ -44,10 +44,10 @@ def preview_images(s: ImageSet, per_class: int = 8, max_classes: int = 8) -> np.
     return np.asarray(s.images[idx])  # (n, C, H, W) uint8, grouped by class
 
 
-def summarize(cfg, seed: int, preview: Path | None = None, progress: bool = True) -> dict[str, Any]:
+def summarize(cfg, preview: Path | None = None, progress: bool = True) -> dict[str, Any]:
     from medivae.runtime.images import save_grid
 
-    splits = load_dataset(cfg, seed, progress)
+    splits = load_dataset(cfg, progress=progress)
     first = splits["train"]
     meta = {k: v for k, v in first.meta.items() if k not in ("split", "n")}
     out: dict[str, Any] = {

@@ -210,7 +210,7 @@ def fid_block(net, weights: str, real: ImageSet, fake: torch.Tensor, held_out: I
 def load_split(cfg, data: str | None, split: str, progress: bool):
     """(data config, all splits, the evaluated split) for the run's source or another one."""
     data_cfg = cfg.data if data is None else dataclasses.replace(cfg.data, source=str(data), labels=())
-    splits = load_dataset(data_cfg, cfg.train.seed, progress)
+    splits = load_dataset(data_cfg, progress=progress)
     s = splits[split]
     if len(s) == 0:
         raise UserError(f"split {split!r} of {data_cfg.source} is empty; choose another with --split")

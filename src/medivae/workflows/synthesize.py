@@ -101,7 +101,7 @@ def _reference(run_dir, cfg, epochs: int, progress: bool, device):
     """The reference extractor (features.py), trained on every label of the run's source so it can
     tell classes apart even when the run itself saw one class; shared under $MEDIVAE_CACHE/reference."""
     data = dataclasses.replace(cfg.data, labels=())
-    train = load_dataset(data, cfg.train.seed, progress=False)["train"]
+    train = load_dataset(data, progress=False)["train"]
     desc = reference_description(data, cfg.train.seed)  # evaluate's key: one cache for both tools
     return load_or_fit_reference(reference_root(), train, desc, cfg.train.seed, epochs, progress=progress,
                                  device=device)
@@ -136,7 +136,7 @@ def synthesize_run(
     latent = run.latent_sampler(sampler)
     codes, names = _label_plan(model, cfg, label, n)
     fake = generate_uint8(model, codes, n, cfg.train.seed if seed is None else seed, latent)
-    splits = load_dataset(cfg.data, cfg.train.seed, progress=False)
+    splits = load_dataset(cfg.data, progress=False)
     train, held = splits["train"], splits["test"] if len(splits["test"]) else splits["val"]
     ref = _reference(run_dir, cfg, reference_epochs, progress, dev)
     checks = memorisation_checks(run, fake, train, held, percentile, ref)
