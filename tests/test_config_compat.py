@@ -82,3 +82,16 @@ def test_resume_from_python_compares_the_whole_config(tmp_path):
     other = tiny_run("phantoms:80", epochs=2, lr=0.5)
     with pytest.raises(UserError, match="train.lr"):
         api.train(other, tmp_path / "r", resume=True, progress=False)
+
+
+def test_a_config_without_split_seed_splits_with_its_training_seed():
+    """Before data.split_seed, the training seed split the data: an old config keeps that split."""
+    from medivae.runfolder.config import RunConfig
+
+    d = tiny_run(seed=5).to_dict()
+    del d["data"]["split_seed"]
+    cfg = RunConfig.from_dict(d)
+    assert cfg.data.split_seed == cfg.train.seed == 5
+    assert RunConfig.from_dict(tiny_run(seed=5).to_dict()).data.split_seed == 1767661200070  # today: the data's own
+    with pytest.raises(UserError, match="split seed must be >= 0"):
+        RunConfig.from_dict({**d, "data": {**d["data"], "split_seed": -1}})

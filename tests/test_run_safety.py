@@ -320,3 +320,22 @@ def test_sigusr1_prints_every_threads_stack_and_the_run_goes_on(tmp_path):
     assert "most recent call first" in err and "medivae" in err.split("most recent call first", 1)[1]
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(1, 31))
+
+
+def test_a_config_file_without_split_seed(tmp_path):
+    """A hand-written file takes the default split seed, whatever its training seed (so seeds compare); a run's
+    config.json written before split_seed existed keeps its training seed as split seed (its own split)."""
+    from medivae.runtime.seeding import DEFAULT_SEED
+
+    d = {"data": {"source": "phantoms:80", "image_size": 32}, "train": {"seed": 5}}
+    path = tmp_path / "exp.json"
+    path.write_text(json.dumps(d))
+    argv = ["train", "--config", str(path), "--out", str(tmp_path / "o")]
+    cfg, sources, _ = _resolve([*argv, "--seed", "6"])
+    assert (cfg.data.split_seed, cfg.train.seed) == (DEFAULT_SEED, 6)
+    assert sources["settings"]["data.split_seed"] == "default"
+    path.write_text(json.dumps({**d, "medivae_version": "0.1.0"}))
+    cfg, sources, _ = _resolve([*argv, "--seed", "6"])
+    assert (cfg.data.split_seed, cfg.train.seed) == (5, 6) and sources["settings"]["data.split_seed"] == "config file"
+    cfg, sources, _ = _resolve([*argv, "--split-seed", "9"])
+    assert cfg.data.split_seed == 9 and sources["settings"]["data.split_seed"] == "command line"

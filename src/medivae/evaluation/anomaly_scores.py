@@ -72,8 +72,9 @@ def reconstructions(model, images: np.ndarray, labels=None, batch_size: int = 12
 
 
 def feature_residual(reference, images: np.ndarray, recon: torch.Tensor) -> np.ndarray:
-    """||f(x) - f(x_hat)||_2 / sqrt(D) in the reference extractor's feature space, (N,)."""
-    fx, fr = reference.features(images), reference.features(recon)
+    """||f(x) - f(x_hat)||_2 / sqrt(D) in the reference network's own features (not the detail block, which a
+    reconstruction's blur would fill for normal and anomalous images alike), (N,)."""
+    fx, fr = reference.content_features(images), reference.content_features(recon)
     return np.linalg.norm(fx - fr, axis=1) / math.sqrt(fx.shape[1])
 
 

@@ -120,7 +120,7 @@ def extend_scores(model, cfg, sets: dict, val: AnomalyScores, scored: AnomalySco
         for _, _, r in sets3.values():
             r.scores["latent_gmm"] = xs.latent_gmm_score(r.codes, gmm)
     ref = load_or_fit_reference(run_dir / "reference", sets["train"], {"purpose": "anomaly feature residual",
-                                "source": str(cfg.data.source), "image_size": cfg.data.image_size}, seed,
+                                "source": str(cfg.data.source), "image_size": cfg.data.image_size},
                                 progress=progress, device=device)
     recon = {}
     for name, (imgs, labs, r) in sets3.items():

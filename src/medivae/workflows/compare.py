@@ -3,9 +3,11 @@
 Reads what ``medivae evaluate`` saved (results.json["evaluation"], RUN/eval_per_image.npz), the anomaly
 block when present, and metrics.jsonl; computes nothing with a model. Per-image metrics get a 95 %
 percentile-bootstrap interval and, against the first run, a paired bootstrap p-value over the test
-images both runs scored (matched by content hash). FD / precision / recall / density / coverage show
-the intervals evaluate saved (no p-value: their samples are not paired images). Runs evaluated on
-other data or another split are refused unless ``force``.
+images both runs scored (matched by content hash). FD / precision / recall / density / coverage and the
+high-frequency power ratio show the intervals evaluate saved (no p-value: their samples are not paired
+images). Runs evaluated on other data, another split or other test images are refused unless ``force``.
+The five feature metrics of a run scored by another reference extractor than the first run's (an older
+medivae's, or another dataset's) are marked and named in ``notes``: they are not on the same scale.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from medivae.evaluation.bootstrap import mean_ci, paired_difference
+from medivae.runfolder.config import RunConfig
 from medivae.runfolder.results import RESULTS_FILE, read_results
 from medivae.runtime.errors import UserError
 from medivae.train.metrics import read_metrics
@@ -31,6 +34,7 @@ ROWS = [
     ("PSNR, foreground (dB)", "psnr_fg_db", ("reconstruction", "psnr_fg_db")),
     ("SSIM, foreground", "ssim_fg", ("reconstruction", "ssim_fg")),
     ("FD (reference features)", None, ("sample_quality", "model", "fd")),
+    ("high-frequency power vs real", None, ("sample_quality", "model", "hf_power_ratio")),
     ("precision", None, ("sample_quality", "model", "precision")),
     ("recall", None, ("sample_quality", "model", "recall")),
     ("density", None, ("sample_quality", "model", "density")),
@@ -61,21 +65,61 @@ def _open(run: Path) -> dict:
             "metrics": read_metrics(run)}
 
 
-def _same_test_set(opened: list[dict], force: bool) -> None:
-    a = opened[0]
+EXTRACTOR_METRICS = {"fd", "precision", "recall", "density", "coverage"}  # measured in the extractor's features
+
+
+def _split_seed(o: dict) -> int | None:
+    """The seed that split the run's data: saved by evaluate, else read from config.json (where a run made
+    before the split had its own seed has its training seed)."""
+    if o["ev"].get("split_seed") is not None:
+        return o["ev"]["split_seed"]
+    try:
+        return RunConfig.load(o["run"] / "config.json").data.split_seed
+    except UserError:
+        return None
+
+
+def _test_set_differences(a: dict, b: dict) -> list[str]:
+    why = []
+    for key in ("data", "split"):
+        if a["ev"].get(key) != b["ev"].get(key):
+            why.append(f"{key} {a['ev'].get(key)!r} vs {b['ev'].get(key)!r}")
+    if set(a["per"]["image_hash"].tolist()) != set(b["per"]["image_hash"].tolist()):
+        seeds = _split_seed(a), _split_seed(b)
+        why.append("different test images" + (f" (split seeds {seeds[0]} vs {seeds[1]}; a run made before "
+                                              "data.split_seed split its data with its training seed)"
+                                              if seeds[0] != seeds[1] else ""))
+    return why
+
+
+def _same_test_set(opened: list[dict], force: bool) -> list[str]:
+    """Refuses runs not evaluated on the same test images (unless ``force``); returns what differs."""
+    a, caveats = opened[0], []
     for b in opened[1:]:
-        why = []
-        for key in ("data", "split"):
-            if a["ev"].get(key) != b["ev"].get(key):
-                why.append(f"{key} {a['ev'].get(key)!r} vs {b['ev'].get(key)!r}")
-        if set(a["per"]["image_hash"].tolist()) != set(b["per"]["image_hash"].tolist()):
-            why.append("different test images")
-        ref_a, ref_b = (_get(o["ev"], ("sample_quality", "reference_hash")) for o in (a, b))
-        if ref_a != ref_b:
-            why.append("different reference extractors")
+        why = _test_set_differences(a, b)
         if why and not force:
             raise UserError(f"{a['run']} and {b['run']} were not evaluated on the same test set "
                             f"({'; '.join(why)}); pass --force to compare anyway")
+        caveats += [f"{b['run']} vs {a['run']}: {w} (compared with --force)" for w in why]
+    return caveats
+
+
+def extractor_note(a: dict, b: dict) -> str | None:
+    """Why run b's FD / precision / recall / density / coverage are not on run a's scale, or None."""
+    qa, qb = (o["ev"].get("sample_quality") or {} for o in (a, b))
+    if not qa or not qb:
+        return None
+    va, vb = qa.get("extractor_version", 1), qb.get("extractor_version", 1)
+    if va != vb:
+        old = a if va < vb else b
+        return (f"{old['run']} was scored by an older reference extractor (version {min(va, vb)}, without the "
+                f"fine-detail features): its FD, precision, recall, density and coverage are not comparable; "
+                f"rerun 'medivae evaluate {old['run']}'")
+    if qa.get("reference_hash") != qb.get("reference_hash"):
+        return (f"{b['run']} was scored by another reference extractor than {a['run']} ({qb.get('reference_hash')} "
+                f"vs {qa.get('reference_hash')}): its FD, precision, recall, density and coverage are not "
+                "comparable")
+    return None
 
 
 def _paired(a: dict, b: dict, key: str, n_boot: int, seed: int) -> dict | None:
@@ -109,25 +153,37 @@ def _anomaly(results: dict) -> dict:
             "auprc_ci95": ci.get("auprc"), "prevalence": an.get("prevalence")}
 
 
+def _cells(opened: list[dict], key: str | None, path: tuple, other_extractor: list[bool], n_boot: int,
+           seed: int) -> list[dict]:
+    """One row's cells: the value, its interval, the paired difference from the first run where per-image
+    values exist, and ``other_extractor`` for a feature metric measured in another extractor's features."""
+    values = []
+    for o, other in zip(opened, other_extractor, strict=True):
+        v = _get(o["ev"], path)
+        cell = {"value": v}
+        if key and key in o["per"]:
+            cell["ci95"] = mean_ci(o["per"][key], n_boot, seed)
+            if o is not opened[0]:
+                cell["vs_first"] = _paired(opened[0], o, key, n_boot, seed)
+        elif path[0] == "sample_quality" and v is not None:  # evaluate resampled the feature rows
+            cell["ci95"] = (o["ev"].get("ci95") or {}).get(path[-1])
+        if other and path[0] == "sample_quality" and path[-1] in EXTRACTOR_METRICS and v is not None:
+            cell["other_extractor"] = True
+        values.append(cell)
+    return values
+
+
 def compare_runs(runs: list, force: bool = False, n_boot: int = 1000, seed: int = 0) -> dict:
-    """{"runs": [...], "rows": [{"metric", "values": [{"value", "ci95", "vs_first"}...]}], ...}."""
+    """{"runs": [...], "rows": [{"metric", "values": [{"value", "ci95", "vs_first"}...]}], "notes": [...]}."""
     if len(runs) < 2:
         raise UserError("compare needs at least two run folders")
     opened = [_open(Path(r)) for r in runs]
-    _same_test_set(opened, force)
+    notes = _same_test_set(opened, force)
+    extractor = [None] + [extractor_note(opened[0], o) for o in opened[1:]]
+    notes += [n for n in extractor if n]
     rows = []
     for label, key, path in ROWS:
-        values = []
-        for o in opened:
-            v = _get(o["ev"], path)
-            cell = {"value": v}
-            if key and key in o["per"]:
-                cell["ci95"] = mean_ci(o["per"][key], n_boot, seed)
-                if o is not opened[0]:
-                    cell["vs_first"] = _paired(opened[0], o, key, n_boot, seed)
-            elif path[0] == "sample_quality" and v is not None:  # evaluate resampled the feature rows
-                cell["ci95"] = (o["ev"].get("ci95") or {}).get(path[-1])
-            values.append(cell)
+        values = _cells(opened, key, path, [n is not None for n in extractor], n_boot, seed)
         if any(c["value"] is not None for c in values):
             rows.append({"metric": label, "values": values})
     for label, field in (("anomaly AUROC", "auroc"), ("anomaly AUPRC", "auprc")):
@@ -141,4 +197,4 @@ def compare_runs(runs: list, force: bool = False, n_boot: int = 1000, seed: int 
     return {"runs": [str(o["run"]) for o in opened],
             "models": [_get(o["ev"], ("model", "name")) for o in opened],
             "data": first.get("data"), "split": first.get("split"), "n_images": first.get("n_images"),
-            "bootstrap": n_boot, "rows": rows}
+            "bootstrap": n_boot, "rows": rows, "notes": notes}
