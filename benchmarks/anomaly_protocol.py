@@ -84,7 +84,8 @@ def val_check(run_dir: Path, data: str, normal_label: str, seed: int) -> dict | 
     from medivae.runfolder.run import load_run
 
     run = load_run(run_dir, device="cpu")
-    val = load_dataset(DataConfig(source=data, image_size=run.config.data.image_size), seed, progress=False)["val"]
+    val = load_dataset(DataConfig(source=data, image_size=run.config.data.image_size, split_seed=seed),
+                       progress=False)["val"]
     names = list(val.label_names)
     code = names.index(normal_label) if normal_label in names else int(normal_label)
     keep = val.labels >= 0
@@ -95,7 +96,7 @@ def val_check(run_dir: Path, data: str, normal_label: str, seed: int) -> dict | 
                   if normal_label in run.config.label_names else None)
     p = ImagePass(ctx, images, "validation images")
     out = {n: detection_metrics(v, y)["auroc"] for n, v in score_pass(p, None, {}, maps=False)[0].items()}
-    train = load_dataset(run.config.data, run.config.train.seed, progress=False)["train"]  # the run's own normals
+    train = load_dataset(run.config.data, progress=False)["train"]  # the run's own normals
     norm = fit_ssim_norm([ImagePass(ctx, train.images, "training normals").ssim[1]])
     out["ssim_z"] = detection_metrics(normative_ssim(p.ssim[1], norm)[0], y)["auroc"]
     for n, v in trivial_scores(images).items():

@@ -60,13 +60,13 @@ def run(args) -> dict:
     from medivae.runfolder.config import DataConfig
 
     cfg = DataConfig(source=str(args.source), image_size=args.image_size)
-    first, t_first = timed(lambda: load_source(cfg, SEED, progress=False))
+    first, t_first = timed(lambda: load_source(cfg, progress=False))
     full = first["all"]
     assert full.meta["cache"] == "built", "the cache folder was not empty"
-    second, t_cached = timed(lambda: load_source(cfg, SEED, progress=False))
+    second, t_cached = timed(lambda: load_source(cfg, progress=False))
     assert second["all"].meta["cache"] == "hit"
-    splits, t_split_first = timed(lambda: load_dataset(cfg, SEED, progress=False))
-    _, t_split_cached = timed(lambda: load_dataset(cfg, SEED, progress=False))
+    splits, t_split_first = timed(lambda: load_dataset(cfg, progress=False))
+    _, t_split_cached = timed(lambda: load_dataset(cfg, progress=False))
     train = splits["train"].images
     in_ram = np.array(train)  # the same split held in memory, for comparison
     return {

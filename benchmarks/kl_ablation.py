@@ -67,7 +67,7 @@ def measure(run_dir: Path, elbo_samples: int, batch: int = 256) -> dict:
     """Test-split collapse diagnostics and negative ELBO of the run's best checkpoint."""
     run = api.load_run(run_dir, device="cpu")
     model, cfg, dev = run.model, run.config, run.device
-    test = load_dataset(cfg.data, cfg.train.seed, progress=False)["test"]
+    test = load_dataset(cfg.data, progress=False)["test"]
     gen = torch_generator(cfg.train.seed, "kl-ablation-elbo")
     means, logvars, nelbo = [], [], []
     for i in range(0, len(test), batch):

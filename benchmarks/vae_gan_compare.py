@@ -96,9 +96,9 @@ def main(argv=None) -> int:
     from medivae.runtime.seeding import DEFAULT_SEED
 
     data_cfg = DataConfig(source=args.data, image_size=args.image_size)
-    train_set = load_dataset(data_cfg, DEFAULT_SEED, progress=False)["train"]
+    train_set = load_dataset(data_cfg, progress=False)["train"]
     reference = load_or_fit_reference(args.work / "reference", train_set, {"source": args.data,
-                                      "image_size": args.image_size}, DEFAULT_SEED, progress=False)
+                                      "image_size": args.image_size}, progress=False)
     result = {"command": " ".join(["python benchmarks/vae_gan_compare.py", *(argv or sys.argv[1:])]),
               "commit": git_commit(), "epochs": args.epochs, "reference_extractor": reference.name, "runs": {}}
     for model in args.models.split(","):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# ../shared/data beside the checkout; MEDIVAE_SHARED_DATA names it for a checkout elsewhere (a git worktree)
+SHARED_DATA = Path(os.environ.get("MEDIVAE_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def pytest_addoption(parser):
@@ -76,8 +78,6 @@ def mednist_sample(shared_data) -> Path:
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
     """Keep the decoded-data cache of the test session out of the user's ~/.cache."""
-    import os
-
     old = os.environ.get("MEDIVAE_CACHE")
     os.environ["MEDIVAE_CACHE"] = str(tmp_path_factory.mktemp("medivae-cache"))
     yield

@@ -145,7 +145,7 @@ def test_bad_adaptation_exits_2_and_writes_nothing(adapted, tmp_path, capsys, ca
 
     run, _, site, done = adapted
     cfg = RunConfig.load(run / "config.json")
-    train = load_dataset(cfg.data, cfg.train.seed, progress=False)["train"].images
+    train = load_dataset(cfg.data, progress=False)["train"].images
     images = _site_normals(10, seed=8)
     normals = {"own": "phantoms:200",
                "overlap": str(png_folder(tmp_path / "reused", np.concatenate([images, train[:3]]))),

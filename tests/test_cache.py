@@ -51,14 +51,14 @@ def entries(cache_dir: Path) -> list[Path]:
 
 def test_second_load_decodes_nothing_and_streams_from_disk(folder, monkeypatch):
     cfg = DataConfig(source=str(folder), image_size=32)
-    first = load_source(cfg, 0, progress=False)["all"]
+    first = load_source(cfg, progress=False)["all"]
     assert first.meta["cache"] == "built" and len(first) == 24
 
     def fail(*a, **k):
         raise AssertionError("decoded on a cache hit")
 
     monkeypatch.setattr(sources, "read_file", fail)
-    second = load_source(cfg, 0, progress=False)["all"]
+    second = load_source(cfg, progress=False)["all"]
     assert second.meta["cache"] == "hit"
     assert isinstance(second.images, np.memmap)
     assert np.array_equal(np.asarray(second.images), np.asarray(first.images))
@@ -68,31 +68,31 @@ def test_second_load_decodes_nothing_and_streams_from_disk(folder, monkeypatch):
 def test_changing_the_preprocessing_or_the_files_invalidates(folder, cache_dir, monkeypatch):
     calls = count_reads(monkeypatch)
     cfg = DataConfig(source=str(folder), image_size=32)
-    load_source(cfg, 0, progress=False)
+    load_source(cfg, progress=False)
     assert len(calls) == 24
-    load_source(dataclasses.replace(cfg, labels=("a",), val_fraction=0.2), 0, progress=False)  # not preprocessing
+    load_source(dataclasses.replace(cfg, labels=("a",), val_fraction=0.2), progress=False)  # not preprocessing
     assert len(calls) == 24
     for change in (dict(image_size=64), dict(resize_mode="crop"), dict(channels=3), dict(window="brain")):
-        load_source(dataclasses.replace(cfg, **change), 0, progress=False)
+        load_source(dataclasses.replace(cfg, **change), progress=False)
     assert len(calls) == 24 * 5
     assert len(entries(cache_dir)) == 5
     f = folder / "a" / "00.png"
     st = f.stat()
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a changed file
-    load_source(cfg, 0, progress=False)
+    load_source(cfg, progress=False)
     assert len(calls) == 24 * 6
 
 
 def test_cache_and_memory_give_identical_splits(folder):
     cfg = DataConfig(source=str(folder), image_size=32, val_fraction=0.2, test_fraction=0.2)
-    cached = load_dataset(cfg, 7, progress=False)
-    plain = load_dataset(dataclasses.replace(cfg, cache=False), 7, progress=False)
+    cached = load_dataset(dataclasses.replace(cfg, split_seed=7), progress=False)
+    plain = load_dataset(dataclasses.replace(cfg, cache=False, split_seed=7), progress=False)
     for name in ("train", "val", "test"):
         assert np.array_equal(np.asarray(cached[name].images), plain[name].images)
         assert np.array_equal(cached[name].labels, plain[name].labels)
     # a generated split of a cached source lives on disk too (datasets larger than RAM)
     assert isinstance(cached["train"].images, np.memmap) and "subsets" in str(cached["train"].images.filename)
-    again = load_dataset(cfg, 7, progress=False)
+    again = load_dataset(dataclasses.replace(cfg, split_seed=7), progress=False)
     assert again["train"].images.filename == cached["train"].images.filename
 
 
@@ -109,23 +109,23 @@ def test_interrupted_build_leaves_nothing_half_written(folder, cache_dir, monkey
     monkeypatch.setattr(sources, "read_file", interrupt)
     cfg = DataConfig(source=str(folder), image_size=32)
     with pytest.raises(KeyboardInterrupt):
-        load_source(cfg, 0, progress=False)
+        load_source(cfg, progress=False)
     assert entries(cache_dir) == []  # neither an entry nor its temporary folder
     monkeypatch.setattr(sources, "read_file", real)
-    assert load_source(cfg, 0, progress=False)["all"].meta["cache"] == "built"
+    assert load_source(cfg, progress=False)["all"].meta["cache"] == "built"
 
 
 def test_damaged_entry_is_rebuilt(folder, cache_dir):
     cfg = DataConfig(source=str(folder), image_size=32)
-    ref = np.asarray(load_source(cfg, 0, progress=False)["all"].images).copy()
+    ref = np.asarray(load_source(cfg, progress=False)["all"].images).copy()
     (images,) = list((cache_dir / "decoded").glob("*/images.npy"))
     with images.open("r+b") as f:
         f.truncate(images.stat().st_size // 2)
     with pytest.warns(UserWarning, match="damaged"):
-        s = load_source(cfg, 0, progress=False)["all"]
+        s = load_source(cfg, progress=False)["all"]
     assert s.meta["cache"] == "built" and np.array_equal(np.asarray(s.images), ref)
 
 
 def test_cache_off_touches_no_disk(folder, cache_dir):
-    s = load_source(DataConfig(source=str(folder), image_size=32, cache=False), 0, progress=False)["all"]
+    s = load_source(DataConfig(source=str(folder), image_size=32, cache=False), progress=False)["all"]
     assert not isinstance(s.images, np.memmap) and not cache_dir.exists()

@@ -80,3 +80,77 @@ def test_a_zero_bootstrap_p_is_shown_as_a_bound():
     assert "p<0.004" in text and "p=0" not in text
     same = paired_difference(a, a + rng.normal(0, 0.1, 500), n_boot=500)
     assert "p=" in cell_text({"value": 1.0, "vs_first": same})
+
+
+def _seed_run(tmp_path: Path, seed: int, *extra: str) -> Path:
+    """A conv_vae on the fixture's data (phantoms:120 at 32 px) with training seed ``seed``, evaluated."""
+    from tiny import TINY
+
+    out = tmp_path / f"seed{seed}"
+    assert main(["train", "--data", "phantoms:120", "--seed", str(seed), "--epochs", "1", "--out", str(out),
+                 *TINY, *extra]) == 0
+    assert main(["evaluate", str(out), *ARGS]) == 0
+    return out
+
+
+def test_two_training_seeds_share_test_images_and_compare_with_intervals(evaluated, tmp_path, capsys):
+    """The fixture's run (seed 1767661200070) and another seed: the same split seed (the default), so the same
+    test images and the same reference extractor, and compare prints both runs' metrics with intervals."""
+    from medivae.runfolder.run import load_run
+
+    other = _seed_run(tmp_path, 7)
+    a, b = (load_run(r, device="cpu") for r in (evaluated, other))
+    assert a.config.train.seed != b.config.train.seed
+    assert np.array_equal(a.split("test").images, b.split("test").images)
+    q = [json.loads((r / "results.json").read_text())["evaluation"]["sample_quality"] for r in (evaluated, other)]
+    assert q[0]["reference_hash"] == q[1]["reference_hash"] and q[0]["model"]["fd"] != q[1]["model"]["fd"]
+    capsys.readouterr()
+    assert main(["compare", str(evaluated), str(other), "--bootstrap", "200"]) == 0
+    printed = capsys.readouterr().out
+    assert "note:" not in printed
+    for metric in ("FD (reference features)", "high-frequency power vs real", "precision", "PSNR (dB)"):
+        line = next(ln for ln in printed.splitlines() if ln.startswith(f"| {metric} |"))
+        cells = line.strip("|").split("|")[1:]
+        assert len(cells) == 2 and all(" [" in c for c in cells), line  # both runs, each with an interval
+
+
+def test_results_from_an_older_extractor_are_marked_not_compared_silently(evaluated, tmp_path, capsys):
+    old = tmp_path / "old"
+    shutil.copytree(evaluated, old)
+    results = json.loads((old / "results.json").read_text())
+    q = results["evaluation"]["sample_quality"]
+    del q["extractor_version"]  # as medivae wrote it before the detail features
+    q["model"].pop("hf_power_ratio")
+    q["reference_hash"] = "ae-0123456789ab"
+    (old / "results.json").write_text(json.dumps(results))
+    capsys.readouterr()
+    assert main(["compare", str(evaluated), str(old), "--bootstrap", "50"]) == 0
+    printed = capsys.readouterr().out
+    assert f"note: {old} was scored by an older reference extractor" in printed
+    assert f"rerun 'medivae evaluate {old}'" in printed
+    fd = next(ln for ln in printed.splitlines() if ln.startswith("| FD (reference features) |"))
+    assert fd.count("other extractor") == 1  # the old run's cell only
+    psnr = next(ln for ln in printed.splitlines() if ln.startswith("| PSNR (dB) |"))
+    assert "other extractor" not in psnr and "p=1" in psnr  # reconstructions compare as before
+
+
+def test_a_run_made_before_split_seed_keeps_its_split_and_says_why_it_differs(evaluated, tmp_path, capsys):
+    """Before data.split_seed, the training seed split the data (and drew the phantoms). A run folder without
+    split_seed keeps that split; compare with a run of today names the split seeds as the reason."""
+    from medivae.runfolder.run import load_run
+    from medivae.train import checkpoint as ckpt
+
+    run = _seed_run(tmp_path, 5, "--split-seed", "5")  # what medivae did for --seed 5 before split_seed
+    before = load_run(run, device="cpu").split("test").images
+    cfg = json.loads((run / "config.json").read_text())
+    del cfg["data"]["split_seed"]
+    (run / "config.json").write_text(json.dumps(cfg))
+    ckpt.save_checkpoint(run / "best", load_run(run, device="cpu").model, cfg)  # as an older medivae saved it
+    opened = load_run(run, device="cpu")
+    assert opened.config.data.split_seed == 5
+    assert np.array_equal(opened.split("test").images, before)
+    assert not np.array_equal(load_run(evaluated, device="cpu").split("test").images, before)
+    capsys.readouterr()
+    assert main(["compare", str(evaluated), str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "different test images (split seeds 1767661200070 vs 5" in err and err.count("\n") == 1

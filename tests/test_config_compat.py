@@ -129,3 +129,16 @@ def test_an_old_run_folder_with_training_kl_settings_opens_and_resumes(tmp_path)
                  "--no-progress"]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["train_beta"] < 1.0 for r in rows] == [True, True]  # the warm-up went on (3 epochs long)
+
+
+def test_a_config_without_split_seed_splits_with_its_training_seed():
+    """Before data.split_seed, the training seed split the data: an old config keeps that split."""
+    from medivae.runfolder.config import RunConfig
+
+    d = tiny_run(seed=5).to_dict()
+    del d["data"]["split_seed"]
+    cfg = RunConfig.from_dict(d)
+    assert cfg.data.split_seed == cfg.train.seed == 5
+    assert RunConfig.from_dict(tiny_run(seed=5).to_dict()).data.split_seed == 1767661200070  # today: the data's own
+    with pytest.raises(UserError, match="split seed must be >= 0"):
+        RunConfig.from_dict({**d, "data": {**d["data"], "split_seed": -1}})

@@ -51,7 +51,7 @@ def cfg(source, **kw) -> DataConfig:
 
 
 def test_folder_of_mixed_formats_with_class_subfolders(tmp_path):
-    s = load_source(cfg(make_folder(tmp_path / "f")), 0, progress=False)["all"]
+    s = load_source(cfg(make_folder(tmp_path / "f")), progress=False)["all"]
     assert s.images.shape == (12, 1, 32, 32) and s.images.dtype == np.uint8
     assert s.label_names == ("dark", "light") and s.label_counts() == {"dark": 6, "light": 6}
     centre = s.images[:, 0, 16, 16].astype(int)
@@ -65,9 +65,9 @@ def test_non_square_images_pad_or_crop_and_mixed_sizes_are_reported(tmp_path):
     Image.fromarray(np.full((20, 40), 255, np.uint8)).save(root / "wide.png")  # H=20, W=40
     Image.fromarray(np.full((32, 32), 255, np.uint8)).save(root / "square.png")
     with pytest.warns(UserWarning, match="2 sizes"):
-        pad = load_source(cfg(root), 0, progress=False)["all"]
+        pad = load_source(cfg(root), progress=False)["all"]
     with pytest.warns(UserWarning, match="centre-cropped"):
-        crop = load_source(cfg(root, resize_mode="crop"), 0, progress=False)["all"]
+        crop = load_source(cfg(root, resize_mode="crop"), progress=False)["all"]
     wide = 1  # sorted: square.png, wide.png
     assert pad.images[wide, 0, 0, 16] == 0 and pad.images[wide, 0, 16, 16] == 255  # bars above and below
     assert crop.images[wide].min() == 255
@@ -79,7 +79,8 @@ def test_csv_of_path_label_group_keeps_groups_together(tmp_path):
     rows = ["path,label,patient"]
     rows += [f"{p.relative_to(root)},{p.parent.name},pt{i // 4}" for i, p in enumerate(files)]
     (root / "list.csv").write_text("\n".join(rows) + "\n")
-    splits = load_dataset(cfg(root / "list.csv", val_fraction=0.25, test_fraction=0.25), 3, progress=False)
+    splits = load_dataset(cfg(root / "list.csv", val_fraction=0.25, test_fraction=0.25, split_seed=3),
+                          progress=False)
     assert sum(len(s) for s in splits.values()) == 32
     groups = [set(s.groups.tolist()) for s in splits.values()]
     assert all(len(s) % 4 == 0 and len(s) for s in splits.values())  # 4 images per patient
@@ -103,13 +104,13 @@ def test_archive_reads_like_the_extracted_folder(tmp_path, suffix):
     root = make_folder(tmp_path / "f")
     (root / "README.txt").write_text("not an image")
     arch = _archive(root, tmp_path / f"data{suffix}")
-    a = load_source(cfg(arch, labels=("light",)), 0, progress=False)["all"]
-    f = load_source(cfg(root), 0, progress=False)["all"]
+    a = load_source(cfg(arch, labels=("light",)), progress=False)["all"]
+    f = load_source(cfg(root), progress=False)["all"]
     assert a.label_names == f.label_names == ("dark", "light")
     order_a, order_f = np.argsort(a.labels, kind="stable"), np.argsort(f.labels, kind="stable")
     assert np.array_equal(a.images[order_a][:, :, 16, 16], f.images[order_f][:, :, 16, 16])
     assert a.meta["n_files"] == 12  # the README is not an input
-    light = load_dataset(cfg(arch, labels=("light",)), 0, progress=False)
+    light = load_dataset(cfg(arch, labels=("light",), split_seed=0), progress=False)
     assert sum(len(s) for s in light.values()) == 6
 
 
@@ -120,7 +121,7 @@ def test_mednist_archive_sample(mednist_sample, tmp_path):
         for c in classes:
             for p in sorted((mednist_sample / c).glob("*.jpeg"))[:10]:
                 t.add(p, arcname=f"resized/{c}/{p.name}")
-    s = load_source(cfg(out), 0, progress=False)["all"]
+    s = load_source(cfg(out), progress=False)["all"]
     assert s.label_names == tuple(classes) and len(s) == 20 and s.images.shape[1:] == (1, 32, 32)
 
 
@@ -130,7 +131,7 @@ def test_corrupt_files_are_skipped_counted_and_reported(tmp_path):
     good = (root / "light" / "01.jpeg").read_bytes()
     (root / "light" / "truncated.jpeg").write_bytes(good[: len(good) // 3])
     with pytest.warns(UserWarning, match=r"skipped \d of 14 files"):
-        s = load_source(cfg(root, cache=False), 0, progress=False)["all"]
+        s = load_source(cfg(root, cache=False), progress=False)["all"]
     assert s.meta["n_skipped"] >= 1 and len(s) == 14 - s.meta["n_skipped"]
     assert any("broken.png" in x for x in s.meta["skipped"])
 
@@ -154,11 +155,11 @@ def test_npz_file_and_multilabel_npz(tmp_path):
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)  # 10 a class: one for validation, one for test
     np.savez(tmp_path / "a.npz", train_images=imgs, train_labels=np.arange(20)[:, None] % 2)
-    splits = load_dataset(cfg(tmp_path / "a.npz"), 0, progress=False)
+    splits = load_dataset(cfg(tmp_path / "a.npz", split_seed=0), progress=False)
     assert sum(len(s) for s in splits.values()) == 20 and splits["train"].label_names == ("0", "1")
     np.savez(tmp_path / "m.npz", train_images=imgs, train_labels=rng.integers(0, 2, (20, 14)))
     with pytest.warns(UserWarning, match="multi-label"):
-        s = load_source(cfg(tmp_path / "m.npz"), 0, progress=False)["train"]
+        s = load_source(cfg(tmp_path / "m.npz"), progress=False)["train"]
     assert (s.labels == -1).all()
 
 
@@ -186,18 +187,18 @@ def test_medmnist_downloads_verifies_and_reuses(tmp_path, monkeypatch):
         dest.write_bytes(blob)
 
     monkeypatch.setattr(medmnist, "_fetch", fetch)
-    s = load_source(cfg("medmnist:breastmnist@64"), 0, progress=False)
+    s = load_source(cfg("medmnist:breastmnist@64"), progress=False)
     assert calls == ["https://zenodo.org/records/10519652/files/breastmnist_64.npz?download=1"]
     assert (tmp_path / "cache" / "medmnist" / "breastmnist_64.npz").read_bytes() == blob
     assert set(s) == {"train", "val", "test"} and s["train"].label_names == names
-    load_source(cfg("medmnist:breastmnist@64", image_size=64), 0, progress=False)
+    load_source(cfg("medmnist:breastmnist@64", image_size=64), progress=False)
     assert len(calls) == 1  # the local copy is used
 
 
 def test_medmnist_corrupt_download_is_deleted(tmp_path, monkeypatch):
     monkeypatch.setattr(medmnist, "_fetch", lambda url, dest, progress: dest.write_bytes(b"not the file"))
     with pytest.raises(UserError, match="corrupt"):
-        load_source(cfg("medmnist:pneumoniamnist"), 0, progress=False)
+        load_source(cfg("medmnist:pneumoniamnist"), progress=False)
     assert not any((tmp_path / "cache" / "medmnist").iterdir())
 
 
@@ -217,7 +218,7 @@ def test_medmnist_local_copy_of_the_shared_resave(pneumonia_npz, tmp_path):
     shutil.copy(pneumonia_npz, dest)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a known re-save: no "not the published file" warning
-        s = load_source(cfg("medmnist:pneumoniamnist"), 0, progress=False)
+        s = load_source(cfg("medmnist:pneumoniamnist"), progress=False)
     assert {k: len(v) for k, v in s.items()} == {"train": 4708, "val": 524, "test": 624}
     assert s["test"].label_counts() == {"normal": 234, "pneumonia": 390}
 
@@ -226,7 +227,7 @@ def test_medmnist_spec_errors():
     for spec, msg in (("medmnist:nosuch", "unknown MedMNIST"), ("medmnist:pneumoniamnist@100", "sizes"),
                       ("medmnist:organmnist3d", "3D")):
         with pytest.raises(UserError, match=msg):
-            load_source(cfg(spec), 0, progress=False)
+            load_source(cfg(spec), progress=False)
 
 
 # --- bad input -> one line, exit code 2 -------------------------------------------------------

@@ -164,7 +164,7 @@ def test_real_multiframe_rgb_and_palette_files():
 
 def test_rgb_dicom_becomes_gray_through_one_preprocessing_path():
     cfg = DataConfig(source=str(pydicom_file("SC_rgb_rle_2frame.dcm")), image_size=32, cache=False)
-    s = load_source(cfg, 0, progress=False)["all"]
+    s = load_source(cfg, progress=False)["all"]
     assert s.images.shape == (2, 1, 32, 32)
 
 
@@ -204,8 +204,8 @@ def _patients(root: Path, n_patients=10, slices=5) -> None:
 def test_all_slices_of_a_patient_land_in_one_split_and_ids_stay_in_memory(tmp_path):
     root = tmp_path / "export"
     _patients(root)
-    cfg = DataConfig(source=str(root), image_size=32, val_fraction=0.2, test_fraction=0.2)
-    splits = load_dataset(cfg, seed=1767661200070, progress=False)
+    cfg = DataConfig(source=str(root), image_size=32, val_fraction=0.2, test_fraction=0.2, split_seed=1767661200070)
+    splits = load_dataset(cfg, progress=False)
     assert sum(len(s) for s in splits.values()) == 50
     assert not splits["train"].label_names  # DICOM folders give no folder labels
     seen: dict[int, str] = {}
@@ -229,7 +229,7 @@ def test_corrupt_dicom_among_good_ones_is_skipped_and_reported(tmp_path):
     (root / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
     (root / "report.dcm").write_bytes(pydicom_file("reportsi.dcm").read_bytes())
     with pytest.warns(UserWarning, match="skipped 2 of 6 files"):
-        s = load_source(DataConfig(source=str(root), image_size=32), 0, progress=False)["all"]
+        s = load_source(DataConfig(source=str(root), image_size=32), progress=False)["all"]
     assert len(s) == 4
     reasons = " ".join(s.meta["skipped"])
     assert "broken.dcm" in reasons and "without pixel data" in reasons

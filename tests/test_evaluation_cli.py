@@ -38,7 +38,10 @@ def test_evaluate_writes_results_and_keeps_other_keys(run_dir, capsys):
     assert 0 <= ev["collapse"]["active_units"] <= ev["collapse"]["latent_dim"] == 4
     q = ev["sample_quality"]
     assert q["fd_name"] == "FD-cnn" and set(q["model"]) == set(q["floor"]) == {
-        "fd", "precision", "recall", "density", "coverage"}
+        "fd", "precision", "recall", "density", "coverage", "hf_power_ratio"}
+    # two real sets carry the same fine detail; one epoch of a tiny VAE gives blurry samples
+    assert 0.8 < q["floor"]["hf_power_ratio"] < 1.25 and q["model"]["hf_power_ratio"] < 0.5
+    assert q["extractor_version"] == 2 and ev["split_seed"] == 1767661200070
     assert "FD-cnn" in table and "FID" not in table.replace("FID (Inception)", "")
     assert q["reference_split"] == "val" and "vs val" in table  # held-out reference: copies cannot win
     assert 0 < ev["reconstruction"]["ssim"] <= 1
@@ -47,7 +50,8 @@ def test_evaluate_writes_results_and_keeps_other_keys(run_dir, capsys):
         lo, hi = ev["ci95"][key]
         assert lo <= mean <= hi, key
     assert " [" in table and lik["quantity"] == "-log p(x)" and lik["iwae_ess"]["k"] == 4
-    for key in ("fd", "precision", "recall", "density", "coverage"):  # feature rows resampled
+    assert "HF power vs real" in table
+    for key in ("fd", "precision", "recall", "density", "coverage", "hf_power_ratio"):  # rows resampled
         for prefix, block in (("", q["model"]), ("floor_", q["floor"])):
             lo, hi = ev["ci95"][prefix + key]
             assert lo <= block[key] <= hi, prefix + key
@@ -135,21 +139,22 @@ def test_corrupt_results_json_is_reported_not_overwritten(run_dir, tmp_path, cap
 
 
 def test_the_reference_extractor_is_one_per_dataset_not_per_run(tmp_path):
-    """Issue 20: two runs on the same data share the extractor's key (so their FD / precision / recall
-    compare); other data, another split seed or another label filter get another."""
+    """Two runs on the same data share the extractor's key (so their FD / precision / recall compare), whatever
+    their model or training seed; other data, another split seed or another label filter get another."""
     import dataclasses
 
     from medivae.evaluation.features import reference_key
     from medivae.workflows.evaluate import reference_description
 
-    def key(cfg, seed=1):
-        return reference_key(reference_description(cfg.data, seed))
+    def key(cfg, split_seed=None):
+        data = cfg.data if split_seed is None else dataclasses.replace(cfg.data, split_seed=split_seed)
+        return reference_key(reference_description(data))
 
     a = tiny_run("phantoms:120")
     b = dataclasses.replace(a, model=dataclasses.replace(a.model, latent_dim=8))  # another model, same data
-    assert key(a) == key(b)
+    assert key(a) == key(b) == key(tiny_run("phantoms:120", seed=5))  # another training seed, same data
     assert key(a) != key(tiny_run("phantoms:200"))
-    assert key(a) != key(a, seed=2)
+    assert key(a) != key(a, split_seed=2)
     assert key(a) != key(dataclasses.replace(a, data=dataclasses.replace(a.data, labels=("normal",))))
     npz = tmp_path / "d.npz"
     np.savez(npz, train_images=np.zeros((4, 8, 8), np.uint8), train_labels=np.zeros((4, 1)))

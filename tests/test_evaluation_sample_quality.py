@@ -71,20 +71,21 @@ def _unlabelled(n=48, size=32):
 
 def test_unlabelled_data_gets_an_autoencoder_that_is_saved_and_reused(tmp_path):
     train = _unlabelled()
-    ref = load_or_fit_reference(tmp_path, train, {"source": "x"}, seed=1, epochs=1, width=4, progress=False)
+    ref = load_or_fit_reference(tmp_path, train, {"source": "x"}, epochs=1, width=4, progress=False)
     assert ref.name == "ae" and (ref.folder / "info.json").exists()
     f1 = ref.features(train.images)
-    again = load_or_fit_reference(tmp_path, train, {"source": "x"}, seed=1, epochs=1, width=4, progress=False)
+    again = load_or_fit_reference(tmp_path, train, {"source": "x"}, epochs=1, width=4, progress=False)
     assert again.folder == ref.folder
     np.testing.assert_allclose(again.features(train.images), f1, rtol=1e-5, atol=1e-6)
-    other = load_or_fit_reference(tmp_path, train, {"source": "y"}, seed=1, epochs=1, width=4, progress=False)
+    other = load_or_fit_reference(tmp_path, train, {"source": "y"}, epochs=1, width=4, progress=False)
     assert other.folder != ref.folder  # other data, another cache entry
 
 
 def test_labelled_data_gets_the_classifier(tmp_path):
     train = make_phantoms(40, 32, seed=6)
-    ref = load_or_fit_reference(tmp_path, train, {"source": "p"}, seed=1, epochs=1, width=4, progress=False)
-    assert ref.name == "cnn" and ref.features(train.images).shape == (40, 128)
+    ref = load_or_fit_reference(tmp_path, train, {"source": "p"}, epochs=1, width=4, progress=False)
+    assert ref.name == "cnn" and ref.content_features(train.images).shape == (40, 128)
+    assert ref.features(train.images).shape == (40, 128 + 3 * 16)  # and the detail block: 3 octaves x 4 x 4 cells
 
 
 def _save_inception(tmp_path):

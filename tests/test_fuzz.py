@@ -42,8 +42,8 @@ def _no_home_cache(tmp_path_factory):
 def _load(source: Path):
     """load_dataset at 32 px: a dict of splits or a UserError; anything else fails the test."""
     try:
-        cfg = DataConfig(source=str(source), image_size=32, cache=False)
-        splits = load_dataset(cfg, seed=0, progress=False)
+        cfg = DataConfig(source=str(source), image_size=32, cache=False, split_seed=0)
+        splits = load_dataset(cfg, progress=False)
     except UserError as e:
         assert str(e) and "\n" not in str(e)
         event("UserError")

@@ -25,7 +25,7 @@ LR = 1e-3
 def _trainer(run_dir, klass=Trainer, **train_kw):
     cfg = tiny_run("phantoms:60", epochs=2, lr=LR, **train_kw)  # 48 training images: 2 steps per epoch
     seed_everything(cfg.train.seed)
-    splits = load_dataset(cfg.data, cfg.train.seed, progress=False)
+    splits = load_dataset(cfg.data, progress=False)
     t = klass(cfg, build_model(cfg.model), torch.device("cpu"), run_dir, progress=False)
     t.verbose = False
     return t, splits

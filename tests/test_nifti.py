@@ -100,7 +100,7 @@ def test_nibabel_real_files_3d_and_4d():
     anat, func = NIBABEL_DATA / "anatomical.nii", NIBABEL_DATA / "functional.nii"
     if not (anat.exists() and func.exists()):
         pytest.skip("nibabel test data absent")
-    a = load_source(DataConfig(source=str(anat), image_size=32, cache=False), 0, False)["all"]
+    a = load_source(DataConfig(source=str(anat), image_size=32, cache=False), progress=False)["all"]
     nz = nib.load(str(anat)).shape[2]
     assert a.images.shape[1:] == (1, 32, 32) and 0 < len(a) <= nz
     f = read_nifti(func, "functional.nii", "axial", None, PCT)
@@ -116,8 +116,8 @@ def test_slices_of_one_volume_stay_in_one_split(tmp_path):
         v[0, 0, :] = 20.0
         save(root / f"sub-{i:02d}.nii.gz", v)
     cfg = DataConfig(source=str(root), image_size=32, normalize="range:0,20", val_fraction=0.25,
-                     test_fraction=0.25)
-    splits = load_dataset(cfg, seed=1767661200070, progress=False)
+                     test_fraction=0.25, split_seed=1767661200070)
+    splits = load_dataset(cfg, progress=False)
     seen: dict[int, str] = {}
     for name, s in splits.items():
         assert len(s) % 5 == 0 and len(s) > 0

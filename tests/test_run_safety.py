@@ -192,7 +192,7 @@ def never_read_big(monkeypatch):
 
 def _load(path: Path):
     with pytest.warns(UserWarning, match="skipped 1 of 9 files"):  # reported like any unreadable file
-        return load_source(DataConfig(source=str(path), image_size=32, cache=False), 0, progress=False)["all"]
+        return load_source(DataConfig(source=str(path), image_size=32, cache=False), progress=False)["all"]
 
 
 @pytest.mark.parametrize("make, suffix", [(_zip, ".zip"), (_tar, ".tar.gz")])
@@ -218,7 +218,7 @@ def test_a_zip_bomb_member_is_skipped_by_its_ratio_unread(tmp_path, never_read_b
 def test_a_bad_cap_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDIVAE_MAX_MEMBER_MB", "lots")
     with pytest.raises(UserError, match="MEDIVAE_MAX_MEMBER_MB must be a positive number"):
-        load_source(DataConfig(source=str(_zip(tmp_path / "d.zip", b"x")), image_size=32), 0, progress=False)
+        load_source(DataConfig(source=str(_zip(tmp_path / "d.zip", b"x")), image_size=32), progress=False)
 
 
 # --- medivae train --config -----------------------------------------------------------------------------
@@ -323,3 +323,22 @@ def test_sigusr1_prints_every_threads_stack_and_the_run_goes_on(tmp_path):
     assert "most recent call first" in err and "medivae" in err.split("most recent call first", 1)[1]
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(1, 31))
+
+
+def test_a_config_file_without_split_seed(tmp_path):
+    """A hand-written file takes the default split seed, whatever its training seed (so seeds compare); a run's
+    config.json written before split_seed existed keeps its training seed as split seed (its own split)."""
+    from medivae.runtime.seeding import DEFAULT_SEED
+
+    d = {"data": {"source": "phantoms:80", "image_size": 32}, "train": {"seed": 5}}
+    path = tmp_path / "exp.json"
+    path.write_text(json.dumps(d))
+    argv = ["train", "--config", str(path), "--out", str(tmp_path / "o")]
+    cfg, sources, _ = _resolve([*argv, "--seed", "6"])
+    assert (cfg.data.split_seed, cfg.train.seed) == (DEFAULT_SEED, 6)
+    assert sources["settings"]["data.split_seed"] == "default"
+    path.write_text(json.dumps({**d, "medivae_version": "0.1.0"}))
+    cfg, sources, _ = _resolve([*argv, "--seed", "6"])
+    assert (cfg.data.split_seed, cfg.train.seed) == (5, 6) and sources["settings"]["data.split_seed"] == "config file"
+    cfg, sources, _ = _resolve([*argv, "--split-seed", "9"])
+    assert cfg.data.split_seed == 9 and sources["settings"]["data.split_seed"] == "command line"

@@ -8,6 +8,7 @@ from pathlib import Path
 from medivae.commands.common import BOOTSTRAP, DEVICE, FORCE, PROGRESS, number, path_arg, whole
 from medivae.commands.train import add_model_args, add_train_args
 from medivae.runtime.constants import MAX_ROW_IMAGES
+from medivae.runtime.seeding import DEFAULT_SEED
 
 # What `anomaly fit` uses when the flag is not given. On PneumoniaMNIST (28 px) a Gaussian
 # likelihood trained 25 epochs at 32 px separated validation normals from foreign-patch anomalies made from
@@ -190,6 +191,8 @@ def add(sub) -> None:
     g.add_argument("--test-fraction", type=float, default=0.1)
     g.add_argument("--resize-mode", default="pad", help="non-square images: pad (default) or crop")
     g.add_argument("--window", default=None, help="DICOM window: CENTER,WIDTH or a preset")
+    g.add_argument("--split-seed", type=whole(0, 2**64 - 1), default=DEFAULT_SEED,
+                   help="seed of the data's split (sources without their own), apart from --seed")
     f.add_argument("--out", required=True, type=path_arg, help="run folder to write (absent or empty)")
     add_model_args(f)
     add_train_args(f)

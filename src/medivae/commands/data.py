@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -18,7 +19,7 @@ def cmd_inspect(args) -> int:
     if not args.data:
         raise UserError("give a SOURCE: medivae data inspect SOURCE (anything --data accepts)")
     # the default preview.png is this command's own file, replaced on every run; a named --out needs --force
-    out = summarize(data_config(args), args.seed, args.out or Path("preview.png"), progress=not args.no_progress,
+    out = summarize(data_config(args), args.out or Path("preview.png"), progress=not args.no_progress,
                     force=args.force or args.out is None)
     print(json.dumps(out, indent=2) if args.json else format_summary(out))
     return 0
@@ -75,7 +76,8 @@ def add(sub) -> None:
     add_data_args(i, required=False)
     i.add_argument("--image-size", type=int, default=64, help="32, 64, 128 or 256 (default 64)")
     i.add_argument("--channels", type=int, default=1, help="1 gray or 3 RGB (default 1)")
-    i.add_argument("--seed", type=whole(0, 2**64 - 1), default=DEFAULT_SEED, help="split seed (as for training)")
+    i.add_argument("--seed", dest="split_seed", type=whole(0, 2**64 - 1), default=DEFAULT_SEED,
+                   help=argparse.SUPPRESS)  # the old name of --split-seed
     i.add_argument("--out", type=path_arg, default=None,
                    help="preview grid, .png or .jpg (default preview.png, replaced on every run)")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 
 from medivae.commands.common import DEVICE, PROGRESS, path_arg
-from medivae.runfolder.config import DataConfig, RunConfig, TrainConfig, flat_settings, read_config_file
+from medivae.runfolder.config import (
+    DataConfig,
+    RunConfig,
+    TrainConfig,
+    flat_settings,
+    read_config_file,
+    with_split_seed,
+)
 from medivae.runtime.constants import DEFAULT_FAMILY
 from medivae.runtime.errors import UserError
 from medivae.runtime.schema import build
@@ -62,6 +69,10 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="DICOM/NIfTI without a window: percentile (0.5-99.5), percentile:LO,HI, range:LO,HI")
     g.add_argument("--nifti-axis", default="axial", help="NIfTI slices: axial (default), coronal, sagittal")
     g.add_argument("--no-cache", action="store_true", help="decode in memory; do not use $MEDIVAE_CACHE")
+    g.add_argument("--split-seed", type=int, default=DEFAULT_SEED,
+                   help="seed of the data, not of training: the split of sources without their own split "
+                        "(folders, CSV, archives, MedNIST) and the phantoms; runs with other --seed but the "
+                        "same --split-seed share their test images (default: the article's seed)")
 
 
 def data_values(args) -> dict:
@@ -72,7 +83,7 @@ def data_values(args) -> dict:
         val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         resize_mode=args.resize_mode, window=args.window,
         normalize=getattr(args, "normalize", "percentile"), nifti_axis=getattr(args, "nifti_axis", "axial"),
-        cache=not getattr(args, "no_cache", False),
+        cache=not getattr(args, "no_cache", False), split_seed=getattr(args, "split_seed", DEFAULT_SEED),
     )
 
 
@@ -150,6 +161,7 @@ SETTINGS = {
     "data": ("data.source",), "labels": ("data.labels",), "val_fraction": ("data.val_fraction",),
     "test_fraction": ("data.test_fraction",), "resize_mode": ("data.resize_mode",), "window": ("data.window",),
     "normalize": ("data.normalize",), "nifti_axis": ("data.nifti_axis",), "no_cache": ("data.cache",),
+    "split_seed": ("data.split_seed",),
     "image_size": ("data.image_size", "model.image_size"), "channels": ("data.channels", "model.channels"),
     "model": ("model.name",),
     "epochs": ("train.epochs",), "batch_size": ("train.batch_size",), "lr": ("train.lr",),
@@ -204,6 +216,10 @@ def config_from_file(args) -> tuple[RunConfig, dict, set[str]]:
         if k in sections["data"]:
             model.setdefault(k, sections["data"][k])
     given = set(flat_settings({**d, **sections, "model": model})) - {"label_names", "medivae_version"}
+    if "split_seed" not in sections["data"]:  # a run's config.json keeps its split; a hand-written file the default
+        written = "medivae_version" in d
+        sections["data"]["split_seed"] = with_split_seed(d)["data"]["split_seed"] if written else DEFAULT_SEED
+        given |= {"data.split_seed"} if written else set()
     for key, value in flags.items():
         section, _, name_ = key.partition(".")
         (model if section == "model" else sections[section])[name_] = value

@@ -21,12 +21,13 @@ from medivae.runtime.errors import UserError
 __all__ = ["ImageSet", "to_float", "load_dataset", "load_source", "SOURCE_HELP"]
 
 
-def load_source(cfg, seed: int, progress: bool = True) -> dict[str, ImageSet]:
+def load_source(cfg, *, progress: bool = True) -> dict[str, ImageSet]:
     """Read ``cfg.source`` at the model size, with the splits it provides itself ("all" if none).
-    File sources go through the decoded cache (``cfg.cache``), so their images are memmaps."""
+    File sources go through the decoded cache (``cfg.cache``), so their images are memmaps; the phantoms
+    are drawn from ``cfg.split_seed``."""
     spec = cfg.source
     if _is_phantoms(spec):
-        return {"all": _phantoms(spec, cfg, seed)}
+        return {"all": _phantoms(spec, cfg, cfg.split_seed)}
     src = resolve(spec, progress)
     if cfg.cache:
         built = load_cached(src, cfg, lambda sink: build(src, cfg, sink, progress))
@@ -95,12 +96,14 @@ def _take(s: ImageSet, idx: np.ndarray, tag: str) -> ImageSet:
     return s.subset(idx)
 
 
-def load_dataset(cfg, seed: int, progress: bool = True) -> dict[str, ImageSet]:
-    """train/val/test splits at the model size; a source without its own splits gets a seeded,
-    stratified split in which a group (patient, volume) never straddles two splits."""
+def load_dataset(cfg, *, progress: bool = True) -> dict[str, ImageSet]:
+    """train/val/test splits at the model size; a source without its own splits gets a stratified split,
+    seeded with ``cfg.split_seed`` (never the training seed), in which a group (patient, volume) never
+    straddles two splits."""
     if _is_phantoms(cfg.source):  # their class names are known before thousands of them are drawn
         _label_indices(ImageSet(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0), PHANTOM_LABELS), cfg.labels)
-    raw = load_source(cfg, seed, progress)
+    raw = load_source(cfg, progress=progress)
+    seed = cfg.split_seed
     keep = {k: _label_indices(v, cfg.labels) for k, v in raw.items()}
     if "all" in raw:
         parts = _split(raw["all"], keep["all"], cfg.val_fraction, cfg.test_fraction, seed)

@@ -44,7 +44,7 @@ def preview_images(s: ImageSet, per_class: int = 8, max_classes: int = 8) -> np.
     return np.asarray(s.images[idx])  # (n, C, H, W) uint8, grouped by class
 
 
-def summarize(cfg, seed: int, preview: Path | None = None, progress: bool = True,
+def summarize(cfg, preview: Path | None = None, progress: bool = True,
               force: bool = False) -> dict[str, Any]:
     """Counts, shapes, labels and intensities of every split; a preview grid written to ``preview`` (.png or
     .jpg; an existing file is replaced only with ``force``), checked before the source is read."""
@@ -53,7 +53,7 @@ def summarize(cfg, seed: int, preview: Path | None = None, progress: bool = True
 
     if preview is not None:
         preview = check_output_file(preview, force=force, suffixes=tuple(IMAGE_FORMATS))
-    splits = load_dataset(cfg, seed, progress)
+    splits = load_dataset(cfg, progress=progress)
     first = splits["train"]
     meta = {k: v for k, v in first.meta.items() if k not in ("split", "n")}
     out: dict[str, Any] = {

@@ -110,6 +110,19 @@ def statistic_ci(fn: Callable[..., float | None], *arrays, n_boot: int = BOOTSTR
     return _percentiles(np.asarray(stats, dtype=np.float64), level)
 
 
+def ratio_of_means_ci(a, b, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+                      level: float = LEVEL) -> list[float] | None:
+    """[lo, hi] of mean(a) / mean(b) for two independent samples a (N,) and b (M,), each resampled with
+    replacement on its own; None when off or a sample has fewer than 2 values."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if n_boot < 1 or len(a) < 2 or len(b) < 2:
+        return None
+    rng = numpy_rng(seed, "bootstrap", "ratio")
+    stats = np.concatenate([a[_indices(rng, len(a), c)].mean(1) / b[_indices(rng, len(b), c)].mean(1)
+                            for c in _chunks(n_boot)])
+    return _percentiles(stats, level)
+
+
 def paired_difference(a, b, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
                       level: float = LEVEL) -> dict | None:
     """Paired bootstrap of mean(a - b) over the same images (N,): {"mean_difference", "ci95", "p_value",

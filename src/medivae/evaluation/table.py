@@ -65,6 +65,8 @@ def collapse_lines(c: dict) -> list[str]:
 def quality_lines(q: dict, fid: dict | None, ci: dict | None = None) -> list[str]:
     ci = ci or {}
     name = "a classifier" if q["extractor"] == "cnn" else "an autoencoder's encoder"
+    if q.get("extractor_version", 1) >= 2:
+        name += " and fine-detail (Laplacian pyramid) features"
     ref = q.get("reference_split", "train")
     floor = f"real {q['held_out_split']} vs {ref}"
     w = 30 if ci.get("fd") else 12  # room for " [lo, hi]"
@@ -75,13 +77,18 @@ def quality_lines(q: dict, fid: dict | None, ci: dict | None = None) -> list[str
         + ("; 95% bootstrap intervals)" if ci.get("fd") else ")"),
         f"  {'':<22}{'model':>{w}}{floor:>{w + 12}}",
     ]
-    rows = [(q["fd_name"], "fd"), ("precision (k=3)", "precision"), ("recall (k=3)", "recall"),
-            ("density (k=5)", "density"), ("coverage (k=5)", "coverage")]
+    rows = [(q["fd_name"], "fd"), ("HF power vs real", "hf_power_ratio"), ("precision (k=3)", "precision"),
+            ("recall (k=3)", "recall"), ("density (k=5)", "density"), ("coverage (k=5)", "coverage")]
     for label, key in rows:
+        if key not in q["model"]:  # results of an older medivae
+            continue
         fmt = ".4g" if key == "fd" else ".3f"
         model = _num(q["model"][key], fmt) + _ci(ci.get(key), fmt)
         floor_ = _num(q["floor"][key], fmt) + _ci(ci.get(f"floor_{key}"), fmt)
         lines.append(f"  {label:<22}{model:>{w}}{floor_:>{w + 12}}")
+    if "hf_power_ratio" in q["model"]:
+        lines.append("  (HF power vs real: mean spectral power above 1/4 cycle/pixel over the real images'; "
+                     "1 = as much fine detail)")
     if fid:
         model, floor_ = _num(fid["model"], ".4g"), _num(fid["floor"], ".4g")
         lines.append(f"  {'FID (Inception)':<22}{model:>{w}}{floor_:>{w + 12}}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from medivae.report.html import esc, page, section
+from medivae.report.html import esc, note, page, section
 from medivae.runtime.version import __version__
 
 
@@ -22,6 +22,8 @@ def cell_text(c: dict) -> str:
     d = c.get("vs_first")
     if d:
         out += f" (Δ {d['mean_difference']:+.4g}, {p_text(d)})"
+    if c.get("other_extractor"):
+        out += " (other extractor: see notes)"
     return out
 
 
@@ -40,9 +42,14 @@ def _legend(cmp: dict) -> str:
     notes = "".join(f"Note: {n}. " for n in cmp.get("notes") or ())
     return notes + (f"{cmp['split']} split of {cmp['data']} ({cmp['n_images']} images). Brackets: 95 % percentile "
             f"bootstrap interval ({cmp['bootstrap']} resamples of the test images; for FD / precision / recall / "
-            "density / coverage, the interval medivae evaluate saved, real and generated feature rows resampled). "
-            "Δ, p: paired bootstrap of the per-image difference from the first run over the images both scored "
-            "(two-sided).")
+            "density / coverage and the high-frequency power, the interval medivae evaluate saved, real and "
+            "generated rows resampled). High-frequency power vs real: the samples' mean spectral power above 1/4 "
+            "cycle/pixel over the real images' (1: as much fine detail). Δ, p: paired bootstrap of the per-image "
+            "difference from the first run over the images both scored (two-sided).")
+
+
+def notes(cmp: dict) -> list[str]:
+    return [f"note: {n}" for n in cmp.get("notes") or []]
 
 
 def to_markdown(cmp: dict) -> str:
@@ -50,7 +57,7 @@ def to_markdown(cmp: dict) -> str:
     lines = ["| metric | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for row in cmp["rows"]:
         lines.append(f"| {row['metric']} | " + " | ".join(cell_text(c) for c in row["values"]) + " |")
-    return "\n".join(lines) + "\n\n" + _legend(cmp) + "\n"
+    return "\n".join(notes(cmp) + [""] * bool(cmp.get("notes")) + lines) + "\n\n" + _legend(cmp) + "\n"
 
 
 def to_html(cmp: dict) -> str:
@@ -58,6 +65,8 @@ def to_html(cmp: dict) -> str:
     body = "".join(
         f"<tr><th>{esc(row['metric'])}</th>" + "".join(f"<td>{esc(cell_text(c))}</td>" for c in row["values"])
         + "</tr>" for row in cmp["rows"])
-    table = f"<table class='grid'><tr><th>metric</th>{head}</tr>{body}</table><p class='muted'>{esc(_legend(cmp))}</p>"
+    warn = "".join(note(esc(n), "problem") for n in notes(cmp))
+    table = (f"{warn}<table class='grid'><tr><th>metric</th>{head}</tr>{body}</table>"
+             f"<p class='muted'>{esc(_legend(cmp))}</p>")
     return page("medivae compare", esc(f"{len(cmp['runs'])} runs"), [("compare", "Comparison")],
                 [section("compare", "Comparison", table)], f"medivae {esc(__version__)}")

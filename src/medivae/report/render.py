@@ -236,8 +236,24 @@ def evaluation_section(rep: Report, figures: list[Path]) -> str:
         out = note(esc(f"This evaluation is out of date: {stale}. Rerun it: {rep.cmd('evaluate RUN')}")) + out
     if ev.get("collapse", True) is not None:  # older blocks may keep collapse numbers elsewhere
         out += "<h3>Posterior collapse: KL per latent dimension and active units</h3>" + _collapse(ev)
+    out += _sample_quality_headline(rep, _dict(ev.get("sample_quality")))
     out += "<h3>All evaluation results</h3>" + blocks(_present(ev)) + rep.figures(figures)
     return rep.section("evaluation", "Evaluation", out)
+
+
+def _sample_quality_headline(rep: Report, q: dict) -> str:
+    """FD beside its real-vs-real floor and the samples' high-frequency power (how sharp they are)."""
+    model, floor = _dict(q.get("model")), _dict(q.get("floor"))
+    if not isinstance(model.get("fd"), (int, float)):
+        return ""
+    text = f"{esc(q.get('fd_name', 'FD'))} {fmt(model['fd'])} (two real sets: {fmt(floor.get('fd'))})"
+    if isinstance(model.get("hf_power_ratio"), (int, float)):
+        text += (f"; high-frequency power {fmt(model['hf_power_ratio'])} of the real images' "
+                 f"(two real sets: {fmt(floor.get('hf_power_ratio'))})")
+    old = "" if q.get("extractor_version", 1) >= 2 else note(
+        "Scored by an older reference extractor without fine-detail features: blind to blur, and not comparable "
+        "with runs evaluated now; rerun " + command(rep.cmd("evaluate RUN")) + ".", "muted")
+    return f"<h3>Sample quality</h3><p><b>{text}</b></p>" + old
 
 
 def _absent_notes(ev: dict):

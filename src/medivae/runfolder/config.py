@@ -30,6 +30,10 @@ class DataConfig:
     cache: bool = True  # keep decoded images in $MEDIVAE_CACHE (default ~/.cache/medivae)
     nifti_axis: str = "axial"  # NIfTI slices: axial, coronal or sagittal
     normalize: str = "percentile"  # DICOM/NIfTI without a window: percentile[:LO,HI] or range:LO,HI
+    # the data's own seed, apart from the training seed: it splits sources that have no split of their own
+    # (folders, CSV, archives, MedNIST) and draws the built-in phantoms, so runs with other training seeds
+    # share their test images and their reference extractor
+    split_seed: int = DEFAULT_SEED
 
     def __post_init__(self):
         check_fields(self, "data")
@@ -45,6 +49,8 @@ class DataConfig:
                 raise UserError(f"{name.replace('_', ' ')} must be in [0, 0.5), not {v}")
         if not self.source.strip():
             raise UserError("data source is empty; give --data SOURCE")
+        if self.split_seed < 0:
+            raise UserError(f"split seed must be >= 0, not {self.split_seed}")
         from medivae.data.nifti import SLICE_AXES
         from medivae.data.windowing import parse_normalize, parse_window
 
@@ -126,6 +132,7 @@ class RunConfig:
         if not isinstance(name, str):
             raise UserError(f"model.name = {name!r} is not allowed; expected the name of a model family")
         family = get_family(name, written_by=str(d.get("medivae_version", "0.1.0 or earlier")))
+        d = with_split_seed(d)
         train = d.get("train", {})
         legacy = {}
         if isinstance(train, dict):
@@ -155,6 +162,17 @@ class RunConfig:
         if not isinstance(d, dict):
             raise UserError(f"{path}: expected a JSON object")
         return cls.from_dict(d)
+
+
+def with_split_seed(d: dict[str, Any]) -> dict[str, Any]:
+    """A saved configuration with ``data.split_seed`` filled in: one written before the split had a seed of
+    its own split its data with the training seed (``train.seed``), so that is its split seed, and its
+    splits, phantoms and test images stay what they were."""
+    data, train = d.get("data", {}), d.get("train", {})
+    if not isinstance(data, dict) or "split_seed" in data:
+        return d
+    seed = train.get("seed", DEFAULT_SEED) if isinstance(train, dict) else DEFAULT_SEED
+    return {**d, "data": {**data, "split_seed": seed}}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

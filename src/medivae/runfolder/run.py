@@ -46,10 +46,10 @@ class Run:
     # --- data ------------------------------------------------------------------------------------------
     def splits(self, source: str | None = None, progress: bool = False) -> dict[str, ImageSet]:
         """train/val/test of the run's own source (the exact split it trained on), or of ``source``
-        (every label, split with the run's seed and fractions)."""
+        (every label, split with the run's split seed and fractions)."""
         cfg = self.config.data if source is None else dataclasses.replace(self.config.data, source=str(source),
                                                                           labels=())
-        return load_dataset(cfg, self.config.train.seed, progress)
+        return load_dataset(cfg, progress=progress)
 
     def split(self, name: str, source: str | None = None, progress: bool = False) -> ImageSet:
         if name not in ("train", "val", "test"):

@@ -3,11 +3,14 @@
 Reads what ``medivae evaluate`` saved (results.json["evaluation"], RUN/eval_per_image.npz), the anomaly
 block when present, and metrics.jsonl; computes nothing with a model. Per-image metrics get a 95 %
 percentile-bootstrap interval and, against the first run, a paired bootstrap p-value over the test
-images both runs scored (matched by content hash). FD / precision / recall / density / coverage show
-the intervals evaluate saved (no p-value: their samples are not paired images). Runs evaluated on
-other data or another split, one run given twice, and evaluations of weights no longer in their run folder
-(results.json records the checkpoint's manifest hash) are refused unless ``force``, which shows them as notes.
-Runs whose image likelihoods differ still compare, with their nats rows blank and a note.
+images both runs scored (matched by content hash). FD / precision / recall / density / coverage and the
+high-frequency power ratio show the intervals evaluate saved (no p-value: their samples are not paired
+images). Runs evaluated on other data, another split or other test images, one run given twice, and
+evaluations of weights no longer in their run folder (results.json records the checkpoint's manifest hash)
+are refused unless ``force``, which shows them as notes. Runs whose image likelihoods differ still compare,
+with their nats rows blank and a note. The five feature metrics of a run scored by another reference
+extractor than the first run's (an older medivae's, or another dataset's) are marked and named in
+``notes``: they are not on the same scale.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from medivae.evaluation.bootstrap import mean_ci, paired_difference
+from medivae.runfolder.config import RunConfig
 from medivae.runfolder.results import (
     PER_IMAGE_FILE,
     RESULTS_FILE,
@@ -43,6 +47,7 @@ ROWS = [
     ("PSNR, foreground (dB)", "psnr_fg_db", ("reconstruction", "psnr_fg_db")),
     ("SSIM, foreground", "ssim_fg", ("reconstruction", "ssim_fg")),
     ("FD (reference features)", None, ("sample_quality", "model", "fd")),
+    ("high-frequency power vs real", None, ("sample_quality", "model", "hf_power_ratio")),
     ("precision", None, ("sample_quality", "model", "precision")),
     ("recall", None, ("sample_quality", "model", "recall")),
     ("density", None, ("sample_quality", "model", "density")),
@@ -112,29 +117,62 @@ def _refusals(opened: list[dict]) -> list[str]:
     return why
 
 
-def _test_set_differences(opened: list[dict]) -> list[str]:
-    """How each run's evaluation differs from the first's in what it was evaluated on."""
-    a, why = opened[0], []
-    for b in opened[1:]:
-        diff = [f"{key} {a['ev'].get(key)!r} vs {b['ev'].get(key)!r}" for key in ("data", "split")
-                if a["ev"].get(key) != b["ev"].get(key)]
-        if set(a["per"]["image_hash"].tolist()) != set(b["per"]["image_hash"].tolist()):
-            diff.append("different test images")
-        ref_a, ref_b = (_get(o["ev"], ("sample_quality", "reference_hash")) for o in (a, b))
-        if ref_a != ref_b:
-            diff.append("different reference extractors")
-        if diff:
-            why.append(f"{a['run']} and {b['run']} were not evaluated on the same test set ({'; '.join(diff)})")
+EXTRACTOR_METRICS = {"fd", "precision", "recall", "density", "coverage"}  # measured in the extractor's features
+
+
+def _split_seed(o: dict) -> int | None:
+    """The seed that split the run's data: saved by evaluate, else read from config.json (where a run made
+    before the split had its own seed has its training seed)."""
+    if o["ev"].get("split_seed") is not None:
+        return o["ev"]["split_seed"]
+    try:
+        return RunConfig.load(o["run"] / "config.json").data.split_seed
+    except UserError:
+        return None
+
+
+def _test_set_differences(a: dict, b: dict) -> list[str]:
+    why = []
+    for key in ("data", "split"):
+        if a["ev"].get(key) != b["ev"].get(key):
+            why.append(f"{key} {a['ev'].get(key)!r} vs {b['ev'].get(key)!r}")
+    if set(a["per"]["image_hash"].tolist()) != set(b["per"]["image_hash"].tolist()):
+        seeds = _split_seed(a), _split_seed(b)
+        why.append("different test images" + (f" (split seeds {seeds[0]} vs {seeds[1]}; a run made before "
+                                              "data.split_seed split its data with its training seed)"
+                                              if seeds[0] != seeds[1] else ""))
     return why
 
 
 def _check_comparable(opened: list[dict], force: bool) -> list[str]:
     """Everything that makes these runs incomparable as one line (a UserError), unless ``force``: then the
     reasons are returned and shown as notes under the table."""
-    why = _refusals(opened) + _test_set_differences(opened)
+    why = _refusals(opened)
+    for b in opened[1:]:
+        diff = _test_set_differences(opened[0], b)
+        if diff:
+            why.append(f"{opened[0]['run']} and {b['run']} were not evaluated on the same test set ({'; '.join(diff)})")
     if why and not force:
         raise UserError(f"{'; '.join(why)}; pass --force to compare anyway")
     return why
+
+
+def extractor_note(a: dict, b: dict) -> str | None:
+    """Why run b's FD / precision / recall / density / coverage are not on run a's scale, or None."""
+    qa, qb = (o["ev"].get("sample_quality") or {} for o in (a, b))
+    if not qa or not qb:
+        return None
+    va, vb = qa.get("extractor_version", 1), qb.get("extractor_version", 1)
+    if va != vb:
+        old = a if va < vb else b
+        return (f"{old['run']} was scored by an older reference extractor (version {min(va, vb)}, without the "
+                f"fine-detail features): its FD, precision, recall, density and coverage are not comparable; "
+                f"rerun 'medivae evaluate {old['run']}'")
+    if qa.get("reference_hash") != qb.get("reference_hash"):
+        return (f"{b['run']} was scored by another reference extractor than {a['run']} ({qb.get('reference_hash')} "
+                f"vs {qa.get('reference_hash')}): its FD, precision, recall, density and coverage are not "
+                "comparable")
+    return None
 
 
 def _likelihood_note(opened: list[dict]) -> str | None:
@@ -178,30 +216,42 @@ def _anomaly(results: dict) -> dict:
             "auprc_ci95": ci.get("auprc"), "prevalence": an.get("prevalence")}
 
 
+def _cells(opened: list[dict], key: str | None, path: tuple, other_extractor: list[bool], n_boot: int,
+           seed: int) -> list[dict]:
+    """One row's cells: the value, its interval, the paired difference from the first run where per-image
+    values exist, and ``other_extractor`` for a feature metric measured in another extractor's features."""
+    values = []
+    for o, other in zip(opened, other_extractor, strict=True):
+        v = _get(o["ev"], path)
+        cell = {"value": v}
+        if key and key in o["per"]:
+            cell["ci95"] = mean_ci(o["per"][key], n_boot, seed)
+            if o is not opened[0]:
+                cell["vs_first"] = _paired(opened[0], o, key, n_boot, seed)
+        elif path[0] == "sample_quality" and v is not None:  # evaluate resampled the feature rows
+            cell["ci95"] = (o["ev"].get("ci95") or {}).get(path[-1])
+        if other and path[0] == "sample_quality" and path[-1] in EXTRACTOR_METRICS and v is not None:
+            cell["other_extractor"] = True
+        values.append(cell)
+    return values
+
+
 def compare_runs(runs: list, force: bool = False, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
-    """{"runs": [...], "rows": [{"metric", "values": [{"value", "ci95", "vs_first"}...]}], ...}."""
+    """{"runs": [...], "rows": [{"metric", "values": [{"value", "ci95", "vs_first"}...]}], "notes": [...]}."""
     if len(runs) < 2:
         raise UserError("compare needs at least two run folders")
     opened = [_open(Path(r)) for r in runs]
     notes = _check_comparable(opened, force)
+    extractor = [None] + [extractor_note(opened[0], o) for o in opened[1:]]
+    notes += [n for n in extractor if n]
     blank_nats = _likelihood_note(opened)
     notes += [blank_nats] if blank_nats else []
     rows = []
     for label, key, path in ROWS:
-        values = []
         if blank_nats and path[0] == "likelihood":
             rows.append({"metric": label, "values": [{"value": None} for _ in opened]})
             continue
-        for o in opened:
-            v = _get(o["ev"], path)
-            cell = {"value": v}
-            if key and key in o["per"]:
-                cell["ci95"] = mean_ci(o["per"][key], n_boot, seed)
-                if o is not opened[0]:
-                    cell["vs_first"] = _paired(opened[0], o, key, n_boot, seed)
-            elif path[0] == "sample_quality" and v is not None:  # evaluate resampled the feature rows
-                cell["ci95"] = (o["ev"].get("ci95") or {}).get(path[-1])
-            values.append(cell)
+        values = _cells(opened, key, path, [n is not None for n in extractor], n_boot, seed)
         if any(c["value"] is not None for c in values):
             rows.append({"metric": label, "values": values})
     for label, field in (("anomaly AUROC", "auroc"), ("anomaly AUPRC", "auprc")):

@@ -6,7 +6,8 @@ results.json is shared: other tools write other top-level keys; this module repl
 floats/ints; nats are per image; ``null`` where a number would be dishonest):
 
     evaluation:
-      run, checkpoint ("best"/"last"), data (source), split, n_images, seed, seconds,
+      run, checkpoint ("best"/"last"), data (source), split, n_images, seed (training), split_seed (data),
+      seconds,
       seconds_by_part {load, likelihood, posterior, collapse, sample_quality[, fid]}
       model: {name, likelihood, latent_dim, image_size, channels}
       likelihood: {likelihood, discrete_image_likelihood, iwae_k, neg_elbo_nats, neg_iwae_nats,
@@ -20,14 +21,16 @@ floats/ints; nats are per image; ``null`` where a number would be dishonest):
                  [, kl_to_standard_normal_nats]}   (KL to the model's prior: N(0, I) in closed form, a
                  learned prior by Monte Carlo, kl_prior says which; evaluation.collapse)
       sample_quality: {sampler ("prior"/"gmm"/"flow"), extractor ("cnn"/"ae"), fd_name ("FD-cnn"/"FD-ae"),
+                       extractor_version (evaluation.features.VERSION; absent: 1),
                        reference_folder, reference_hash (the shared extractor's key),
                        n_generated, n_reference, n_held_out, held_out_split, reference_split,
-                       model: {fd, precision, recall, density, coverage},   generated vs real reference
-                       floor: {fd, precision, recall, density, coverage}}   real held-out vs real reference
-                       (the reference is another held-out split, val when test is evaluated)
+                       model: {fd, precision, recall, density, coverage, hf_power_ratio}   generated vs real
+                       floor: {fd, precision, recall, density, coverage, hf_power_ratio}}  real held-out vs real
+                       (the reference is another held-out split, val when test is evaluated; hf_power_ratio:
+                       mean power above 1/4 cycle/pixel over the reference's, evaluation.sharpness)
       ci95: {neg_elbo_nats, neg_iwae_nats, mse, psnr_db, ssim[, psnr_fg_db, ssim_fg]: [lo, hi]}  95 % bootstrap
-            of the means over images; {fd, precision, recall, density, coverage, floor_fd, floor_precision, ...:
-            [lo, hi]} real and generated feature rows resampled (evaluation.sample_quality.compare_ci)
+            of the means over images; {fd, precision, recall, density, coverage, hf_power_ratio, floor_fd,
+            floor_precision, ...: [lo, hi]} real and generated rows resampled (sample_quality.compare_ci)
       per_image_file: RUN/eval_per_image.npz (each metric per image, with image_hash); per_image_sha256: its hash
       checkpoint_sha256: SHA-256 of the evaluated checkpoint's manifest.json (compare/report flag a changed one)
       fid: null | {weights, model, floor}                      (only with --inception-weights)
@@ -48,11 +51,12 @@ from tqdm import tqdm
 
 from medivae.data import ImageSet, load_dataset, to_float
 from medivae.evaluation import sample_quality as sq
-from medivae.evaluation.bootstrap import mean_ci
+from medivae.evaluation.bootstrap import mean_ci, ratio_of_means_ci
 from medivae.evaluation.collapse import collapse_metrics
-from medivae.evaluation.features import load_or_fit_reference
+from medivae.evaluation.features import VERSION, load_or_fit_reference
 from medivae.evaluation.likelihood import likelihood_bounds
 from medivae.evaluation.reconstruction import FOREGROUND_MASKS, mean_over_images, per_image_metrics
+from medivae.evaluation.sharpness import high_frequency_power
 from medivae.models.family import MISSING, describe, has, labels_for, latent_prior
 from medivae.models.inference import reconstruct, sample_images
 from medivae.models.samplers import DEFAULT_SAMPLING_STEPS, check_options
@@ -162,12 +166,21 @@ def source_fingerprint(source: str) -> str:
     return resolve(source, progress=False).fingerprint()
 
 
-def reference_description(data_cfg, seed: int) -> dict:
-    """What keys the shared reference extractor under $MEDIVAE_CACHE/reference (one per dataset, split
-    and label filter, whatever run or family asks): every run on the same data gets the same features."""
-    keep = ("image_size", "channels", "labels", "val_fraction", "test_fraction", "resize_mode", "window")
-    return {"source": source_fingerprint(data_cfg.source), "split_seed": seed,
-            **{k: getattr(data_cfg, k) for k in keep}}
+REFERENCE_KEYS = ("image_size", "channels", "labels", "val_fraction", "test_fraction", "split_seed", "resize_mode",
+                  "window", "normalize", "nifti_axis")
+
+
+def reference_description(data_cfg) -> dict:
+    """What keys the shared reference extractor under $MEDIVAE_CACHE/reference: the data (source fingerprint,
+    preprocessing, label filter, split definition), never a run's training seed or family, so every run on
+    the same data is scored with the same features."""
+    return {"source": source_fingerprint(data_cfg.source), **{k: getattr(data_cfg, k) for k in REFERENCE_KEYS}}
+
+
+def shared_reference(data_cfg, train: ImageSet, epochs: int, progress: bool, device):
+    """The dataset's one reference extractor (evaluation.features), trained once on ``train`` and cached."""
+    return load_or_fit_reference(reference_root(), train, reference_description(data_cfg), epochs,
+                                 progress=progress, device=device)
 
 
 def reference_split(splits: dict, evaluated: str, need: int = 6) -> str:
@@ -191,12 +204,10 @@ def sample_quality_block(model, cfg, data_cfg, splits, held_out: ImageSet, opts,
     """(the sample_quality block, its 95 % bootstrap intervals {fd, ..., floor_fd, ...}, (real reference
     subset, generated images)) for the optional FID.
     ``latent_sampler``: the post-hoc sampler named by ``opts.sampler`` (None: the family's prior)."""
-    seed = cfg.train.seed
-    ref = load_or_fit_reference(reference_root(), splits["train"],
-                                reference_description(data_cfg, seed), seed, opts.reference_epochs,
-                                progress=progress, device=device)
+    seed, data_seed = cfg.train.seed, data_cfg.split_seed  # the model's draws; what the data alone decides
+    ref = shared_reference(data_cfg, splits["train"], opts.reference_epochs, progress, device)
     ref_split = reference_split(splits, opts.split)
-    real = _subset(splits[ref_split], MAX_REFERENCE, seed, "evaluate-reference")
+    real = _subset(splits[ref_split], MAX_REFERENCE, data_seed, "evaluate-reference")
     n_gen = opts.n_samples or len(held_out)
     fake = generate_images(model, n_gen, held_out.labels, seed, latent_sampler, opts.guidance, opts.sampling_steps,
                            progress)
@@ -204,15 +215,20 @@ def sample_quality_block(model, cfg, data_cfg, splits, held_out: ImageSet, opts,
         "sampler": opts.sampler,
         **({"guidance": opts.guidance, "sampling_steps": opts.sampling_steps or DEFAULT_SAMPLING_STEPS}
            if opts.sampler == "diffusion" else {}),
-        "extractor": ref.name, "fd_name": f"FD-{ref.name}", "reference_folder": str(ref.folder),
-        "reference_hash": ref.folder.name,
+        "extractor": ref.name, "fd_name": f"FD-{ref.name}", "extractor_version": VERSION,
+        "reference_folder": str(ref.folder), "reference_hash": ref.folder.name,
         "n_generated": n_gen, "n_reference": len(real), "n_held_out": len(held_out),
         "held_out_split": opts.split, "reference_split": ref_split,
     }
     f_real, f_fake, f_held = ref.features(real.images), ref.features(fake), ref.features(held_out.images)
     block.update(sq.with_floor(f_real, f_fake, f_held))
+    p_real, p_fake, p_held = (high_frequency_power(x) for x in (real.images, fake.numpy(), held_out.images))
+    block["model"]["hf_power_ratio"] = float(p_fake.mean() / p_real.mean())
+    block["floor"]["hf_power_ratio"] = float(p_held.mean() / p_real.mean())
     ci = {**sq.compare_ci(f_real, f_fake, opts.bootstrap, seed),
-          **{f"floor_{k}": v for k, v in sq.compare_ci(f_real, f_held, opts.bootstrap, seed).items()}}
+          "hf_power_ratio": ratio_of_means_ci(p_fake, p_real, opts.bootstrap, seed),
+          **{f"floor_{k}": v for k, v in sq.compare_ci(f_real, f_held, opts.bootstrap, data_seed).items()},
+          "floor_hf_power_ratio": ratio_of_means_ci(p_held, p_real, opts.bootstrap, data_seed)}
     return block, ci, (real, fake)
 
 
@@ -230,7 +246,7 @@ def fid_block(net, weights: str, real: ImageSet, fake: torch.Tensor, held_out: I
 def load_split(cfg, data: str | None, split: str, progress: bool):
     """(data config, all splits, the evaluated split) for the run's source or another one."""
     data_cfg = cfg.data if data is None else dataclasses.replace(cfg.data, source=str(data), labels=())
-    splits = load_dataset(data_cfg, cfg.train.seed, progress)
+    splits = load_dataset(data_cfg, progress=progress)
     s = splits[split]
     if len(s) == 0:
         raise UserError(f"split {split!r} of {data_cfg.source} is empty; choose another with --split")
@@ -253,7 +269,7 @@ def evaluate_run(run_dir, data: str | None = None, opts: EvalOptions | None = No
     latent = run.latent_sampler(opts.sampler)  # refused now, before any work, if it does not match the run
     seed, m = cfg.train.seed, cfg.model
     data_cfg, splits, s = timed("load", load_split, cfg, data, opts.split, progress)
-    s = _subset(s, opts.max_images, seed, "evaluate-subset")
+    s = _subset(s, opts.max_images, data_cfg.split_seed, "evaluate-subset")  # the same images for every run
     need = max(sq.PR_K, sq.DC_K) + 1  # the k-NN metrics of sample quality compare sets of more than k points
     if has(model, "sample") and min(len(s), opts.n_samples or len(s)) < need:
         raise UserError(f"sample quality needs at least {need} evaluated and {need} generated images, not "
@@ -277,7 +293,7 @@ def evaluate_run(run_dir, data: str | None = None, opts: EvalOptions | None = No
             fid = timed("fid", fid_block, inception, opts.inception_weights, real, fake, s, dev)
     result = {
         "run": str(run_dir), "checkpoint": opts.checkpoint, "data": data_cfg.source, "split": opts.split,
-        "n_images": len(s), "seed": seed,
+        "n_images": len(s), "seed": seed, "split_seed": data_cfg.split_seed,
         "model": {"name": m.name, **describe(model).to_dict(), "image_size": m.image_size,
                   "channels": m.channels, "capabilities": sorted(model.capabilities),
                   "parameters": sum(p.numel() for p in model.parameters())},

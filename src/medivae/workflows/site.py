@@ -50,7 +50,7 @@ def site_normals(cfg: RunConfig, normal_label: str, source: str, flag: str) -> I
     when the source is labelled, all of them when it is not (a folder of normals). They carry the run's own
     label number for the normal class (what a conditional model is given). ``flag`` names the option in errors."""
     data = dataclasses.replace(cfg.data, source=source, labels=(), val_fraction=0.0, test_fraction=0.0)
-    every = concat(list(load_dataset(data, cfg.train.seed, progress=False).values()))
+    every = concat(list(load_dataset(data, progress=False).values()))
     code = label_code(every.label_names, normal_label)
     if code is not None and (every.labels == code).any():
         keep = every.labels == code
@@ -113,7 +113,7 @@ def plan_adaptation(run_dir: Path, cfg: RunConfig, checkpoint_sha256: str, norma
                         "was fitted on its normals)")
     normal_label = cfg.data.labels[0]
     seed = cfg.train.seed
-    own = load_dataset(cfg.data, seed, progress=False)
+    own = load_dataset(cfg.data, progress=False)
     every = site_normals(cfg, normal_label, normals, "--normals")
     site = unique_images(every)
     clash = shared_images(site.images, [own["train"], own["val"]])

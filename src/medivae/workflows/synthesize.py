@@ -20,7 +20,6 @@ import torch
 from medivae.data import load_dataset
 from medivae.data.imageset import label_code
 from medivae.evaluation.bootstrap import mean_ci
-from medivae.evaluation.features import load_or_fit_reference
 from medivae.evaluation.privacy import (
     SpaceCheck,
     check_space,
@@ -39,7 +38,7 @@ from medivae.runtime.errors import UserError
 from medivae.runtime.images import grid, save_png
 from medivae.runtime.io import atomic_write_bytes, atomic_write_text
 from medivae.runtime.seeding import numpy_rng, torch_generator
-from medivae.workflows.evaluate import reference_description, reference_root
+from medivae.workflows.evaluate import shared_reference
 
 MEMORISATION_FILE = "memorisation.json"  # written last: a folder holding it is a complete synthesize output
 IMAGE_NAME = re.compile(r"\d{6}\.png")
@@ -116,10 +115,7 @@ def _reference(run_dir, cfg, epochs: int, progress: bool, device):
     """The reference extractor (features.py), trained on every label of the run's source so it can
     tell classes apart even when the run itself saw one class; shared under $MEDIVAE_CACHE/reference."""
     data = dataclasses.replace(cfg.data, labels=())
-    train = load_dataset(data, cfg.train.seed, progress=False)["train"]
-    desc = reference_description(data, cfg.train.seed)  # evaluate's key: one cache for both tools
-    return load_or_fit_reference(reference_root(), train, desc, cfg.train.seed, epochs, progress=progress,
-                                 device=device)
+    return shared_reference(data, load_dataset(data, progress=False)["train"], epochs, progress, device)
 
 
 def synthesize_run(
@@ -157,7 +153,7 @@ def synthesize_run(
     codes, names = _label_plan(model, cfg, label, n)
     fake = generate_uint8(model, codes, n, cfg.train.seed if seed is None else seed, latent, guidance,
                           sampling_steps, progress)
-    splits = load_dataset(cfg.data, cfg.train.seed, progress=False)
+    splits = load_dataset(cfg.data, progress=False)
     train, held = splits["train"], splits["test"] if len(splits["test"]) else splits["val"]
     ref = _reference(run_dir, cfg, reference_epochs, progress, dev)
     checks = memorisation_checks(run, fake, train, held, percentile, ref)

@@ -49,7 +49,7 @@ def train_run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, compa
     if not distributed.env_info().enabled:  # under torchrun, no import on a thread beside the process group
         preload_in_background("torch._dynamo")
     seed_everything(t.seed)
-    splits = load_dataset(cfg.data, t.seed, progress)
+    splits = load_dataset(cfg.data, progress=progress)
     names = tuple(splits["train"].label_names)
     cfg = dataclasses.replace(cfg, model=config_for_data(cfg.model, names, cfg.data.source), label_names=names)
     device = distributed.local_device(pick_device(t.device))  # cuda:LOCAL_RANK under torchrun

@@ -109,15 +109,15 @@ def _synthesized_by(folder: Path) -> Path | None:
 
 # --- the real data: the VAE runs' own split -----------------------------------------------------------------
 _SAME_DATA = ("source", "image_size", "channels", "resize_mode", "window", "normalize", "nifti_axis",
-              "val_fraction", "test_fraction")
+              "val_fraction", "test_fraction", "split_seed")
 
 
 def _check_same_data(runs: list, real: str | None) -> None:
     c0 = runs[0].config
     for r in runs[1:]:
         diff = [k for k in _SAME_DATA if getattr(r.config.data, k) != getattr(c0.data, k)]
-        if diff or r.config.train.seed != c0.train.seed:
-            raise UserError(f"runs {runs[0].folder} and {r.folder} differ in {diff or ['seed']}; "
+        if diff:
+            raise UserError(f"runs {runs[0].folder} and {r.folder} differ in {diff}; "
                             "utility needs runs trained on the same data and split")
     if real is not None and not same_source(real, c0.data.source):
         raise UserError(f"--real {real} is not the source the run {runs[0].folder} trained on "
@@ -145,13 +145,13 @@ def run_real_splits(runs: list) -> tuple[dict[str, ImageSet], dict]:
         covered |= codes
     rest = [names[c] for c in range(len(names)) if c not in covered]
     if rest:
-        other = load_dataset(dataclasses.replace(cfg.data, labels=tuple(rest)), cfg.train.seed, progress=False)
+        other = load_dataset(dataclasses.replace(cfg.data, labels=tuple(rest)), progress=False)
         for k in parts:
             parts[k].append(other[k])
     out = {k: concat(v, names) for k, v in parts.items()}
     seen = set(np.concatenate([image_hashes(t) for t in trained]).tolist())
     clean = np.flatnonzero([h not in seen for h in image_hashes(out["test"].images)])
-    info = {"runs": [str(r.folder) for r in runs], "source": cfg.data.source, "seed": cfg.train.seed,
+    info = {"runs": [str(r.folder) for r in runs], "source": cfg.data.source, "split_seed": cfg.data.split_seed,
             "run_labels": [list(r.config.data.labels) for r in runs], "labels_from_rest_of_source": rest,
             "n_test_dropped_as_training_duplicates": int(len(out["test"]) - len(clean))}
     out["test"] = out["test"].subset(clean)
@@ -163,8 +163,8 @@ def _source_splits(real: str, size: int, channels: int, seed: int | None, val_fr
     """Without a run: ``real`` split with ``seed`` and the fractions (cannot know what a VAE trained on)."""
     seed = DEFAULT_SEED if seed is None else seed
     data = DataConfig(source=str(real), image_size=size, channels=channels, val_fraction=val_fraction,
-                      test_fraction=test_fraction)
-    splits = load_dataset(data, seed, progress=False)
+                      test_fraction=test_fraction, split_seed=seed)
+    splits = load_dataset(data, progress=False)
     info = {"seed": seed, "note": "real data split by utility itself; pass --run to use the VAE run's split"}
     return splits, info
 

@@ -82,10 +82,11 @@ def _latent_gmm(p: ImagePass, normals: Normals, value) -> Scored | None:
 
 
 def _feature_res(p: ImagePass, normals: Normals, value) -> Scored | None:
-    """||f(x) - f(x_hat)||_2 / sqrt(D) in the reference extractor's feature space."""
+    """||f(x) - f(x_hat)||_2 / sqrt(D) in the reference network's own features (not the detail block, which a
+    reconstruction's blur would fill for normal and anomalous images alike)."""
     if normals.reference is None:
         return None
-    fx, fr = normals.reference.features(p.images), normals.reference.features(p.recon)
+    fx, fr = normals.reference.content_features(p.images), normals.reference.content_features(p.recon)
     return np.linalg.norm(fx - fr, axis=1) / np.sqrt(fx.shape[1]), None
 
 

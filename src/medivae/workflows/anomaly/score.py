@@ -129,7 +129,7 @@ def compute(plan: ScoringPlan, opts: ScoreOptions, progress: bool) -> tuple[Prot
                   normal_class=label_code(cfg.label_names, plan.normal_label))
     reference = load_or_fit_reference(run.folder / "reference", plan.sets["train"],
                                       {"purpose": "anomaly feature residual", "source": str(cfg.data.source),
-                                       "image_size": cfg.data.image_size}, cfg.train.seed, progress=progress,
+                                       "image_size": cfg.data.image_size}, progress=progress,
                                       device=run.device)
     proto = run_protocol(ctx, plan.sets, reference, phantoms=str(cfg.data.source).startswith("phantoms"))
     return proto, ctx

@@ -30,8 +30,7 @@ def scoring_sets(cfg, normal_label: str, data: str | None, split: str) -> dict:
     is_anomaly) of the scored source's validation split when it holds normal and other labelled images and is
     not the scored split (what the trivial baselines' directions are fixed on), else None}.
     """
-    seed = cfg.train.seed
-    own = load_dataset(cfg.data, seed, progress=False)
+    own = load_dataset(cfg.data, progress=False)
     names = own["train"].label_names
     code = label_code(names, normal_label)
     if code is None:
@@ -40,7 +39,7 @@ def scoring_sets(cfg, normal_label: str, data: str | None, split: str) -> dict:
     if len(normals["val"]) < 2:
         raise UserError("the run has fewer than 2 validation normals to calibrate on; refit with --val-fraction > 0")
     same = data is None or same_source(data, cfg.data.source)
-    full = load_dataset(dataclasses.replace(cfg.data, source=data or cfg.data.source, labels=()), seed, False)
+    full = load_dataset(dataclasses.replace(cfg.data, source=data or cfg.data.source, labels=()), progress=False)
     if split not in full:
         raise UserError(f"unknown split {split!r}; choose train, val or test")
     s = full[split]
