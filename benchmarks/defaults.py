@@ -37,6 +37,7 @@ import resource
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
         record = dict(done[0]) if done else {"commit": commit, "seed": seed, "run": str(out),
                                              **train(arm, args.data, seed, out, extra)}
         record.update(measure(out, args.split, args.iwae_k, args.n_samples))
-        with open(args.out.with_suffix(".lock"), "w") as lock:  # calls may run side by side
+        with open(Path(tempfile.gettempdir()) / "medivae_defaults.lock", "w") as lock:  # calls may run side by side
             fcntl.flock(lock, fcntl.LOCK_EX)
             result = load(args.out)  # again: another call may have added a record meanwhile
             result["records"].setdefault(args.data, {}).setdefault(args.split, {}).setdefault(name, {})[
