@@ -30,12 +30,14 @@ HeadCT at 64 px (one class of the MedNIST archive, split by medivae).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import resource
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -214,9 +216,12 @@ def main(argv=None) -> int:
         record = dict(done[0]) if done else {"commit": commit, "seed": seed, "run": str(out),
                                              **train(arm, args.data, seed, out, extra)}
         record.update(measure(out, args.split, args.iwae_k, args.n_samples))
-        result = load(args.out)  # again: another call may have added a record meanwhile
-        result["records"].setdefault(args.data, {}).setdefault(args.split, {}).setdefault(name, {})[str(seed)] = record
-        save(args.out, result)
+        with open(Path(tempfile.gettempdir()) / "medivae_defaults.lock", "w") as lock:  # calls may run side by side
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            result = load(args.out)  # again: another call may have added a record meanwhile
+            result["records"].setdefault(args.data, {}).setdefault(args.split, {}).setdefault(name, {})[
+                str(seed)] = record
+            save(args.out, result)
         print(args.data, args.split, name, seed, json.dumps(record), flush=True)
     return 0
 
