@@ -119,6 +119,7 @@ PAGES = {  # result file -> (results page, its title), for the index of every re
     "hvae_pneumonia32": ("families.md#hierarchical-vae", "Hierarchical VAE"),
     "hvae_pneumonia32cos": ("families.md#hierarchical-vae", "Hierarchical VAE"),
     "samplers": ("samplers.md", "Latent samplers"), "kl_ablation": ("kl_ablation.md", "Posterior collapse"),
+    "samplers_diffusion_pneu": ("samplers.md#a-diffusion-sampler", "Latent samplers"),
     "anomaly_protocol_ssim_z": ("anomaly.md", "Anomaly detection"),
     "anomaly_protocol": ("anomaly.md#the-first-version", "Anomaly detection"),
     "anomaly_protocol_vae_gan": ("anomaly.md#other-families", "Anomaly detection"),
@@ -160,8 +161,8 @@ class Tables:
 
         return to_markdown(self.R[name]["compare"])
 
-    def samplers(self) -> str:
-        return _bench("samplers_compare").markdown(self.R.samplers)
+    def samplers(self, name: str = "samplers") -> str:
+        return _bench("samplers_compare").markdown(self.R[name])
 
     def anomaly(self, name: str) -> str:
         return _bench("anomaly_protocol").markdown(self.R[name])

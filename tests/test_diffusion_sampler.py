@@ -224,3 +224,41 @@ def test_hierarchical_vae_fit_sampler_end_to_end(tmp_path):
                  "--width", "8"]) == 0
     assert json.loads((run / "samplers" / "diffusion.json").read_text())["spec"]["latent_shape"] == [4, 4, 4]
     assert medivae.load(run).sample(2, sampler="diffusion", sampling_steps=2).shape == (2, 1, 32, 32)
+
+
+# --- fitting and files, without a run ----------------------------------------------------------------------------
+def _toy(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=g) * torch.tensor([2.0, 0.5, 1.0]) + torch.tensor([1.0, -3.0, 0.0])
+
+
+def test_fit_diffusion_is_seeded_keeps_its_best_epoch_and_stops_at_the_time_budget():
+    from medivae.models.samplers import DiffusionFit, fit_diffusion
+
+    opts = DiffusionFit(width=16, max_epochs=6, patience=3, batch=64)
+    a = fit_diffusion(_toy(256, 0), _toy(64, 1), seed=7, opts=opts)
+    b = fit_diffusion(_toy(256, 0), _toy(64, 1), seed=7, opts=opts)
+    assert all(torch.equal(x, y) for x, y in zip(a.denoiser.state_dict().values(), b.denoiser.state_dict().values(),
+                                                 strict=True))
+    assert 1 <= a.info["best_epoch"] <= a.info["epochs"] <= 6
+    torch.testing.assert_close(a.standardiser.mean, _toy(256, 0).mean(0))
+    quick = fit_diffusion(_toy(256, 0), _toy(64, 1), seed=7, opts=DiffusionFit(width=16, time_budget=1e-9))
+    assert quick.info["epochs"] == 1
+    with pytest.raises(UserError, match="max epochs"):
+        DiffusionFit(max_epochs=0)
+
+
+def test_diffusion_sampler_files_round_trip_and_refuse_other_weights(tmp_path):
+    from medivae.models.samplers import DiffusionFit, fit_diffusion, load_sampler, save_sampler
+
+    y = torch.arange(2).repeat(128)
+    s = fit_diffusion(_toy(256, 0), _toy(64, 1), y, y[:64], num_classes=2, seed=3,
+                      opts=DiffusionFit(width=16, max_epochs=2, batch=64))
+    save_sampler(s, tmp_path, "a" * 64)
+    back = load_sampler(tmp_path, "diffusion", "a" * 64)
+    labels = torch.tensor([0, 1, 1, 0])
+    draw = {k: x.sample(4, torch.Generator().manual_seed(0), labels, guidance=1.0, steps=5) for k, x in
+            (("saved", s), ("loaded", back))}
+    assert torch.equal(draw["saved"], draw["loaded"]) and draw["saved"].shape == (4, 3)
+    with pytest.raises(UserError, match="fitted to other weights"):
+        load_sampler(tmp_path, "diffusion", "b" * 64)
