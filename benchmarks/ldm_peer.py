@@ -149,7 +149,8 @@ def train_medivae(recipe: str, run: Path, args) -> dict:
            "sampler": "prior" if recipe == "ldm" else recipe.split("+")[1]}
     if rec["sampler"] != "prior":
         budget = ["--time-budget", p["sampler_seconds"]] if p.get("sampler_seconds") else []
-        rec["fit_sampler"] = medivae("fit-sampler", run, "--sampler", rec["sampler"], *budget)
+        quiet = ["--no-progress"] if rec["sampler"] == "diffusion" else []  # the only fit with a progress bar
+        rec["fit_sampler"] = medivae("fit-sampler", run, "--sampler", rec["sampler"], *budget, *quiet)
         rec["train_seconds"] = round(rec["train_seconds"] + rec["fit_sampler"]["wall_seconds"], 2)
     info_file.write_text(json.dumps(rec, indent=2) + "\n")
     return rec
@@ -273,13 +274,18 @@ def side_by_side(panels: dict[str, np.ndarray], path: Path) -> dict:
 
 # --- one seed, the JSON, the table ---------------------------------------------------------------------------
 def versions() -> dict:
+    """Library versions, and the medivae that ran: its folder and that checkout's commit ("" outside git), which
+    differ from this script's when medivae comes from elsewhere on PYTHONPATH."""
     import monai
     import torch
 
+    import medivae
     from medivae.runtime.version import __version__
 
+    src = Path(medivae.__file__).parent
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True).stdout.strip()
     return {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
-            "medivae": __version__}
+            "medivae": __version__, "medivae_path": str(src), "medivae_commit": head}
 
 
 def run_seed(args) -> dict:
