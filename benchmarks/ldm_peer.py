@@ -352,6 +352,8 @@ def write(out: Path, record: dict) -> dict:
 
     result = json.loads(out.read_text()) if out.exists() else {"benchmark": "ldm_peer", "runs": {}}
     result["runs"][str(record["seed"])] = record
+    # what the documentation's results index shows of a file: the last run's commit, every seed's command
+    result["commit"], result["commands"] = record["commit"], {k: r["command"] for k, r in result["runs"].items()}
     result["summary"] = summary(result["runs"])
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
@@ -380,7 +382,7 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--pilot-images", type=int, default=PILOT_IMAGES)
     p.add_argument("--work", type=Path, default=Path("/tmp/ldm_peer"))
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ldm_peer.json")
-    p.add_argument("--grid", type=Path, default=ROOT / "docs" / "images" / "ldm_peer_hand.png")
+    p.add_argument("--grid", type=Path, default=ROOT / "docs" / "results" / "images" / "ldm_peer_hand.png")
     p.add_argument("--markdown", type=Path, help="print the table of this JSON and exit")
     args = p.parse_args(argv)
     args.command = " ".join(["python benchmarks/ldm_peer.py", *(sys.argv[1:] if argv is None else argv)])
