@@ -45,7 +45,8 @@ import monai_ldm  # benchmarks/ is on sys.path (the scripts run as files)
 import numpy as np
 from common import ROOT, git_commit, trained_epochs
 
-MEDNIST = ROOT.parent / "shared" / "data" / "mednist" / "MedNIST.tar.gz"
+SHARED = next((d / "shared" for d in ROOT.parents if (d / "shared" / "data").is_dir()), ROOT.parent / "shared")
+MEDNIST = SHARED / "data" / "mednist" / "MedNIST.tar.gz"  # ../shared beside the checkout (or a worktree's folder)
 RECIPES = ("ldm", "conv_vae+diffusion", "conv_vae+flow")
 ROWS = {"medivae": "medivae", "monai": "MONAI 2D LDM", "floor": "real validation images (floor)",
         "blur_sigma1": "real validation images, Gaussian blur sigma = 1"}
