@@ -1,8 +1,9 @@
-"""Smoke tests of benchmarks/bench_train.py --quick and speed_ablation.py: they run end to end and
+"""Smoke tests of benchmarks/bench_train.py --quick, speed_ablation.py and ldm_peer.py: they run end to end and
 write complete JSON.
 
-Slow (about 40 s on an idle 2-core machine: two trainings, inference timings, a small scaling table).
-No number is compared with a speed: timings depend on the machine and its load.
+Slow (bench_train about 40 s on an idle 2-core machine: two trainings, inference timings, a small scaling table;
+ldm_peer three short runs per medivae recipe). No number is compared with a speed: timings depend on the machine
+and its load.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,3 +114,54 @@ def test_defaults_benchmark_adds_one_record_per_call_and_tabulates_the_claims(tm
     verdict = "yes" if a > b else "**no**"
     row = f"| phantoms32 | vae_gan hf_power_ratio (higher is better) | {a:.3f} | {b:.3f} (conv_vae) | 1 | {verdict} |"
     assert f"{row} abc123 |" in text
+
+
+def _ldm_peer(tmp_path, *args) -> dict:
+    out = tmp_path / "ldm_peer.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "ldm_peer.py"), "--data", "phantoms:150", "--labels", "",
+           "--image-size", "32", "--seconds", "6", "--sampling-steps", "3", "--bootstrap", "20",
+           "--reference-epochs", "1", "--pilot-images", "64", "--work", str(tmp_path / "work"), "--out", str(out),
+           "--grid", str(tmp_path / "grid.png"), *args]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["ldm", "conv_vae+flow"])
+def test_ldm_peer_scores_both_arms_at_equal_seconds_and_stages_seeds(tmp_path, recipe):
+    pytest.importorskip("monai")
+    pytest.importorskip("einops")  # MONAI's attention blocks need it
+    from medivae.models import families
+
+    if recipe.split("+")[0] not in families():
+        pytest.skip(f"no {recipe} family in this medivae")
+    first = _ldm_peer(tmp_path, "--medivae", recipe, "--seed", "1")  # epochs planned by the pilot
+    _ldm_peer(tmp_path, "--medivae", recipe, "--seed", "2", "--medivae-epochs", "2,1" if recipe == "ldm" else "2")
+    again = _ldm_peer(tmp_path, "--medivae", recipe, "--seed", "1")  # reuses seed 1's run and MONAI samples
+    assert sorted(again["runs"]) == ["1", "2"] and again["summary"]["seeds"] == ["1", "2"]
+    a, b = first["runs"]["1"], again["runs"]["1"]
+    assert b["arms"]["monai"] == a["arms"]["monai"] and b["arms"]["medivae"]["train"] == a["arms"]["medivae"]["train"]
+    assert b["rows"] == a["rows"]  # nothing retrained, the same samples drawn again, the same scores
+    r = again["runs"]["2"]
+    assert r["arms"]["medivae"]["plan"]["epochs"] == (3 if recipe == "ldm" else 2)
+    med, mon, data = r["arms"]["medivae"], r["arms"]["monai"], r["data"]
+    # MONAI gets exactly medivae's training seconds, split between its two stages; a stage stops only once
+    # its clock has passed its share, and what stage 1 overran comes off stage 2
+    assert mon["budget_seconds"] == pytest.approx(med["train_seconds"], abs=0.01)
+    assert mon["autoencoder"]["seconds"] >= mon["autoencoder"]["budget"]
+    assert mon["unet"]["budget"] == pytest.approx(max(mon["budget_seconds"] - mon["autoencoder"]["seconds"], 0),
+                                                  abs=0.02)
+    assert data["train"] + data["val"] + data["test"] == 150
+    assert r["rows"]["medivae"]["n"] == r["rows"]["monai"]["n"] == data["test"]
+    assert r["rows"]["floor"]["n"] == r["rows"]["blur_sigma1"]["n"] == data["val"]
+    for row in r["rows"].values():
+        for m in ("fd", "precision", "recall", "density", "coverage", "hf_power_ratio"):
+            lo, hi = row["ci95"][m]
+            assert lo <= hi and row[m] >= 0
+    # a Gaussian blur takes power out of the high frequencies, whatever the features say
+    assert r["rows"]["blur_sigma1"]["hf_power_ratio"] < 0.5 * r["rows"]["floor"]["hf_power_ratio"]
+    assert r["versions"]["monai"] and len(r["commit"]) == 40 and r["threads"] >= 1
+    from PIL import Image
+
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape[1] > 3 * 4 * 32 and grid.std() > 10  # three 4 x 4 panels of 32 px images, not blank
