@@ -165,28 +165,28 @@ def synthesize_run(
         report["ci95"] = {"memorisation_rate": mean_ci(rejected.astype(np.float64), bootstrap, cfg.train.seed)}
     out = Path(out)
     keep = np.flatnonzero(~rejected)
+    files = _write_outputs(out, fake, keep, names, cfg, fmt, checks, train, n_pairs)
+    report.update(
+        run=str(run_dir), run_absolute=str(Path(run_dir).resolve()),  # utility checks it against its --run
+        sampler=sampler, **({"guidance": guidance, "sampling_steps": sampling_steps or DEFAULT_SAMPLING_STEPS}
+                            if sampler == "diffusion" else {}),
+        label=label, n_written=len(keep), reference_folder=str(ref.folder), reference_hash=ref.folder.name,
+        n_train=len(train), n_held_out=len(held), files=files,
+    )
+    atomic_write_text(out / MEMORISATION_FILE, json.dumps(report, indent=2) + "\n")
+    merge_results(Path(run_dir) / RESULTS_FILE, "privacy", report)
+    return report
+
+
+def _write_outputs(out: Path, fake: np.ndarray, keep: np.ndarray, names: list, cfg, fmt: str, checks, train,
+                   n_pairs: int) -> dict:
+    """The kept synthetic images with their labels, and a figure of each check's nearest training pairs."""
     files = write_synthetic(out, fake[keep], [names[i] for i in keep], tuple(cfg.label_names), fmt)
     for c in checks:
         if n_pairs:
             pair_figure(fake, train.images, c, out / f"nearest_{c.name}.png", n_pairs)
             files[f"nearest_{c.name}"] = str(out / f"nearest_{c.name}.png")
-    report.update(
-        run=str(run_dir),
-        run_absolute=str(Path(run_dir).resolve()),  # utility checks it against its --run, from any folder
-        sampler=sampler,
-        **({"guidance": guidance, "sampling_steps": sampling_steps or DEFAULT_SAMPLING_STEPS}
-           if sampler == "diffusion" else {}),
-        label=label,
-        n_written=len(keep),
-        reference_folder=str(ref.folder),
-        reference_hash=ref.folder.name,
-        n_train=len(train),
-        n_held_out=len(held),
-        files=files,
-    )
-    atomic_write_text(out / MEMORISATION_FILE, json.dumps(report, indent=2) + "\n")
-    merge_results(Path(run_dir) / RESULTS_FILE, "privacy", report)
-    return report
+    return files
 
 
 def _uint8(x: torch.Tensor) -> np.ndarray:

@@ -170,6 +170,21 @@ def _source_splits(real: str, size: int, channels: int, seed: int | None, val_fr
 
 
 # --- run-level: what ``api.utility`` calls ------------------------------------------------------------------
+def _runs_real_splits(runs: list, real, channels: int, size: int, seed: int | None):
+    """The real splits of the VAE runs the synthetic images came from (checked to be one data set of the
+    synthetic images' shape): (splits, split record, seed, source)."""
+    from medivae.runfolder.run import load_run
+
+    opened = [load_run(r, device="cpu") for r in runs]
+    _check_same_data(opened, real)
+    d = opened[0].config.data
+    if (d.channels, d.image_size) != (channels, size):
+        raise UserError(f"synthetic images are {channels}x{size}x{size}, the run's data "
+                        f"{d.channels}x{d.image_size}x{d.image_size}")
+    splits, split_info = run_real_splits(opened)
+    return splits, split_info, opened[0].config.train.seed if seed is None else seed, d.source
+
+
 def utility_run(
     real: str | None,
     synthetic: list,
@@ -202,17 +217,7 @@ def utility_run(
     if size not in IMAGE_SIZES:
         raise UserError(f"synthetic images are {size}x{size}; medivae sizes are {list(IMAGE_SIZES)}")
     if runs:
-        from medivae.runfolder.run import load_run
-
-        opened = [load_run(r, device="cpu") for r in runs]
-        _check_same_data(opened, real)
-        d = opened[0].config.data
-        if (d.channels, d.image_size) != (channels, size):
-            raise UserError(f"synthetic images are {channels}x{size}x{size}, the run's data "
-                            f"{d.channels}x{d.image_size}x{d.image_size}")
-        splits, split_info = run_real_splits(opened)
-        seed = opened[0].config.train.seed if seed is None else seed
-        real = d.source
+        splits, split_info, seed, real = _runs_real_splits(runs, real, channels, size, seed)
     else:
         splits, split_info = _source_splits(real, size, channels, seed, val_fraction, test_fraction)
         seed = split_info["seed"]
@@ -221,24 +226,12 @@ def utility_run(
     names = train.label_names
     if len(names) < 2 or (test.labels < 0).any() or len(test) == 0:
         raise UserError(f"{real}: utility needs a labelled real test split with at least 2 classes")
-    syn = as_imageset(
-        np.concatenate([p[0] for p in parts]),
-        [s for p in parts for s in p[1]],
-        names,
-        ", ".join(map(str, synthetic)),
-    )
+    syn = as_imageset(np.concatenate([p[0] for p in parts]), [s for p in parts for s in p[1]], names,
+                      ", ".join(map(str, synthetic)))
     result = {
-        "real": str(real),
-        "real_split": split_info,
-        "synthetic": [str(s) for s in synthetic],
-        "n_synthetic": len(syn),
-        "image_size": size,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "seed": seed,
-        "classifier_width": width,
-        "bootstrap": bootstrap,
-        "notes": notes,
+        "real": str(real), "real_split": split_info, "synthetic": [str(s) for s in synthetic],
+        "n_synthetic": len(syn), "image_size": size, "epochs": epochs, "batch_size": batch_size, "seed": seed,
+        "classifier_width": width, "bootstrap": bootstrap, "notes": notes,
         **tstr(train, syn, test, epochs, seed, width, progress, pick_device(device), batch_size, bootstrap),
     }
     out = Path(out) if out is not None else Path(synthetic[0]) / "utility.json"
