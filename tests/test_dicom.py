@@ -249,7 +249,7 @@ def test_one_dicom_file_for_a_run_is_windowed_as_its_data_was(tmp_path):
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=str(tmp_path), image_size=32,
                                                             window="lung", cache=False))
     got = load_image(path, cfg)[0, 0].numpy()
-    source = load_source(cfg.data, 0)["all"].images  # the folder source of the same file: uint8 (1, 1, 32, 32)
+    source = load_source(cfg.data)["all"].images  # the folder source of the same file: uint8 (1, 1, 32, 32)
     via_source = np.asarray(source[0, 0]).astype(np.float32) / np.float32(255)
     np.testing.assert_array_equal(got, via_source)
     # the lung window [-1350, 150] HU: air (-1000 HU) sits near 0.23, bone clips at 1; min-max would give 0..1
