@@ -57,7 +57,7 @@ ROW_NAMES = {
     "floor": "real held-out (floor)",
 }
 MAX_GRID_BYTES = 100_000  # README pictures stay small
-METRICS = ("fd", "precision", "recall", "density", "coverage")
+METRICS = ("fd", "precision", "recall", "density", "coverage", "hf_power_ratio")  # hf: samples over real images
 
 
 
@@ -253,21 +253,24 @@ def _cell(v, interval, spec: str, scale: float = 1.0) -> str:
 
 def markdown(result: dict) -> str:
     """The README table: data set x sampler (and the real-vs-real floor), FD [95 % CI], P / R / D / C [95 % CI],
-    memorisation % [95 % CI]; then the reference extractor of each data set, the commit and the command."""
+    high-frequency power of the samples over the real images' (— where not measured), memorisation % [95 % CI];
+    then the reference extractor of each data set, the commit and the command."""
     first = next(iter(next(iter(result["datasets"].values()))["rows"].values()))["evaluate"]
     lines = [
-        f"| data set | sampler | {first['fd_name']} | precision | recall | density | coverage | memorisation % |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| data set | sampler | {first['fd_name']} | precision | recall | density | coverage | HF power vs real "
+        "| memorisation % |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for ds, d in result["datasets"].items():
         for row, r in d["rows"].items():
             m, c, syn = r["evaluate"]["model"], r["evaluate"]["ci95"], r["synthesize"]
-            cells = [_cell(m["fd"], c["fd"], ".4g")] + [_cell(m[k], c[k], ".3f") for k in METRICS[1:]]
+            cells = [_cell(m["fd"], c["fd"], ".4g")] + [_cell(m.get(k), c.get(k), ".3f") for k in METRICS[1:]]
             cells.append(_cell(syn["memorisation_rate"], syn["memorisation_ci95"], ".1f", 100))
             lines.append(f"| {ds} | {ROW_NAMES[row]} | " + " | ".join(cells) + " |")
         ev = next(iter(d["rows"].values()))["evaluate"]  # the floor is the same for every row: real vs real
         f, c = ev["floor"], ev["ci95"]
-        cells = [_cell(f["fd"], c["floor_fd"], ".4g")] + [_cell(f[k], c[f"floor_{k}"], ".3f") for k in METRICS[1:]]
+        cells = [_cell(f["fd"], c["floor_fd"], ".4g")] + [_cell(f.get(k), c.get(f"floor_{k}"), ".3f")
+                                                           for k in METRICS[1:]]
         lines.append(f"| {ds} | {ROW_NAMES['floor']} | " + " | ".join(cells) + " | — |")
     refs = ", ".join(f"{ds}: `{d['reference_hash']}`" for ds, d in result["datasets"].items())
     e = result["settings"]
