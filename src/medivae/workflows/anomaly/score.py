@@ -96,6 +96,8 @@ def plan_scoring(run_dir: Path, data: str | None, opts: ScoreOptions, device: st
     normal_label = opts.normal_label or (cfg.data.labels[0] if len(cfg.data.labels) == 1 else None)
     if normal_label is None:
         raise UserError("this run was not fitted on one label; pass --normal-label or use 'medivae anomaly fit'")
+    if cfg.label_names and label_code(cfg.label_names, normal_label) is None:  # before any image is read
+        raise UserError(f"normal label {normal_label!r} is not one of the run's labels {list(cfg.label_names)}")
     if opts.gradient:
         require(run.model, "likelihood", "anomaly score --gradient")
     sets = scoring_sets(cfg, normal_label, data, opts.split)
