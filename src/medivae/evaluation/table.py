@@ -65,13 +65,12 @@ def collapse_lines(c: dict) -> list[str]:
 def quality_lines(q: dict, fid: dict | None, ci: dict | None = None) -> list[str]:
     ci = ci or {}
     name = "a classifier" if q["extractor"] == "cnn" else "an autoencoder's encoder"
-    if q.get("extractor_version", 1) >= 2:
-        name += " and fine-detail (Laplacian pyramid) features"
     ref = q.get("reference_split", "train")
     floor = f"real {q['held_out_split']} vs {ref}"
     w = 30 if ci.get("fd") else 12  # room for " [lo, hi]"
     lines = [
-        f"Sample quality: features from {name} trained on real training images",
+        f"Sample quality: features from {name} trained on real training images"
+        + (", with their fine detail (Laplacian pyramid)" if q.get("extractor_version", 1) >= 2 else ""),
         f"  ({q['n_generated']} {q.get('sampler', 'prior')} samples and {q['n_held_out']} real "
         f"{q['held_out_split']} images, each against {q['n_reference']} real {ref} images"
         + ("; 95% bootstrap intervals)" if ci.get("fd") else ")"),

@@ -11,7 +11,7 @@ Per-image scores, higher = more anomalous:
                       must be code lengths of the 8-bit image, so only under a discrete image likelihood;
   ``latent``          squared Mahalanobis distance of the posterior mean from the training normals' codes;
   ``latent_gmm``      -log density of the posterior mean under a Gaussian mixture of the normal codes;
-  ``feature_res``     distance between the reference extractor's features of x and of its reconstruction:
+  ``feature_res``     distance between the reference network's content features of x and of its reconstruction:
                       blur costs little in a feature space trained to ignore it;
   ``ssim_z``          the SSIM map as z-scores of the training normals' maps, mean of the positive part;
   ``restoration``     MAP restoration (Chen et al. 2020; :mod:`.restoration`), its TV weight tuned;
