@@ -7,8 +7,9 @@ extractor's content features alone (what medivae scored with before the detail b
     python benchmarks/blur_metric.py --data ../shared/data/pneumoniamnist.npz --image-size 32 --name pneumonia
 
 Each call adds (or replaces) one dataset in the JSON (default benchmarks/results/blur_metric.json), with the
-commit, the extractor's training seconds and the load average. The extractor is the shared one under
-$MEDIVAE_CACHE/reference, so a later ``medivae evaluate`` on the same data reuses it.
+commit, the extractor's training seconds and the load average; ``--markdown FILE.json`` prints the table.
+The extractor is the shared one under $MEDIVAE_CACHE/reference, so a later ``medivae evaluate`` on the same data
+reuses it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,30 @@ def measure(args) -> dict:
     }
 
 
+def markdown(result: dict) -> str:
+    """The blur table of every dataset in the JSON: FD and its multiple of the floor, in the extractor's
+    features and in its content features alone, beside the k-NN metrics and the high-frequency power."""
+    head = ["data (extractor)", "real test images", "FD", "× floor", "precision / recall", "density / coverage",
+            "HF power vs real", "FD, content features only", "× floor"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for d in result["datasets"].values():
+        name = f"{Path(d['source']).name} {','.join(d['labels'])}".strip()
+        name += f", {d['image_size']} px (`{d['extractor']}`)"
+        f0, c0 = d["rows"][0]["fd"], d["content_only_rows"][0]["fd"]
+        for r, c in zip(d["rows"], d["content_only_rows"], strict=True):
+            what = "as they are (the floor)" if r["sigma"] == 0 else f"blurred, σ = {r['sigma']:g} px"
+            lines.append(f"| {name} | {what} | {r['fd']:.2f} | {r['fd'] / f0:.1f} | {r['precision']:.2f} / "
+                         f"{r['recall']:.2f} | {r['density']:.2f} / {r['coverage']:.2f} | {r['hf_power_ratio']:.2f} | "
+                         f"{c['fd']:.2f} | {c['fd'] / c0:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--markdown"]:
+        print(markdown(json.loads(Path(argv[1]).read_text())))
+        return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True)
     p.add_argument("--name", required=True, help="the dataset's key in the JSON")
@@ -67,9 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args)
     result.update(commit=git_commit(), load_average_at_start=round(load, 2),
                   load_average_at_end=round(os.getloadavg()[0], 2), cpu_count=os.cpu_count(),
-                  command=" ".join(["python benchmarks/blur_metric.py", *(argv or sys.argv[1:])]))
+                  command=" ".join(["python benchmarks/blur_metric.py", *argv]))
     everything = json.loads(args.out.read_text()) if args.out.exists() else {}
-    everything[args.name] = result
+    everything.setdefault("datasets", {})[args.name] = result
+    everything.update(commit=result["commit"], command="python benchmarks/blur_metric.py --data SOURCE --name NAME "
+                      "(one dataset per call; each dataset records its own command, commit and load)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(everything, indent=2) + "\n")
     for label, key in (("detail + content", "rows"), ("content only", "content_only_rows")):

@@ -139,6 +139,7 @@ PAGES = {  # result file -> (results page, its title), for the index of every re
     "train_short": ("speed.md#short-runs", "Speed"), "speed_ablation": ("speed.md#what-each-setting-is-worth", "Speed"),
     "data": ("../data/index.md#what-every-source-shares", "Data sources"),
     "defaults": ("defaults.md", "Defaults against conv_vae"),
+    "blur_metric": ("../guide/sample-metrics.md#does-it-see-blur", "Sample metrics"),
 }
 
 SEED_METRICS = (  # (key in a vae_gan_compare.py summary, label, digits)
@@ -163,6 +164,9 @@ class Tables:
 
     def samplers(self, name: str = "samplers") -> str:
         return _bench("samplers_compare").markdown(self.R[name])
+
+    def blur(self, name: str = "blur_metric") -> str:
+        return _bench("blur_metric").markdown(self.R[name])
 
     def anomaly(self, name: str) -> str:
         return _bench("anomaly_protocol").markdown(self.R[name])
