@@ -154,3 +154,4 @@ def test_a_run_made_before_split_seed_keeps_its_split_and_says_why_it_differs(ev
     assert main(["compare", str(evaluated), str(run)]) == 2
     err = capsys.readouterr().err
     assert "different test images (split seeds 1767661200070 vs 5" in err and err.count("\n") == 1
+    assert f"{run} predate data.split_seed: the training seed split the data" in err

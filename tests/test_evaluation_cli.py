@@ -170,3 +170,25 @@ def test_the_sample_quality_reference_is_held_out_data():
     splits = {"train": [0] * 100, "val": [0] * 10, "test": [0] * 10}
     assert reference_split(splits, "test") == "val" and reference_split(splits, "val") == "test"
     assert reference_split({**splits, "val": [0] * 2}, "test") == "train"  # too few for k-NN: says so
+
+
+def test_results_of_the_first_extractor_still_print_and_render(run_dir, tmp_path):
+    """An evaluation block written before the detail features (no extractor_version, no high-frequency power)
+    still prints as a table and renders in the report, which says it is not comparable with today's."""
+    import shutil
+
+    from medivae.evaluation.table import format_table
+    from medivae.report.render import build
+
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    results = json.loads((old / "results.json").read_text())
+    q = results["evaluation"]["sample_quality"]
+    del q["extractor_version"]
+    for block in (q["model"], q["floor"]):
+        del block["hf_power_ratio"]
+    (old / "results.json").write_text(json.dumps(results))
+    table = format_table(results["evaluation"])
+    assert "FD-cnn" in table and "HF power" not in table and "Laplacian" not in table
+    html = build(old)
+    assert "older reference extractor without fine-detail features" in html

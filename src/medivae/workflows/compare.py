@@ -15,6 +15,7 @@ extractor than the first run's (an older medivae's, or another dataset's) are ma
 
 from __future__ import annotations
 
+import json
 import zipfile
 import zlib
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from medivae.evaluation.bootstrap import mean_ci, paired_difference
-from medivae.runfolder.config import RunConfig
+from medivae.runfolder.config import with_split_seed
 from medivae.runfolder.results import (
     PER_IMAGE_FILE,
     RESULTS_FILE,
@@ -120,15 +121,19 @@ def _refusals(opened: list[dict]) -> list[str]:
 EXTRACTOR_METRICS = {"fd", "precision", "recall", "density", "coverage"}  # measured in the extractor's features
 
 
-def _split_seed(o: dict) -> int | None:
-    """The seed that split the run's data: saved by evaluate, else read from config.json (where a run made
-    before the split had its own seed has its training seed)."""
-    if o["ev"].get("split_seed") is not None:
-        return o["ev"]["split_seed"]
+def _split_seed(o: dict) -> tuple[int | None, bool]:
+    """(the seed that split the run's data, whether the run was made before data.split_seed existed: then its
+    training seed split it). The seed is the one evaluate saved, else config.json's."""
     try:
-        return RunConfig.load(o["run"] / "config.json").data.split_seed
-    except UserError:
-        return None
+        raw = json.loads((o["run"] / "config.json").read_text())
+    except (OSError, ValueError):
+        raw = {}
+    data = raw.get("data") if isinstance(raw, dict) else None
+    legacy = isinstance(data, dict) and "split_seed" not in data
+    seed = o["ev"].get("split_seed")
+    if seed is None and isinstance(data, dict):
+        seed = with_split_seed(raw)["data"]["split_seed"]
+    return seed, legacy
 
 
 def _test_set_differences(a: dict, b: dict) -> list[str]:
@@ -137,10 +142,12 @@ def _test_set_differences(a: dict, b: dict) -> list[str]:
         if a["ev"].get(key) != b["ev"].get(key):
             why.append(f"{key} {a['ev'].get(key)!r} vs {b['ev'].get(key)!r}")
     if set(a["per"]["image_hash"].tolist()) != set(b["per"]["image_hash"].tolist()):
-        seeds = _split_seed(a), _split_seed(b)
-        why.append("different test images" + (f" (split seeds {seeds[0]} vs {seeds[1]}; a run made before "
-                                              "data.split_seed split its data with its training seed)"
-                                              if seeds[0] != seeds[1] else ""))
+        (sa, old_a), (sb, old_b) = _split_seed(a), _split_seed(b)
+        hint = f" (split seeds {sa} vs {sb}" if sa != sb else ""
+        older = [str(o["run"]) for o, old in ((a, old_a), (b, old_b)) if old]
+        if hint and older:
+            hint += f"; {' and '.join(older)} predate data.split_seed: the training seed split the data"
+        why.append("different test images" + (hint + ")" if hint else ""))
     return why
 
 
