@@ -56,7 +56,7 @@ class VAEGANConfig(ConvVAEConfig):
     disc_width: int = 32
     disc_layers: int = 3  # stride-2 convolutions: 64 px -> 8x8 patches of 46 px receptive field
     adv_loss: str = "hinge"
-    adv_weight: float = 0.5  # multiplies the adaptive λ
+    adv_weight: float = 1.0  # multiplies the adaptive λ (chosen on validation: benchmarks/results/defaults.json)
     adaptive: bool = True  # False: λ = adv_weight
     feature_weight: float = 1.0
     adv_start: float = 1.0  # epochs of plain VAE training before the adversarial terms start
