@@ -28,6 +28,12 @@ generation share.
 
 The latent that ``decode`` takes (and ``encode(..).mode()``/``prior_latents`` return) is every group's z,
 flattened and concatenated top to bottom: (B, D), D = sum_g c * r_g^2.
+
+What it needs: epochs. With the default epochs on PneumoniaMNIST at 32 px (4,708 training images) its test
+bits/dim are level with conv_vae's with the same likelihood, not better; a finer bottom scale
+(``stem_stride=2``) gained little on validation at twice the CPU time (benchmarks/results/defaults.json). Its
+lead comes with longer training: 60 epochs with ``--lr-schedule cosine``, ``stem_stride=2``, ``width=64``
+(benchmarks/results/hvae_pneumonia32cos.json).
 """
 
 from __future__ import annotations
@@ -354,4 +360,5 @@ class HierarchicalVAE(nn.Module):
 
 
 FAMILY = Family("hierarchical_vae", HierarchicalVAEConfig, HierarchicalVAE,
-                "hierarchical VAE (NVAE/VDVAE): latent groups at several scales, shared top-down path")
+                "hierarchical VAE (NVAE/VDVAE): latent groups at several scales, shared top-down path (needs "
+                "longer training than the default epochs to beat conv_vae's bits/dim)")
