@@ -52,7 +52,7 @@ ROWS = {"medivae": "medivae", "monai": "MONAI 2D LDM", "floor": "real validation
         "blur_sigma1": "real validation images, Gaussian blur sigma = 1"}
 METRICS = ("fd", "precision", "recall", "density", "coverage", "hf_power_ratio")
 PILOT_IMAGES = 800
-GRID_PER_PANEL = 16
+GRID_PER_PANEL = 12  # 3 rows of 4: the PNG stays under 100 KB
 
 
 def load_average() -> float:
@@ -200,35 +200,21 @@ def training_images(args) -> int:
     from medivae.runfolder.config import DataConfig
 
     cfg = DataConfig(source=args.data, image_size=args.image_size, labels=args.labels)
-    return len(load_dataset(cfg, args.seed, progress=False)["train"])
+    return len(load_dataset(cfg, progress=False)["train"])
 
 
 def reference(cfg, splits: dict, args):
-    """The dataset's reference extractor, as ``medivae evaluate`` finds (or trains and caches) it."""
-    from medivae.evaluation.features import load_or_fit_reference
-    from medivae.workflows.evaluate import reference_description, reference_root
+    """The dataset's one reference extractor, as ``medivae evaluate`` finds (or trains and caches) it."""
+    from medivae.workflows.evaluate import shared_reference
 
-    seed = cfg.train.seed
-    return load_or_fit_reference(reference_root(), splits["train"], reference_description(cfg.data, seed), seed,
-                                 args.reference_epochs, progress=False)
-
-
-def ratio_ci(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) -> list[float] | None:
-    """95 % interval of mean(a) / mean(b), a (N,) and b (M,) resampled independently."""
-    from medivae.evaluation.bootstrap import percentile_interval
-    from medivae.runtime.seeding import numpy_rng
-
-    if n_boot < 1:
-        return None
-    rng = numpy_rng(seed, "bootstrap", "hf-ratio")
-    ia, ib = rng.integers(0, len(a), (n_boot, len(a))), rng.integers(0, len(b), (n_boot, len(b)))
-    return percentile_interval(a[ia].mean(1) / b[ib].mean(1))
+    return shared_reference(cfg.data, splits["train"], args.reference_epochs, False, "cpu")
 
 
 def score(ref, test: np.ndarray, rows: dict[str, np.ndarray], args) -> dict:
     """Every row (uint8 (N, C, H, W)) against the test images: the five feature-space metrics and the
     high-frequency power ratio, each with its 95 % bootstrap interval."""
     from medivae.evaluation import sample_quality as sq
+    from medivae.evaluation.bootstrap import ratio_of_means_ci
     from medivae.evaluation.sharpness import high_frequency_power
 
     f_test, p_test = ref.features(test), high_frequency_power(test)
@@ -236,22 +222,14 @@ def score(ref, test: np.ndarray, rows: dict[str, np.ndarray], args) -> dict:
     for name, x in rows.items():
         f, p = ref.features(x), high_frequency_power(x)
         ci = sq.compare_ci(f_test, f, args.bootstrap, args.seed)
-        ci["hf_power_ratio"] = ratio_ci(p, p_test, args.bootstrap, args.seed)
+        ci["hf_power_ratio"] = ratio_of_means_ci(p, p_test, args.bootstrap, args.seed)
         out[name] = {"n": len(x), **sq.compare(f_test, f), "hf_power_ratio": float(p.mean() / p_test.mean()),
                      "ci95": ci}
     return out
 
 
-def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
-    """uint8 (N, C, H, W) blurred over H and W (edges reflected), back to 8 bits."""
-    from scipy.ndimage import gaussian_filter
-
-    out = gaussian_filter(np.asarray(images, dtype=np.float64), sigma=(0, 0, sigma, sigma), mode="reflect")
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
-
-
 def side_by_side(panels: dict[str, np.ndarray], path: Path) -> dict:
-    """One PNG: a 4 x 4 grid per panel (real test images, then each arm), left to right, titled."""
+    """One PNG: a 3 x 4 grid per panel (real test images, then each arm), left to right, titled."""
     from PIL import Image, ImageDraw
 
     from medivae.runtime.images import grid, save_png
@@ -292,6 +270,7 @@ def versions() -> dict:
 def run_seed(args) -> dict:
     import torch
 
+    from medivae.evaluation.blur import gaussian_blur
     from medivae.runfolder.run import load_run
 
     start, load = time.perf_counter(), load_average()
@@ -315,7 +294,7 @@ def run_seed(args) -> dict:
         "versions": versions(), "cpu_count": os.cpu_count(), "load_before": load, "load_after": load_average(),
         "wall_seconds": round(time.perf_counter() - start, 1),
         "data": {"source": args.data, "labels": list(args.labels), "image_size": args.image_size,
-                 **{k: len(v) for k, v in splits.items()}},
+                 "split_seed": cfg.data.split_seed, **{k: len(v) for k, v in splits.items()}},
         "reference": {"extractor": ref.name, "fd_name": f"FD-{ref.name}", "hash": ref.folder.name,
                       "against": "test", "epochs": args.reference_epochs, "bootstrap": args.bootstrap},
         "arms": {"medivae": med, "monai": mon}, "rows": scores, "grid": grid,

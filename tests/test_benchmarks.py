@@ -164,4 +164,4 @@ def test_ldm_peer_scores_both_arms_at_equal_seconds_and_stages_seeds(tmp_path, r
     from PIL import Image
 
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
-    assert grid.shape[1] > 3 * 4 * 32 and grid.std() > 10  # three 4 x 4 panels of 32 px images, not blank
+    assert grid.shape[1] > 3 * 4 * 32 and grid.std() > 10  # three 3 x 4 panels of 32 px images, not blank
