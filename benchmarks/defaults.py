@@ -75,10 +75,6 @@ CLAIMS = [
 ]
 
 
-def better(a: float, b: float, how: str) -> bool:
-    if how == "nearer 1":
-        return abs(np.log(a)) < abs(np.log(b))
-    return a > b if how == "higher" else a < b
 SEED0 = 1767661200070  # the article's seed (medivae's default); seed i is SEED0 + i
 
 
@@ -144,28 +140,61 @@ def save(path: Path, result: dict) -> None:
     tmp.replace(path)
 
 
-def mean_of(records: dict, data: str, split: str, arm: str, metric: str) -> tuple[float | None, int, set]:
-    """(mean over seeds, seeds, the commits they ran at) of one arm's metric."""
-    rs = [r for r in records.get(data, {}).get(split, {}).get(arm, {}).values() if r.get(metric) is not None]
-    return (float(np.mean([r[metric] for r in rs])) if rs else None), len(rs), {r["commit"][:7] for r in rs}
+def paired(records: dict, data: str, split: str, arm: str, base: str, metric: str, how: str):
+    """The seeds both arms ran, the family's and the baseline's values on them, and the paired differences
+    oriented so that > 0 means the family is better (for "nearer 1": the baseline's |log| minus the family's)."""
+    a = {s: r[metric] for s, r in records[data][split].get(arm, {}).items() if r.get(metric) is not None}
+    b = {s: r[metric] for s, r in records[data][split].get(base, {}).items() if r.get(metric) is not None}
+    seeds = sorted(a.keys() & b.keys())
+    fa, fb = np.array([a[s] for s in seeds], float), np.array([b[s] for s in seeds], float)
+    if how == "nearer 1":
+        gain = np.abs(np.log(fb)) - np.abs(np.log(fa))
+    else:
+        gain = fa - fb if how == "higher" else fb - fa
+    return seeds, fa, fb, gain
+
+
+def t_interval(x: np.ndarray) -> tuple[float, float] | None:
+    """95 % Student-t interval of the mean of x (None for fewer than two values): seeds are few, so a
+    bootstrap over them would be too narrow."""
+    from scipy import stats
+
+    if len(x) < 2:
+        return None
+    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+    return float(x.mean() - half), float(x.mean() + half)
+
+
+def verdict(gain: np.ndarray) -> str:
+    """"yes" when the paired interval of the gain is above 0, "**no**" when below, "level" when it holds 0;
+    with one seed, the sign of that seed's gain and "(1 seed)"."""
+    ci = t_interval(gain)
+    if ci is None:
+        return ("yes" if gain[0] > 0 else "**no**") + " (1 seed)"
+    return "yes" if ci[0] > 0 else "**no**" if ci[1] < 0 else "level"
 
 
 def table(result: dict, split: str) -> str:
-    """Markdown: per data set and claim, the family's and the baseline's mean over seeds, and who wins."""
-    rows = ["| data | claim | family | conv_vae | seeds | wins | commits |", "|---|---|---|---|---|---|---|"]
+    """Markdown: per data set and claim, the family's and the baseline's mean over the seeds both ran, the
+    paired gain (family better when > 0) with its 95 % t interval over seeds, and the verdict."""
+    rows = ["| data | claim | family | conv_vae | gain [95 % CI] | seeds | wins | commits |",
+            "|---|---|---|---|---|---|---|---|"]
     recs = result["records"]
     for data in recs:
+        if split not in recs[data]:
+            continue
         for arm, base, metric, how in CLAIMS:
-            a, na, ca = mean_of(recs, data, split, arm, metric)
-            b, nb, cb = mean_of(recs, data, split, base, metric)
-            if a is None or b is None:
+            seeds, fa, fb, gain = paired(recs, data, split, arm, base, metric, how)
+            if not seeds:
                 continue
-            ks = {r.get("iwae_k") for arm_ in (arm, base) for r in recs[data][split][arm_].values()}
+            ks = {recs[data][split][a][s].get("iwae_k") for a in (arm, base) for s in seeds}
             if metric == "neg_iwae_bpd" and len(ks) > 1:
                 continue  # bounds at different K do not compare
-            wins = better(a, b, how)
-            rows.append(f"| {data} | {arm} {metric} ({how} is better) | {a:.3f} | {b:.3f} ({base}) | "
-                        f"{min(na, nb)} | {'yes' if wins else '**no**'} | {', '.join(sorted(ca | cb))} |")
+            ci = t_interval(gain)
+            cell = f"{gain.mean():+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+            commits = {recs[data][split][a][s]["commit"][:7] for a in (arm, base) for s in seeds}
+            rows.append(f"| {data} | {arm} {metric} ({how} is better) | {fa.mean():.3f} | {fb.mean():.3f} ({base}) | "
+                        f"{cell} | {len(seeds)} | {verdict(gain)} | {', '.join(sorted(commits))} |")
     return "\n".join(rows)
 
 

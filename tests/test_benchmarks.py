@@ -111,9 +111,37 @@ def test_defaults_benchmark_adds_one_record_per_call_and_tabulates_the_claims(tm
     by_arm = {name.split("+")[0]: v for name, v in recs.items()}  # the arms' records under their plain names
     text = defaults.table({"records": {"phantoms32": {"val": by_arm}}}, "val")
     a, b = (next(iter(by_arm[m].values()))["hf_power_ratio"] for m in ("vae_gan", "conv_vae"))
-    verdict = "yes" if abs(np.log(a)) < abs(np.log(b)) else "**no**"  # fine detail as real images have: ratio 1
-    row = f"| phantoms32 | vae_gan hf_power_ratio (nearer 1 is better) | {a:.3f} | {b:.3f} (conv_vae) | 1 | {verdict} |"
+    gain = abs(np.log(b)) - abs(np.log(a))  # fine detail as real images have: ratio 1
+    verdict = "yes" if gain > 0 else "**no**"
+    row = (f"| phantoms32 | vae_gan hf_power_ratio (nearer 1 is better) | {a:.3f} | {b:.3f} (conv_vae) | "
+           f"{gain:+.3f} | 1 | {verdict} (1 seed) |")
     assert f"{row} abc123 |" in text
+
+
+def test_defaults_table_judges_a_claim_by_the_paired_interval_over_seeds():
+    """Three seeds: the verdict is "yes" only when the 95 % t interval of the paired gain is above 0, "level"
+    when it holds 0; seeds one arm did not run are left out of both means."""
+    from scipy import stats
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import defaults
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def recs(values):
+        return {str(i): {"psnr_db": v, "commit": "c0ffee0"} for i, v in enumerate(values)}
+
+    for fam, base, want in (([30.0, 31.0, 32.0], [29.0, 29.5, 30.5], "yes"),
+                            ([30.0, 28.0, 32.0], [29.0, 29.5, 30.5], "level"),
+                            ([28.0, 28.5, 29.0], [29.0, 29.5, 30.5], "**no**")):
+        records = {"d": {"test": {"vq_vae": recs(fam), "conv_vae": {**recs(base), "9": {"psnr_db": 99.0,
+                                                                                     "commit": "c0ffee0"}}}}}
+        row = next(r for r in defaults.table({"records": records}, "test").splitlines() if "vq_vae psnr_db" in r)
+        gain = np.subtract(fam, base)
+        half = stats.t.ppf(0.975, 2) * gain.std(ddof=1) / np.sqrt(3)
+        assert f"| {np.mean(fam):.3f} | {np.mean(base):.3f} (conv_vae) |" in row
+        assert f"{gain.mean():+.3f} [{gain.mean() - half:+.3f}, {gain.mean() + half:+.3f}] | 3 | {want} |" in row
 
 
 def _ldm_peer(tmp_path, *args) -> dict:
