@@ -252,3 +252,24 @@ def test_a_trivial_baseline_that_beats_the_default_is_said_so(tmp_path, capsys):
     html = build_report(run)
     assert "A trivial baseline with no model beats the default score on this split" in html
     assert "png_size (AUROC 1)" in html and "fixed on labelled validation images" in html
+
+
+def test_a_score_stopped_while_writing_leaves_the_earlier_files_whole(scored, tmp_path, monkeypatch):
+    """Scoring again into RUN/anomaly, stopped (Ctrl-C) after scores.csv and maps.npz are written: the earlier
+    files are there byte for byte, results.json["anomaly"] is the earlier one, and no staging folder is left."""
+    from medivae.workflows.anomaly import outputs
+
+    out = scored / "anomaly"
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    results = (scored / "results.json").read_bytes()
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs, "plot_overlays", stopped)  # after scores.csv and maps.npz
+    argv = ["anomaly", "score", str(scored), "--iwae-samples", "2", "--n-maps", "3", "--device", "cpu",
+            "--fpr", "0.1", "--bootstrap", "0"]
+    assert main(argv) == 130
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert (scored / "results.json").read_bytes() == results
+    assert not [p for p in scored.iterdir() if p.name.startswith(".anomaly")]

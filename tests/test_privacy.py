@@ -230,3 +230,32 @@ def test_membership_auroc_is_half_for_exchangeable_and_one_for_separated_scores(
     same = pv.membership_auroc(rng.normal(size=2000), rng.normal(size=2000), n_boot=200)
     assert abs(same["auroc"] - 0.5) < 0.03 and same["ci95"][0] < 0.5 < same["ci95"][1]
     assert pv.membership_auroc(np.arange(10.0) + 100, np.arange(10.0))["auroc"] == 1.0
+
+
+def test_a_synthesize_stopped_while_writing_leaves_the_earlier_output_and_no_partial_folder(one_class_run, tmp_path,
+                                                                                         monkeypatch):
+    """--force over an earlier output, stopped (Ctrl-C) after some images are written: the earlier output is
+    there as it was, file for file, and no hidden staging folder is left beside it."""
+    from medivae.workflows import synthesize as syn
+
+    out = tmp_path / "syn"
+    argv = ["synthesize", str(one_class_run), "-n", "12", "--out", str(out), "--reference-epochs", "1",
+            "--pairs", "2", "--no-progress", "--device", "cpu", "--bootstrap", "0"]
+    assert main(argv) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(syn, "pair_figure", stopped)  # runs after the images and labels.csv are written
+    assert main([*argv[:3], "20", *argv[4:], "--force", "--seed", "7"]) == 130  # the exit code of Ctrl-C
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["syn"]
+    monkeypatch.undo()
+    assert main([*argv[:3], "20", *argv[4:], "--force", "--seed", "7"]) == 0  # and a finished one replaces it
+    rep = json.loads((out / "memorisation.json").read_text())
+    assert rep["n_synthetic"] == 20 and rep["files"]["labels"] == str(out / "labels.csv")
+    assert len(list(csv.DictReader((out / "labels.csv").open()))) == rep["n_written"]
+    assert len(list(out.glob("images/*.png"))) == rep["n_written"]  # none of the earlier output's 12 is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["syn"]

@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
               "then run the command again (each file is written whole or not at all)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("medivae: interrupted; the last completed checkpoint is kept", file=sys.stderr)
+        print("medivae: interrupted; nothing half-written is kept (a training run keeps its last completed "
+              "checkpoint)", file=sys.stderr)
         return 130
 
 

@@ -1,9 +1,12 @@
-"""Atomic file writes: a crash or a full disk never leaves a half-written file behind."""
+"""Atomic writes: a crash or a full disk never leaves a half-written file, or folder of files, behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -50,3 +53,33 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def staged_folder(final) -> Iterator[Path]:
+    """Write the files of output folder ``final`` into a hidden sibling, put in place only when the block ends
+    without an error: an error, Ctrl-C or a full disk leaves ``final`` as it was (absent, empty or the earlier
+    output being replaced), never a mix of old and new files. Paths written into the files themselves should
+    name ``final`` (see :func:`relocated`)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    old = final.with_name(f".{final.name}.{os.getpid()}.old")
+    try:
+        yield staged
+        os.chmod(staged, 0o777 & ~_umask())
+        if final.exists():
+            os.replace(final, old)
+        os.replace(staged, final)
+    except BaseException:
+        if old.exists() and not final.exists():
+            os.replace(old, final)
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def relocated(paths: dict[str, str], staged: Path, final: Path) -> dict[str, str]:
+    """{name: path under ``staged``} -> the same paths under ``final``, where :func:`staged_folder` puts them."""
+    return {k: str(Path(final) / Path(v).relative_to(staged)) for k, v in paths.items()}

@@ -11,7 +11,6 @@ import csv
 import dataclasses
 import io
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +35,11 @@ from medivae.runfolder.run import load_run
 from medivae.runtime.constants import BOOTSTRAP_RESAMPLES
 from medivae.runtime.errors import UserError
 from medivae.runtime.images import grid, save_png
-from medivae.runtime.io import atomic_write_bytes, atomic_write_text
+from medivae.runtime.io import atomic_write_bytes, atomic_write_text, relocated, staged_folder
 from medivae.runtime.seeding import numpy_rng, torch_generator
 from medivae.workflows.evaluate import shared_reference
 
 MEMORISATION_FILE = "memorisation.json"  # written last: a folder holding it is a complete synthesize output
-IMAGE_NAME = re.compile(r"\d{6}\.png")
 
 
 def _label_plan(model, cfg, label: str | None, n: int) -> tuple[np.ndarray | None, list[str]]:
@@ -96,10 +94,6 @@ def write_synthetic(
         )
         atomic_write_bytes(folder / "synthetic.npz", buf.getvalue())
         return {"images": str(folder / "synthetic.npz")}
-    old = folder / "images"  # an earlier output written over (--force): its images beyond this one's go
-    for p in old.iterdir() if old.is_dir() else ():
-        if IMAGE_NAME.fullmatch(p.name) and int(p.stem) >= len(images):
-            p.unlink()
     buf = io.StringIO()
     rows = csv.writer(buf, lineterminator="\n")  # quotes a label holding a comma or a quote
     rows.writerow(["path", "label"])
@@ -163,17 +157,19 @@ def synthesize_run(
     report["membership_inference"] = membership_inference(run, train, held, fake, bootstrap, cfg.train.seed)
     if bootstrap:
         report["ci95"] = {"memorisation_rate": mean_ci(rejected.astype(np.float64), bootstrap, cfg.train.seed)}
-    out = Path(out)
     keep = np.flatnonzero(~rejected)
-    files = _write_outputs(out, fake, keep, names, cfg, fmt, checks, train, n_pairs)
     report.update(
         run=str(run_dir), run_absolute=str(Path(run_dir).resolve()),  # utility checks it against its --run
         sampler=sampler, **({"guidance": guidance, "sampling_steps": sampling_steps or DEFAULT_SAMPLING_STEPS}
                             if sampler == "diffusion" else {}),
         label=label, n_written=len(keep), reference_folder=str(ref.folder), reference_hash=ref.folder.name,
-        n_train=len(train), n_held_out=len(held), files=files,
+        n_train=len(train), n_held_out=len(held),
     )
-    atomic_write_text(out / MEMORISATION_FILE, json.dumps(report, indent=2) + "\n")
+    out = Path(out)
+    with staged_folder(out) as stage:  # all of the output or none of it, even over an earlier one (--force)
+        files = _write_outputs(stage, fake, keep, names, cfg, fmt, checks, train, n_pairs)
+        report["files"] = relocated(files, stage, out)
+        atomic_write_text(stage / MEMORISATION_FILE, json.dumps(report, indent=2) + "\n")
     merge_results(Path(run_dir) / RESULTS_FILE, "privacy", report)
     return report
 

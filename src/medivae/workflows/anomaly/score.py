@@ -12,6 +12,7 @@ fixed on validation data, whose AUROC is above the default score's; {} when none
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from medivae.runfolder.results import RESULTS_FILE, merge_results, read_results
 from medivae.runfolder.run import Run, load_run
 from medivae.runtime.constants import BOOTSTRAP_RESAMPLES
 from medivae.runtime.errors import UserError
+from medivae.runtime.io import relocated, staged_folder
 from medivae.workflows.anomaly.outputs import MAX_GRID_ROWS, panel, write_files, write_map_grid
 from medivae.workflows.anomaly.protocol import Protocol, run_protocol
 from medivae.workflows.anomaly.sets import calibration_set, scoring_sets, shift_check, with_adaptation
@@ -146,8 +148,10 @@ def score_run(run_dir, data: str | None = None, opts: ScoreOptions | None = None
     plan = plan_scoring(run_dir, data, opts, device)
     proto, ctx = compute(plan, opts, progress)
     result = summary(plan, opts, proto)
-    result.update(write(plan, opts, proto, result["threshold"]["value"], ctx))
-    result["normal_shift"] = shift_check(plan.sets, opts.split, opts.bootstrap, ctx.seed)
+    with staged_folder(plan.out) as stage:  # the folder's files all together, or the earlier ones left as they were
+        entry = write(dataclasses.replace(plan, out=stage), opts, proto, result["threshold"]["value"], ctx)
+        result.update(entry, files=relocated(entry["files"], stage, plan.out))
+        result["normal_shift"] = shift_check(plan.sets, opts.split, opts.bootstrap, ctx.seed)
     result["threshold"].update(n_flagged=result.pop("n_flagged"), **result.pop("threshold_rates", {}))
     merge_results(run_dir / RESULTS_FILE, "anomaly", result)
     return result
