@@ -1,4 +1,5 @@
-"""Helpers the benchmark scripts share: the commit a result was made at, and what a reused run holds.
+"""Helpers the benchmark scripts share: the commit a result was made at, what a reused run holds, the data sets
+the staged benchmarks name, and readers of what ``medivae evaluate`` and ``medivae synthesize`` write.
 
 The scripts run as files (``python benchmarks/NAME.py``), so this folder is on ``sys.path`` and they
 import ``common`` directly.
@@ -7,10 +8,27 @@ import ``common`` directly.
 from __future__ import annotations
 
 import json
+import os
+import resource
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# ../shared/data beside the checkout (or beside the folder of worktrees it sits in)
+SHARED = next((p / "shared" / "data" for p in ROOT.parents[:2] if (p / "shared" / "data").is_dir()),
+              ROOT.parent / "shared" / "data")
+MEDNIST = SHARED / "mednist" / "MedNIST.tar.gz"
+DATA = {  # name -> medivae train data arguments
+    "pneumonia32": ["--data", str(SHARED / "pneumoniamnist.npz"), "--image-size", "32"],
+    "cxr64": ["--data", str(MEDNIST), "--labels", "CXR", "--image-size", "64"],
+    "hand64": ["--data", str(MEDNIST), "--labels", "Hand", "--image-size", "64"],
+    "headct64": ["--data", str(MEDNIST), "--labels", "HeadCT", "--image-size", "64"],
+    "phantoms32": ["--data", "phantoms:200", "--image-size", "32"],  # the smoke tests' (tests/test_benchmarks.py)
+}
+SEED0 = 1767661200070  # the article's seed (medivae's default); seed i of a staged benchmark is SEED0 + i
+SAMPLE_METRICS = ("fd", "precision", "recall", "density", "coverage", "hf_power_ratio")  # hf: generated over real
 
 
 def git_commit() -> str:
@@ -44,3 +62,59 @@ def run_settings(run_dir: Path) -> dict:
         "batch_size": t["batch_size"],
         "seed": t["seed"],
     }
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of every finished child process so far."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def medivae(*args) -> dict:
+    """Run one ``medivae`` command (printed first; its output goes to stderr): {wall_seconds, cpu_seconds,
+    load_before, load_after}. Stops the script with the command's exit code when it fails."""
+    args = [str(a) for a in args]
+    print("$ medivae", " ".join(args), file=sys.stderr, flush=True)
+    before, load, start = children_cpu(), load_average(), time.perf_counter()
+    code = subprocess.run([sys.executable, "-m", "medivae", *args], stdout=sys.stderr).returncode
+    if code:
+        raise SystemExit(f"medivae {args[0]} exited with {code} (its message is above)")
+    return {"wall_seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(children_cpu() - before, 1),
+            "load_before": load, "load_after": load_average()}
+
+
+def sample_quality(run_dir: Path, sampler: str) -> dict:
+    """The sample-quality block ``medivae evaluate RUN --sampler S`` left in RUN/results.json (the next
+    evaluation of the run overwrites it): the generated images' and the real-vs-real floor's metrics, their
+    95 % bootstrap intervals ({fd, ..., floor_fd, ...}: None where not given) and what they were measured with."""
+    ev = json.loads((Path(run_dir) / "results.json").read_text())["evaluation"]
+    q = ev["sample_quality"]
+    if q is None or q.get("sampler") != sampler:
+        raise SystemExit(f"{run_dir}/results.json holds no sample quality for --sampler {sampler}")
+    ci = ev.get("ci95") or {}
+    keys = ("fd_name", "reference_hash", "n_generated", "n_reference", "n_held_out", "held_out_split",
+            "reference_split")
+    return {"n_images": ev["n_images"], "split": ev["split"], **{k: q[k] for k in keys}, "model": q["model"],
+            "floor": q["floor"], "ci95": {k: ci.get(k) for m in SAMPLE_METRICS for k in (m, f"floor_{m}")},
+            "neg_elbo_nats": (ev["likelihood"] or {}).get("neg_elbo_nats")}
+
+
+def privacy(folder: Path) -> dict:
+    """What ``medivae synthesize ... --out FOLDER`` measured (FOLDER/memorisation.json): the memorisation
+    rate and its interval, nearest-neighbour distances per space, membership-inference AUROCs."""
+    rep = json.loads((Path(folder) / "memorisation.json").read_text())
+    nn = {name: {"synthetic_median": s["synthetic_distance_percentiles"]["50"],
+                 "held_out_recon_median": s["real_distance_percentiles"]["50"],
+                 "synthetic_p1": s["synthetic_distance_percentiles"]["1"],
+                 "threshold": s["threshold"], "n_rejected": s["n_rejected"]}
+          for name, s in rep["spaces"].items()}
+    mi = {k: {"auroc": v["auroc"], "ci95": v["ci95"]} for k, v in rep["membership_inference"].items()
+          if isinstance(v, dict)}
+    return {"n_synthetic": rep["n_synthetic"], "memorisation_rate": rep["memorisation_rate"],
+            "memorisation_ci95": rep.get("ci95", {}).get("memorisation_rate"),
+            "expected_rate_for_fresh_real_images": rep["expected_rate_for_fresh_real_images"],
+            "reference_hash": rep["reference_hash"], "nearest_neighbour": nn, "membership_inference": mi}

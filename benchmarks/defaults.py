@@ -45,18 +45,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-from common import git_commit, trained_epochs  # noqa: E402  (benchmarks/ is on sys.path)
+from common import DATA, SEED0, git_commit, trained_epochs  # noqa: E402  (benchmarks/ is on sys.path)
 
-# ../shared/data beside the checkout (or beside the folder of worktrees it sits in)
-SHARED = next((p / "shared" / "data" for p in ROOT.parents[:2] if (p / "shared" / "data").is_dir()),
-              ROOT.parent / "shared" / "data")
-MEDNIST = SHARED / "mednist" / "MedNIST.tar.gz"
-DATA = {  # name -> medivae train data arguments
-    "pneumonia32": ["--data", str(SHARED / "pneumoniamnist.npz"), "--image-size", "32"],
-    "cxr64": ["--data", str(MEDNIST), "--labels", "CXR", "--image-size", "64"],
-    "headct64": ["--data", str(MEDNIST), "--labels", "HeadCT", "--image-size", "64"],
-    "phantoms32": ["--data", "phantoms:200", "--image-size", "32"],  # the smoke test's (tests/test_benchmarks.py)
-}
 DL = ["--likelihood", "discretized_logistic"]
 ARMS = {  # name -> medivae train model arguments: the family's defaults (and the likelihood a claim needs)
     "conv_vae": ["--model", "conv_vae"],
@@ -73,9 +63,6 @@ CLAIMS = [
     ("vamp_vae", "conv_vae_dl", "neg_iwae_bpd", "lower"),
     ("vae_gan", "conv_vae", "hf_power_ratio", "nearer 1"),
 ]
-
-
-SEED0 = 1767661200070  # the article's seed (medivae's default); seed i is SEED0 + i
 
 
 def train(arm: str, data: str, seed: int, out: Path, extra: list[str]) -> dict:

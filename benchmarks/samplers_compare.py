@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-from common import git_commit, trained_epochs  # noqa: E402  (benchmarks/ is on sys.path)
+from common import SAMPLE_METRICS as METRICS  # noqa: E402  (benchmarks/ is on sys.path)
+from common import git_commit, privacy, sample_quality, trained_epochs  # noqa: E402
 
 # row -> (which run, --sampler): the post-hoc samplers are fitted on the N(0, I) run
 ROWS = {"prior": ("normal", "prior"), "gmm": ("normal", "gmm"), "flow": ("normal", "flow"),
@@ -57,7 +58,6 @@ ROW_NAMES = {
     "floor": "real held-out (floor)",
 }
 MAX_GRID_BYTES = 100_000  # README pictures stay small
-METRICS = ("fd", "precision", "recall", "density", "coverage", "hf_power_ratio")  # hf: samples over real images
 
 
 
@@ -100,89 +100,19 @@ def train(out: Path, source: str, epochs: int, prior: list[str], args) -> float 
     return medivae(*cmd, *(["--resume"] if done > 0 else []))
 
 
-def intervals(ev: dict) -> dict:
-    """The 95 % bootstrap intervals ``medivae evaluate`` gives for sample quality ({fd, ..., floor_fd, ...}
-    in its "ci95"), None for each one it does not give."""
-    c = ev.get("ci95") or {}
-    return {k: c.get(k) for m in METRICS for k in (m, f"floor_{m}")}
-
-
 def evaluate_row(run: Path, sampler: str, args) -> dict:
-    """``medivae evaluate RUN --sampler S`` -> its sample-quality block (read back from RUN/results.json,
-    which the next evaluation of the same run overwrites)."""
-    wall = medivae(
-        "evaluate",
-        run,
-        "--sampler",
-        sampler,
-        "-k",
-        args.k,
-        "--max-images",
-        args.max_images,
-        "--n-samples",
-        args.n_samples,
-        "--threads",
-        args.threads,
-        "--no-progress",
-    )
-    ev = json.loads((run / "results.json").read_text())["evaluation"]
-    q = ev["sample_quality"]
-    if q is None or q.get("sampler") != sampler:
-        raise SystemExit(f"{run}/results.json holds no sample quality for --sampler {sampler}")
-    return {
-        "wall_s": wall,
-        "n_images": ev["n_images"],
-        "split": ev["split"],
-        **{
-            k: q[k]
-            for k in (
-                "fd_name",
-                "reference_hash",
-                "n_generated",
-                "n_reference",
-                "n_held_out",
-                "held_out_split",
-                "reference_split",
-            )
-        },
-        "model": q["model"],
-        "floor": q["floor"],
-        "ci95": intervals(ev),
-        "neg_elbo_nats": (ev["likelihood"] or {}).get("neg_elbo_nats"),
-    }
+    """``medivae evaluate RUN --sampler S`` -> its sample-quality block (common.sample_quality)."""
+    wall = medivae("evaluate", run, "--sampler", sampler, "-k", args.k, "--max-images", args.max_images,
+                   "--n-samples", args.n_samples, "--threads", args.threads, "--no-progress")
+    return {"wall_s": wall, **sample_quality(run, sampler)}
 
 
 def synthesize_row(run: Path, sampler: str, out: Path, args) -> dict:
-    """``medivae synthesize RUN --sampler S -n N`` -> memorisation and nearest-neighbour numbers."""
+    """``medivae synthesize RUN --sampler S -n N`` -> memorisation and nearest-neighbour numbers (common.privacy)."""
     wall = medivae(
         "synthesize", run, "--sampler", sampler, "-n", args.n_synth, "--format", "npz", "--out", out, "--no-progress"
     )
-    rep = json.loads((out / "memorisation.json").read_text())
-    nn = {
-        name: {
-            "synthetic_median": s["synthetic_distance_percentiles"]["50"],
-            "held_out_recon_median": s["real_distance_percentiles"]["50"],
-            "synthetic_p1": s["synthetic_distance_percentiles"]["1"],
-            "threshold": s["threshold"],
-            "n_rejected": s["n_rejected"],
-        }
-        for name, s in rep["spaces"].items()
-    }
-    mi = {
-        k: {"auroc": v["auroc"], "ci95": v["ci95"]}
-        for k, v in rep["membership_inference"].items()
-        if isinstance(v, dict)
-    }
-    return {
-        "wall_s": wall,
-        "n_synthetic": rep["n_synthetic"],
-        "memorisation_rate": rep["memorisation_rate"],
-        "memorisation_ci95": rep.get("ci95", {}).get("memorisation_rate"),
-        "expected_rate_for_fresh_real_images": rep["expected_rate_for_fresh_real_images"],
-        "reference_hash": rep["reference_hash"],
-        "nearest_neighbour": nn,
-        "membership_inference": mi,
-    }
+    return {"wall_s": wall, **privacy(out)}
 
 
 def sample_grid(run: Path, sampler: str, path: Path, n: int, args) -> dict:
