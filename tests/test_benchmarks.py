@@ -193,3 +193,50 @@ def test_ldm_peer_scores_both_arms_at_equal_seconds_and_stages_seeds(tmp_path, r
 
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     assert grid.shape[1] > 3 * 4 * 32 and grid.std() > 10  # three 3 x 4 panels of 32 px images, not blank
+
+
+@pytest.mark.slow
+def test_generation_benchmark_stages_one_record_per_call_and_tabulates_the_seeds(tmp_path, monkeypatch):
+    """benchmarks/generation.py on phantoms: the real arm and two seeds of a tiny conv_vae's GMM row. Each call
+    adds one record and leaves the others as they were; the real arm's floor is the one medivae evaluate
+    reports; --table shows the mean over the seeds and its t-interval, computed here from the JSON."""
+    from scipy import stats
+
+    monkeypatch.setenv("MEDIVAE_CACHE", str(tmp_path / "cache"))  # a fresh shared extractor, trained once
+    out = tmp_path / "g.json"
+    common = [sys.executable, str(ROOT / "benchmarks" / "generation.py"), "--data", "phantoms32", "--out", str(out),
+              "--work", str(tmp_path / "work"), "--images", str(tmp_path / "img"), "--reference-epochs", "1",
+              "--bootstrap", "20", "--commit", "abc123"]
+    tiny = ["--rows", "gmm", "--n-synth", "32", "--n-timing", "16",
+            "--train-args", "--epochs 1 --batch-size 32 --latent-dim 4 --base-width 4 --threads 1"]
+
+    def call(*args) -> dict:
+        subprocess.run([*common, *args], check=True, capture_output=True, text=True, timeout=900)
+        return json.loads(out.read_text())["records"]["phantoms32"]
+
+    real = call("--arm", "real")["real"]
+    first = call("--arm", "conv_vae", "--seed-index", "0", *tiny)
+    (arm,) = set(first) - {"real"}
+    assert list(first[arm]) == ["1767661200070"] and first["real"] == real
+    both = call("--arm", "conv_vae", "--seed-index", "1", *tiny)
+    assert sorted(both[arm]) == ["1767661200070", "1767661200071"] and both["real"] == real
+    assert both[arm]["1767661200070"] == first[arm]["1767661200070"]  # the first seed untouched
+    rows = [r["rows"]["gmm"] for r in both[arm].values()]
+    for r in both[arm].values():
+        assert r["commit"] == "abc123" and r["cpu_seconds"] > 0 and r["epochs"] == 1
+        assert {"load_average_before", "load_average_after", "fit_sampler", "train_seconds"} <= set(r)
+    floor = next(iter(real.values()))["rows"]["floor"]["evaluate"]
+    for row in rows:  # the same test images against the same validation images in the same extractor
+        assert row["evaluate"]["floor"] == floor["model"]
+        assert row["evaluate"]["reference_hash"] == floor["reference_hash"]
+        assert row["sampling"]["images_per_s"] > 0 and row["train_seconds"] > 0
+        assert 0 <= row["synthesize"]["memorisation_rate"] <= 1
+
+    text = subprocess.run([*common, "--table"], check=True, capture_output=True, text=True).stdout
+    fd = [r["evaluate"]["model"]["fd"] for r in rows]
+    half = stats.t.ppf(0.975, 1) * np.std(fd, ddof=1) / np.sqrt(2)
+    m = np.mean(fd)
+    line = next(x for x in text.splitlines() if "GMM" in x)
+    assert f"| {m:.4g} [{m - half:.4g}, {m + half:.4g}] |" in line and "| 2 |" in line
+    lo, hi = floor["ci95"]["fd"]  # one record: the run's own bootstrap interval
+    assert f"| {floor['model']['fd']:.4g} [{lo:.4g}, {hi:.4g}] |" in next(x for x in text.splitlines() if "floor" in x)
