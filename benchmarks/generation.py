@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import shlex
 import sys
@@ -162,7 +163,7 @@ def measure_row(run: Path, row: str, sampler: str, guidance: float | None, work:
                        for k in ("synthetic_only", "real_plus_synthetic", "real_only")}
     images, out["sampling"] = timed_sampling(run, sampler, guidance, args.n_timing, args.seed, args.threads)
     if args.seed_index == 0:
-        out["grid"] = sample_grid(images, args.images / f"generation_{args.data}_{args.arm}_{row}.png")
+        out["grid"] = sample_grid(images, args.images / f"generation_{args.data}_{args.arm}{args.tag}_{row}.png")
     return out
 
 
@@ -323,13 +324,18 @@ def aim_met(rows: list[dict]) -> str:
     return "yes" if ok else "no"
 
 
+def arm_order(arms: dict) -> list[str]:
+    """The recorded arm names in table order: real, then ``ARMS``' order (ARM+ARGS after ARM)."""
+    order = ("real", *ARMS)
+    return sorted(arms, key=lambda a: (order.index(a.split("+")[0]), a))
+
+
 def table_rows(records: dict) -> list[tuple[str, str, list[dict], list[str]]]:
     """(data, row label, the row of every seed, their commits) in table order: real rows, then each arm's (an
     arm trained with --train-args is its own arm, ARM+ARGS)."""
-    order = ("real", *ARMS)
     out = []
     for data, arms in records.items():
-        for name in sorted(arms, key=lambda a: (order.index(a.split("+")[0]), a)):
+        for name in arm_order(arms):
             arm, _, extra = name.partition("+")
             recs = list(arms[name].values())
             names = REAL_ROWS if arm == "real" else {r: f"`{ARMS[arm].label}` {ROW_NAMES[r]}" for r in ARMS[arm].rows}
@@ -381,8 +387,9 @@ def grids(result: dict, prefix: str = "images/") -> str:
     out = []
     for data, arms in result.get("records", {}).items():
         pics = [(f"{data} real test images", rec.get("grid")) for rec in arms.get("real", {}).values()]
-        pics += [(f"{data} {arm} {row}", r.get("grid")) for arm in ARMS for rec in arms.get(arm, {}).values()
-                 for row, r in rec["rows"].items()]
+        pics += [(f"{data} {name} {row}", r.get("grid")) for name in arm_order(arms) if name != "real"
+                 for rec in arms[name].values() for row in ARMS[name.split("+")[0]].rows
+                 if (r := rec["rows"].get(row))]
         lines = [f"![{name}]({prefix}{Path(g['file']).name})" for name, g in pics if g]
         if lines:
             out.append(f"**{data}**\n\n" + "\n".join(lines))
@@ -424,6 +431,8 @@ def parse(argv) -> argparse.Namespace:
         if arm.tstr and args.data not in LABELLED:
             p.error(f"--arm {args.arm} needs labelled data ({', '.join(LABELLED)}), not {args.data}")
     args.fit_args, args.seed = shlex.split(args.fit_args), SEED0 + args.seed_index
+    # an arm trained with --train-args (a tuning experiment) never overwrites the plain arm's grids
+    args.tag = "_" + hashlib.sha1(args.train_args.encode()).hexdigest()[:6] if args.train_args.strip() else ""
     return args
 
 

@@ -139,6 +139,7 @@ PAGES = {  # result file -> (results page, its title), for the index of every re
     "train_short": ("speed.md#short-runs", "Speed"), "speed_ablation": ("speed.md#what-each-setting-is-worth", "Speed"),
     "data": ("../data/index.md#what-every-source-shares", "Data sources"),
     "defaults": ("defaults.md", "Defaults against conv_vae"),
+    "generation": ("generation.md", "Samplers and generation"),
     "blur_metric": ("../guide/sample-metrics.md#does-it-see-blur", "Sample metrics"),
 }
 
@@ -187,6 +188,14 @@ class Tables:
     def defaults_runs(self, split: str = "test") -> str:
         """Every record of one split: data, arm, seed, the claim metrics, CPU seconds, load, commit."""
         return _bench("defaults").runs_table(self.R.defaults, split)
+
+    def generation(self) -> str:
+        """Every generator and the real rows per data set: mean over seeds [95 % interval] (generation.py)."""
+        return _bench("generation").table(self.R.generation)
+
+    def generation_grids(self) -> str:
+        """The sample grids the generation records name, beside the real test images'."""
+        return _bench("generation").grids(self.R.generation)
 
     def seeds(self, *columns: str) -> str:
         """Families over seeds (vae_gan_compare.py files): mean ± sd per metric; columns "file:family"."""
