@@ -39,7 +39,7 @@ import shlex
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,18 +70,14 @@ class Arm:
     rows: dict[str, tuple[str, float | None]]  # row -> (--sampler, --guidance or None)
     label: str
     tstr: bool = False  # conditional: TSTR of each row's synthetic images
-    fits: tuple[str, ...] = field(default=())  # post-hoc samplers fitted after training
 
 
 ARMS = {
     "conv_vae": Arm(("--model", "conv_vae"), {"prior": ("prior", None), "gmm": ("gmm", None), "flow": ("flow", None),
-                                              "diffusion": ("diffusion", None)}, "conv_vae",
-                    fits=("gmm", "flow", "diffusion")),
-    "vq_vae": Arm(("--model", "vq_vae"), {"prior": ("prior", None), "diffusion": ("diffusion", None)}, "vq_vae",
-                  fits=("diffusion",)),
+                                              "diffusion": ("diffusion", None)}, "conv_vae"),
+    "vq_vae": Arm(("--model", "vq_vae"), {"prior": ("prior", None), "diffusion": ("diffusion", None)}, "vq_vae"),
     "ldm": Arm(("--model", "ldm", "--model-arg", "num_classes=0"), {"prior": ("prior", None)}, "ldm"),
-    "cvae": Arm(("--model", "cvae"), {"diffusion": ("diffusion", GUIDANCE)}, "cvae", tstr=True,
-                fits=("diffusion",)),
+    "cvae": Arm(("--model", "cvae"), {"diffusion": ("diffusion", GUIDANCE)}, "cvae", tstr=True),
     "ldm_cond": Arm(("--model", "ldm"), {"prior": ("prior", None)}, "ldm, class-conditional", tstr=True),
 }
 REAL_ROWS = {"floor": "real test images (floor)", "blur_sigma1": "real test images, Gaussian blur σ = 1 px"}
@@ -168,15 +164,16 @@ def measure_row(run: Path, row: str, sampler: str, guidance: float | None, work:
 
 
 def sample_grid(images: np.ndarray, path: Path) -> dict:
-    """The first 36 images (25 at 64 px and above: the PNG stays under 100 KB) as one grid."""
+    """36 images (25 at 64 px and above: the PNG stays under 100 KB) spread evenly over ``images`` (a conditional
+    run draws its classes in blocks) as one grid."""
     from medivae.runtime.images import grid, save_png
 
-    n = 36 if images.shape[-1] <= 32 else 25
+    n = min(36 if images.shape[-1] <= 32 else 25, len(images))
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_png(grid(images[:n]), path)
+    save_png(grid(images[np.linspace(0, len(images) - 1, n).round().astype(int)]), path)
     if path.stat().st_size > MAX_GRID_BYTES:
         print(f"warning: {path} is {path.stat().st_size // 1000} KB", file=sys.stderr, flush=True)
-    return {"file": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path), "n": min(n, len(images)),
+    return {"file": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path), "n": n,
             "bytes": path.stat().st_size}
 
 
@@ -423,6 +420,8 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--table", action="store_true", help="print the table of --out and stop")
     args = p.parse_args(argv)
     args.command = shlex.join(["python", "benchmarks/generation.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.arm == "real" and args.seed_index:
+        p.error("the real arm trains nothing (its rows depend on the data's split alone): run it once, seed index 0")
     if args.arm != "real":
         arm = ARMS[args.arm]
         args.rows = [r for r in args.rows.split(",") if r] or list(arm.rows)
