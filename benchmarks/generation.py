@@ -152,15 +152,26 @@ def measure_row(run: Path, row: str, sampler: str, guidance: float | None, work:
                                         "--format", "npz", "--out", synth, "--force", *common)
     out["synthesize"] = privacy(synth)
     if ARMS[args.arm].tstr:
-        medivae("utility", "--run", run, "--synthetic", synth, "--out", synth / "utility.json", "--force",
-                "--bootstrap", args.bootstrap, "--epochs", args.utility_epochs, "--no-progress")
-        u = json.loads((synth / "utility.json").read_text())
-        out["tstr"] = {k: {"auc": u[k]["auc"], "ci95": (u[k].get("ci95") or {}).get("auc")}
-                       for k in ("synthetic_only", "real_plus_synthetic", "real_only")}
+        out["tstr"] = tstr(run, synth, args)
     images, out["sampling"] = timed_sampling(run, sampler, guidance, args.n_timing, args.seed, args.threads)
     if args.seed_index == 0:
         out["grid"] = sample_grid(images, args.images / f"generation_{args.data}_{args.arm}{args.tag}_{row}.png")
     return out
+
+
+def tstr(run: Path, synth: Path, args) -> dict | None:
+    """``medivae utility``'s AUCs on the real test images: trained on the synthetic images only, on real and
+    synthetic, on the real training images only. None when utility refuses the set (synthesize writes no image
+    it rejects as too near a training image: a model that memorises can leave too few), and the row stays."""
+    try:
+        medivae("utility", "--run", run, "--synthetic", synth, "--out", synth / "utility.json", "--force",
+                "--bootstrap", args.bootstrap, "--epochs", args.utility_epochs, "--no-progress")
+    except SystemExit as e:
+        print(f"no TSTR for {synth}: {e}", file=sys.stderr, flush=True)
+        return None
+    u = json.loads((synth / "utility.json").read_text())
+    return {k: {"auc": u[k]["auc"], "ci95": (u[k].get("ci95") or {}).get("auc")}
+            for k in ("synthetic_only", "real_plus_synthetic", "real_only")}
 
 
 def sample_grid(images: np.ndarray, path: Path) -> dict:
