@@ -1,5 +1,5 @@
-"""Smoke tests of benchmarks/bench_train.py --quick, speed_ablation.py and ldm_peer.py: they run end to end and
-write complete JSON.
+"""Smoke tests of benchmarks/bench_train.py --quick, speed_ablation.py, defaults.py, ldm_peer.py and generation.py:
+they run end to end and write complete JSON.
 
 Slow (bench_train about 40 s on an idle 2-core machine: two trainings, inference timings, a small scaling table;
 ldm_peer three short runs per medivae recipe). No number is compared with a speed: timings depend on the machine
