@@ -85,7 +85,8 @@ class LatentDiffusion:
         return self.decode(self.standardiser.decode(healed.float()).to(x.device), y, generator).float()
 
     @torch.no_grad()
-    def loss(self, x: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator, repeats: int = 8) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
+             repeats: int = 8) -> torch.Tensor:
         """ε-MSE (B,) of the standardised latents of x, averaged over ``repeats`` draws of t ~ U{1..T} and noise
         from ``generator`` (seeded by the caller: reproducible); y: the class of a class-conditional denoiser."""
         dev = next(self.denoiser.parameters()).device
