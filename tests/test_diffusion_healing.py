@@ -155,7 +155,7 @@ def test_runs_without_a_diffusion_prior_have_no_healing_score(vae_run, tmp_path,
     assert "fitted to other weights" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("which", ["ldm_run", "vae_run"])
+@pytest.mark.parametrize("which", ["ldm_run", pytest.param("vae_run", marks=pytest.mark.slow)])  # 30 s: restoration
 def test_anomaly_score_tunes_and_reports_diffusion_healing(which, request):
     run = request.getfixturevalue(which)
     assert main(["anomaly", "score", str(run), *SCORE]) == 0
