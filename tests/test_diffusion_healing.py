@@ -188,3 +188,28 @@ def test_synthesize_from_a_diffusion_prior_reports_memorisation_and_membership(w
     assert loss["prior"] == ("ldm prior" if sampler == "prior" else "fitted diffusion sampler")
     assert 0 <= loss["auroc"] <= 1 and loss["draws_per_image"] >= 1
     assert json.loads((run / "results.json").read_text())["privacy"]["membership_inference"] == mi
+
+
+def test_a_conditional_run_is_healed_as_the_normal_class_whatever_the_images_labels():
+    """A cvae under a class-conditional sampler: the prior and the decoder get the normal class for every image
+    (a pass never reads labels), and the class is used: another normal class, other healed images."""
+    torch.manual_seed(0)
+    model = build_model(model_config("cvae", image_size=32, latent_dim=4, base_width=4, max_width=16,
+                                     num_classes=2)).eval()
+    x = torch.rand(6, 1, 32, 32)
+    z = sampler_latents(model, x, torch.zeros(6, dtype=torch.long))
+    spec = DiffusionSpec(tuple(z.shape[1:]), num_classes=2, width=32, timesteps=100)
+    with torch.no_grad():  # an untrained denoiser predicts zero: give its output layer weights, so y matters
+        den = build_denoiser(spec)
+        for p in den.parameters():
+            p.normal_(0, 0.1)
+    prior = DiffusionSampler(spec, den, LatentStandardiser.fit(z)).prior_of(model)
+    images = (x * 255).round().byte().numpy()
+
+    def healed(normal_class):
+        return diffusion_healing_scores(ImagePass(Scoring(model, diffusion=prior, normal_class=normal_class), images),
+                                        0.5)[0]
+
+    assert np.array_equal(healed(0), healed(0)) and not np.allclose(healed(0), healed(1))
+    with pytest.raises(ValueError, match="normal class"):
+        healed(None)
