@@ -172,11 +172,13 @@ def test_anomaly_score_tunes_and_reports_diffusion_healing(which, request):
 
 
 @pytest.mark.parametrize("which, sampler", [("ldm_run", "prior"), ("vae_run", "diffusion")])
-def test_synthesize_from_a_diffusion_prior_reports_memorisation_and_membership(which, sampler, request, tmp_path):
+def test_synthesize_from_a_diffusion_prior_reports_memorisation_and_membership(which, sampler, request, tmp_path,
+                                                                              capsys):
     run = request.getfixturevalue(which)
     out = tmp_path / "syn"
     assert main(["synthesize", str(run), "-n", "16", "--out", str(out), "--sampler", sampler, "--pairs", "2",
                  "--reference-epochs", "1", "--bootstrap", "20", "--no-progress", "--device", "cpu"]) == 0
+    assert "membership inference by the diffusion prior's loss: AUROC" in capsys.readouterr().out
     rep = json.loads((out / "memorisation.json").read_text())
     assert rep["sampler"] == sampler and rep["n_synthetic"] == 16 and rep["n_written"] + rep["n_rejected"] == 16
     assert 0 <= rep["memorisation_rate"] <= 1 and rep["memorisation_rate"] == rep["n_rejected"] / 16
