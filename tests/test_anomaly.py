@@ -265,7 +265,7 @@ def test_score_cli_end_to_end(normal_run, tmp_path, capsys):
     r = json.loads((normal_run / "results.json").read_text())["anomaly"]
     assert r["normal_label"] == "normal" and r["split"] == "test"
     # Bernoulli likelihood (the default): no complexity-corrected score, and combined is SSIM alone
-    names = {s.name for s in SCORERS} - {"iwae_minus_png", "vq_healing"}
+    names = {s.name for s in SCORERS} - {"iwae_minus_png", "vq_healing", "diffusion_healing"}  # no such priors
     assert set(r["metrics"]) == {*names, "combined", "ensemble"}
     assert r["combined"]["components"] == ["ssim"]
     rows = list(csv.DictReader((out / "scores.csv").open()))

@@ -54,6 +54,7 @@ from medivae.models.family import (
     adam,
     decode_sampler_latents,
     describe,
+    diffusion_prior,
     families,
     has_sampler_latents,
     labels_for,
@@ -678,9 +679,12 @@ def test_anomaly_fit_and_score(family, anomaly_run, tmp_path, capsys):
     assert_metrics_match_the_scores(r, rows)  # every AUROC is that of its scores.csv column
     assert all(math.isfinite(float(row["combined"])) for row in rows)
     # every map the family can make, end to end (vq_vae with its trained code prior: prior-guided healing too)
+    # ldm with its trained prior: diffusion healing
+    own_prior = diffusion_prior(medivae.load(anomaly_run, device="cpu").model) is not None
     expected = {"residual", "ssim", "ssim_z"} | ({"gradient", "restoration"} if "likelihood" in caps else set()) \
-        | ({"vq_healing"} if "heal" in caps else set())
+        | ({"vq_healing"} if "heal" in caps else set()) | ({"diffusion_healing"} if own_prior else set())
     assert family != "vq_vae" or "vq_healing" in expected
+    assert family != "ldm" or "diffusion_healing" in expected
     z = np.load(out / "maps.npz")
     assert set(r["map_names"]) == expected and set(z.files) == {"maps", *expected}
     for name in z.files:

@@ -111,7 +111,7 @@ def cmd_score(args) -> int:
               f"(prevalence {r['prevalence']:.3f}: the AUPRC of a random score); 95% bootstrap intervals")
     for name, m in r.get("metrics", {}).items():
         ci = (r.get("ci95") or {}).get(name) or {}
-        print(f"  {name:15s} AUROC {m['auroc']:.3f}{fmt_ci(ci.get('auroc'))}  "
+        print(f"  {name:17s} AUROC {m['auroc']:.3f}{fmt_ci(ci.get('auroc'))}  "
               f"AUPRC {m['auprc']:.3f}{fmt_ci(ci.get('auprc'))}")
     for name, m in r.get("baselines", {}).items():
         print(f"  baseline {name} (no model): AUROC {m['auroc']:.3f}")

@@ -36,7 +36,8 @@ def cmd_synthesize(args) -> int:
         f"{fmt_ci((r.get('ci95') or {}).get('memorisation_rate'))}"
     )
     mi = r["membership_inference"]
-    for key, what in (("elbo", "the model's ELBO"), ("nearest_synthetic_pixel", "distance to the nearest sample")):
+    for key, what in (("elbo", "the model's ELBO"), ("diffusion_loss", "the diffusion prior's loss"),
+                      ("nearest_synthetic_pixel", "distance to the nearest sample")):
         if key in mi:
             print(f"  membership inference by {what}: AUROC {mi[key]['auroc']:.3f}{fmt_ci(mi[key]['ci95'])} "
                   f"({mi[key]['n_members']} training vs {mi[key]['n_held_out']} held-out images; 0.5: none)")

@@ -407,16 +407,19 @@ def ddim_sample(denoiser: nn.Module, schedule: NoiseSchedule, n: int, y: torch.T
 
 @torch.no_grad()
 def heal(denoiser: nn.Module, schedule: NoiseSchedule, z0: torch.Tensor, t_start: int, steps: int = 20,
-         y: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Noise standardised latents z0 (B, ...) to ``t_start`` (0..T) and run DDIM back to 0 in at most
-    ``steps`` steps; ``t_start = 0`` returns z0 unchanged. Same shape as z0, float32."""
+         y: torch.Tensor | None = None, generator: torch.Generator | None = None,
+         noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Noise standardised latents z0 (B, ...) to ``t_start`` (0..T) with ``noise`` (z0's shape; default drawn
+    with ``generator``) and run DDIM back to 0 in at most ``steps`` steps; ``t_start = 0`` returns z0
+    unchanged. Same shape as z0, float32."""
     if not 0 <= t_start <= schedule.timesteps:
         raise UserError(f"healing t_start must be in 0..{schedule.timesteps}, not {t_start}")
     _check(schedule, steps, y, 0.0, denoiser.spec)
     if t_start == 0:
         return z0.float().clone()
     t = torch.full((len(z0),), t_start, dtype=torch.long, device=z0.device)
-    zt = schedule.q_sample(z0.float(), t, _randn(z0.shape, generator, z0.device))
+    eps = _randn(z0.shape, generator, z0.device) if noise is None else noise.to(z0.device, torch.float32)
+    zt = schedule.q_sample(z0.float(), t, eps)
     return _ddim_loop(denoiser, schedule, zt, ddim_timesteps(t_start, steps), y, 0.0)
 
 

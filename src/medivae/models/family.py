@@ -54,6 +54,10 @@ that does not define it (nothing outside ``models/`` looks for a model's attribu
         the continuous latent a post-hoc sampler (``medivae fit-sampler``, e.g. the diffusion sampler) models
         and how its draws become images; a family with neither hook nor Gaussian latent has no post-hoc
         sampler (:func:`require_sampler_latents`).
+    ``diffusion_prior() -> LatentDiffusion | None`` (default None): the family's own diffusion prior over its
+        latent (:mod:`medivae.models.healing`), e.g. ldm's once trained: diffusion healing (anomaly maps) and the
+        diffusion-loss membership test. A run with a fitted diffusion sampler has one too, from the sampler
+        (``DiffusionSampler.prior_of``).
 
 A family added later (in ``models/``, or outside medivae through :func:`register` in a module named by
 the ``MEDIVAE_PLUGINS`` environment variable or a ``medivae.families`` entry point) gets the trainer,
@@ -322,6 +326,13 @@ def first_best_epoch(model, train_cfg) -> int:
 def heal(model, x: torch.Tensor, y=None, threshold: float = 0.01) -> torch.Tensor | None:
     """Prior-guided healing of images x (B, C, H, W) (the "heal" capability); None for a family without it."""
     return model.heal(x, y, threshold) if has(model, "heal") else None
+
+
+def diffusion_prior(model):
+    """The family's own diffusion prior (its ``diffusion_prior`` hook: a
+    :class:`medivae.models.healing.LatentDiffusion`), or None for a family without one."""
+    hook = getattr(model, "diffusion_prior", None)
+    return None if hook is None else hook()
 
 
 def labels_for(model, labels, device) -> torch.Tensor | None:

@@ -77,6 +77,7 @@ from medivae.models.family import (
     adam,
     classes_for_data,
 )
+from medivae.models.healing import LatentDiffusion
 from medivae.models.losses import (
     ADV_LOSSES,
     DiscriminatorWatch,
@@ -298,6 +299,16 @@ class LDM(nn.Module):
         if self.prior is None:
             raise UserError(f"{self.cfg.name} was trained with prior_epochs=0: it has no prior to sample from")
         return self.prior_ema.module if self.prior_ema is not None else self.prior
+
+    def diffusion_prior(self) -> LatentDiffusion | None:
+        """The prior over the posterior means (B, c, h, w) (the moving average of its weights, when kept), for
+        diffusion healing; None before stage 2 has trained one. Labels reach only the prior (the autoencoder
+        ignores them)."""
+        if self.prior is None or not self.prior_ready:
+            return None
+        return LatentDiffusion(self._require_prior(), self.schedule, self.standardiser(),
+                               lambda x, y: self.encode(x).mode(), lambda z, y, g: self.decode(z),
+                               self.cfg.sampling_steps, "ldm prior")
 
     def draw_latents(self, n: int, y: torch.Tensor | None = None, generator=None, temperature: float = 1.0,
                      progress: bool = False) -> torch.Tensor:

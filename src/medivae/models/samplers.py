@@ -45,6 +45,8 @@ from medivae.models.diffusion import (
     ema_model,
 )
 from medivae.models.distributions import LOG_2PI, standard_normal_log_prob
+from medivae.models.family import decode_sampler_latents, sampler_latents
+from medivae.models.healing import LatentDiffusion
 from medivae.runtime.errors import UserError
 from medivae.runtime.io import atomic_write_bytes, atomic_write_text
 
@@ -379,6 +381,15 @@ class DiffusionSampler:
     @property
     def schedule(self) -> NoiseSchedule:
         return NoiseSchedule(self.spec.timesteps)
+
+    def prior_of(self, model) -> LatentDiffusion:
+        """This sampler as a diffusion prior over ``model``'s sampler latents (models/family.py), for diffusion
+        healing and the diffusion-loss membership test; the denoiser moves to the model's device."""
+        device = next(model.parameters()).device
+        return LatentDiffusion(self.denoiser.to(device).eval(), self.schedule, self.standardiser,
+                               lambda x, y: sampler_latents(model, x, y),
+                               lambda z, y, g: decode_sampler_latents(model, z, y, g),
+                               DEFAULT_SAMPLING_STEPS, "fitted diffusion sampler")
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {**{f"denoiser.{k}": v for k, v in self.denoiser.state_dict().items()},

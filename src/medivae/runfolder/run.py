@@ -22,9 +22,25 @@ import torch
 
 from medivae.data import ImageSet, load_dataset, to_float
 from medivae.data.imageset import label_code
-from medivae.models.family import build_model, has, labels_for, require, require_sampler_latents
+from medivae.models.family import (
+    build_model,
+    diffusion_prior,
+    has,
+    has_sampler_latents,
+    labels_for,
+    require,
+    require_sampler_latents,
+)
+from medivae.models.healing import LatentDiffusion
 from medivae.models.inference import decode_latents, encode_arrays, reconstruct, sample_batches
-from medivae.models.samplers import KINDS, DiffusionSampler, LatentSampler, check_options, load_sampler
+from medivae.models.samplers import (
+    KINDS,
+    DiffusionSampler,
+    LatentSampler,
+    check_options,
+    load_sampler,
+    sampler_paths,
+)
 from medivae.runfolder.config import RunConfig
 from medivae.runfolder.results import checkpoint_sha256
 from medivae.runtime.constants import CHECKPOINTS, MAX_SAMPLES
@@ -152,6 +168,20 @@ class Run:
         else:
             require(self.model, "gaussian_latent", f"sample --sampler {name}")
         return load_sampler(self.folder / "samplers", name, self.checkpoint_sha256(), str(self.folder))
+
+    def diffusion_prior(self, sampler: str | None = None) -> LatentDiffusion | None:
+        """The run's diffusion prior over a latent (:mod:`medivae.models.healing`): the family's own (ldm), else
+        the diffusion sampler fitted to this checkpoint (``medivae fit-sampler RUN --sampler diffusion``; one
+        fitted to other weights is refused), else None. ``sampler``: what a command draws from, when it
+        matters ("prior": the family's own only; "diffusion": the fitted sampler only; None: either)."""
+        if sampler in (None, "prior"):
+            own = diffusion_prior(self.model)
+            if own is not None or sampler == "prior":
+                return own
+        fitted = sampler_paths(self.folder / "samplers", "diffusion")[1].is_file()
+        if sampler == "diffusion" or (sampler is None and fitted and has_sampler_latents(self.model)):
+            return self.latent_sampler("diffusion").prior_of(self.model)
+        return None
 
 
 def load_image(path: str | Path, cfg: RunConfig) -> torch.Tensor:

@@ -40,6 +40,7 @@ from medivae.runtime.seeding import numpy_rng, torch_generator
 from medivae.workflows.evaluate import shared_reference
 
 MEMORISATION_FILE = "memorisation.json"  # written last: a folder holding it is a complete synthesize output
+MEMBERSHIP_DRAWS = 8  # draws of (t, noise) per image for the diffusion-loss membership test
 
 
 def _label_plan(model, cfg, label: str | None, n: int) -> tuple[np.ndarray | None, list[str]]:
@@ -154,7 +155,8 @@ def synthesize_run(
     rejected, report = memorisation_report(checks, percentile)
     report["calibration"] = (f"reconstructions of the {len(held)} held-out images: as smooth as samples, and "
                              "never copies, so blur is not taken for copying")
-    report["membership_inference"] = membership_inference(run, train, held, fake, bootstrap, cfg.train.seed)
+    report["membership_inference"] = membership_inference(run, train, held, fake, bootstrap, cfg.train.seed,
+                                                          run.diffusion_prior(sampler))
     if bootstrap:
         report["ci95"] = {"memorisation_rate": mean_ci(rejected.astype(np.float64), bootstrap, cfg.train.seed)}
     keep = np.flatnonzero(~rejected)
@@ -197,16 +199,22 @@ def memorisation_checks(run, fake: np.ndarray, train, held, percentile: float, r
     return [check_space(name, f(fake), f(train.images), f(recon), percentile) for name, f in spaces]
 
 
-def membership_inference(run, train, held, fake: np.ndarray, n_boot: int, seed: int) -> dict:
+def membership_inference(run, train, held, fake: np.ndarray, n_boot: int, seed: int, diffusion=None) -> dict:
     """Can training images be told from held-out ones? As many training images as held-out ones (drawn
     with the seed), scored by the model's ELBO (where the family has a likelihood: a member is more
-    likely) and by the pixel distance to the nearest synthetic image (a member is nearer)."""
+    likely), by the loss of the diffusion prior the samples came from (``diffusion``, a
+    :class:`medivae.models.healing.LatentDiffusion`: a member has a lower loss, Carlini et al. 2023) and by the
+    pixel distance to the nearest synthetic image (a member is nearer)."""
     m = min(len(train), len(held))
     members = train.subset(np.sort(numpy_rng(seed, "membership").choice(len(train), m, replace=False)))
     out: dict = {"note": "AUROC of telling training from held-out images; 0.5: indistinguishable"}
     if has(run.model, "likelihood"):
         elbo = [-neg_elbo(run, s, seed) for s in (members, held)]
         out["elbo"] = membership_auroc(*elbo, n_boot=n_boot, seed=seed)
+    if diffusion is not None:
+        loss = [-diffusion_loss(run, diffusion, s, seed) for s in (members, held)]
+        out["diffusion_loss"] = {**membership_auroc(*loss, n_boot=n_boot, seed=seed), "prior": diffusion.source,
+                                 "draws_per_image": MEMBERSHIP_DRAWS}
     d = [nearest(pixel_vectors(s.images), pixel_vectors(fake))[0] for s in (members, held)]
     out["nearest_synthetic_pixel"] = membership_auroc(-d[0], -d[1], n_boot=n_boot, seed=seed)
     return out
@@ -217,6 +225,14 @@ def neg_elbo(run, s, seed: int) -> np.ndarray:
     label), float64 (N,)."""
     model, gen = run.model, torch.Generator().manual_seed(seed)
     return map_batches(model, lambda x, y: model.log_weights(x, y, 1, gen).neg_elbo(), run.images(s.images),
+                       run.labels(s.labels)).double().numpy()
+
+
+def diffusion_loss(run, diffusion, s, seed: int) -> np.ndarray:
+    """The diffusion prior's ε-MSE of each image of ``s``, averaged over MEMBERSHIP_DRAWS seeded draws of t and
+    noise (a conditional family's prior given each image's own label), float64 (N,)."""
+    gen = torch_generator(seed, "membership-diffusion-loss")
+    return map_batches(run.model, lambda x, y: diffusion.loss(x, y, gen, MEMBERSHIP_DRAWS), run.images(s.images),
                        run.labels(s.labels)).double().numpy()
 
 

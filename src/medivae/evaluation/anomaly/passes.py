@@ -20,6 +20,7 @@ from medivae.data.imageset import to_float
 from medivae.evaluation.likelihood import iwae_from_log_weights
 from medivae.evaluation.reconstruction import ssim_maps
 from medivae.models.family import extra_anomaly_scores, has, labels_for
+from medivae.models.healing import LatentDiffusion
 from medivae.models.inference import map_batches
 
 
@@ -29,7 +30,8 @@ class Scoring:
     them, :func:`medivae.models.inference.fast_inference`). ``k``: posterior draws per image for the likelihood
     bounds. ``progress``: bars on stderr over every pass. ``normal_class``: the class a conditional family is
     given for *every* image, anomalous or not: the normal class it was fitted on (an image's own label would
-    let the label, not the image, decide its score)."""
+    let the label, not the image, decide its score). ``diffusion``: the run's diffusion prior
+    (:meth:`medivae.runfolder.run.Run.diffusion_prior`), for diffusion healing; None: no such score."""
 
     model: torch.nn.Module
     device: torch.device | str = "cpu"
@@ -39,6 +41,7 @@ class Scoring:
     seed: int = 0
     progress: bool = False
     normal_class: int | None = None
+    diffusion: LatentDiffusion | None = None
 
     def batches(self, fn, x: torch.Tensor, y=None, desc: str = "scoring", precision: str | None = None):
         """``fn(x_batch, y_batch)`` over x in batches of ``batch_size`` (:func:`map_batches`)."""

@@ -17,11 +17,16 @@ Per-image scores, higher = more anomalous:
   ``restoration``     MAP restoration (Chen et al. 2020; :mod:`.restoration`), its TV weight tuned;
   ``vq_healing``      prior-guided healing (Pinaya et al. 2022): the family's ``heal`` hook, mean |x - healed|,
                       its threshold tuned;
+  ``diffusion_healing`` diffusion healing (Pinaya et al. 2022, their diffusion model): the latent noised to a
+                      fraction of the schedule and denoised by DDIM under the run's diffusion prior (ldm's own,
+                      or a fitted diffusion sampler: :mod:`medivae.models.healing`), decoded; mean |x - healed|,
+                      the fraction tuned; the same seeded noise for an image whatever its batch;
 and the family's own scores (``anomaly_scores`` hook, e.g. a VAE-GAN's ``disc``). ``combined`` and ``ensemble``
 (:mod:`.calibration`) average z-scores of these.
 
-A scorer's ``needs`` are capabilities of the family (:data:`medivae.models.family.CAPABILITIES`) and
-``"normals"`` (statistics of the training normals, :mod:`.normative`). Its function gets the scoring pass of a
+A scorer's ``needs`` are capabilities of the family (:data:`medivae.models.family.CAPABILITIES`),
+``"normals"`` (statistics of the training normals, :mod:`.normative`) and ``"diffusion"`` (a diffusion prior of
+the run, :attr:`.passes.Scoring.diffusion`). Its function gets the scoring pass of a
 set of images (:class:`.passes.ImagePass`), those statistics and, for a scorer with a ``grid``, one value of its
 hyperparameter, and returns (scores (N,), map (N, H, W) or None), or None where the family lacks what it needs.
 """
@@ -37,10 +42,14 @@ from medivae.evaluation.anomaly.normative import Normals, latent_gmm_score, maha
 from medivae.evaluation.anomaly.passes import ImagePass
 from medivae.evaluation.anomaly.restoration import TV_GRID, restoration_scores
 from medivae.models.family import describe, has, heal
+from medivae.runtime.seeding import torch_generator
 
 HEALING_THRESHOLDS = (0.001, 0.01, 0.05)  # Pinaya et al. 2022 used 0.005
+# fractions of the diffusion schedule noised to: too little heals nothing, too much forgets the image
+HEALING_FRACTIONS = (0.1, 0.25, 0.5)
 COMBINED_FROM = ("ssim", "iwae_minus_png")  # the pre-registered ``combined`` score, the one the threshold is on
-ENSEMBLE_FROM = ("ssim", "rec_error", "latent_gmm", "feature_res", "restoration", "vq_healing", "disc")
+ENSEMBLE_FROM = ("ssim", "rec_error", "latent_gmm", "feature_res", "restoration", "vq_healing",
+                 "diffusion_healing", "disc")
 
 Scored = tuple[np.ndarray, np.ndarray | None]
 
@@ -58,9 +67,12 @@ class Scorer:
     param: str | None = None
     grid: tuple[float, ...] = ()
 
-    def available(self, model, normals: Normals | None) -> bool:
-        caps = self.needs - {"normals"}
-        return all(has(model, c) for c in caps) and ("normals" not in self.needs or normals is not None)
+    def available(self, model, normals: Normals | None, diffusion=None) -> bool:
+        """Whether the family (``model``), the training normals' statistics and the run's diffusion prior
+        (None: none) allow this score."""
+        caps = self.needs - {"normals", "diffusion"}
+        return (all(has(model, c) for c in caps) and ("normals" not in self.needs or normals is not None)
+                and ("diffusion" not in self.needs or diffusion is not None))
 
 
 def _bound(name: str):
@@ -102,6 +114,26 @@ def healing_scores(p: ImagePass, threshold: float) -> Scored:
     return maps.reshape(len(maps), -1).mean(1, dtype=np.float64), maps
 
 
+def diffusion_healing_scores(p: ImagePass, fraction: float) -> Scored:
+    """Diffusion healing score (N,) (mean |x - healed|) and map (N, H, W) of a pass at t_start = ``fraction`` of
+    the schedule (:meth:`medivae.models.healing.LatentDiffusion.heal`). The noise is drawn for the whole set from
+    the scoring seed, so a score does not depend on the batch size, and image i of two sets gets the same noise
+    (a synthetic anomaly and the normal it was made from differ by the image only)."""
+    prior, ctx = p.ctx.diffusion, p.ctx
+    noise = prior.noise(len(p), torch_generator(ctx.seed, "diffusion-healing"))
+    decoder_draws = torch_generator(ctx.seed, "diffusion-healing-decoder")
+    done = 0
+
+    def residual(x, y):
+        nonlocal done
+        healed = prior.heal(x, y, fraction, noise[done : done + len(x)], decoder_draws)
+        done += len(x)
+        return (x.float() - healed).abs().mean(1)
+
+    maps = ctx.batches(residual, p.x, p.y, f"diffusion healing (t_start {fraction:g} T) of {p.name}").numpy()
+    return maps.reshape(len(maps), -1).mean(1, dtype=np.float64), maps
+
+
 SCORERS: tuple[Scorer, ...] = (
     Scorer("neg_elbo", frozenset({"likelihood"}), _bound("neg_elbo")),
     Scorer("iwae", frozenset({"likelihood"}), _bound("iwae")),
@@ -117,12 +149,15 @@ SCORERS: tuple[Scorer, ...] = (
            "tv", TV_GRID),
     Scorer("vq_healing", frozenset({"heal"}), lambda p, n, v: healing_scores(p, v), "vq_healing", "threshold",
            HEALING_THRESHOLDS),
+    Scorer("diffusion_healing", frozenset({"diffusion"}), lambda p, n, v: diffusion_healing_scores(p, v),
+           "diffusion_healing", "t_start_fraction", HEALING_FRACTIONS),
 )
 
 
-def available(model, normals: Normals | None) -> list[Scorer]:
-    """The scorers this family and these normal statistics allow, in :data:`SCORERS` order."""
-    return [s for s in SCORERS if s.available(model, normals)]
+def available(model, normals: Normals | None, diffusion=None) -> list[Scorer]:
+    """The scorers this family, these normal statistics and the run's diffusion prior (None: none) allow, in
+    :data:`SCORERS` order."""
+    return [s for s in SCORERS if s.available(model, normals, diffusion)]
 
 
 def score_pass(p: ImagePass, normals: Normals | None, params: dict[str, float], only=None,
@@ -131,7 +166,7 @@ def score_pass(p: ImagePass, normals: Normals | None, params: dict[str, float], 
     ``params`` (a tuned scorer without one is left out), and the family's own scores: ({name: (N,)},
     {map name: (N, H, W)})."""
     scores, out_maps = {}, {}
-    for s in available(p.ctx.model, normals):
+    for s in available(p.ctx.model, normals, p.ctx.diffusion):
         if (only is not None and s.name not in only) or (s.grid and s.name not in params):
             continue
         got = s.fn(p, normals, params.get(s.name))

@@ -103,7 +103,7 @@ def tune_scorers(normals: nm.Normals, half: Half) -> tuple[dict, dict]:
     """Each available scorer with a hyperparameter, at every value of its grid on the tuning half; the best by
     the mean AUROC over kinds. -> ({scorer: value}, {scorer: its record})."""
     params, records = {}, {}
-    for s in available(half.val.ctx.model, normals):
+    for s in available(half.val.ctx.model, normals, half.val.ctx.diffusion):
         if not s.grid:
             continue
         t0 = time.perf_counter()
@@ -119,6 +119,11 @@ def tune_scorers(normals: nm.Normals, half: Half) -> tuple[dict, dict]:
                            "images_per_s": n / (time.perf_counter() - t0)}
     if "restoration" in records:
         records["restoration"].update(steps=STEPS, lr=LR)
+    if "diffusion_healing" in records:
+        prior = half.val.ctx.diffusion
+        frac = records["diffusion_healing"]["t_start_fraction"]
+        records["diffusion_healing"].update(prior=prior.source, timesteps=prior.schedule.timesteps,
+                                            t_start=prior.t_start(frac), ddim_steps=prior.heal_steps(frac))
     return params, records
 
 
@@ -183,8 +188,8 @@ def protocol_record(ctx: Scoring, normals: nm.Normals, tuned: dict, scores: dict
                     ensemble: list) -> dict:
     """results.json["anomaly"]["protocol"]: what each scorer could do, its fitted statistics and tuning, the
     default, how it was chosen and how that choice fares on a kind of anomaly it did not see."""
-    capable = {s.name: s.available(ctx.model, normals) for s in SCORERS if s.name in
-               ("latent_gmm", "feature_res", "ssim_z", "restoration", "vq_healing")}
+    capable = {s.name: s.available(ctx.model, normals, ctx.diffusion) for s in SCORERS if s.name in
+               ("latent_gmm", "feature_res", "ssim_z", "restoration", "vq_healing", "diffusion_healing")}
     capable["ssim_z"] = normals.ssim_norm is not None  # the family can, but not without >= 2 training normals
     synthetic = {k: scores[f"synthetic/{k}"] for k in selection.synthetic}
     val_trivial = trivial_scores(selection.val.images, selection.val.png_nats)

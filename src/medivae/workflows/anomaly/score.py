@@ -130,7 +130,7 @@ def compute(plan: ScoringPlan, opts: ScoreOptions, progress: bool) -> tuple[Prot
 
     run, cfg = plan.run, plan.run.config
     ctx = Scoring(run.model, run.device, opts.batch_size, opts.precision, opts.k, cfg.train.seed, progress,
-                  normal_class=label_code(cfg.label_names, plan.normal_label))
+                  normal_class=label_code(cfg.label_names, plan.normal_label), diffusion=run.diffusion_prior())
     reference = load_or_fit_reference(run.folder / "reference", plan.sets["train"],
                                       {"purpose": "anomaly feature residual", "source": str(cfg.data.source),
                                        "image_size": cfg.data.image_size}, progress=progress,
