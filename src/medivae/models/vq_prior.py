@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medivae.runtime.device import full_precision
+
 
 class _Block(nn.Module):
     """Pre-LN transformer block: causal self-attention, then a 4x MLP, each with a residual."""
@@ -44,9 +46,19 @@ class _Block(nn.Module):
             n = cache["n"] + t
             cache["k"][:, :, cache["n"] : n], cache["v"][:, :, cache["n"] : n], cache["n"] = k, v, n
             k, v = cache["k"][:, :, :n], cache["v"][:, :, :n]
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None)
+        with full_precision(h.device.type):  # CPU flash attention is faster in fp32 than in bf16
+            a = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=cache is None).to(q.dtype)
         h = h + self.proj(a.transpose(1, 2).reshape(b, t, w))
         return h + self.mlp(self.ln2(h))
+
+
+def code_nll(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """-log p(codes) in nats per sequence, float (B,), of logits (B, L, K) for codes int64 (B, L); in fp32.
+    The logits are flattened to (B*L, K), not transposed to (B, K, L): cross-entropy then reads them in place
+    instead of copying a strided view."""
+    b, length, k = logits.shape
+    nll = F.cross_entropy(logits.float().reshape(b * length, k), codes.reshape(-1), reduction="none")
+    return nll.view(b, length).sum(1)
 
 
 class CodePrior(nn.Module):
@@ -77,8 +89,7 @@ class CodePrior(nn.Module):
 
     def nll(self, codes: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """-log p(codes | y) in nats per sequence, float (B,). codes: int64 (B, L)."""
-        logits = self(codes, y).float()
-        return F.cross_entropy(logits.transpose(1, 2), codes, reduction="none").sum(1)
+        return code_nll(self(codes, y), codes)
 
     @torch.no_grad()
     def sample(self, n: int, y: torch.Tensor | None = None, generator: torch.Generator | None = None,

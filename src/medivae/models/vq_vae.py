@@ -44,7 +44,7 @@ from torch import nn
 from medivae.models.blocks import residual_decoder, residual_encoder
 from medivae.models.distributions import Gaussian
 from medivae.models.family import Family, StepContext, StepOutput, TrainStep, adam, classes_for_data
-from medivae.models.vq_prior import CodePrior
+from medivae.models.vq_prior import CodePrior, code_nll
 from medivae.runtime import distributed
 from medivae.runtime.constants import IMAGE_SIZES
 from medivae.runtime.device import full_precision
@@ -74,7 +74,7 @@ class VQVAEConfig:
     prior_epochs: int = 3  # the last epochs train the prior; 0: no prior (no sampling)
     prior_width: int = 64
     prior_layers: int = 3
-    prior_heads: int = 4
+    prior_heads: int = 2  # head size prior_width / prior_heads: CPU flash attention is slow below 32
     num_classes: int = 0  # > 0: class-conditional prior; -1: as many classes as the data has labels
 
     def __post_init__(self):
@@ -407,7 +407,7 @@ class VQVAE(nn.Module):
             self.autoencoder.codebook.epoch_counts += torch.bincount(
                 indices.flatten(), minlength=self.cfg.codebook_size).double()
         codes = indices.flatten(1)  # (B, L) raster order
-        nll = F.cross_entropy(nets["prior"](codes, y).float().transpose(1, 2), codes, reduction="none").sum(1)
+        nll = code_nll(nets["prior"](codes, y), codes)
         terms = {"kl": nll, "prior_bits_per_code": nll / (codes.shape[1] * math.log(2))}
         return StepOutput(nll.mean() / codes.shape[1], terms)
 
