@@ -547,6 +547,7 @@ NEEDS = [
     (["anomaly", "score", "--gradient-maps", "--normal-label", "normal", "--out", "{tmp}/a"], ("likelihood",)),
     (["sample", "-n", "2", "--label", "normal", "--out", "{tmp}/s.png"], ("sample", "conditional")),
     (["interpolate", "--label", "normal", "--out", "{tmp}/i.png"], ("latent", "conditional", "sample")),
+    (["sample", "-n", "2", "--top-k", "3", "--out", "{tmp}/s.png"], ("sample", "code_prior")),
 ]
 
 

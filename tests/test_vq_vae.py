@@ -182,10 +182,57 @@ def test_cached_prior_sampling_equals_recomputing_the_causal_forward():
     assert torch.equal(codes, ref)
 
 
+def _peaked_prior(length: int = 20):
+    from medivae.models.vq_prior import CodePrior
+
+    torch.manual_seed(0)
+    prior = CodePrior(16, length, 16, 2, 2, 0).eval()
+    torch.nn.init.normal_(prior.head.weight)  # not uniform: the ranking of codes depends on the context
+    return prior
+
+
+def test_top_k_one_is_the_greedy_mode_whatever_the_seed():
+    prior = _peaked_prior()
+    a = prior.sample(5, None, torch.Generator().manual_seed(1), temperature=3.0, top_k=1)
+    b = prior.sample(5, None, torch.Generator().manual_seed(2), top_k=1)
+    greedy = torch.zeros(5, 20, dtype=torch.long)
+    with torch.no_grad():
+        for i in range(20):  # position i sees only the codes already chosen
+            greedy[:, i] = prior(greedy)[:, i].argmax(-1)
+    assert torch.equal(a, b) and torch.equal(a, greedy)
+    full = prior.sample(5, None, torch.Generator().manual_seed(1))
+    assert not torch.equal(full, greedy)  # without top-k the draws are not the mode
+
+
+def test_top_k_draws_only_among_the_k_most_likely_codes():
+    prior, k = _peaked_prior(), 3
+    codes = prior.sample(64, None, torch.Generator().manual_seed(4), temperature=2.0, top_k=k)
+    with torch.no_grad():
+        logits = prior(codes).float()  # (B, L, K): the same conditionals the draws were made from
+    chosen = logits.gather(2, codes[..., None])  # (B, L, 1)
+    # the cached and the full forward differ by rounding only: a bound of a few ulps of the largest logit
+    slack = 64 * torch.finfo(torch.float32).eps * logits.abs().max()
+    above = (logits > chosen + slack).sum(2)  # codes clearly more likely than the one drawn
+    assert int(above.max()) < k
+    assert int(above.max()) == k - 1  # the k-th most likely code is drawn somewhere: top-k is not top-1
+    assert not torch.equal(codes, prior.sample(64, None, torch.Generator().manual_seed(4), top_k=1))
+
+
+def test_top_k_reaches_sample_and_is_refused_where_it_does_not_apply(cli_run, tmp_path, capsys):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    for seed, out in (("1", a), ("2", b)):
+        assert main(["sample", str(cli_run), "-n", "4", "--seed", seed, "--top-k", "1", "--out", str(out)]) == 0
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))  # greedy: no seed matters
+    err = _one_line_error(capsys, ["sample", str(cli_run), "-n", "2", "--top-k", "2", "--sampler", "gmm",
+                                   "--out", str(tmp_path / "c.png")])
+    assert "--top-k is an option of the family's code prior" in err
+    assert not (tmp_path / "c.png").exists()
+
+
 def test_class_conditional_prior_samples_the_label():
     torch.manual_seed(0)
     model = tiny(num_classes=2)
-    assert {"sample", "conditional", "latent", "heal"} == model.capabilities
+    assert {"sample", "conditional", "latent", "heal", "code_prior"} == model.capabilities
     with torch.no_grad():  # make the two start tokens far apart so the label visibly matters
         model.prior.head.weight.normal_()
         model.prior.start.weight.mul_(100)

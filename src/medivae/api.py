@@ -46,16 +46,17 @@ def report(run_dir, out=None, force: bool = False) -> Path:
 
 def sample(run_dir, n: int, out, seed: int | None = None, label: str | None = None, device="auto",
            temperature: float = 1.0, sampler: str = "prior", guidance: float = 0.0,
-           sampling_steps: int | None = None, progress: bool = True, force: bool = False) -> Path:
+           sampling_steps: int | None = None, progress: bool = True, force: bool = False, top_k: int = 0) -> Path:
     """n samples of a run: a PNG or JPEG grid (``out`` ends in .png/.jpg, n <= MAX_GRID_IMAGES), or a folder of
     one PNG per image (``out`` without a suffix; n <= MAX_SAMPLES, drawn and written a batch at a time).
     ``sampler``: "prior" or a fitted post-hoc sampler ("gmm", "flow", "diffusion"; ``guidance`` and
-    ``sampling_steps`` are the diffusion sampler's). ``force``: replace an existing file."""
+    ``sampling_steps`` are the diffusion sampler's). ``force``: replace an existing file. ``top_k`` > 0: a family
+    with a discrete code prior (vq_vae) draws each code from the ``top_k`` most likely at its position."""
     from medivae.workflows.generate import sample_run, sample_target
 
     out = sample_target(out, n, force)
     return sample_run(check_run_folder(run_dir, "medivae sample", write=False), n, out, seed, label, device,
-                      temperature, sampler, guidance, sampling_steps, progress)
+                      temperature, sampler, guidance, sampling_steps, progress, top_k)
 
 
 def fit_sampler(run_dir, sampler: str, max_components: int = 10, checkpoint: str = "best",

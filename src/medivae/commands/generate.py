@@ -24,7 +24,8 @@ def cmd_sample(args) -> int:
 
     print(api.sample(args.run, args.n, args.out, seed=args.seed, label=args.label, device=args.device,
                      temperature=args.temperature, sampler=args.sampler, guidance=args.guidance,
-                     sampling_steps=args.sampling_steps, progress=not args.no_progress, force=args.force))
+                     sampling_steps=args.sampling_steps, progress=not args.no_progress, force=args.force,
+                     top_k=args.top_k))
     return 0
 
 
@@ -93,6 +94,9 @@ def add(sub) -> None:
     s.add_argument("--seed", type=seed, default=None)
     s.add_argument("--temperature", type=number(0, 100, low_open=True), default=1.0,
                    help="prior temperature (default 1)")
+    s.add_argument("--top-k", type=whole(0, 65_536), default=0, metavar="K",
+                   help="code prior (vq_vae): draw each code from the K most likely at its position "
+                        "(default 0: all; 1: greedy)")
     add_sampler_options(s)
     s.set_defaults(func=cmd_sample)
 

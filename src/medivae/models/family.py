@@ -32,6 +32,8 @@ and, by capability,
     "heal"         heal(x, y, threshold) -> images (B, C, H, W) in [0, 1]: the image with what its prior finds
                    unlikely replaced by what it finds likely (prior-guided healing, e.g. a VQ-VAE's code prior),
                    for anomaly maps; :func:`heal` is None for a family without it
+    "code_prior"   ``sample(n, label, generator, temperature, top_k=K)``: each code is drawn from the K most
+                   likely codes at its position (K = 0: all of them)
 optional hooks, each asked through the function of the same name here, which gives the default for a family
 that does not define it (nothing outside ``models/`` looks for a model's attributes):
     ``epoch_end(ctx) -> {name: float}`` (default {}): e.g. codebook usage, logged like the step terms; it may
@@ -86,6 +88,7 @@ CAPABILITIES = {
     "likelihood": "has an image likelihood (IWAE, bits/dim)",
     "conditional": "is class-conditional",
     "heal": "heals an image with its prior (prior-guided anomaly maps)",
+    "code_prior": "draws from an autoregressive prior over discrete codes (top-k sampling)",
 }
 
 # what a command says when the run's family lacks what it needs: "medivae traverse: vq_vae has no ..."
@@ -96,6 +99,7 @@ MISSING = {
     "likelihood": "defines no image likelihood",
     "conditional": "is not conditional, so it takes no --label",
     "heal": "has no prior to heal images with",
+    "code_prior": "has no prior over discrete codes, so it takes no --top-k",
 }
 
 

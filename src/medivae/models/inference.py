@@ -69,26 +69,30 @@ def encode_sampler_latents(model, x: torch.Tensor, y: torch.Tensor | None = None
 def sample_images(
     model, n: int, generator: torch.Generator, label=None, temperature: float = 1.0, precision: str = "auto",
     batch: int = 256, latent_sampler=None, guidance: float = 0.0, sampling_steps: int | None = None,
-    progress: bool = False,
+    progress: bool = False, top_k: int = 0,
 ) -> torch.Tensor:
     """n images from the family's ``sample``, in batches: float (n, C, H, W) in [0, 1] on the CPU.
     ``label``: one class index, (n,) indices, or None (a conditional family then gets equal class blocks).
     ``latent_sampler``: a post-hoc sampler (:mod:`medivae.models.samplers`) drawn from instead of the prior;
-    ``guidance``, ``sampling_steps``, ``progress``: the diffusion sampler's options."""
+    ``guidance``, ``sampling_steps``, ``progress``: the diffusion sampler's options; ``top_k`` > 0: a "code_prior"
+    family's draws from the ``top_k`` most likely codes at each position."""
     return torch.cat(list(sample_batches(model, n, generator, label, temperature, precision, batch, latent_sampler,
-                                         guidance, sampling_steps, progress)))
+                                         guidance, sampling_steps, progress, top_k)))
 
 
 def sample_batches(
     model, n: int, generator: torch.Generator, label=None, temperature: float = 1.0, precision: str = "auto",
     batch: int = 256, latent_sampler=None, guidance: float = 0.0, sampling_steps: int | None = None,
-    progress: bool = False,
+    progress: bool = False, top_k: int = 0,
 ):
     """:func:`sample_images` one batch (b, C, H, W) at a time: the same draws in the same order, and memory for
     one batch of images however large ``n`` is (a post-hoc sampler's latents, far smaller, are drawn at once)."""
     from medivae.models.family import has
 
     model.eval()
+    if top_k and (latent_sampler is not None or not has(model, "code_prior")):
+        raise ValueError("top_k is an option of a family's code prior (the \"code_prior\" capability)")
+    extra = {"top_k": top_k} if top_k else {}  # the contract's sample() of other families has no top_k
     if has(model, "conditional") and label is None:
         label = class_blocks(model.num_classes, n)
     if latent_sampler is not None:
@@ -105,7 +109,7 @@ def sample_batches(
         m = min(batch, n - i)
         li = label if label is None or isinstance(label, int) else torch.as_tensor(label)[i : i + m]
         with torch.no_grad(), fast_inference(model, precision):
-            yield model.sample(m, li, generator, temperature).float().cpu()
+            yield model.sample(m, li, generator, temperature, **extra).float().cpu()
 
 
 def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

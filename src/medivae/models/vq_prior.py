@@ -61,6 +61,15 @@ def code_nll(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return nll.view(b, length).sum(1)
 
 
+def top_k_logits(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """logits (n, K) with all but the k largest of each row set to -inf (k = 0 or >= K: unchanged). Ties at the
+    k-th value are all kept, so the result does not depend on how topk orders equal values."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k, dim=-1).values[:, -1:]  # (n, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
 class CodePrior(nn.Module):
     """Autoregressive prior over ``length`` codes from a codebook of ``codebook_size``."""
 
@@ -93,9 +102,10 @@ class CodePrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, y: torch.Tensor | None = None, generator: torch.Generator | None = None,
-               temperature: float = 1.0) -> torch.Tensor:
+               temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
         """n code sequences int64 (n, L) on the model's device. Each step's categorical draw is made on the
-        CPU with ``generator`` (so a seed gives the same codes on every device); logits are divided by T."""
+        CPU with ``generator`` (so a seed gives the same codes on every device); logits are divided by T.
+        ``top_k`` > 0: each draw is restricted to the ``top_k`` most likely codes (1: the greedy mode)."""
         device = self.pos.device
         caches = [{} for _ in self.blocks]
         h = self._start(n, y, device) + self.pos[0]
@@ -103,7 +113,7 @@ class CodePrior(nn.Module):
         for i in range(self.length):
             for block, cache in zip(self.blocks, caches, strict=True):
                 h = block(h, cache, self.length)
-            logits = self.head(self.norm(h[:, -1])).float().cpu() / temperature  # (n, K)
+            logits = top_k_logits(self.head(self.norm(h[:, -1])).float().cpu() / temperature, top_k)  # (n, K)
             out[:, i] = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
             if i + 1 < self.length:
                 h = self.tok(out[:, i].to(device))[:, None] + self.pos[i + 1]

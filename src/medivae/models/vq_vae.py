@@ -288,7 +288,7 @@ class VQVAE(nn.Module):
         if cfg.prior_epochs:
             self.prior = CodePrior(cfg.codebook_size, cfg.grid**2, cfg.prior_width, cfg.prior_layers,
                                    cfg.prior_heads, cfg.num_classes)
-        caps = {"latent"} | ({"sample", "heal"} if self.prior else set())
+        caps = {"latent"} | ({"sample", "heal", "code_prior"} if self.prior else set())
         self.capabilities = frozenset(caps | ({"conditional"} if self.prior and cfg.num_classes else set()))
         self.likelihood = Gaussian(cfg.gaussian_sigma)  # of the reported negative ELBO only
 
@@ -325,22 +325,24 @@ class VQVAE(nn.Module):
             raise UserError(f"{self.cfg.name} was trained with prior_epochs=0: it has no prior to sample from")
         return self.prior
 
-    def sample_indices(self, n: int, label=None, generator=None, temperature: float = 1.0) -> torch.Tensor:
-        """n code grids int64 (n, h, w) drawn from the prior (``label``: int or (n,) class indices)."""
+    def sample_indices(self, n: int, label=None, generator=None, temperature: float = 1.0,
+                       top_k: int = 0) -> torch.Tensor:
+        """n code grids int64 (n, h, w) drawn from the prior (``label``: int or (n,) class indices; ``top_k`` > 0:
+        each code from the ``top_k`` most likely at its position)."""
         prior = self._require_prior()
         y = None
         if self.num_classes and label is not None:
             y = torch.as_tensor(label, dtype=torch.long).expand(n) if isinstance(label, int) else \
                 torch.as_tensor(label, dtype=torch.long)
-        return prior.sample(n, y, generator, temperature).view(n, self.grid, self.grid)
+        return prior.sample(n, y, generator, temperature, top_k).view(n, self.grid, self.grid)
 
     def prior_latents(self, n: int, generator=None, temperature: float = 1.0) -> torch.Tensor:
         """Embeddings (n, D, h, w) of n prior-drawn code grids: latents ``decode`` maps back to those codes."""
         return self.autoencoder.codebook.lookup(self.sample_indices(n, None, generator, temperature))
 
-    def sample(self, n: int, label=None, generator=None, temperature: float = 1.0) -> torch.Tensor:
-        """n images float (n, C, H, W) in [0, 1] decoded from prior-drawn codes."""
-        return self.decode_indices(self.sample_indices(n, label, generator, temperature)).float()
+    def sample(self, n: int, label=None, generator=None, temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
+        """n images float (n, C, H, W) in [0, 1] decoded from prior-drawn codes (``top_k``: see sample_indices)."""
+        return self.decode_indices(self.sample_indices(n, label, generator, temperature, top_k)).float()
 
     @torch.no_grad()
     def heal(self, x: torch.Tensor, y: torch.Tensor | None = None, threshold: float = 0.01) -> torch.Tensor:

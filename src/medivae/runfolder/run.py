@@ -126,17 +126,19 @@ class Run:
 
     def sample(self, n: int, label=None, seed: int | None = None, temperature: float = 1.0,
                precision: str = "auto", sampler: str = "prior", guidance: float = 0.0,
-               sampling_steps: int | None = None, progress: bool = False) -> torch.Tensor:
+               sampling_steps: int | None = None, progress: bool = False, top_k: int = 0) -> torch.Tensor:
         """n new images, float (n, C, H, W) in [0, 1] on the CPU; a conditional run without ``label``
         gives an equal block of rows per class, in label order. ``sampler``: "prior", or a post-hoc
         latent sampler fitted with ``medivae fit-sampler`` ("gmm", "flow", "diffusion"); ``guidance``
-        (classifier-free, w) and ``sampling_steps`` (DDIM, default 50) are the diffusion sampler's."""
+        (classifier-free, w) and ``sampling_steps`` (DDIM, default 50) are the diffusion sampler's;
+        ``top_k`` > 0 (a family with a discrete code prior): each code from the ``top_k`` most likely."""
         return torch.cat(list(self.sample_batches(n, label, seed, temperature, precision, sampler, guidance,
-                                                  sampling_steps, progress)))
+                                                  sampling_steps, progress, top_k=top_k)))
 
     def sample_batches(self, n: int, label=None, seed: int | None = None, temperature: float = 1.0,
                        precision: str = "auto", sampler: str = "prior", guidance: float = 0.0,
-                       sampling_steps: int | None = None, progress: bool = False, batch: int = 256):
+                       sampling_steps: int | None = None, progress: bool = False, batch: int = 256,
+                       top_k: int = 0):
         """:meth:`sample`'s images one batch (b, C, H, W) at a time, so memory stays at one batch for any
         ``n`` up to MAX_SAMPLES. Everything is checked before the first batch is drawn."""
         if sampler == "prior":
@@ -144,10 +146,15 @@ class Run:
         whole_number("-n", n, 1, MAX_SAMPLES)
         finite_number("--temperature", temperature, 0, low_open=True)
         check_options(sampler, guidance, sampling_steps, has(self.model, "conditional"))
+        whole_number("--top-k", top_k, 0)
+        if top_k:
+            if sampler != "prior":
+                raise UserError(f"--top-k is an option of the family's code prior, not of --sampler {sampler}")
+            require(self.model, "code_prior", "sample")
         latent = self.latent_sampler(sampler)
         g = torch_generator(self.config.train.seed if seed is None else seed, "sample")
         return sample_batches(self.model, n, g, self.label_index(label), temperature, precision, batch, latent,
-                              guidance, sampling_steps, progress)
+                              guidance, sampling_steps, progress, top_k)
 
     # --- post-hoc latent samplers (medivae.models.samplers) -------------------------------------------------------
     def checkpoint_sha256(self) -> str:

@@ -37,12 +37,12 @@ def sample_target(out, n: int, force: bool = False) -> Path:
 
 def sample_run(run_dir, n: int, out: Path, seed: int | None = None, label: str | None = None, device="auto",
                temperature: float = 1.0, sampler: str = "prior", guidance: float = 0.0,
-               sampling_steps: int | None = None, progress: bool = True) -> Path:
+               sampling_steps: int | None = None, progress: bool = True, top_k: int = 0) -> Path:
     """n samples into ``out`` (checked by :func:`sample_target`): one grid, or one PNG per image in a folder,
     drawn and written a batch at a time so memory stays at one batch."""
     run = load_run(run_dir, device=device)
     batches = run.sample_batches(n, label, seed, temperature, sampler=sampler, guidance=guidance,
-                                 sampling_steps=sampling_steps, progress=progress)  # checked before any draw
+                                 sampling_steps=sampling_steps, progress=progress, top_k=top_k)  # checked first
     if out.suffix:
         return save_grid(torch.cat(list(batches)), out)
     out.mkdir(parents=True, exist_ok=True)
