@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medivae.commands.common import DEVICE, PROGRESS, path_arg
+from medivae.commands.common import DEVICE, PROGRESS, number, path_arg
 from medivae.runfolder.config import (
     DataConfig,
     RunConfig,
@@ -49,6 +49,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: the cores idle at start)")
     g.add_argument("--tensorboard", action="store_true",
                    help="log scalars per epoch to RUN/tensorboard (pip install 'medivae[tensorboard]')")
+    g.add_argument("--time-budget", type=number(0), default=0.0, metavar="SECONDS",
+                   help="fit training into this many seconds (default 0: none): a one-stage run stops after the "
+                        "epoch that spends them; a two-stage one (vq_vae, ldm) scales both stages' epochs after "
+                        "its first epoch, --epochs being the most")
     g.add_argument("--augment", default="", metavar="SPEC",
                    help="random changes of each training image, e.g. shift=2,contrast=0.1,brightness=0.05 "
                         "(pixels, fractions; default none)")
@@ -93,7 +97,7 @@ def train_values(args) -> dict:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, seed=args.seed,
         precision=args.precision, device=args.device, grad_clip=args.grad_clip,
         compile=args.compile, num_threads=args.threads, tensorboard=args.tensorboard,
-        augment=getattr(args, "augment", ""),
+        augment=getattr(args, "augment", ""), time_budget=getattr(args, "time_budget", 0.0),
     )
 
 
@@ -168,7 +172,7 @@ SETTINGS = {
     "lr_schedule": ("train.lr_schedule",), "seed": ("train.seed",),
     "precision": ("train.precision",), "device": ("train.device",),
     "grad_clip": ("train.grad_clip",), "compile": ("train.compile",), "threads": ("train.num_threads",),
-    "tensorboard": ("train.tensorboard",), "augment": ("train.augment",),
+    "tensorboard": ("train.tensorboard",), "augment": ("train.augment",), "time_budget": ("train.time_budget",),
 }
 
 

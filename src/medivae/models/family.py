@@ -51,6 +51,10 @@ that does not define it (nothing outside ``models/`` looks for a model's attribu
         it learns one (the VampPrior), for the KL to the prior in evaluation
     ``first_best_epoch(train_cfg) -> int`` (default 1): the first epoch that may become ``best/`` (a VAE-GAN's
         epochs before its adversarial start cannot)
+    ``second_stage_epochs() -> int`` (default 0: one stage) and ``plan_second_stage(epochs)``: a two-stage family
+        (an autoencoder, then a prior over its latents) trains its second stage in the last
+        ``second_stage_epochs()`` epochs; ``plan_second_stage`` moves the boundary (its ``cfg`` becomes the
+        config with that many), which a time budget's plan does after the first epoch (train/budget.py)
     ``sampler_latents(x, y) -> (B, ...)`` and ``decode_sampler_latents(z, y, generator, temperature) -> images
         (B, C, H, W) in [0, 1]`` (default, for a "gaussian_latent" family: the posterior means and ``decode``):
         the continuous latent a post-hoc sampler (``medivae fit-sampler``, e.g. the diffusion sampler) models
@@ -434,6 +438,17 @@ def describe(model) -> ModelFacts:
         latent_dim=getattr(model, "latent_dim", None) if has(model, "gaussian_latent") else None,
         beta=getattr(cfg, "beta", None),
     )
+
+
+def second_stage_epochs(model) -> int:
+    """The epochs at the end of training that a two-stage family spends on its second stage; 0 for one stage."""
+    hook = getattr(model, "second_stage_epochs", None)
+    return 0 if hook is None else int(hook())
+
+
+def plan_second_stage(model, epochs: int) -> None:
+    """Let a two-stage family train its second stage in the last ``epochs`` epochs (a time budget's plan)."""
+    model.plan_second_stage(epochs)
 
 
 def epoch_end(model, ctx: StepContext) -> dict[str, float]:

@@ -349,6 +349,17 @@ class LDM(nn.Module):
     def trained_modules(self) -> dict[str, nn.Module]:
         return {"ae": self.autoencoder, "disc": self.disc, **({"prior": self.prior} if self.prior is not None else {})}
 
+    def second_stage_epochs(self) -> int:
+        """The last epochs, which train the prior (0: no prior, one stage)."""
+        return self.cfg.prior_epochs if self.prior is not None else 0
+
+    def plan_second_stage(self, epochs: int) -> None:
+        """Train the prior in the last ``epochs`` epochs (a time budget's plan, train/budget.py): the config
+        becomes the one with ``prior_epochs=epochs``; the networks stay as they are."""
+        if self.prior is None or epochs < 1:
+            raise ValueError(f"{self.cfg.name}: only a run with a prior can move its stage boundary, to >= 1 epoch")
+        self.cfg = dataclasses.replace(self.cfg, prior_epochs=epochs)
+
     def _in_stage_one(self, ctx: StepContext) -> bool:
         return ctx.epoch <= ctx.train.epochs - self.cfg.prior_epochs
 

@@ -77,13 +77,14 @@ class TrainConfig:
     max_nan_retries: int = 3
     tensorboard: bool = False  # scalars per epoch to RUN/tensorboard (pip install medivae[tensorboard])
     augment: str = ""  # e.g. "shift=2,contrast=0.1,brightness=0.05" (train/augment.py); "": none
+    time_budget: float = 0.0  # seconds; > 0: fit the run into them (train/budget.py); 0: none
 
     def __post_init__(self):
         check_fields(self, "train")
         for name, low in (("epochs", 1), ("batch_size", 1), ("num_threads", 0), ("max_nan_retries", 0)):
             if getattr(self, name) < low:
                 raise UserError(f"train.{name} must be >= {low}, not {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip"):
+        for name in ("weight_decay", "grad_clip", "time_budget"):
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name} must be >= 0, not {getattr(self, name)}")
         if not self.lr > 0:

@@ -26,6 +26,7 @@ from medivae.runtime.io import atomic_write_text
 from medivae.runtime.seeding import derive_seed, torch_generator
 from medivae.train import checkpoint as ckpt
 from medivae.train.augment import augment, parse_augment
+from medivae.train.budget import plan_stages, scaled_epoch_costs
 from medivae.train.metrics import METRICS_FILE, read_metrics
 
 
@@ -36,6 +37,9 @@ class TrainState:
     best_epoch: int = 0
     lr: float = 0.0
     nan_events: int = 0
+    seconds: float = 0.0  # training time so far, for --time-budget (train/budget.py)
+    planned_epochs: int = 0  # > 0: the epochs a time budget planned (train.epochs of the run from then on)
+    planned_second_stage: int = 0  # the second stage's epochs in that plan (two-stage families)
 
 
 def train_state(state: dict, folder) -> TrainState:
@@ -46,18 +50,18 @@ def train_state(state: dict, folder) -> TrainState:
                          "or was edited")
 
     out = TrainState()
-    for key in ("epoch", "best_epoch", "nan_events"):
+    for key in ("epoch", "best_epoch", "nan_events", "planned_epochs", "planned_second_stage"):
         if key in state:
             v = state[key]
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise bad(key)
             setattr(out, key, v)
-    for key in ("best_val", "lr"):  # best_val is +inf until a validation loss improves on it
+    for key in ("best_val", "lr", "seconds"):  # best_val is +inf until a validation loss improves on it
         if key in state:
             v = state[key]
             if not isinstance(v, int | float) or isinstance(v, bool) or math.isnan(v) or v == -math.inf:
                 raise bad(key)
-            if key == "lr" and not (math.isfinite(v) and v >= 0):
+            if key in ("lr", "seconds") and not (math.isfinite(v) and v >= 0):
                 raise bad(key)
             setattr(out, key, float(v))
     return out
@@ -158,11 +162,11 @@ class Trainer:
 
     # --- loop ---------------------------------------------------------------------------------
     def fit(self, train: ImageSet, val: ImageSet) -> TrainState:
-        t = self.cfg.train
         images = batch_source(train.images)
         distributed.assert_same(self.state.epoch, "the epoch to resume from")
-        first_best = family.first_best_epoch(self.model, t)
-        for epoch in range(self.state.epoch + 1, t.epochs + 1):
+        first_best = family.first_best_epoch(self.model, self.cfg.train)
+        while self.state.epoch < self.cfg.train.epochs:  # a time budget may change the epochs (_spend_budget)
+            epoch = self.state.epoch + 1
             start = time.perf_counter()
             tr = self._train_epoch_guarded(train, images, epoch)
             seconds = time.perf_counter() - start
@@ -171,6 +175,8 @@ class Trainer:
             improved = epoch >= first_best and va["loss"] < self.state.best_val
             if improved:
                 self.state.best_val, self.state.best_epoch = va["loss"], epoch
+            if self.cfg.train.time_budget:
+                self._spend_budget(epoch, time.perf_counter() - start, seconds, train, images)
             if self.main:
                 self._log(epoch, tr, va, seconds, len(train))
                 self.save("last")
@@ -264,6 +270,72 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v
         sums = distributed.all_reduce_sum(sums)  # each rank saw its shard; all agree on the totals
         return {**{k: v / n for k, v in sums.items()}, **family.validation_end(self.model)}
+
+    # --- time budget (train/budget.py) ------------------------------------------------------------
+    def _spend_budget(self, epoch: int, wall: float, epoch_seconds: float, train: ImageSet, images) -> None:
+        """Count an epoch's seconds against --time-budget: after the first epoch of a two-stage family, plan
+        both stages; a one-stage run ends with this epoch once the budget is spent. The ranks agree (means)."""
+        world = distributed.info().world_size
+        means = distributed.all_reduce_sum({"wall": wall, "epoch": epoch_seconds})
+        wall, epoch_seconds = means["wall"] / world, means["epoch"] / world
+        self.state.seconds += wall
+        second = family.second_stage_epochs(self.model)
+        if second and epoch == 1 and not self.state.planned_epochs:
+            start = time.perf_counter()
+            first = self.cfg.train.epochs - second
+            x, y = self._pilot_batch(train, images)
+            times: dict[int, float] = {}
+            for e in (1, first, self.cfg.train.epochs):  # stage one now, at its end (a later discriminator), two
+                times[e] = times.get(e) or self._pilot_seconds(e, x, y)
+            costs = scaled_epoch_costs(epoch_seconds, wall, {"now": times[1], "one": times[first],
+                                                             "two": times[self.cfg.train.epochs]})
+            costs["pilot"] = time.perf_counter() - start
+            costs = {k: v / world for k, v in distributed.all_reduce_sum(costs).items()}
+            self.state.seconds += costs["pilot"]
+            one, two = plan_stages(self.cfg.train.time_budget, self.state.seconds, costs["one"], costs["two"],
+                                   first, second)
+            self._apply_plan(one + two, two)
+        elif not second and self.state.seconds >= self.cfg.train.time_budget:
+            self._apply_plan(epoch, 0)
+
+    def _apply_plan(self, epochs: int, second: int) -> None:
+        """Train ``epochs`` epochs in all, the last ``second`` of them the second stage; kept in state.json."""
+        self.state.planned_epochs, self.state.planned_second_stage = epochs, second
+        if second:
+            family.plan_second_stage(self.model, second)
+        train = dataclasses.replace(self.cfg.train, epochs=epochs)
+        self.cfg = dataclasses.replace(self.cfg, model=self.model.cfg if second else self.cfg.model, train=train)
+
+    def _pilot_batch(self, train: ImageSet, images) -> tuple[torch.Tensor, torch.Tensor | None]:
+        idx = torch.arange(min(self.cfg.train.batch_size, len(train)))
+        return self._to_device(gather(images, idx)), self._labels(train, idx)
+
+    def _pilot_seconds(self, epoch: int, x: torch.Tensor, y) -> float:
+        """Seconds of one batch (forward and backward, no update) of the steps that run in ``epoch``, the
+        faster of two passes (the first warms the kernels up). Buffers, gradients and the RNG are left as
+        they were, so the run goes on as if it had not been timed."""
+        t = self.cfg.train
+        ctx = StepContext(epoch, 0, epoch - 1.0, t, torch_generator(t.seed, "pilot", device=self.device))
+        steps = [s for s in self.steps if s.runs(ctx)]
+        buffers = {k: v.clone() for k, v in self.model.named_buffers()}
+        rng = torch.get_rng_state()
+        best = math.inf
+        for _ in range(2):
+            start = time.perf_counter()
+            for step in steps:
+                with autocast(self.device, self.amp_dtype):
+                    out = step.run(self.nets, x, y, ctx)
+                out.loss.backward()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            best = min(best, time.perf_counter() - start)
+        for p in self.model.parameters():
+            p.grad = None
+        with torch.no_grad():
+            for k, v in self.model.named_buffers():
+                v.copy_(buffers[k])
+        torch.set_rng_state(rng)
+        return best
 
     # --- non-finite recovery ------------------------------------------------------------------------
     def _train_epoch_guarded(self, train: ImageSet, images, epoch: int) -> dict[str, float]:
@@ -433,6 +505,8 @@ class Trainer:
             match_optimizer_layout(opt)
         _set_base_lrs(self.optimizers)  # checkpoints before the schedule existed: the lr was the base
         self.state = train_state(state, self.run_dir / "last")
+        if self.state.planned_epochs:  # a time budget's plan: the resumed run follows it
+            self._apply_plan(self.state.planned_epochs, self.state.planned_second_stage)
         self.model.to(device=self.device, memory_format=self.memory_format)
 
 
