@@ -260,7 +260,7 @@ def test_bf16_autocast_step_is_finite_with_fp32_codebook():
 
 
 def test_capabilities_and_config_errors():
-    assert tiny().capabilities == {"latent", "sample", "heal"}
+    assert tiny().capabilities == {"latent", "sample", "heal", "code_prior"}
     assert tiny(prior_epochs=0).capabilities == {"latent"}
     assert tiny(prior_epochs=0).prior is None
     for bad, match in [({"downsample": 16}, "downsample 16 does not fit image size 32"),
