@@ -104,3 +104,12 @@ def test_the_flag_reaches_the_config_and_a_negative_budget_is_refused(tmp_path, 
     assert "--time-budget" in capsys.readouterr().err and not (tmp_path / "x").exists()
     with pytest.raises(Exception, match="time_budget"):
         TrainConfig(time_budget=-1.0)
+
+
+def test_a_budget_spent_before_a_vae_gans_first_adversarial_epoch_still_leaves_a_best_checkpoint(tmp_path, fake_clock):
+    """vae_gan's epochs before its adversarial start never become best/: a budget spent in the first epoch goes
+    on to the first epoch that may, so the run has a best/ checkpoint and loads."""
+    run = api.train(run_config(budget=1.0, epochs=6, family="vae_gan"), tmp_path / "r", progress=False)
+    assert len(rows(run)) == 2 and state(run)["planned_epochs"] == 2
+    assert (run / "best").is_dir() and state(run)["best_epoch"] == 2
+    assert "sample" in medivae.load(run, device="cpu").model.capabilities

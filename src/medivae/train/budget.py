@@ -1,6 +1,7 @@
 """A time budget for training (``medivae train --time-budget SECONDS``).
 
-A one-stage run stops at the end of the first epoch that brings its training time to the budget or over it.
+A one-stage run stops at the end of the first epoch that brings its training time to the budget or over it,
+but not before the first epoch that may become ``best/`` (a VAE-GAN's first adversarial epoch).
 A two-stage run (an autoencoder, then a prior over its latents: vq_vae, ldm) cannot do that, since stopping
 early would leave the prior untrained. It is planned instead, once, after its first epoch: the cost of an
 epoch of each stage is estimated, and both stages' epochs are scaled by one factor so that the whole run fits

@@ -274,7 +274,8 @@ class Trainer:
     # --- time budget (train/budget.py) ------------------------------------------------------------
     def _spend_budget(self, epoch: int, wall: float, epoch_seconds: float, train: ImageSet, images) -> None:
         """Count an epoch's seconds against --time-budget: after the first epoch of a two-stage family, plan
-        both stages; a one-stage run ends with this epoch once the budget is spent. The ranks agree (means)."""
+        both stages; a one-stage run ends with this epoch once the budget is spent, but not before the first epoch
+        that may become best/ (a VAE-GAN's first adversarial one). The ranks agree (means)."""
         world = distributed.info().world_size
         means = distributed.all_reduce_sum({"wall": wall, "epoch": epoch_seconds})
         wall, epoch_seconds = means["wall"] / world, means["epoch"] / world
@@ -295,7 +296,8 @@ class Trainer:
             one, two = plan_stages(self.cfg.train.time_budget, self.state.seconds, costs["one"], costs["two"],
                                    first, second)
             self._apply_plan(one + two, two)
-        elif not second and self.state.seconds >= self.cfg.train.time_budget:
+        elif (not second and self.state.seconds >= self.cfg.train.time_budget
+              and epoch >= family.first_best_epoch(self.model, self.cfg.train)):  # a run ends with a best/
             self._apply_plan(epoch, 0)
 
     def _apply_plan(self, epochs: int, second: int) -> None:
