@@ -113,3 +113,19 @@ def test_a_budget_spent_before_a_vae_gans_first_adversarial_epoch_still_leaves_a
     assert len(rows(run)) == 2 and state(run)["planned_epochs"] == 2
     assert (run / "best").is_dir() and state(run)["best_epoch"] == 2
     assert "sample" in medivae.load(run, device="cpu").model.capabilities
+
+
+def test_anomaly_adapt_trains_its_epochs_whatever_the_budget_the_run_was_trained_with(tmp_path, fake_clock):
+    """A run fitted with --time-budget, adapted for 3 more epochs: the adaptation trains all 3 (its --epochs), not
+    as many as the run's own, already spent budget leaves."""
+    from medivae.data.phantoms import make_phantoms
+
+    from tiny import TINY, png_folder
+
+    run, out = tmp_path / "run", tmp_path / "adapted"
+    fit = ["anomaly", "fit", "--data", "phantoms:200", "--normal-label", "normal", "--out", str(run)]
+    assert main([*fit, "--epochs", "1", "--seed", "7", "--time-budget", "2", *TINY]) == 0
+    site = png_folder(tmp_path / "site", make_phantoms(24, 32, seed=31, lesion_fraction=0.0).images)
+    assert main(["anomaly", "adapt", str(run), "--normals", str(site), "--out", str(out), "--epochs", "3",
+                 "--no-progress", "--device", "cpu"]) == 0
+    assert state(out)["epoch"] == 1 + 3 and [r["epoch"] for r in rows(out)] == [2, 3, 4]

@@ -135,8 +135,9 @@ def plan_adaptation(run_dir: Path, cfg: RunConfig, checkpoint_sha256: str, norma
         "adapt": used.tolist(), "held_out": held.tolist(), "epochs": epochs, "hold_out": hold_out,
         "best_is": "last epoch", "complete": False,
     }  # fmt: skip
-    # the run's own settings; the trainer goes on from its epoch count (api.anomaly_adapt)
-    new = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
+    # the run's own settings; the trainer goes on from its epoch count (api.anomaly_adapt). A time budget the run
+    # was trained with was its own: the adaptation trains its --epochs
+    new = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs, time_budget=0.0))
     return AdaptPlan(new, concat([own["train"], site.subset(used)]), own["val"], own["test"], record)
 
 
