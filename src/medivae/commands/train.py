@@ -51,8 +51,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="log scalars per epoch to RUN/tensorboard (pip install 'medivae[tensorboard]')")
     g.add_argument("--time-budget", type=number(0), default=0.0, metavar="SECONDS",
                    help="fit training into this many seconds (default 0: none): a one-stage run stops after the "
-                        "epoch that spends them; a two-stage one (vq_vae, ldm) scales both stages' epochs after "
-                        "its first epoch, --epochs being the most")
+                        "epoch that spends them (not before one that may become best/); a two-stage one (vq_vae, "
+                        "ldm) scales both stages' epochs after its first epoch, --epochs being the most")
     g.add_argument("--augment", default="", metavar="SPEC",
                    help="random changes of each training image, e.g. shift=2,contrast=0.1,brightness=0.05 "
                         "(pixels, fractions; default none)")

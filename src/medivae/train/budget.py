@@ -35,8 +35,9 @@ def scaled_epoch_costs(epoch_seconds: float, wall_seconds: float, batch_seconds:
     """Seconds of one epoch of each stage, from the first epoch and one timed batch of each stage's steps.
 
     epoch_seconds: the first epoch's training pass; wall_seconds: the same epoch with validation (the
-    checkpoint is written after the plan, so its seconds are not counted); batch_seconds: {"now": the steps of the first epoch, "one": the steps of the last first-stage
-    epoch, "two": the second stage's}, seconds of one batch. The training pass scales with the batch time (a
+    checkpoint is written after the plan, so its seconds are not counted); batch_seconds: {"now": the steps
+    of the first epoch, "one": the steps of the last first-stage epoch, "two": the second stage's}, seconds
+    of one batch. The training pass scales with the batch time (a
     discriminator that starts later makes the later first-stage epochs dearer); validation does not."""
     per = epoch_seconds / max(batch_seconds["now"], 1e-12)  # epoch seconds per second of a batch
     overhead = max(wall_seconds - epoch_seconds, 0.0)
