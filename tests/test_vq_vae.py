@@ -447,3 +447,16 @@ def test_resume_refuses_a_changed_codebook_size(tmp_path, monkeypatch):
     other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, codebook_size=32))
     with pytest.raises(UserError, match="codebook_size"):
         api.train(other, tmp_path / "r", resume=True, progress=False)
+
+
+def test_a_run_saved_with_four_prior_heads_loads_and_samples_with_them(tmp_path):
+    """prior_heads was 4 by default before it became 2: a run saved then keeps its 4 heads (the weights have the
+    same shapes either way, so loading with the new default would not fail, it would sample wrongly)."""
+    import medivae
+
+    run = api.train(tiny_run(epochs=2, source="phantoms:60", prior_heads=4), tmp_path / "r", progress=False)
+    assert json.loads((run / "config.json").read_text())["model"]["prior_heads"] == 4
+    r = medivae.load(run, device="cpu")
+    assert [b.heads for b in r.model.prior.blocks] == [4]
+    a = r.sample(3, seed=5, top_k=2)
+    assert a.shape == (3, 1, 32, 32) and torch.equal(a, r.sample(3, seed=5, top_k=2))
