@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from medivae.runtime.io import relocated, staged_folder
@@ -33,3 +35,31 @@ def test_relocated_names_the_final_folder(tmp_path):
     stage, final = tmp_path / ".out.x.partial", tmp_path / "out"
     assert relocated({"csv": str(stage / "scores.csv"), "png": str(stage / "sub" / "m.png")}, stage, final) == {
         "csv": str(final / "scores.csv"), "png": str(final / "sub" / "m.png")}
+
+
+def test_an_empty_folder_named_dot_is_filled_in_place(tmp_path, monkeypatch):
+    """--out . in an empty working folder: the files land in it, the folder stays the same folder (the working
+    directory is neither renamed nor deleted) and no staging folder is left, inside it or beside it."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    inode = here.stat().st_ino
+    with staged_folder(".") as stage:
+        (stage / "a.txt").write_text("new")
+        (stage / "images").mkdir()
+        (stage / "images" / "000000.png").write_bytes(b"png")
+    assert os.getcwd() == str(here) and here.stat().st_ino == inode
+    assert sorted(p.name for p in here.iterdir()) == ["a.txt", "images"] and (here / "a.txt").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["here"]
+    with pytest.raises(KeyboardInterrupt):  # stopped: the empty folder is left empty
+        with staged_folder(tmp_path / "empty") as stage:
+            (stage / "a.txt").write_text("new")
+            raise KeyboardInterrupt
+    assert not (tmp_path / "empty").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        with staged_folder(tmp_path / "empty" / ".") as stage:
+            (stage / "a.txt").write_text("new")
+            raise KeyboardInterrupt
+    assert list((tmp_path / "empty").iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["empty",
+                                                                                                        "here"]

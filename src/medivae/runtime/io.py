@@ -60,8 +60,12 @@ def staged_folder(final) -> Iterator[Path]:
     """Write the files of output folder ``final`` into a hidden sibling, put in place only when the block ends
     without an error: an error, Ctrl-C or a full disk leaves ``final`` as it was (absent, empty or the earlier
     output being replaced), never a mix of old and new files. Paths written into the files themselves should
-    name ``final`` (see :func:`relocated`)."""
-    final = Path(final)
+    name ``final`` (see :func:`relocated`). An existing empty folder stays that folder (it may be the working
+    directory, ``--out .``, or a mount point): its files are staged inside it and moved up at the end."""
+    final = Path(os.path.abspath(final))  # "." and ".." have no name to stage beside
+    if final.is_dir() and not any(final.iterdir()):
+        yield from _fill_empty(final)
+        return
     final.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     old = final.with_name(f".{final.name}.{os.getpid()}.old")
@@ -78,6 +82,25 @@ def staged_folder(final) -> Iterator[Path]:
         raise
     fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _fill_empty(final: Path) -> Iterator[Path]:
+    """:func:`staged_folder` of an existing empty folder: staged in a hidden folder inside it, whose entries are
+    moved up when the block ends; an error, or Ctrl-C, leaves the folder empty."""
+    staged = Path(tempfile.mkdtemp(prefix=".staged.", suffix=".partial", dir=final))
+    moved: list[Path] = []
+    try:
+        yield staged
+        for p in sorted(staged.iterdir()):
+            os.replace(p, final / p.name)
+            moved.append(final / p.name)
+        staged.rmdir()
+    except BaseException:
+        for p in moved:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    fsync_dir(final)
 
 
 def relocated(paths: dict[str, str], staged: Path, final: Path) -> dict[str, str]:
