@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,22 @@ def test_an_empty_folder_named_dot_is_filled_in_place(tmp_path, monkeypatch):
             raise KeyboardInterrupt
     assert list((tmp_path / "empty").iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["empty",
                                                                                                         "here"]
+
+
+def test_an_earlier_output_in_the_working_folder_is_replaced_in_place(tmp_path, monkeypatch):
+    """--out . --force over an earlier output in the working folder: the folder is not renamed away (the process
+    and the shell stay in it); a stop leaves the earlier files, a finished block only the new ones."""
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "a.txt").write_text("first")
+    (here / "b.txt").write_text("first")
+    monkeypatch.chdir(here)
+    with pytest.raises(KeyboardInterrupt):
+        with staged_folder(".") as stage:
+            (stage / "a.txt").write_text("second")
+            raise KeyboardInterrupt
+    assert {p.name: p.read_text() for p in here.iterdir()} == {"a.txt": "first", "b.txt": "first"}
+    with staged_folder(".") as stage:
+        (stage / "a.txt").write_text("second")
+    assert os.getcwd() == str(here) and Path("a.txt").read_text() == "second"
+    assert [p.name for p in here.iterdir()] == ["a.txt"] and [p.name for p in tmp_path.iterdir()] == ["here"]

@@ -60,11 +60,12 @@ def staged_folder(final) -> Iterator[Path]:
     """Write the files of output folder ``final`` into a hidden sibling, put in place only when the block ends
     without an error: an error, Ctrl-C or a full disk leaves ``final`` as it was (absent, empty or the earlier
     output being replaced), never a mix of old and new files. Paths written into the files themselves should
-    name ``final`` (see :func:`relocated`). An existing empty folder stays that folder (it may be the working
-    directory, ``--out .``, or a mount point): its files are staged inside it and moved up at the end."""
+    name ``final`` (see :func:`relocated`). An existing empty folder, or the working directory (``--out .``),
+    stays that folder (renaming it away would strand the process and the shell in a deleted folder; it may be a
+    mount point): its files are staged inside it and moved in place at the end (:func:`_fill_in_place`)."""
     final = Path(os.path.abspath(final))  # "." and ".." have no name to stage beside
-    if final.is_dir() and not any(final.iterdir()):
-        yield from _fill_empty(final)
+    if final.is_dir() and (not any(final.iterdir()) or _is_cwd(final)):
+        yield from _fill_in_place(final)
         return
     final.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
@@ -84,13 +85,28 @@ def staged_folder(final) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _fill_empty(final: Path) -> Iterator[Path]:
-    """:func:`staged_folder` of an existing empty folder: staged in a hidden folder inside it, whose entries are
-    moved up when the block ends; an error, or Ctrl-C, leaves the folder empty."""
+def _is_cwd(folder: Path) -> bool:
+    try:
+        return folder.samefile(os.getcwd())
+    except OSError:
+        return False
+
+
+def _fill_in_place(final: Path) -> Iterator[Path]:
+    """:func:`staged_folder` of an existing folder that must stay where it is: staged in a hidden folder inside
+    it; at the end the earlier entries move into another hidden folder (deleted last) and the new ones move up.
+    An error or Ctrl-C leaves the earlier entries as they were (a kill mid-move may leave a mix)."""
     staged = Path(tempfile.mkdtemp(prefix=".staged.", suffix=".partial", dir=final))
+    old: Path | None = None
+    earlier: list[str] = []
     moved: list[Path] = []
     try:
         yield staged
+        earlier = sorted(p.name for p in final.iterdir() if p != staged)
+        if earlier:
+            old = Path(tempfile.mkdtemp(prefix=".earlier.", suffix=".old", dir=final))
+        for name in list(earlier):
+            os.replace(final / name, old / name)
         for p in sorted(staged.iterdir()):
             os.replace(p, final / p.name)
             moved.append(final / p.name)
@@ -98,8 +114,15 @@ def _fill_empty(final: Path) -> Iterator[Path]:
     except BaseException:
         for p in moved:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        shutil.rmtree(staged, ignore_errors=True)
+        for name in earlier:
+            if old is not None and os.path.lexists(old / name):
+                os.replace(old / name, final / name)
+        for p in (staged, old):
+            if p is not None:
+                shutil.rmtree(p, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     fsync_dir(final)
 
 
