@@ -259,3 +259,16 @@ def test_a_synthesize_stopped_while_writing_leaves_the_earlier_output_and_no_par
     assert len(list(csv.DictReader((out / "labels.csv").open()))) == rep["n_written"]
     assert len(list(out.glob("images/*.png"))) == rep["n_written"]  # none of the earlier output's 12 is left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["syn"]
+
+
+def test_synthesize_into_the_empty_working_folder(one_class_run, tmp_path, monkeypatch):
+    """--out . in an empty working folder: the output lands in it (no traceback, no staging folder left)."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main(["synthesize", str(one_class_run), "-n", "8", "--out", ".", "--reference-epochs", "1", "--pairs", "2",
+                 "--no-progress", "--device", "cpu", "--bootstrap", "0"]) == 0
+    rep = json.loads((here / "memorisation.json").read_text())
+    assert (here / rep["files"]["labels"]).is_file() and len(list(here.glob("images/*.png"))) == rep["n_written"]
+    assert not [p for p in here.iterdir() if p.name.startswith(".")]
+    assert [p.name for p in tmp_path.iterdir()] == ["here"]
