@@ -83,3 +83,16 @@ def test_an_earlier_output_in_the_working_folder_is_replaced_in_place(tmp_path, 
         (stage / "a.txt").write_text("second")
     assert os.getcwd() == str(here) and Path("a.txt").read_text() == "second"
     assert [p.name for p in here.iterdir()] == ["a.txt"] and [p.name for p in tmp_path.iterdir()] == ["here"]
+
+
+def test_an_earlier_output_behind_a_link_is_replaced_where_the_link_points(tmp_path):
+    """--out LINK --force, LINK a symbolic link to a folder holding an earlier output: the new files replace the
+    earlier ones in the folder it points to; the link stays a link and nothing is left beside it."""
+    target, link = tmp_path / "target", tmp_path / "link"
+    target.mkdir()
+    (target / "a.txt").write_text("first")
+    link.symlink_to(target)
+    with staged_folder(link) as stage:
+        (stage / "a.txt").write_text("second")
+    assert link.is_symlink() and (target / "a.txt").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"] and len(list(target.iterdir())) == 1

@@ -60,11 +60,12 @@ def staged_folder(final) -> Iterator[Path]:
     """Write the files of output folder ``final`` into a hidden sibling, put in place only when the block ends
     without an error: an error, Ctrl-C or a full disk leaves ``final`` as it was (absent, empty or the earlier
     output being replaced), never a mix of old and new files. Paths written into the files themselves should
-    name ``final`` (see :func:`relocated`). An existing empty folder, or the working directory (``--out .``),
-    stays that folder (renaming it away would strand the process and the shell in a deleted folder; it may be a
-    mount point): its files are staged inside it and moved in place at the end (:func:`_fill_in_place`)."""
+    name ``final`` (see :func:`relocated`). An existing empty folder, the working directory (``--out .``), a
+    symbolic link to a folder or a mount point stays that folder (renaming it away would strand the process and
+    the shell in a deleted folder, replace the link, or fail): its files are staged inside it and moved in place
+    at the end (:func:`_fill_in_place`)."""
     final = Path(os.path.abspath(final))  # "." and ".." have no name to stage beside
-    if final.is_dir() and (not any(final.iterdir()) or _is_cwd(final)):
+    if final.is_dir() and (not any(final.iterdir()) or _is_cwd(final) or final.is_symlink() or final.is_mount()):
         yield from _fill_in_place(final)
         return
     final.parent.mkdir(parents=True, exist_ok=True)
