@@ -141,6 +141,7 @@ PAGES = {  # result file -> (results page, its title), for the index of every re
     "data": ("../data/index.md#what-every-source-shares", "Data sources"),
     "defaults": ("defaults.md", "Defaults against conv_vae"),
     "generation": ("generation.md", "Samplers and generation"),
+    "ldm_epochs_val": ("generation.md#what-the-first-runs-say", "Samplers and generation"),
     "blur_metric": ("../guide/sample-metrics.md#does-it-see-blur", "Sample metrics"),
 }
 
