@@ -28,6 +28,7 @@ from medivae.models.samplers import DiffusionSampler
 from medivae.runtime.errors import UserError
 
 from tiny import TINY, tiny_model
+from tolerance import network_bound
 
 LDM_ARGS = ["--model", "ldm", *(a for kv in ("width=16", "res_blocks=1", "res_width=8", "latent_channels=2",
                                              "disc_width=4", "disc_layers=2", "adv_start=100", "prior_epochs=2",
@@ -106,9 +107,11 @@ def test_healing_separates_anomalies_from_the_normals_they_were_made_from(which,
 def test_healing_at_t_start_zero_is_the_reconstruction_residual(ldm_run):
     """Noised to t = 0, nothing is denoised: the healed image is the decoded encoding, so the map is |x - recon|
     up to the float32 round trip through the standardisation (a few ulps of the latent, through the decoder)."""
-    p = ImagePass(_scoring(ldm_run), _normals(ldm_run)[:16])
+    ctx = _scoring(ldm_run)
+    p = ImagePass(ctx, _normals(ldm_run)[:16])
     scores, maps = diffusion_healing_scores(p, 0.0)
-    np.testing.assert_allclose(maps, p.residual, rtol=0, atol=1e-5)
+    # pixels in [0, 1]: the decoder's first-order rounding bound, relative to 1 (any CPU's summation order)
+    np.testing.assert_allclose(maps, p.residual, rtol=0, atol=network_bound(ctx.model))
 
 
 def test_healing_at_t_start_zero_is_the_reconstruction_residual_under_a_fitted_sampler():
@@ -121,7 +124,7 @@ def test_healing_at_t_start_zero_is_the_reconstruction_residual_under_a_fitted_s
     prior = DiffusionSampler(spec, build_denoiser(spec), LatentStandardiser.fit(z)).prior_of(model)
     p = ImagePass(Scoring(model, "cpu", 5, diffusion=prior), (x * 255).round().byte().numpy())
     _, maps = diffusion_healing_scores(p, 0.0)
-    np.testing.assert_allclose(maps, p.residual, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(maps, p.residual, rtol=0, atol=network_bound(model))
 
 
 def test_healing_is_seeded_and_independent_of_the_batch_size(ldm_run):
@@ -129,7 +132,10 @@ def test_healing_is_seeded_and_independent_of_the_batch_size(ldm_run):
     a = diffusion_healing_scores(ImagePass(_scoring(ldm_run, 64), images), 0.5)[0]
     assert np.array_equal(a, diffusion_healing_scores(ImagePass(_scoring(ldm_run, 64), images), 0.5)[0])
     b = diffusion_healing_scores(ImagePass(_scoring(ldm_run, 5), images), 0.5)[0]
-    np.testing.assert_allclose(a, b, rtol=1e-4)  # the same noise per image; only the batching of convolutions
+    # the same noise per image; only the batching of convolutions differs: every DDIM step and the decoder may
+    # round in another order, each within the whole network's first-order bound
+    steps = _scoring(ldm_run).diffusion.heal_steps(0.5)
+    np.testing.assert_allclose(a, b, rtol=(steps + 1) * network_bound(_scoring(ldm_run).model))
     other = diffusion_healing_scores(ImagePass(_scoring(ldm_run, 64, seed=1767661200070), images), 0.5)[0]
     assert not np.array_equal(a, other)  # another seed, other noise (a seed above 2**32 works)
 
