@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -43,7 +42,7 @@ from pathlib import Path
 
 import monai_ldm  # benchmarks/ is on sys.path (the scripts run as files)
 import numpy as np
-from common import ROOT, git_commit, trained_epochs
+from common import ROOT, git_commit, load_average, medivae, trained_epochs
 
 SHARED = next((d / "shared" for d in ROOT.parents if (d / "shared" / "data").is_dir()), ROOT.parent / "shared")
 MEDNIST = SHARED / "data" / "mednist" / "MedNIST.tar.gz"  # ../shared beside the checkout (or a worktree's folder)
@@ -53,27 +52,6 @@ ROWS = {"medivae": "medivae", "monai": "MONAI 2D LDM", "floor": "real validation
 METRICS = ("fd", "precision", "recall", "density", "coverage", "hf_power_ratio")
 PILOT_IMAGES = 800
 GRID_PER_PANEL = 12  # 3 rows of 4: the PNG stays under 100 KB
-
-
-def load_average() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
-def children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
-def medivae(*args) -> dict:
-    """Run one ``medivae`` command (printed first): {wall_seconds, cpu_seconds, load_before, load_after}."""
-    args = [str(a) for a in args]
-    print("$ medivae", " ".join(args), flush=True)
-    before, load, start = children_cpu(), load_average(), time.perf_counter()
-    code = subprocess.run([sys.executable, "-m", "medivae", *args]).returncode
-    if code:
-        raise SystemExit(f"medivae {args[0]} exited with {code} (its message is above)")
-    return {"wall_seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(children_cpu() - before, 1),
-            "load_before": load, "load_after": load_average()}
 
 
 def epoch_seconds(run: Path) -> list[float]:

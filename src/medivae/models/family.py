@@ -473,3 +473,23 @@ def figures(model) -> dict[str, torch.Tensor]:
     """The family's own figures (its ``figures`` hook), {} without one."""
     hook = getattr(model, "figures", None)
     return {} if hook is None else hook()
+
+
+class PriorInLastEpochs:
+    """For a family whose learned prior trains in the last ``cfg.prior_epochs`` epochs of the run (``vq_vae``,
+    ``ldm``): the stage boundary the trainer and a time budget's plan (train/budget.py) ask about. The class
+    mixing it in has ``cfg`` (a frozen config with ``name`` and ``prior_epochs``) and ``prior`` (None without)."""
+
+    def second_stage_epochs(self) -> int:
+        """The last epochs, which train the prior (0: no prior, one stage)."""
+        return self.cfg.prior_epochs if self.prior is not None else 0
+
+    def plan_second_stage(self, epochs: int) -> None:
+        """Train the prior in the last ``epochs`` epochs (a time budget's plan): the config becomes the one with
+        ``prior_epochs=epochs``; the networks stay as they are."""
+        if self.prior is None or epochs < 1:
+            raise ValueError(f"{self.cfg.name}: only a run with a prior can move its stage boundary, to >= 1 epoch")
+        self.cfg = dataclasses.replace(self.cfg, prior_epochs=epochs)
+
+    def _in_stage_one(self, ctx: StepContext) -> bool:
+        return ctx.epoch <= ctx.train.epochs - self.cfg.prior_epochs

@@ -71,6 +71,7 @@ from medivae.models.distributions import DiagonalGaussian
 from medivae.models.family import (
     Family,
     ModelFacts,
+    PriorInLastEpochs,
     StepContext,
     StepOutput,
     TrainStep,
@@ -245,7 +246,7 @@ def _mse_psnr(recon: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"mse": mse, "psnr": 10 * torch.log10(1.0 / mse.clamp(min=1e-10))}
 
 
-class LDM(nn.Module):
+class LDM(PriorInLastEpochs, nn.Module):
     def __init__(self, cfg: LDMConfig):
         super().__init__()
         if cfg.num_classes < 0:
@@ -348,20 +349,6 @@ class LDM(nn.Module):
 
     def trained_modules(self) -> dict[str, nn.Module]:
         return {"ae": self.autoencoder, "disc": self.disc, **({"prior": self.prior} if self.prior is not None else {})}
-
-    def second_stage_epochs(self) -> int:
-        """The last epochs, which train the prior (0: no prior, one stage)."""
-        return self.cfg.prior_epochs if self.prior is not None else 0
-
-    def plan_second_stage(self, epochs: int) -> None:
-        """Train the prior in the last ``epochs`` epochs (a time budget's plan, train/budget.py): the config
-        becomes the one with ``prior_epochs=epochs``; the networks stay as they are."""
-        if self.prior is None or epochs < 1:
-            raise ValueError(f"{self.cfg.name}: only a run with a prior can move its stage boundary, to >= 1 epoch")
-        self.cfg = dataclasses.replace(self.cfg, prior_epochs=epochs)
-
-    def _in_stage_one(self, ctx: StepContext) -> bool:
-        return ctx.epoch <= ctx.train.epochs - self.cfg.prior_epochs
 
     def _adversarial(self, ctx: StepContext) -> bool:
         return self._in_stage_one(ctx) and ctx.progress >= self.cfg.adv_start

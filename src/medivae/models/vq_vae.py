@@ -34,7 +34,6 @@ NLL is also logged in bits per code ("prior_bits_per_code").
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -44,7 +43,15 @@ from torch import nn
 
 from medivae.models.blocks import residual_decoder, residual_encoder
 from medivae.models.distributions import Gaussian
-from medivae.models.family import Family, StepContext, StepOutput, TrainStep, adam, classes_for_data
+from medivae.models.family import (
+    Family,
+    PriorInLastEpochs,
+    StepContext,
+    StepOutput,
+    TrainStep,
+    adam,
+    classes_for_data,
+)
 from medivae.models.vq_prior import CodePrior, code_nll
 from medivae.runtime import distributed
 from medivae.runtime.constants import IMAGE_SIZES
@@ -276,7 +283,7 @@ class VQEncoding:
 
 
 # --- the family ------------------------------------------------------------------------------------------
-class VQVAE(nn.Module):
+class VQVAE(PriorInLastEpochs, nn.Module):
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
         if cfg.num_classes < 0:
@@ -380,20 +387,6 @@ class VQVAE(nn.Module):
 
     def trained_modules(self) -> dict[str, nn.Module]:
         return {"vqvae": self.autoencoder, **({"prior": self.prior} if self.prior is not None else {})}
-
-    def second_stage_epochs(self) -> int:
-        """The last epochs, which train the prior (0: no prior, one stage)."""
-        return self.cfg.prior_epochs if self.prior is not None else 0
-
-    def plan_second_stage(self, epochs: int) -> None:
-        """Train the prior in the last ``epochs`` epochs (a time budget's plan, train/budget.py): the config
-        becomes the one with ``prior_epochs=epochs``; the networks stay as they are."""
-        if self.prior is None or epochs < 1:
-            raise ValueError(f"{self.cfg.name}: only a run with a prior can move its stage boundary, to >= 1 epoch")
-        self.cfg = dataclasses.replace(self.cfg, prior_epochs=epochs)
-
-    def _in_stage_one(self, ctx: StepContext) -> bool:
-        return ctx.epoch <= ctx.train.epochs - self.cfg.prior_epochs
 
     def training_steps(self) -> list[TrainStep]:
         def split(t) -> float:  # the stage boundary, in epochs: each stage's learning rate decays over its own
