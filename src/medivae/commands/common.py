@@ -15,34 +15,30 @@ from medivae.runtime.errors import UserError
 from medivae.runtime.schema import finite_number, one_of, whole_number
 
 
-def whole(low: int | None = None, high: int | None = None):
-    """An argparse ``type``: a whole number in [low, high]."""
-    def parse(text: str) -> int:
+def _checked(convert, kind: str, check):
+    """An argparse ``type``: ``convert`` the text (a ``kind`` or "expected a KIND" in one line), then ``check`` it
+    (runtime/schema's checks: their UserError becomes argparse's one-line error)."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected a {kind}, not {text!r}") from None
         try:
-            return whole_number("", value, low, high)
+            return check(value)
         except UserError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
-    parse.__name__ = "whole number"
+    parse.__name__ = kind
     return parse
+
+
+def whole(low: int | None = None, high: int | None = None):
+    """An argparse ``type``: a whole number in [low, high]."""
+    return _checked(int, "whole number", lambda v: whole_number("", v, low, high))
 
 
 def number(low: float | None = None, high: float | None = None, low_open: bool = False):
     """An argparse ``type``: a finite number in [low, high] (``low_open``: above ``low``)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
-        try:
-            return finite_number("", value, low, high, low_open)
-        except UserError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    parse.__name__ = "number"
-    return parse
+    return _checked(float, "number", lambda v: finite_number("", v, low, high, low_open))
 
 
 def choice(*allowed: str):
