@@ -109,8 +109,13 @@ def given_plan(recipe: str, text: str) -> dict:
 def train_medivae(recipe: str, run: Path, args) -> dict:
     """Train (or reuse a finished) medivae run with the planned epochs: its record, training seconds included."""
     info_file = run.parent / "medivae_arm.json"
-    if info_file.exists() and trained_epochs(run) == json.loads(info_file.read_text())["plan"]["epochs"]:
-        return json.loads(info_file.read_text())
+    if info_file.exists():  # reused only when trained to its plan by the code under test (its commit)
+        info = json.loads(info_file.read_text())
+        if info.get("commit") == args.commit and trained_epochs(run) == info["plan"]["epochs"]:
+            return info
+        if info.get("commit") != args.commit and run.exists():
+            raise SystemExit(f"{run} was trained at commit {info.get('commit')}, not {args.commit}: "
+                             "use another --work (or remove it)")
     if args.medivae_epochs:
         per_image, p = None, given_plan(recipe, args.medivae_epochs)
     else:
@@ -123,7 +128,7 @@ def train_medivae(recipe: str, run: Path, args) -> dict:
            "--threads", args.threads, "--out", run, "--no-progress"]
     train = medivae(*cmd, *(["--resume"] if trained_epochs(run) else []))
     seconds = epoch_seconds(run)
-    rec = {"recipe": recipe, "run": str(run), "pilot_seconds_per_image": per_image, "plan": p,
+    rec = {"recipe": recipe, "commit": args.commit, "run": str(run), "pilot_seconds_per_image": per_image, "plan": p,
            "train": train, "epoch_seconds": [round(s, 2) for s in seconds], "train_seconds": round(sum(seconds), 2),
            "sampler": "prior" if recipe == "ldm" else recipe.split("+")[1]}
     if rec["sampler"] != "prior":
@@ -160,13 +165,15 @@ def monai_arm(train_images: np.ndarray, seconds: float, n: int, args) -> tuple[n
     if path.exists():
         saved = np.load(path, allow_pickle=False)
         rec = json.loads(str(saved["record"]))
-        if rec["budget_seconds"] == round(seconds, 2) and len(saved["samples"]) == n:
+        if rec["budget_seconds"] == round(seconds, 2) and len(saved["samples"]) == n \
+                and rec.get("commit") == args.commit:
             return saved["samples"], rec
     dtype = autocast_dtype(torch.device("cpu"), args.precision)
     load = load_average()
     samples, rec = monai_ldm.train_and_sample(train_images, seconds, n, args.seed, args.monai_size,
                                               args.sampling_steps, dtype, args.ae_share)
-    rec = {"budget_seconds": round(seconds, 2), "load_before": load, "load_after": load_average(), **rec}
+    rec = {"budget_seconds": round(seconds, 2), "commit": args.commit, "load_before": load,
+           "load_after": load_average(), **rec}
     np.savez(path, samples=samples, record=json.dumps(rec))
     return samples, rec
 
@@ -343,6 +350,7 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--grid", type=Path, default=ROOT / "docs" / "results" / "images" / "ldm_peer_hand.png")
     p.add_argument("--markdown", type=Path, help="print the table of this JSON and exit")
     args = p.parse_args(argv)
+    args.commit = git_commit()  # a run or MONAI sample file in --work is reused only at the same commit
     args.command = " ".join(["python benchmarks/ldm_peer.py", *(sys.argv[1:] if argv is None else argv)])
     args.labels = tuple(x for x in args.labels.split(",") if x)
     args.labels_args = ["--labels", ",".join(args.labels)] if args.labels else []
