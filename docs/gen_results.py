@@ -142,6 +142,8 @@ PAGES = {  # result file -> (results page, its title), for the index of every re
     "defaults": ("defaults.md", "Defaults against conv_vae"),
     "generation": ("generation.md", "Samplers and generation"),
     "ldm_epochs_val": ("generation.md#what-the-first-runs-say", "Samplers and generation"),
+    "ldm_ceiling": ("generation.md#where-ldm-loses-autoencoder-or-prior", "Samplers and generation"),
+    "ldm_peer": ("generation.md#against-monais-latent-diffusion", "Samplers and generation"),
     "blur_metric": ("../guide/sample-metrics.md#does-it-see-blur", "Sample metrics"),
 }
 
@@ -194,6 +196,14 @@ class Tables:
     def generation(self) -> str:
         """Every generator and the real rows per data set: mean over seeds [95 % interval] (generation.py)."""
         return _bench("generation").table(self.R.generation)
+
+    def ldm_ceiling(self) -> str:
+        """ldm_ceiling.py: the floor, reconstructions and samples of ldm runs against training images."""
+        return _bench("ldm_ceiling").table(self.R.ldm_ceiling)
+
+    def ldm_peer(self) -> str:
+        """ldm_peer.py: medivae's ldm against MONAI's 2D latent diffusion at equal training seconds."""
+        return _bench("ldm_peer").markdown(self.R.ldm_peer)
 
     def generation_grids(self) -> str:
         """The sample grids the generation records name, beside the real test images'."""

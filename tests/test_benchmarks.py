@@ -240,3 +240,32 @@ def test_generation_benchmark_stages_one_record_per_call_and_tabulates_the_seeds
     assert f"| {m:.4g} [{m - half:.4g}, {m + half:.4g}] |" in line and "| 2 |" in line
     lo, hi = floor["ci95"]["fd"]  # one record: the run's own bootstrap interval
     assert f"| {floor['model']['fd']:.4g} [{lo:.4g}, {hi:.4g}] |" in next(x for x in text.splitlines() if "floor" in x)
+
+
+@pytest.mark.slow
+def test_ldm_ceiling_scores_reconstructions_and_samples_without_the_test_split(tmp_path, monkeypatch):
+    """benchmarks/ldm_ceiling.py on a tiny phantom ldm: one record per --name, each with the floor, the
+    reconstructions and the samples (as many as validation images) against training images; a run one epoch
+    into training reconstructs worse than real images score; --table shows the floor once per data set."""
+    monkeypatch.setenv("MEDIVAE_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "medivae", "train", "--data", "phantoms:200", "--image-size", "32",
+                    "--model", "ldm", "--epochs", "2", "--model-arg", "prior_epochs=1", "--model-arg",
+                    "sampling_steps=3", "--batch-size", "32", "--threads", "1", "--out", str(run), "--no-progress"],
+                   check=True, capture_output=True, text=True, timeout=900)
+    out = tmp_path / "c.json"
+    script = [sys.executable, str(ROOT / "benchmarks" / "ldm_ceiling.py"), "--out", str(out)]
+    for name in ("first", "second"):
+        subprocess.run([*script, "--data", "phantoms32", "--run", str(run), "--name", name,
+                        "--reference-epochs", "1"], check=True, capture_output=True, text=True, timeout=900)
+    recs = json.loads(out.read_text())["records"]["phantoms32"]
+    assert sorted(recs) == ["first", "second"]
+    rec = recs["first"]
+    assert set(rec["rows"]) == {"floor", "reconstructions", "samples"}
+    assert rec["reference"]["against"] == "train" and rec["reference"]["n_held_out"] == 20  # 10 % of 200
+    assert rec["model"]["name"] == "ldm" and rec["train"]["epochs"] == 2
+    assert rec["rows"]["reconstructions"]["fd"] > rec["rows"]["floor"]["fd"]
+    assert np.isfinite(rec["rows"]["reconstructions"]["psnr_db"])
+    text = subprocess.run([*script, "--table"], check=True, capture_output=True, text=True).stdout
+    assert sum("| floor |" in line for line in text.splitlines()) == 1
+    assert sum("| samples |" in line for line in text.splitlines()) == 2
