@@ -129,3 +129,20 @@ def test_anomaly_adapt_trains_its_epochs_whatever_the_budget_the_run_was_trained
     assert main(["anomaly", "adapt", str(run), "--normals", str(site), "--out", str(out), "--epochs", "3",
                  "--no-progress", "--device", "cpu"]) == 0
     assert state(out)["epoch"] == 1 + 3 and [r["epoch"] for r in rows(out)] == [2, 3, 4]
+
+
+def test_timing_the_stages_leaves_an_ldm_run_as_it_would_be_without_a_budget(tmp_path, fake_clock):
+    """The plan times one batch of each stage's steps, the discriminator's included; a budget that keeps every
+    configured epoch must give the numbers of the run without one: no discriminator accuracy of the timing in
+    epoch 2, which has no adversarial step (they start at epoch 3)."""
+    ldm = dict(width=8, res_blocks=1, res_width=4, latent_channels=2, disc_width=4, disc_layers=2, prior_epochs=1,
+               prior_width=8, prior_updates=2, sampling_steps=4, num_classes=0, adv_start=2.0)
+    timed = api.train(run_config(1e6, epochs=4, family="ldm", **ldm), tmp_path / "timed", progress=False)
+    plain = api.train(run_config(0.0, epochs=4, family="ldm", **ldm), tmp_path / "plain", progress=False)
+    assert state(timed)["planned_epochs"] == 4 and state(timed)["planned_second_stage"] == 1
+
+    def numbers(run):
+        return [{k: v for k, v in r.items() if k.startswith(("train_", "val_"))} for r in rows(run)]
+
+    assert "train_disc_acc_epoch" in numbers(plain)[2] and "train_disc_acc_epoch" not in numbers(plain)[1]
+    assert numbers(timed) == numbers(plain)

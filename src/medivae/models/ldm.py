@@ -378,10 +378,10 @@ class LDM(PriorInLastEpochs, nn.Module):
         rec, kl = _l1(recon, x), out.posterior.kl()
         loss = rec + cfg.kl_weight * kl
         terms = {"rec": rec.detach(), "kl": kl.detach(), **_mse_psnr(recon.detach(), x)}
+        if ctx.step == 0:  # also after a rollback mid-epoch, or a time budget's timing of a later epoch's steps
+            self._watch.reset()
         if not self._adversarial(ctx):
             return StepOutput(loss.mean(), terms)
-        if ctx.step == 0:
-            self._watch.reset()  # also after a rollback mid-epoch
         nets["disc"].eval()  # no power-iteration update: this step leaves the discriminator as it was
         try:
             logits, feats = nets["disc"](torch.cat([x, recon.to(x.dtype)]))
@@ -450,7 +450,11 @@ class LDM(PriorInLastEpochs, nn.Module):
         self.prior_ready.fill_(1.0)
 
     def epoch_end(self, ctx: StepContext) -> dict[str, float]:
-        """The discriminator's accuracy over an adversarial epoch (pinned at 100 % it raises Diverged)."""
+        """The discriminator's accuracy over an adversarial epoch (pinned at 100 % it raises Diverged); nothing for
+        an epoch without adversarial steps, whatever a time budget's timing of such steps left in the watch."""
+        if not self._adversarial(ctx):
+            self._watch.reset()
+            return {}
         return self._watch.epoch_end(ctx.epoch)
 
     def validation_terms(self, x, y, generator) -> dict[str, torch.Tensor]:
