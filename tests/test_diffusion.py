@@ -275,3 +275,21 @@ def test_bf16_autocast_sampling_is_close_to_fp32(two_point):
         b = ddim_sample(den, sched, 64, steps=10, generator=torch.Generator().manual_seed(0))
     assert b.dtype == torch.float32
     assert float((a - b).abs().median()) < 16 * 2**-8 * float(a.abs().max())
+
+
+def test_the_moving_average_averages_the_weights_and_keeps_the_schedule_exact():
+    """The EMA's ᾱ is the schedule's, bit for bit, after many updates (an average of a constant drifts by rounding,
+    and a checkpoint, which does not store ᾱ, would give a resumed run another one); its weights are the
+    warmed-up average: after a copy at the first update, d = min(decay, (1 + n) / (10 + n)) at update n."""
+    den = build_denoiser(DiffusionSpec((4,), width=8, timesteps=1000))
+    ema = ema_model(den, decay=0.999)
+    w = den.inp.weight
+    expect = None
+    with torch.no_grad():
+        for n in range(300):
+            w.add_(0.01)
+            ema.update_parameters(den)
+            d = min(0.999, (1 + n) / (10 + n))
+            expect = w.clone() if expect is None else d * expect + (1 - d) * w
+    assert torch.equal(ema.module.alpha_bar, NoiseSchedule(1000).alpha_bar.float())
+    torch.testing.assert_close(ema.module.inp.weight, expect)

@@ -427,11 +427,13 @@ def ema_model(denoiser: nn.Module, decay: float = 0.999) -> nn.Module:
     """An exponential moving average of ``denoiser``'s weights (torch.optim.swa_utils.AveragedModel); call
     ``.update_parameters(denoiser)`` after each optimiser step and use ``.module`` for sampling. The decay
     warms up as min(decay, (1 + n) / (10 + n)) after n updates (as TensorFlow's ExponentialMovingAverage
-    with num_updates), so that a short fit is not dominated by its random initial weights."""
+    with num_updates), so that a short fit is not dominated by its random initial weights. Buffers are not averaged:
+    a denoiser's only one is the schedule's constant ᾱ, which an average would move by rounding at every update
+    (and a checkpoint, which does not store it, would reset)."""
     from torch.optim.swa_utils import AveragedModel
 
     def average(avg: torch.Tensor, new: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         d = min(decay, (1 + float(n)) / (10 + float(n)))
         return d * avg + (1 - d) * new
 
-    return AveragedModel(denoiser, avg_fn=average, use_buffers=True)
+    return AveragedModel(denoiser, avg_fn=average, use_buffers=False)
