@@ -96,3 +96,25 @@ def test_an_earlier_output_behind_a_link_is_replaced_where_the_link_points(tmp_p
         (stage / "a.txt").write_text("second")
     assert link.is_symlink() and (target / "a.txt").read_text() == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"] and len(list(target.iterdir())) == 1
+
+
+def test_an_earlier_output_is_replaced_whatever_a_killed_process_left_beside_it(tmp_path):
+    """A process killed while replacing an output leaves its set-aside copy of the earlier one beside it; a later
+    process, which may have the same pid (a container's), replaces the output all the same and leaves the
+    stranger's folder alone."""
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "a.txt").write_text("first")
+    stale = tmp_path / f".out.{os.getpid()}.old"
+    stale.mkdir()
+    (stale / "a.txt").write_text("older")
+    with staged_folder(final) as stage:
+        (stage / "a.txt").write_text("second")
+    assert {p.name: p.read_text() for p in final.iterdir()} == {"a.txt": "second"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name, "out"]
+    with pytest.raises(KeyboardInterrupt):  # stopped: the earlier output is left as it was, nothing beside it
+        with staged_folder(final) as stage:
+            (stage / "a.txt").write_text("third")
+            raise KeyboardInterrupt
+    assert {p.name: p.read_text() for p in final.iterdir()} == {"a.txt": "second"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name, "out"]

@@ -70,20 +70,25 @@ def staged_folder(final) -> Iterator[Path]:
         return
     final.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    old = final.with_name(f".{final.name}.{os.getpid()}.old")
+    old: Path | None = None  # where the earlier output waits until the new one is in place
     try:
         yield staged
         os.chmod(staged, 0o777 & ~_umask())
         if final.exists():
-            os.replace(final, old)
+            # a fresh name: one left by a killed process (whose pid this one may have) cannot be renamed over
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+            os.replace(final, old)  # a folder may replace an empty one
         os.replace(staged, final)
     except BaseException:
-        if old.exists() and not final.exists():
+        if old is not None and not final.exists():
             os.replace(old, final)
         shutil.rmtree(staged, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         raise
     fsync_dir(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _is_cwd(folder: Path) -> bool:
