@@ -223,3 +223,22 @@ def test_a_conditional_run_is_healed_as_the_normal_class_whatever_the_images_lab
     assert np.array_equal(healed(0), healed(0)) and not np.allclose(healed(0), healed(1))
     with pytest.raises(ValueError, match="normal class"):
         healed(None)
+
+
+def test_healing_a_hierarchy_does_not_depend_on_the_batch_size():
+    """A hierarchical_vae under a diffusion sampler over its top groups: the healed top is decoded with the finer
+    groups at their conditional prior means, not drawn, so an image's score is the same in batches of 12 and of 5
+    (up to the rounding of other batch shapes: the decoder and every DDIM step within the network's bound)."""
+    torch.manual_seed(0)
+    model = build_model(model_config("hierarchical_vae", image_size=32, width=8, z_channels=2, num_scales=2,
+                                     groups_per_scale=2)).eval()
+    x = torch.rand(12, 1, 32, 32)
+    z = sampler_latents(model, x)
+    spec = DiffusionSpec(tuple(z.shape[1:]), width=8, timesteps=100)
+    prior = DiffusionSampler(spec, build_denoiser(spec), LatentStandardiser.fit(z)).prior_of(model)
+    images = (x * 255).round().byte().numpy()
+    bound = network_bound(model) + network_bound(prior.denoiser)
+    for fraction in (0.0, 0.5):
+        a = diffusion_healing_scores(ImagePass(Scoring(model, "cpu", 12, diffusion=prior), images), fraction)[0]
+        b = diffusion_healing_scores(ImagePass(Scoring(model, "cpu", 5, diffusion=prior), images), fraction)[0]
+        np.testing.assert_allclose(a, b, rtol=(prior.heal_steps(fraction) + 1) * bound, atol=0)

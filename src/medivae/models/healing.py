@@ -29,7 +29,7 @@ from medivae.models.diffusion import LatentStandardiser, NoiseSchedule, diffusio
 from medivae.runtime.errors import UserError
 
 Encode = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
-Decode = Callable[[torch.Tensor, torch.Tensor | None, torch.Generator | None], torch.Tensor]
+Decode = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass
@@ -37,8 +37,9 @@ class LatentDiffusion:
     """A diffusion prior over a model's latent.
 
     encode(x (B, C, H, W) in [0, 1], y) -> latents (B, ...) (the posterior mean, or the family's sampler latent);
-    decode(z, y, generator) -> images (B, C, H, W) in [0, 1]; ``standardiser`` maps latents to what the
-    denoiser models; ``sampling_steps``: DDIM steps over the whole schedule; ``source``: where the prior comes
+    decode(z, y) -> images (B, C, H, W) in [0, 1], deterministic (what the decoder would draw itself, e.g. a
+    hierarchy's lower groups, at its mean: a draw would depend on the batch); ``standardiser`` maps latents to what
+    the denoiser models; ``sampling_steps``: DDIM steps over the whole schedule; ``source``: where the prior comes
     from, for records ("ldm prior", "fitted diffusion sampler")."""
 
     denoiser: nn.Module
@@ -73,16 +74,15 @@ class LatentDiffusion:
         return torch.randn((n, *self.latent_shape), generator=generator)
 
     @torch.no_grad()
-    def heal(self, x: torch.Tensor, y: torch.Tensor | None, fraction: float, noise: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+    def heal(self, x: torch.Tensor, y: torch.Tensor | None, fraction: float, noise: torch.Tensor) -> torch.Tensor:
         """Healed images float (B, C, H, W) in [0, 1] of x (B, C, H, W): the latent noised to
-        ``t_start(fraction)`` with ``noise`` (B, ...), DDIM back to 0, decoded (``generator``: for what the
-        decoder draws itself, e.g. a hierarchy's lower groups). Fraction 0 decodes the encoding unchanged."""
+        ``t_start(fraction)`` with ``noise`` (B, ...), DDIM back to 0, decoded. Fraction 0 decodes the encoding
+        unchanged."""
         dev = next(self.denoiser.parameters()).device
         u = self.standardiser.encode(self.encode(x, y).float().to(dev))
         healed = heal(self.denoiser, self.schedule, u, self.t_start(fraction), self.heal_steps(fraction),
                       self.labels(y), noise=noise.to(dev))
-        return self.decode(self.standardiser.decode(healed.float()).to(x.device), y, generator).float()
+        return self.decode(self.standardiser.decode(healed.float()).to(x.device), y).float()
 
     @torch.no_grad()
     def loss(self, x: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,

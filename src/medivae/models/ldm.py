@@ -308,7 +308,7 @@ class LDM(PriorInLastEpochs, nn.Module):
         if self.prior is None or not self.prior_ready:
             return None
         return LatentDiffusion(self._require_prior(), self.schedule, self.standardiser(),
-                               lambda x, y: self.encode(x).mode(), lambda z, y, g: self.decode(z),
+                               lambda x, y: self.encode(x).mode(), lambda z, y: self.decode(z),
                                self.cfg.sampling_steps, "ldm prior")
 
     def draw_latents(self, n: int, y: torch.Tensor | None = None, generator=None, temperature: float = 1.0,

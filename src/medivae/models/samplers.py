@@ -384,11 +384,13 @@ class DiffusionSampler:
 
     def prior_of(self, model) -> LatentDiffusion:
         """This sampler as a diffusion prior over ``model``'s sampler latents (models/family.py), for diffusion
-        healing and the diffusion-loss membership test; the denoiser moves to the model's device."""
+        healing and the diffusion-loss membership test; the denoiser moves to the model's device. What the family
+        draws itself when it decodes (a hierarchy's finer groups) is taken at its mean (temperature 0), so that a
+        healed image does not depend on the batch it is healed in."""
         device = next(model.parameters()).device
         return LatentDiffusion(self.denoiser.to(device).eval(), self.schedule, self.standardiser,
                                lambda x, y: sampler_latents(model, x, y),
-                               lambda z, y, g: decode_sampler_latents(model, z, y, g),
+                               lambda z, y: decode_sampler_latents(model, z, y, temperature=0.0),
                                DEFAULT_SAMPLING_STEPS, "fitted diffusion sampler")
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -121,12 +121,11 @@ def diffusion_healing_scores(p: ImagePass, fraction: float) -> Scored:
     (a synthetic anomaly and the normal it was made from differ by the image only)."""
     prior, ctx = p.ctx.diffusion, p.ctx
     noise = prior.noise(len(p), torch_generator(ctx.seed, "diffusion-healing"))
-    decoder_draws = torch_generator(ctx.seed, "diffusion-healing-decoder")
     done = 0
 
     def residual(x, y):
         nonlocal done
-        healed = prior.heal(x, y, fraction, noise[done : done + len(x)], decoder_draws)
+        healed = prior.heal(x, y, fraction, noise[done : done + len(x)])
         done += len(x)
         return (x.float() - healed).abs().mean(1)
 
