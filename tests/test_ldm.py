@@ -244,6 +244,33 @@ def test_two_stages_in_one_run_and_the_best_checkpoint_follows_the_prior(tmp_pat
     assert math.isfinite(rows[2]["val_loss"])
 
 
+@pytest.mark.slow  # 27 s: two runs
+def test_a_run_killed_in_its_prior_stage_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Killed after the first prior epoch (standardisation fitted, moving average under way), resumed: the same
+    weights (the moving average and its update count included) and the same validation numbers as a run that was
+    never stopped."""
+    from medivae import api
+    from medivae.runfolder.config import DataConfig, RunConfig
+    from medivae.train.metrics import read_metrics
+
+    from tiny import train_killed_after
+
+    cfg = RunConfig(data=DataConfig(source="phantoms:60", image_size=32),
+                    model=model_config("ldm", **{**TINY, "prior_epochs": 2, "prior_updates": 4, "adv_start": 9.0}),
+                    train=TrainConfig(epochs=4, batch_size=8, precision="fp32", seed=1767661200070, num_threads=1))
+    straight = api.train(cfg, tmp_path / "straight", progress=False)
+    train_killed_after(cfg, tmp_path / "resumed", 3, monkeypatch)
+    resumed = api.train(cfg, tmp_path / "resumed", resume=True, progress=False)
+    a, b = (load_file(str(r / "last" / "model.safetensors")) for r in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert int(a["prior_ema.n_averaged"]) == 2 * 6 * 4 and float(a["prior_ready"]) == 1.0  # 6 batches an epoch
+
+    def numbers(run):
+        return [{k: v for k, v in r.items() if k.startswith(("train_", "val_"))} for r in read_metrics(run)]
+
+    assert numbers(straight) == numbers(resumed)
+
+
 # --- two gloo ranks: one standardisation -------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
