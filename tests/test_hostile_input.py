@@ -371,6 +371,38 @@ def test_sizes_have_limits_checked_before_any_work(evaluated_run, tmp_path, caps
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_sample_folder_stopped_midway_is_not_left_half_written(tmp_path, monkeypatch):
+    """sample --out FOLDER writes one PNG per image, batch after batch: stopped in the second batch (Ctrl-C, a
+    full disk), the folder is not left with the first batch's files (which would also make it refused as not
+    empty when the command is run again), and an empty folder given as --out is left empty."""
+    from medivae.workflows import generate as generate_module
+
+    from tiny import tiny_run
+
+    run = api.train(tiny_run("phantoms:40", epochs=1), tmp_path / "run", progress=False)
+    real = generate_module.save_png
+    written = []
+
+    def save_then_stop(img, path, *a, **kw):
+        if len(written) == 260:  # into the second batch of 256
+            raise KeyboardInterrupt
+        real(img, path, *a, **kw)
+        written.append(path)
+
+    monkeypatch.setattr(generate_module, "save_png", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        api.sample(run, 300, tmp_path / "many", seed=3)
+    assert len(written) == 260 and not (tmp_path / "many").exists()
+    (tmp_path / "empty").mkdir()
+    written.clear()
+    with pytest.raises(KeyboardInterrupt):
+        api.sample(run, 300, tmp_path / "empty", seed=3)
+    assert list((tmp_path / "empty").iterdir()) == []
+    monkeypatch.setattr(generate_module, "save_png", real)
+    out = api.sample(run, 300, tmp_path / "empty", seed=3)  # run again: the whole set
+    assert len(list(out.iterdir())) == 300
+
+
 def test_a_large_sample_set_is_written_as_files_one_batch_at_a_time(evaluated_run, tmp_path):
     out = api.sample(evaluated_run, 300, tmp_path / "many", seed=3)
     files = sorted(out.iterdir())

@@ -16,7 +16,7 @@ from medivae.runfolder.run import load_image, load_run
 from medivae.runtime.constants import MAX_GRID_IMAGES, MAX_SAMPLES
 from medivae.runtime.errors import UserError
 from medivae.runtime.images import IMAGE_FORMATS, save_grid, save_png
-from medivae.runtime.io import atomic_write_bytes
+from medivae.runtime.io import atomic_write_bytes, staged_folder
 from medivae.runtime.paths import check_output_file, check_output_folder, given
 from medivae.runtime.schema import whole_number
 from medivae.runtime.seeding import torch_generator
@@ -39,18 +39,18 @@ def sample_run(run_dir, n: int, out: Path, seed: int | None = None, label: str |
                temperature: float = 1.0, sampler: str = "prior", guidance: float = 0.0,
                sampling_steps: int | None = None, progress: bool = True, top_k: int = 0) -> Path:
     """n samples into ``out`` (checked by :func:`sample_target`): one grid, or one PNG per image in a folder,
-    drawn and written a batch at a time so memory stays at one batch."""
+    drawn and written a batch at a time so memory stays at one batch; a folder appears whole, or not at all."""
     run = load_run(run_dir, device=device)
     batches = run.sample_batches(n, label, seed, temperature, sampler=sampler, guidance=guidance,
                                  sampling_steps=sampling_steps, progress=progress, top_k=top_k)  # checked first
     if out.suffix:
         return save_grid(torch.cat(list(batches)), out)
-    out.mkdir(parents=True, exist_ok=True)
     i = 0
-    for batch in batches:
-        for img in (batch * 255).round().clamp(0, 255).to(torch.uint8).numpy():  # (C, H, W)
-            save_png(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), out / f"{i:06d}.png")
-            i += 1
+    with staged_folder(out) as stage:  # every image or none: a stop midway leaves no half-written folder
+        for batch in batches:
+            for img in (batch * 255).round().clamp(0, 255).to(torch.uint8).numpy():  # (C, H, W)
+                save_png(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), stage / f"{i:06d}.png")
+                i += 1
     return out
 
 
