@@ -293,3 +293,14 @@ def test_the_moving_average_averages_the_weights_and_keeps_the_schedule_exact():
             expect = w.clone() if expect is None else d * expect + (1 - d) * w
     assert torch.equal(ema.module.alpha_bar, NoiseSchedule(1000).alpha_bar.float())
     torch.testing.assert_close(ema.module.inp.weight, expect)
+
+
+@pytest.mark.parametrize("width", [50, 20, 7])
+def test_a_u_net_of_any_width_builds_and_denoises(width):
+    """The attention block's heads divide its channels whatever the width (--width 50: 100 channels at 4x4, not
+    the 3 heads of 100 // 32); widths that are multiples of 32 keep ch // 32 heads."""
+    den = build_denoiser(DiffusionSpec((2, 8, 8), width=width, timesteps=10))
+    z = torch.randn(3, 2, 8, 8)
+    out = den(z, torch.tensor([1, 5, 10]))
+    assert out.shape == z.shape and bool(torch.isfinite(out).all())
+    assert build_denoiser(DiffusionSpec((2, 8, 8), width=64, timesteps=10)).mid_attn.attn.num_heads == 4

@@ -207,12 +207,16 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Self-attention over the positions of a (B, C, H, W) map, residual."""
+    """Self-attention over the positions of a (B, C, H, W) map, residual; heads of about 32 channels (the most
+    heads up to ch // 32 that divide ch, which multi-head attention needs: 100 channels get 2, not 3)."""
 
     def __init__(self, ch: int):
         super().__init__()
         self.norm = _norm(ch)
-        self.attn = nn.MultiheadAttention(ch, num_heads=max(1, ch // 32), batch_first=True)
+        heads = max(1, ch // 32)
+        while ch % heads:
+            heads -= 1
+        self.attn = nn.MultiheadAttention(ch, num_heads=heads, batch_first=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
