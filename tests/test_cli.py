@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from medivae import api
 from medivae.cli import main
 from medivae.models.inference import reconstruct
+from medivae.workflows.generate import path_ends
 
 from tiny import tiny_run
 
@@ -63,6 +66,51 @@ def test_interpolate_between_two_images(run, tmp_path):
     for name, tile in (("a.png", img[PAD:PAD + 32, PAD:PAD + 32]), ("b.png", img[PAD:PAD + 32, -(PAD + 32):-PAD])):
         expected = reconstruct(model, api.load_image(tmp_path / name, cfg))[0, 0].numpy()
         assert np.abs(tile.astype(float) - np.round(expected * 255)).max() <= 1
+
+
+@pytest.fixture(scope="module")
+def gmm_run(run, tmp_path_factory):
+    """A copy of ``run`` with a fitted gmm sampler (and no other)."""
+    copy = tmp_path_factory.mktemp("gmm") / "run"
+    shutil.copytree(run, copy)
+    assert main(["fit-sampler", str(copy), "--sampler", "gmm", "--max-components", "2", "--device", "cpu",
+                 "--no-progress"]) == 0
+    return copy
+
+
+def test_interpolate_between_sampler_draws(gmm_run, tmp_path):
+    opened = api.load_run(gmm_run, device="cpu")
+    gmm = opened.latent_sampler("gmm")
+    ends = path_ends(opened, gmm, seed=5)
+    assert ends.shape == (2, 4)
+    assert torch.equal(ends, path_ends(opened, gmm, seed=5))  # reproducible for a seed
+    assert not torch.allclose(ends, path_ends(opened, None, seed=5))  # not the prior's draws at that seed
+    assert not torch.allclose(ends, path_ends(opened, gmm, seed=6))
+    for name in ("a", "b"):
+        argv = ["interpolate", str(gmm_run), "--sampler", "gmm", "--seed", "5", "--steps", "5", "--device", "cpu",
+                "--out", str(tmp_path / f"{name}.png")]
+        assert main(argv) == 0
+    img = np.asarray(Image.open(tmp_path / "a.png"))
+    assert img.shape == grid_size(5, 32, 5)[::-1]
+    assert np.array_equal(img, np.asarray(Image.open(tmp_path / "b.png")))
+    # the ends of the path are those two draws, decoded
+    want = np.round(opened.decode(ends)[:, 0].numpy() * 255)
+    for tile, end in ((img[PAD:PAD + 32, PAD:PAD + 32], want[0]), (img[PAD:PAD + 32, -(PAD + 32):-PAD], want[1])):
+        assert np.abs(tile.astype(float) - end).max() <= 1
+
+
+def test_interpolate_refuses_a_sampler_it_cannot_use(gmm_run, tmp_path, capsys):
+    out = tmp_path / "i.png"
+    err = _one_line_error(capsys, ["interpolate", str(gmm_run), "--sampler", "flow", "--out", str(out)])
+    assert "no fitted flow sampler" in err and "medivae fit-sampler" in err
+    Image.fromarray(np.full((32, 32), 90, dtype=np.uint8)).save(tmp_path / "a.png")
+    err = _one_line_error(capsys, ["interpolate", str(gmm_run), "--sampler", "gmm", "--from", str(tmp_path / "a.png"),
+                                   "--to", str(tmp_path / "a.png"), "--out", str(out)])
+    assert "--sampler gmm" in err and "--from/--to" in err
+    err = _one_line_error(capsys, ["interpolate", str(gmm_run), "--sampler", "gmm", "--guidance", "1",
+                                   "--out", str(out)])
+    assert "options of --sampler diffusion" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]  # nothing written
 
 
 def test_reconstruct_writes_pairs(run, tmp_path):

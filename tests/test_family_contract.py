@@ -543,6 +543,7 @@ NEEDS = [
     (["synthesize", "-n", "2", "--out", "{tmp}/syn"], ("sample",)),
     (["interpolate", "--out", "{tmp}/i.png"], ("latent", "sample")),  # between two prior draws
     (["interpolate", "--mode", "slerp", "--out", "{tmp}/i.png"], ("latent", "gaussian_latent", "sample")),
+    (["interpolate", "--sampler", "gmm", "--out", "{tmp}/i.png"], ("latent", "gaussian_latent")),  # a fitted gmm
     (["traverse", "--out", "{tmp}/t.png"], ("gaussian_latent",)),
     (["anomaly", "score", "--gradient-maps", "--normal-label", "normal", "--out", "{tmp}/a"], ("likelihood",)),
     (["sample", "-n", "2", "--label", "normal", "--out", "{tmp}/s.png"], ("sample", "conditional")),

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from medivae.models import build_model, model_config
-from medivae.models.family import StepContext
+from medivae.models.family import StepContext, decode_sampler_latents, sampler_latents
 from medivae.models.hierarchical_vae import balanced_kl
+from medivae.models.inference import interpolate_sampled
 from medivae.runfolder.config import TrainConfig
 from medivae.runtime.errors import UserError
 
@@ -142,6 +143,23 @@ def test_sampling_is_deterministic_at_a_fixed_seed_and_temperature():
     assert rel_err(m.decode(z), a) <= network_bound(m)  # prior_latents are what sample decodes (up to rounding)
     # temperature scales every group's prior std: T -> 0 gives the chain of prior means
     assert z0.abs().max() < 5 and not torch.allclose(z, z0)
+
+
+def test_a_path_between_sampler_latents_keeps_the_lower_groups_noise():
+    """``interpolate --sampler``: only the top groups move along the path; the finer groups, drawn from
+    p(z_g | z_<g) on the way, get the same noise at every point (else equal ends would give a flickering row)."""
+    m = tiny()
+    with torch.no_grad():
+        top = sampler_latents(m, images(2))  # (2, groups_per_scale * z_channels, r, r)
+        still = interpolate_sampled(m, top[0], top[0], 4, generator=torch.Generator().manual_seed(3), precision="fp32")
+        path = interpolate_sampled(m, top[0], top[1], 3, generator=torch.Generator().manual_seed(3), precision="fp32")
+        end = decode_sampler_latents(m, top[1:], generator=torch.Generator().manual_seed(3))
+        other = decode_sampler_latents(m, top[1:], generator=torch.Generator().manual_seed(4))
+    assert still.shape == (4, 1, SIZE, SIZE)
+    # (1 - t) z + t z is z up to one rounding: the same image up to the network's rounding
+    assert all(rel_err(s, still[0]) <= network_bound(m) for s in still[1:])
+    assert rel_err(path[-1:], end) <= network_bound(m)
+    assert rel_err(other, end) > 10 * network_bound(m)  # the noise matters: the equalities above are not vacuous
 
 
 def test_generation_runs_the_top_down_modules_of_inference():

@@ -74,16 +74,18 @@ def fit_sampler(run_dir, sampler: str, max_components: int = 10, checkpoint: str
 
 
 def interpolate_run(run_dir, out, steps: int = 8, mode: str = "linear", src=None, dst=None, seed=None,
-                    device="auto", label: str | None = None, force: bool = False) -> Path:
+                    device="auto", label: str | None = None, force: bool = False, sampler: str = "prior",
+                    guidance: float = 0.0, sampling_steps: int | None = None) -> Path:
     """A PNG/JPEG of ``steps`` (2..MAX_ROW_IMAGES) images along a latent path between two images' posterior means
-    or two prior draws."""
+    or two draws from the prior or, with ``sampler`` ("gmm", "flow", "diffusion"), from a post-hoc sampler fitted
+    with ``medivae fit-sampler`` (``guidance`` and ``sampling_steps``: the diffusion sampler's)."""
     from medivae.workflows.generate import interpolate_run as run
 
     out = check_image_out(out, force)
     whole_number("--steps", steps, 2, MAX_ROW_IMAGES)
     one_of("--mode", mode, ("linear", "slerp"))
     return run(check_run_folder(run_dir, "medivae interpolate", write=False), out, steps, mode, src, dst, seed,
-               device, label)
+               device, label, sampler, guidance, sampling_steps)
 
 
 def reconstruct_run(run_dir, data: str | None, out, split: str = "test", n: int = 16, device="auto",

@@ -9,9 +9,10 @@ SPLITS = ("train", "val", "test")
 SAMPLER_HELP = "prior (default), or gmm / flow / diffusion fitted with medivae fit-sampler"
 
 
-def add_sampler_options(p) -> None:
-    """--sampler and the diffusion sampler's --guidance / --sampling-steps (sample, evaluate, synthesize)."""
-    p.add_argument("--sampler", default="prior", help=SAMPLER_HELP)
+def add_sampler_options(p, help: str = SAMPLER_HELP) -> None:
+    """--sampler and the diffusion sampler's --guidance / --sampling-steps (sample, evaluate, synthesize,
+    interpolate)."""
+    p.add_argument("--sampler", default="prior", help=help)
     p.add_argument("--guidance", type=number(), default=0.0, metavar="W",
                    help="diffusion sampler, class-conditional run: classifier-free guidance w, "
                         "eps = eps_uncond + (1 + w)(eps_cond - eps_uncond) (default 0: the conditional model)")
@@ -67,7 +68,8 @@ def cmd_interpolate(args) -> int:
 
     out = api.interpolate_run(
         args.run, args.out, steps=args.steps, mode=args.mode, src=args.src, dst=args.dst,
-        seed=args.seed, device=args.device, label=args.label, force=args.force,
+        seed=args.seed, device=args.device, label=args.label, force=args.force, sampler=args.sampler,
+        guidance=args.guidance, sampling_steps=args.sampling_steps,
     )
     print(out)
     return 0
@@ -129,8 +131,8 @@ def add(sub) -> None:
     e.add_argument("--out", type=path_arg, required=True, help=".npz to write")
     e.set_defaults(func=cmd_encode)
 
-    i = sub.add_parser("interpolate", help="decode a latent path between two prior draws or two images",
-                       parents=[DEVICE, FORCE])
+    i = sub.add_parser("interpolate", help="decode a latent path between two draws (prior or fitted sampler) "
+                                           "or two images", parents=[DEVICE, FORCE])
     i.add_argument("run", type=path_arg)
     i.add_argument("--from", dest="src", type=path_arg, default=None, help="first image file")
     i.add_argument("--to", dest="dst", type=path_arg, default=None, help="second image file")
@@ -138,7 +140,9 @@ def add(sub) -> None:
     i.add_argument("--mode", default="linear", choices=("linear", "slerp"), help="linear or slerp")
     i.add_argument("--label", default=None, help="class name (conditional models)")
     i.add_argument("--out", type=path_arg, required=True, help="PNG or JPEG to write")
-    i.add_argument("--seed", type=seed, default=None)
+    i.add_argument("--seed", type=seed, default=None, help="seed of the two draws (default: the run's)")
+    add_sampler_options(i, help="the end points' source, without --from/--to: " + SAMPLER_HELP + "; a diffusion "
+                                "sampler's output latents are interpolated like any other")
     i.set_defaults(func=cmd_interpolate)
 
     r = sub.add_parser("reconstruct", help="images and their reconstructions (posterior mean) in a grid",

@@ -144,6 +144,26 @@ def interpolate(
 
 
 @torch.no_grad()
+def interpolate_sampled(
+    model, z0: torch.Tensor, z1: torch.Tensor, steps: int, mode: str = "linear", label: int | None = None,
+    generator: torch.Generator | None = None, precision: str = "auto",
+) -> torch.Tensor:
+    """Decode ``steps`` points between two latents a post-hoc sampler drew (the family's sampler latents,
+    models/family.py) through ``decode_sampler_latents``: float (steps, C, H, W) in [0, 1] on the CPU.
+    Each point is decoded alone with ``generator`` in the same state, so what a family draws on the way
+    (the finer groups of a hierarchy) is the same noise all along the path and only the latent moves."""
+    z = interpolate_latents(z0.float().cpu(), z1.float().cpu(), steps, mode)  # (steps, *z0.shape)
+    y = None if label is None else torch.tensor([int(label)])
+    state = None if generator is None else generator.get_state()
+    outs = []
+    for zi in z:
+        if state is not None:
+            generator.set_state(state)
+        outs.append(decode_sampled(model, zi[None], y, generator, precision=precision))
+    return torch.cat(outs)
+
+
+@torch.no_grad()
 def encode_mean(model, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """The deterministic encoding (posterior mean, or pre-quantisation latent) of images x (B, C, H, W)."""
     model.eval()

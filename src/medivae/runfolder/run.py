@@ -164,16 +164,17 @@ class Run:
             raise UserError(f"{self.folder}: its {self.checkpoint}/ checkpoint is gone")
         return sha
 
-    def latent_sampler(self, name: str) -> LatentSampler | DiffusionSampler | None:
-        """None for "prior"; else RUN/samplers/<name>.*, refused unless fitted to this checkpoint."""
+    def latent_sampler(self, name: str, command: str = "sample") -> LatentSampler | DiffusionSampler | None:
+        """None for "prior"; else RUN/samplers/<name>.*, refused unless fitted to this checkpoint.
+        ``command``: the command a refusal names (``medivae sample --sampler gmm: ...``)."""
         if name == "prior":
             return None
         if name not in KINDS:
             raise UserError(f"unknown sampler {name!r}; choose prior or one of {list(KINDS)}")
         if name == "diffusion":
-            require_sampler_latents(self.model, f"sample --sampler {name}")
+            require_sampler_latents(self.model, f"{command} --sampler {name}")
         else:
-            require(self.model, "gaussian_latent", f"sample --sampler {name}")
+            require(self.model, "gaussian_latent", f"{command} --sampler {name}")
         return load_sampler(self.folder / "samplers", name, self.checkpoint_sha256(), str(self.folder))
 
     def diffusion_prior(self, sampler: str | None = None) -> LatentDiffusion | None:

@@ -11,7 +11,8 @@ import torch
 
 from medivae.data import to_float
 from medivae.models.family import has, require
-from medivae.models.inference import encode_mean, interpolate, reconstruct
+from medivae.models.inference import encode_mean, interpolate, interpolate_sampled, reconstruct
+from medivae.models.samplers import check_options
 from medivae.runfolder.run import load_image, load_run
 from medivae.runtime.constants import MAX_GRID_IMAGES, MAX_SAMPLES
 from medivae.runtime.errors import UserError
@@ -56,28 +57,53 @@ def sample_run(run_dir, n: int, out: Path, seed: int | None = None, label: str |
 
 def interpolate_run(
     run_dir, out, steps: int = 8, mode: str = "linear", src=None, dst=None, seed=None, device="auto",
-    label: str | None = None,
+    label: str | None = None, sampler: str = "prior", guidance: float = 0.0, sampling_steps: int | None = None,
 ) -> Path:
     """A PNG of ``steps`` images along a latent path: between the posterior means of two images (``src``,
-    ``dst``) or two prior draws; ``mode`` linear or slerp (Gaussian latents)."""
+    ``dst``) or the two draws of :func:`path_ends` (the prior, or a post-hoc ``sampler`` fitted with
+    ``medivae fit-sampler``: "gmm", "flow", "diffusion", whose ``guidance`` and ``sampling_steps`` apply);
+    ``mode`` linear or slerp (Gaussian latents)."""
+    if (src is None) != (dst is None):
+        raise UserError("give both --from and --to, or neither (then two prior draws are used)")
+    if src is not None and sampler != "prior":
+        raise UserError(f"--sampler {sampler} draws the end points, which --from/--to make the two images' "
+                        "encodings: give one or the other")
     run = load_run(run_dir, device=device)
     model, cfg, dev = run.model, run.config, run.device
     require(model, "latent", "interpolate")
     if mode == "slerp":
         require(model, "gaussian_latent", "interpolate --mode slerp")
-    if (src is None) != (dst is None):
-        raise UserError("give both --from and --to, or neither (then two prior draws are used)")
+    check_options(sampler, guidance, sampling_steps, has(model, "conditional"))
+    if src is None and sampler == "prior":
+        require(model, "sample", "interpolate (between prior draws; give --from and --to, or --sampler, instead)")
+    latent = run.latent_sampler(sampler, "interpolate")  # refused here unless fitted to these weights
     k = run.label_index(label)
     if has(model, "conditional") and k is None:
         raise UserError(f"this run is conditional: pass --label, one of {list(cfg.label_names)}")
-    y = None if k is None else torch.tensor([k], device=dev)
     if src is not None:
+        y = None if k is None else torch.tensor([k], device=dev)
         z0 = encode_mean(model, load_image(src, cfg).to(dev), y)[0]
         z1 = encode_mean(model, load_image(dst, cfg).to(dev), y)[0]
-    else:
-        require(model, "sample", "interpolate (between prior draws; give --from and --to instead)")
-        z0, z1 = model.prior_latents(2, torch_generator(cfg.train.seed if seed is None else seed, "interpolate"))
-    return save_grid(interpolate(model, z0, z1, steps, mode, dev, k), out, nrow=steps)
+        return save_grid(interpolate(model, z0, z1, steps, mode, dev, k), out, nrow=steps)
+    z0, z1 = path_ends(run, latent, seed, k, guidance, sampling_steps)
+    if latent is None:
+        return save_grid(interpolate(model, z0, z1, steps, mode, dev, k), out, nrow=steps)
+    g = torch_generator(cfg.train.seed if seed is None else seed, "interpolate-decode")
+    return save_grid(interpolate_sampled(model, z0, z1, steps, mode, k, g), out, nrow=steps)
+
+
+def path_ends(run, latent=None, seed: int | None = None, label: int | None = None, guidance: float = 0.0,
+              sampling_steps: int | None = None) -> torch.Tensor:
+    """The two draws (2, ...) an interpolation runs between, seeded by ``seed`` (None: the run's): from the
+    family's prior (``latent`` None: latents ``decode`` takes), or from a post-hoc sampler
+    (:meth:`Run.latent_sampler`: the family's sampler latents; a diffusion sampler's are its DDIM outputs) of
+    class ``label`` for a conditional run."""
+    g = torch_generator(run.config.train.seed if seed is None else seed, "interpolate")
+    if latent is None:
+        return run.model.prior_latents(2, g)
+    y = None if label is None else torch.full((2,), int(label), dtype=torch.long)
+    with torch.no_grad():
+        return latent.sample(2, g, y, guidance=guidance, steps=sampling_steps, precision="auto", device=run.device)
 
 
 def reconstruct_run(run_dir, data: str | None, out, split: str = "test", n: int = 16, device="auto") -> Path:
