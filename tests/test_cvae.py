@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from medivae.cli import main
 from medivae.models import REGISTRY, build_model, model_config
 from medivae.models.conv_vae import ConvVAE as CVAE
 from medivae.models.losses import neg_elbo
+from medivae.workflows.generate import path_ends
 
 from tiny import tiny_model, tiny_run
 
@@ -145,6 +147,26 @@ def test_interpolate_on_a_conditional_run_needs_a_label(cvae_run, tmp_path, caps
     assert main(["interpolate", str(cvae_run), "--out", str(tmp_path / "i.png")]) == 2
     assert "--label" in capsys.readouterr().err
     assert main(["interpolate", str(cvae_run), "--label", "lesion", "--out", str(tmp_path / "i.png")]) == 0
+
+
+def test_interpolate_between_draws_of_a_per_class_sampler(cvae_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(cvae_run, run)
+    assert main(["fit-sampler", str(run), "--sampler", "gmm", "--max-components", "2", "--device", "cpu",
+                 "--no-progress"]) == 0
+    assert main(["interpolate", str(run), "--sampler", "gmm", "--out", str(tmp_path / "i.png")]) == 2
+    assert "--label" in capsys.readouterr().err and not (tmp_path / "i.png").exists()
+    out = tmp_path / "lesion.png"
+    assert main(["interpolate", str(run), "--sampler", "gmm", "--label", "lesion", "--seed", "3", "--steps", "3",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    opened = api.load_run(run, device="cpu")
+    gmm = opened.latent_sampler("gmm")
+    ends = path_ends(opened, gmm, seed=3, label=1)  # drawn from the lesion class's mixture
+    assert not torch.allclose(ends, path_ends(opened, gmm, seed=3, label=0))
+    img = np.asarray(Image.open(out)).astype(float)
+    assert img.shape == (34 + 2, 3 * 34 + 2)
+    want = np.round(opened.decode(ends, label="lesion")[:, 0].numpy() * 255)  # decoded as the lesion class
+    assert np.abs(img[2:34, 2:34] - want[0]).max() <= 1 and np.abs(img[2:34, -34:-2] - want[1]).max() <= 1
 
 
 def test_traverse_on_a_conditional_run(cvae_run, tmp_path):
