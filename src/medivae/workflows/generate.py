@@ -74,10 +74,10 @@ def interpolate_run(
     if mode == "slerp":
         require(model, "gaussian_latent", "interpolate --mode slerp")
     check_options(sampler, guidance, sampling_steps, has(model, "conditional"))
+    k = run.label_index(label)
     if src is None and sampler == "prior":
         require(model, "sample", "interpolate (between prior draws; give --from and --to, or --sampler, instead)")
     latent = run.latent_sampler(sampler, "interpolate")  # refused here unless fitted to these weights
-    k = run.label_index(label)
     if has(model, "conditional") and k is None:
         raise UserError(f"this run is conditional: pass --label, one of {list(cfg.label_names)}")
     if src is not None:
