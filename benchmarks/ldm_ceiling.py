@@ -68,7 +68,7 @@ def score(data: str, run_dir: Path, reference_epochs: int) -> dict:
 
 
 def table(result: dict) -> str:
-    head = ["data", "run", "row", *SAMPLE_METRICS, "PSNR dB", "commit"]
+    head = ["data", "run", "seed", "row", *SAMPLE_METRICS, "PSNR dB", "commit"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for data, recs in result.get("records", {}).items():
         for i, (name, rec) in enumerate(sorted(recs.items())):
@@ -78,7 +78,8 @@ def table(result: dict) -> str:
                 label = "real validation images" if row == "floor" else name
                 cells = [f"{m[k]:.3g}" if k in m else "–" for k in SAMPLE_METRICS]
                 psnr = f"{m['psnr_db']:.2f}" if "psnr_db" in m else "–"
-                cells = [data, label, row, *cells, psnr, rec["commit"][:7]]
+                seed = "–" if row == "floor" else str(rec["train"]["seed"])
+                cells = [data, label, seed, row, *cells, psnr, rec["commit"][:7]]
                 lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
