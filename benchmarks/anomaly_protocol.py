@@ -33,6 +33,24 @@ def _medivae(*argv) -> list[str]:
     return ["medivae", *map(str, argv)]
 
 
+FIT_RECORD = "protocol_fit.json"  # in RUN: what fitted the run (commit, data, normal label, seed, fit arguments)
+SCORE_RECORD = "anomaly/protocol_score.json"  # in RUN: the commit and bootstrap of its scores.csv
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_reuse(run: Path, wanted: dict) -> None:
+    """Stop unless the run in ``run`` was fitted by this protocol at the commit under test, on the same data,
+    normal label, seed and fit arguments: the JSON states this call's commit and arguments, so a run fitted by
+    other code or with other arguments must not stand in for them."""
+    had = read_json(run / FIT_RECORD)
+    if had != wanted:
+        raise SystemExit(f"{run} was fitted with {had or 'nothing recorded'}, not {wanted}: use another --runs "
+                         "(or remove that run)")
+
+
 def read_scores(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
     with open(path) as f:
         rows = list(csv.DictReader(f))
@@ -182,9 +200,10 @@ def markdown(result: dict) -> str:
             e = sm[key]
             lines.append(f"| {label} | {e['auroc']:.3f} | {union([e['ci95']['auroc']])} | {e['auprc']:.3f} | |")
     for n, m in sm["trivial_baselines_mean_min_max"].items():
-        b = next(iter(seeds.values()))["trivial_baselines"][n]
-        lines.append(f"| baseline: {n} ({b['direction']} = anomalous; no model) | {m['auroc'][0]:.3f} | "
-                     f"{union([b['ci95']['auroc']])} | {m['auprc'][0]:.3f} | |")
+        b = [s["trivial_baselines"][n] for s in seeds.values()]  # every seed's: its direction is fixed per run
+        direction = " or ".join(sorted({x["direction"] for x in b}))
+        lines.append(f"| baseline: {n} ({direction} = anomalous; no model) | {fmt(m['auroc'])} | "
+                     f"{union([x['ci95']['auroc'] for x in b])} | {fmt(m['auprc'])} | |")
     loc = [s["localisation"] for s in seeds.values()]
     for where, maps_key, base_key in (("phantom lesions (known masks)", ("phantoms", "maps"), ("phantoms", "baseline")),
                                       ("foreign-patch anomalies of validation normals", ("synthetic",),
@@ -240,6 +259,8 @@ def kind_markdown(seeds: dict) -> list[str]:
 
 
 def main(argv=None) -> int:
+    from medivae.runtime.io import atomic_write_text
+
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
@@ -263,19 +284,25 @@ def main(argv=None) -> int:
     if args.ensemble:
         r = {**family_ensemble(args.ensemble, args.bootstrap), "commit": git_commit()}
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(r, indent=2, default=float) + "\n")
+        atomic_write_text(args.out, json.dumps(r, indent=2, default=float) + "\n")
         print(ensemble_markdown(r))
         return 0
     if not (args.data and args.normal_label and args.runs):
         p.error("--data, --normal-label and --runs are required to run the protocol")
-    commands, seeds = [], {}
+    commands, seeds, commit = [], {}, git_commit()
     for seed in args.seeds:
         run = args.runs / f"seed{seed}"
+        fitted = {"commit": commit, "data": args.data, "normal_label": args.normal_label, "seed": seed,
+                  "fit_args": extra}
         if not (run / "results.json").exists():
             commands.append(_medivae("anomaly", "fit", "--data", args.data, "--normal-label", args.normal_label,
                                      "--out", run, "--seed", seed, "--no-progress", *extra))
-        if args.rescore or not (run / "anomaly" / "scores.csv").exists():
+            atomic_write_text(run / FIT_RECORD, json.dumps(fitted, indent=2) + "\n")
+        check_reuse(run, fitted)
+        scored = {"commit": commit, "bootstrap": args.bootstrap}
+        if args.rescore or not (run / "anomaly" / "scores.csv").exists() or read_json(run / SCORE_RECORD) != scored:
             commands.append(_medivae("anomaly", "score", run, "--bootstrap", args.bootstrap, "--no-progress"))
+            atomic_write_text(run / SCORE_RECORD, json.dumps(scored, indent=2) + "\n")
         seeds[seed] = seed_summary(json.loads((run / "results.json").read_text())["anomaly"])
     from medivae.evaluation.anomaly.detection import detection_metrics
     from medivae.evaluation.bootstrap import detection_ci
@@ -296,11 +323,11 @@ def main(argv=None) -> int:
                                                 "definition": f"mean over seeds of the default score {d!r}"}
     summary["validation_check"] = {s_: val_check(args.runs / f"seed{s_}", args.data, args.normal_label, s_)
                                    for s_ in args.seeds}
-    result = {"data": args.data, "normal_label": args.normal_label, "commit": git_commit(), "runs": str(args.runs),
+    result = {"data": args.data, "normal_label": args.normal_label, "commit": commit, "runs": str(args.runs),
               "commands": [" ".join(c) for c in commands] or "runs existed; see README for the commands",
               "fit_args": extra, "seeds": seeds, "summary": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    atomic_write_text(args.out, json.dumps(result, indent=2, default=float) + "\n")
     print(json.dumps(summary, indent=2, default=float))
     return 0
 

@@ -7,12 +7,16 @@ import ``common`` directly.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +41,28 @@ def git_commit() -> str:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
         return ""
+
+
+@contextlib.contextmanager
+def json_lock(path: Path) -> Iterator[None]:
+    """Hold the lock of result file ``path`` (a sidecar in the temporary folder, one per file name: calls that
+    write one JSON file side by side take turns; the folder of results gets no lock files)."""
+    with open(Path(tempfile.gettempdir()) / f"medivae_{Path(path).stem}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def update_json(path: Path, update: Callable[[dict], dict], empty: dict) -> dict:
+    """Read result file ``path`` (``empty`` when absent), apply ``update`` and write it back atomically, all
+    under :func:`json_lock`: a benchmark running beside this one cannot lose the record it adds meanwhile."""
+    from medivae.runtime.io import atomic_write_text
+
+    path = Path(path)
+    with json_lock(path):
+        result = update(json.loads(path.read_text()) if path.exists() else empty)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(result, indent=2, sort_keys=True, default=float) + "\n")
+    return result
 
 
 def trained_epochs(out: Path) -> int:

@@ -31,21 +31,19 @@ HeadCT at 64 px (one class of the MedNIST archive, split by medivae).
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import resource
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-from common import DATA, SEED0, git_commit, trained_epochs  # noqa: E402  (benchmarks/ is on sys.path)
+from common import DATA, SEED0, git_commit, trained_epochs, update_json  # noqa: E402  (benchmarks/ is on sys.path)
 
 DL = ["--likelihood", "discretized_logistic"]
 ARMS = {  # name -> medivae train model arguments: the family's defaults (and the likelihood a claim needs)
@@ -65,8 +63,13 @@ CLAIMS = [
 ]
 
 
-def train(arm: str, data: str, seed: int, out: Path, extra: list[str]) -> dict:
-    """Train one arm (or finish an interrupted run); its arguments, CPU and wall seconds, load average."""
+def train(arm: str, data: str, seed: int, out: Path, extra: list[str], commit: str) -> dict:
+    """Train one arm (or finish an interrupted run): its commit, arguments, CPU and wall seconds, load average.
+    A finished run keeps that record in out/defaults_train.json, so measuring it again (on another split, into
+    another --out) reports its training, not the seconds of a ``--resume`` that had nothing left to do."""
+    saved = Path(out) / "defaults_train.json"
+    if finished(out) and saved.exists():
+        return json.loads(saved.read_text())
     args = [*DATA[data], *ARMS[arm], "--seed", str(seed), "--out", str(out), "--no-progress", *extra]
     if trained_epochs(out) > 0:
         args.append("--resume")
@@ -74,9 +77,15 @@ def train(arm: str, data: str, seed: int, out: Path, extra: list[str]) -> dict:
     subprocess.run([sys.executable, "-m", "medivae", "train", *args], check=True, stdout=subprocess.DEVNULL)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"train_args": shlex.join(args), "cpu_seconds": round(cpu, 1),
-            "wall_seconds": round(time.perf_counter() - start, 1),
-            "load_average_before": round(load0[0], 2), "load_average_after": round(os.getloadavg()[0], 2)}
+    rec = {"commit": commit, "seed": seed, "run": str(out), "train_args": shlex.join(args),
+           "cpu_seconds": round(cpu, 1), "wall_seconds": round(time.perf_counter() - start, 1),
+           "load_average_before": round(load0[0], 2), "load_average_after": round(os.getloadavg()[0], 2)}
+    saved.write_text(json.dumps(rec, indent=2) + "\n")
+    return rec
+
+
+TRAIN_KEYS = ("commit", "commit_note", "seed", "run", "train_args", "cpu_seconds", "wall_seconds",
+              "load_average_before", "load_average_after")
 
 
 def finished(run_dir: Path) -> bool:
@@ -110,6 +119,7 @@ def measure(run_dir: Path, split: str, iwae_k: int, n_samples: int) -> dict:
     if has(model, "sample"):
         fake = (run.sample(n_samples, seed=run.config.train.seed, precision="fp32") * 255).round().numpy()
         out["hf_power_ratio"] = hf_power_ratio(fake.astype(np.uint8), s.images)
+        out["n_samples"] = n_samples  # the prior samples behind hf_power_ratio (the ratio depends on the draw)
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     best = json.loads((Path(run_dir) / "best" / "state.json").read_text())
     out.update({"epochs": rows[-1]["epoch"], "best_epoch": best.get("best_epoch"),
@@ -121,10 +131,14 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"records": {}}
 
 
-def save(path: Path, result: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+def add_record(path: Path, data: str, split: str, name: str, seed: int, record: dict) -> dict:
+    """Add (or replace) one record under the file's lock (calls may run side by side), written atomically."""
+
+    def add(result: dict) -> dict:
+        result["records"].setdefault(data, {}).setdefault(split, {}).setdefault(name, {})[str(seed)] = record
+        return result
+
+    return update_json(path, add, {"records": {}})
 
 
 def paired(records: dict, data: str, split: str, arm: str, base: str, metric: str, how: str):
@@ -231,20 +245,14 @@ def main(argv=None) -> int:
         # one folder per code version: a finished run is measured again on another split, never reused by
         # code whose defaults may differ
         out = args.work / f"{args.data}_{name.replace(' ', '_')}_{args.seed_index}_{commit[:7]}"
-        result = load(args.out)
-        result["records"].setdefault(args.data, {})
-        done = [r for split in result["records"][args.data].values() for r in split.get(name, {}).values()
-                if r["seed"] == seed and r.get("run") == str(out) and finished(out)]
-        # a finished run measured on another split keeps its training record (commit, CPU seconds)
-        record = dict(done[0]) if done else {"commit": commit, "seed": seed, "run": str(out),
-                                             **train(arm, args.data, seed, out, extra)}
-        record.update(measure(out, args.split, args.iwae_k, args.n_samples))
-        with open(Path(tempfile.gettempdir()) / "medivae_defaults.lock", "w") as lock:  # calls may run side by side
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            result = load(args.out)  # again: another call may have added a record meanwhile
-            result["records"].setdefault(args.data, {}).setdefault(args.split, {}).setdefault(name, {})[
-                str(seed)] = record
-            save(args.out, result)
+        done = [r for split in load(args.out)["records"].get(args.data, {}).values()
+                for r in split.get(name, {}).values() if r["seed"] == seed and r.get("run") == str(out)]
+        # a finished run measured on another split keeps its training record (commit, CPU seconds): from the run
+        # folder, or from the other split's record when the run predates out/defaults_train.json
+        trained = train(arm, args.data, seed, out, extra, commit) if not (done and finished(out)) else {
+            k: done[0][k] for k in TRAIN_KEYS if k in done[0]}
+        record = {**trained, **measure(out, args.split, args.iwae_k, args.n_samples)}
+        add_record(args.out, args.data, args.split, name, seed, record)
         print(args.data, args.split, name, seed, json.dumps(record), flush=True)
     return 0
 

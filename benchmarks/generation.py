@@ -32,12 +32,10 @@ seconds and the load average before and after (a busy machine slows a run, not i
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import json
 import shlex
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +53,7 @@ from common import (
     privacy,
     sample_quality,
     trained_epochs,
+    update_json,
 )
 
 GUIDANCE = 1.0  # classifier-free guidance w of the cvae's diffusion sampler (the ldm's own default)
@@ -112,9 +111,17 @@ def train(arm: str, data: str, seed: int, run: Path, extra: list[str]) -> dict:
     return rec
 
 
+def sampler_args(sampler: str, fit_args: list[str]) -> list[str]:
+    """The ``fit-sampler`` arguments of one sampler: ``--fit-args`` are the diffusion sampler's."""
+    return [str(a) for a in fit_args] if sampler == "diffusion" else []
+
+
 def fit(run: Path, sampler: str, fit_args: list[str]) -> dict:
+    """Fit one post-hoc sampler: the command's record, with the arguments it was fitted with (a reused run
+    keeps a fitted sampler only when this call asks for the same ones)."""
     quiet = ["--no-progress"] if sampler == "diffusion" else []  # the only fit with a progress bar
-    return medivae("fit-sampler", run, "--sampler", sampler, *(fit_args if sampler == "diffusion" else []), *quiet)
+    args = sampler_args(sampler, fit_args)
+    return {**medivae("fit-sampler", run, "--sampler", sampler, *args, *quiet), "args": shlex.join(args)}
 
 
 # --- measuring one row ---------------------------------------------------------------------------------------
@@ -194,7 +201,9 @@ def model_arm(args, run: Path, extra: list[str]) -> dict:
     rows = {}
     for row in args.rows:
         sampler, guidance = ARMS[args.arm].rows[row]
-        if sampler != "prior" and sampler not in rec["fit_sampler"]:
+        done = rec["fit_sampler"].get(sampler, {})
+        if sampler != "prior" and done.get("args") != shlex.join(sampler_args(sampler, args.fit_args)):
+            # not fitted yet, or fitted with other --fit-args (a record without "args" predates them): fit again
             rec["fit_sampler"][sampler] = fit(run, sampler, args.fit_args)
             (run / "generation_train.json").write_text(json.dumps(rec, indent=2) + "\n")
         rows[row] = measure_row(run, row, sampler, guidance, run.parent / f"{run.name}_out", args)
@@ -252,18 +261,15 @@ def load(path: Path) -> dict:
 
 def add_record(path: Path, data: str, arm: str, seed: int, record: dict) -> dict:
     """Add (or replace) one record under a lock (calls may run side by side), written atomically."""
-    from medivae.runtime.io import atomic_write_text
 
-    with open(Path(tempfile.gettempdir()) / "medivae_generation.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        result = load(path)  # read under the lock: another call may have added a record meanwhile
+    def add(result: dict) -> dict:
         result["records"].setdefault(data, {}).setdefault(arm, {})[str(seed)] = record
         result["commit"] = record["commit"]  # the newest record's (the results index shows it)
         result["command"] = ("python benchmarks/generation.py --data DATA --arm ARM --seed-index I "
                              "(one record per call; each record holds its own command and commit)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
-    return result
+        return result
+
+    return update_json(path, add, {"benchmark": "generation", "records": {}})
 
 
 # --- the table ---------------------------------------------------------------------------------------------------

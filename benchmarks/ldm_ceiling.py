@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import DATA, ROOT, SAMPLE_METRICS, git_commit, load_average
+from common import DATA, ROOT, SAMPLE_METRICS, git_commit, load_average, update_json
 
 N_REFERENCE = 1000
 
@@ -93,9 +93,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ldm_ceiling.json")
     p.add_argument("--table", action="store_true", help="print the table of --out and stop")
     args = p.parse_args(argv)
-    result = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "ldm_ceiling", "records": {}}
+    empty = {"benchmark": "ldm_ceiling", "records": {}}
     if args.table:
-        print(table(result))
+        print(table(json.loads(args.out.read_text()) if args.out.exists() else empty))
         return 0
     if not (args.run and args.name):
         p.error("--run and --name are needed (or --table)")
@@ -108,10 +108,12 @@ def main(argv=None) -> int:
                command="python benchmarks/ldm_ceiling.py " + " ".join(sys.argv[1:] if argv is None else argv),
                seconds=round(time.perf_counter() - start, 1), cpu_seconds=round(time.process_time() - cpu, 1),
                load_average_before=load, load_average_after=load_average())
-    result["records"].setdefault(args.data, {})[args.name] = rec
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    tmp.replace(args.out)
+
+    def add(result: dict) -> dict:  # the file as it is now: a call beside this one may have added a record
+        result["records"].setdefault(args.data, {})[args.name] = rec
+        return result
+
+    update_json(args.out, add, empty)
     print(table({"records": {args.data: {args.name: rec}}}))
     return 0
 

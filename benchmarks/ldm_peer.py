@@ -42,7 +42,7 @@ from pathlib import Path
 
 import monai_ldm  # benchmarks/ is on sys.path (the scripts run as files)
 import numpy as np
-from common import ROOT, git_commit, load_average, medivae, trained_epochs
+from common import ROOT, git_commit, load_average, medivae, trained_epochs, update_json
 
 SHARED = next((d / "shared" for d in ROOT.parents if (d / "shared" / "data").is_dir()), ROOT.parent / "shared")
 MEDNIST = SHARED / "data" / "mednist" / "MedNIST.tar.gz"  # ../shared beside the checkout (or a worktree's folder)
@@ -75,7 +75,8 @@ def pilot(recipe: str, args) -> dict[str, float]:
         else ["--epochs", 2]
     if trained_epochs(out) < stages[1]:
         medivae("train", "--data", f"phantoms:{args.pilot_images}", "--image-size", args.image_size,
-                *model_args(recipe, args), *stages, "--seed", args.seed, "--threads", args.threads, "--out", out,
+                *model_args(recipe, args), *stages, "--seed", args.seed, "--threads", args.threads,
+                "--precision", args.precision, "--out", out,
                 "--no-progress", "--no-cache")
     n = round(args.pilot_images * 0.8)  # phantoms are split 80 / 10 / 10
     s = [x / n for x in epoch_seconds(out)]
@@ -106,16 +107,26 @@ def given_plan(recipe: str, text: str) -> dict:
     return {"epochs": int(v[0]), "sampler_seconds": v[1] if len(v) > 1 else None}
 
 
+def arm_settings(args) -> dict:
+    """What decides the medivae arm's run besides the seed (its folder's) and the commit: a run in --work is
+    reused only when every one of these is what this call asks for."""
+    return {"recipe": args.medivae, "data": str(args.data), "labels": list(args.labels),
+            "image_size": args.image_size, "seconds": args.seconds, "medivae_epochs": args.medivae_epochs,
+            "ae_share": args.ae_share, "sampling_steps": args.sampling_steps, "precision": args.precision,
+            "pilot_images": args.pilot_images}
+
+
 def train_medivae(recipe: str, run: Path, args) -> dict:
     """Train (or reuse a finished) medivae run with the planned epochs: its record, training seconds included."""
     info_file = run.parent / "medivae_arm.json"
-    if info_file.exists():  # reused only when trained to its plan by the code under test (its commit)
+    if info_file.exists():  # reused only when trained to its plan by the code under test, with these settings
         info = json.loads(info_file.read_text())
-        if info.get("commit") == args.commit and trained_epochs(run) == info["plan"]["epochs"]:
+        same = info.get("commit") == args.commit and info.get("settings") == arm_settings(args)
+        if same and trained_epochs(run) == info["plan"]["epochs"]:
             return info
-        if info.get("commit") != args.commit and run.exists():
-            raise SystemExit(f"{run} was trained at commit {info.get('commit')}, not {args.commit}: "
-                             "use another --work (or remove it)")
+        if not same and run.exists():
+            raise SystemExit(f"{run} was trained at commit {info.get('commit')} with {info.get('settings')}, not at "
+                             f"{args.commit} with {arm_settings(args)}: use another --work (or remove it)")
     if args.medivae_epochs:
         per_image, p = None, given_plan(recipe, args.medivae_epochs)
     else:
@@ -125,10 +136,11 @@ def train_medivae(recipe: str, run: Path, args) -> dict:
         if recipe == "ldm" else []
     cmd = ["train", "--data", args.data, "--image-size", args.image_size, *args.labels_args,
            *model_args(recipe, args), *extra, "--epochs", p["epochs"], "--seed", args.seed,
-           "--threads", args.threads, "--out", run, "--no-progress"]
+           "--threads", args.threads, "--precision", args.precision, "--out", run, "--no-progress"]
     train = medivae(*cmd, *(["--resume"] if trained_epochs(run) else []))
     seconds = epoch_seconds(run)
-    rec = {"recipe": recipe, "commit": args.commit, "run": str(run), "pilot_seconds_per_image": per_image, "plan": p,
+    rec = {"recipe": recipe, "commit": args.commit, "settings": arm_settings(args), "threads": args.threads,
+           "run": str(run), "pilot_seconds_per_image": per_image, "plan": p,
            "train": train, "epoch_seconds": [round(s, 2) for s in seconds], "train_seconds": round(sum(seconds), 2),
            "sampler": "prior" if recipe == "ldm" else recipe.split("+")[1]}
     if rec["sampler"] != "prior":
@@ -155,6 +167,12 @@ def sample_medivae(r, sampler: str, n: int, labels) -> tuple[np.ndarray, dict]:
 
 
 # --- the MONAI arm --------------------------------------------------------------------------------------------
+def monai_settings(args) -> dict:
+    """What decides the MONAI arm's samples besides the seed, size, budget and count: a saved sample file is
+    reused only when these are what this call asks for."""
+    return {"sampling_steps": args.sampling_steps, "ae_share": args.ae_share, "precision": args.precision}
+
+
 def monai_arm(train_images: np.ndarray, seconds: float, n: int, args) -> tuple[np.ndarray, dict]:
     """MONAI's pipeline for ``seconds`` (reused from --work when this seed, size and budget already ran)."""
     import torch
@@ -166,13 +184,14 @@ def monai_arm(train_images: np.ndarray, seconds: float, n: int, args) -> tuple[n
         saved = np.load(path, allow_pickle=False)
         rec = json.loads(str(saved["record"]))
         if rec["budget_seconds"] == round(seconds, 2) and len(saved["samples"]) == n \
-                and rec.get("commit") == args.commit:
+                and rec.get("commit") == args.commit and rec.get("settings") == monai_settings(args):
             return saved["samples"], rec
     dtype = autocast_dtype(torch.device("cpu"), args.precision)
     load = load_average()
     samples, rec = monai_ldm.train_and_sample(train_images, seconds, n, args.seed, args.monai_size,
                                               args.sampling_steps, dtype, args.ae_share)
-    rec = {"budget_seconds": round(seconds, 2), "commit": args.commit, "load_before": load,
+    rec = {"budget_seconds": round(seconds, 2), "commit": args.commit, "settings": monai_settings(args),
+           "threads": args.threads, "load_before": load,
            "load_after": load_average(), **rec}
     np.savez(path, samples=samples, record=json.dumps(rec))
     return samples, rec
@@ -313,16 +332,16 @@ def markdown(result: dict) -> str:
 
 
 def write(out: Path, record: dict) -> dict:
-    from medivae.runtime.io import atomic_write_text
+    """Add (or replace) one seed's record under the file's lock (seeds may run side by side), atomically."""
 
-    result = json.loads(out.read_text()) if out.exists() else {"benchmark": "ldm_peer", "runs": {}}
-    result["runs"][str(record["seed"])] = record
-    # what the documentation's results index shows of a file: the last run's commit, every seed's command
-    result["commit"], result["commands"] = record["commit"], {k: r["command"] for k, r in result["runs"].items()}
-    result["summary"] = summary(result["runs"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
-    return result
+    def add(result: dict) -> dict:
+        result["runs"][str(record["seed"])] = record
+        # what the documentation's results index shows of a file: the last run's commit, every seed's command
+        result["commit"], result["commands"] = record["commit"], {k: r["command"] for k, r in result["runs"].items()}
+        result["summary"] = summary(result["runs"])
+        return result
+
+    return update_json(out, add, {"benchmark": "ldm_peer", "runs": {}})
 
 
 def parse(argv) -> argparse.Namespace:
