@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import resource
@@ -35,12 +36,35 @@ SEED0 = 1767661200070  # the article's seed (medivae's default); seed i of a sta
 SAMPLE_METRICS = ("fd", "precision", "recall", "density", "coverage", "hf_power_ratio")  # hf: generated over real
 
 
-def git_commit() -> str:
-    """HEAD of the checkout the benchmark runs from ("" outside git)."""
+CODE = ("src", "benchmarks", ":(exclude)benchmarks/results")  # the code that makes the numbers (not the numbers)
+
+
+def git_commit(root: Path = ROOT) -> str:
+    """HEAD of the checkout the benchmark runs from ("" outside git), with ``+dirty.<8 hex digits>`` (a hash of the
+    uncommitted changes) when ``src/`` or ``benchmarks/`` differ from it: a record never names a commit whose
+    code did not make it, and work folders kept per commit are not shared by different edits."""
+    def git(*args) -> bytes:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True).stdout
+
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        head = git("rev-parse", "HEAD").decode().strip()
+        if not head:
+            return ""
+        changes = hashlib.sha1(git("diff", "HEAD", "--", *CODE))
+        for name in sorted(git("ls-files", "--others", "--exclude-standard", "-z", "--", *CODE).split(b"\0")):
+            if name:  # a new file not yet committed is a change too
+                changes.update(name + b"\0" + (Path(root) / name.decode()).read_bytes())
     except OSError:
         return ""
+    clean = changes.hexdigest() == hashlib.sha1(b"").hexdigest()
+    return head if clean else f"{head}+dirty.{changes.hexdigest()[:8]}"
+
+
+def commit_key(commit: str) -> str:
+    """The short name of a commit (7 hex digits, and ``+dirty.<hash>`` when the code had uncommitted changes),
+    as work folders and tables show it."""
+    head, plus, dirty = commit.partition("+")
+    return head[:7] + plus + dirty
 
 
 @contextlib.contextmanager

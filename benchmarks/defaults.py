@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-from common import DATA, SEED0, git_commit, trained_epochs, update_json  # noqa: E402  (benchmarks/ is on sys.path)
+from common import DATA, SEED0, commit_key, git_commit, trained_epochs, update_json  # noqa: E402  (benchmarks/ is on sys.path)
 
 DL = ["--likelihood", "discretized_logistic"]
 ARMS = {  # name -> medivae train model arguments: the family's defaults (and the likelihood a claim needs)
@@ -193,7 +193,7 @@ def table(result: dict, split: str) -> str:
                 continue  # bounds at different K do not compare
             ci = t_interval(gain)
             cell = f"{gain.mean():+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
-            commits = {recs[data][split][a][s]["commit"][:7] for a in (arm, base) for s in seeds}
+            commits = {commit_key(recs[data][split][a][s]["commit"]) for a in (arm, base) for s in seeds}
             rows.append(f"| {data} | {arm} {metric} ({how} is better) | {fa.mean():.3f} | {fb.mean():.3f} ({base}) | "
                         f"{cell} | {len(seeds)} | {verdict(gain)} | {', '.join(sorted(commits))} |")
     return "\n".join(rows)
@@ -213,7 +213,8 @@ def runs_table(result: dict, split: str) -> str:
                 bpd = f"{num(r.get('neg_iwae_bpd'))} ({r.get('iwae_k')})" if r.get("neg_iwae_bpd") else "–"
                 rows.append(f"| {data} | {arm} | {seed} | {num(r['psnr_db'], 2)} | {bpd} | "
                             f"{num(r.get('hf_power_ratio'))} | {r['best_epoch']} | {r['cpu_seconds']:.0f} | "
-                            f"{r['load_average_before']:.1f}–{r['load_average_after']:.1f} | {r['commit'][:7]} |")
+                            f"{r['load_average_before']:.1f}–{r['load_average_after']:.1f} | "
+                            f"{commit_key(r['commit'])} |")
     return "\n".join(rows)
 
 
@@ -244,7 +245,7 @@ def main(argv=None) -> int:
         name = f"{arm}+{args.train_args}" if extra else arm
         # one folder per code version: a finished run is measured again on another split, never reused by
         # code whose defaults may differ
-        out = args.work / f"{args.data}_{name.replace(' ', '_')}_{args.seed_index}_{commit[:7]}"
+        out = args.work / f"{args.data}_{name.replace(' ', '_')}_{args.seed_index}_{commit_key(commit)}"
         done = [r for split in load(args.out)["records"].get(args.data, {}).values()
                 for r in split.get(name, {}).values() if r["seed"] == seed and r.get("run") == str(out)]
         # a finished run measured on another split keeps its training record (commit, CPU seconds): from the run

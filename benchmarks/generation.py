@@ -47,6 +47,7 @@ from common import (
     SAMPLE_METRICS,
     SEED0,
     children_cpu,
+    commit_key,
     git_commit,
     load_average,
     medivae,
@@ -358,7 +359,7 @@ def table_rows(records: dict) -> list[tuple[str, str, list[dict], list[str]]]:
                 got = [r for r in recs if row in r["rows"]]
                 if got:
                     out.append((data, label + suffix, [r["rows"][row] for r in got],
-                                sorted({r["commit"][:7] for r in got})))
+                                sorted({commit_key(r["commit"]) for r in got})))
     return out
 
 
@@ -461,7 +462,7 @@ def main(argv=None) -> int:
     name = f"{args.arm}+{args.train_args}" if extra else args.arm
     commit = args.commit or git_commit()
     # one run folder per code version: a finished run is measured again, never reused by other code
-    run = args.work / f"{args.data}_{name.replace(' ', '_')}_{args.seed_index}_{commit[:7]}" / "run"
+    run = args.work / f"{args.data}_{name.replace(' ', '_')}_{args.seed_index}_{commit_key(commit)}" / "run"
     run.parent.mkdir(parents=True, exist_ok=True)
     cpu0, own0, load0, start = children_cpu(), time.process_time(), load_average(), time.perf_counter()
     measured = real_arm(args) if args.arm == "real" else model_arm(args, run, extra)

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import DATA, ROOT, SAMPLE_METRICS, git_commit, load_average, update_json
+from common import DATA, ROOT, SAMPLE_METRICS, commit_key, git_commit, load_average, update_json
 
 N_REFERENCE = 1000
 
@@ -79,7 +79,7 @@ def table(result: dict) -> str:
                 cells = [f"{m[k]:.3g}" if k in m else "–" for k in SAMPLE_METRICS]
                 psnr = f"{m['psnr_db']:.2f}" if "psnr_db" in m else "–"
                 seed = "–" if row == "floor" else str(rec["train"]["seed"])
-                cells = [data, label, seed, row, *cells, psnr, rec["commit"][:7]]
+                cells = [data, label, seed, row, *cells, psnr, commit_key(rec["commit"])]
                 lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

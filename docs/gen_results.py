@@ -86,7 +86,11 @@ def span(values, digits: int = 3, scale: float = 1.0) -> str:
 
 
 def short(commit: str | None) -> str:
-    return f"`{commit[:7]}`" if commit else "not recorded"
+    """A commit as 7 hex digits; one recorded with uncommitted changes (``SHA+dirty.HASH``) says so."""
+    if not commit:
+        return "not recorded"
+    head, _, dirty = commit.partition("+")
+    return f"`{head[:7]}`" + (f" with uncommitted changes (`{dirty}`)" if dirty else "")
 
 
 FILTERS = {"f": f, "g": g, "ci": ci, "pm": pm, "pct": pct, "span": span, "short": short}

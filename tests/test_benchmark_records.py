@@ -254,3 +254,44 @@ def test_anomaly_markdown_baseline_rows_take_every_seed(tmp_path):
     row = next(r for r in text.splitlines() if r.startswith("| baseline: png_size"))
     assert row == ("| baseline: png_size (higher or lower = anomalous; no model) | 0.850 [0.800, 0.900] | "
                    "[0.750, 0.940] | 0.900 [0.900, 0.900] | |")
+
+
+# --- the commit a record names -------------------------------------------------------------------------------------
+def test_git_commit_names_uncommitted_changes_to_the_code_not_to_the_results(tmp_path):
+    import subprocess
+
+    common = bench("common")
+
+    def git(*a):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "src" / "a.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "first")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert common.git_commit(tmp_path) == head
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text('{"records": 1}\n')  # a benchmark wrote numbers
+    assert common.git_commit(tmp_path) == head
+    (tmp_path / "src" / "a.py").write_text("x = 2\n")
+    one = common.git_commit(tmp_path)
+    (tmp_path / "src" / "a.py").write_text("x = 3\n")
+    two = common.git_commit(tmp_path)
+    assert one.startswith(f"{head}+dirty.") and two.startswith(f"{head}+dirty.") and one != two
+    (tmp_path / "src" / "a.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "new.py").write_text("y = 1\n")  # a new file not yet committed
+    assert common.git_commit(tmp_path).startswith(f"{head}+dirty.")
+    assert common.commit_key(two) == f"{head[:7]}+{two.partition('+')[2]}" and common.commit_key(head) == head[:7]
+
+
+def test_the_results_pages_say_when_a_record_was_made_with_uncommitted_changes():
+    spec = importlib.util.spec_from_file_location("medivae_test_gen_results", ROOT / "docs" / "gen_results.py")
+    gen_results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen_results)
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    assert gen_results.short(sha) == "`0123456`"
+    assert gen_results.short(f"{sha}+dirty.89abcdef") == "`0123456` with uncommitted changes (`dirty.89abcdef`)"
