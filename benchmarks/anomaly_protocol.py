@@ -235,7 +235,8 @@ def markdown(result: dict) -> str:
     checks = [c for c in sm.get("validation_check", {}).values() if c]
     if checks:
         lines += ["", f"Labelled validation anomalies ({checks[0]['n_normal']} normal, {checks[0]['n_anomalous']} "
-                  "anomalous; a check, not used for any choice), AUROC mean [min, max] over seeds:", "",
+                  "anomalous; a check, not used for any choice), AUROC mean [min, max] over seeds; a baseline "
+                  "in whichever direction does better on these labels:", "",
                   "| score | validation AUROC |", "|---|---|"]
         for n in sorted(checks[0]["auroc"], key=lambda n: -np.mean([c["auroc"][n] for c in checks])):
             v = [c["auroc"][n] for c in checks]

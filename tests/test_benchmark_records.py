@@ -249,11 +249,14 @@ def test_anomaly_markdown_baseline_rows_take_every_seed(tmp_path):
                 "localisation": {}, "default": "ssim"}
 
     seeds = {"0": seed(0.80, [0.75, 0.85], "lower"), "1": seed(0.90, [0.86, 0.94], "higher")}
-    summary = {**proto.across(seeds, 10), "validation_check": {}}
+    check = {"auroc": {"ssim": 0.7, "baseline: png_size": 0.9}, "n_normal": 5, "n_anomalous": 6}
+    summary = {**proto.across(seeds, 10), "validation_check": {"0": check}}
     text = proto.markdown({"summary": summary, "seeds": seeds})
     row = next(r for r in text.splitlines() if r.startswith("| baseline: png_size"))
     assert row == ("| baseline: png_size (higher or lower = anomalous; no model) | 0.850 [0.800, 0.900] | "
                    "[0.750, 0.940] | 0.900 [0.900, 0.900] | |")
+    # the validation check's baselines take the better direction on the labels they are scored on: it says so
+    assert "a baseline in whichever direction does better on these labels" in text
 
 
 # --- the commit a record names -------------------------------------------------------------------------------------
