@@ -225,6 +225,14 @@ def data_config(data: str):
     return DataConfig(source=a["--data"], image_size=int(a["--image-size"]), labels=labels)
 
 
+def held_out_images(splits: dict, max_images: int, split_seed: int) -> np.ndarray:
+    """The test images ``medivae evaluate --max-images N`` scores (all of them for 0): the real rows compare
+    with the model rows only at the same images and count. uint8 (N, C, H, W)."""
+    from medivae.workflows.evaluate import _subset
+
+    return np.asarray(_subset(splits["test"], max_images, split_seed, "evaluate-subset").images)
+
+
 def real_arm(args) -> dict:
     """The test images, as they are (the floor) and blurred (σ = 1 px), against the validation images that
     ``medivae evaluate`` compares generated images with, in the same extractor, with the same intervals."""
@@ -240,7 +248,7 @@ def real_arm(args) -> dict:
     ref = shared_reference(cfg, splits["train"], args.reference_epochs, False, "cpu")
     ref_split = reference_split(splits, "test")
     real = np.asarray(_subset(splits[ref_split], MAX_REFERENCE, cfg.split_seed, "evaluate-reference").images)
-    test = np.asarray(splits["test"].images)
+    test = held_out_images(splits, args.max_images, cfg.split_seed)
     f_real, p_real = ref.features(real), high_frequency_power(real)
     info = {"fd_name": f"FD-{ref.name}", "reference_hash": ref.folder.name, "n_reference": len(real),
             "n_held_out": len(test), "reference_split": ref_split, "held_out_split": "test"}

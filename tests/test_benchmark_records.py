@@ -298,3 +298,19 @@ def test_the_results_pages_say_when_a_record_was_made_with_uncommitted_changes()
     sha = "0123456789abcdef0123456789abcdef01234567"
     assert gen_results.short(sha) == "`0123456`"
     assert gen_results.short(f"{sha}+dirty.89abcdef") == "`0123456` with uncommitted changes (`dirty.89abcdef`)"
+
+
+def test_generation_real_rows_score_the_test_images_the_model_rows_score():
+    """--max-images N: the floor and blur rows take the same N test images ``medivae evaluate`` takes."""
+    import numpy as np
+
+    from medivae.data import load_dataset
+    from medivae.workflows.evaluate import _subset
+
+    gen = bench("generation")
+    cfg = gen.data_config("phantoms32")
+    splits = load_dataset(cfg, progress=False)
+    assert np.array_equal(gen.held_out_images(splits, 0, cfg.split_seed), splits["test"].images)
+    some = gen.held_out_images(splits, 7, cfg.split_seed)
+    evaluated = _subset(splits["test"], 7, cfg.split_seed, "evaluate-subset").images  # as evaluate subsets
+    assert len(some) == 7 and np.array_equal(some, evaluated)
