@@ -2,7 +2,8 @@
 
 One call trains one arm on one data set and one seed (``medivae train`` with the family's defaults: every arm
 gets its own default ``--epochs``), measures all of that run's rows against the data's test split, and adds
-(or replaces) one (data, arm, seed) record in ``results/generation.json``; seeds are added one run at a time:
+(or replaces) one (data, arm, seed) record in ``results/generation.json`` (keeping the rows an earlier call
+measured on the same run and this one did not); seeds are added one run at a time:
 
     python benchmarks/generation.py --data pneumonia32 --arm real                    # the floor and blur rows
     python benchmarks/generation.py --data pneumonia32 --arm conv_vae --seed-index 0
@@ -154,7 +155,8 @@ def measure_row(run: Path, row: str, sampler: str, guidance: float | None, work:
     common = ["--bootstrap", args.bootstrap, "--reference-epochs", args.reference_epochs, "--no-progress"]
     ev = medivae("evaluate", run, "--sampler", sampler, *g, "-k", 1, "--max-images", args.max_images,
                  "--n-samples", args.n_samples, "--threads", args.threads, *common)
-    out = {"sampler": sampler, "guidance": guidance, "evaluate_command": ev, "evaluate": sample_quality(run, sampler)}
+    out = {"sampler": sampler, "guidance": guidance, "command": args.command, "evaluate_command": ev,
+           "evaluate": sample_quality(run, sampler)}
     synth = work / f"synth_{row}"
     out["synthesize_command"] = medivae("synthesize", run, "--sampler", sampler, *g, "-n", args.n_synth,
                                         "--format", "npz", "--out", synth, "--force", *common)
@@ -268,11 +270,20 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"benchmark": "generation", "records": {}}
 
 
+def merged(old: dict | None, new: dict) -> dict:
+    """``new``, keeping the rows an earlier record of the same trained run (same folder, same commit) measured
+    and this call did not (``--rows``): each row names the command that measured it."""
+    if old and new.get("run") and old.get("run") == new["run"] and old.get("commit") == new.get("commit"):
+        return {**new, "rows": {**old["rows"], **new["rows"]}}
+    return new
+
+
 def add_record(path: Path, data: str, arm: str, seed: int, record: dict) -> dict:
     """Add (or replace) one record under a lock (calls may run side by side), written atomically."""
 
     def add(result: dict) -> dict:
-        result["records"].setdefault(data, {}).setdefault(arm, {})[str(seed)] = record
+        recs = result["records"].setdefault(data, {}).setdefault(arm, {})
+        recs[str(seed)] = merged(recs.get(str(seed)), record)
         result["commit"] = record["commit"]  # the newest record's (the results index shows it)
         result["command"] = ("python benchmarks/generation.py --data DATA --arm ARM --seed-index I "
                              "(one record per call; each record holds its own command and commit)")

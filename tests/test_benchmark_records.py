@@ -314,3 +314,16 @@ def test_generation_real_rows_score_the_test_images_the_model_rows_score():
     some = gen.held_out_images(splits, 7, cfg.split_seed)
     evaluated = _subset(splits["test"], 7, cfg.split_seed, "evaluate-subset").images  # as evaluate subsets
     assert len(some) == 7 and np.array_equal(some, evaluated)
+
+
+def test_generation_keeps_the_rows_an_earlier_call_measured_on_the_same_run(tmp_path):
+    gen = bench("generation")
+    out = tmp_path / "review_generation_rows.json"
+    first = {"commit": "c0ffee0", "run": "/w/run", "command": "--rows prior", "rows": {"prior": {"fd": 1.0}}}
+    gen.add_record(out, "d", "conv_vae", 7, first)
+    gen.add_record(out, "d", "conv_vae", 7, {**first, "command": "--rows gmm", "rows": {"gmm": {"fd": 2.0}}})
+    rec = json.loads(out.read_text())["records"]["d"]["conv_vae"]["7"]
+    assert rec["rows"] == {"prior": {"fd": 1.0}, "gmm": {"fd": 2.0}} and rec["command"] == "--rows gmm"
+    # another commit trained another run: its record replaces the old one whole
+    gen.add_record(out, "d", "conv_vae", 7, {**first, "commit": "beef000", "rows": {"gmm": {"fd": 3.0}}})
+    assert json.loads(out.read_text())["records"]["d"]["conv_vae"]["7"]["rows"] == {"gmm": {"fd": 3.0}}
