@@ -24,7 +24,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from common import git_commit  # noqa: E402  (benchmarks/ is on sys.path)
+from common import git_commit, still_at  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def _medivae(*argv) -> list[str]:
@@ -324,6 +324,7 @@ def main(argv=None) -> int:
                                                 "definition": f"mean over seeds of the default score {d!r}"}
     summary["validation_check"] = {s_: val_check(args.runs / f"seed{s_}", args.data, args.normal_label, s_)
                                    for s_ in args.seeds}
+    still_at(commit)
     result = {"data": args.data, "normal_label": args.normal_label, "commit": commit, "runs": str(args.runs),
               "commands": [" ".join(c) for c in commands] or "runs existed; see README for the commands",
               "fit_args": extra, "seeds": seeds, "summary": summary}

@@ -60,6 +60,16 @@ def git_commit(root: Path = ROOT) -> str:
     return head if clean else f"{head}+dirty.{changes.hexdigest()[:8]}"
 
 
+def still_at(commit: str) -> None:
+    """Stop before a record is written when the checkout moved off ``commit`` while the benchmark ran (a commit,
+    a checkout or an edit under src/ or benchmarks/): the commands it ran later may have imported other code, so
+    no single commit made its numbers. Run long benchmarks from a checkout nobody works in."""
+    now = git_commit()
+    if now != commit:
+        raise SystemExit(f"the checkout at {ROOT} moved from {commit or 'no commit'} to {now or 'no commit'} while the "
+                         "benchmark ran: no record written (run it from a checkout nobody changes)")
+
+
 def commit_key(commit: str) -> str:
     """The short name of a commit (7 hex digits, and ``+dirty.<hash>`` when the code had uncommitted changes),
     as work folders and tables show it."""

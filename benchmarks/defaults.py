@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-from common import DATA, SEED0, commit_key, git_commit, trained_epochs, update_json  # noqa: E402  (benchmarks/ is on sys.path)
+from common import DATA, SEED0, commit_key, git_commit, still_at, trained_epochs, update_json  # noqa: E402  (benchmarks/ is on sys.path)
 
 DL = ["--likelihood", "discretized_logistic"]
 ARMS = {  # name -> medivae train model arguments: the family's defaults (and the likelihood a claim needs)
@@ -253,6 +253,8 @@ def main(argv=None) -> int:
         trained = train(arm, args.data, seed, out, extra, commit) if not (done and finished(out)) else {
             k: done[0][k] for k in TRAIN_KEYS if k in done[0]}
         record = {**trained, **measure(out, args.split, args.iwae_k, args.n_samples)}
+        if not args.commit:  # --commit names code elsewhere; otherwise this checkout must still be at it
+            still_at(commit)
         add_record(args.out, args.data, args.split, name, seed, record)
         print(args.data, args.split, name, seed, json.dumps(record), flush=True)
     return 0

@@ -54,6 +54,7 @@ from common import (
     medivae,
     privacy,
     sample_quality,
+    still_at,
     trained_epochs,
     update_json,
 )
@@ -490,6 +491,8 @@ def main(argv=None) -> int:
               **measured, "cpu_seconds": round(children_cpu() - cpu0 + time.process_time() - own0, 1),
               "wall_seconds": round(time.perf_counter() - start, 1), "load_average_before": load0,
               "load_average_after": load_average()}
+    if not args.commit:  # --commit names code elsewhere; otherwise this checkout must still be at it
+        still_at(commit)
     add_record(args.out, args.data, name, args.seed, record)
     print(table({"records": {args.data: {name: {str(args.seed): record}}}}))
     return 0

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import DATA, ROOT, SAMPLE_METRICS, commit_key, git_commit, load_average, update_json
+from common import DATA, ROOT, SAMPLE_METRICS, commit_key, git_commit, load_average, still_at, update_json
 
 N_REFERENCE = 1000
 
@@ -102,9 +102,10 @@ def main(argv=None) -> int:
     config = json.loads((args.run / "config.json").read_text())
     if config["model"]["name"] != "ldm":
         p.error(f"{args.run} is a {config['model']['name']} run, not an ldm one")
-    load, start, cpu = load_average(), time.perf_counter(), time.process_time()
+    load, start, cpu, commit = load_average(), time.perf_counter(), time.process_time(), git_commit()
     rec = score(args.data, args.run, args.reference_epochs)
-    rec.update(commit=git_commit(), run=str(args.run), model=config["model"], train=config["train"],
+    still_at(commit)
+    rec.update(commit=commit, run=str(args.run), model=config["model"], train=config["train"],
                command="python benchmarks/ldm_ceiling.py " + " ".join(sys.argv[1:] if argv is None else argv),
                seconds=round(time.perf_counter() - start, 1), cpu_seconds=round(time.process_time() - cpu, 1),
                load_average_before=load, load_average_after=load_average())

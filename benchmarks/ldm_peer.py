@@ -42,7 +42,7 @@ from pathlib import Path
 
 import monai_ldm  # benchmarks/ is on sys.path (the scripts run as files)
 import numpy as np
-from common import ROOT, git_commit, load_average, medivae, trained_epochs, update_json
+from common import ROOT, git_commit, load_average, medivae, still_at, trained_epochs, update_json
 
 SHARED = next((d / "shared" for d in ROOT.parents if (d / "shared" / "data").is_dir()), ROOT.parent / "shared")
 MEDNIST = SHARED / "data" / "mednist" / "MedNIST.tar.gz"  # ../shared beside the checkout (or a worktree's folder)
@@ -294,7 +294,7 @@ def run_seed(args) -> dict:
     grid = side_by_side({"real (test)": test, f"medivae {args.medivae}": med_x, f"MONAI ({args.monai_size})": mon_x},
                         args.grid)
     return {
-        "commit": git_commit(), "command": args.command, "seed": args.seed, "threads": args.threads,
+        "commit": args.commit, "command": args.command, "seed": args.seed, "threads": args.threads,
         "versions": versions(), "cpu_count": os.cpu_count(), "load_before": load, "load_after": load_average(),
         "wall_seconds": round(time.perf_counter() - start, 1),
         "data": {"source": args.data, "labels": list(args.labels), "image_size": args.image_size,
@@ -388,7 +388,9 @@ def main(argv=None) -> int:
     args.threads = args.threads or auto_threads() or 1  # decided once: both arms get the same
     args.work = args.work / f"seed{args.seed}"
     args.work.mkdir(parents=True, exist_ok=True)
-    result = write(args.out, run_seed(args))
+    record = run_seed(args)
+    still_at(args.commit)  # the commit the record names made every part of it
+    result = write(args.out, record)
     print(markdown({"runs": {str(args.seed): result["runs"][str(args.seed)]}}))
     return 0
 

@@ -327,3 +327,18 @@ def test_generation_keeps_the_rows_an_earlier_call_measured_on_the_same_run(tmp_
     # another commit trained another run: its record replaces the old one whole
     gen.add_record(out, "d", "conv_vae", 7, {**first, "commit": "beef000", "rows": {"gmm": {"fd": 3.0}}})
     assert json.loads(out.read_text())["records"]["d"]["conv_vae"]["7"]["rows"] == {"gmm": {"fd": 3.0}}
+
+
+def test_a_record_is_not_written_when_the_checkout_moved_during_the_run(tmp_path, monkeypatch):
+    ceiling = bench("ldm_ceiling")
+    common = sys.modules["common"]  # the module the scripts import still_at from
+    out, run = tmp_path / "ceiling.json", tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": {"name": "ldm"}, "train": {"seed": 1}}))
+    heads = iter(["a" * 40, "b" * 40])
+    monkeypatch.setattr(ceiling, "git_commit", lambda: next(heads))  # at the start
+    monkeypatch.setattr(common, "git_commit", lambda: next(heads))  # at the end: another commit
+    monkeypatch.setattr(ceiling, "score", lambda *a: {"rows": {}})
+    with pytest.raises(SystemExit, match="moved from a+ to b+"):
+        ceiling.main(["--data", "pneumonia32", "--run", str(run), "--name", "new", "--out", str(out)])
+    assert not out.exists()
