@@ -1,7 +1,9 @@
 """Anomaly detection on a source with a normal class, several seeds, every score vs trivial baselines.
 
-For each seed: ``medivae anomaly fit`` on the normal training images (skipped when the run exists), then
-``medivae anomaly score`` (default options, bootstrap intervals). Collects, per seed, the AUROC / AUPRC
+For each seed: ``medivae anomaly fit`` on the normal training images (skipped when the run exists; it must
+have been fitted by this script at this commit with the same data and arguments, or the call stops), then
+``medivae anomaly score`` (default options, bootstrap intervals; again when scored by other code). Collects,
+per seed, the AUROC / AUPRC
 with 95 % intervals of every score, the default the run chose on validation normals + synthetic anomalies
 (never on test), the trivial baselines (PNG size, mean intensity, intensity std) and localisation on the
 synthetic anomalies; across seeds, the mean and range, and a seed ensemble (the mean over seeds of each

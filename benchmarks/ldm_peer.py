@@ -21,7 +21,8 @@ On MedNIST Hand at 64 px (``--data``, ``--labels``), split by medivae (8,000 / 1
 Staged: each call runs one ``--seed`` and adds (or replaces) it under "runs" in ``--out``, with the commit, the
 command, the load average before and after each arm, CPU seconds, the thread count and the torch / MONAI versions;
 "summary" holds each row's mean over the seeds there. A finished medivae run or a saved MONAI sample file in
-``--work`` is reused when the same seed is run again. Run it under the shared lock:
+``--work`` is reused when the same seed is run again at the same commit with the same settings (a run made
+otherwise stops the call). Run it under the shared lock:
 
     flock /tmp/medivae-heavy.lock python benchmarks/ldm_peer.py --seconds 600 --seed 1
     python benchmarks/ldm_peer.py --markdown benchmarks/results/ldm_peer.json
