@@ -155,3 +155,31 @@ def test_a_run_made_before_split_seed_keeps_its_split_and_says_why_it_differs(ev
     err = capsys.readouterr().err
     assert "different test images (split seeds 1767661200070 vs 5" in err and err.count("\n") == 1
     assert f"{run} predate data.split_seed: the training seed split the data" in err
+
+
+def test_runs_on_copies_of_the_same_data_at_two_paths_compare(tmp_path, capsys):
+    """Two runs trained from two copies of one .npz (another folder, another machine's checkout): the same test
+    images and the same reference extractor, so compare prints both instead of refusing them."""
+    rng = np.random.default_rng(0)
+    imgs, labels = rng.integers(0, 256, (60, 28, 28), dtype=np.uint8), (np.arange(60) % 2)[:, None]
+    first = tmp_path / "tmp" / "shared" / "d.npz"
+    first.parent.mkdir(parents=True)
+    np.savez(first, train_images=imgs, train_labels=labels)
+    second = tmp_path / "work" / "shared" / "d.npz"
+    second.parent.mkdir(parents=True)
+    shutil.copyfile(first, second)
+    runs = []
+    for i, source in enumerate((first, second)):
+        run = tmp_path / f"run{i}"
+        api.train(tiny_run(str(source), epochs=1), run, progress=False)
+        assert main(["evaluate", str(run), *ARGS]) == 0
+        runs.append(run)
+    capsys.readouterr()
+    assert main(["compare", *map(str, runs), "--bootstrap", "50"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    q = [json.loads((r / "results.json").read_text())["evaluation"] for r in runs]
+    assert q[0]["data"] != q[1]["data"] and q[0]["data_identity"] == q[1]["data_identity"]
+    assert q[0]["sample_quality"]["reference_hash"] == q[1]["sample_quality"]["reference_hash"]
+    assert "note:" not in printed
+    fd = next(ln for ln in printed.splitlines() if ln.startswith("| FD (reference features) |"))
+    assert "other extractor" not in fd and len(fd.strip("|").split("|")[1:]) == 2

@@ -37,12 +37,16 @@ from tqdm import tqdm
 from medivae.data.imageset import ImageSet, as_tensor, to_float
 from medivae.evaluation import classifier as clf
 from medivae.models.blocks import decoder_trunk, encoder_trunk, widths_for
+from medivae.models.samplers import one_thread
 from medivae.runtime.errors import UserError
 from medivae.runtime.io import atomic_write_text
 from medivae.runtime.seeding import numpy_rng, torch_generator
 
 VERSION = 2  # 1: content features only, trained with the run's seed
 REFERENCE_SEED = 0  # the extractor's training seed: fixed, so it depends on the data alone
+# Trained under one torch thread (models.samplers.one_thread): with 2 threads the same phantoms gave other
+# weights (CPU kernels sum in another order), so the thread count would decide which extractor a machine gets.
+FIT_THREADS = 1
 MAX_TRAIN_IMAGES = 20000  # a random subset above this: the extractor need not see every image
 MAX_SCALE_IMAGES = 5000  # training images the feature scales are measured on
 DETAIL_LEVELS = 3  # octaves from the Nyquist limit down: 1/4-1/2, 1/8-1/4, 1/16-1/8 cycles/pixel
@@ -223,19 +227,21 @@ def load_or_fit_reference(
     not hold anything of a run (its seed, its family), or runs on the same data would not share features."""
     name = "cnn" if has_labels(train) else "ae"
     info = {**description, "extractor": name, "version": VERSION, "epochs": epochs, "width": width,
-            "seed": REFERENCE_SEED, "detail": {"levels": DETAIL_LEVELS, "grid": DETAIL_GRID}}
+            "seed": REFERENCE_SEED, "fit_threads": FIT_THREADS,
+            "detail": {"levels": DETAIL_LEVELS, "grid": DETAIL_GRID}}
     folder = Path(root) / f"{name}-{reference_key(info)}"
     if (folder / "info.json").exists():  # written last: its presence means the folder is complete
         net, scales = _load(name, folder)
         return Reference(name, net, folder, scales, device)
-    net = _fit_net(name, _subset(train, MAX_TRAIN_IMAGES, "reference-subset"), len(train.label_names), epochs,
-                   width, progress, device)
-    if name == "cnn":
-        clf.save_classifier(net.cpu(), folder)
-    else:
-        _save_ae(net.cpu(), folder)
-    ref = Reference(name, net.eval(), folder, [1.0] * (1 + DETAIL_LEVELS), device)
-    ref.scales = fit_scales(*ref._blocks(_subset(train, MAX_SCALE_IMAGES, "reference-scales").images))
+    with one_thread():  # FIT_THREADS: the same data gives the same weights on any machine's thread count
+        net = _fit_net(name, _subset(train, MAX_TRAIN_IMAGES, "reference-subset"), len(train.label_names),
+                       epochs, width, progress, device)
+        if name == "cnn":
+            clf.save_classifier(net.cpu(), folder)
+        else:
+            _save_ae(net.cpu(), folder)
+        ref = Reference(name, net.eval(), folder, [1.0] * (1 + DETAIL_LEVELS), device)
+        ref.scales = fit_scales(*ref._blocks(_subset(train, MAX_SCALE_IMAGES, "reference-scales").images))
     atomic_write_text(folder / "scales.json", json.dumps({"scales": ref.scales, "total_variance": TOTAL_VARIANCE,
                                                           "blocks": ["content", "detail levels finest first"]}))
     atomic_write_text(folder / "info.json", json.dumps({**info, "n_train": min(len(train), MAX_TRAIN_IMAGES)},

@@ -136,11 +136,20 @@ def _split_seed(o: dict) -> tuple[int | None, bool]:
     return seed, legacy
 
 
+def _same_data(a: dict, b: dict) -> bool:
+    """Whether two evaluations ran on the same data: the same content (``data_identity``, the bytes wherever
+    they were read from), or for evaluations without it the same source text."""
+    if a.get("data_identity") and b.get("data_identity"):
+        return a["data_identity"] == b["data_identity"]
+    return a.get("data") == b.get("data")
+
+
 def _test_set_differences(a: dict, b: dict) -> list[str]:
     why = []
-    for key in ("data", "split"):
-        if a["ev"].get(key) != b["ev"].get(key):
-            why.append(f"{key} {a['ev'].get(key)!r} vs {b['ev'].get(key)!r}")
+    if not _same_data(a["ev"], b["ev"]):
+        why.append(f"data {a['ev'].get('data')!r} vs {b['ev'].get('data')!r}")
+    if a["ev"].get("split") != b["ev"].get("split"):
+        why.append(f"split {a['ev'].get('split')!r} vs {b['ev'].get('split')!r}")
     if set(a["per"]["image_hash"].tolist()) != set(b["per"]["image_hash"].tolist()):
         (sa, old_a), (sb, old_b) = _split_seed(a), _split_seed(b)
         hint = f" (split seeds {sa} vs {sb}" if sa != sb else ""

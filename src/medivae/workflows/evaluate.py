@@ -6,8 +6,9 @@ results.json is shared: other tools write other top-level keys; this module repl
 floats/ints; nats are per image; ``null`` where a number would be dishonest):
 
     evaluation:
-      run, checkpoint ("best"/"last"), data (source), split, n_images, seed (training), split_seed (data),
-      seconds,
+      run, checkpoint ("best"/"last"), data (source), data_identity (what the data is by content, the
+      reference extractor's source key: data.identity; a phantoms spec as written), split, n_images,
+      seed (training), split_seed (data), seconds,
       seconds_by_part {load, likelihood, posterior, collapse, sample_quality[, fid]}
       model: {name, likelihood, latent_dim, image_size, channels}
       likelihood: {likelihood, discrete_image_likelihood, iwae_k, neg_elbo_nats, neg_iwae_nats,
@@ -158,12 +159,14 @@ def generate_images(model, n: int, labels: np.ndarray, seed: int, latent_sampler
 
 def source_fingerprint(source: str) -> str:
     """What the data is, not where it is named from: phantoms are their spec (generated from the seed);
-    files hash every input file's path, size and mtime (the decoded cache's fingerprint)."""
+    files are their content (data.identity: the bytes, and a folder's paths relative to it), so the same
+    data on another path, through a symlink or on another machine gets the same reference extractor."""
     if source == "phantoms" or source.startswith("phantoms:"):
         return source
+    from medivae.data.identity import content_identity
     from medivae.data.sources import resolve
 
-    return resolve(source, progress=False).fingerprint()
+    return content_identity(resolve(source, progress=False))
 
 
 REFERENCE_KEYS = ("image_size", "channels", "labels", "val_fraction", "test_fraction", "split_seed", "resize_mode",
@@ -292,7 +295,8 @@ def evaluate_run(run_dir, data: str | None = None, opts: EvalOptions | None = No
         if inception is not None:
             fid = timed("fid", fid_block, inception, opts.inception_weights, real, fake, s, dev)
     result = {
-        "run": str(run_dir), "checkpoint": opts.checkpoint, "data": data_cfg.source, "split": opts.split,
+        "run": str(run_dir), "checkpoint": opts.checkpoint, "data": data_cfg.source,
+        "data_identity": source_fingerprint(data_cfg.source), "split": opts.split,
         "n_images": len(s), "seed": seed, "split_seed": data_cfg.split_seed,
         "model": {"name": m.name, **describe(model).to_dict(), "image_size": m.image_size,
                   "channels": m.channels, "capabilities": sorted(model.capabilities),
