@@ -4,6 +4,7 @@ folder) share one extractor, a changed pixel does not; content hashes are cached
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import shutil
 
@@ -94,3 +95,24 @@ def test_content_hashes_are_cached_and_a_corrupt_cache_is_rewritten(tmp_path, mo
         before = len(calls)
         assert key(folder) == first and len(calls) == before + len(images(1))  # hashed again, no traceback
         assert str(folder.resolve() / "a" / "01.png") in cache.read_text()  # and written back whole
+
+
+def test_the_extractor_is_fitted_the_same_under_any_thread_count_which_is_then_restored(tmp_path):
+    """CPU kernels sum in another order per thread count; the extractor is fitted under one thread, so two
+    machines with other core counts get the same weights, and the caller keeps its own thread count."""
+    import torch
+
+    from medivae.data import load_dataset
+    from medivae.evaluation.features import load_or_fit_reference
+
+    train = load_dataset(tiny_run("phantoms:200").data, progress=False)["train"]
+    before, weights = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            ref = load_or_fit_reference(tmp_path / str(threads), train, {"source": "t"}, epochs=2, progress=False)
+            assert torch.get_num_threads() == threads
+            weights.append(hashlib.sha256(next(ref.folder.glob("*.safetensors")).read_bytes()).hexdigest())
+    finally:
+        torch.set_num_threads(before)
+    assert weights[0] == weights[1]
