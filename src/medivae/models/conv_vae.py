@@ -292,6 +292,6 @@ FAMILIES = (
     # Sohn et al. 2015: one class per label of the data
     Family("cvae", ConvVAEConfig, ConvVAE, "conditional VAE", preset={"num_classes": LABELS_FROM_DATA}),
     # Tomczak & Welling 2018: the prior is a mixture of the posteriors at learned pseudo-inputs
-    Family("vamp_vae", ConvVAEConfig, ConvVAE, "VAE with a VampPrior (with its defaults, its bits/dim trail "
-           "conv_vae's on the data measured so far)", preset={"prior": "vamp"}),
+    Family("vamp_vae", ConvVAEConfig, ConvVAE, "VAE with a VampPrior (whether its defaults beat conv_vae's "
+           "bits/dim depends on the data: see the defaults results)", preset={"prior": "vamp"}),
 )
