@@ -360,5 +360,5 @@ class HierarchicalVAE(nn.Module):
 
 
 FAMILY = Family("hierarchical_vae", HierarchicalVAEConfig, HierarchicalVAE,
-                "hierarchical VAE (NVAE/VDVAE): latent groups at several scales, shared top-down path (needs "
-                "longer training than the default epochs to beat conv_vae's bits/dim)")
+                "hierarchical VAE (NVAE/VDVAE): latent groups at several scales, shared top-down path (whether "
+                "its defaults beat conv_vae's bits/dim depends on the data: see the defaults results)")
