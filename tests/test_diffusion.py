@@ -22,7 +22,7 @@ from medivae.models.diffusion import (
     guided_noise,
     heal,
 )
-from medivae.models.samplers import one_thread
+from medivae.runtime.device import one_thread
 from medivae.runtime.errors import UserError
 
 

@@ -37,14 +37,14 @@ from tqdm import tqdm
 from medivae.data.imageset import ImageSet, as_tensor, to_float
 from medivae.evaluation import classifier as clf
 from medivae.models.blocks import decoder_trunk, encoder_trunk, widths_for
-from medivae.models.samplers import one_thread
+from medivae.runtime.device import one_thread
 from medivae.runtime.errors import UserError
 from medivae.runtime.io import atomic_write_text
 from medivae.runtime.seeding import numpy_rng, torch_generator
 
 VERSION = 2  # 1: content features only, trained with the run's seed
 REFERENCE_SEED = 0  # the extractor's training seed: fixed, so it depends on the data alone
-# Trained under one torch thread (models.samplers.one_thread): with 2 threads the same phantoms gave other
+# Trained under one torch thread (runtime.device.one_thread): with 2 threads the same phantoms gave other
 # weights (CPU kernels sum in another order), so the thread count would decide which extractor a machine gets.
 FIT_THREADS = 1
 MAX_TRAIN_IMAGES = 20000  # a random subset above this: the extractor need not see every image

@@ -47,6 +47,7 @@ from medivae.models.diffusion import (
 from medivae.models.distributions import LOG_2PI, standard_normal_log_prob
 from medivae.models.family import decode_sampler_latents, sampler_latents
 from medivae.models.healing import LatentDiffusion
+from medivae.runtime.device import one_thread
 from medivae.runtime.errors import UserError
 from medivae.runtime.io import atomic_write_bytes, atomic_write_text
 
@@ -54,21 +55,6 @@ KINDS = ("gmm", "flow", "diffusion")
 DEFAULT_SAMPLING_STEPS = 50
 UNCONDITIONAL = -1
 FORMAT = 1
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Small matrices gain nothing from threads, and on a busy machine threads cost 10-20x (measured:
-    RealNVP on 5,000 x 32 latents, 200 s with torch's default threads vs 11 s with one, load 9 on 2 cores)."""
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(1):
-            yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # --- Gaussian mixture --------------------------------------------------------------------------------
