@@ -191,12 +191,17 @@ def test_defaults_records_what_a_fresh_training_ran(tmp_path, monkeypatch):
 
 
 # --- anomaly_protocol: reused runs and scores; the baselines' rows ---------------------------------------------------
-def test_anomaly_protocol_refuses_a_run_it_did_not_fit_with_these_arguments(tmp_path, monkeypatch):
-    proto = bench("anomaly_protocol")
-    run = tmp_path / "runs" / "seed0"
+def scored_run(run: Path) -> Path:
+    """A run folder as anomaly_protocol leaves it after fitting and scoring (no record of who made it)."""
     (run / "anomaly").mkdir(parents=True)
     (run / "results.json").write_text("{}")
     (run / "anomaly" / "scores.csv").write_text("index,is_anomaly,ssim\n")
+    return run
+
+
+def test_anomaly_protocol_refuses_a_run_it_did_not_fit_with_these_arguments(tmp_path, monkeypatch):
+    proto = bench("anomaly_protocol")
+    run = scored_run(tmp_path / "runs" / "seed0")
     monkeypatch.setattr(proto, "_medivae", lambda *a: pytest.fail(f"ran {a}"))
     argv = ["--data", "phantoms:100", "--normal-label", "0", "--runs", str(tmp_path / "runs"), "--seeds", "0",
             "--out", str(tmp_path / "out.json"), "--", "--epochs", "3"]
@@ -214,10 +219,7 @@ def test_anomaly_protocol_refuses_a_run_it_did_not_fit_with_these_arguments(tmp_
 
 def test_anomaly_protocol_scores_again_what_other_code_scored(tmp_path, monkeypatch):
     proto = bench("anomaly_protocol")
-    run = tmp_path / "runs" / "seed0"
-    (run / "anomaly").mkdir(parents=True)
-    (run / "results.json").write_text("{}")
-    (run / "anomaly" / "scores.csv").write_text("index,is_anomaly,ssim\n")
+    run = scored_run(tmp_path / "runs" / "seed0")
     (run / proto.FIT_RECORD).write_text(json.dumps({"commit": proto.git_commit(), "data": "phantoms:100",
                                                     "normal_label": "0", "seed": 0, "fit_args": []}))
     (run / proto.SCORE_RECORD).write_text(json.dumps({"commit": "0ld", "bootstrap": 1000}))
