@@ -52,7 +52,9 @@ def _children_cpu() -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", help="tutorial names (default: all)")
-    p.add_argument("--timeout", type=float, default=600, help="seconds one cell may take (default 600)")
+    # a tutorial's training cell takes about a minute here; ten times that on a CPU without AVX-512 kernels
+    # (ATEN_CPU_CAPABILITY=default) under a load of five exceeded 600 s
+    p.add_argument("--timeout", type=float, default=1800, help="seconds one cell may take (default 1800)")
     a = p.parse_args(argv)
     sources = sorted(TUTORIALS.glob("*.py"))
     if a.names:
