@@ -25,6 +25,8 @@ from medivae.models.diffusion import (
 from medivae.runtime.device import one_thread
 from medivae.runtime.errors import UserError
 
+from tolerance import network_bound, rel_err
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -180,7 +182,9 @@ def test_ddim_with_a_fixed_generator_is_deterministic_and_batching_does_not_matt
     c = ddim_sample(den, sched, 50, steps=8, generator=torch.Generator().manual_seed(6))
     d = ddim_sample(den, sched, 50, steps=8, generator=torch.Generator().manual_seed(5), batch=7)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    torch.testing.assert_close(a, d, rtol=1e-4, atol=1e-4)  # other batch shapes may round differently
+    # another batch shape may sum in another order: each of the 8 denoiser calls within its rounding bound,
+    # for a and for d (first order, norm-wise); a batch that mixed up rows or noise moves z by O(1)
+    assert rel_err(d, a) <= 2 * 8 * network_bound(den)
 
 
 def test_classes_pick_their_point_and_guidance_zero_is_the_conditional_model(two_point_conditional):
@@ -195,8 +199,11 @@ def test_classes_pick_their_point_and_guidance_zero_is_the_conditional_model(two
     yc = torch.tensor([0, 1, 0, 1, 0, 1])
     assert torch.equal(guided_noise(den, zt, t, yc, 0.0), den(zt, t, yc).float())
     cond, uncond = den(zt, t, yc), den(zt, t, None)
-    torch.testing.assert_close(guided_noise(den, zt, t, yc, 1.5), uncond + 2.5 * (cond - uncond),
-                               rtol=1e-5, atol=1e-5)
+    want = uncond + 2.5 * (cond - uncond)
+    # guided_noise runs both halves as one batch of 12, here two of 6: each output within the network's
+    # rounding bound of the exact one, twice, weighted by the guidance's 3.5 and 2.5 (norm-wise)
+    bound = 2 * network_bound(den) * (3.5 * cond.norm() + 2.5 * uncond.norm()) / want.norm()
+    assert rel_err(guided_noise(den, zt, t, yc, 1.5), want) <= bound
 
 
 def test_heal_from_zero_is_the_identity_and_from_a_little_noise_stays_close(two_point):
@@ -267,14 +274,23 @@ def test_ddim_timesteps_are_descending_and_end_at_zero():
 
 
 def test_bf16_autocast_sampling_is_close_to_fp32(two_point):
-    """The DDIM update stays fp32; only the denoiser runs in bf16 (8 mantissa bits: relative error ~ 2^-8
-    per layer), so draws agree to a few bf16 epsilons times the latent scale."""
+    """The DDIM update stays fp32; only the denoiser runs in bf16. A step from t to s is
+    z_s = cos(θ_t - θ_s) z_t - sin(θ_t - θ_s) v, so an error in v (within the network's bf16 bound of fp32's)
+    moves z_s by sin(Δθ) times it, and earlier errors shrink by cos(Δθ): to first order the draw moves by at
+    most Σ sin(Δθ) times the bound times the scale of v (that of the standardised latent)."""
     den, sched, _ = two_point
     a = ddim_sample(den, sched, 64, steps=10, generator=torch.Generator().manual_seed(0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         b = ddim_sample(den, sched, 64, steps=10, generator=torch.Generator().manual_seed(0))
     assert b.dtype == torch.float32
-    assert float((a - b).abs().median()) < 16 * 2**-8 * float(a.abs().max())
+    theta = torch.arccos(sched.alpha_bar.double().sqrt())
+    ts = ddim_timesteps(200, 10)
+    reach = sum(math.sin(float(theta[t] - theta[s])) for t, s in zip(ts[:-1], ts[1:], strict=True))
+    bound = reach * network_bound(den, torch.bfloat16) * float(a.norm(dim=1).max())
+    # a draw that starts within the rounding's reach of the tie between the two points may end at the other
+    # (not first order): few of 64, so the 90th percentile is a first-order draw; other noise moves ~40 % of
+    # the draws to the other point, one spread (~3) away
+    assert float((a - b).norm(dim=1).quantile(0.9)) <= bound
 
 
 def test_the_moving_average_averages_the_weights_and_keeps_the_schedule_exact():
