@@ -52,7 +52,7 @@ def network_bound(model: nn.Module, dtype: torch.dtype = torch.float32) -> float
 
 def rel_err(a, b) -> float:
     """Norm-wise relative error ||a - b|| / ||b||."""
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    a, b = (torch.as_tensor(v).detach().to(torch.float64) for v in (a, b))
     return float((a - b).norm() / b.norm())
 
 
