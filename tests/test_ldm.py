@@ -22,6 +22,8 @@ from medivae.models.ldm import LDMConfig
 from medivae.runfolder.config import TrainConfig
 from medivae.runtime.errors import UserError
 
+from tolerance import gamma, network_bound
+
 TINY = dict(image_size=32, width=8, res_blocks=1, res_width=4, latent_channels=2, disc_width=4, disc_layers=2,
             prior_epochs=1, prior_width=8, prior_updates=2, sampling_steps=4, num_classes=0)
 TRAIN = TrainConfig(epochs=3, precision="fp32", lr=1e-2)
@@ -302,7 +304,11 @@ def test_two_gloo_ranks_standardise_by_the_statistics_of_both_batches(tmp_path):
     model = _ldm()
     z = torch.cat([model.encode(_batch(r)).sample(torch.Generator().manual_seed(r)) for r in range(2)])
     both = LatentStandardiser.fit(z)  # pooled over the 10 images of the two ranks
-    torch.testing.assert_close(a["mean"], both.mean, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(a["std"], both.std, rtol=1e-5, atol=1e-6)
+    # a channel's mean and std move by at most the rms of a change of its n latents: the encoder's rounding
+    # (another thread count here than on the ranks; each side within its bound) and the fp32 reduction here
+    n = z[:, 0].numel()
+    rms = z.detach().double().pow(2).mean((0, 2, 3)).sqrt().view(-1, 1, 1)
+    tol = (2 * network_bound(model.autoencoder) + gamma(n)) * rms
+    assert ((a["mean"] - both.mean).abs() <= tol).all() and ((a["std"] - both.std).abs() <= tol).all()
     alone = LatentStandardiser.fit(z[:5])
-    assert not torch.allclose(a["mean"], alone.mean, rtol=1e-3, atol=1e-4)  # not rank 0's batch alone
+    assert ((a["mean"] - alone.mean).abs() > tol).any()  # not rank 0's batch alone
