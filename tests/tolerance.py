@@ -66,3 +66,20 @@ def assert_same_order(fast, exact, rtol: float, name: str = "") -> None:
     swapped = clear & (np.sign(fast[:, None] - fast[None, :]) != np.sign(d_exact))
     assert clear.any(), f"{name}: no pair is clearly apart; the test cannot tell"
     assert not swapped.any(), f"{name}: {int(swapped.sum()) // 2} clearly ordered pairs swapped"
+
+
+def mean_bound(x: torch.Tensor, dim) -> torch.Tensor:
+    """Rounding bound of an fp32 mean of ``x`` over ``dim`` (any summation order): gamma(n) mean |x|, n the
+    number of terms in each mean."""
+    x = x.detach().double()
+    n = x.numel() // x.mean(dim).numel()
+    return gamma(n) * x.abs().mean(dim)
+
+
+def std_rel_bound(x: torch.Tensor, dim) -> torch.Tensor:
+    """Relative rounding bound of an fp32 standard deviation over ``dim`` (any order): gamma(n) times the
+    condition number rms(x) / std(x) of the variance (Chan, Golub & LeVeque 1983: the bound of the updating
+    algorithm torch uses); the square root would halve it, kept as a margin."""
+    x = x.detach().double()
+    n = x.numel() // x.mean(dim).numel()
+    return gamma(n) * x.pow(2).mean(dim).sqrt() / x.std(dim)
