@@ -25,7 +25,7 @@ from medivae.models.diffusion import (
 from medivae.runtime.device import one_thread
 from medivae.runtime.errors import UserError
 
-from tolerance import mean_bound, network_bound, rel_err, std_rel_bound, unit_roundoff
+from tolerance import gamma, mean_bound, network_bound, rel_err, std_rel_bound, unit_roundoff
 
 
 @pytest.fixture(autouse=True)
@@ -111,7 +111,9 @@ def test_ddim_update_on_the_untrained_denoiser_is_a_product_of_cosines():
     ts = ddim_timesteps(100, 10)
     scale = math.prod(math.cos(float(theta[t] - theta[s])) for t, s in zip(ts[:-1], ts[1:], strict=True))
     assert 0.5 < scale < 0.99  # a real shrink, so the check below tells the steps apart
-    torch.testing.assert_close(z, scale * zT, rtol=1e-5, atol=1e-6)
+    # elementwise float32 arithmetic (v = 0 exactly): each step rounds z at most 7 times (the float32 factors
+    # a and b, four products, a sum), 10 steps; one step more or less changes z by 1 - cos(Δθ), far more
+    torch.testing.assert_close(z, scale * zT, rtol=gamma(7 * 10 + 1), atol=0)
 
 
 # --- a denoiser fitted to a two-point latent distribution ------------------------------------------------
