@@ -247,6 +247,8 @@ class LatentSampler:
     @classmethod
     def from_tensors(cls, kind: str, tensors: dict[str, torch.Tensor], meta: dict) -> LatentSampler:
         densities = {}
+        if not meta["classes"]:
+            raise ValueError("no classes")
         for c in meta["classes"]:
             prefix = f"class{c}."
             part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -310,15 +312,21 @@ def load_sampler(folder: Path, name: str, checkpoint_sha256: str,
         blob = st.read_bytes()
     except (OSError, ValueError) as e:
         raise UserError(f"{js}: unreadable sampler file ({type(e).__name__}); refit: {refit}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{js}: not a sampler description (a JSON {type(meta).__name__}); refit: {refit}")
     if meta.get("checkpoint_manifest_sha256") != checkpoint_sha256:
         raise UserError(f"{js} was fitted to other weights than {run_hint}'s checkpoint (manifest sha256 "
                         f"{str(meta.get('checkpoint_manifest_sha256'))[:12]}, run has {checkpoint_sha256[:12]}); "
                         f"refit: {refit}")
     if meta.get("tensors_sha256") != hashlib.sha256(blob).hexdigest() or meta.get("sampler") != name:
         raise UserError(f"{st} does not match {js.name} (corrupt or replaced); refit: {refit}")
-    if name == "diffusion":
-        return DiffusionSampler.from_tensors(load(blob), meta)
-    return LatentSampler.from_tensors(name, load(blob), meta)
+    try:  # the hash covers the tensors, not the JSON's architecture and classes, which an edit may break
+        if name == "diffusion":
+            return DiffusionSampler.from_tensors(load(blob), meta)
+        return LatentSampler.from_tensors(name, load(blob), meta)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{js} does not describe the tensors in {st.name} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]}); refit: {refit}") from None
 
 
 def check_options(kind: str, guidance: float = 0.0, steps: int | None = None, conditional: bool = False) -> None:
