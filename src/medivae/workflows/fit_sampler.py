@@ -18,11 +18,12 @@ import torch
 from medivae.data import to_float
 from medivae.models.family import has, labels_for, require, require_sampler_latents
 from medivae.models.inference import encode_sampler_latents
-from medivae.models.samplers import KINDS, DiffusionFit, fit, fit_diffusion, save_sampler
+from medivae.models.samplers import KINDS, DiffusionFit, fit, fit_diffusion, sampler_paths, save_sampler
 from medivae.runfolder.results import RESULTS_FILE, merge_results, read_results
 from medivae.runfolder.run import Run, load_run
 from medivae.runtime.errors import UserError
 from medivae.runtime.images import save_grid
+from medivae.runtime.paths import probe_writable
 from medivae.runtime.seeding import derive_seed, torch_generator
 
 
@@ -64,7 +65,7 @@ def fit_sampler_run(run_dir, kind: str, max_components: int = 10, checkpoint: st
         raise UserError(f"need --max-components >= 1 and --posterior-draws >= 0, not {max_components}, "
                         f"{posterior_draws}")
     results_path = Path(run_dir) / RESULTS_FILE
-    read_results(results_path)  # fail now, not after the fit, if it cannot be merged into
+    _check_outputs(Path(run_dir), kind)  # fail now, not after the fit, if a file cannot be written
     start = time.perf_counter()
     run = load_run(run_dir, which=checkpoint, device=device)
     if kind == "diffusion" and not posterior_draws:
@@ -99,8 +100,31 @@ def fit_sampler_run(run_dir, kind: str, max_components: int = 10, checkpoint: st
     summary = {"file": str(js), "checkpoint": checkpoint, "n_train": len(zt), "n_val": len(zv),
                "latents": f"{posterior_draws} posterior draws per image" if posterior_draws else "means",
                "seconds": extra["seconds"], **_fit_summary(kind, sampler.info)}
-    merge_results(results_path, "samplers", {**read_results(results_path).get("samplers", {}), kind: summary})
+    merge_results(results_path, "samplers", {**_samplers_block(results_path), kind: summary})
     return {"safetensors": str(st), "json": str(js), **summary}
+
+
+def _samplers_block(results_path: Path) -> dict:
+    """results.json's "samplers" entry ({} if none); a UserError if the file or the entry is not an object."""
+    block = read_results(results_path).get("samplers", {})
+    if not isinstance(block, dict):
+        raise UserError(f'{results_path}: its "samplers" entry is not a JSON object; move the file away and run '
+                        "again")
+    return block
+
+
+def _check_outputs(run_dir: Path, kind: str) -> None:
+    """RUN/samplers/ and the three files of sampler ``kind`` in it can be written, and results.json merged into:
+    refused before the fit, so that a refusal leaves the run as it was."""
+    _samplers_block(run_dir / RESULTS_FILE)
+    folder = run_dir / "samplers"
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: is a file, not a folder; move it away and run again")
+    for p in (*sampler_paths(folder, kind), folder / f"samples_{kind}.png"):
+        if p.exists() and not p.is_file():
+            raise UserError(f"{p}: is not an ordinary file; move it away and run again")
+    if folder.is_dir():
+        probe_writable(folder, f"medivae fit-sampler writes into {folder}")
 
 
 def _fit_summary(kind: str, info: dict) -> dict:
