@@ -480,3 +480,80 @@ def test_resume_without_data_uses_the_runs_settings(run, capsys):
     assert main(["train", "--resume", "--out", str(run), "--epochs", "2", "--no-progress"]) == 0
     assert json.loads((run / "last" / "state.json").read_text())["epoch"] == 2
     assert json.loads((run / "config.json").read_text())["data"]["source"] == "phantoms:80"
+
+
+# --- 9. fitted samplers: their files and what fit-sampler writes -------------------------------------------
+@pytest.fixture(scope="module")
+def fitted_run(evaluated_run, tmp_path_factory) -> Path:
+    """A copy of the session's run with a gmm and a small diffusion sampler fitted to it."""
+    from medivae.models.samplers import DiffusionFit
+
+    run = Path(shutil.copytree(evaluated_run, tmp_path_factory.mktemp("fitted") / "run"))
+    api.fit_sampler(run, "gmm", max_components=1, device="cpu", progress=False)
+    api.fit_sampler(run, "diffusion", device="cpu", progress=False,
+                    diffusion=DiffusionFit(width=8, timesteps=20, max_epochs=1))
+    return run
+
+
+def _edit(key, value):
+    def edit(meta):
+        target = meta
+        for k in key[:-1]:
+            target = target[k]
+        target[key[-1]] = value
+        return meta
+    return edit
+
+
+@pytest.mark.parametrize("kind, edit", [
+    ("gmm", lambda meta: []),
+    ("gmm", lambda meta: None),
+    ("gmm", _edit(["classes"], [])),
+    ("gmm", _edit(["classes"], [3])),
+    ("gmm", _edit(["classes"], None)),
+    ("gmm", _edit(["fit"], {})),
+    ("diffusion", _edit(["spec", "width"], 9)),
+    ("diffusion", _edit(["spec", "num_classes"], 3)),
+    ("diffusion", _edit(["spec", "timesteps"], "many")),
+    ("diffusion", lambda meta: {k: v for k, v in meta.items() if k != "spec"}),
+], ids=["list", "null", "no-classes", "other-class", "classes-null", "no-fit", "width", "classes", "timesteps",
+        "no-spec"])
+def test_a_sampler_json_edited_out_of_step_with_its_tensors_is_one_line(fitted_run, tmp_path, capsys, kind, edit):
+    """The tensors' hash in the JSON does not cover the JSON's own architecture and class fields: an edit of those
+    once reached a KeyError or load_state_dict's many-line error."""
+    run = Path(shutil.copytree(fitted_run, tmp_path / "run"))
+    js = run / "samplers" / f"{kind}.json"
+    js.write_text(json.dumps(edit(json.loads(js.read_text()))))
+    line = refused(capsys, ["sample", run, "-n", "4", "--sampler", kind, "--device", "cpu", "--no-progress",
+                            "--out", tmp_path / "s.png"])
+    assert str(js) in line and f"fit-sampler {run} --sampler {kind}" in line, line
+    assert not (tmp_path / "s.png").exists()
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("samplers is a file", "is a file, not a folder"),
+    ("gmm.json is a folder", "is not an ordinary file"),
+    ("samples_gmm.png is a folder", "is not an ordinary file"),
+    ("results samplers is a list", '"samplers" entry is not a JSON object'),
+])
+def test_fit_sampler_refuses_what_it_cannot_write_before_the_fit(fitted_run, tmp_path, capsys, monkeypatch,
+                                                                 damage, says):
+    """Each once failed with a traceback after the fit, with the sampler's files half replaced or results.json
+    not updated."""
+    from medivae.workflows import fit_sampler as fit_sampler_module
+
+    run = Path(shutil.copytree(fitted_run, tmp_path / "run"))
+    samplers = run / "samplers"
+    if damage == "samplers is a file":
+        shutil.rmtree(samplers)
+        samplers.write_text("x")
+    elif damage == "results samplers is a list":
+        results = json.loads((run / "results.json").read_text())
+        (run / "results.json").write_text(json.dumps({**results, "samplers": [1]}))
+    else:
+        (samplers / damage.split()[0]).unlink()
+        (samplers / damage.split()[0]).mkdir()
+    before = snapshot(run)
+    monkeypatch.setattr(fit_sampler_module, "load_run", lambda *a, **kw: pytest.fail("the fit started"))
+    assert says in refused(capsys, ["fit-sampler", run, "--sampler", "gmm", "--device", "cpu", "--no-progress"])
+    assert snapshot(run) == before
