@@ -335,6 +335,16 @@ def test_runs_with_other_likelihoods_compare_without_nats(run, evaluated_run, ca
     assert any("likelihoods differ" in n for n in cmp["notes"])
 
 
+def test_compare_names_the_samplers_of_runs_whose_samples_came_from_different_ones(run, evaluated_run):
+    results = json.loads((run / "results.json").read_text())
+    results["evaluation"]["sample_quality"].update(sampler="diffusion", guidance=0.0, sampling_steps=50)
+    (run / "results.json").write_text(json.dumps(results))  # what evaluate --sampler diffusion records
+    notes = api.compare([evaluated_run, run], bootstrap=10)["notes"]
+    assert any("different samplers" in n and f"{run} diffusion (guidance 0.0, 50 steps)" in n for n in notes), notes
+    same = Path(shutil.copytree(evaluated_run, run.parent / "same"))
+    assert not any("samplers" in n for n in api.compare([evaluated_run, same], bootstrap=10)["notes"])
+
+
 @pytest.fixture
 def two_class_synthetic(tmp_path) -> Path:
     folder = tmp_path / "syn"

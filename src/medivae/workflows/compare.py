@@ -252,6 +252,26 @@ def _cells(opened: list[dict], key: str | None, path: tuple, other_extractor: li
     return values
 
 
+def _sampler_note(opened: list[dict]) -> str | None:
+    """Sample-quality rows of runs whose samples came from different samplers (the prior, a fitted gmm, flow or
+    diffusion sampler) compare the samplers as much as the models: a note that names each run's."""
+    def described(o: dict) -> str | None:
+        q = o["ev"].get("sample_quality") or {}
+        if not q:
+            return None
+        name = q.get("sampler") or "prior"
+        if name == "diffusion":
+            name += f" (guidance {q.get('guidance', 0)}, {q.get('sampling_steps')} steps)"
+        return name
+
+    names = [described(o) for o in opened]
+    if len({n for n in names if n is not None}) <= 1:
+        return None
+    runs = ", ".join(f"{o['run']} {n}" for o, n in zip(opened, names, strict=True) if n is not None)
+    return (f"the runs' samples come from different samplers ({runs}): their FD, precision, recall, density, "
+            "coverage and high-frequency power compare the samplers as well as the models")
+
+
 def compare_runs(runs: list, force: bool = False, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
     """{"runs": [...], "rows": [{"metric", "values": [{"value", "ci95", "vs_first"}...]}], "notes": [...]}."""
     if len(runs) < 2:
@@ -262,6 +282,7 @@ def compare_runs(runs: list, force: bool = False, n_boot: int = BOOTSTRAP_RESAMP
     notes += [n for n in extractor if n]
     blank_nats = _likelihood_note(opened)
     notes += [blank_nats] if blank_nats else []
+    notes += [n for n in [_sampler_note(opened)] if n]
     rows = []
     for label, key, path in ROWS:
         if blank_nats and path[0] == "likelihood":
