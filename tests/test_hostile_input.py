@@ -335,6 +335,28 @@ def test_runs_with_other_likelihoods_compare_without_nats(run, evaluated_run, ca
     assert any("likelihoods differ" in n for n in cmp["notes"])
 
 
+@pytest.mark.parametrize("edit, says", [
+    ({"model": {"likelihood": [1]}}, None),  # shown as it is: the likelihoods differ
+    ({"sample_quality": {"sampler": [1]}}, None),
+    ({"sample_quality": {"extractor_version": [2]}}, "sample_quality.extractor_version = [2]"),
+    ({"ci95": [1]}, "ci95 = [1]"),
+    ({"collapse": {"active_units": "x"}}, "collapse.active_units = 'x'"),
+    ({"reconstruction": {"psnr_db": True}}, "reconstruction.psnr_db = True"),
+])
+def test_compare_reads_a_hand_edited_evaluation_without_a_traceback(run, evaluated_run, capsys, edit, says):
+    """Each once ended in a TypeError, AttributeError or ValueError while the notes or the table were made."""
+    results = json.loads((run / "results.json").read_text())
+    for key, value in edit.items():
+        ev = results["evaluation"]
+        ev[key] = {**ev[key], **value} if isinstance(value, dict) and isinstance(ev.get(key), dict) else value
+    (run / "results.json").write_text(json.dumps(results))
+    argv = ["compare", evaluated_run, run, "--bootstrap", "10", "--out", run.parent / "c.md"]
+    if says is None:
+        assert main([str(a) for a in argv]) == 0
+    else:
+        assert says in refused(capsys, argv) and not (run.parent / "c.md").exists()
+
+
 def test_compare_names_the_samplers_of_runs_whose_samples_came_from_different_ones(run, evaluated_run):
     results = json.loads((run / "results.json").read_text())
     results["evaluation"]["sample_quality"].update(sampler="diffusion", guidance=0.0, sampling_steps=50)

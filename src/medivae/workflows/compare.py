@@ -74,8 +74,34 @@ def _open(run: Path) -> dict:
     ev = results.get("evaluation")
     if not isinstance(ev, dict) or not ev:
         raise UserError(f"{run}: no evaluation in results.json; run 'medivae evaluate {run}' first")
+    _check_values(run, ev)
     return {"run": run, "ev": ev, "per": read_per_image(run, ev), "results": results, "metrics": read_metrics(run),
             "stale": stale_evaluation(run, ev)}
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_values(run: Path, ev: dict) -> None:
+    """The values compare reads from an evaluation have the types evaluate writes: a results.json edited by hand
+    or by another tool is one line naming the value, not a TypeError while the table is drawn."""
+    def bad(where: str, value) -> UserError:
+        return UserError(f"{run / RESULTS_FILE}: evaluation.{where} = {value!r:.60} is not what medivae evaluate "
+                         f"writes; rerun 'medivae evaluate {run}'")
+
+    for _, _, path in ROWS:
+        v = _get(ev, path)
+        if v is not None and not _number(v):
+            raise bad(".".join(path), v)
+    for name in ("model", "sample_quality", "ci95"):
+        if ev.get(name) is not None and not isinstance(ev[name], dict):
+            raise bad(name, ev[name])
+    if not isinstance((ev.get("sample_quality") or {}).get("extractor_version", 1), int):
+        raise bad("sample_quality.extractor_version", ev["sample_quality"]["extractor_version"])
+    for k, v in (ev.get("ci95") or {}).items():
+        if v is not None and not (isinstance(v, list) and len(v) == 2 and all(_number(x) for x in v)):
+            raise bad(f"ci95.{k}", v)
 
 
 def read_per_image(run: Path, ev: dict) -> dict[str, np.ndarray]:
@@ -175,7 +201,9 @@ def _check_comparable(opened: list[dict], force: bool) -> list[str]:
 
 def extractor_note(a: dict, b: dict) -> str | None:
     """Why run b's FD / precision / recall / density / coverage are not on run a's scale, or None."""
-    qa, qb = (o["ev"].get("sample_quality") or {} for o in (a, b))
+    qa, qb = (_get(o["ev"], ("sample_quality",)) for o in (a, b))
+    if not isinstance(qa, dict) or not isinstance(qb, dict):
+        return None
     if not qa or not qb:
         return None
     va, vb = qa.get("extractor_version", 1), qb.get("extractor_version", 1)
@@ -195,6 +223,7 @@ def _likelihood_note(opened: list[dict]) -> str | None:
     """Nats of different image likelihoods (a Bernoulli's and a Gaussian's log-density of the same images) are
     not on one scale: a note, and those rows stay blank."""
     names = [_get(o["ev"], ("model", "likelihood")) for o in opened]
+    names = [None if n is None else str(n) for n in names]  # a hand-edited list or number, shown as it is
     if len(set(names)) <= 1:
         return None
     runs = ", ".join(f"{o['run']} {n or 'none'}" for o, n in zip(opened, names, strict=True))
@@ -256,10 +285,10 @@ def _sampler_note(opened: list[dict]) -> str | None:
     """Sample-quality rows of runs whose samples came from different samplers (the prior, a fitted gmm, flow or
     diffusion sampler) compare the samplers as much as the models: a note that names each run's."""
     def described(o: dict) -> str | None:
-        q = o["ev"].get("sample_quality") or {}
-        if not q:
+        q = _get(o["ev"], ("sample_quality",))
+        if not isinstance(q, dict) or not q:
             return None
-        name = q.get("sampler") or "prior"
+        name = str(q.get("sampler") or "prior")
         if name == "diffusion":
             name += f" (guidance {q.get('guidance', 0)}, {q.get('sampling_steps')} steps)"
         return name
