@@ -288,6 +288,19 @@ def test_sample_evaluate_synthesize_with_a_sampler(run_with_samplers, tmp_path):
     assert json.loads((out / "memorisation.json").read_text())["sampler"] == "gmm"
 
 
+def test_a_sampler_fitted_on_a_run_without_best_names_the_checkpoint_it_read(run_with_samplers, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_with_samplers, run)
+    shutil.rmtree(run / "best")
+    assert main(["fit-sampler", str(run), "--sampler", "gmm", "--max-components", "2"]) == 0
+    meta = json.loads((run / "samplers" / "gmm.json").read_text())
+    assert meta["checkpoint"] == "last"
+    manifest = (run / "last" / "manifest.json").read_bytes()
+    assert meta["checkpoint_manifest_sha256"] == hashlib.sha256(manifest).hexdigest()
+    assert json.loads((run / "results.json").read_text())["samplers"]["gmm"]["checkpoint"] == "last"
+    assert main(["sample", str(run), "--sampler", "gmm", "-n", "4", "--out", str(tmp_path / "s.png")]) == 0
+
+
 def test_a_sampler_of_another_checkpoint_is_refused(run_with_samplers, tmp_path, capsys):
     other = tmp_path / "other"
     shutil.copytree(run_with_samplers, other)

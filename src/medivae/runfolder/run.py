@@ -235,4 +235,4 @@ def load_run(run_dir: str | Path, which: str = "best", device: str = "auto") -> 
     dev = pick_device(device)
     model = build_model(cfg.model)
     ckpt.load_checkpoint(folder, model)
-    return Run(run_dir, cfg, model.to(dev).eval(), dev, which)
+    return Run(run_dir, cfg, model.to(dev).eval(), dev, folder.name)  # the one read: last/ when best/ is absent

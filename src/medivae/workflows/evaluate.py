@@ -295,7 +295,7 @@ def evaluate_run(run_dir, data: str | None = None, opts: EvalOptions | None = No
         if inception is not None:
             fid = timed("fid", fid_block, inception, opts.inception_weights, real, fake, s, dev)
     result = {
-        "run": str(run_dir), "checkpoint": opts.checkpoint, "data": data_cfg.source,
+        "run": str(run_dir), "checkpoint": run.checkpoint, "data": data_cfg.source,
         "data_identity": source_fingerprint(data_cfg.source), "split": opts.split,
         "n_images": len(s), "seed": seed, "split_seed": data_cfg.split_seed,
         "model": {"name": m.name, **describe(model).to_dict(), "image_size": m.image_size,

@@ -91,13 +91,13 @@ def fit_sampler_run(run_dir, kind: str, max_components: int = 10, checkpoint: st
                                 progress)
     else:
         sampler = fit(kind, zt, zv, yt, yv, max_components, seed)
-    extra = {"checkpoint": checkpoint, "n_train": len(zt), "n_val": len(zv), "posterior_draws": posterior_draws,
+    extra = {"checkpoint": run.checkpoint, "n_train": len(zt), "n_val": len(zv), "posterior_draws": posterior_draws,
              "label_names": list(run.config.label_names) if yt is not None else None,
              "seconds": round(time.perf_counter() - start, 1)}
     folder = Path(run_dir) / "samplers"
     st, js = save_sampler(sampler, folder, run.checkpoint_sha256(), extra)
     save_grid(run.sample(64, sampler=kind, precision="fp32"), folder / f"samples_{kind}.png", nrow=8)
-    summary = {"file": str(js), "checkpoint": checkpoint, "n_train": len(zt), "n_val": len(zv),
+    summary = {"file": str(js), "checkpoint": run.checkpoint, "n_train": len(zt), "n_val": len(zv),
                "latents": f"{posterior_draws} posterior draws per image" if posterior_draws else "means",
                "seconds": extra["seconds"], **_fit_summary(kind, sampler.info)}
     merge_results(results_path, "samplers", {**_samplers_block(results_path), kind: summary})
