@@ -201,9 +201,7 @@ def _check_comparable(opened: list[dict], force: bool) -> list[str]:
 
 def extractor_note(a: dict, b: dict) -> str | None:
     """Why run b's FD / precision / recall / density / coverage are not on run a's scale, or None."""
-    qa, qb = (_get(o["ev"], ("sample_quality",)) for o in (a, b))
-    if not isinstance(qa, dict) or not isinstance(qb, dict):
-        return None
+    qa, qb = (o["ev"].get("sample_quality") or {} for o in (a, b))  # dicts or absent: _check_values
     if not qa or not qb:
         return None
     va, vb = qa.get("extractor_version", 1), qb.get("extractor_version", 1)
@@ -285,8 +283,8 @@ def _sampler_note(opened: list[dict]) -> str | None:
     """Sample-quality rows of runs whose samples came from different samplers (the prior, a fitted gmm, flow or
     diffusion sampler) compare the samplers as much as the models: a note that names each run's."""
     def described(o: dict) -> str | None:
-        q = _get(o["ev"], ("sample_quality",))
-        if not isinstance(q, dict) or not q:
+        q = o["ev"].get("sample_quality")
+        if not q:
             return None
         name = str(q.get("sampler") or "prior")
         if name == "diffusion":
@@ -311,7 +309,8 @@ def compare_runs(runs: list, force: bool = False, n_boot: int = BOOTSTRAP_RESAMP
     notes += [n for n in extractor if n]
     blank_nats = _likelihood_note(opened)
     notes += [blank_nats] if blank_nats else []
-    notes += [n for n in [_sampler_note(opened)] if n]
+    samplers = _sampler_note(opened)
+    notes += [samplers] if samplers else []
     rows = []
     for label, key, path in ROWS:
         if blank_nats and path[0] == "likelihood":
