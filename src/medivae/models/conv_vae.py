@@ -53,6 +53,7 @@ from medivae.runtime.schema import check_fields
 
 LABELS_FROM_DATA = -1  # num_classes placeholder: one class per label of the training data
 PRIORS = ("normal", "vamp")
+PSEUDO_INITS = ("data", "noise")  # VampPrior pseudo-inputs: random training images, or grey noise
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class ConvVAEConfig:
     beta: float = 1.0
     prior: str = "normal"  # "normal": N(0, I); "vamp": VampPrior over ``pseudo_inputs`` learned inputs
     pseudo_inputs: int = 500  # K of the VampPrior (ignored for prior="normal")
+    pseudo_init: str = "data"  # VampPrior start: K random training images ("data") or grey noise ("noise")
     kl_schedule: str = "constant"  # β over training: constant, linear warm-up or cyclical (losses.kl_weight)
     warmup_epochs: float = 0.0  # linear: ramp length; cyclical: cycle length (in epochs)
     free_bits: float = 0.0  # nats per latent dimension (Kingma et al. 2016); N(0, I) prior only
@@ -97,6 +99,8 @@ class ConvVAEConfig:
             raise UserError(f"unknown prior {self.prior!r}; choose one of {list(PRIORS)}")
         if self.pseudo_inputs < 1:
             raise UserError(f"pseudo inputs must be >= 1, not {self.pseudo_inputs}")
+        if self.pseudo_init not in PSEUDO_INITS:
+            raise UserError(f"unknown pseudo init {self.pseudo_init!r}; choose one of {list(PSEUDO_INITS)}")
         if self.prior == "vamp" and self.num_classes != 0:
             raise UserError(f"{self.name}: --prior vamp is for unconditional models; for a conditional one "
                             "fit a post-hoc sampler (medivae fit-sampler RUN --sampler gmm)")
@@ -115,6 +119,7 @@ class ConvVAEConfig:
             "beta": "KL weight β (default 1: the plain ELBO)",
             "prior": "normal (default: N(0, I)) or vamp (VampPrior, unconditional only)",
             "pseudo_inputs": "VampPrior: learned pseudo-inputs (default 500)",
+            "pseudo_init": "VampPrior: start the pseudo-inputs at random training images (data, default) or noise",
             **KL_FLAGS,
             "free_bits": "free bits per latent dimension, nats (default 0; N(0, I) prior only)",
         }
@@ -178,6 +183,23 @@ class ConvVAE(nn.Module):
         return out
 
     # --- the prior -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_from_data(self, images, generator: torch.Generator) -> None:
+        """Before a new run's first step (``family.init_from_data``): with ``pseudo_init="data"`` the
+        VampPrior's pseudo-inputs start at K training images drawn with ``generator`` (without replacement
+        while there are enough), so the prior starts as a mixture of posteriors at real images (Tomczak &
+        Welling 2018's training-data initialisation) instead of at grey noise far from the data.
+        ``images``: the training images, uint8 (N, C, H, W) or float in [0, 1], array or tensor."""
+        if not self.vamp or self.cfg.pseudo_init != "data":
+            return
+        n, k = len(images), self.cfg.pseudo_inputs
+        idx = torch.randperm(n, generator=generator)[:k] if n >= k else torch.randint(n, (k,), generator=generator)
+        x = torch.as_tensor(images[idx.sort().values.numpy()])
+        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        # logit of the pixel, clamped so that black and white stay in the sigmoid's reach (1/255 of the ends)
+        eps = 1.0 / 255
+        self.pseudo_logits.copy_(torch.logit(x.clamp(eps, 1 - eps)).to(self.pseudo_logits))
+
     def pseudo_images(self) -> torch.Tensor:
         """The VampPrior's pseudo-inputs as images, float (K, C, H, W) in [0, 1]."""
         return torch.sigmoid(self.pseudo_logits)
