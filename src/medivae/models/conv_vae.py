@@ -35,7 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medivae.models.blocks import decoder_trunk, encoder_trunk, running_batchnorm, widths_for
+from medivae.models.blocks import (
+    decoder_trunk,
+    encoder_trunk,
+    running_batchnorm,
+    trunk_recording_batch_stats,
+    trunk_with_batch_stats,
+    widths_for,
+)
 from medivae.models.distributions import (
     DiagonalGaussian,
     MixturePrior,
@@ -177,9 +184,19 @@ class ConvVAE(nn.Module):
     def forward(self, x, y=None, sample: bool = True, generator: torch.Generator | None = None) -> VAEOutput:
         """Encode, take z (a reparameterised sample, or the posterior mean if ``sample=False``), decode;
         with a VampPrior also log p(z) (B,), computed here so that DDP sees the pseudo-inputs used."""
-        out = encode_decode(self, x, y, sample, generator)
-        if self.vamp:
-            out.log_pz = self.prior_log_prob(out.z)
+        if not (self.vamp and self.training):
+            out = encode_decode(self, x, y, sample, generator)
+            if self.vamp:
+                out.log_pz = self.prior_log_prob(out.z)
+            return out
+        # training with a VampPrior: the pseudo-inputs pass the encoder with the data batch's BatchNorm
+        # statistics, as evaluation passes both with the running averages (see prior_components)
+        h, stats = trunk_recording_batch_stats(self.encoder, x)
+        posterior = DiagonalGaussian(self.fc_mu(h).float(), self.fc_logvar(h).float())
+        z = posterior.sample(generator) if sample else posterior.mode()
+        out = VAEOutput(self.decode_params(z, y), posterior, z)
+        means, logvars = self.prior_components(stats)
+        out.log_pz = mixture_log_prob(z, means, logvars)
         return out
 
     # --- the prior -------------------------------------------------------------------------------------
@@ -204,11 +221,19 @@ class ConvVAE(nn.Module):
         """The VampPrior's pseudo-inputs as images, float (K, C, H, W) in [0, 1]."""
         return torch.sigmoid(self.pseudo_logits)
 
-    def prior_components(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """VampPrior components q(z|u_k): means and log-variances (K, D), BatchNorm on running statistics."""
-        with running_batchnorm(self.encoder):
-            q = self.encode(self.pseudo_images())
-        return q.mean, q.logvar
+    def prior_components(self, batch_stats=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """VampPrior components q(z|u_k): means and log-variances (K, D). The encoder's BatchNorms use their
+        running statistics, or in a training step ``batch_stats``, the data batch's
+        (``blocks.trunk_recording_batch_stats``): the pseudo-inputs never normalise with their own batch's.
+        Normalising them with the running averages while the data used its batch's made the prior a function
+        of the lagging averages, which training learned to exploit: validation losses far above training ones."""
+        u = self.pseudo_images()
+        if batch_stats is None:
+            with running_batchnorm(self.encoder):
+                h = self.encoder(u)
+        else:
+            h = trunk_with_batch_stats(self.encoder, u, batch_stats)
+        return self.fc_mu(h).float(), self.fc_logvar(h).float()
 
     def latent_prior(self) -> MixturePrior | None:
         """The prior when it is not N(0, I): the VampPrior's components (K, D), detached, on the CPU."""
