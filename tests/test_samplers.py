@@ -213,57 +213,6 @@ def test_normal_prior_has_no_new_parameters_and_vamp_refuses_conditional():
         model_config("vamp_vae", pseudo_inputs=0)
 
 
-def test_vamp_pseudo_inputs_start_at_training_images():
-    from medivae.models.family import init_from_data
-
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (8, 1, 32, 32), dtype=np.uint8)
-    images[0] = 0  # black and white pixels stay in the sigmoid's reach: 1/255 from the ends
-    images[1] = 255
-    model = tiny_vamp(k=5)
-    init_from_data(model, images, torch.Generator().manual_seed(1))
-    got = model.pseudo_images().detach().numpy()
-    real = images.astype(np.float64) / 255
-    gap = np.abs(got[:, None] - real[None]).reshape(5, 8, -1).max(-1)  # (pseudo-input, image) max pixel gap
-    nearest = gap.argmin(1)
-    # float32 logit then sigmoid of a clamped pixel: the clamp's 1/255 plus a few float32 roundings
-    assert (gap.min(1) <= 1 / 255 + 1e-5).all() and gap.min(1).max() > 0
-    assert len(set(nearest.tolist())) == 5  # without replacement while there are enough images
-    others = np.sort(gap, 1)[:, 1]
-    assert (others > 0.5).all()  # each matches one image, not a blend
-
-    few = tiny_vamp(k=5)  # fewer images than pseudo-inputs: drawn with replacement, still all real images
-    init_from_data(few, images[:2], torch.Generator().manual_seed(1))
-    gap = np.abs(few.pseudo_images().detach().numpy()[:, None] - real[None, :2]).reshape(5, 2, -1).max(-1)
-    assert (gap.min(1) <= 1 / 255 + 1e-5).all()
-
-    torch.manual_seed(0)
-    noise = ConvVAE(model_config("vamp_vae", image_size=32, latent_dim=3, base_width=4, max_width=16,
-                                 pseudo_inputs=5, pseudo_init="noise"))
-    before = noise.pseudo_logits.detach().clone()
-    init_from_data(noise, images, torch.Generator().manual_seed(1))
-    assert torch.equal(noise.pseudo_logits, before)
-    with pytest.raises(UserError, match="pseudo init"):
-        model_config("vamp_vae", pseudo_init="zeros")
-
-
-def test_the_trainer_initialises_from_data_on_a_new_run_only(tmp_path, monkeypatch):
-    calls = []
-    original = ConvVAE.init_from_data
-
-    def spy(self, images, generator):
-        calls.append((len(images), images.dtype))
-        return original(self, images, generator)
-
-    monkeypatch.setattr(ConvVAE, "init_from_data", spy)
-    run = tmp_path / "run"
-    vamp = [*TRAIN, "--model", "vamp_vae", "--pseudo-inputs", "4", "--out", str(run)]
-    assert main(["train", *vamp, "--epochs", "1"]) == 0
-    assert len(calls) == 1 and calls[0][1] == np.uint8, calls
-    assert main(["train", *vamp, "--epochs", "2", "--resume"]) == 0
-    assert len(calls) == 1  # the resumed run keeps its learned pseudo-inputs
-
-
 def test_vamp_training_step_gives_the_pseudo_inputs_a_gradient():
     from medivae.models.family import StepContext
     from medivae.runfolder.config import TrainConfig

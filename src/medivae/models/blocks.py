@@ -8,7 +8,6 @@ import math
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
@@ -61,38 +60,6 @@ def running_batchnorm(module: nn.Module):
     finally:
         for m, mode in zip(norms, modes, strict=True):
             m.train(mode)
-
-
-BatchStats = list[tuple[torch.Tensor, torch.Tensor]]  # per BatchNorm of a trunk: (mean, biased var) (C,)
-
-
-def trunk_recording_batch_stats(trunk: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, BatchStats]:
-    """``trunk(x)`` (a flat Sequential; BatchNorms in training mode normalise with, and update their running
-    averages from, this batch as usual), and the batch statistics each BatchNorm normalised with, detached
-    and in float32, for ``trunk_with_batch_stats``."""
-    stats: BatchStats = []
-    for layer in trunk:
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            d = x.detach().float()
-            dims = [0, *range(2, d.dim())]
-            stats.append((d.mean(dims), d.var(dims, unbiased=False)))
-        x = layer(x)
-    return x, stats
-
-
-def trunk_with_batch_stats(trunk: nn.Sequential, x: torch.Tensor, stats: BatchStats) -> torch.Tensor:
-    """``trunk(x)`` with each BatchNorm normalising by the given statistics (another batch's, recorded by
-    ``trunk_recording_batch_stats``) and its running averages left as they are; gradients flow to the inputs
-    and the affine parameters. So inputs that are not data (a VampPrior's pseudo-inputs) pass the network as
-    the data batch beside them does, in training as in evaluation (where both use the running averages)."""
-    given = iter(stats)
-    for layer in trunk:
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            mean, var = next(given)
-            x = F.batch_norm(x, mean, var, layer.weight, layer.bias, False, 0.0, layer.eps)
-        else:
-            x = layer(x)
-    return x
 
 
 class Residual(nn.Module):

@@ -35,14 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medivae.models.blocks import (
-    decoder_trunk,
-    encoder_trunk,
-    running_batchnorm,
-    trunk_recording_batch_stats,
-    trunk_with_batch_stats,
-    widths_for,
-)
+from medivae.models.blocks import decoder_trunk, encoder_trunk, running_batchnorm, widths_for
 from medivae.models.distributions import (
     DiagonalGaussian,
     MixturePrior,
@@ -60,7 +53,6 @@ from medivae.runtime.schema import check_fields
 
 LABELS_FROM_DATA = -1  # num_classes placeholder: one class per label of the training data
 PRIORS = ("normal", "vamp")
-PSEUDO_INITS = ("data", "noise")  # VampPrior pseudo-inputs: random training images, or grey noise
 
 
 @dataclass(frozen=True)
@@ -77,7 +69,6 @@ class ConvVAEConfig:
     beta: float = 1.0
     prior: str = "normal"  # "normal": N(0, I); "vamp": VampPrior over ``pseudo_inputs`` learned inputs
     pseudo_inputs: int = 500  # K of the VampPrior (ignored for prior="normal")
-    pseudo_init: str = "data"  # VampPrior start: K random training images ("data") or grey noise ("noise")
     kl_schedule: str = "constant"  # β over training: constant, linear warm-up or cyclical (losses.kl_weight)
     warmup_epochs: float = 0.0  # linear: ramp length; cyclical: cycle length (in epochs)
     free_bits: float = 0.0  # nats per latent dimension (Kingma et al. 2016); N(0, I) prior only
@@ -106,8 +97,6 @@ class ConvVAEConfig:
             raise UserError(f"unknown prior {self.prior!r}; choose one of {list(PRIORS)}")
         if self.pseudo_inputs < 1:
             raise UserError(f"pseudo inputs must be >= 1, not {self.pseudo_inputs}")
-        if self.pseudo_init not in PSEUDO_INITS:
-            raise UserError(f"unknown pseudo init {self.pseudo_init!r}; choose one of {list(PSEUDO_INITS)}")
         if self.prior == "vamp" and self.num_classes != 0:
             raise UserError(f"{self.name}: --prior vamp is for unconditional models; for a conditional one "
                             "fit a post-hoc sampler (medivae fit-sampler RUN --sampler gmm)")
@@ -126,7 +115,6 @@ class ConvVAEConfig:
             "beta": "KL weight β (default 1: the plain ELBO)",
             "prior": "normal (default: N(0, I)) or vamp (VampPrior, unconditional only)",
             "pseudo_inputs": "VampPrior: learned pseudo-inputs (default 500)",
-            "pseudo_init": "VampPrior: start the pseudo-inputs at random training images (data, default) or noise",
             **KL_FLAGS,
             "free_bits": "free bits per latent dimension, nats (default 0; N(0, I) prior only)",
         }
@@ -184,56 +172,21 @@ class ConvVAE(nn.Module):
     def forward(self, x, y=None, sample: bool = True, generator: torch.Generator | None = None) -> VAEOutput:
         """Encode, take z (a reparameterised sample, or the posterior mean if ``sample=False``), decode;
         with a VampPrior also log p(z) (B,), computed here so that DDP sees the pseudo-inputs used."""
-        if not (self.vamp and self.training):
-            out = encode_decode(self, x, y, sample, generator)
-            if self.vamp:
-                out.log_pz = self.prior_log_prob(out.z)
-            return out
-        # training with a VampPrior: the pseudo-inputs pass the encoder with the data batch's BatchNorm
-        # statistics, as evaluation passes both with the running averages (see prior_components)
-        h, stats = trunk_recording_batch_stats(self.encoder, x)
-        posterior = DiagonalGaussian(self.fc_mu(h).float(), self.fc_logvar(h).float())
-        z = posterior.sample(generator) if sample else posterior.mode()
-        out = VAEOutput(self.decode_params(z, y), posterior, z)
-        means, logvars = self.prior_components(stats)
-        out.log_pz = mixture_log_prob(z, means, logvars)
+        out = encode_decode(self, x, y, sample, generator)
+        if self.vamp:
+            out.log_pz = self.prior_log_prob(out.z)
         return out
 
     # --- the prior -------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def init_from_data(self, images, generator: torch.Generator) -> None:
-        """Before a new run's first step (``family.init_from_data``): with ``pseudo_init="data"`` the
-        VampPrior's pseudo-inputs start at K training images drawn with ``generator`` (without replacement
-        while there are enough), so the prior starts as a mixture of posteriors at real images (Tomczak &
-        Welling 2018's training-data initialisation) instead of at grey noise far from the data.
-        ``images``: the training images, uint8 (N, C, H, W) or float in [0, 1], array or tensor."""
-        if not self.vamp or self.cfg.pseudo_init != "data":
-            return
-        n, k = len(images), self.cfg.pseudo_inputs
-        idx = torch.randperm(n, generator=generator)[:k] if n >= k else torch.randint(n, (k,), generator=generator)
-        x = torch.as_tensor(images[idx.sort().values.numpy()])
-        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-        # logit of the pixel, clamped so that black and white stay in the sigmoid's reach (1/255 of the ends)
-        eps = 1.0 / 255
-        self.pseudo_logits.copy_(torch.logit(x.clamp(eps, 1 - eps)).to(self.pseudo_logits))
-
     def pseudo_images(self) -> torch.Tensor:
         """The VampPrior's pseudo-inputs as images, float (K, C, H, W) in [0, 1]."""
         return torch.sigmoid(self.pseudo_logits)
 
-    def prior_components(self, batch_stats=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """VampPrior components q(z|u_k): means and log-variances (K, D). The encoder's BatchNorms use their
-        running statistics, or in a training step ``batch_stats``, the data batch's
-        (``blocks.trunk_recording_batch_stats``): the pseudo-inputs never normalise with their own batch's.
-        Normalising them with the running averages while the data used its batch's made the prior a function
-        of the lagging averages, which training learned to exploit: validation losses far above training ones."""
-        u = self.pseudo_images()
-        if batch_stats is None:
-            with running_batchnorm(self.encoder):
-                h = self.encoder(u)
-        else:
-            h = trunk_with_batch_stats(self.encoder, u, batch_stats)
-        return self.fc_mu(h).float(), self.fc_logvar(h).float()
+    def prior_components(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """VampPrior components q(z|u_k): means and log-variances (K, D), BatchNorm on running statistics."""
+        with running_batchnorm(self.encoder):
+            q = self.encode(self.pseudo_images())
+        return q.mean, q.logvar
 
     def latent_prior(self) -> MixturePrior | None:
         """The prior when it is not N(0, I): the VampPrior's components (K, D), detached, on the CPU."""

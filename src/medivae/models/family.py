@@ -451,14 +451,6 @@ def plan_second_stage(model, epochs: int) -> None:
     model.plan_second_stage(epochs)
 
 
-def init_from_data(model, images, generator: torch.Generator) -> None:
-    """Let a family set parameters from the training images before a new run's first step (its
-    ``init_from_data`` hook; e.g. the VampPrior's pseudo-inputs); nothing without one. Never on resume."""
-    hook = getattr(model, "init_from_data", None)
-    if hook is not None:
-        hook(images, generator)
-
-
 def epoch_end(model, ctx: StepContext) -> dict[str, float]:
     """The family's whole-epoch statistics (its ``epoch_end`` hook), {} without one."""
     hook = getattr(model, "epoch_end", None)

@@ -113,9 +113,6 @@ class VAEGAN(nn.Module):
     def latent_prior(self):
         return self.vae.latent_prior()
 
-    def init_from_data(self, images, generator) -> None:
-        self.vae.init_from_data(images, generator)
-
     def validation_terms(self, x, y, generator) -> dict[str, torch.Tensor]:
         return self.vae.validation_terms(x, y, generator)
 

@@ -165,8 +165,6 @@ class Trainer:
         images = batch_source(train.images)
         distributed.assert_same(self.state.epoch, "the epoch to resume from")
         first_best = family.first_best_epoch(self.model, self.cfg.train)
-        if self.state.epoch == 0:  # a new run (never a resumed one): e.g. VampPrior pseudo-inputs from data
-            family.init_from_data(self.model, train.images, torch_generator(self.cfg.train.seed, "init"))
         while self.state.epoch < self.cfg.train.epochs:  # a time budget may change the epochs (_spend_budget)
             epoch = self.state.epoch + 1
             start = time.perf_counter()
