@@ -269,3 +269,52 @@ def test_ldm_ceiling_scores_reconstructions_and_samples_without_the_test_split(t
     text = subprocess.run([*script, "--table"], check=True, capture_output=True, text=True).stdout
     assert sum("| floor |" in line for line in text.splitlines()) == 1
     assert sum("| samples |" in line for line in text.splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_bn_gap_sees_running_averages_that_do_not_fit_the_weights(tmp_path):
+    """benchmarks/bn_gap.py: end to end on a tiny phantom run (one complete record), then its measures on a
+    small conv_vae whose BatchNorm running means are moved by three running standard deviations (as a lagging
+    average can be): evaluation mode scores far from the batches' own statistics, which never read the
+    averages, and recomputing them over the training images undoes the move exactly."""
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "medivae", "train", "--data", "phantoms:120", "--image-size", "32",
+                    "--epochs", "1", "--latent-dim", "4", "--base-width", "8", "--batch-size", "32",
+                    "--threads", "1", "--out", str(run), "--no-progress"],
+                   check=True, capture_output=True, text=True, timeout=600)
+    out = tmp_path / "g.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bn_gap.py"), "--run", str(run), "--out", str(out),
+                    "--name", "tiny"], check=True, capture_output=True, text=True, timeout=600)
+    rec = json.loads(out.read_text())["records"]["tiny"]
+    assert rec["family"] == "conv_vae" and rec["n_val"] > 0 and rec["commit"]
+    for mode in ("eval", "batch", "recalibrated"):
+        m = rec["modes"][mode]
+        assert m["neg_elbo"] == pytest.approx(m["rec"] + m["kl"], rel=1e-9)
+    modes = rec["modes"]
+    assert rec["eval_minus_batch"] == pytest.approx(modes["eval"]["neg_elbo"] - modes["batch"]["neg_elbo"])
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bn_gap
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from medivae.models import build_model, model_config
+
+    torch.manual_seed(0)
+    model = build_model(model_config("conv_vae", image_size=32, latent_dim=4, base_width=8)).float()
+    images = np.random.default_rng(0).integers(0, 256, (96, 1, 32, 32), dtype=np.uint8)
+    torch.manual_seed(1)
+    fitted = bn_gap.recalibrated(model, images, 32)
+    moved = bn_gap.recalibrated(model, images, 32)
+    for name, buf in moved.named_buffers():
+        if name.endswith("running_mean"):
+            buf += 3.0 * moved.get_buffer(name.replace("running_mean", "running_var")).sqrt()
+    fine = {mode: bn_gap.neg_elbo(fitted, images, mode, 0, 32)["neg_elbo"] for mode in (False, True)}
+    off = {mode: bn_gap.neg_elbo(moved, images, mode, 0, 32)["neg_elbo"] for mode in (False, True)}
+    assert off[True] == fine[True]  # batch statistics: the running averages are never read
+    assert abs(off[False] - off[True]) > 10 * abs(fine[False] - fine[True])
+    torch.manual_seed(1)
+    again = bn_gap.neg_elbo(bn_gap.recalibrated(moved, images, 32), images, False, 0, 32)["neg_elbo"]
+    assert again == fine[False]  # update_bn starts from zero: what the move did is gone
