@@ -57,11 +57,14 @@ def neg_elbo(model, images: np.ndarray, batch_stats: bool, seed: int, size: int)
     return {"rec": rec / n, "kl": kl / n, "neg_elbo": (rec + kl) / n}
 
 
-def recalibrated(model, images: np.ndarray, size: int):
-    """A copy whose BatchNorm running averages are the exact means over ``images`` (update_bn, momentum None)."""
+def recalibrated(model, images: np.ndarray, size: int, seed: int = 0):
+    """A copy whose BatchNorm running averages are the exact means over ``images`` (update_bn, momentum None).
+    The forward passes draw z from the global generator, seeded here so that the averages are reproducible."""
     net = copy.deepcopy(model)
-    loader = [x for x in batches(images, size)]
-    torch.optim.swa_utils.update_bn(loader, net)
+    loader = list(batches(images, size))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        torch.optim.swa_utils.update_bn(loader, net)
     return net.eval()
 
 
@@ -76,8 +79,8 @@ def measure(run: Path, args) -> dict:
     train = np.asarray(splits["train"].images)[: args.max_train or None]
     modes = {"eval": neg_elbo(model, val, False, args.seed, args.batch_size),
              "batch": neg_elbo(model, val, True, args.seed, args.batch_size),
-             "recalibrated": neg_elbo(recalibrated(model, train, args.batch_size), val, False, args.seed,
-                                      args.batch_size)}
+             "recalibrated": neg_elbo(recalibrated(model, train, args.batch_size, args.seed), val, False,
+                                      args.seed, args.batch_size)}
     return {"run": str(run), "checkpoint": args.checkpoint, "family": r.config.model.name, "n_val": len(val),
             "n_train": len(train), "modes": modes,
             "eval_minus_batch": modes["eval"]["neg_elbo"] - modes["batch"]["neg_elbo"]}
