@@ -145,6 +145,7 @@ PAGES = {  # result file -> (results page, its title), for the index of every re
     "data": ("../data/index.md#what-every-source-shares", "Data sources"),
     "defaults": ("defaults.md", "Defaults against conv_vae"),
     "bn_gap": ("defaults.md#why-the-vampprior-does-not-win-at-ten-epochs", "Defaults against conv_vae"),
+    "vamp_trials": ("defaults.md#why-the-vampprior-does-not-win-at-ten-epochs", "Defaults against conv_vae"),
     "generation": ("generation.md", "Samplers and generation"),
     "ldm_epochs_val": ("generation.md#what-the-first-runs-say", "Samplers and generation"),
     "ldm_ceiling": ("generation.md#where-ldm-loses-autoencoder-or-prior", "Samplers and generation"),
