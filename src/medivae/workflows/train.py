@@ -35,6 +35,10 @@ def train_run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, compa
             raise UserError(f"{run_dir} is an adapted run ({ADAPTATION_FILE}); --resume would go on without its "
                             "site normals: adapt the original run again with 'medivae anomaly adapt' instead")
         check_resumable(run_dir)
+        if not ckpt.exists(run_dir / "last") and ckpt.exists(run_dir / "best"):
+            # a fresh start here would overwrite best/ and metrics.jsonl with epoch 1 of a new run
+            raise UserError(f"{run_dir}: last/ is missing, so the run cannot go on from where it stopped "
+                            "(best/ alone holds no optimizer state to resume); start a new run with another --out")
         saved = RunConfig.load(run_dir / "config.json")
         check_resume_settings(saved, cfg, compare)
         epochs = cfg.train.epochs if compare is None or "train.epochs" in compare else saved.train.epochs
@@ -56,12 +60,13 @@ def train_run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, compa
     own_group = distributed.setup(device)  # joins torchrun's process group; False without torchrun
     model = build_model(cfg.model)
     trainer = Trainer(cfg, model, device, run_dir, progress)
+    # the checkpoint first: a damaged last/ is refused before config.json (a grown --epochs) and env.json change
+    if resume and ckpt.exists(run_dir / "last"):  # also last.prev, left by a kill mid-swap
+        trainer.resume()
     if distributed.is_main():
         open_run_folder(run_dir, cfg, splits, trainer)
         if sources is not None:
             atomic_write_text(run_dir / "config_sources.json", json.dumps(sources, indent=2) + "\n")
-    if resume and ckpt.exists(run_dir / "last"):  # also last.prev, left by a kill mid-swap
-        trainer.resume()
     trainer.fit(splits["train"], splits["val"])
     if distributed.is_main():
         finish_run_folder(run_dir, model, cfg, splits, device)

@@ -1,0 +1,57 @@
+"""Hostile input missed by tests/test_hostile_input.py and tests/test_fuzz.py: damaged run folders met by a
+resume, outputs aimed into a run's own folders. Each ends in exit code 2, one line ``medivae: error: ...`` and
+nothing written."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from medivae.cli import main
+
+
+def refused(capsys, argv) -> str:
+    """Run the CLI; assert exit 2 and exactly one stderr line ``medivae: error: ...``; return that line."""
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("medivae: error: "), err
+    return err.strip()
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (the lock file aside: it names its last holder)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture
+def run(evaluated_run, tmp_path) -> Path:
+    """A private copy of the session's evaluated run, to change."""
+    return Path(shutil.copytree(evaluated_run, tmp_path / "run"))
+
+
+RESUME = ["--epochs", "3", "--no-progress", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("damage", ["model", "optimizer", "rng", "manifest"])
+def test_a_resume_refused_for_a_damaged_last_checkpoint_changes_no_file(run, capsys, damage):
+    """The checkpoint was read only after config.json (with the grown --epochs) and env.json were rewritten."""
+    target = {"model": "model.safetensors", "optimizer": "optimizer.safetensors", "rng": "rng.safetensors",
+              "manifest": "manifest.json"}[damage]
+    (run / "last" / target).write_bytes(b"\0" * 10)
+    before = snapshot(run)
+    line = refused(capsys, ["train", "--resume", "--out", run, *RESUME])
+    assert "last" in line
+    assert snapshot(run) == before
+
+
+def test_a_resume_without_last_but_with_best_does_not_start_over(run, capsys):
+    """Without last/ the resume began a new run at epoch 1, replacing best/ and metrics.jsonl."""
+    shutil.rmtree(run / "last")
+    before = snapshot(run)
+    line = refused(capsys, ["train", "--resume", "--out", run, *RESUME])
+    assert "last/ is missing" in line
+    assert snapshot(run) == before
