@@ -55,3 +55,27 @@ def test_a_resume_without_last_but_with_best_does_not_start_over(run, capsys):
     line = refused(capsys, ["train", "--resume", "--out", run, *RESUME])
     assert "last/ is missing" in line
     assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("argv, out", [
+    (["sample", "{run}", "-n", "4"], "last/mine.png"),
+    (["sample", "{run}", "-n", "4"], "best/pngs"),
+    (["encode", "{run}"], "best/codes.npz"),
+    (["reconstruct", "{run}", "-n", "2"], "last/../best/r.png"),
+    (["report", "{run}"], "best/report.html"),
+    (["train", "--data", "phantoms:20", "--epochs", "1", "--no-progress"], "last/new-run"),
+], ids=["sample-file", "sample-folder", "encode", "dotdot", "report", "train"])
+def test_an_output_inside_a_checkpoint_folder_is_refused(run, capsys, argv, out):
+    """The next checkpoint save swaps best/ or last/ whole and so deleted such a file, and every load until then
+    warned about a file the manifest does not list."""
+    before = snapshot(run)
+    line = refused(capsys, [a.format(run=run) for a in argv] + ["--out", run / out])
+    assert "checkpoint folder" in line
+    assert snapshot(run) == before
+
+
+def test_outputs_beside_the_checkpoints_and_folders_merely_named_best_are_written(run, tmp_path, capsys):
+    assert main(["sample", str(run), "-n", "4", "--out", str(run / "mine.png")]) == 0
+    (tmp_path / "config.json").write_text("{}")  # a folder named best/ beside a config.json of something else
+    assert main(["sample", str(run), "-n", "4", "--out", str(tmp_path / "best" / "s.png")]) == 0
+    assert (tmp_path / "best" / "s.png").is_file()

@@ -9,7 +9,8 @@ half-written: the refusal happens before the first byte.
   an existing file is replaced only with ``--force``;
 - an output **folder**: absent or empty (an earlier output of the same command only with ``--force``);
 - a new **run folder**: absent, empty, or a run that never reached its first checkpoint;
-- an existing **run folder** a command writes into: a folder holding ``config.json`` that can be written.
+- an existing **run folder** a command writes into: a folder holding ``config.json`` that can be written;
+- none of them inside a run's checkpoint folder (``best/``, ``last/``): the next save replaces that folder whole.
 
 Writable means a file can be created there: a probe file is made and removed at once (``os.access`` says yes
 to root on a read-only mount and on /proc).
@@ -70,6 +71,23 @@ def _check_parent(p: Path, flag: str) -> None:
     probe_writable(anchor, f"{flag} {p}")
 
 
+CHECKPOINT_FOLDERS = ("best", "last", "best.prev", "last.prev")  # train/checkpoint.py swaps each as a whole
+
+
+def _not_in_checkpoint(p: Path, flag: str) -> None:
+    """A UserError when ``p`` is (or is under) a run's checkpoint folder: a checkpoint is saved by writing a new
+    folder and swapping it in, so a file put there is deleted by the run's next epoch, and until then every load
+    warns that the folder holds a file its manifest does not list."""
+    try:
+        full = p.resolve()  # through symlinks and "..", as the writer will go
+    except (OSError, RuntimeError):  # a symlink loop: the writer's own check says so
+        return
+    for folder in (full, *full.parents):
+        if folder.name in CHECKPOINT_FOLDERS and (folder / "manifest.json").is_file() and is_run(folder.parent):
+            raise UserError(f"{flag} {p}: inside the checkpoint folder {folder} of a run, which the next save "
+                            f"replaces whole; write it elsewhere (e.g. {folder.parent / p.name})")
+
+
 def _special(p: Path) -> bool:
     return p.exists() and not (p.is_file() or p.is_dir())
 
@@ -81,6 +99,7 @@ def check_output_file(path, flag: str = "--out", force: bool = False, suffixes=N
     if suffixes is not None and p.suffix.lower() not in suffixes:
         names = " or ".join(f"FILE{s}" for s in suffixes)
         raise UserError(f"{flag} {p}: cannot write a {p.suffix or 'suffix-less'} file here; write {names}")
+    _not_in_checkpoint(p, flag)
     if p.is_dir():
         raise UserError(f"{flag} {p}: is a folder; name a file (e.g. {p / ('out' + (suffixes or ('',))[0])})")
     if _special(p):
@@ -104,6 +123,7 @@ def check_output_folder(path, flag: str = "--out", force: bool = False, marker: 
     """An output folder ``path``: absent or empty; one holding ``marker`` (an earlier output of the same command)
     only with ``force``. Returns it as a Path."""
     p = given(path, flag)
+    _not_in_checkpoint(p, flag)
     if p.exists() and not p.is_dir():
         what = "a file" if p.is_file() else "a device, pipe or socket"
         raise UserError(f"{flag} {p}: is {what}, not a folder; name a new folder")
@@ -123,6 +143,7 @@ def check_new_run_folder(path, flag: str = "--out") -> Path:
     """A folder a new run may be written to: absent, empty, or a run that never reached its first checkpoint
     (only the files a run writes before it, which a new start replaces)."""
     p = given(path, flag)
+    _not_in_checkpoint(p, flag)
     if p.exists() and not p.is_dir():
         raise UserError(f"{flag} {p}: is a file, not a folder; name a new run folder")
     if not p.exists():
@@ -140,7 +161,7 @@ def check_new_run_folder(path, flag: str = "--out") -> Path:
 
 def is_run(p: Path) -> bool:
     """A run folder holds config.json or a checkpoint folder (best/, last/, or a .prev twin of one)."""
-    return (p / "config.json").is_file() or any((p / n).is_dir() for n in ("best", "last", "best.prev", "last.prev"))
+    return (p / "config.json").is_file() or any((p / n).is_dir() for n in CHECKPOINT_FOLDERS)
 
 
 def check_run_folder(path, command: str, write: bool = True) -> Path:
