@@ -79,3 +79,23 @@ def test_outputs_beside_the_checkpoints_and_folders_merely_named_best_are_writte
     (tmp_path / "config.json").write_text("{}")  # a folder named best/ beside a config.json of something else
     assert main(["sample", str(run), "-n", "4", "--out", str(tmp_path / "best" / "s.png")]) == 0
     assert (tmp_path / "best" / "s.png").is_file()
+
+
+TRAIN = ["train", "--data", "phantoms:20", "--image-size", "32", "--latent-dim", "2", "--base-width", "4",
+         "--epochs", "1", "--no-progress", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("env", [
+    {"RANK": "1"},  # left in the shell: the run trained as a non-main rank, wrote nothing and exited 0
+    {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "0"},
+    {"RANK": "-1", "WORLD_SIZE": "2"},
+    {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"},  # no MASTER_ADDR/PORT: init_process_group's traceback
+], ids=["rank-1-alone", "world-0", "rank-negative", "no-master"])
+def test_torchrun_variables_that_do_not_fit_together_are_one_line(tmp_path, capsys, monkeypatch, env):
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    line = refused(capsys, [*TRAIN, "--out", tmp_path / "run"])
+    assert "torchrun" in line
+    assert not (tmp_path / "run").exists()

@@ -68,13 +68,20 @@ class DistInfo:
 def env_info() -> DistInfo:
     """Rank, local rank and world size from torchrun's environment (single process when absent)."""
     try:
-        return DistInfo(
+        env = DistInfo(
             rank=int(os.environ.get("RANK", 0)),
             local_rank=int(os.environ.get("LOCAL_RANK", 0)),
             world_size=int(os.environ.get("WORLD_SIZE", 1)),
         )
     except ValueError:
         raise UserError("RANK, LOCAL_RANK, WORLD_SIZE must be whole numbers (torchrun sets them)") from None
+    # a RANK left over in the shell (or set by a scheduler) made a plain run a silent non-main rank: it trained,
+    # wrote nothing and exited 0
+    if env.world_size < 1 or not 0 <= env.rank < env.world_size or not 0 <= env.local_rank < env.world_size:
+        raise UserError(f"RANK={env.rank}, LOCAL_RANK={env.local_rank}, WORLD_SIZE={env.world_size} do not fit "
+                        "together (0 <= RANK, LOCAL_RANK < WORLD_SIZE); these are torchrun's: unset them, or "
+                        "launch with torchrun")
+    return env
 
 
 def info() -> DistInfo:
@@ -114,6 +121,10 @@ def setup(device: torch.device, timeout_minutes: float = 30.0) -> bool:
         raise UserError("this PyTorch build has no torch.distributed; run without torchrun")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:  # init_process_group's ValueError traceback otherwise
+        raise UserError(f"WORLD_SIZE={env.world_size} but {' and '.join(missing)} not set; launch with torchrun "
+                        "(it sets them), or unset WORLD_SIZE, RANK and LOCAL_RANK for a single process")
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return True
