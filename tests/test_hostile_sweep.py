@@ -4,6 +4,7 @@ nothing written."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -98,4 +99,26 @@ def test_torchrun_variables_that_do_not_fit_together_are_one_line(tmp_path, caps
         monkeypatch.setenv(key, value)
     line = refused(capsys, [*TRAIN, "--out", tmp_path / "run"])
     assert "torchrun" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key, value", [("image_size", 64), ("channels", 3)])
+def test_a_config_file_whose_data_and_model_sizes_differ_is_one_line(evaluated_run, tmp_path, capsys, key, value):
+    """The network was built for model.image_size and fed data.image_size: a shape error from torch after the
+    data loaded, with a run folder started."""
+    cfg = json.loads((evaluated_run / "config.json").read_text())
+    cfg["model"][key] = value
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    line = refused(capsys, ["train", "--config", tmp_path / "cfg.json", "--epochs", "1", "--no-progress",
+                            "--out", tmp_path / "run"])
+    assert f"model.{key} = {value}" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("pair", ["image_size=64", "channels=3"])
+@pytest.mark.parametrize("command", [["train"], ["anomaly", "fit", "--normal-label", "normal"]])
+def test_model_arg_image_size_or_channels_points_to_its_flag(tmp_path, capsys, command, pair):
+    """model_config() got multiple values for keyword argument: a TypeError traceback."""
+    line = refused(capsys, [*command, "--data", "phantoms:20", "--model-arg", pair, "--out", tmp_path / "run"])
+    assert "--" + pair.split("=")[0].replace("_", "-") in line
     assert not (tmp_path / "run").exists()

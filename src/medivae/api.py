@@ -31,6 +31,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
     ``sources``: where each setting came from (``medivae train --config``), saved as RUN/config_sources.json.
     The run folder is locked first (medivae.runfolder.lock): a second writer is refused before anything is written."""
     command = "medivae train --resume" if resume else "medivae train"
+    cfg.check_geometry()
     run_dir = check_run_folder(run_dir, command) if resume else check_new_run_folder(run_dir)
     with run_lock(run_dir, command, create=True, enabled=distributed.is_main()):
         return train_run(cfg, run_dir, resume, progress, compare, sources)

@@ -143,6 +143,9 @@ def model_args(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--model-arg takes KEY=VALUE, not {pair!r}")
+        if key.strip() in ("image_size", "channels"):  # they size the data too, so they have flags of their own
+            flag = "--" + key.strip().replace("_", "-")
+            raise UserError(f"--model-arg {pair}: give {flag} {value} instead (it sets the data's {key.strip()} too)")
         try:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:

@@ -146,6 +146,17 @@ class RunConfig:
             label_names=convert("label_names", d.get("label_names", ()), tuple[str, ...]),
         )
 
+    def check_geometry(self) -> None:
+        """A UserError unless data and model agree on image size and channels. The data are made at data's and
+        the network built for model's: a config file that splits them (edited by hand) was a shape error from
+        torch in the first batch, after the run folder was started. Not in ``__post_init__``: a config file may
+        give the geometry under data only, which is carried to model after the file is read."""
+        for key in ("image_size", "channels"):
+            here, there = getattr(self.data, key), getattr(self.model, key, getattr(self.data, key))
+            if here != there:
+                raise UserError(f"data.{key} = {here} but model.{key} = {there}; the model is built for its "
+                                "data: give them one value")
+
     def save(self, path: str | Path) -> None:
         from medivae.runtime.io import atomic_write_text
 
