@@ -122,3 +122,12 @@ def test_model_arg_image_size_or_channels_points_to_its_flag(tmp_path, capsys, c
     line = refused(capsys, [*command, "--data", "phantoms:20", "--model-arg", pair, "--out", tmp_path / "run"])
     assert "--" + pair.split("=")[0].replace("_", "-") in line
     assert not (tmp_path / "run").exists()
+
+
+def test_data_inspect_with_two_different_sources_is_one_line(tmp_path, capsys, monkeypatch):
+    """SOURCE won and --data was ignored without a word."""
+    monkeypatch.chdir(tmp_path)
+    line = refused(capsys, ["data", "inspect", "phantoms:20", "--data", "phantoms:30", "--no-progress"])
+    assert "phantoms:20" in line and "phantoms:30" in line
+    assert list(tmp_path.iterdir()) == []
+    assert main(["data", "inspect", "phantoms:20", "--data", "phantoms:20", "--no-progress"]) == 0

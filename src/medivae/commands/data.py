@@ -15,6 +15,8 @@ def cmd_inspect(args) -> int:
     from medivae.commands.train import data_config
     from medivae.data.inspect import summarize
 
+    if args.source and args.data and args.source != args.data:  # one of them was silently ignored
+        raise UserError(f"two sources: SOURCE {args.source} and --data {args.data}; give one")
     args.data = args.source or args.data
     if not args.data:
         raise UserError("give a SOURCE: medivae data inspect SOURCE (anything --data accepts)")
