@@ -131,3 +131,16 @@ def test_data_inspect_with_two_different_sources_is_one_line(tmp_path, capsys, m
     assert "phantoms:20" in line and "phantoms:30" in line
     assert list(tmp_path.iterdir()) == []
     assert main(["data", "inspect", "phantoms:20", "--data", "phantoms:20", "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("argv", [
+    [*TRAIN, "--out", "{tmp}/new"],
+    ["evaluate", "{run}", "--no-progress"],
+    ["anomaly", "adapt", "{run}", "--normals", "phantoms:20", "--out", "{tmp}/adapted"],
+], ids=["train", "evaluate", "anomaly-adapt"])
+def test_a_thread_count_past_any_machine_is_one_line(run, tmp_path, capsys, argv):
+    """--threads 100000 ran the process out of threads: RuntimeError: can't start new thread, then a segfault."""
+    before = snapshot(run)
+    line = refused(capsys, [a.format(tmp=tmp_path, run=run) for a in argv] + ["--threads", "100000"])
+    assert "1024" in line
+    assert snapshot(run) == before and not (tmp_path / "adapted").exists() and not (tmp_path / "new").exists()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from medivae.commands.common import BOOTSTRAP, DEVICE, FORCE, PROGRESS, number, path_arg, whole
 from medivae.commands.train import add_model_args, add_train_args
-from medivae.runtime.constants import MAX_ROW_IMAGES
+from medivae.runtime.constants import MAX_ROW_IMAGES, MAX_THREADS
 from medivae.runtime.seeding import DEFAULT_SEED
 
 # What `anomaly fit` uses when the flag is not given. On PneumoniaMNIST (28 px) a Gaussian
@@ -219,7 +219,8 @@ def add(sub) -> None:
     d.add_argument("--hold-out", type=number(0, 1), default=None,
                    help="share of the site normals kept out of training to set the threshold on (default 0.5; "
                    "'anomaly score' uses them unless --calibration is given; 0: the run's validation normals)")
-    d.add_argument("--threads", type=whole(0), default=None, help="CPU threads (default: the run's setting)")
+    d.add_argument("--threads", type=whole(0, MAX_THREADS), default=None,
+                   help="CPU threads (default: the run's setting)")
     d.set_defaults(func=cmd_adapt)
 
     c = s.add_parser("score", help="score images; write scores.csv, anomaly maps, ROC and results.json",

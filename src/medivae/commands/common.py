@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medivae.runtime.constants import BOOTSTRAP_RESAMPLES
+from medivae.runtime.constants import BOOTSTRAP_RESAMPLES, MAX_THREADS
 from medivae.runtime.errors import UserError
 from medivae.runtime.schema import finite_number, one_of, whole_number
 
@@ -88,4 +88,4 @@ FORCE = _parent()
 FORCE.add_argument("--force", action="store_true", help="replace an existing output file")
 
 THREADS = _parent()
-THREADS.add_argument("--threads", type=whole(0), default=0, help="CPU threads (default 0: torch's choice)")
+THREADS.add_argument("--threads", type=whole(0, MAX_THREADS), default=0, help="CPU threads (default 0: torch's choice)")

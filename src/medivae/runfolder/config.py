@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medivae.runtime.constants import DEFAULT_FAMILY, IMAGE_SIZES
+from medivae.runtime.constants import DEFAULT_FAMILY, IMAGE_SIZES, MAX_THREADS
 from medivae.runtime.errors import UserError
 from medivae.runtime.schema import build, check_fields, convert
 from medivae.runtime.seeding import DEFAULT_SEED
@@ -84,6 +84,8 @@ class TrainConfig:
         for name, low in (("epochs", 1), ("batch_size", 1), ("num_threads", 0), ("max_nan_retries", 0)):
             if getattr(self, name) < low:
                 raise UserError(f"train.{name} must be >= {low}, not {getattr(self, name)}")
+        if self.num_threads > MAX_THREADS:
+            raise UserError(f"train.num_threads must be <= {MAX_THREADS}, not {self.num_threads}")
         for name in ("weight_decay", "grad_clip", "time_budget"):
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name} must be >= 0, not {getattr(self, name)}")

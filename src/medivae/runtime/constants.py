@@ -10,5 +10,6 @@ BOOTSTRAP_RESAMPLES = 1000  # resamples of every 95 % bootstrap interval and pai
 MAX_GRID_IMAGES = 1024  # images in one PNG/JPEG grid (32 x 32 tiles); more go to a folder, one file each
 MAX_SAMPLES = 100_000  # images one `sample` or `synthesize` call draws (generated and written in batches)
 MAX_ROW_IMAGES = 64  # images in one row of a figure: reconstruct -n, interpolate/traverse --steps, --n-maps
+MAX_THREADS = 1024  # --threads: more only oversubscribes; 100 000 ran the process out of threads (a segfault)
 MAX_PHANTOMS = 100_000  # phantoms:N (N x size^2 bytes in memory: 410 MB at 64 px)
 CHECKPOINTS = ("best", "last")  # the checkpoints of a run folder that --checkpoint / load(which=...) may name
