@@ -144,3 +144,42 @@ def test_a_thread_count_past_any_machine_is_one_line(run, tmp_path, capsys, argv
     line = refused(capsys, [a.format(tmp=tmp_path, run=run) for a in argv] + ["--threads", "100000"])
     assert "1024" in line
     assert snapshot(run) == before and not (tmp_path / "adapted").exists() and not (tmp_path / "new").exists()
+
+
+def _synthetic_folder(folder: Path) -> Path:
+    """A folder laid out as 'medivae synthesize' writes it (images/ + labels.csv), of two-class phantoms."""
+    from PIL import Image
+
+    from medivae.data.phantoms import make_phantoms
+
+    phantoms = make_phantoms(20, 32, 0)
+    (folder / "images").mkdir(parents=True)
+    rows = ["path,label"]
+    for i, (image, label) in enumerate(zip(phantoms.images, phantoms.labels, strict=True)):
+        Image.fromarray(image[0]).save(folder / "images" / f"{i}.png")
+        rows.append(f"images/{i}.png,{phantoms.label_names[label]}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("argv, name", [
+    (["encode", "{run}"], "eval_per_image.npz"),
+    (["utility", "--run", "{run}", "--synthetic", "{syn}", "--epochs", "1", "--no-progress"], "results.json"),
+    (["utility", "--run", "{run}", "--synthetic", "{syn}", "--epochs", "1", "--no-progress"], "config.json"),
+], ids=["encode-per-image", "utility-results", "utility-config"])
+def test_an_output_never_replaces_a_run_folders_own_record(run, tmp_path, capsys, argv, name):
+    """With --force, encode replaced the evaluation's per-image file and utility results.json or config.json: the
+    run's evaluation (or the run itself) was gone."""
+    syn = _synthetic_folder(tmp_path / "syn")
+    before = snapshot(run)
+    line = refused(capsys, [a.format(run=run, syn=syn) for a in argv] + ["--out", run / name, "--force"])
+    assert f"own {name}" in line
+    assert snapshot(run) == before
+
+
+def test_the_record_files_listed_for_outputs_are_the_ones_the_run_folder_writes():
+    from medivae.runfolder.results import ADAPTATION_FILE, PER_IMAGE_FILE, RESULTS_FILE
+    from medivae.runtime.paths import RUN_RECORD_FILES
+    from medivae.train.metrics import METRICS_FILE
+
+    assert {ADAPTATION_FILE, PER_IMAGE_FILE, RESULTS_FILE, METRICS_FILE, "config.json"} <= RUN_RECORD_FILES

@@ -88,6 +88,22 @@ def _not_in_checkpoint(p: Path, flag: str) -> None:
                             f"replaces whole; write it elsewhere (e.g. {folder.parent / p.name})")
 
 
+# the files a run folder keeps its record in (runfolder/results.py, train/metrics.py): what reads them (compare,
+# --resume, report) trusts them, so no command's output replaces one, --force or not
+RUN_RECORD_FILES = (RUN_START_FILES - {LOCK_FILE}) | {"results.json", "metrics.jsonl", "eval_per_image.npz",
+                                                      "adaptation.json"}
+
+
+def _not_a_run_record(p: Path, flag: str) -> None:
+    """A UserError when the output file ``p`` is one of a run folder's own records (``--out RUN/results.json``)."""
+    try:
+        full = p.resolve()
+    except (OSError, RuntimeError):
+        return
+    if full.name in RUN_RECORD_FILES and is_run(full.parent):
+        raise UserError(f"{flag} {p}: the run folder's own {full.name}, which medivae reads back; name another file")
+
+
 def _special(p: Path) -> bool:
     return p.exists() and not (p.is_file() or p.is_dir())
 
@@ -100,6 +116,7 @@ def check_output_file(path, flag: str = "--out", force: bool = False, suffixes=N
         names = " or ".join(f"FILE{s}" for s in suffixes)
         raise UserError(f"{flag} {p}: cannot write a {p.suffix or 'suffix-less'} file here; write {names}")
     _not_in_checkpoint(p, flag)
+    _not_a_run_record(p, flag)
     if p.is_dir():
         raise UserError(f"{flag} {p}: is a folder; name a file (e.g. {p / ('out' + (suffixes or ('',))[0])})")
     if _special(p):
