@@ -29,22 +29,7 @@ from medivae.runtime.errors import UserError
 from medivae.workflows import evaluate as evaluate_module
 from medivae.workflows.synthesize import write_synthetic
 
-from tiny import TINY_EVALUATE, TINY_TRAIN
-
-
-def refused(capsys, argv) -> str:
-    """Run the CLI; assert exit 2 and exactly one stderr line ``medivae: error: ...``; return that line."""
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("medivae: error: "), err
-    return err.strip()
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` (the lock file aside: it names its last holder)."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+from tiny import TINY_EVALUATE, TINY_TRAIN, refused, snapshot
 
 
 @pytest.fixture

@@ -12,20 +12,7 @@ import pytest
 
 from medivae.cli import main
 
-
-def refused(capsys, argv) -> str:
-    """Run the CLI; assert exit 2 and exactly one stderr line ``medivae: error: ...``; return that line."""
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("medivae: error: "), err
-    return err.strip()
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` (the lock file aside: it names its last holder)."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+from tiny import refused, snapshot
 
 
 @pytest.fixture

@@ -66,3 +66,23 @@ def png_folder(root, images, sub: str | None = None):
     for i, img in enumerate(images):
         Image.fromarray(img[0]).save(where / f"{i:03d}.png")
     return root
+
+
+def refused(capsys, argv) -> str:
+    """Run the CLI; assert exit 2 and exactly one stderr line ``medivae: error: ...``; return that line."""
+    from medivae.cli import main
+
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("medivae: error: "), err
+    return err.strip()
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    """Every file under ``folder`` (the lock file aside: it names its last holder)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
