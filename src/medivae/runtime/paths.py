@@ -22,6 +22,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from medivae.runtime.constants import CHECKPOINTS
 from medivae.runtime.errors import UserError
 
 PROBE = ".medivae-write-test-"  # the prefix of the file probe_writable makes and removes at once
@@ -71,16 +72,24 @@ def _check_parent(p: Path, flag: str) -> None:
     probe_writable(anchor, f"{flag} {p}")
 
 
-CHECKPOINT_FOLDERS = ("best", "last", "best.prev", "last.prev")  # train/checkpoint.py swaps each as a whole
+# the checkpoints and the .prev twin train/checkpoint.py leaves while it swaps one in as a whole
+CHECKPOINT_FOLDERS = (*CHECKPOINTS, *(f"{name}.prev" for name in CHECKPOINTS))
+
+
+def _resolved(p: Path) -> Path | None:
+    """``p`` through symlinks and "..", as a writer will go; None for a symlink loop (the writer's check says so)."""
+    try:
+        return p.resolve()
+    except (OSError, RuntimeError):
+        return None
 
 
 def _not_in_checkpoint(p: Path, flag: str) -> None:
     """A UserError when ``p`` is (or is under) a run's checkpoint folder: a checkpoint is saved by writing a new
     folder and swapping it in, so a file put there is deleted by the run's next epoch, and until then every load
     warns that the folder holds a file its manifest does not list."""
-    try:
-        full = p.resolve()  # through symlinks and "..", as the writer will go
-    except (OSError, RuntimeError):  # a symlink loop: the writer's own check says so
+    full = _resolved(p)
+    if full is None:
         return
     for folder in (full, *full.parents):
         if folder.name in CHECKPOINT_FOLDERS and (folder / "manifest.json").is_file() and is_run(folder.parent):
@@ -96,11 +105,8 @@ RUN_RECORD_FILES = (RUN_START_FILES - {LOCK_FILE}) | {"results.json", "metrics.j
 
 def _not_a_run_record(p: Path, flag: str) -> None:
     """A UserError when the output file ``p`` is one of a run folder's own records (``--out RUN/results.json``)."""
-    try:
-        full = p.resolve()
-    except (OSError, RuntimeError):
-        return
-    if full.name in RUN_RECORD_FILES and is_run(full.parent):
+    full = _resolved(p)
+    if full is not None and full.name in RUN_RECORD_FILES and is_run(full.parent):
         raise UserError(f"{flag} {p}: the run folder's own {full.name}, which medivae reads back; name another file")
 
 
